@@ -1,0 +1,27 @@
+//! The `kvcache` binary: parses flags and calls into the library crates. Subcommands:
+//! - `models`: footprint table of the model presets.
+
+mod models;
+
+use clap::{Parser, Subcommand};
+
+/// kvcache: a distributed, sharded KV-cache service for LLM inference.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print the KV-cache footprint of every model preset, per codec.
+    Models(models::Args),
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Models(a) => models::run(a),
+    }
+}

@@ -1,0 +1,99 @@
+//! Namespaces, sequence keys and page keys.
+
+use crate::codec::Codec;
+use crate::layout::PageLayout;
+use crate::spec::ModelSpec;
+use xxhash_rust::xxh3::xxh3_64;
+
+/// Longest sequence id in bytes (it is stored inline in every page header).
+pub const MAX_SEQUENCE_ID_BYTES: usize = 64;
+/// Longest namespace name in bytes.
+pub const MAX_NAMESPACE_BYTES: usize = 63;
+/// Smallest and largest page sizes in tokens.
+pub const PAGE_TOKENS_RANGE: std::ops::RangeInclusive<u32> = 1..=4096;
+/// Default tokens per page.
+pub const DEFAULT_PAGE_TOKENS: u32 = 64;
+
+/// Stable 64-bit id of a namespace name, stored in page headers.
+pub fn namespace_id(name: &str) -> u64 {
+    xxh3_64(name.as_bytes())
+}
+
+/// One tenant's model revision: fixes the model, codec, page size and replication of its pages.
+/// Always internally consistent (built by [`crate::validate`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Namespace {
+    /// Name, `[a-z0-9][a-z0-9._-]{0,62}`.
+    pub name: String,
+    /// Owning tenant.
+    pub tenant: String,
+    /// Model geometry.
+    pub model: ModelSpec,
+    /// Page codec.
+    pub codec: Codec,
+    /// Tokens per page.
+    pub page_tokens: u32,
+    /// Replication factor.
+    pub replication: u32,
+    /// Prefix-hash seed.
+    pub prefix_seed: u64,
+}
+
+impl Namespace {
+    /// Id stored in page headers.
+    pub fn id(&self) -> u64 {
+        namespace_id(&self.name)
+    }
+
+    /// Payload layout of this namespace's pages.
+    pub fn layout(&self) -> PageLayout {
+        PageLayout::new(&self.model, self.codec, self.page_tokens as usize)
+    }
+
+    /// Whether `other` describes the same namespace (everything but the seed, which the creator
+    /// picks, must agree).
+    pub fn same_definition(&self, other: &Namespace) -> bool {
+        self.name == other.name
+            && self.tenant == other.tenant
+            && self.model == other.model
+            && self.codec == other.codec
+            && self.page_tokens == other.page_tokens
+            && self.replication == other.replication
+    }
+}
+
+/// A sequence of one namespace.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SequenceKey {
+    /// Namespace name.
+    pub namespace: String,
+    /// Sequence id (≤ 64 bytes).
+    pub sequence_id: String,
+}
+
+impl SequenceKey {
+    /// Build a key (unchecked; wire input goes through [`crate::validate`]).
+    pub fn new(namespace: impl Into<String>, sequence_id: impl Into<String>) -> Self {
+        Self { namespace: namespace.into(), sequence_id: sequence_id.into() }
+    }
+
+    /// Placement hash: what rendezvous hashing scores nodes against.
+    pub fn placement_hash(&self) -> u64 {
+        let mut buf = Vec::with_capacity(self.namespace.len() + 1 + self.sequence_id.len());
+        buf.extend_from_slice(self.namespace.as_bytes());
+        buf.push(0);
+        buf.extend_from_slice(self.sequence_id.as_bytes());
+        xxh3_64(&buf)
+    }
+}
+
+/// One page: a layer's `page_tokens` consecutive tokens of one sequence.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PageKey {
+    /// The sequence.
+    pub sequence: SequenceKey,
+    /// Layer index.
+    pub layer: u32,
+    /// Page index within the layer.
+    pub page_index: u32,
+}

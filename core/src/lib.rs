@@ -1,0 +1,34 @@
+//! kvcache-core: the domain model of the KV-cache service. No I/O.
+//!
+//! - [`spec`]: [`ModelSpec`] (MHA/GQA/MQA/MLA geometry) and presets exact to published configs,
+//!   with bytes per token for every codec.
+//! - [`codec`]: row codecs (bf16, f16, fp8-e4m3 with power-of-two tile scales, int8 with a row
+//!   scale). Encode from f32, decode to f32; error bounds stated on each.
+//! - [`layout`]: [`PageLayout`], where each token's K/V (or MLA latent) sits in a page payload, and
+//!   the token-range copies appends need.
+//! - [`page`]: the 128-byte self-describing [`PageHeader`] with its CRC-32C checks.
+//! - [`key`]: namespaces, sequence and page keys, and their compact hashed ids.
+//! - [`prefix`]: the per-namespace seeded prefix-hash chain.
+//! - [`placement`]: weighted rendezvous hashing (top-R owners, zone-diverse).
+//! - [`validate`]: `TryFrom` of wire messages into domain types, with [`ValidationError`]s whose
+//!   messages say what was wrong and what was expected.
+//!
+//! Invariants: a [`Namespace`] value is always internally consistent (dims non-zero, codec
+//! compatible, page size in range), and a [`validate::ValidPage`] always has a payload whose
+//! length equals what its layout demands and whose CRC matched.
+
+pub mod codec;
+pub mod key;
+pub mod layout;
+pub mod page;
+pub mod placement;
+pub mod prefix;
+pub mod spec;
+pub mod validate;
+
+pub use codec::Codec;
+pub use key::{Namespace, PageKey, SequenceKey};
+pub use layout::PageLayout;
+pub use page::{PageError, PageHeader};
+pub use spec::{AttentionKind, ModelSpec};
+pub use validate::ValidationError;

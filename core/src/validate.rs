@@ -1,0 +1,523 @@
+//! Validation of wire messages into domain types, once, at the edge.
+//!
+//! Everything the network sends goes through here before it is used. Each failure is a
+//! [`ValidationError`] whose message says what was wrong and what was expected; services map it
+//! to INVALID_ARGUMENT.
+
+use crate::codec::Codec;
+use crate::key::{MAX_NAMESPACE_BYTES, MAX_SEQUENCE_ID_BYTES, Namespace, PAGE_TOKENS_RANGE, PageKey, SequenceKey};
+use crate::spec::{AttentionKind, ModelSpec};
+use bytes::Bytes;
+use kvcache_proto::v1 as pb;
+
+/// A malformed wire message.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ValidationError {
+    /// A required field is absent.
+    #[error("missing field `{0}`")]
+    Missing(&'static str),
+    /// Codec enum value not known, or unspecified.
+    #[error("unknown codec {0}: expected bf16, f16, fp8-e4m3 or int8")]
+    UnknownCodec(i32),
+    /// Codec does not match the namespace.
+    #[error("codec {got} does not match namespace {namespace}, which stores {expected}")]
+    CodecMismatch {
+        /// Namespace.
+        namespace: String,
+        /// Sent.
+        got: &'static str,
+        /// Namespace codec.
+        expected: &'static str,
+    },
+    /// Namespace name invalid.
+    #[error("invalid namespace name {0:?}: expected [a-z0-9][a-z0-9._-]{{0,62}}")]
+    NamespaceName(String),
+    /// Sequence id invalid.
+    #[error("invalid sequence id: {0}")]
+    SequenceId(String),
+    /// Layer out of range.
+    #[error("layer {layer} out of range: model has {layers} layers")]
+    LayerOutOfRange {
+        /// Sent.
+        layer: u32,
+        /// Model layers.
+        layers: u32,
+    },
+    /// Token count out of range for a page.
+    #[error("token count {got} out of range: pages hold 1..={page_tokens} tokens")]
+    TokenCount {
+        /// Sent.
+        got: u32,
+        /// Page size.
+        page_tokens: u32,
+    },
+    /// Payload length does not match the layout.
+    #[error("payload is {got} bytes, but {tokens} tokens of this namespace's layout are {expected} bytes")]
+    PayloadLength {
+        /// Sent.
+        got: usize,
+        /// Layout size.
+        expected: usize,
+        /// Token count.
+        tokens: u32,
+    },
+    /// Payload CRC mismatch.
+    #[error("payload checksum mismatch: page says {stored:#010x}, payload is {computed:#010x}")]
+    Checksum {
+        /// Sent CRC.
+        stored: u32,
+        /// Computed.
+        computed: u32,
+    },
+    /// Model spec invalid.
+    #[error("invalid model spec: {0}")]
+    Model(String),
+    /// Page size invalid.
+    #[error("page_tokens {0} out of range: expected 1..=4096")]
+    PageTokens(u32),
+    /// Replication factor invalid.
+    #[error("replication factor {0} out of range: expected 1..=5")]
+    Replication(u32),
+    /// Generic count out of range.
+    #[error("{what} is {got}, expected {expected}")]
+    Count {
+        /// What was counted.
+        what: &'static str,
+        /// Sent.
+        got: u64,
+        /// Expected, in words.
+        expected: String,
+    },
+}
+
+/// Parse a wire codec value.
+pub fn codec(v: i32) -> Result<Codec, ValidationError> {
+    match pb::Codec::try_from(v) {
+        Ok(pb::Codec::Bf16) => Ok(Codec::Bf16),
+        Ok(pb::Codec::F16) => Ok(Codec::F16),
+        Ok(pb::Codec::Fp8E4m3) => Ok(Codec::Fp8E4m3),
+        Ok(pb::Codec::Int8) => Ok(Codec::Int8),
+        _ => Err(ValidationError::UnknownCodec(v)),
+    }
+}
+
+/// Wire value of a codec.
+pub fn codec_to_wire(c: Codec) -> i32 {
+    c.tag() as i32
+}
+
+/// Check a namespace name.
+pub fn namespace_name(name: &str) -> Result<(), ValidationError> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_NAMESPACE_BYTES
+        && name
+            .bytes()
+            .enumerate()
+            .all(|(i, b)| b.is_ascii_lowercase() || b.is_ascii_digit() || (i > 0 && matches!(b, b'.' | b'_' | b'-')));
+    if ok { Ok(()) } else { Err(ValidationError::NamespaceName(name.to_owned())) }
+}
+
+impl TryFrom<pb::SequenceKey> for SequenceKey {
+    type Error = ValidationError;
+    fn try_from(k: pb::SequenceKey) -> Result<Self, Self::Error> {
+        namespace_name(&k.namespace)?;
+        if k.sequence_id.is_empty() {
+            return Err(ValidationError::SequenceId("empty".into()));
+        }
+        if k.sequence_id.len() > MAX_SEQUENCE_ID_BYTES {
+            return Err(ValidationError::SequenceId(format!(
+                "{} bytes, at most {MAX_SEQUENCE_ID_BYTES}",
+                k.sequence_id.len()
+            )));
+        }
+        Ok(SequenceKey { namespace: k.namespace, sequence_id: k.sequence_id })
+    }
+}
+
+impl TryFrom<pb::PageKey> for PageKey {
+    type Error = ValidationError;
+    fn try_from(k: pb::PageKey) -> Result<Self, Self::Error> {
+        let sequence = k.sequence.ok_or(ValidationError::Missing("key.sequence"))?.try_into()?;
+        Ok(PageKey { sequence, layer: k.layer, page_index: k.page_index })
+    }
+}
+
+impl From<&SequenceKey> for pb::SequenceKey {
+    fn from(k: &SequenceKey) -> Self {
+        pb::SequenceKey { namespace: k.namespace.clone(), sequence_id: k.sequence_id.clone() }
+    }
+}
+
+impl From<&PageKey> for pb::PageKey {
+    fn from(k: &PageKey) -> Self {
+        pb::PageKey { sequence: Some((&k.sequence).into()), layer: k.layer, page_index: k.page_index }
+    }
+}
+
+fn attention(v: i32) -> Result<AttentionKind, ValidationError> {
+    match pb::AttentionKind::try_from(v) {
+        Ok(pb::AttentionKind::Mha) => Ok(AttentionKind::Mha),
+        Ok(pb::AttentionKind::Gqa) => Ok(AttentionKind::Gqa),
+        Ok(pb::AttentionKind::Mqa) => Ok(AttentionKind::Mqa),
+        Ok(pb::AttentionKind::Mla) => Ok(AttentionKind::Mla),
+        _ => Err(ValidationError::Model(format!("unknown attention kind {v}: expected MHA, GQA, MQA or MLA"))),
+    }
+}
+
+impl TryFrom<pb::ModelSpec> for ModelSpec {
+    type Error = ValidationError;
+    fn try_from(m: pb::ModelSpec) -> Result<Self, Self::Error> {
+        let kind = attention(m.attention)?;
+        let bad = |s: String| Err(ValidationError::Model(s));
+        if m.num_layers == 0 || m.num_layers > 1024 {
+            return bad(format!("num_layers {} out of range 1..=1024", m.num_layers));
+        }
+        if m.num_q_heads == 0 || m.num_q_heads > 1024 {
+            return bad(format!("num_q_heads {} out of range 1..=1024", m.num_q_heads));
+        }
+        let mut kv = m.num_kv_heads;
+        match kind {
+            AttentionKind::Mla => {
+                if m.kv_lora_rank == 0 || m.kv_lora_rank > 4096 || m.rope_dim > 1024 {
+                    return bad(format!(
+                        "MLA needs kv_lora_rank in 1..=4096 and rope_dim ≤ 1024, got {} and {}",
+                        m.kv_lora_rank, m.rope_dim
+                    ));
+                }
+                kv = 1;
+            }
+            _ => {
+                if m.head_dim == 0 || m.head_dim > 1024 {
+                    return bad(format!("head_dim {} out of range 1..=1024", m.head_dim));
+                }
+                if kind == AttentionKind::Mha && kv == 0 {
+                    kv = m.num_q_heads;
+                }
+                if kind == AttentionKind::Mqa && kv == 0 {
+                    kv = 1;
+                }
+                if kv == 0 || !m.num_q_heads.is_multiple_of(kv) {
+                    return bad(format!("num_q_heads {} is not a multiple of num_kv_heads {kv}", m.num_q_heads));
+                }
+                let consistent = match kind {
+                    AttentionKind::Mha => kv == m.num_q_heads,
+                    AttentionKind::Mqa => kv == 1,
+                    _ => true,
+                };
+                if !consistent {
+                    return bad(format!("{} with {kv} KV heads for {} query heads", kind.as_str(), m.num_q_heads));
+                }
+            }
+        }
+        if !(m.softmax_scale.is_finite() && m.softmax_scale >= 0.0) {
+            return bad(format!("softmax_scale {} must be finite and ≥ 0", m.softmax_scale));
+        }
+        let mut spec = ModelSpec {
+            name: m.name,
+            attention: kind,
+            num_layers: m.num_layers,
+            num_q_heads: m.num_q_heads,
+            num_kv_heads: kv,
+            head_dim: m.head_dim,
+            kv_lora_rank: if kind == AttentionKind::Mla { m.kv_lora_rank } else { 0 },
+            rope_dim: if kind == AttentionKind::Mla { m.rope_dim } else { 0 },
+            softmax_scale: m.softmax_scale,
+        };
+        if spec.softmax_scale == 0.0 {
+            spec.softmax_scale = 1.0 / (spec.qk_width() as f32).sqrt();
+        }
+        Ok(spec)
+    }
+}
+
+impl From<&ModelSpec> for pb::ModelSpec {
+    fn from(m: &ModelSpec) -> Self {
+        let attention = match m.attention {
+            AttentionKind::Mha => pb::AttentionKind::Mha,
+            AttentionKind::Gqa => pb::AttentionKind::Gqa,
+            AttentionKind::Mqa => pb::AttentionKind::Mqa,
+            AttentionKind::Mla => pb::AttentionKind::Mla,
+        };
+        pb::ModelSpec {
+            name: m.name.clone(),
+            attention: attention as i32,
+            num_layers: m.num_layers,
+            num_q_heads: m.num_q_heads,
+            num_kv_heads: m.num_kv_heads,
+            head_dim: m.head_dim,
+            kv_lora_rank: m.kv_lora_rank,
+            rope_dim: m.rope_dim,
+            softmax_scale: m.softmax_scale,
+        }
+    }
+}
+
+/// Check page size and replication factor.
+pub fn namespace_params(page_tokens: u32, replication: u32) -> Result<(), ValidationError> {
+    if !PAGE_TOKENS_RANGE.contains(&page_tokens) {
+        return Err(ValidationError::PageTokens(page_tokens));
+    }
+    if !(1..=5).contains(&replication) {
+        return Err(ValidationError::Replication(replication));
+    }
+    Ok(())
+}
+
+impl TryFrom<pb::Namespace> for Namespace {
+    type Error = ValidationError;
+    fn try_from(n: pb::Namespace) -> Result<Self, Self::Error> {
+        namespace_name(&n.name)?;
+        let model = n.model.ok_or(ValidationError::Missing("namespace.model"))?.try_into()?;
+        let codec = codec(n.codec)?;
+        namespace_params(n.page_tokens, n.replication)?;
+        Ok(Namespace {
+            name: n.name,
+            tenant: n.tenant,
+            model,
+            codec,
+            page_tokens: n.page_tokens,
+            replication: n.replication,
+            prefix_seed: n.prefix_seed,
+        })
+    }
+}
+
+impl From<&Namespace> for pb::Namespace {
+    fn from(n: &Namespace) -> Self {
+        pb::Namespace {
+            name: n.name.clone(),
+            tenant: n.tenant.clone(),
+            model: Some((&n.model).into()),
+            codec: codec_to_wire(n.codec),
+            page_tokens: n.page_tokens,
+            replication: n.replication,
+            prefix_seed: n.prefix_seed,
+        }
+    }
+}
+
+/// Check that `layer` exists in `ns`'s model.
+pub fn layer(ns: &Namespace, layer: u32) -> Result<(), ValidationError> {
+    if layer >= ns.model.num_layers {
+        return Err(ValidationError::LayerOutOfRange { layer, layers: ns.model.num_layers });
+    }
+    Ok(())
+}
+
+/// Largest page index accepted (2^24 pages of ≥ 1 token: far beyond any context).
+pub const MAX_PAGE_INDEX: u32 = 1 << 24;
+
+/// Check a page key against its namespace.
+pub fn page_key(ns: &Namespace, key: &PageKey) -> Result<(), ValidationError> {
+    layer(ns, key.layer)?;
+    if key.page_index >= MAX_PAGE_INDEX {
+        return Err(ValidationError::Count {
+            what: "page_index",
+            got: key.page_index as u64,
+            expected: format!("< {MAX_PAGE_INDEX}"),
+        });
+    }
+    Ok(())
+}
+
+/// A page that passed every check against its namespace: key in range, codec equal, token count
+/// within the page size, payload exactly the layout's size, CRC matching.
+#[derive(Debug, Clone)]
+pub struct ValidPage {
+    /// Key.
+    pub key: PageKey,
+    /// Tokens.
+    pub token_count: u32,
+    /// Prefix hash (0 = none).
+    pub prefix_hash: u64,
+    /// CRC-32C of the payload (verified).
+    pub payload_crc: u32,
+    /// Payload (a slice of the receive buffer).
+    pub payload: Bytes,
+}
+
+/// Validate a wire page against the namespace `lookup` resolves for its key.
+pub fn page<'a>(
+    p: pb::Page,
+    lookup: impl FnOnce(&str) -> Option<&'a Namespace>,
+) -> Result<(&'a Namespace, ValidPage), PageRejection> {
+    let key: PageKey = p.key.ok_or(ValidationError::Missing("page.key"))?.try_into()?;
+    let ns = lookup(&key.sequence.namespace)
+        .ok_or_else(|| PageRejection::UnknownNamespace(key.sequence.namespace.clone()))?;
+    page_key(ns, &key)?;
+    let c = codec(p.codec)?;
+    if c != ns.codec {
+        return Err(ValidationError::CodecMismatch {
+            namespace: ns.name.clone(),
+            got: c.as_str(),
+            expected: ns.codec.as_str(),
+        }
+        .into());
+    }
+    if p.token_count == 0 || p.token_count > ns.page_tokens {
+        return Err(ValidationError::TokenCount { got: p.token_count, page_tokens: ns.page_tokens }.into());
+    }
+    let expected = ns.layout().payload_bytes(p.token_count as usize);
+    if p.payload.len() != expected {
+        return Err(ValidationError::PayloadLength { got: p.payload.len(), expected, tokens: p.token_count }.into());
+    }
+    let computed = crc32c::crc32c(&p.payload);
+    if computed != p.payload_crc32c {
+        return Err(ValidationError::Checksum { stored: p.payload_crc32c, computed }.into());
+    }
+    Ok((
+        ns,
+        ValidPage {
+            key,
+            token_count: p.token_count,
+            prefix_hash: p.prefix_hash,
+            payload_crc: computed,
+            payload: p.payload,
+        },
+    ))
+}
+
+/// Why a page was refused: malformed, or addressed to a namespace this side does not know.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum PageRejection {
+    /// Malformed.
+    #[error(transparent)]
+    Invalid(#[from] ValidationError),
+    /// Unknown namespace.
+    #[error("unknown namespace {0:?}")]
+    UnknownNamespace(String),
+}
+
+/// Validate an append payload: `layers` layers of `tokens` tokens each in page layout.
+pub fn append_payload(ns: &Namespace, tokens: u32, layers: usize, payload_len: usize) -> Result<(), ValidationError> {
+    if tokens == 0 || tokens > 1 << 16 {
+        return Err(ValidationError::Count { what: "token_count", got: tokens as u64, expected: "1..=65536".into() });
+    }
+    let expected = layers * ns.layout().payload_bytes(tokens as usize);
+    if payload_len != expected {
+        return Err(ValidationError::PayloadLength { got: payload_len, expected, tokens });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ns() -> Namespace {
+        Namespace {
+            name: "tenant-a.llama".into(),
+            tenant: "a".into(),
+            model: ModelSpec::preset("llama-3-8b").unwrap(),
+            codec: Codec::Bf16,
+            page_tokens: 16,
+            replication: 1,
+            prefix_seed: 1,
+        }
+    }
+
+    fn wire_page(ns: &Namespace, tokens: u32) -> pb::Page {
+        let payload = Bytes::from(vec![3u8; ns.layout().payload_bytes(tokens as usize)]);
+        pb::Page {
+            key: Some(pb::PageKey {
+                sequence: Some(pb::SequenceKey { namespace: ns.name.clone(), sequence_id: "s1".into() }),
+                layer: 3,
+                page_index: 0,
+            }),
+            codec: codec_to_wire(ns.codec),
+            token_count: tokens,
+            write_seq: 0,
+            payload_crc32c: crc32c::crc32c(&payload),
+            prefix_hash: 0,
+            payload,
+        }
+    }
+
+    fn reject(p: pb::Page) -> String {
+        let n = ns();
+        page(p, |_| Some(&n)).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn a_good_page_passes() {
+        let n = ns();
+        let (_, v) = page(wire_page(&n, 5), |_| Some(&n)).unwrap();
+        assert_eq!(v.token_count, 5);
+        assert_eq!(v.key.layer, 3);
+    }
+
+    #[test]
+    fn each_malformed_page_gets_its_error() {
+        let n = ns();
+        let mut p = wire_page(&n, 5);
+        p.key.as_mut().unwrap().layer = 80;
+        assert_eq!(reject(p), "layer 80 out of range: model has 32 layers");
+
+        let mut p = wire_page(&n, 5);
+        p.codec = codec_to_wire(Codec::Fp8E4m3);
+        assert!(reject(p).contains("codec fp8-e4m3 does not match"));
+
+        let mut p = wire_page(&n, 5);
+        p.codec = 17;
+        assert!(reject(p).contains("unknown codec 17"));
+
+        let mut p = wire_page(&n, 5);
+        p.token_count = 17;
+        assert!(reject(p).contains("token count 17 out of range"));
+
+        let mut p = wire_page(&n, 5);
+        p.payload = p.payload.slice(1..);
+        assert!(reject(p).contains("but 5 tokens"));
+
+        let mut p = wire_page(&n, 5);
+        p.payload_crc32c ^= 1;
+        assert!(reject(p).contains("checksum mismatch"));
+
+        let mut p = wire_page(&n, 5);
+        p.key.as_mut().unwrap().sequence.as_mut().unwrap().sequence_id = "x".repeat(65);
+        assert!(reject(p).contains("65 bytes, at most 64"));
+
+        let mut p = wire_page(&n, 5);
+        p.key.as_mut().unwrap().sequence.as_mut().unwrap().namespace = "Bad Name".into();
+        assert!(reject(p).contains("invalid namespace name"));
+
+        let mut p = wire_page(&n, 5);
+        p.key = None;
+        assert_eq!(reject(p), "missing field `page.key`");
+
+        let p = wire_page(&n, 5);
+        assert!(matches!(page(p, |_| None), Err(PageRejection::UnknownNamespace(_))));
+    }
+
+    #[test]
+    fn model_specs_are_checked() {
+        let good: pb::ModelSpec = (&ModelSpec::preset("deepseek-v3").unwrap()).into();
+        let back = ModelSpec::try_from(good.clone()).unwrap();
+        assert_eq!(back, ModelSpec::preset("deepseek-v3").unwrap());
+
+        let mut m: pb::ModelSpec = (&ModelSpec::preset("llama-3-8b").unwrap()).into();
+        m.num_kv_heads = 5;
+        assert!(ModelSpec::try_from(m).unwrap_err().to_string().contains("not a multiple"));
+        let mut m = good.clone();
+        m.kv_lora_rank = 0;
+        assert!(ModelSpec::try_from(m).unwrap_err().to_string().contains("kv_lora_rank"));
+        let mut m = good;
+        m.attention = 0;
+        assert!(ModelSpec::try_from(m).unwrap_err().to_string().contains("unknown attention kind"));
+    }
+
+    #[test]
+    fn namespace_round_trips_and_bad_params_are_rejected() {
+        let n = ns();
+        let wire: pb::Namespace = (&n).into();
+        assert_eq!(Namespace::try_from(wire.clone()).unwrap(), n);
+        let mut w = wire.clone();
+        w.page_tokens = 0;
+        assert_eq!(Namespace::try_from(w).unwrap_err(), ValidationError::PageTokens(0));
+        let mut w = wire;
+        w.replication = 9;
+        assert_eq!(Namespace::try_from(w).unwrap_err(), ValidationError::Replication(9));
+        assert!(append_payload(&n, 1, 32, 32 * 4096).is_ok());
+        assert!(append_payload(&n, 1, 1, 4095).is_err());
+    }
+}
