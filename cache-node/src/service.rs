@@ -1,0 +1,308 @@
+//! The `CacheNode` gRPC service. Every store error becomes a status here, in [`status`], and
+//! nowhere else.
+
+use crate::store::{PageStore, StoreError};
+use kvcache_core::validate::{self, ValidationError};
+use kvcache_core::{Namespace, PageKey, SequenceKey};
+use kvcache_proto::v1 as pb;
+use kvcache_proto::v1::cache_node_server::CacheNode;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status, Streaming};
+
+/// Most page keys one GetPages may ask for.
+pub const MAX_GET_ITEMS: usize = 1 << 20;
+/// Payload bytes batched into one GetPages response message.
+const RESPONSE_BATCH_BYTES: usize = 2 << 20;
+/// Longest lease.
+const MAX_LEASE: Duration = Duration::from_secs(3600);
+
+/// Map a store error to the status the contract defines (common.proto).
+pub fn status(e: StoreError) -> Status {
+    match e {
+        StoreError::Invalid(v) => Status::invalid_argument(v.to_string()),
+        StoreError::UnknownNamespace(_) | StoreError::NoSequence(_) => Status::not_found(e.to_string()),
+        StoreError::NamespaceConflict(_) => Status::already_exists(e.to_string()),
+        StoreError::StaleEpoch { current, .. } => {
+            let mut s = Status::failed_precondition(e.to_string());
+            if let Ok(v) = current.to_string().parse() {
+                s.metadata_mut().insert(kvcache_proto::metadata::EPOCH, v);
+            }
+            s
+        }
+        StoreError::Position { .. } => Status::failed_precondition(e.to_string()),
+        StoreError::Full(_) => Status::resource_exhausted(e.to_string()),
+        StoreError::Io(_) => Status::unavailable(e.to_string()),
+    }
+}
+
+fn invalid(e: ValidationError) -> Status {
+    Status::invalid_argument(e.to_string())
+}
+
+/// The CacheNode service over a [`PageStore`].
+pub struct NodeService {
+    store: Arc<PageStore>,
+    node_id: String,
+}
+
+impl NodeService {
+    /// Serve `store` as `node_id`.
+    pub fn new(store: Arc<PageStore>, node_id: String) -> Self {
+        Self { store, node_id }
+    }
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, StoreError> + Send + 'static) -> Result<T, Status> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Status::internal(format!("store task failed: {e}")))?
+        .map_err(status)
+}
+
+fn sequence(k: Option<pb::SequenceKey>) -> Result<SequenceKey, Status> {
+    k.ok_or_else(|| invalid(ValidationError::Missing("sequence")))?.try_into().map_err(invalid)
+}
+
+type PageStream = Pin<Box<dyn Stream<Item = Result<pb::GetPagesResponse, Status>> + Send>>;
+
+/// One requested item: a valid key or the reason it is not.
+enum Wanted {
+    Key(pb::PageKey, PageKey),
+    Bad(pb::PageKey, String),
+}
+
+impl NodeService {
+    fn expand(&self, req: pb::GetPagesRequest) -> Result<Vec<Wanted>, Status> {
+        let mut out = Vec::with_capacity(req.keys.len());
+        for k in req.keys {
+            match PageKey::try_from(k.clone()) {
+                Ok(key) => out.push(Wanted::Key(k, key)),
+                Err(e) => out.push(Wanted::Bad(k, e.to_string())),
+            }
+        }
+        for r in req.ranges {
+            let seq = sequence(r.sequence)?;
+            let ns = self
+                .store
+                .namespace(&seq.namespace)
+                .ok_or_else(|| status(StoreError::UnknownNamespace(seq.namespace.clone())))?;
+            let layers = ns.ns.model.num_layers;
+            let layer_end = if r.layer_end == 0 { layers } else { r.layer_end };
+            if r.layer_start >= layer_end || layer_end > layers {
+                return Err(Status::invalid_argument(format!(
+                    "layer range {}..{} invalid: model has {layers} layers",
+                    r.layer_start, r.layer_end
+                )));
+            }
+            let held = self.store.sequence_pages(&seq).unwrap_or_default();
+            for layer in r.layer_start..layer_end {
+                let end = if r.page_end == 0 { held.get(layer as usize).copied().unwrap_or(0) } else { r.page_end };
+                for page_index in r.page_start..end {
+                    let key = PageKey { sequence: seq.clone(), layer, page_index };
+                    out.push(Wanted::Key((&key).into(), key));
+                }
+                if out.len() > MAX_GET_ITEMS {
+                    break;
+                }
+            }
+        }
+        if out.len() > MAX_GET_ITEMS {
+            return Err(Status::invalid_argument(format!("request covers more than {MAX_GET_ITEMS} pages; split it")));
+        }
+        Ok(out)
+    }
+}
+
+#[tonic::async_trait]
+impl CacheNode for NodeService {
+    async fn put_pages(
+        &self,
+        request: Request<Streaming<pb::PutPagesRequest>>,
+    ) -> Result<Response<pb::PutPagesResponse>, Status> {
+        let mut stream = request.into_inner();
+        let mut resp = pb::PutPagesResponse::default();
+        while let Some(msg) = stream.message().await? {
+            let store = self.store.clone();
+            let (n, b) = blocking(move || store.put_pages(msg.epoch, msg.pages)).await?;
+            resp.pages_written += n;
+            resp.bytes_written += b;
+        }
+        Ok(Response::new(resp))
+    }
+
+    type GetPagesStream = PageStream;
+
+    async fn get_pages(&self, request: Request<pb::GetPagesRequest>) -> Result<Response<PageStream>, Status> {
+        let wanted = self.expand(request.into_inner())?;
+        let store = self.store.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(async move {
+            let mut batch = pb::GetPagesResponse::default();
+            let mut bytes = 0usize;
+            for w in wanted {
+                let item = match w {
+                    Wanted::Bad(k, msg) => {
+                        pb::PageItem { key: Some(k), status: pb::PageStatus::Invalid as i32, page: None, message: msg }
+                    }
+                    Wanted::Key(k, key) => match store.get(&key) {
+                        Ok(Some(p)) => {
+                            bytes += p.payload.len();
+                            let codec = store
+                                .namespace(&key.sequence.namespace)
+                                .map_or(0, |n| validate::codec_to_wire(n.ns.codec));
+                            pb::PageItem {
+                                key: Some(k.clone()),
+                                status: pb::PageStatus::Ok as i32,
+                                page: Some(pb::Page {
+                                    key: Some(k),
+                                    codec,
+                                    token_count: p.token_count,
+                                    write_seq: p.write_seq,
+                                    payload_crc32c: p.crc,
+                                    prefix_hash: p.prefix_hash,
+                                    payload: p.payload,
+                                }),
+                                message: String::new(),
+                            }
+                        }
+                        Ok(None) => pb::PageItem {
+                            key: Some(k),
+                            status: pb::PageStatus::Miss as i32,
+                            page: None,
+                            message: String::new(),
+                        },
+                        Err(e) => pb::PageItem {
+                            key: Some(k),
+                            status: pb::PageStatus::Invalid as i32,
+                            page: None,
+                            message: e.to_string(),
+                        },
+                    },
+                };
+                batch.items.push(item);
+                if bytes >= RESPONSE_BATCH_BYTES || batch.items.len() >= 4096 {
+                    bytes = 0;
+                    if tx.send(Ok(std::mem::take(&mut batch))).await.is_err() {
+                        return; // client went away; holds drop with the batch
+                    }
+                }
+            }
+            if !batch.items.is_empty() {
+                let _ = tx.send(Ok(batch)).await;
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+
+    async fn append_tokens(
+        &self,
+        request: Request<pb::AppendTokensRequest>,
+    ) -> Result<Response<pb::AppendTokensResponse>, Status> {
+        let r = request.into_inner();
+        let seq = sequence(r.sequence)?;
+        let store = self.store.clone();
+        let layer = if r.all_layers { None } else { Some(r.layer) };
+        let tokens =
+            blocking(move || store.append(r.epoch, &seq, layer, r.token_count, &r.payload, r.expected_position))
+                .await?;
+        Ok(Response::new(pb::AppendTokensResponse { layer_tokens: tokens }))
+    }
+
+    async fn lookup(&self, request: Request<pb::LookupRequest>) -> Result<Response<pb::LookupResponse>, Status> {
+        let r = request.into_inner();
+        let seq = sequence(r.sequence)?;
+        let (exists, layers, cached) = self.store.lookup(&seq, &r.prefix_hashes).map_err(status)?;
+        Ok(Response::new(pb::LookupResponse {
+            exists,
+            layers: layers
+                .into_iter()
+                .map(|l| pb::LayerExtent {
+                    layer: l.layer,
+                    tokens: l.tokens,
+                    pages: l.pages,
+                    page_write_seqs: l.write_seqs,
+                })
+                .collect(),
+            prefix_pages_cached: cached,
+        }))
+    }
+
+    async fn delete_sequence(
+        &self,
+        request: Request<pb::DeleteSequenceRequest>,
+    ) -> Result<Response<pb::DeleteSequenceResponse>, Status> {
+        let r = request.into_inner();
+        let seq = sequence(r.sequence)?;
+        let store = self.store.clone();
+        let n = blocking(move || store.delete(r.epoch, &seq)).await?;
+        Ok(Response::new(pb::DeleteSequenceResponse { pages_deleted: n }))
+    }
+
+    async fn lease(&self, request: Request<pb::LeaseRequest>) -> Result<Response<pb::LeaseResponse>, Status> {
+        let r = request.into_inner();
+        let seq = sequence(r.sequence)?;
+        if r.ttl_ms == 0 || Duration::from_millis(r.ttl_ms as u64) > MAX_LEASE {
+            return Err(Status::invalid_argument(format!("ttl_ms {} out of range: expected 1..=3600000", r.ttl_ms)));
+        }
+        let (id, until) = self.store.lease(&seq, Duration::from_millis(r.ttl_ms as u64)).map_err(status)?;
+        let left = until.saturating_duration_since(std::time::Instant::now());
+        let expires = std::time::SystemTime::now() + left;
+        let ms = expires.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        Ok(Response::new(pb::LeaseResponse { lease_id: id, expires_unix_ms: ms }))
+    }
+
+    async fn release(&self, request: Request<pb::ReleaseRequest>) -> Result<Response<pb::ReleaseResponse>, Status> {
+        Ok(Response::new(pb::ReleaseResponse { released: self.store.release(request.into_inner().lease_id) }))
+    }
+
+    async fn stats(&self, _request: Request<pb::StatsRequest>) -> Result<Response<pb::NodeStats>, Status> {
+        let store = self.store.clone();
+        let s =
+            tokio::task::spawn_blocking(move || store.stats()).await.map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(pb::NodeStats {
+            node_id: self.node_id.clone(),
+            capacity_bytes: s.capacity_bytes,
+            used_bytes: s.used_bytes,
+            pages: s.pages,
+            sequences: s.sequences,
+            epoch: self.store.epoch(),
+            evictions: s.evictions,
+            active_leases: s.active_leases,
+            index_bytes: s.index_bytes,
+            pool_files: s.pool_files,
+            pool_files_failed: s.pool_files_failed,
+            namespaces: s
+                .namespaces
+                .into_iter()
+                .map(|(namespace, sequences, pages, bytes, tokens)| pb::NamespaceUsage {
+                    namespace,
+                    sequences,
+                    pages,
+                    bytes,
+                    tokens,
+                })
+                .collect(),
+            get_hits: s.get_hits,
+            get_misses: s.get_misses,
+            corrupt_pages_dropped: s.corrupt_pages_dropped,
+        }))
+    }
+
+    async fn ensure_namespace(
+        &self,
+        request: Request<pb::EnsureNamespaceRequest>,
+    ) -> Result<Response<pb::EnsureNamespaceResponse>, Status> {
+        let ns: Namespace = request
+            .into_inner()
+            .namespace
+            .ok_or_else(|| invalid(ValidationError::Missing("namespace")))?
+            .try_into()
+            .map_err(invalid)?;
+        let store = self.store.clone();
+        let created = blocking(move || store.ensure_namespace(ns)).await?;
+        Ok(Response::new(pb::EnsureNamespaceResponse { created }))
+    }
+}

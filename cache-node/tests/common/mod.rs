@@ -1,0 +1,75 @@
+#![allow(missing_docs)]
+//! Helpers shared by the store tests.
+#![allow(dead_code)]
+
+use bytes::Bytes;
+use kvcache_core::validate::codec_to_wire;
+use kvcache_core::{AttentionKind, Codec, ModelSpec, Namespace, PageKey, SequenceKey};
+use kvcache_node::{PageStore, StoreConfig};
+use kvcache_proto::v1 as pb;
+use std::path::Path;
+use std::sync::Arc;
+
+/// A small GQA namespace: 3 layers, 2 KV heads of 4 dims, bf16, 4 tokens per page
+/// (payload 32 B per token, 128 B per full page, one 4 KiB slot per page).
+pub fn small_ns() -> Namespace {
+    Namespace {
+        name: "test.small".into(),
+        tenant: "t".into(),
+        model: ModelSpec {
+            name: "tiny".into(),
+            attention: AttentionKind::Gqa,
+            num_layers: 3,
+            num_q_heads: 4,
+            num_kv_heads: 2,
+            head_dim: 4,
+            kv_lora_rank: 0,
+            rope_dim: 0,
+            softmax_scale: 0.5,
+        },
+        codec: Codec::Bf16,
+        page_tokens: 4,
+        replication: 1,
+        prefix_seed: 1,
+    }
+}
+
+pub const SLOT: u64 = 4096;
+
+pub fn open(dir: &Path, slots: u64) -> Arc<PageStore> {
+    let mut cfg = StoreConfig::new(dir, slots * SLOT);
+    cfg.segment_bytes = slots * SLOT;
+    let s = PageStore::open(cfg).unwrap();
+    s.ensure_namespace(small_ns()).unwrap();
+    s
+}
+
+pub fn key(seq: &str, layer: u32, page: u32) -> PageKey {
+    PageKey { sequence: SequenceKey::new("test.small", seq), layer, page_index: page }
+}
+
+pub fn payload(ns: &Namespace, tokens: u32, seed: u8) -> Vec<u8> {
+    (0..ns.layout().payload_bytes(tokens as usize)).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+}
+
+pub fn page(k: &PageKey, tokens: u32, body: Vec<u8>) -> pb::Page {
+    pb::Page {
+        key: Some(k.into()),
+        codec: codec_to_wire(Codec::Bf16),
+        token_count: tokens,
+        write_seq: 0,
+        payload_crc32c: crc32c::crc32c(&body),
+        prefix_hash: 0,
+        payload: Bytes::from(body),
+    }
+}
+
+pub fn put(s: &PageStore, k: &PageKey, tokens: u32, seed: u8) -> Vec<u8> {
+    let body = payload(&small_ns(), tokens, seed);
+    s.put_pages(0, vec![page(k, tokens, body.clone())]).unwrap();
+    body
+}
+
+pub fn get(s: &PageStore, k: &PageKey) -> Option<Vec<u8>> {
+    s.get(k).unwrap().map(|p| p.payload.to_vec())
+}
