@@ -1,7 +1,10 @@
 //! The `kvcache` binary: parses flags and calls into the library crates. Subcommands:
 //! - `models`: footprint table of the model presets.
+//! - `node`: a cache node.
 
 mod models;
+mod node;
+mod util;
 
 use clap::{Parser, Subcommand};
 
@@ -17,11 +20,14 @@ struct Cli {
 enum Command {
     /// Print the KV-cache footprint of every model preset, per codec.
     Models(models::Args),
+    /// Run a cache node.
+    Node(node::Args),
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Models(a) => models::run(a),
+        Command::Node(a) => node::run(a),
     }
 }

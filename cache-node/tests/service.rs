@@ -1,0 +1,227 @@
+//! The CacheNode gRPC service on a loopback port: round trips, per-item statuses, bad input,
+//! epoch fencing, health.
+
+mod common;
+
+use common::*;
+use kvcache_core::validate::codec_to_wire;
+use kvcache_proto::v1 as pb;
+use kvcache_proto::v1::cache_node_client::CacheNodeClient;
+use std::time::Duration;
+use tonic::Code;
+
+struct Node {
+    addr: String,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+    store: std::sync::Arc<kvcache_node::PageStore>,
+    _dir: tempfile::TempDir,
+}
+
+async fn start() -> Node {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), 64);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = format!("http://{}", listener.local_addr().unwrap());
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let s = store.clone();
+    let task = tokio::spawn(async move {
+        kvcache_node::run(s, "n1".into(), listener, async move {
+            let _ = rx.await;
+        })
+        .await
+        .unwrap();
+    });
+    Node { addr, stop: Some(tx), task, store, _dir: dir }
+}
+
+impl Node {
+    async fn client(&self) -> CacheNodeClient<tonic::transport::Channel> {
+        for _ in 0..50 {
+            if let Ok(c) = CacheNodeClient::connect(self.addr.clone()).await {
+                return c.max_decoding_message_size(64 << 20);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("node did not come up");
+    }
+
+    async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        tokio::time::timeout(Duration::from_secs(10), self.task).await.unwrap().unwrap();
+    }
+}
+
+async fn put(
+    c: &mut CacheNodeClient<tonic::transport::Channel>,
+    epoch: u64,
+    pages: Vec<pb::Page>,
+) -> Result<pb::PutPagesResponse, tonic::Status> {
+    let req = pb::PutPagesRequest { epoch, pages };
+    c.put_pages(tokio_stream::iter(vec![req])).await.map(|r| r.into_inner())
+}
+
+async fn get_all(c: &mut CacheNodeClient<tonic::transport::Channel>, req: pb::GetPagesRequest) -> Vec<pb::PageItem> {
+    let mut s = c.get_pages(req).await.unwrap().into_inner();
+    let mut items = Vec::new();
+    while let Some(m) = s.message().await.unwrap() {
+        items.extend(m.items);
+    }
+    items
+}
+
+#[tokio::test]
+async fn pages_round_trip_with_a_status_per_item() {
+    let node = start().await;
+    let mut c = node.client().await;
+    let ns = small_ns();
+    let v0 = payload(&ns, 4, 1);
+    let v1 = payload(&ns, 2, 2);
+    let r =
+        put(&mut c, 0, vec![page(&key("a", 0, 0), 4, v0.clone()), page(&key("a", 0, 1), 2, v1.clone())]).await.unwrap();
+    assert_eq!(r.pages_written, 2);
+    let mut bad = pb::PageKey::from(&key("a", 0, 0));
+    bad.sequence.as_mut().unwrap().sequence_id = String::new();
+    let items = get_all(
+        &mut c,
+        pb::GetPagesRequest {
+            keys: vec![(&key("a", 0, 1)).into(), (&key("zz", 0, 0)).into(), bad, (&key("a", 9, 0)).into()],
+            ranges: vec![pb::PageRange {
+                sequence: Some(pb::SequenceKey { namespace: "test.small".into(), sequence_id: "a".into() }),
+                layer_start: 0,
+                layer_end: 1,
+                page_start: 0,
+                page_end: 0,
+            }],
+        },
+    )
+    .await;
+    let st: Vec<i32> = items.iter().map(|i| i.status).collect();
+    use pb::PageStatus::*;
+    assert_eq!(st, vec![Ok as i32, Miss as i32, Invalid as i32, Invalid as i32, Ok as i32, Ok as i32]);
+    assert_eq!(items[0].page.as_ref().unwrap().payload.to_vec(), v1);
+    assert!(items[3].message.contains("layer 9 out of range: model has 3 layers"), "{}", items[3].message);
+    let p = items[4].page.as_ref().unwrap();
+    assert_eq!(p.payload.to_vec(), v0);
+    assert_eq!(p.payload_crc32c, crc32c::crc32c(&v0));
+    assert_eq!(p.token_count, 4);
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn malformed_puts_are_invalid_argument_and_store_nothing() {
+    let node = start().await;
+    let mut c = node.client().await;
+    let ns = small_ns();
+    let good = page(&key("a", 0, 0), 4, payload(&ns, 4, 1));
+    let cases: Vec<(pb::Page, &str)> = vec![
+        (
+            {
+                let mut p = good.clone();
+                p.payload = p.payload.slice(..100);
+                p
+            },
+            "payload is 100 bytes",
+        ),
+        (
+            {
+                let mut p = good.clone();
+                p.payload_crc32c ^= 1;
+                p
+            },
+            "checksum mismatch",
+        ),
+        (
+            {
+                let mut p = good.clone();
+                p.token_count = 9;
+                p
+            },
+            "token count 9 out of range",
+        ),
+        (
+            {
+                let mut p = good.clone();
+                p.codec = codec_to_wire(kvcache_core::Codec::Int8);
+                p
+            },
+            "does not match namespace",
+        ),
+        (
+            {
+                let mut p = good.clone();
+                p.key.as_mut().unwrap().layer = 3;
+                p
+            },
+            "layer 3 out of range",
+        ),
+    ];
+    for (bad, want) in cases {
+        // The good page rides in the same batch: all-or-nothing.
+        let err = put(&mut c, 0, vec![good.clone(), bad]).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument);
+        assert!(err.message().contains(want), "{} !~ {want}", err.message());
+    }
+    let mut unknown = good.clone();
+    unknown.key.as_mut().unwrap().sequence.as_mut().unwrap().namespace = "nope".into();
+    assert_eq!(put(&mut c, 0, vec![unknown]).await.unwrap_err().code(), Code::NotFound);
+    assert_eq!(node.store.stats().pages, 0, "a rejected batch stored something");
+    let append = pb::AppendTokensRequest {
+        sequence: Some(pb::SequenceKey { namespace: "test.small".into(), sequence_id: "a".into() }),
+        layer: 0,
+        token_count: 1,
+        payload: bytes::Bytes::from(vec![0u8; 31]),
+        ..Default::default()
+    };
+    let err = c.append_tokens(append).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("payload is 31 bytes"), "{}", err.message());
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn stale_epoch_writes_get_failed_precondition_with_the_node_epoch() {
+    let node = start().await;
+    node.store.advance_epoch(7);
+    let mut c = node.client().await;
+    let p = page(&key("a", 0, 0), 4, payload(&small_ns(), 4, 1));
+    let err = put(&mut c, 6, vec![p.clone()]).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert_eq!(err.metadata().get(kvcache_proto::metadata::EPOCH).unwrap().to_str().unwrap(), "7");
+    assert_eq!(put(&mut c, 7, vec![p]).await.unwrap().pages_written, 1);
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn lookup_lease_stats_delete_and_health() {
+    let node = start().await;
+    let mut c = node.client().await;
+    let ns = small_ns();
+    put(&mut c, 0, vec![page(&key("a", 1, 0), 4, payload(&ns, 4, 1)), page(&key("a", 1, 1), 3, payload(&ns, 3, 1))])
+        .await
+        .unwrap();
+    let seq = pb::SequenceKey { namespace: "test.small".into(), sequence_id: "a".into() };
+    let l =
+        c.lookup(pb::LookupRequest { sequence: Some(seq.clone()), prefix_hashes: vec![] }).await.unwrap().into_inner();
+    assert!(l.exists);
+    assert_eq!(l.layers[1].tokens, 7);
+    assert_eq!(l.layers[1].pages, 2);
+    let lease = c.lease(pb::LeaseRequest { sequence: Some(seq.clone()), ttl_ms: 5000 }).await.unwrap().into_inner();
+    let st = c.stats(pb::StatsRequest {}).await.unwrap().into_inner();
+    assert_eq!((st.pages, st.sequences, st.active_leases), (2, 1, 1));
+    assert!(c.release(pb::ReleaseRequest { lease_id: lease.lease_id }).await.unwrap().into_inner().released);
+    let bad = c.lease(pb::LeaseRequest { sequence: Some(seq.clone()), ttl_ms: 0 }).await.unwrap_err();
+    assert_eq!(bad.code(), Code::InvalidArgument);
+    let d = c.delete_sequence(pb::DeleteSequenceRequest { epoch: 0, sequence: Some(seq) }).await.unwrap().into_inner();
+    assert_eq!(d.pages_deleted, 2);
+
+    let channel = tonic::transport::Channel::from_shared(node.addr.clone()).unwrap().connect().await.unwrap();
+    let mut h = tonic_health::pb::health_client::HealthClient::new(channel);
+    let r = h
+        .check(tonic_health::pb::HealthCheckRequest { service: "kvcache.v1.CacheNode".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
+    node.stop().await;
+}

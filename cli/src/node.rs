@@ -1,0 +1,45 @@
+//! `kvcache node`: run one cache node.
+
+use crate::util::{init_logging, parse_bytes, shutdown_signal};
+use kvcache_node::{Durability, PageStore, StoreConfig};
+use std::path::PathBuf;
+
+/// Flags of `kvcache node` (each with a `KVCACHE_*` environment fallback).
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Address of the CacheNode gRPC service.
+    #[arg(long, env = "KVCACHE_LISTEN", default_value = "127.0.0.1:7070")]
+    pub listen: String,
+    /// Directory of the pool files.
+    #[arg(long, env = "KVCACHE_DATA_DIR", default_value = "kvcache-data/node")]
+    pub data_dir: PathBuf,
+    /// Total bytes of pool files (units: KiB, MiB, GiB, TiB).
+    #[arg(long, env = "KVCACHE_CAPACITY", default_value = "1GiB", value_parser = parse_bytes)]
+    pub capacity: u64,
+    /// `async` (background flush) or `sync` (flush before acknowledging).
+    #[arg(long, env = "KVCACHE_DURABILITY", default_value = "async")]
+    pub durability: Durability,
+    /// Node id (stable across restarts); defaults to the listen address.
+    #[arg(long, env = "KVCACHE_NODE_ID")]
+    pub node_id: Option<String>,
+}
+
+/// Run `kvcache node` until SIGTERM / Ctrl-C.
+pub fn run(args: Args) -> anyhow::Result<()> {
+    init_logging();
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async move {
+        let mut cfg = StoreConfig::new(&args.data_dir, args.capacity);
+        cfg.durability = args.durability;
+        let store = tokio::task::spawn_blocking(move || PageStore::open(cfg)).await??;
+        let listener = tokio::net::TcpListener::bind(&args.listen).await?;
+        let addr = listener.local_addr()?;
+        let node_id = args.node_id.unwrap_or_else(|| addr.to_string());
+        let st = store.stats();
+        tracing::info!(%addr, node_id, pages = st.pages, recovery_seconds = st.recovery_seconds, "cache node serving");
+        println!("kvcache node {node_id} listening on {addr}");
+        kvcache_node::run(store, node_id, listener, shutdown_signal()).await?;
+        tracing::info!("cache node stopped cleanly");
+        Ok(())
+    })
+}
