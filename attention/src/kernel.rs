@@ -1,0 +1,529 @@
+//! The decode kernel: online softmax over blocks of tokens, per KV group, written once over
+//! [`Isa`] and instantiated per backend; split-K and batching over threads; the LSE merge.
+
+use crate::simd::{Isa, Portable};
+use crate::{AttentionError, AttnShape, Backend, KvPage, Options};
+use kvcache_core::Codec;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// Tokens decoded into scratch and scored at a time.
+const BT: usize = 32;
+/// Row padding: every scratch row is a multiple of 16 f32, so no ISA needs a tail loop.
+const PAD: usize = 16;
+
+fn pad(w: usize) -> usize {
+    w.div_ceil(PAD) * PAD
+}
+
+/// Per-call working memory of one group computation (allocated per task, reused across groups).
+struct Scratch {
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    s: Vec<f32>,
+    acc: Vec<f32>,
+    m: Vec<f32>,
+    l: Vec<f32>,
+}
+
+impl Scratch {
+    fn new(shape: &AttnShape) -> Self {
+        let g = shape.group();
+        let (wk, wv) = (pad(shape.qk_width), pad(shape.v_width));
+        Self {
+            q: vec![0.0; g * wk],
+            k: vec![0.0; BT * wk],
+            v: if shape.latent { Vec::new() } else { vec![0.0; BT * wv] },
+            s: vec![0.0; g * BT],
+            acc: vec![0.0; g * wv],
+            m: vec![0.0; g],
+            l: vec![0.0; g],
+        }
+    }
+}
+
+/// The token range `[t0, t1)` of a sequence whose pages start at `starts[i]`.
+struct Range<'a> {
+    pages: &'a [KvPage<'a>],
+    starts: &'a [usize],
+    t0: usize,
+    t1: usize,
+}
+
+/// Decode `count` rows of `plane` starting at token `t` of `page` into `dst` (row stride `stride`).
+#[inline(always)]
+unsafe fn decode_rows<I: Isa>(
+    shape: &AttnShape,
+    page: &KvPage,
+    plane: usize,
+    t: usize,
+    count: usize,
+    dst: &mut [f32],
+    stride: usize,
+) {
+    let l = &shape.layout;
+    let w = l.shape.width;
+    for r in 0..count {
+        let src = &page.payload[l.row_range(page.tokens, plane, t + r)];
+        let d = &mut dst[r * stride..r * stride + w];
+        match l.codec {
+            Codec::Bf16 | Codec::F16 => {
+                let mut i = 0;
+                while i + I::LANES <= w {
+                    // SAFETY: `src` holds 2·w bytes and `d` w f32 (slices above); i + LANES ≤ w.
+                    unsafe {
+                        if l.codec == Codec::Bf16 {
+                            I::widen_bf16(src.as_ptr().add(2 * i), d.as_mut_ptr().add(i));
+                        } else {
+                            I::widen_f16(src.as_ptr().add(2 * i), d.as_mut_ptr().add(i));
+                        }
+                    }
+                    i += I::LANES;
+                }
+                for j in i..w {
+                    let b = u16::from_le_bytes([src[2 * j], src[2 * j + 1]]);
+                    d[j] = if l.codec == Codec::Bf16 {
+                        f32::from_bits((b as u32) << 16)
+                    } else {
+                        half::f16::from_bits(b).to_f32()
+                    };
+                }
+            }
+            c => c.decode_row(l.shape, src, d),
+        }
+    }
+}
+
+/// Scores of `NH` heads × `NT` tokens: `s[h][t] = q[h] · k[t]` over `w` (a multiple of LANES).
+#[inline(always)]
+unsafe fn dot_tile<I: Isa, const NH: usize, const NT: usize>(q: *const f32, k: *const f32, w: usize, s: *mut f32) {
+    // SAFETY: callers pass q with NH rows and k with NT rows of `w` f32, and s with NH rows of
+    // BT f32; i + LANES ≤ w throughout.
+    unsafe {
+        let mut acc = [[I::zero(); NT]; NH];
+        let mut i = 0;
+        while i < w {
+            let mut kv = [I::zero(); NT];
+            for (t, kt) in kv.iter_mut().enumerate() {
+                *kt = I::load(k.add(t * w + i));
+            }
+            for (h, ah) in acc.iter_mut().enumerate() {
+                let qv = I::load(q.add(h * w + i));
+                for t in 0..NT {
+                    ah[t] = I::fma(qv, kv[t], ah[t]);
+                }
+            }
+            i += I::LANES;
+        }
+        for (h, ah) in acc.iter().enumerate() {
+            for (t, a) in ah.iter().enumerate() {
+                *s.add(h * BT + t) = I::sum(*a);
+            }
+        }
+    }
+}
+
+#[inline(always)]
+unsafe fn dot_block<I: Isa>(q: &[f32], k: &[f32], g: usize, bt: usize, w: usize, s: &mut [f32]) {
+    let (q, k, s) = (q.as_ptr(), k.as_ptr(), s.as_mut_ptr());
+    // SAFETY: q is g×w, k is ≥ bt×w, s is g×BT (Scratch); every tile stays inside them.
+    unsafe {
+        let mut h = 0;
+        while h + 2 <= g {
+            let mut t = 0;
+            while t + 4 <= bt {
+                dot_tile::<I, 2, 4>(q.add(h * w), k.add(t * w), w, s.add(h * BT + t));
+                t += 4;
+            }
+            while t < bt {
+                dot_tile::<I, 2, 1>(q.add(h * w), k.add(t * w), w, s.add(h * BT + t));
+                t += 1;
+            }
+            h += 2;
+        }
+        if h < g {
+            let mut t = 0;
+            while t + 4 <= bt {
+                dot_tile::<I, 1, 4>(q.add(h * w), k.add(t * w), w, s.add(h * BT + t));
+                t += 4;
+            }
+            while t < bt {
+                dot_tile::<I, 1, 1>(q.add(h * w), k.add(t * w), w, s.add(h * BT + t));
+                t += 1;
+            }
+        }
+    }
+}
+
+/// `acc[h][c..c+NC·LANES] += Σ_t p[h][t] · v[t][c..]` for `NH` heads.
+#[inline(always)]
+unsafe fn pv_tile<I: Isa, const NH: usize, const NC: usize>(
+    p: *const f32,
+    v: *const f32,
+    vs: usize,
+    bt: usize,
+    acc: *mut f32,
+    wa: usize,
+) {
+    // SAFETY: callers pass p with NH rows of BT, v with bt rows of stride vs covering the
+    // columns, acc with NH rows of stride wa covering the columns.
+    unsafe {
+        let mut a = [[I::zero(); NC]; NH];
+        for (h, ah) in a.iter_mut().enumerate() {
+            for (j, x) in ah.iter_mut().enumerate() {
+                *x = I::load(acc.add(h * wa + j * I::LANES));
+            }
+        }
+        for t in 0..bt {
+            let mut vv = [I::zero(); NC];
+            for (j, x) in vv.iter_mut().enumerate() {
+                *x = I::load(v.add(t * vs + j * I::LANES));
+            }
+            for (h, ah) in a.iter_mut().enumerate() {
+                let ph = I::splat(*p.add(h * BT + t));
+                for j in 0..NC {
+                    ah[j] = I::fma(ph, vv[j], ah[j]);
+                }
+            }
+        }
+        for (h, ah) in a.iter().enumerate() {
+            for (j, x) in ah.iter().enumerate() {
+                I::store(acc.add(h * wa + j * I::LANES), *x);
+            }
+        }
+    }
+}
+
+#[inline(always)]
+unsafe fn pv_block<I: Isa>(p: &[f32], v: &[f32], vs: usize, g: usize, bt: usize, acc: &mut [f32], wa: usize) {
+    let (p, v, acc) = (p.as_ptr(), v.as_ptr(), acc.as_mut_ptr());
+    // SAFETY: p is g×BT, v holds bt rows of stride vs ≥ wa, acc is g×wa; wa is a multiple of
+    // LANES, and every tile covers columns < wa.
+    unsafe {
+        let mut h = 0;
+        while h < g {
+            let nh = (g - h).min(4);
+            let mut c = 0;
+            while c < wa {
+                let two = c + 2 * I::LANES <= wa;
+                let (pp, vv, aa) = (p.add(h * BT), v.add(c), acc.add(h * wa + c));
+                match (nh, two) {
+                    (4, true) => pv_tile::<I, 4, 2>(pp, vv, vs, bt, aa, wa),
+                    (4, false) => pv_tile::<I, 4, 1>(pp, vv, vs, bt, aa, wa),
+                    (_, true) => {
+                        for i in 0..nh {
+                            pv_tile::<I, 1, 2>(pp.add(i * BT), vv, vs, bt, aa.add(i * wa), wa);
+                        }
+                    }
+                    (_, false) => {
+                        for i in 0..nh {
+                            pv_tile::<I, 1, 1>(pp.add(i * BT), vv, vs, bt, aa.add(i * wa), wa);
+                        }
+                    }
+                }
+                c += if two { 2 * I::LANES } else { I::LANES };
+            }
+            h += nh;
+        }
+    }
+}
+
+/// Attention of KV group `grp` (its `G` query heads) over a token range; writes the group's
+/// output rows and LSEs.
+#[inline(always)]
+unsafe fn attend_group<I: Isa>(
+    shape: &AttnShape,
+    q: &[f32],
+    grp: usize,
+    range: &Range,
+    sc: &mut Scratch,
+    out: &mut [f32],
+    lse: &mut [f32],
+) {
+    let g = shape.group();
+    let (wk, wv) = (pad(shape.qk_width), pad(shape.v_width));
+    for h in 0..g {
+        let src = &q[(grp * g + h) * shape.qk_width..(grp * g + h + 1) * shape.qk_width];
+        for (d, s) in sc.q[h * wk..h * wk + shape.qk_width].iter_mut().zip(src) {
+            *d = s * shape.scale;
+        }
+    }
+    sc.acc.fill(0.0);
+    sc.m.fill(f32::NEG_INFINITY);
+    sc.l.fill(0.0);
+    let (k_plane, v_plane) = if shape.latent { (0, 0) } else { (grp, shape.kv_groups + grp) };
+    for (pi, page) in range.pages.iter().enumerate() {
+        let start = range.starts[pi];
+        let a = range.t0.max(start);
+        let b = range.t1.min(start + page.tokens);
+        let mut t = a;
+        while t < b {
+            let bt = (b - t).min(BT);
+            // SAFETY (this block): scratch buffers are sized by Scratch::new for this shape;
+            // the ISA is available (checked by the dispatcher).
+            unsafe {
+                decode_rows::<I>(shape, page, k_plane, t - start, bt, &mut sc.k, wk);
+                if !shape.latent {
+                    decode_rows::<I>(shape, page, v_plane, t - start, bt, &mut sc.v, wv);
+                }
+                dot_block::<I>(&sc.q, &sc.k, g, bt, wk, &mut sc.s);
+                for h in 0..g {
+                    let row = &mut sc.s[h * BT..h * BT + BT];
+                    let bm = row[..bt].iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let m_new = sc.m[h].max(bm);
+                    let corr = (sc.m[h] - m_new).exp();
+                    let mn = I::splat(m_new);
+                    let mut j = 0;
+                    while j < bt {
+                        let x = I::load(row.as_ptr().add(j));
+                        let e = I::exp(I::fma(I::splat(-1.0), mn, x));
+                        I::store(row.as_mut_ptr().add(j), e);
+                        j += I::LANES;
+                    }
+                    let sum: f32 = row[..bt].iter().sum();
+                    sc.l[h] = sc.l[h] * corr + sum;
+                    sc.m[h] = m_new;
+                    if corr != 1.0 {
+                        let cv = I::splat(corr);
+                        let acc = &mut sc.acc[h * wv..(h + 1) * wv];
+                        let mut c = 0;
+                        while c < wv {
+                            let p = acc.as_mut_ptr().add(c);
+                            I::store(p, I::mul(I::load(p), cv));
+                            c += I::LANES;
+                        }
+                    }
+                }
+                let (v, vs) = if shape.latent { (&sc.k[..], wk) } else { (&sc.v[..], wv) };
+                pv_block::<I>(&sc.s, v, vs, g, bt, &mut sc.acc, wv);
+            }
+            t += bt;
+        }
+    }
+    for h in 0..g {
+        let o = &mut out[(grp * g + h) * shape.v_width..(grp * g + h + 1) * shape.v_width];
+        let l = sc.l[h];
+        if l > 0.0 {
+            let inv = 1.0 / l;
+            for (d, a) in o.iter_mut().zip(&sc.acc[h * wv..]) {
+                *d = a * inv;
+            }
+            lse[grp * g + h] = sc.m[h] + l.ln();
+        } else {
+            o.fill(0.0);
+            lse[grp * g + h] = f32::NEG_INFINITY;
+        }
+    }
+}
+
+/// All groups of one token range.
+#[inline(always)]
+unsafe fn attend_range<I: Isa>(shape: &AttnShape, q: &[f32], range: &Range, out: &mut [f32], lse: &mut [f32]) {
+    // The scratch row padding must hold whole vectors of every ISA.
+    const { assert!(PAD.is_multiple_of(16)) };
+    let mut sc = Scratch::new(shape);
+    for grp in 0..shape.kv_groups {
+        // SAFETY: forwarded from the caller (ISA available).
+        unsafe { attend_group::<I>(shape, q, grp, range, &mut sc, out, lse) };
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn range_avx512(shape: &AttnShape, q: &[f32], range: &Range, out: &mut [f32], lse: &mut [f32]) {
+    // SAFETY: this function only runs where Backend::available found avx512f.
+    unsafe { attend_range::<crate::simd::Avx512>(shape, q, range, out, lse) }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn range_avx2(shape: &AttnShape, q: &[f32], range: &Range, out: &mut [f32], lse: &mut [f32]) {
+    // SAFETY: this function only runs where Backend::available found avx2, fma and f16c.
+    unsafe { attend_range::<crate::simd::Avx2>(shape, q, range, out, lse) }
+}
+
+fn run_range(backend: Backend, shape: &AttnShape, q: &[f32], range: &Range, out: &mut [f32], lse: &mut [f32]) {
+    assert!(Backend::available().contains(&backend), "backend {backend} not available on this CPU");
+    match backend {
+        // SAFETY: availability asserted above.
+        #[cfg(target_arch = "x86_64")]
+        Backend::Avx512 => unsafe { range_avx512(shape, q, range, out, lse) },
+        // SAFETY: availability asserted above.
+        #[cfg(target_arch = "x86_64")]
+        Backend::Avx2 => unsafe { range_avx2(shape, q, range, out, lse) },
+        // SAFETY: the portable ISA runs anywhere.
+        _ => unsafe { attend_range::<Portable>(shape, q, range, out, lse) },
+    }
+}
+
+/// One sequence of a batch.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchItem<'a> {
+    /// Query `[q_heads][qk_width]`.
+    pub q: &'a [f32],
+    /// Pages in order; all but the last must be full.
+    pub pages: &'a [KvPage<'a>],
+}
+
+fn check(shape: &AttnShape, item: &BatchItem) -> Result<Vec<usize>, AttentionError> {
+    if shape.kv_groups == 0 || !shape.q_heads.is_multiple_of(shape.kv_groups) {
+        return Err(AttentionError::Shape(format!("{} query heads over {} KV groups", shape.q_heads, shape.kv_groups)));
+    }
+    if shape.layout.shape.width != shape.qk_width || shape.v_width > shape.qk_width && shape.latent {
+        return Err(AttentionError::Shape("layout row width does not match the query width".into()));
+    }
+    if item.q.len() != shape.q_len() {
+        return Err(AttentionError::QueryLength {
+            got: item.q.len(),
+            expected: shape.q_len(),
+            heads: shape.q_heads,
+            width: shape.qk_width,
+        });
+    }
+    if item.q.iter().any(|x| !x.is_finite()) {
+        return Err(AttentionError::NonFiniteQuery);
+    }
+    let mut starts = Vec::with_capacity(item.pages.len());
+    let mut t = 0;
+    for (index, p) in item.pages.iter().enumerate() {
+        let expected = shape.layout.payload_bytes(p.tokens);
+        if p.payload.len() != expected {
+            return Err(AttentionError::PageLength { index, got: p.payload.len(), expected, tokens: p.tokens });
+        }
+        starts.push(t);
+        t += p.tokens;
+    }
+    Ok(starts)
+}
+
+/// Decode attention of one sequence: `out` is `[q_heads][v_width]`, `lse` is `[q_heads]`.
+pub fn decode(
+    shape: &AttnShape,
+    q: &[f32],
+    pages: &[KvPage],
+    opts: &Options,
+    out: &mut [f32],
+    lse: &mut [f32],
+) -> Result<(), AttentionError> {
+    let item = BatchItem { q, pages };
+    let mut outs = [(out, lse)];
+    decode_batch(shape, &[item], opts, &mut outs)
+}
+
+/// Decode attention of a batch of sequences of different lengths, split-K over `opts.threads`.
+/// `outs[i]` receives item `i`'s output and LSE.
+pub fn decode_batch(
+    shape: &AttnShape,
+    items: &[BatchItem],
+    opts: &Options,
+    outs: &mut [(&mut [f32], &mut [f32])],
+) -> Result<(), AttentionError> {
+    if outs.len() != items.len() {
+        return Err(AttentionError::Shape(format!("{} items but {} output slots", items.len(), outs.len())));
+    }
+    let mut starts = Vec::with_capacity(items.len());
+    for (item, (o, l)) in items.iter().zip(outs.iter()) {
+        starts.push(check(shape, item)?);
+        if o.len() != shape.out_len() {
+            return Err(AttentionError::OutputLength { got: o.len(), expected: shape.out_len() });
+        }
+        if l.len() != shape.q_heads {
+            return Err(AttentionError::OutputLength { got: l.len(), expected: shape.q_heads });
+        }
+    }
+    // Tasks: (item, t0, t1). Long sequences are split so every thread has work.
+    let threads = opts.threads.max(1);
+    let mut tasks = Vec::new();
+    for (i, item) in items.iter().enumerate() {
+        let total: usize = item.pages.iter().map(|p| p.tokens).sum();
+        let splits = if threads > 1 { (total / opts.min_split_tokens.max(1)).clamp(1, threads) } else { 1 };
+        let per = total.div_ceil(splits).max(1);
+        let mut t0 = 0;
+        loop {
+            let t1 = (t0 + per).min(total);
+            tasks.push((i, t0, t1));
+            t0 = t1;
+            if t0 >= total {
+                break;
+            }
+        }
+    }
+    let (ho, hl) = (shape.out_len(), shape.q_heads);
+    let mut part_out = vec![0f32; tasks.len() * ho];
+    let mut part_lse = vec![0f32; tasks.len() * hl];
+    let run = |ti: usize, o: &mut [f32], l: &mut [f32]| {
+        let (i, t0, t1) = tasks[ti];
+        let range = Range { pages: items[i].pages, starts: &starts[i], t0, t1 };
+        run_range(opts.backend, shape, items[i].q, &range, o, l);
+    };
+    if threads == 1 || tasks.len() == 1 {
+        for (ti, (o, l)) in part_out.chunks_mut(ho).zip(part_lse.chunks_mut(hl)).enumerate() {
+            run(ti, o, l);
+        }
+    } else {
+        let next = AtomicUsize::new(0);
+        let slots: Vec<std::sync::Mutex<(&mut [f32], &mut [f32])>> =
+            part_out.chunks_mut(ho).zip(part_lse.chunks_mut(hl)).map(std::sync::Mutex::new).collect();
+        std::thread::scope(|s| {
+            for _ in 0..threads.min(tasks.len()) {
+                s.spawn(|| {
+                    loop {
+                        let ti = next.fetch_add(1, Ordering::Relaxed);
+                        if ti >= tasks.len() {
+                            break;
+                        }
+                        let mut g = slots[ti].lock().expect("slot");
+                        let (o, l) = &mut *g;
+                        run(ti, o, l);
+                    }
+                });
+            }
+        });
+    }
+    // Merge each item's partials.
+    let mut ti = 0;
+    for (i, (o, l)) in outs.iter_mut().enumerate() {
+        let first = ti;
+        while ti < tasks.len() && tasks[ti].0 == i {
+            ti += 1;
+        }
+        let parts: Vec<(&[f32], &[f32])> =
+            (first..ti).map(|t| (&part_out[t * ho..(t + 1) * ho], &part_lse[t * hl..(t + 1) * hl])).collect();
+        merge(&parts, shape.v_width, o, l);
+        if o.iter().any(|x| !x.is_finite()) || l.iter().any(|x| x.is_nan() || *x == f32::INFINITY) {
+            return Err(AttentionError::NonFiniteResult);
+        }
+    }
+    Ok(())
+}
+
+/// Merge partial results `(out, lse)` of disjoint token ranges into the result over their union:
+/// `lse = ln Σ e^{lse_i}`, `out = Σ e^{lse_i − lse} · out_i`. Exact up to f32 rounding,
+/// associative and order-independent; a partial over no tokens (`lse = −∞`) contributes nothing.
+pub fn merge(parts: &[(&[f32], &[f32])], v_width: usize, out: &mut [f32], lse: &mut [f32]) {
+    let heads = lse.len();
+    for h in 0..heads {
+        let m = parts.iter().map(|p| p.1[h]).fold(f32::NEG_INFINITY, f32::max);
+        let o = &mut out[h * v_width..(h + 1) * v_width];
+        o.fill(0.0);
+        if m == f32::NEG_INFINITY {
+            lse[h] = f32::NEG_INFINITY;
+            continue;
+        }
+        let mut total = 0f64;
+        let weights: Vec<f64> = parts.iter().map(|p| ((p.1[h] - m) as f64).exp()).collect();
+        for w in &weights {
+            total += w;
+        }
+        for (p, w) in parts.iter().zip(&weights) {
+            if *w == 0.0 {
+                continue;
+            }
+            let f = (w / total) as f32;
+            for (d, s) in o.iter_mut().zip(&p.0[h * v_width..(h + 1) * v_width]) {
+                *d += f * s;
+            }
+        }
+        lse[h] = m + total.ln() as f32;
+    }
+}

@@ -1,0 +1,318 @@
+//! The ISA abstraction the kernels are written against, and its three instances.
+//!
+//! Kernels are generic over [`Isa`] and marked `#[inline(always)]` down to an entry function
+//! compiled with `#[target_feature]`, so each instance is real AVX-512 / AVX2 code. Every method
+//! is `unsafe`: callers guarantee the CPU has the ISA (checked once by [`Backend::detect`] /
+//! [`Backend::available`]) and that pointers are valid for `LANES` elements.
+
+use std::fmt;
+
+/// A SIMD instruction set as the kernels see it: vectors of `LANES` f32.
+///
+/// # Safety
+///
+/// Every method requires that the CPU supports the instance's ISA and that the calling function
+/// was compiled with it enabled; pointer arguments must be valid for `LANES` elements.
+#[allow(clippy::missing_safety_doc)]
+pub trait Isa: Copy + 'static {
+    /// f32 lanes per vector.
+    const LANES: usize;
+    /// The vector type.
+    type V: Copy;
+    /// All zeros.
+    unsafe fn zero() -> Self::V;
+    /// Broadcast.
+    unsafe fn splat(x: f32) -> Self::V;
+    /// Unaligned load of `LANES` f32.
+    unsafe fn load(p: *const f32) -> Self::V;
+    /// Unaligned store of `LANES` f32.
+    unsafe fn store(p: *mut f32, v: Self::V);
+    /// `a · b + c`.
+    unsafe fn fma(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
+    /// `a · b`.
+    unsafe fn mul(a: Self::V, b: Self::V) -> Self::V;
+    /// Horizontal sum.
+    unsafe fn sum(v: Self::V) -> f32;
+    /// `e^x` per lane, relative error ≤ 2e-7 for x ≥ −87 (below, a value ≤ 1e-37 or 0).
+    unsafe fn exp(x: Self::V) -> Self::V;
+    /// Widen `LANES` little-endian bf16 at `src` to f32 at `dst` (exact).
+    unsafe fn widen_bf16(src: *const u8, dst: *mut f32);
+    /// Widen `LANES` little-endian f16 at `src` to f32 at `dst` (exact).
+    unsafe fn widen_f16(src: *const u8, dst: *mut f32);
+}
+
+/// Which kernel instance runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// AVX-512F (16 lanes), hardware f16 conversion.
+    Avx512,
+    /// AVX2 + FMA + F16C (8 lanes).
+    Avx2,
+    /// Plain Rust over 8-lane arrays (any CPU).
+    Portable,
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Avx512 => "avx512",
+            Self::Avx2 => "avx2",
+            Self::Portable => "portable",
+        })
+    }
+}
+
+impl Backend {
+    /// The best backend this CPU runs.
+    pub fn detect() -> Backend {
+        Self::available().into_iter().next().unwrap_or(Backend::Portable)
+    }
+
+    /// Every backend this CPU runs, best first.
+    pub fn available() -> Vec<Backend> {
+        let mut v = Vec::new();
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx512f") {
+                v.push(Backend::Avx512);
+            }
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c") {
+                v.push(Backend::Avx2);
+            }
+        }
+        v.push(Backend::Portable);
+        v
+    }
+
+    /// Parse "avx512", "avx2" or "portable".
+    pub fn parse(s: &str) -> Option<Backend> {
+        [Backend::Avx512, Backend::Avx2, Backend::Portable].into_iter().find(|b| b.to_string() == s)
+    }
+}
+
+// Cephes expf constants.
+const LOG2E: f32 = std::f32::consts::LOG2_E;
+const LN2_HI: f32 = 0.693_359_4;
+const LN2_LO: f32 = -2.121_944_4e-4;
+const EXP_HI: f32 = 88.3;
+const EXP_LO: f32 = -87.3;
+const P: [f32; 6] = [1.987_569_1e-4, 1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 0.166_666_65, 0.5];
+
+/// The portable instance: 8-lane arrays the compiler vectorizes with whatever the target has.
+#[derive(Debug, Clone, Copy)]
+pub struct Portable;
+
+impl Isa for Portable {
+    const LANES: usize = 8;
+    type V = [f32; 8];
+    #[inline(always)]
+    unsafe fn zero() -> Self::V {
+        [0.0; 8]
+    }
+    #[inline(always)]
+    unsafe fn splat(x: f32) -> Self::V {
+        [x; 8]
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> Self::V {
+        // SAFETY: the caller guarantees 8 readable f32 at `p`.
+        unsafe { std::ptr::read_unaligned(p as *const [f32; 8]) }
+    }
+    #[inline(always)]
+    unsafe fn store(p: *mut f32, v: Self::V) {
+        // SAFETY: the caller guarantees 8 writable f32 at `p`.
+        unsafe { std::ptr::write_unaligned(p as *mut [f32; 8], v) }
+    }
+    #[inline(always)]
+    unsafe fn fma(a: Self::V, b: Self::V, c: Self::V) -> Self::V {
+        std::array::from_fn(|i| a[i] * b[i] + c[i])
+    }
+    #[inline(always)]
+    unsafe fn mul(a: Self::V, b: Self::V) -> Self::V {
+        std::array::from_fn(|i| a[i] * b[i])
+    }
+    #[inline(always)]
+    unsafe fn sum(v: Self::V) -> f32 {
+        ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]))
+    }
+    #[inline(always)]
+    unsafe fn exp(x: Self::V) -> Self::V {
+        std::array::from_fn(|i| x[i].exp())
+    }
+    #[inline(always)]
+    unsafe fn widen_bf16(src: *const u8, dst: *mut f32) {
+        for i in 0..8 {
+            // SAFETY: the caller guarantees 16 readable bytes at `src`, 8 writable f32 at `dst`.
+            unsafe {
+                let b = u16::from_le_bytes([*src.add(2 * i), *src.add(2 * i + 1)]);
+                *dst.add(i) = f32::from_bits((b as u32) << 16);
+            }
+        }
+    }
+    #[inline(always)]
+    unsafe fn widen_f16(src: *const u8, dst: *mut f32) {
+        for i in 0..8 {
+            // SAFETY: as in widen_bf16.
+            unsafe {
+                let b = u16::from_le_bytes([*src.add(2 * i), *src.add(2 * i + 1)]);
+                *dst.add(i) = half::f16::from_bits(b).to_f32();
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+pub use x86::{Avx2, Avx512};
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::*;
+    use std::arch::x86_64::*;
+
+    /// AVX2 + FMA + F16C, 8 lanes.
+    #[derive(Debug, Clone, Copy)]
+    pub struct Avx2;
+
+    // SAFETY (every block in this impl): callers run these only inside functions compiled with
+    // `avx2,fma,f16c` on a CPU that has them (Backend::available), with pointers valid for 8 f32
+    // (or 16 bytes of bf16/f16), as the trait requires.
+    impl Isa for Avx2 {
+        const LANES: usize = 8;
+        type V = __m256;
+        #[inline(always)]
+        unsafe fn zero() -> __m256 {
+            unsafe { _mm256_setzero_ps() }
+        }
+        #[inline(always)]
+        unsafe fn splat(x: f32) -> __m256 {
+            unsafe { _mm256_set1_ps(x) }
+        }
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> __m256 {
+            unsafe { _mm256_loadu_ps(p) }
+        }
+        #[inline(always)]
+        unsafe fn store(p: *mut f32, v: __m256) {
+            unsafe { _mm256_storeu_ps(p, v) }
+        }
+        #[inline(always)]
+        unsafe fn fma(a: __m256, b: __m256, c: __m256) -> __m256 {
+            unsafe { _mm256_fmadd_ps(a, b, c) }
+        }
+        #[inline(always)]
+        unsafe fn mul(a: __m256, b: __m256) -> __m256 {
+            unsafe { _mm256_mul_ps(a, b) }
+        }
+        #[inline(always)]
+        unsafe fn sum(v: __m256) -> f32 {
+            unsafe {
+                let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+                let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+                let s = _mm_add_ss(s, _mm_shuffle_ps::<0b01>(s, s));
+                _mm_cvtss_f32(s)
+            }
+        }
+        #[inline(always)]
+        unsafe fn exp(x: __m256) -> __m256 {
+            unsafe {
+                let x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(EXP_HI)), _mm256_set1_ps(EXP_LO));
+                let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(
+                    x,
+                    _mm256_set1_ps(LOG2E),
+                ));
+                let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_HI), x);
+                let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_LO), r);
+                let mut p = _mm256_set1_ps(P[0]);
+                for c in &P[1..] {
+                    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(*c));
+                }
+                let r2 = _mm256_mul_ps(r, r);
+                let p = _mm256_add_ps(_mm256_fmadd_ps(p, r2, r), _mm256_set1_ps(1.0));
+                let e = _mm256_slli_epi32::<23>(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)));
+                _mm256_mul_ps(p, _mm256_castsi256_ps(e))
+            }
+        }
+        #[inline(always)]
+        unsafe fn widen_bf16(src: *const u8, dst: *mut f32) {
+            unsafe {
+                let h = _mm_loadu_si128(src as *const __m128i);
+                let w = _mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h));
+                _mm256_storeu_ps(dst, _mm256_castsi256_ps(w));
+            }
+        }
+        #[inline(always)]
+        unsafe fn widen_f16(src: *const u8, dst: *mut f32) {
+            unsafe { _mm256_storeu_ps(dst, _mm256_cvtph_ps(_mm_loadu_si128(src as *const __m128i))) }
+        }
+    }
+
+    /// AVX-512F, 16 lanes.
+    #[derive(Debug, Clone, Copy)]
+    pub struct Avx512;
+
+    // SAFETY (every block in this impl): callers run these only inside functions compiled with
+    // `avx512f` on a CPU that has it, with pointers valid for 16 f32 (or 32 bytes of bf16/f16).
+    impl Isa for Avx512 {
+        const LANES: usize = 16;
+        type V = __m512;
+        #[inline(always)]
+        unsafe fn zero() -> __m512 {
+            unsafe { _mm512_setzero_ps() }
+        }
+        #[inline(always)]
+        unsafe fn splat(x: f32) -> __m512 {
+            unsafe { _mm512_set1_ps(x) }
+        }
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> __m512 {
+            unsafe { _mm512_loadu_ps(p) }
+        }
+        #[inline(always)]
+        unsafe fn store(p: *mut f32, v: __m512) {
+            unsafe { _mm512_storeu_ps(p, v) }
+        }
+        #[inline(always)]
+        unsafe fn fma(a: __m512, b: __m512, c: __m512) -> __m512 {
+            unsafe { _mm512_fmadd_ps(a, b, c) }
+        }
+        #[inline(always)]
+        unsafe fn mul(a: __m512, b: __m512) -> __m512 {
+            unsafe { _mm512_mul_ps(a, b) }
+        }
+        #[inline(always)]
+        unsafe fn sum(v: __m512) -> f32 {
+            unsafe { _mm512_reduce_add_ps(v) }
+        }
+        #[inline(always)]
+        unsafe fn exp(x: __m512) -> __m512 {
+            unsafe {
+                let x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(EXP_HI)), _mm512_set1_ps(EXP_LO));
+                let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(
+                    x,
+                    _mm512_set1_ps(LOG2E),
+                ));
+                let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_HI), x);
+                let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_LO), r);
+                let mut p = _mm512_set1_ps(P[0]);
+                for c in &P[1..] {
+                    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(*c));
+                }
+                let r2 = _mm512_mul_ps(r, r);
+                let p = _mm512_add_ps(_mm512_fmadd_ps(p, r2, r), _mm512_set1_ps(1.0));
+                _mm512_scalef_ps(p, n)
+            }
+        }
+        #[inline(always)]
+        unsafe fn widen_bf16(src: *const u8, dst: *mut f32) {
+            unsafe {
+                let h = _mm256_loadu_si256(src as *const __m256i);
+                let w = _mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h));
+                _mm512_storeu_ps(dst, _mm512_castsi512_ps(w));
+            }
+        }
+        #[inline(always)]
+        unsafe fn widen_f16(src: *const u8, dst: *mut f32) {
+            unsafe { _mm512_storeu_ps(dst, _mm512_cvtph_ps(_mm256_loadu_si256(src as *const __m256i))) }
+        }
+    }
+}
