@@ -94,6 +94,24 @@ unsafe fn decode_rows<I: Isa>(
     }
 }
 
+/// Prefetch the rows `[t, t + count)` of `plane` (contiguous in the payload).
+#[inline(always)]
+fn prefetch_rows<I: Isa>(shape: &AttnShape, page: &KvPage, plane: usize, t: usize, count: usize) {
+    if count == 0 {
+        return;
+    }
+    let l = &shape.layout;
+    let start = l.row_range(page.tokens, plane, t).start;
+    let end = l.row_range(page.tokens, plane, t + count - 1).end;
+    let bytes = &page.payload[start..end];
+    let mut o = 0;
+    while o < bytes.len() {
+        // SAFETY: `o` is inside `bytes`; a prefetch never faults.
+        unsafe { I::prefetch(bytes.as_ptr().add(o)) };
+        o += 64;
+    }
+}
+
 /// Scores of `NH` heads × `NT` tokens: `s[h][t] = q[h] · k[t]` over `w` (a multiple of LANES).
 #[inline(always)]
 unsafe fn dot_tile<I: Isa, const NH: usize, const NT: usize>(q: *const f32, k: *const f32, w: usize, s: *mut f32) {
@@ -129,6 +147,18 @@ unsafe fn dot_block<I: Isa>(q: &[f32], k: &[f32], g: usize, bt: usize, w: usize,
     // SAFETY: q is g×w, k is ≥ bt×w, s is g×BT (Scratch); every tile stays inside them.
     unsafe {
         let mut h = 0;
+        while I::WIDE && h + 4 <= g {
+            let mut t = 0;
+            while t + 4 <= bt {
+                dot_tile::<I, 4, 4>(q.add(h * w), k.add(t * w), w, s.add(h * BT + t));
+                t += 4;
+            }
+            while t < bt {
+                dot_tile::<I, 4, 1>(q.add(h * w), k.add(t * w), w, s.add(h * BT + t));
+                t += 1;
+            }
+            h += 4;
+        }
         while h + 2 <= g {
             let mut t = 0;
             while t + 4 <= bt {
@@ -205,8 +235,13 @@ unsafe fn pv_block<I: Isa>(p: &[f32], v: &[f32], vs: usize, g: usize, bt: usize,
             let nh = (g - h).min(4);
             let mut c = 0;
             while c < wa {
-                let two = c + 2 * I::LANES <= wa;
                 let (pp, vv, aa) = (p.add(h * BT), v.add(c), acc.add(h * wa + c));
+                if I::WIDE && nh == 4 && c + 4 * I::LANES <= wa {
+                    pv_tile::<I, 4, 4>(pp, vv, vs, bt, aa, wa);
+                    c += 4 * I::LANES;
+                    continue;
+                }
+                let two = c + 2 * I::LANES <= wa;
                 match (nh, two) {
                     (4, true) => pv_tile::<I, 4, 2>(pp, vv, vs, bt, aa, wa),
                     (4, false) => pv_tile::<I, 4, 1>(pp, vv, vs, bt, aa, wa),
@@ -259,6 +294,24 @@ unsafe fn attend_group<I: Isa>(
         let mut t = a;
         while t < b {
             let bt = (b - t).min(BT);
+            // Start pulling the next block (of this page, or the next page's first) from memory
+            // while this one is computed: the kernel is otherwise idle on memory during compute.
+            let next = if t + bt < b {
+                Some((page, t + bt - start))
+            } else {
+                range
+                    .pages
+                    .get(pi + 1)
+                    .filter(|_| range.starts.get(pi + 1).is_some_and(|&s| s < range.t1))
+                    .map(|p| (p, 0))
+            };
+            if let Some((np, nt)) = next {
+                let n = (np.tokens - nt).min(BT);
+                prefetch_rows::<I>(shape, np, k_plane, nt, n);
+                if !shape.latent {
+                    prefetch_rows::<I>(shape, np, v_plane, nt, n);
+                }
+            }
             // SAFETY (this block): scratch buffers are sized by Scratch::new for this shape;
             // the ISA is available (checked by the dispatcher).
             unsafe {

@@ -20,6 +20,7 @@
 //! that yields a non-finite result is an error, never a NaN output.
 
 mod kernel;
+pub mod peak;
 pub mod reference;
 pub mod simd;
 

@@ -17,6 +17,8 @@ use std::fmt;
 pub trait Isa: Copy + 'static {
     /// f32 lanes per vector.
     const LANES: usize;
+    /// Whether the ISA has 32 vector registers (bigger register tiles fit without spilling).
+    const WIDE: bool;
     /// The vector type.
     type V: Copy;
     /// All zeros.
@@ -39,6 +41,8 @@ pub trait Isa: Copy + 'static {
     unsafe fn widen_bf16(src: *const u8, dst: *mut f32);
     /// Widen `LANES` little-endian f16 at `src` to f32 at `dst` (exact).
     unsafe fn widen_f16(src: *const u8, dst: *mut f32);
+    /// Hint that the cache line at `p` will be read soon (no-op where unsupported).
+    unsafe fn prefetch(_p: *const u8) {}
 }
 
 /// Which kernel instance runs.
@@ -104,6 +108,7 @@ pub struct Portable;
 
 impl Isa for Portable {
     const LANES: usize = 8;
+    const WIDE: bool = false;
     type V = [f32; 8];
     #[inline(always)]
     unsafe fn zero() -> Self::V {
@@ -178,6 +183,7 @@ mod x86 {
     // (or 16 bytes of bf16/f16), as the trait requires.
     impl Isa for Avx2 {
         const LANES: usize = 8;
+        const WIDE: bool = false;
         type V = __m256;
         #[inline(always)]
         unsafe fn zero() -> __m256 {
@@ -244,6 +250,10 @@ mod x86 {
         unsafe fn widen_f16(src: *const u8, dst: *mut f32) {
             unsafe { _mm256_storeu_ps(dst, _mm256_cvtph_ps(_mm_loadu_si128(src as *const __m128i))) }
         }
+        #[inline(always)]
+        unsafe fn prefetch(p: *const u8) {
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(p as *const i8) }
+        }
     }
 
     /// AVX-512F, 16 lanes.
@@ -254,6 +264,7 @@ mod x86 {
     // `avx512f` on a CPU that has it, with pointers valid for 16 f32 (or 32 bytes of bf16/f16).
     impl Isa for Avx512 {
         const LANES: usize = 16;
+        const WIDE: bool = true;
         type V = __m512;
         #[inline(always)]
         unsafe fn zero() -> __m512 {
@@ -313,6 +324,10 @@ mod x86 {
         #[inline(always)]
         unsafe fn widen_f16(src: *const u8, dst: *mut f32) {
             unsafe { _mm512_storeu_ps(dst, _mm512_cvtph_ps(_mm256_loadu_si256(src as *const __m256i))) }
+        }
+        #[inline(always)]
+        unsafe fn prefetch(p: *const u8) {
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(p as *const i8) }
         }
     }
 }

@@ -1,7 +1,9 @@
 //! The `kvcache` binary: parses flags and calls into the library crates. Subcommands:
 //! - `models`: footprint table of the model presets.
 //! - `node`: a cache node.
+//! - `bench`: benchmarks.
 
+mod bench;
 mod models;
 mod node;
 mod util;
@@ -22,6 +24,9 @@ enum Command {
     Models(models::Args),
     /// Run a cache node.
     Node(node::Args),
+    /// Benchmarks (ratios against baselines measured in the same run).
+    #[command(subcommand)]
+    Bench(bench::Bench),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -29,5 +34,6 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Models(a) => models::run(a),
         Command::Node(a) => node::run(a),
+        Command::Bench(b) => bench::run(b),
     }
 }

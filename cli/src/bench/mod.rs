@@ -1,0 +1,39 @@
+//! `kvcache bench`: benchmarks that print ratios against baselines measured in the same run.
+
+pub mod attention;
+
+/// Which benchmark.
+#[derive(clap::Subcommand, Debug)]
+pub enum Bench {
+    /// Decode-attention kernels vs read bandwidth and the multiply-add peak.
+    Attention(attention::Args),
+}
+
+/// Run a benchmark.
+pub fn run(b: Bench) -> anyhow::Result<()> {
+    match b {
+        Bench::Attention(a) => attention::run(a),
+    }
+}
+
+/// Last-level cache size from sysfs (index3, else the largest level found), in bytes.
+pub fn llc_bytes() -> u64 {
+    let mut best = 0;
+    for i in 0..8 {
+        let p = format!("/sys/devices/system/cpu/cpu0/cache/index{i}/size");
+        if let Ok(s) = std::fs::read_to_string(p) {
+            let s = s.trim();
+            let (n, mult) = if let Some(k) = s.strip_suffix('K') {
+                (k, 1u64 << 10)
+            } else if let Some(m) = s.strip_suffix('M') {
+                (m, 1 << 20)
+            } else {
+                (s, 1)
+            };
+            if let Ok(v) = n.parse::<u64>() {
+                best = best.max(v * mult);
+            }
+        }
+    }
+    if best == 0 { 32 << 20 } else { best }
+}
