@@ -8,6 +8,7 @@
 //!   async/sync durability, parallel recovery on start.
 //! - [`service`]: the `CacheNode` gRPC service over the store; the one place where store errors
 //!   become gRPC statuses.
+//! - [`membership`]: registration and heartbeats with the coordinator (epoch, namespaces).
 //! - [`run`]: serve a store on a listener (with health and reflection) until `shutdown`.
 //!
 //! Invariants: a page is published only after its payload and then its CRC-carrying header are
@@ -15,6 +16,7 @@
 //! recovery, payload CRC at recovery or on first read after a clean restart); the pool files never
 //! exceed the configured capacity.
 
+pub mod membership;
 pub mod pool;
 pub mod service;
 pub mod store;

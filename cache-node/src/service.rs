@@ -208,7 +208,10 @@ impl CacheNode for NodeService {
         let tokens =
             blocking(move || store.append(r.epoch, &seq, layer, r.token_count, &r.payload, r.expected_position))
                 .await?;
-        Ok(Response::new(pb::AppendTokensResponse { layer_tokens: tokens }))
+        Ok(Response::new(pb::AppendTokensResponse {
+            layer_tokens: tokens.iter().map(|a| a.tokens).collect(),
+            last_page_write_seqs: tokens.iter().map(|a| a.last_write_seq).collect(),
+        }))
     }
 
     async fn lookup(&self, request: Request<pb::LookupRequest>) -> Result<Response<pb::LookupResponse>, Status> {

@@ -191,6 +191,15 @@ pub struct StoredPage {
     pub payload: Bytes,
 }
 
+/// The result of an append for one layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Appended {
+    /// Tokens in the layer after the append.
+    pub tokens: u64,
+    /// write_seq of the page now holding the layer's last token.
+    pub last_write_seq: u64,
+}
+
 /// Per-layer extent for lookups.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LayerExtent {
@@ -700,7 +709,7 @@ impl PageStore {
         tokens: u32,
         payload: &[u8],
         expected_position: Option<u64>,
-    ) -> Result<Vec<u64>, StoreError> {
+    ) -> Result<Vec<Appended>, StoreError> {
         self.check_epoch(epoch)?;
         let ns = self.ns_of(&key.namespace)?;
         let layers: Vec<u32> = match layer {
@@ -733,6 +742,7 @@ impl PageStore {
                 let new = &payload[i * per_layer..(i + 1) * per_layer];
                 let mut pos = inner.layer_tokens(l as usize, pt);
                 let mut done = 0u32;
+                let mut last_write_seq = 0;
                 while done < tokens {
                     let page_index = (pos / pt as u64) as u32;
                     let in_page = (pos % pt as u64) as u32;
@@ -757,10 +767,11 @@ impl PageStore {
                     let crc = crc32c::crc32c(body);
                     let entry = self.write_slot(&ns, &pkey, in_page + take, 0, body, crc)?;
                     self.publish_locked(&seq, &mut inner, &pkey, entry);
+                    last_write_seq = entry.write_seq;
                     done += take;
                     pos += take as u64;
                 }
-                out.push(pos);
+                out.push(Appended { tokens: pos, last_write_seq });
             }
             drop(inner);
             self.touch(&seq);

@@ -90,7 +90,7 @@ proptest! {
                     let per = l.payload_bytes(tokens as usize);
                     for (i, &ly) in layers.iter().enumerate() {
                         model_append(&mut model, seq, ly, &body[i * per..(i + 1) * per], tokens);
-                        prop_assert_eq!(got[i], layer_tokens(&model, seq, ly, l.token_bytes()));
+                        prop_assert_eq!(got[i].tokens, layer_tokens(&model, seq, ly, l.token_bytes()));
                     }
                 }
                 Op::Delete { seq } => {

@@ -88,6 +88,10 @@ fn a_slot_is_not_reused_while_a_reader_holds_its_page() {
     put(&s, &key("b", 0, 1), 4, 9);
 }
 
+fn tokens(v: Vec<kvcache_node::store::Appended>) -> Vec<u64> {
+    v.iter().map(|a| a.tokens).collect()
+}
+
 #[test]
 fn append_fills_the_partial_page_then_starts_new_ones() {
     let dir = tempfile::tempdir().unwrap();
@@ -96,9 +100,9 @@ fn append_fills_the_partial_page_then_starts_new_ones() {
     let l = ns.layout();
     let seq = SequenceKey::new("test.small", "a");
     let first = payload(&ns, 3, 1);
-    assert_eq!(s.append(0, &seq, Some(2), 3, &first, Some(0)).unwrap(), vec![3]);
+    assert_eq!(tokens(s.append(0, &seq, Some(2), 3, &first, Some(0)).unwrap()), vec![3]);
     let more = payload(&ns, 6, 2);
-    assert_eq!(s.append(0, &seq, Some(2), 6, &more, None).unwrap(), vec![9]);
+    assert_eq!(tokens(s.append(0, &seq, Some(2), 6, &more, None).unwrap()), vec![9]);
     // A retried append at a stale position is refused.
     assert!(matches!(s.append(0, &seq, Some(2), 6, &more, Some(3)), Err(StoreError::Position { actual: 9, .. })));
     let mut all = vec![0u8; l.payload_bytes(9)];
@@ -111,7 +115,7 @@ fn append_fills_the_partial_page_then_starts_new_ones() {
     // All layers at once.
     // One token for each of the 3 layers.
     let every = payload(&ns, 3, 5);
-    assert_eq!(s.append(0, &seq, None, 1, &every, None).unwrap(), vec![1, 1, 10]);
+    assert_eq!(tokens(s.append(0, &seq, None, 1, &every, None).unwrap()), vec![1, 1, 10]);
     assert!(matches!(s.append(0, &seq, Some(3), 1, &every[..32], None), Err(StoreError::Invalid(_))));
 }
 

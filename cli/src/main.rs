@@ -1,11 +1,13 @@
 //! The `kvcache` binary: parses flags and calls into the library crates. Subcommands:
 //! - `models`: footprint table of the model presets.
-//! - `node`: a cache node.
+//! - `node`, `coordinator`, `worker`: the three services; `dev`: all of them in one process.
+//! - `status`: the cluster as the coordinator sees it.
 //! - `bench`: benchmarks.
 
 mod bench;
 mod models;
 mod node;
+mod serve;
 mod util;
 
 use clap::{Parser, Subcommand};
@@ -24,6 +26,14 @@ enum Command {
     Models(models::Args),
     /// Run a cache node.
     Node(node::Args),
+    /// Run the coordinator.
+    Coordinator(serve::CoordinatorArgs),
+    /// Run an attention worker.
+    Worker(serve::WorkerArgs),
+    /// Run a whole local cluster (coordinator, 3 nodes, worker) on loopback until Ctrl-C.
+    Dev(serve::DevArgs),
+    /// Show the cluster: nodes, states, capacity, epoch, namespaces.
+    Status(serve::StatusArgs),
     /// Benchmarks (ratios against baselines measured in the same run).
     #[command(subcommand)]
     Bench(bench::Bench),
@@ -34,6 +44,10 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Models(a) => models::run(a),
         Command::Node(a) => node::run(a),
+        Command::Coordinator(a) => serve::coordinator(a),
+        Command::Worker(a) => serve::worker(a),
+        Command::Dev(a) => serve::dev(a),
+        Command::Status(a) => serve::status(a),
         Command::Bench(b) => bench::run(b),
     }
 }

@@ -19,9 +19,18 @@ pub struct Args {
     /// `async` (background flush) or `sync` (flush before acknowledging).
     #[arg(long, env = "KVCACHE_DURABILITY", default_value = "async")]
     pub durability: Durability,
-    /// Node id (stable across restarts); defaults to the listen address.
+    /// Node id (stable across restarts); defaults to the advertised address.
     #[arg(long, env = "KVCACHE_NODE_ID")]
     pub node_id: Option<String>,
+    /// Coordinator to register with (standalone when absent).
+    #[arg(long, env = "KVCACHE_COORDINATOR")]
+    pub coordinator: Option<String>,
+    /// Address clients reach this node at (default: the bound listen address).
+    #[arg(long, env = "KVCACHE_ADVERTISE")]
+    pub advertise: Option<String>,
+    /// Failure zone, for replica placement.
+    #[arg(long, env = "KVCACHE_ZONE", default_value = "")]
+    pub zone: String,
 }
 
 /// Run `kvcache node` until SIGTERM / Ctrl-C.
@@ -34,11 +43,25 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let store = tokio::task::spawn_blocking(move || PageStore::open(cfg)).await??;
         let listener = tokio::net::TcpListener::bind(&args.listen).await?;
         let addr = listener.local_addr()?;
-        let node_id = args.node_id.unwrap_or_else(|| addr.to_string());
+        let advertise = args.advertise.unwrap_or_else(|| addr.to_string());
+        let node_id = args.node_id.unwrap_or_else(|| advertise.clone());
+        let member = args.coordinator.map(|c| {
+            let info = kvcache_proto::v1::NodeInfo {
+                node_id: node_id.clone(),
+                address: advertise.clone(),
+                capacity_bytes: args.capacity,
+                zone: args.zone.clone(),
+                labels: Default::default(),
+            };
+            tokio::spawn(kvcache_node::membership::join_cluster(store.clone(), c, info))
+        });
         let st = store.stats();
         tracing::info!(%addr, node_id, pages = st.pages, recovery_seconds = st.recovery_seconds, "cache node serving");
         println!("kvcache node {node_id} listening on {addr}");
         kvcache_node::run(store, node_id, listener, shutdown_signal()).await?;
+        if let Some(m) = member {
+            m.abort();
+        }
         tracing::info!("cache node stopped cleanly");
         Ok(())
     })

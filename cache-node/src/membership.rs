@@ -1,0 +1,88 @@
+//! A node's side of cluster membership: register with the coordinator, heartbeat with stats,
+//! learn the epoch (for write fencing) and the namespaces. Runs until aborted; survives
+//! coordinator restarts by re-registering.
+
+use crate::store::PageStore;
+use kvcache_core::Namespace;
+use kvcache_proto::v1 as pb;
+use kvcache_proto::v1::coordinator_client::CoordinatorClient;
+use std::sync::Arc;
+use std::time::Duration;
+
+fn apply(store: &PageStore, epoch: u64, namespaces: Vec<pb::Namespace>) {
+    store.advance_epoch(epoch);
+    for n in namespaces {
+        match Namespace::try_from(n) {
+            Ok(ns) => {
+                if let Err(e) = store.ensure_namespace(ns) {
+                    tracing::warn!(error = %e, "namespace from the coordinator refused");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "malformed namespace from the coordinator"),
+        }
+    }
+}
+
+/// Register `info` with the coordinator at `coordinator` and heartbeat forever.
+pub async fn join_cluster(store: Arc<PageStore>, coordinator: String, info: pb::NodeInfo) {
+    let uri = if coordinator.contains("://") { coordinator.clone() } else { format!("http://{coordinator}") };
+    let endpoint = match tonic::transport::Endpoint::from_shared(uri) {
+        Ok(e) => e.connect_timeout(Duration::from_secs(2)).timeout(Duration::from_secs(5)),
+        Err(e) => {
+            tracing::error!(error = %e, %coordinator, "bad coordinator address");
+            return;
+        }
+    };
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let mut c = CoordinatorClient::new(endpoint.connect_lazy());
+        let reg = c.register_node(pb::RegisterNodeRequest { node: Some(info.clone()) }).await;
+        let interval = match reg {
+            Ok(r) => {
+                let r = r.into_inner();
+                let s = store.clone();
+                let (epoch, nss) = (r.epoch, r.namespaces);
+                let _ = tokio::task::spawn_blocking(move || apply(&s, epoch, nss)).await;
+                tracing::info!(epoch = r.epoch, "registered with the coordinator");
+                backoff = Duration::from_millis(100);
+                Duration::from_millis(r.heartbeat_interval_ms.clamp(50, 60_000) as u64)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "registration failed; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        loop {
+            tokio::time::sleep(interval).await;
+            let st = {
+                let s = store.clone();
+                match tokio::task::spawn_blocking(move || s.stats()).await {
+                    Ok(st) => st,
+                    Err(_) => continue,
+                }
+            };
+            let hb = pb::HeartbeatRequest {
+                node_id: info.node_id.clone(),
+                used_bytes: st.used_bytes,
+                pages: st.pages,
+                sequences: st.sequences,
+            };
+            match c.heartbeat(hb).await {
+                Ok(r) => {
+                    let r = r.into_inner();
+                    if !r.known {
+                        break; // the coordinator forgot us (restart, or we were marked down)
+                    }
+                    let s = store.clone();
+                    let _ = tokio::task::spawn_blocking(move || apply(&s, r.epoch, r.namespaces)).await;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "heartbeat failed");
+                    break;
+                }
+            }
+        }
+    }
+}

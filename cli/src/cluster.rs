@@ -1,0 +1,164 @@
+//! A local cluster in one process: a coordinator, `nodes` cache nodes and a worker, each on its
+//! own loopback port, with embedded coordinator state and pool files under one data directory.
+
+use kvcache_client::Client;
+use kvcache_coordinator::{ClusterState, CoordinatorConfig};
+use kvcache_node::{Durability, PageStore, StoreConfig};
+use kvcache_proto::v1 as pb;
+use kvcache_worker::{Worker, WorkerConfig};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// Settings of a local cluster.
+#[derive(Debug, Clone)]
+pub struct LocalClusterConfig {
+    /// Data directory (coordinator state and one sub-directory per node).
+    pub data_dir: PathBuf,
+    /// Cache nodes.
+    pub nodes: usize,
+    /// Capacity of each node.
+    pub node_capacity: u64,
+    /// Durability of the nodes.
+    pub durability: Durability,
+    /// Worker page-cache bound.
+    pub worker_cache_bytes: u64,
+    /// Host to bind (loopback).
+    pub host: String,
+}
+
+impl LocalClusterConfig {
+    /// Three nodes of 2 GiB under `data_dir`, a worker with a 1 GiB cache.
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            data_dir: data_dir.into(),
+            nodes: 3,
+            node_capacity: 2 << 30,
+            durability: Durability::Async,
+            worker_cache_bytes: 1 << 30,
+            host: "127.0.0.1".into(),
+        }
+    }
+}
+
+struct Service {
+    name: String,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<()>,
+    extra: Vec<JoinHandle<()>>,
+}
+
+/// A running local cluster.
+pub struct LocalCluster {
+    /// Coordinator address (host:port).
+    pub coordinator: String,
+    /// Node addresses.
+    pub nodes: Vec<String>,
+    /// Worker address.
+    pub worker: String,
+    /// The worker (for its counters).
+    pub worker_handle: Arc<Worker>,
+    services: Vec<Service>,
+}
+
+fn stop_pair() -> (oneshot::Sender<()>, impl std::future::Future<Output = ()> + Send + 'static) {
+    let (tx, rx) = oneshot::channel::<()>();
+    (tx, async move {
+        let _ = rx.await;
+    })
+}
+
+impl LocalCluster {
+    /// Start everything; returns once the coordinator sees every node and the worker is
+    /// registered.
+    pub async fn start(cfg: LocalClusterConfig) -> anyhow::Result<LocalCluster> {
+        std::fs::create_dir_all(&cfg.data_dir)?;
+        let mut services = Vec::new();
+        // Coordinator.
+        let mut ccfg = CoordinatorConfig::new(cfg.data_dir.join("coordinator"));
+        ccfg.join_ramp = Duration::ZERO;
+        ccfg.node_timeout = Duration::from_secs(5);
+        ccfg.heartbeat_interval = Duration::from_millis(500);
+        let state = ClusterState::open(ccfg)?;
+        let l = tokio::net::TcpListener::bind((cfg.host.as_str(), 0)).await?;
+        let coordinator = l.local_addr()?.to_string();
+        let (tx, stop) = stop_pair();
+        let task = tokio::spawn(async move {
+            if let Err(e) = kvcache_coordinator::run(state, l, stop).await {
+                tracing::error!(error = %e, "coordinator failed");
+            }
+        });
+        services.push(Service { name: "coordinator".into(), stop: Some(tx), task, extra: vec![] });
+        // Nodes.
+        let mut nodes = Vec::new();
+        for i in 0..cfg.nodes {
+            let mut scfg = StoreConfig::new(cfg.data_dir.join(format!("node-{i}")), cfg.node_capacity);
+            scfg.durability = cfg.durability;
+            let store = tokio::task::spawn_blocking(move || PageStore::open(scfg)).await??;
+            let l = tokio::net::TcpListener::bind((cfg.host.as_str(), 0)).await?;
+            let addr = l.local_addr()?.to_string();
+            let id = format!("node-{i}");
+            let info = pb::NodeInfo {
+                node_id: id.clone(),
+                address: addr.clone(),
+                capacity_bytes: cfg.node_capacity,
+                zone: String::new(),
+                labels: Default::default(),
+            };
+            let member = tokio::spawn(kvcache_node::membership::join_cluster(store.clone(), coordinator.clone(), info));
+            let (tx, stop) = stop_pair();
+            let task = tokio::spawn(async move {
+                if let Err(e) = kvcache_node::run(store, id, l, stop).await {
+                    tracing::error!(error = %e, "cache node failed");
+                }
+            });
+            services.push(Service { name: format!("node-{i}"), stop: Some(tx), task, extra: vec![member] });
+            nodes.push(addr);
+        }
+        // Wait for the nodes to be in the map.
+        let client = Client::connect(&coordinator).await?;
+        for _ in 0..200 {
+            if client.refresh().await?.live_nodes().len() == cfg.nodes {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        anyhow::ensure!(client.routing().live_nodes().len() == cfg.nodes, "cache nodes did not register");
+        // Worker.
+        let wcfg = WorkerConfig { cache_bytes: cfg.worker_cache_bytes, ..WorkerConfig::default() };
+        let worker = Worker::new(client.clone(), wcfg);
+        let l = tokio::net::TcpListener::bind((cfg.host.as_str(), 0)).await?;
+        let waddr = l.local_addr()?.to_string();
+        let (tx, stop) = stop_pair();
+        let w = worker.clone();
+        let task = tokio::spawn(async move {
+            if let Err(e) = kvcache_worker::run(w, l, stop).await {
+                tracing::error!(error = %e, "worker failed");
+            }
+        });
+        services.push(Service { name: "worker".into(), stop: Some(tx), task, extra: vec![] });
+        kvcache_worker::register(&client, "worker-0", &waddr).await?;
+        Ok(LocalCluster { coordinator, nodes, worker: waddr, worker_handle: worker, services })
+    }
+
+    /// Stop every service (worker first, coordinator last) and wait for clean shutdowns.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        let mut order: Vec<Service> = self.services.drain(..).collect();
+        order.reverse();
+        for mut s in order {
+            for e in &s.extra {
+                e.abort();
+            }
+            if let Some(tx) = s.stop.take() {
+                let _ = tx.send(());
+            }
+            match tokio::time::timeout(Duration::from_secs(20), s.task).await {
+                Ok(_) => {}
+                Err(_) => anyhow::bail!("{} did not stop within 20 s", s.name),
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,195 @@
+//! `kvcache coordinator`, `kvcache worker`, `kvcache dev` and `kvcache status`.
+
+use crate::util::{init_logging, parse_bytes, shutdown_signal};
+use kvcache_cli::cluster::{LocalCluster, LocalClusterConfig};
+use kvcache_client::Client;
+use kvcache_coordinator::{ClusterState, CoordinatorConfig};
+use kvcache_proto::v1 as pb;
+use kvcache_worker::{Worker, WorkerConfig};
+use std::path::PathBuf;
+use std::time::Duration;
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (n, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = n.parse().map_err(|_| format!("invalid duration {s:?}: expected e.g. 500ms, 10s, 2m"))?;
+    Ok(match unit {
+        "ms" => Duration::from_millis(n),
+        "" | "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(60 * n),
+        u => return Err(format!("unknown unit {u:?} in {s:?}: expected ms, s or m")),
+    })
+}
+
+/// Flags of `kvcache coordinator`.
+#[derive(clap::Args, Debug)]
+pub struct CoordinatorArgs {
+    /// Address of the Coordinator gRPC service.
+    #[arg(long, env = "KVCACHE_LISTEN", default_value = "127.0.0.1:7000")]
+    listen: String,
+    /// Directory of the embedded state file.
+    #[arg(long, env = "KVCACHE_DATA_DIR", default_value = "kvcache-data/coordinator")]
+    data_dir: PathBuf,
+    /// A node silent this long is marked down.
+    #[arg(long, env = "KVCACHE_NODE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    node_timeout: Duration,
+    /// A new node's placement weight ramps up over this long (0 = at once).
+    #[arg(long, env = "KVCACHE_JOIN_RAMP", default_value = "60s", value_parser = parse_duration)]
+    join_ramp: Duration,
+    /// Heartbeat period nodes are told to use.
+    #[arg(long, env = "KVCACHE_HEARTBEAT_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    heartbeat_interval: Duration,
+}
+
+/// Run `kvcache coordinator`.
+pub fn coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
+    init_logging();
+    tokio::runtime::Runtime::new()?.block_on(async move {
+        let mut cfg = CoordinatorConfig::new(&a.data_dir);
+        cfg.node_timeout = a.node_timeout;
+        cfg.join_ramp = a.join_ramp;
+        cfg.heartbeat_interval = a.heartbeat_interval;
+        let state = ClusterState::open(cfg)?;
+        let l = tokio::net::TcpListener::bind(&a.listen).await?;
+        let addr = l.local_addr()?;
+        tracing::info!(%addr, epoch = state.epoch(), "coordinator serving");
+        println!("kvcache coordinator listening on {addr}");
+        kvcache_coordinator::run(state, l, shutdown_signal()).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+        Ok(())
+    })
+}
+
+/// Flags of `kvcache worker`.
+#[derive(clap::Args, Debug)]
+pub struct WorkerArgs {
+    /// Address of the AttentionWorker gRPC service.
+    #[arg(long, env = "KVCACHE_LISTEN", default_value = "127.0.0.1:7100")]
+    listen: String,
+    /// Coordinator address.
+    #[arg(long, env = "KVCACHE_COORDINATOR", default_value = "127.0.0.1:7000")]
+    coordinator: String,
+    /// Address other processes reach this worker at (default: the bound listen address).
+    #[arg(long, env = "KVCACHE_ADVERTISE")]
+    advertise: Option<String>,
+    /// Worker id (stable across restarts); default: the advertised address.
+    #[arg(long, env = "KVCACHE_WORKER_ID")]
+    worker_id: Option<String>,
+    /// Page cache bound.
+    #[arg(long, env = "KVCACHE_CACHE_BYTES", default_value = "1GiB", value_parser = parse_bytes)]
+    cache_bytes: u64,
+    /// Attention threads (default: all cores).
+    #[arg(long, env = "KVCACHE_THREADS")]
+    threads: Option<usize>,
+}
+
+/// Run `kvcache worker`.
+pub fn worker(a: WorkerArgs) -> anyhow::Result<()> {
+    init_logging();
+    tokio::runtime::Runtime::new()?.block_on(async move {
+        let client = Client::connect(&a.coordinator).await?;
+        let mut cfg = WorkerConfig { cache_bytes: a.cache_bytes, ..WorkerConfig::default() };
+        if let Some(t) = a.threads {
+            cfg.threads = t.max(1);
+        }
+        let w = Worker::new(client.clone(), cfg);
+        let l = tokio::net::TcpListener::bind(&a.listen).await?;
+        let addr = a.advertise.unwrap_or(l.local_addr()?.to_string());
+        let id = a.worker_id.unwrap_or_else(|| addr.clone());
+        kvcache_worker::register(&client, &id, &addr).await?;
+        tracing::info!(%addr, worker_id = %id, "worker serving");
+        println!("kvcache worker {id} listening on {addr}");
+        kvcache_worker::run(w, l, shutdown_signal()).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+        Ok(())
+    })
+}
+
+/// Flags of `kvcache dev`.
+#[derive(clap::Args, Debug)]
+pub struct DevArgs {
+    /// Data directory of the local cluster.
+    #[arg(long, env = "KVCACHE_DATA_DIR", default_value = "kvcache-data/dev")]
+    data_dir: PathBuf,
+    /// Cache nodes.
+    #[arg(long, default_value_t = 3)]
+    nodes: usize,
+    /// Capacity of each node.
+    #[arg(long, default_value = "2GiB", value_parser = parse_bytes)]
+    node_capacity: u64,
+}
+
+/// Run `kvcache dev`: a local cluster until Ctrl-C.
+pub fn dev(a: DevArgs) -> anyhow::Result<()> {
+    init_logging();
+    tokio::runtime::Runtime::new()?.block_on(async move {
+        let mut cfg = LocalClusterConfig::new(&a.data_dir);
+        cfg.nodes = a.nodes;
+        cfg.node_capacity = a.node_capacity;
+        let c = LocalCluster::start(cfg).await?;
+        println!("kvcache dev cluster is up (data in {}):", a.data_dir.display());
+        println!("  coordinator  {}", c.coordinator);
+        for (i, n) in c.nodes.iter().enumerate() {
+            println!("  node-{i}       {n}");
+        }
+        println!("  worker       {}", c.worker);
+        println!(
+            "try: kvcache status --coordinator {}   |   kvcache demo --coordinator {}",
+            c.coordinator, c.coordinator
+        );
+        println!("Ctrl-C stops it.");
+        shutdown_signal().await;
+        c.stop().await?;
+        println!("stopped cleanly");
+        Ok(())
+    })
+}
+
+/// Flags of `kvcache status`.
+#[derive(clap::Args, Debug)]
+pub struct StatusArgs {
+    /// Coordinator address.
+    #[arg(long, env = "KVCACHE_COORDINATOR", default_value = "127.0.0.1:7000")]
+    coordinator: String,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Run `kvcache status`.
+pub fn status(a: StatusArgs) -> anyhow::Result<()> {
+    tokio::runtime::Runtime::new()?.block_on(async move {
+        let mut c = kvcache_proto::v1::coordinator_client::CoordinatorClient::new(kvcache_client::channel(&a.coordinator)?);
+        let s = c.cluster_status(pb::ClusterStatusRequest {}).await?.into_inner();
+        if a.json {
+            let nodes: Vec<_> = s
+                .nodes
+                .iter()
+                .map(|n| {
+                    let sn = n.node.clone().unwrap_or_default();
+                    let info = sn.node.unwrap_or_default();
+                    serde_json::json!({
+                        "node_id": info.node_id, "address": info.address, "state": pb::NodeState::try_from(sn.state).map(|s| s.as_str_name()).unwrap_or("?"),
+                        "capacity_bytes": info.capacity_bytes, "used_bytes": n.used_bytes, "pages": n.pages, "sequences": n.sequences, "weight": sn.weight,
+                    })
+                })
+                .collect();
+            let nss: Vec<_> = s.namespaces.iter().map(|n| serde_json::json!({"name": n.name, "tenant": n.tenant, "model": n.model.as_ref().map(|m| m.name.clone()), "page_tokens": n.page_tokens, "replication": n.replication})).collect();
+            println!("{}", serde_json::to_string_pretty(&serde_json::json!({"epoch": s.epoch, "nodes": nodes, "namespaces": nss, "workers": s.workers.iter().map(|w| &w.address).collect::<Vec<_>>()}))?);
+            return Ok(());
+        }
+        println!("epoch {}", s.epoch);
+        println!("{:<12} {:<22} {:<9} {:>12} {:>12} {:>8} {:>10}", "node", "address", "state", "capacity", "used", "pages", "sequences");
+        for n in &s.nodes {
+            let sn = n.node.clone().unwrap_or_default();
+            let info = sn.node.unwrap_or_default();
+            let st = pb::NodeState::try_from(sn.state).map(|s| s.as_str_name().trim_start_matches("NODE_STATE_").to_string()).unwrap_or_default();
+            println!("{:<12} {:<22} {:<9} {:>12} {:>12} {:>8} {:>10}", info.node_id, info.address, st, info.capacity_bytes, n.used_bytes, n.pages, n.sequences);
+        }
+        println!("namespaces:");
+        for n in &s.namespaces {
+            let m = n.model.clone().unwrap_or_default();
+            println!("  {:<28} tenant {:<10} model {:<12} codec {:<3} page {:>4} R={}", n.name, n.tenant, m.name, n.codec, n.page_tokens, n.replication);
+        }
+        println!("workers: {}", s.workers.iter().map(|w| w.address.as_str()).collect::<Vec<_>>().join(", "));
+        Ok(())
+    })
+}

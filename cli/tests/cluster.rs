@@ -1,0 +1,200 @@
+//! A local cluster in one process: namespaces, prefill, decode steps through the worker checked
+//! against the float64 reference, O(1) bytes per warm step, misses and bad input.
+
+use bytes::Bytes;
+use kvcache_attention::AttnShape;
+use kvcache_cli::cluster::{LocalCluster, LocalClusterConfig};
+use kvcache_cli::synth::{Rng, check_output, prefill_pages, tokens_payload};
+use kvcache_client::Client;
+use kvcache_core::{Namespace, SequenceKey};
+use kvcache_proto::v1 as pb;
+use tonic::Code;
+
+/// The cache content of one sequence and layer as the test knows it: compact pages.
+struct Mirror {
+    pages: Vec<(Vec<u8>, usize)>,
+}
+
+impl Mirror {
+    fn from_wire(pages: &[pb::Page], layer: u32) -> Self {
+        Self {
+            pages: pages
+                .iter()
+                .filter(|p| p.key.as_ref().unwrap().layer == layer)
+                .map(|p| (p.payload.to_vec(), p.token_count as usize))
+                .collect(),
+        }
+    }
+
+    fn append(&mut self, ns: &Namespace, token: &[u8]) {
+        let l = ns.layout();
+        match self.pages.last_mut() {
+            Some((p, n)) if *n < ns.page_tokens as usize => {
+                let mut m = vec![0u8; l.payload_bytes(*n + 1)];
+                l.concat(p, *n, token, 1, &mut m);
+                *p = m;
+                *n += 1;
+            }
+            _ => self.pages.push((token.to_vec(), 1)),
+        }
+    }
+}
+
+async fn namespace(client: &Client, name: &str, preset: &str, codec: pb::Codec) -> Namespace {
+    client
+        .create_namespace(pb::CreateNamespaceRequest {
+            name: name.into(),
+            tenant: "test".into(),
+            preset: preset.into(),
+            codec: codec as i32,
+            page_tokens: 16,
+            replication: 2,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn decode_through_the_worker_matches_the_reference_and_warm_steps_pull_o1_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = LocalClusterConfig::new(dir.path());
+    cfg.node_capacity = 256 << 20;
+    let cluster = LocalCluster::start(cfg).await.unwrap();
+    let client = Client::connect(&cluster.coordinator).await.unwrap();
+    let mut rng = Rng::new(7);
+    for (name, preset, codec) in
+        [("t.gqa", "llama-3-8b", pb::Codec::Bf16), ("t.mla", "deepseek-v3", pb::Codec::Fp8E4m3)]
+    {
+        let ns = namespace(&client, name, preset, codec).await;
+        let shape = AttnShape::new(&ns.model, ns.layout());
+        let seqs: Vec<SequenceKey> = (0..2).map(|i| SequenceKey::new(name, format!("s{i}"))).collect();
+        let mut mirrors = Vec::new();
+        for (i, s) in seqs.iter().enumerate() {
+            let pages = prefill_pages(&ns, s, 2, 37 + 20 * i, &mut rng);
+            client.put_pages(pages.clone()).await.unwrap();
+            mirrors.push([Mirror::from_wire(&pages, 0), Mirror::from_wire(&pages, 1)]);
+        }
+        let page_bytes = ns.layout().payload_bytes(16) as u64;
+        for step in 0..6 {
+            for layer in 0..2u32 {
+                let mut items = Vec::new();
+                let mut qs = Vec::new();
+                for (i, s) in seqs.iter().enumerate() {
+                    let q = rng.vec(shape.q_len(), 1.0);
+                    let tok = tokens_payload(&ns, 1, &mut rng);
+                    mirrors[i][layer as usize].append(&ns, &tok);
+                    items.push(pb::DecodeItem {
+                        sequence_id: s.sequence_id.clone(),
+                        query: q.clone(),
+                        new_kv: Bytes::from(tok),
+                        new_token_id: None,
+                    });
+                    qs.push(q);
+                }
+                let r = client
+                    .decode(pb::DecodeRequest { namespace: name.into(), layer, items, softmax_scale: 0.0 })
+                    .await
+                    .unwrap();
+                for (i, res) in r.results.iter().enumerate() {
+                    assert_eq!(res.status, pb::SequenceStatus::Ok as i32, "{}", res.message);
+                    let m = &mirrors[i][layer as usize];
+                    assert_eq!(res.context_tokens, m.pages.iter().map(|p| p.1 as u64).sum::<u64>());
+                    let e = check_output(&shape, &qs[i], &m.pages, &res.output);
+                    assert!(e <= 1e-5, "{name} step {step} layer {layer} seq {i}: rel L2 {e:e}");
+                }
+                let stats = r.stats.unwrap();
+                if step > 0 {
+                    assert!(
+                        stats.bytes_pulled <= 2 * page_bytes,
+                        "{name} warm step pulled {} bytes",
+                        stats.bytes_pulled
+                    );
+                }
+            }
+        }
+    }
+    cluster.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_sequences_are_misses_and_bad_input_is_invalid_argument() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = LocalClusterConfig::new(dir.path());
+    cfg.node_capacity = 128 << 20;
+    let cluster = LocalCluster::start(cfg).await.unwrap();
+    let client = Client::connect(&cluster.coordinator).await.unwrap();
+    let ns = namespace(&client, "t.bad", "qwen2.5-7b", pb::Codec::Bf16).await;
+    let shape = AttnShape::new(&ns.model, ns.layout());
+    let mut rng = Rng::new(3);
+    let a = SequenceKey::new("t.bad", "a");
+    client.put_pages(prefill_pages(&ns, &a, 1, 40, &mut rng)).await.unwrap();
+    let item = |id: &str, q: Vec<f32>| pb::DecodeItem {
+        sequence_id: id.into(),
+        query: q,
+        new_kv: Bytes::new(),
+        new_token_id: None,
+    };
+    let good_q = rng.vec(shape.q_len(), 1.0);
+    let r = client
+        .decode(pb::DecodeRequest {
+            namespace: "t.bad".into(),
+            layer: 0,
+            items: vec![item("a", good_q.clone()), item("gone", good_q.clone())],
+            softmax_scale: 0.0,
+        })
+        .await
+        .unwrap();
+    assert_eq!(r.results[0].status, pb::SequenceStatus::Ok as i32);
+    assert_eq!(r.results[1].status, pb::SequenceStatus::Miss as i32);
+    assert_eq!(r.results[0].output.len(), shape.out_len());
+    assert!(r.results[1].output.is_empty());
+
+    let mut w = kvcache_proto::v1::attention_worker_client::AttentionWorkerClient::new(
+        kvcache_client::channel(&cluster.worker).unwrap(),
+    );
+    let cases = [
+        (
+            pb::DecodeRequest {
+                namespace: "t.bad".into(),
+                layer: 0,
+                items: vec![item("a", good_q[1..].to_vec())],
+                softmax_scale: 0.0,
+            },
+            "query has",
+        ),
+        (
+            pb::DecodeRequest {
+                namespace: "nope".into(),
+                layer: 0,
+                items: vec![item("a", good_q.clone())],
+                softmax_scale: 0.0,
+            },
+            "unknown namespace",
+        ),
+        (
+            pb::DecodeRequest {
+                namespace: "t.bad".into(),
+                layer: 28,
+                items: vec![item("a", good_q.clone())],
+                softmax_scale: 0.0,
+            },
+            "layer 28 out of range: model has 28 layers",
+        ),
+        (
+            pb::DecodeRequest {
+                namespace: "t.bad".into(),
+                layer: 0,
+                items: vec![pb::DecodeItem { new_kv: Bytes::from(vec![0u8; 7]), ..item("a", good_q.clone()) }],
+                softmax_scale: 0.0,
+            },
+            "new_kv is 7 bytes",
+        ),
+    ];
+    for (req, want) in cases {
+        let e = w.decode(req).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument);
+        assert!(e.message().contains(want), "{} !~ {want}", e.message());
+    }
+    cluster.stop().await.unwrap();
+}

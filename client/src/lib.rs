@@ -1,0 +1,637 @@
+//! kvcache-client: what engines, workers, the CLI and load tests use to reach a cluster.
+//!
+//! - [`Client::connect`] fetches the shard map from the coordinator and keeps it current with a
+//!   `WatchShardMap` stream (never polling); [`Routing`] is one immutable map snapshot with the
+//!   placement inputs (UP nodes and their weights) ready for rendezvous hashing.
+//! - Calls are routed to the sequence's owners (top-R of weighted rendezvous over UP nodes) over a
+//!   pool of one HTTP/2 channel per node. Writes go to every live owner and succeed when every
+//!   reachable owner has them (an owner that cannot be reached is reported, not waited for); a
+//!   stale-epoch refusal refreshes the map and retries once. Reads try owners in order (then
+//!   draining nodes, which still serve reads) and fail over on UNAVAILABLE, deadline exceeded or a
+//!   miss; every received payload's CRC-32C is checked.
+//! - Errors reaching the caller are a [`ClientError`]: miss, invalid argument, unavailable (with
+//!   the nodes tried), permission denied, not found.
+
+mod routing;
+
+pub use routing::Routing;
+
+use bytes::Bytes;
+use kvcache_core::validate::codec_to_wire;
+use kvcache_core::{Namespace, PageKey, SequenceKey};
+use kvcache_proto::v1 as pb;
+use kvcache_proto::v1::attention_worker_client::AttentionWorkerClient;
+use kvcache_proto::v1::cache_node_client::CacheNodeClient;
+use kvcache_proto::v1::coordinator_client::CoordinatorClient;
+use parking_lot::{Mutex, RwLock};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+
+/// Largest message the client sends or accepts.
+pub const MAX_MESSAGE_BYTES: usize = 256 << 20;
+
+/// A failure that reached the caller.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ClientError {
+    /// The data is not in the cache (recompute).
+    #[error("miss: {0}")]
+    Miss(String),
+    /// The request was malformed.
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    /// No owner could serve the call.
+    #[error("unavailable after trying {tried:?}: {last}")]
+    Unavailable {
+        /// Nodes tried, in order.
+        tried: Vec<String>,
+        /// The last error.
+        last: String,
+    },
+    /// Not allowed.
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
+    /// Unknown namespace or sequence.
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// Any other status.
+    #[error("{0}")]
+    Other(String),
+}
+
+impl From<Status> for ClientError {
+    fn from(s: Status) -> Self {
+        let m = s.message().to_owned();
+        match s.code() {
+            Code::InvalidArgument => Self::InvalidArgument(m),
+            Code::PermissionDenied | Code::Unauthenticated => Self::PermissionDenied(m),
+            Code::NotFound => Self::NotFound(m),
+            Code::Unavailable | Code::DeadlineExceeded => Self::Unavailable { tried: vec![], last: m },
+            _ => Self::Other(format!("{:?}: {m}", s.code())),
+        }
+    }
+}
+
+fn retryable(s: &Status) -> bool {
+    matches!(s.code(), Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown | Code::Internal)
+}
+
+/// Client settings.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// Deadline of each RPC.
+    pub timeout: Duration,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        Self { timeout: Duration::from_secs(10) }
+    }
+}
+
+/// A node's answer to an append.
+#[derive(Debug, Clone)]
+pub struct AppendAck {
+    /// The node.
+    pub node_id: String,
+    /// Its answer.
+    pub response: pb::AppendTokensResponse,
+}
+
+struct Inner {
+    cfg: ClientConfig,
+    coordinator: CoordinatorClient<Channel>,
+    routing: RwLock<Arc<Routing>>,
+    nodes: Mutex<HashMap<String, CacheNodeClient<Channel>>>,
+    workers: Mutex<HashMap<String, AttentionWorkerClient<Channel>>>,
+    watch: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Some(h) = self.watch.lock().take() {
+            h.abort();
+        }
+    }
+}
+
+/// A handle on a cluster. Cheap to clone.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+/// An HTTP/2 channel tuned for page streams (lazy: connects on first use).
+pub fn channel(addr: &str) -> Result<Channel, ClientError> {
+    let uri = if addr.starts_with("http://") || addr.starts_with("https://") {
+        addr.to_owned()
+    } else {
+        format!("http://{addr}")
+    };
+    Ok(Endpoint::from_shared(uri)
+        .map_err(|e| ClientError::InvalidArgument(format!("bad address {addr:?}: {e}")))?
+        .tcp_nodelay(true)
+        .connect_timeout(Duration::from_secs(3))
+        .initial_stream_window_size(8 << 20)
+        .initial_connection_window_size(32 << 20)
+        .http2_adaptive_window(false)
+        .connect_lazy())
+}
+
+impl Client {
+    /// Connect to the coordinator at `addr`, fetch the shard map and start watching it.
+    pub async fn connect(addr: &str) -> Result<Client, ClientError> {
+        Self::connect_with(addr, ClientConfig::default()).await
+    }
+
+    /// [`Client::connect`] with settings.
+    pub async fn connect_with(addr: &str, cfg: ClientConfig) -> Result<Client, ClientError> {
+        let mut coordinator = CoordinatorClient::new(channel(addr)?);
+        let map = coordinator.get_shard_map(pb::GetShardMapRequest {}).await?.into_inner();
+        let inner = Arc::new(Inner {
+            cfg,
+            coordinator,
+            routing: RwLock::new(Arc::new(Routing::new(map))),
+            nodes: Mutex::new(HashMap::new()),
+            workers: Mutex::new(HashMap::new()),
+            watch: Mutex::new(None),
+        });
+        let weak = Arc::downgrade(&inner);
+        let handle = tokio::spawn(watch_loop(weak));
+        *inner.watch.lock() = Some(handle);
+        Ok(Client { inner })
+    }
+
+    /// The current routing snapshot.
+    pub fn routing(&self) -> Arc<Routing> {
+        self.inner.routing.read().clone()
+    }
+
+    fn install(&self, map: pb::ShardMap) {
+        install(&self.inner, map);
+    }
+
+    /// Re-fetch the shard map now.
+    pub async fn refresh(&self) -> Result<Arc<Routing>, ClientError> {
+        let map = self.inner.coordinator.clone().get_shard_map(pb::GetShardMapRequest {}).await?.into_inner();
+        self.install(map);
+        Ok(self.routing())
+    }
+
+    fn node(&self, node_id: &str, addr: &str) -> Result<CacheNodeClient<Channel>, ClientError> {
+        let mut nodes = self.inner.nodes.lock();
+        let key = format!("{node_id}@{addr}");
+        if let Some(c) = nodes.get(&key) {
+            return Ok(c.clone());
+        }
+        let c = CacheNodeClient::new(channel(addr)?)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        nodes.insert(key, c.clone());
+        Ok(c)
+    }
+
+    fn req<T>(&self, msg: T) -> tonic::Request<T> {
+        let mut r = tonic::Request::new(msg);
+        r.set_timeout(self.inner.cfg.timeout);
+        r
+    }
+
+    /// The coordinator client.
+    pub fn coordinator(&self) -> CoordinatorClient<Channel> {
+        self.inner.coordinator.clone()
+    }
+
+    /// A namespace from the current map.
+    pub fn namespace(&self, name: &str) -> Option<Namespace> {
+        self.routing().namespaces.get(name).cloned()
+    }
+
+    /// Create (or open, if identical) a namespace, and make sure every live node knows it.
+    pub async fn create_namespace(&self, r: pb::CreateNamespaceRequest) -> Result<Namespace, ClientError> {
+        let ns = self.inner.coordinator.clone().create_namespace(r).await?.into_inner();
+        let ns = Namespace::try_from(ns)
+            .map_err(|e| ClientError::Other(format!("coordinator sent a bad namespace: {e}")))?;
+        let routing = self.refresh().await?;
+        for n in routing.live_nodes() {
+            let mut c = self.node(&n.node_id, &n.address)?;
+            if let Err(e) = c.ensure_namespace(pb::EnsureNamespaceRequest { namespace: Some((&ns).into()) }).await {
+                tracing::warn!(node = %n.node_id, error = %e, "could not push namespace to node");
+            }
+        }
+        Ok(ns)
+    }
+
+    /// Store pages (a prefill): each sequence's pages go to all of its live owners.
+    pub async fn put_pages(&self, pages: Vec<pb::Page>) -> Result<(), ClientError> {
+        let mut by_seq: HashMap<SequenceKey, Vec<pb::Page>> = HashMap::new();
+        for p in pages {
+            let key = p
+                .key
+                .clone()
+                .and_then(|k| k.sequence)
+                .ok_or_else(|| ClientError::InvalidArgument("page without a key".into()))?;
+            let seq = SequenceKey::try_from(key).map_err(|e| ClientError::InvalidArgument(e.to_string()))?;
+            by_seq.entry(seq).or_default().push(p);
+        }
+        let futs = by_seq.into_iter().map(|(seq, pages)| self.put_sequence_pages(seq, pages));
+        for r in futures::future::join_all(futs).await {
+            r?;
+        }
+        Ok(())
+    }
+
+    async fn put_sequence_pages(&self, seq: SequenceKey, pages: Vec<pb::Page>) -> Result<(), ClientError> {
+        let ns = self.namespace_of(&seq)?;
+        self.write_all_owners(&seq, &ns, |c, epoch| {
+            let req = pb::PutPagesRequest { epoch, pages: pages.clone() };
+            async move {
+                let mut c = c;
+                c.put_pages(tokio_stream::iter(vec![req])).await.map(|_| ())
+            }
+        })
+        .await
+        .map(|_| ())
+    }
+
+    fn namespace_of(&self, seq: &SequenceKey) -> Result<Namespace, ClientError> {
+        self.namespace(&seq.namespace)
+            .ok_or_else(|| ClientError::NotFound(format!("unknown namespace {:?}", seq.namespace)))
+    }
+
+    /// Run `op` against every live owner of `seq`; refresh and retry once on a stale epoch, and
+    /// push the namespace to a node that does not know it yet. Succeeds when every reachable
+    /// owner succeeded and at least one did.
+    async fn write_all_owners<T, F, Fut>(
+        &self,
+        seq: &SequenceKey,
+        ns: &Namespace,
+        op: F,
+    ) -> Result<Vec<(String, T)>, ClientError>
+    where
+        F: Fn(CacheNodeClient<Channel>, u64) -> Fut,
+        Fut: std::future::Future<Output = Result<T, Status>>,
+    {
+        let mut routing = self.routing();
+        for attempt in 0..3 {
+            let owners = routing.owners(seq, ns.replication as usize);
+            if owners.is_empty() {
+                return Err(ClientError::Unavailable { tried: vec![], last: "no live cache node".into() });
+            }
+            let mut futs = Vec::new();
+            for o in &owners {
+                let c = self.node(&o.node_id, &o.address)?;
+                futs.push(op(c, routing.epoch));
+            }
+            let results = futures::future::join_all(futs).await;
+            let mut ok = Vec::new();
+            let mut stale = false;
+            let mut unknown_ns = Vec::new();
+            let mut unreachable = Vec::new();
+            for (o, r) in owners.iter().zip(results) {
+                match r {
+                    Ok(v) => ok.push((o.node_id.clone(), v)),
+                    Err(s)
+                        if s.code() == Code::FailedPrecondition
+                            && s.metadata().get(kvcache_proto::metadata::EPOCH).is_some() =>
+                    {
+                        stale = true
+                    }
+                    Err(s) if s.code() == Code::NotFound && s.message().contains("unknown namespace") => {
+                        unknown_ns.push(o.clone())
+                    }
+                    Err(s) if retryable(&s) => unreachable.push((o.node_id.clone(), s.message().to_owned())),
+                    Err(s) => return Err(s.into()),
+                }
+            }
+            if stale && attempt < 2 {
+                routing = self.refresh().await?;
+                continue;
+            }
+            if !unknown_ns.is_empty() && attempt < 2 {
+                for o in unknown_ns {
+                    let mut c = self.node(&o.node_id, &o.address)?;
+                    c.ensure_namespace(pb::EnsureNamespaceRequest { namespace: Some(ns.into()) }).await?;
+                }
+                continue;
+            }
+            if ok.is_empty() || stale {
+                let tried = owners.iter().map(|o| o.node_id.clone()).collect();
+                let last = unreachable.last().map(|u| u.1.clone()).unwrap_or_else(|| "stale shard map".into());
+                return Err(ClientError::Unavailable { tried, last });
+            }
+            if !unreachable.is_empty() {
+                tracing::warn!(sequence = %seq.sequence_id, unreachable = ?unreachable, "write reached only some owners");
+            }
+            return Ok(ok);
+        }
+        Err(ClientError::Unavailable { tried: vec![], last: "retries exhausted".into() })
+    }
+
+    /// Append the K/V (or latent) of `tokens` new tokens to one layer (or all, `layer = None`).
+    /// Returns each owner's answer.
+    pub async fn append(
+        &self,
+        seq: &SequenceKey,
+        layer: Option<u32>,
+        tokens: u32,
+        payload: Bytes,
+        token_ids: Vec<u32>,
+    ) -> Result<Vec<AppendAck>, ClientError> {
+        let ns = self.namespace_of(seq)?;
+        let acks = self
+            .write_all_owners(seq, &ns, |c, epoch| {
+                let req = pb::AppendTokensRequest {
+                    epoch,
+                    sequence: Some(seq.into()),
+                    layer: layer.unwrap_or(0),
+                    all_layers: layer.is_none(),
+                    token_count: tokens,
+                    expected_position: None,
+                    payload: payload.clone(),
+                    token_ids: token_ids.clone(),
+                };
+                let req = self.req(req);
+                async move {
+                    let mut c = c;
+                    c.append_tokens(req).await.map(|r| r.into_inner())
+                }
+            })
+            .await?;
+        Ok(acks.into_iter().map(|(node_id, response)| AppendAck { node_id, response }).collect())
+    }
+
+    /// Delete a sequence on every node that may hold it.
+    pub async fn delete(&self, seq: &SequenceKey) -> Result<u64, ClientError> {
+        let ns = self.namespace_of(seq)?;
+        let acks = self
+            .write_all_owners(seq, &ns, |c, epoch| {
+                let req = pb::DeleteSequenceRequest { epoch, sequence: Some(seq.into()) };
+                async move {
+                    let mut c = c;
+                    c.delete_sequence(req).await.map(|r| r.into_inner().pages_deleted)
+                }
+            })
+            .await?;
+        Ok(acks.iter().map(|a| a.1).max().unwrap_or(0))
+    }
+
+    /// Read candidates of a sequence: its live owners, then draining nodes (still serving reads).
+    pub fn read_candidates(&self, seq: &SequenceKey) -> Vec<routing::NodeRef> {
+        let r = self.routing();
+        let reps = self.namespace(&seq.namespace).map_or(1, |n| n.replication as usize);
+        r.read_candidates(seq, reps)
+    }
+
+    /// Read pages, in order: `None` is a miss. Fails over across owners per sequence.
+    pub async fn get_pages(&self, keys: &[PageKey]) -> Result<Vec<Option<pb::Page>>, ClientError> {
+        let mut out: Vec<Option<pb::Page>> = vec![None; keys.len()];
+        let mut by_seq: HashMap<&SequenceKey, Vec<usize>> = HashMap::new();
+        for (i, k) in keys.iter().enumerate() {
+            by_seq.entry(&k.sequence).or_default().push(i);
+        }
+        for (seq, idx) in by_seq {
+            let cands = self.read_candidates(seq);
+            let mut want = idx;
+            let mut tried = Vec::new();
+            let mut last_err = None;
+            for node in cands {
+                if want.is_empty() {
+                    break;
+                }
+                tried.push(node.node_id.clone());
+                let sub: Vec<PageKey> = want.iter().map(|&i| keys[i].clone()).collect();
+                match self.get_from(&node, &sub).await {
+                    Ok(got) => {
+                        let mut still = Vec::new();
+                        for (i, p) in want.into_iter().zip(got) {
+                            match p {
+                                Some(p) => out[i] = Some(p),
+                                None => still.push(i),
+                            }
+                        }
+                        want = still;
+                    }
+                    Err(e) => last_err = Some(e),
+                }
+            }
+            if !want.is_empty()
+                && let Some(ClientError::Unavailable { last, .. }) = last_err
+                && tried.len() == self.read_candidates(seq).len()
+                && want.len() == keys.iter().filter(|k| &k.sequence == seq).count()
+            {
+                return Err(ClientError::Unavailable { tried, last });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Read pages from one node: `None` is a miss (or a payload that failed its CRC).
+    pub async fn get_from(
+        &self,
+        node: &routing::NodeRef,
+        keys: &[PageKey],
+    ) -> Result<Vec<Option<pb::Page>>, ClientError> {
+        let mut c = self.node(&node.node_id, &node.address)?;
+        let req = self.req(pb::GetPagesRequest { keys: keys.iter().map(|k| k.into()).collect(), ranges: vec![] });
+        let mut out = Vec::with_capacity(keys.len());
+        let r: Result<(), Status> = async {
+            let mut s = c.get_pages(req).await?.into_inner();
+            while let Some(m) = s.message().await? {
+                for item in m.items {
+                    out.push(match (item.status, item.page) {
+                        (s, Some(p))
+                            if s == pb::PageStatus::Ok as i32 && crc32c::crc32c(&p.payload) == p.payload_crc32c =>
+                        {
+                            Some(p)
+                        }
+                        (s, _) if s == pb::PageStatus::Invalid as i32 => {
+                            return Err(Status::invalid_argument(item.message));
+                        }
+                        _ => None,
+                    });
+                }
+            }
+            Ok(())
+        }
+        .await;
+        match r {
+            Ok(()) if out.len() == keys.len() => Ok(out),
+            Ok(()) => {
+                Err(ClientError::Unavailable { tried: vec![node.node_id.clone()], last: "stream ended early".into() })
+            }
+            Err(s) if retryable(&s) => {
+                Err(ClientError::Unavailable { tried: vec![node.node_id.clone()], last: s.message().to_owned() })
+            }
+            Err(s) => Err(s.into()),
+        }
+    }
+
+    /// Lookup on one node.
+    pub async fn lookup_on(
+        &self,
+        node: &routing::NodeRef,
+        seq: &SequenceKey,
+        prefix_hashes: Vec<u64>,
+    ) -> Result<pb::LookupResponse, ClientError> {
+        let mut c = self.node(&node.node_id, &node.address)?;
+        Ok(c.lookup(self.req(pb::LookupRequest { sequence: Some(seq.into()), prefix_hashes })).await?.into_inner())
+    }
+
+    /// Lookup on the first owner that answers: which pages exist, and the longest cached prefix.
+    pub async fn lookup(&self, seq: &SequenceKey, prefix_hashes: Vec<u64>) -> Result<pb::LookupResponse, ClientError> {
+        let mut tried = Vec::new();
+        let mut last = String::from("no live cache node");
+        for n in self.read_candidates(seq) {
+            tried.push(n.node_id.clone());
+            match self.lookup_on(&n, seq, prefix_hashes.clone()).await {
+                Ok(r) => return Ok(r),
+                Err(ClientError::Unavailable { last: l, .. }) => last = l,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(ClientError::Unavailable { tried, last })
+    }
+
+    /// Pin a sequence on its first owner for `ttl`. Returns (node, lease id).
+    pub async fn lease(&self, seq: &SequenceKey, ttl: Duration) -> Result<(routing::NodeRef, u64), ClientError> {
+        let node = self
+            .read_candidates(seq)
+            .into_iter()
+            .next()
+            .ok_or_else(|| ClientError::Unavailable { tried: vec![], last: "no live cache node".into() })?;
+        let mut c = self.node(&node.node_id, &node.address)?;
+        let r = c
+            .lease(self.req(pb::LeaseRequest { sequence: Some(seq.into()), ttl_ms: ttl.as_millis() as u32 }))
+            .await?
+            .into_inner();
+        Ok((node, r.lease_id))
+    }
+
+    /// Release a lease taken with [`Client::lease`].
+    pub async fn release(&self, node: &routing::NodeRef, lease_id: u64) -> Result<bool, ClientError> {
+        let mut c = self.node(&node.node_id, &node.address)?;
+        Ok(c.release(pb::ReleaseRequest { lease_id }).await?.into_inner().released)
+    }
+
+    /// Stats of every live node.
+    pub async fn node_stats(&self) -> Vec<(String, Result<pb::NodeStats, ClientError>)> {
+        let mut out = Vec::new();
+        for n in self.routing().live_nodes() {
+            let r = async {
+                let mut c = self.node(&n.node_id, &n.address)?;
+                Ok(c.stats(pb::StatsRequest {}).await?.into_inner())
+            }
+            .await;
+            out.push((n.node_id.clone(), r));
+        }
+        out
+    }
+
+    /// Send a decode batch, each sequence to its sticky worker (rendezvous over the registered
+    /// workers), and reassemble the results in request order.
+    pub async fn decode(&self, req: pb::DecodeRequest) -> Result<pb::DecodeResponse, ClientError> {
+        let routing = self.routing();
+        if routing.workers.is_empty() {
+            return Err(ClientError::Unavailable { tried: vec![], last: "no worker registered".into() });
+        }
+        let mut groups: HashMap<usize, Vec<usize>> = HashMap::new();
+        for (i, it) in req.items.iter().enumerate() {
+            let seq = SequenceKey::new(req.namespace.clone(), it.sequence_id.clone());
+            groups.entry(routing.worker_for(&seq)).or_default().push(i);
+        }
+        let mut futs = Vec::new();
+        for (w, idx) in groups {
+            let info = routing.workers[w].clone();
+            let sub = pb::DecodeRequest {
+                namespace: req.namespace.clone(),
+                layer: req.layer,
+                items: idx.iter().map(|&i| req.items[i].clone()).collect(),
+                softmax_scale: req.softmax_scale,
+            };
+            let mut c = self.worker(&info)?;
+            let r = self.req(sub);
+            futs.push(async move { (idx, info.worker_id, c.decode(r).await) });
+        }
+        let mut results: Vec<Option<pb::DecodeResult>> = vec![None; req.items.len()];
+        let mut stats = pb::DecodeStats::default();
+        for (idx, worker, r) in futures::future::join_all(futs).await {
+            let r = r.map_err(|s| match ClientError::from(s) {
+                ClientError::Unavailable { last, .. } => ClientError::Unavailable { tried: vec![worker.clone()], last },
+                e => e,
+            })?;
+            let r = r.into_inner();
+            if let Some(s) = r.stats {
+                stats.bytes_pulled += s.bytes_pulled;
+                stats.pages_pulled += s.pages_pulled;
+                stats.pages_cached += s.pages_cached;
+                stats.compute_micros = stats.compute_micros.max(s.compute_micros);
+                stats.fetch_micros = stats.fetch_micros.max(s.fetch_micros);
+            }
+            for (i, res) in idx.into_iter().zip(r.results) {
+                results[i] = Some(res);
+            }
+        }
+        Ok(pb::DecodeResponse {
+            results: results.into_iter().map(|r| r.unwrap_or_default()).collect(),
+            stats: Some(stats),
+        })
+    }
+
+    fn worker(&self, w: &pb::WorkerInfo) -> Result<AttentionWorkerClient<Channel>, ClientError> {
+        let mut ws = self.inner.workers.lock();
+        if let Some(c) = ws.get(&w.address) {
+            return Ok(c.clone());
+        }
+        let c = AttentionWorkerClient::new(channel(&w.address)?)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        ws.insert(w.address.clone(), c.clone());
+        Ok(c)
+    }
+}
+
+fn install(inner: &Inner, map: pb::ShardMap) {
+    let mut cur = inner.routing.write();
+    if map.epoch >= cur.epoch {
+        *cur = Arc::new(Routing::new(map));
+    }
+}
+
+async fn watch_loop(inner: std::sync::Weak<Inner>) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let Some(i) = inner.upgrade() else { return };
+        let after = i.routing.read().epoch;
+        let mut coord = i.coordinator.clone();
+        drop(i);
+        match coord.watch_shard_map(pb::WatchShardMapRequest { after_epoch: after }).await {
+            Ok(s) => {
+                let mut s = s.into_inner();
+                backoff = Duration::from_millis(100);
+                while let Ok(Some(map)) = s.message().await {
+                    let Some(i) = inner.upgrade() else { return };
+                    install(&i, map);
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "shard map watch failed; retrying"),
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// Build a wire page from its parts, computing the CRC.
+pub fn wire_page(ns: &Namespace, key: &PageKey, token_count: u32, prefix_hash: u64, payload: Bytes) -> pb::Page {
+    pb::Page {
+        key: Some(key.into()),
+        codec: codec_to_wire(ns.codec),
+        token_count,
+        write_seq: 0,
+        payload_crc32c: crc32c::crc32c(&payload),
+        prefix_hash,
+        payload,
+    }
+}

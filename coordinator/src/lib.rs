@@ -1,0 +1,59 @@
+//! kvcache-coordinator: who is in the cluster and where every sequence lives.
+//!
+//! - [`state`]: [`ClusterState`] — nodes (UP / DRAINING / DOWN, join ramp), workers, namespaces,
+//!   the epoch, and the [`ShardMap`](kvcache_proto::v1::ShardMap) published on every change.
+//!   Persisted to `coordinator-state.pb` in the data dir (temp file, fsync, rename, fsync dir), so
+//!   a restarted coordinator keeps its namespaces and its epoch never goes backwards.
+//! - [`service`]: the `Coordinator` gRPC service, and the background task that marks silent nodes
+//!   down and advances join ramps.
+//! - [`run`]: serve until shutdown, with health and reflection.
+//!
+//! Placement itself is not computed here: the map carries each node's weight and clients run
+//! weighted rendezvous hashing (`kvcache_core::placement`) over it, so the coordinator is never
+//! on the data path. Invariant: every change to placement inputs (membership, state, weight,
+//! namespaces, workers) bumps the epoch by one and publishes a new map.
+
+pub mod service;
+pub mod state;
+
+pub use service::CoordinatorService;
+pub use state::{ClusterState, CoordinatorConfig};
+
+use std::future::Future;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+
+/// Serve the coordinator on `listener` until `shutdown` resolves.
+pub async fn run(
+    state: Arc<ClusterState>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    use kvcache_proto::v1::coordinator_server::CoordinatorServer;
+    use tokio_stream::StreamExt;
+    let (health, health_svc) = tonic_health::server::health_reporter();
+    health.set_serving::<CoordinatorServer<CoordinatorService>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(kvcache_proto::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let ticker = tokio::spawn(service::maintenance(state.clone()));
+    let (closing_tx, closing) = tokio::sync::watch::channel(false);
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|s| {
+        if let Ok(s) = &s {
+            let _ = s.set_nodelay(true);
+        }
+        s
+    });
+    let r = tonic::transport::Server::builder()
+        .add_service(health_svc)
+        .add_service(reflection)
+        .add_service(CoordinatorServer::new(CoordinatorService::new(state, closing)))
+        .serve_with_incoming_shutdown(incoming, async move {
+            shutdown.await;
+            let _ = closing_tx.send(true);
+        })
+        .await;
+    ticker.abort();
+    r?;
+    Ok(())
+}

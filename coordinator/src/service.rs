@@ -1,0 +1,159 @@
+//! The `Coordinator` gRPC service; coordinator errors become statuses here and nowhere else.
+
+use crate::state::{ClusterState, CoordinatorError};
+use kvcache_proto::v1 as pb;
+use kvcache_proto::v1::coordinator_server::Coordinator;
+use std::pin::Pin;
+use std::sync::Arc;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+/// Map a coordinator error to its status.
+pub fn status(e: CoordinatorError) -> Status {
+    match e {
+        CoordinatorError::Invalid(_) | CoordinatorError::BadRequest(_) => Status::invalid_argument(e.to_string()),
+        CoordinatorError::NotFound(_) => Status::not_found(e.to_string()),
+        CoordinatorError::Conflict(_) => Status::already_exists(e.to_string()),
+        CoordinatorError::Io(_) => Status::unavailable(e.to_string()),
+    }
+}
+
+/// The Coordinator service.
+pub struct CoordinatorService {
+    state: Arc<ClusterState>,
+    closing: tokio::sync::watch::Receiver<bool>,
+}
+
+impl CoordinatorService {
+    /// Serve `state`; watch streams end when `closing` turns true (so a graceful shutdown does
+    /// not wait forever on them).
+    pub fn new(state: Arc<ClusterState>, closing: tokio::sync::watch::Receiver<bool>) -> Self {
+        Self { state, closing }
+    }
+}
+
+/// Mark silent nodes down and advance join ramps, forever (aborted by [`crate::run`]).
+pub async fn maintenance(state: Arc<ClusterState>) {
+    let period = (state.config().node_timeout / 4).max(std::time::Duration::from_millis(50));
+    let mut iv = tokio::time::interval(period);
+    loop {
+        iv.tick().await;
+        if let Err(e) = state.tick() {
+            tracing::error!(error = %e, "coordinator maintenance failed");
+        }
+    }
+}
+
+type MapStream = Pin<Box<dyn Stream<Item = Result<pb::ShardMap, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Coordinator for CoordinatorService {
+    async fn register_node(
+        &self,
+        r: Request<pb::RegisterNodeRequest>,
+    ) -> Result<Response<pb::RegisterNodeResponse>, Status> {
+        let node = r.into_inner().node.ok_or_else(|| Status::invalid_argument("missing field `node`"))?;
+        let id = node.node_id.clone();
+        let epoch = self.state.register_node(node).map_err(status)?;
+        tracing::info!(node = %id, epoch, "node registered");
+        Ok(Response::new(pb::RegisterNodeResponse {
+            epoch,
+            heartbeat_interval_ms: self.state.config().heartbeat_interval.as_millis() as u32,
+            namespaces: self.state.namespaces().iter().map(|n| n.into()).collect(),
+        }))
+    }
+
+    async fn heartbeat(&self, r: Request<pb::HeartbeatRequest>) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        let (epoch, known) = self.state.heartbeat(&r.into_inner());
+        Ok(Response::new(pb::HeartbeatResponse {
+            epoch,
+            known,
+            namespaces: self.state.namespaces().iter().map(|n| n.into()).collect(),
+        }))
+    }
+
+    async fn drain(&self, r: Request<pb::DrainRequest>) -> Result<Response<pb::DrainResponse>, Status> {
+        let epoch = self.state.drain(&r.into_inner().node_id).map_err(status)?;
+        Ok(Response::new(pb::DrainResponse { epoch }))
+    }
+
+    async fn register_worker(
+        &self,
+        r: Request<pb::RegisterWorkerRequest>,
+    ) -> Result<Response<pb::RegisterWorkerResponse>, Status> {
+        let r = r.into_inner();
+        let epoch = self
+            .state
+            .register_worker(pb::WorkerInfo { worker_id: r.worker_id, address: r.address })
+            .map_err(status)?;
+        Ok(Response::new(pb::RegisterWorkerResponse { epoch }))
+    }
+
+    async fn get_shard_map(&self, _r: Request<pb::GetShardMapRequest>) -> Result<Response<pb::ShardMap>, Status> {
+        Ok(Response::new((*self.state.shard_map()).clone()))
+    }
+
+    type WatchShardMapStream = MapStream;
+
+    async fn watch_shard_map(&self, r: Request<pb::WatchShardMapRequest>) -> Result<Response<MapStream>, Status> {
+        let after = r.into_inner().after_epoch;
+        let mut rx = self.state.subscribe();
+        let mut closing = self.closing.clone();
+        let (tx, out) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(async move {
+            let mut last = after;
+            loop {
+                let map = rx.borrow_and_update().clone();
+                if map.epoch > last || last == 0 {
+                    last = map.epoch;
+                    if tx.send(Ok((*map).clone())).await.is_err() {
+                        return;
+                    }
+                }
+                tokio::select! {
+                    r = rx.changed() => if r.is_err() { return },
+                    _ = async {
+                        while !*closing.borrow_and_update() {
+                            if closing.changed().await.is_err() {
+                                break;
+                            }
+                        }
+                    } => {
+                        let _ = tx.send(Err(Status::unavailable("coordinator shutting down"))).await;
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(out))))
+    }
+
+    async fn create_namespace(
+        &self,
+        r: Request<pb::CreateNamespaceRequest>,
+    ) -> Result<Response<pb::Namespace>, Status> {
+        let ns = self.state.create_namespace(r.into_inner()).map_err(status)?;
+        Ok(Response::new((&ns).into()))
+    }
+
+    async fn get_namespace(&self, r: Request<pb::GetNamespaceRequest>) -> Result<Response<pb::Namespace>, Status> {
+        let ns = self.state.namespace(&r.into_inner().name).map_err(status)?;
+        Ok(Response::new((&ns).into()))
+    }
+
+    async fn list_namespaces(
+        &self,
+        _r: Request<pb::ListNamespacesRequest>,
+    ) -> Result<Response<pb::ListNamespacesResponse>, Status> {
+        Ok(Response::new(pb::ListNamespacesResponse {
+            namespaces: self.state.namespaces().iter().map(|n| n.into()).collect(),
+        }))
+    }
+
+    async fn cluster_status(
+        &self,
+        _r: Request<pb::ClusterStatusRequest>,
+    ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
+        Ok(Response::new(self.state.status("self".into())))
+    }
+}

@@ -1,0 +1,397 @@
+//! kvcache-worker: the AttentionWorker service.
+//!
+//! One `Decode` call is one layer for a batch of sequences. Per sequence the worker
+//! 1. appends the new token's K/V (or latent) through the client to every owner (write-through)
+//!    and applies the same append to its cached copy of the last page, so the page it just wrote
+//!    is not pulled back;
+//! 2. asks the owners which pages they hold (`Lookup`), reads from the freshest one, and pulls
+//!    only the pages whose (node, write_seq) it does not already hold in its [`cache`] — after the
+//!    first step that is O(1) bytes per step, not O(context);
+//! 3. computes attention for the whole batch with `kvcache-attention` on a blocking thread;
+//! 4. starts pulling layer L+1's missing pages for the same sequences while the caller works.
+//!
+//! A sequence whose pages are gone gets `SEQUENCE_STATUS_MISS`; the rest of the batch is
+//! answered. Malformed requests are INVALID_ARGUMENT with the reason.
+//!
+//! Not done per step: leases. A page evicted between lookup and read comes back as a miss,
+//! which the sequence reports as a miss; the caller recomputes.
+
+pub mod cache;
+
+use bytes::Bytes;
+use cache::{CachedPage, PageCache};
+use kvcache_attention::{AttnShape, BatchItem, KvPage, Options};
+use kvcache_client::{AppendAck, Client};
+use kvcache_core::{Namespace, PageKey, SequenceKey};
+use kvcache_proto::v1 as pb;
+use kvcache_proto::v1::attention_worker_server::AttentionWorker;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+use tonic::{Request, Response, Status};
+
+/// Worker settings.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// Page cache bound in bytes.
+    pub cache_bytes: u64,
+    /// Threads for the attention kernels.
+    pub threads: usize,
+    /// Prefetch layer L+1 while answering layer L.
+    pub prefetch: bool,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            cache_bytes: 1 << 30,
+            threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            prefetch: true,
+        }
+    }
+}
+
+/// Worker counters.
+#[derive(Debug, Default)]
+pub struct WorkerCounters {
+    /// Payload bytes pulled from nodes.
+    pub bytes_pulled: AtomicU64,
+    /// Pages pulled from nodes.
+    pub pages_pulled: AtomicU64,
+    /// Decode steps answered (sequences).
+    pub sequences: AtomicU64,
+}
+
+/// The attention worker.
+pub struct Worker {
+    client: Client,
+    cache: PageCache,
+    cfg: WorkerConfig,
+    /// Counters.
+    pub counters: WorkerCounters,
+}
+
+/// Why one sequence of a batch could not be answered.
+enum SeqFailure {
+    Miss(String),
+    WriteFailed(String),
+}
+
+struct Fetched {
+    pages: Vec<(Bytes, usize)>,
+    bytes: u64,
+    pulled: u64,
+    cached: u64,
+}
+
+impl Worker {
+    /// A worker reading through `client`.
+    pub fn new(client: Client, cfg: WorkerConfig) -> Arc<Self> {
+        Arc::new(Self { cache: PageCache::new(cfg.cache_bytes), client, cfg, counters: WorkerCounters::default() })
+    }
+
+    /// The page cache.
+    pub fn cache(&self) -> &PageCache {
+        &self.cache
+    }
+
+    async fn namespace(&self, name: &str) -> Option<Namespace> {
+        if let Some(n) = self.client.namespace(name) {
+            return Some(n);
+        }
+        self.client.refresh().await.ok()?;
+        self.client.namespace(name)
+    }
+
+    /// Apply an append acknowledged by `ack` to the cached copy of the layer's last page.
+    fn apply_append(&self, ns: &Namespace, seq: &SequenceKey, layer: u32, ack: &AppendAck, new_kv: &Bytes) {
+        let (Some(&tokens), Some(&ws)) = (ack.response.layer_tokens.first(), ack.response.last_page_write_seqs.first())
+        else {
+            return;
+        };
+        if tokens == 0 {
+            return;
+        }
+        let pt = ns.page_tokens as u64;
+        let idx = (tokens - 1) / pt;
+        let in_page = (tokens - idx * pt) as usize;
+        let key = PageKey { sequence: seq.clone(), layer, page_index: idx as u32 };
+        let node: Arc<str> = ack.node_id.as_str().into();
+        let bytes = if in_page == 1 {
+            new_kv.clone()
+        } else {
+            match self.cache.peek(&key) {
+                Some(old) if old.node == node && old.tokens as usize == in_page - 1 => {
+                    let l = ns.layout();
+                    let mut merged = vec![0u8; l.payload_bytes(in_page)];
+                    l.concat(&old.bytes, in_page - 1, new_kv, 1, &mut merged);
+                    Bytes::from(merged)
+                }
+                _ => return,
+            }
+        };
+        self.cache.insert(key, CachedPage { node, write_seq: ws, tokens: in_page as u32, bytes });
+    }
+
+    /// Make sure the layer's pages are cached (from the freshest owner) and return them in order.
+    async fn fetch_layer(&self, seq: &SequenceKey, layer: u32) -> Result<Fetched, SeqFailure> {
+        let ns_r = self.client.namespace(&seq.namespace).map_or(1, |n| n.replication as usize);
+        let cands: Vec<_> = self.client.read_candidates(seq).into_iter().take(ns_r.max(1) + 1).collect();
+        let lookups = futures::future::join_all(cands.iter().map(|n| self.client.lookup_on(n, seq, vec![]))).await;
+        let mut best: Option<(usize, u64, Vec<u64>)> = None;
+        for (i, r) in lookups.into_iter().enumerate() {
+            let Ok(r) = r else { continue };
+            let Some(ext) = r.layers.into_iter().find(|l| l.layer == layer) else { continue };
+            if ext.tokens > 0 && best.as_ref().is_none_or(|b| ext.tokens > b.1) {
+                best = Some((i, ext.tokens, ext.page_write_seqs));
+            }
+        }
+        let Some((ni, _tokens, seqs)) = best else {
+            return Err(SeqFailure::Miss(format!("no live owner holds layer {layer} of {:?}", seq.sequence_id)));
+        };
+        let node = &cands[ni];
+        let node_id: Arc<str> = node.node_id.as_str().into();
+        let mut pages: Vec<Option<(Bytes, usize)>> = Vec::with_capacity(seqs.len());
+        let mut missing = Vec::new();
+        let mut cached = 0;
+        for (i, &ws) in seqs.iter().enumerate() {
+            let key = PageKey { sequence: seq.clone(), layer, page_index: i as u32 };
+            if ws == 0 {
+                return Err(SeqFailure::Miss(format!("page {i} of layer {layer} is missing")));
+            }
+            match self.cache.get(&key, &node_id, ws) {
+                Some(p) => {
+                    cached += 1;
+                    pages.push(Some((p.bytes, p.tokens as usize)));
+                }
+                None => {
+                    missing.push(key);
+                    pages.push(None);
+                }
+            }
+        }
+        let mut bytes = 0;
+        let pulled = missing.len() as u64;
+        if !missing.is_empty() {
+            let got = self.client.get_from(node, &missing).await.map_err(|e| SeqFailure::Miss(e.to_string()))?;
+            for (key, p) in missing.into_iter().zip(got) {
+                let Some(p) = p else {
+                    return Err(SeqFailure::Miss(format!("page {} of layer {layer} went missing", key.page_index)));
+                };
+                bytes += p.payload.len() as u64;
+                let i = key.page_index as usize;
+                pages[i] = Some((p.payload.clone(), p.token_count as usize));
+                self.cache.insert(
+                    key,
+                    CachedPage {
+                        node: node_id.clone(),
+                        write_seq: p.write_seq,
+                        tokens: p.token_count,
+                        bytes: p.payload,
+                    },
+                );
+            }
+        }
+        self.counters.bytes_pulled.fetch_add(bytes, Ordering::Relaxed);
+        self.counters.pages_pulled.fetch_add(pulled, Ordering::Relaxed);
+        Ok(Fetched { pages: pages.into_iter().map(|p| p.expect("filled")).collect(), bytes, pulled, cached })
+    }
+
+    /// Answer one decode batch.
+    pub async fn decode(self: &Arc<Self>, req: pb::DecodeRequest) -> Result<pb::DecodeResponse, Status> {
+        let started = Instant::now();
+        let ns = self
+            .namespace(&req.namespace)
+            .await
+            .ok_or_else(|| Status::invalid_argument(format!("unknown namespace {:?}", req.namespace)))?;
+        kvcache_core::validate::layer(&ns, req.layer).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let layout = ns.layout();
+        let mut shape = AttnShape::new(&ns.model, layout);
+        if req.softmax_scale != 0.0 {
+            if !(req.softmax_scale.is_finite() && req.softmax_scale > 0.0) {
+                return Err(Status::invalid_argument(format!(
+                    "softmax_scale {} must be finite and > 0",
+                    req.softmax_scale
+                )));
+            }
+            shape.scale = req.softmax_scale;
+        }
+        let mut seqs = Vec::with_capacity(req.items.len());
+        for (i, it) in req.items.iter().enumerate() {
+            let seq = SequenceKey::try_from(pb::SequenceKey {
+                namespace: req.namespace.clone(),
+                sequence_id: it.sequence_id.clone(),
+            })
+            .map_err(|e| Status::invalid_argument(format!("item {i}: {e}")))?;
+            if it.query.len() != shape.q_len() {
+                return Err(Status::invalid_argument(format!(
+                    "item {i}: query has {} values, expected {} ({} heads × {})",
+                    it.query.len(),
+                    shape.q_len(),
+                    shape.q_heads,
+                    shape.qk_width
+                )));
+            }
+            if !it.new_kv.is_empty() && it.new_kv.len() != layout.payload_bytes(1) {
+                return Err(Status::invalid_argument(format!(
+                    "item {i}: new_kv is {} bytes, one token of namespace {} is {} bytes ({} codec)",
+                    it.new_kv.len(),
+                    ns.name,
+                    layout.payload_bytes(1),
+                    ns.codec.as_str()
+                )));
+            }
+            if seqs.contains(&seq) {
+                return Err(Status::invalid_argument(format!(
+                    "item {i}: sequence {:?} appears twice in the batch",
+                    it.sequence_id
+                )));
+            }
+            seqs.push(seq);
+        }
+        let layer = req.layer;
+        let fetches = req.items.iter().zip(&seqs).map(|(it, seq)| {
+            let ns = &ns;
+            async move {
+                if !it.new_kv.is_empty() {
+                    let ids = it.new_token_id.map(|t| vec![t]).unwrap_or_default();
+                    let acks = self
+                        .client
+                        .append(seq, Some(layer), 1, it.new_kv.clone(), ids)
+                        .await
+                        .map_err(|e| SeqFailure::WriteFailed(e.to_string()))?;
+                    if let Some(a) = acks.first() {
+                        self.apply_append(ns, seq, layer, a, &it.new_kv);
+                    }
+                }
+                self.fetch_layer(seq, layer).await
+            }
+        });
+        let fetched = futures::future::join_all(fetches).await;
+        let fetch_micros = started.elapsed().as_micros() as u64;
+        let mut stats = pb::DecodeStats { fetch_micros, ..Default::default() };
+        for f in fetched.iter().flatten() {
+            stats.bytes_pulled += f.bytes;
+            stats.pages_pulled += f.pulled;
+            stats.pages_cached += f.cached;
+        }
+        // Compute every sequence whose pages are here, on a blocking thread.
+        let ok: Vec<(usize, Vec<(Bytes, usize)>)> =
+            fetched.iter().enumerate().filter_map(|(i, f)| f.as_ref().ok().map(|f| (i, f.pages.clone()))).collect();
+        let queries: Vec<Vec<f32>> = ok.iter().map(|(i, _)| req.items[*i].query.clone()).collect();
+        let threads = self.cfg.threads;
+        let t_compute = Instant::now();
+        let computed = tokio::task::spawn_blocking(move || {
+            let kv: Vec<Vec<KvPage>> =
+                ok.iter().map(|(_, ps)| ps.iter().map(|(b, n)| KvPage { payload: b, tokens: *n }).collect()).collect();
+            let items: Vec<BatchItem> = queries.iter().zip(&kv).map(|(q, p)| BatchItem { q, pages: p }).collect();
+            let mut bufs: Vec<(Vec<f32>, Vec<f32>)> =
+                items.iter().map(|_| (vec![0f32; shape.out_len()], vec![0f32; shape.q_heads])).collect();
+            let mut outs: Vec<(&mut [f32], &mut [f32])> =
+                bufs.iter_mut().map(|(o, l)| (&mut o[..], &mut l[..])).collect();
+            let opts = Options { threads, ..Options::default() };
+            kvcache_attention::decode_batch(&shape, &items, &opts, &mut outs)
+                .map(|_| (ok.into_iter().map(|(i, _)| i).collect::<Vec<_>>(), bufs))
+        })
+        .await
+        .map_err(|e| Status::internal(format!("attention task failed: {e}")))?;
+        stats.compute_micros = t_compute.elapsed().as_micros() as u64;
+        let (idx, bufs) = computed.map_err(|e| Status::data_loss(format!("attention refused the cached data: {e}")))?;
+        let mut results: Vec<pb::DecodeResult> = req
+            .items
+            .iter()
+            .zip(&fetched)
+            .map(|(it, f)| {
+                let (status, message) = match f {
+                    Ok(_) => (pb::SequenceStatus::Ok, String::new()),
+                    Err(SeqFailure::Miss(m)) => (pb::SequenceStatus::Miss, m.clone()),
+                    Err(SeqFailure::WriteFailed(m)) => (pb::SequenceStatus::WriteFailed, m.clone()),
+                };
+                pb::DecodeResult {
+                    sequence_id: it.sequence_id.clone(),
+                    status: status as i32,
+                    message,
+                    ..Default::default()
+                }
+            })
+            .collect();
+        for (i, (o, l)) in idx.into_iter().zip(bufs) {
+            results[i].context_tokens = fetched[i].as_ref().map_or(0, |f| f.pages.iter().map(|p| p.1 as u64).sum());
+            results[i].output = o;
+            results[i].lse = l;
+        }
+        self.counters.sequences.fetch_add(req.items.len() as u64, Ordering::Relaxed);
+        // Pull the next layer's pages while the engine works on this one.
+        if self.cfg.prefetch && layer + 1 < ns.model.num_layers {
+            let me = self.clone();
+            tokio::spawn(async move {
+                for seq in seqs {
+                    let _ = me.fetch_layer(&seq, layer + 1).await;
+                }
+            });
+        }
+        Ok(pb::DecodeResponse { results, stats: Some(stats) })
+    }
+}
+
+/// The gRPC face of a [`Worker`].
+pub struct WorkerService(pub Arc<Worker>);
+
+#[tonic::async_trait]
+impl AttentionWorker for WorkerService {
+    async fn decode(&self, request: Request<pb::DecodeRequest>) -> Result<Response<pb::DecodeResponse>, Status> {
+        self.0.decode(request.into_inner()).await.map(Response::new)
+    }
+}
+
+/// Serve `worker` on `listener` until `shutdown`, with health and reflection.
+pub async fn run(
+    worker: Arc<Worker>,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    use kvcache_proto::v1::attention_worker_server::AttentionWorkerServer;
+    use tokio_stream::StreamExt;
+    let (health, health_svc) = tonic_health::server::health_reporter();
+    health.set_serving::<AttentionWorkerServer<WorkerService>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(kvcache_proto::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|s| {
+        if let Ok(s) = &s {
+            let _ = s.set_nodelay(true);
+        }
+        s
+    });
+    tonic::transport::Server::builder()
+        .add_service(health_svc)
+        .add_service(reflection)
+        .add_service(
+            AttentionWorkerServer::new(WorkerService(worker))
+                .max_decoding_message_size(kvcache_client::MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(kvcache_client::MAX_MESSAGE_BYTES),
+        )
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await?;
+    Ok(())
+}
+
+/// Register a worker with the coordinator (retrying until it succeeds or `attempts` run out).
+pub async fn register(client: &Client, worker_id: &str, address: &str) -> Result<u64, Status> {
+    let mut last = Status::unavailable("not attempted");
+    for _ in 0..50 {
+        match client
+            .coordinator()
+            .register_worker(pb::RegisterWorkerRequest { worker_id: worker_id.into(), address: address.into() })
+            .await
+        {
+            Ok(r) => {
+                let _ = client.refresh().await;
+                return Ok(r.into_inner().epoch);
+            }
+            Err(e) => last = e,
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    Err(last)
+}
