@@ -1,10 +1,12 @@
 //! The `kvcache` binary: parses flags and calls into the library crates. Subcommands:
+//! - `demo`: the main job (local cluster, prefill, decode, the cost table).
 //! - `models`: footprint table of the model presets.
 //! - `node`, `coordinator`, `worker`: the three services; `dev`: all of them in one process.
 //! - `status`: the cluster as the coordinator sees it.
 //! - `bench`: benchmarks.
 
 mod bench;
+mod demo;
 mod models;
 mod node;
 mod serve;
@@ -24,6 +26,8 @@ struct Cli {
 enum Command {
     /// Print the KV-cache footprint of every model preset, per codec.
     Models(models::Args),
+    /// The main job: a local cluster, four attention designs, prefill, decode, the cost table.
+    Demo(demo::Args),
     /// Run a cache node.
     Node(node::Args),
     /// Run the coordinator.
@@ -44,6 +48,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Models(a) => models::run(a),
         Command::Node(a) => node::run(a),
+        Command::Demo(a) => demo::run(a),
         Command::Coordinator(a) => serve::coordinator(a),
         Command::Worker(a) => serve::worker(a),
         Command::Dev(a) => serve::dev(a),

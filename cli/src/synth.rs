@@ -60,3 +60,42 @@ pub fn check_output(shape: &AttnShape, q: &[f32], pages: &[(Vec<u8>, usize)], ou
     let (want, _) = reference::attention(shape, q, &kv);
     reference::rel_l2(output, &want)
 }
+
+/// The cache content of one sequence and layer as its writer knows it: compact pages, kept in
+/// step with appends, to check outputs against.
+pub struct Mirror {
+    /// Pages in order: (payload, tokens).
+    pub pages: Vec<(Vec<u8>, usize)>,
+}
+
+impl Mirror {
+    /// The pages of `layer` among wire pages of one sequence.
+    pub fn from_wire(pages: &[pb::Page], layer: u32) -> Self {
+        Self {
+            pages: pages
+                .iter()
+                .filter(|p| p.key.as_ref().is_some_and(|k| k.layer == layer))
+                .map(|p| (p.payload.to_vec(), p.token_count as usize))
+                .collect(),
+        }
+    }
+
+    /// Apply the append of one token.
+    pub fn append(&mut self, ns: &Namespace, token: &[u8]) {
+        let l = ns.layout();
+        match self.pages.last_mut() {
+            Some((p, n)) if *n < ns.page_tokens as usize => {
+                let mut m = vec![0u8; l.payload_bytes(*n + 1)];
+                l.concat(p, *n, token, 1, &mut m);
+                *p = m;
+                *n += 1;
+            }
+            _ => self.pages.push((token.to_vec(), 1)),
+        }
+    }
+
+    /// Tokens held.
+    pub fn tokens(&self) -> u64 {
+        self.pages.iter().map(|p| p.1 as u64).sum()
+    }
+}

@@ -4,41 +4,11 @@
 use bytes::Bytes;
 use kvcache_attention::AttnShape;
 use kvcache_cli::cluster::{LocalCluster, LocalClusterConfig};
-use kvcache_cli::synth::{Rng, check_output, prefill_pages, tokens_payload};
+use kvcache_cli::synth::{Mirror, Rng, check_output, prefill_pages, tokens_payload};
 use kvcache_client::Client;
 use kvcache_core::{Namespace, SequenceKey};
 use kvcache_proto::v1 as pb;
 use tonic::Code;
-
-/// The cache content of one sequence and layer as the test knows it: compact pages.
-struct Mirror {
-    pages: Vec<(Vec<u8>, usize)>,
-}
-
-impl Mirror {
-    fn from_wire(pages: &[pb::Page], layer: u32) -> Self {
-        Self {
-            pages: pages
-                .iter()
-                .filter(|p| p.key.as_ref().unwrap().layer == layer)
-                .map(|p| (p.payload.to_vec(), p.token_count as usize))
-                .collect(),
-        }
-    }
-
-    fn append(&mut self, ns: &Namespace, token: &[u8]) {
-        let l = ns.layout();
-        match self.pages.last_mut() {
-            Some((p, n)) if *n < ns.page_tokens as usize => {
-                let mut m = vec![0u8; l.payload_bytes(*n + 1)];
-                l.concat(p, *n, token, 1, &mut m);
-                *p = m;
-                *n += 1;
-            }
-            _ => self.pages.push((token.to_vec(), 1)),
-        }
-    }
-}
 
 async fn namespace(client: &Client, name: &str, preset: &str, codec: pb::Codec) -> Namespace {
     client
@@ -99,7 +69,7 @@ async fn decode_through_the_worker_matches_the_reference_and_warm_steps_pull_o1_
                 for (i, res) in r.results.iter().enumerate() {
                     assert_eq!(res.status, pb::SequenceStatus::Ok as i32, "{}", res.message);
                     let m = &mirrors[i][layer as usize];
-                    assert_eq!(res.context_tokens, m.pages.iter().map(|p| p.1 as u64).sum::<u64>());
+                    assert_eq!(res.context_tokens, m.tokens());
                     let e = check_output(&shape, &qs[i], &m.pages, &res.output);
                     assert!(e <= 1e-5, "{name} step {step} layer {layer} seq {i}: rel L2 {e:e}");
                 }
