@@ -168,3 +168,53 @@ async fn missing_sequences_are_misses_and_bad_input_is_invalid_argument() {
     }
     cluster.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_epoch_write_is_refused_and_the_client_recovers_transparently() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = LocalClusterConfig::new(dir.path());
+    cfg.node_capacity = 64 << 20;
+    let cluster = LocalCluster::start(cfg).await.unwrap();
+    let cc = kvcache_client::ClientConfig { watch: false, ..Default::default() };
+    let stale = Client::connect_with(&cluster.coordinator, cc).await.unwrap();
+    let ns = namespace(&stale, "t.epoch", "qwen2.5-7b", pb::Codec::Bf16).await;
+    let e0 = stale.routing().epoch;
+    // Another party changes the map; the nodes learn the new epoch from their heartbeats.
+    let other = Client::connect(&cluster.coordinator).await.unwrap();
+    other
+        .coordinator()
+        .register_worker(pb::RegisterWorkerRequest { worker_id: "w-x".into(), address: "127.0.0.1:9".into() })
+        .await
+        .unwrap();
+    for _ in 0..200 {
+        let stats = other.node_stats().await;
+        if stats.iter().all(|(_, s)| s.as_ref().is_ok_and(|s| s.epoch > e0)) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    let mut rng = Rng::new(5);
+    let key = SequenceKey::new("t.epoch", "a");
+    let pages = prefill_pages(&ns, &key, 1, 20, &mut rng);
+    // Written with the old epoch straight to an owner: refused, with the node's epoch attached.
+    let owner = stale.routing().owners(&key, 1)[0].clone();
+    let mut raw =
+        kvcache_proto::v1::cache_node_client::CacheNodeClient::new(kvcache_client::channel(&owner.address).unwrap());
+    let err = raw
+        .put_pages(tokio_stream::iter(vec![pb::PutPagesRequest { epoch: e0, pages: pages.clone() }]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.metadata().get(kvcache_proto::metadata::EPOCH).is_some());
+    // Through the client: refreshed and retried, the caller sees success.
+    stale.put_pages(pages).await.unwrap();
+    assert!(stale.routing().epoch > e0);
+    assert_eq!(
+        stale.get_pages(&[kvcache_core::PageKey { sequence: key, layer: 0, page_index: 1 }]).await.unwrap()[0]
+            .as_ref()
+            .unwrap()
+            .token_count,
+        4
+    );
+    cluster.stop().await.unwrap();
+}

@@ -2,13 +2,13 @@
 //! pages and records each acknowledgement. After every restart, each page acknowledged under
 //! `sync` reads back byte-identical; under `async` nothing reads back wrong.
 
+mod common;
+
 use bytes::Bytes;
 use kvcache_proto::v1 as pb;
 use kvcache_proto::v1::cache_node_client::CacheNodeClient;
 use rand::Rng;
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 const NS: &str = "crash.test";
@@ -26,42 +26,20 @@ fn namespace() -> pb::Namespace {
         .into()
 }
 
-struct NodeProc {
-    child: Child,
-    addr: String,
-}
-
-fn spawn(dir: &std::path::Path, durability: &str) -> NodeProc {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_kvcache"))
-        .args([
-            "node",
-            "--listen",
-            "127.0.0.1:0",
-            "--capacity",
-            "256MiB",
-            "--node-id",
-            "n1",
-            "--durability",
-            durability,
-        ])
-        .arg("--data-dir")
-        .arg(dir)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn kvcache node");
-    let out = child.stdout.take().unwrap();
-    let mut lines = BufReader::new(out).lines();
-    let addr = loop {
-        let line = lines.next().expect("node exited before listening").unwrap();
-        if let Some(a) = line.split("listening on ").nth(1) {
-            break format!("http://{}", a.trim());
-        }
-    };
-    // Keep draining stdout so the node never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
-    NodeProc { child, addr }
+fn spawn_node(dir: &std::path::Path, durability: &str) -> common::Proc {
+    common::spawn(&[
+        "node",
+        "--listen",
+        "127.0.0.1:0",
+        "--capacity",
+        "256MiB",
+        "--node-id",
+        "n1",
+        "--durability",
+        durability,
+        "--data-dir",
+        dir.to_str().unwrap(),
+    ])
 }
 
 fn page(seq: &str, layer: u32, body: &[u8]) -> pb::Page {
@@ -100,8 +78,8 @@ async fn crash_cycles(durability: &str, cycles: usize) {
     let mut unacked: BTreeMap<(usize, usize), Vec<u8>> = BTreeMap::new();
     let mut rng = rand::rng();
     for cycle in 0..cycles {
-        let mut node = spawn(dir.path(), durability);
-        let mut c = connect(&node.addr).await;
+        let mut node = spawn_node(dir.path(), durability);
+        let mut c = connect(&format!("http://{}", node.addr)).await;
         c.ensure_namespace(pb::EnsureNamespaceRequest { namespace: Some(namespace()) }).await.unwrap();
         // Everything acknowledged so far is back, byte for byte (sync) or absent (async).
         for (&(cy, i), want) in acked.iter().chain(unacked.iter()) {
@@ -143,8 +121,7 @@ async fn crash_cycles(durability: &str, cycles: usize) {
         let b = body(cycle, i);
         let req = pb::PutPagesRequest { epoch: 0, pages: vec![page(&format!("c{cycle}-{i}"), (i % 61) as u32, &b)] };
         let inflight = tokio::spawn(async move { c.put_pages(tokio_stream::iter(vec![req])).await.is_ok() });
-        node.child.kill().unwrap(); // SIGKILL
-        node.child.wait().unwrap();
+        node.kill(); // SIGKILL
         if inflight.await.unwrap() {
             acked.insert((cycle, i), b);
         } else {

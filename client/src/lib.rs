@@ -83,11 +83,14 @@ fn retryable(s: &Status) -> bool {
 pub struct ClientConfig {
     /// Deadline of each RPC.
     pub timeout: Duration,
+    /// Keep the map current with a watch stream (off: the map changes only on refresh, e.g.
+    /// after a stale-epoch refusal; for short-lived tools).
+    pub watch: bool,
 }
 
 impl Default for ClientConfig {
     fn default() -> Self {
-        Self { timeout: Duration::from_secs(10) }
+        Self { timeout: Duration::from_secs(10), watch: true }
     }
 }
 
@@ -158,9 +161,11 @@ impl Client {
             workers: Mutex::new(HashMap::new()),
             watch: Mutex::new(None),
         });
-        let weak = Arc::downgrade(&inner);
-        let handle = tokio::spawn(watch_loop(weak));
-        *inner.watch.lock() = Some(handle);
+        if inner.cfg.watch {
+            let weak = Arc::downgrade(&inner);
+            let handle = tokio::spawn(watch_loop(weak));
+            *inner.watch.lock() = Some(handle);
+        }
         Ok(Client { inner })
     }
 

@@ -92,6 +92,22 @@ mod tests {
     }
 
     #[test]
+    fn leave_moves_only_the_leaver_s_keys_and_replicas_are_distinct() {
+        let before = nodes(10);
+        let mut after = nodes(10);
+        after[3].weight = 0.0; // node-3 leaves
+        for k in 0..20_000u64 {
+            let h = xxhash_rust::xxh3::xxh3_64(&k.to_le_bytes());
+            let a = place(h, &before, 1)[0];
+            let b = place(h, &after, 1)[0];
+            assert!(a == b || a == 3, "key {k} moved from {a} to {b}");
+            let r3 = place(h, &before, 3);
+            assert_eq!(r3.len(), 3);
+            assert!(r3[0] != r3[1] && r3[1] != r3[2] && r3[0] != r3[2]);
+        }
+    }
+
+    #[test]
     fn weights_set_the_share() {
         let mut ns = nodes(2);
         ns[1].weight = 3.0;

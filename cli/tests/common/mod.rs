@@ -1,0 +1,60 @@
+//! Helpers for tests that run the real `kvcache` binary.
+#![allow(dead_code, missing_docs)]
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+
+/// A running `kvcache` process and the address it printed.
+pub struct Proc {
+    pub child: Child,
+    pub addr: String,
+}
+
+impl Proc {
+    /// SIGKILL and reap.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM and wait (bounded) for a clean exit; returns whether it exited 0.
+    pub fn terminate(&mut self) -> bool {
+        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        for _ in 0..200 {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return s.success();
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        self.kill();
+        false
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Start `kvcache ARGS` and wait for its "listening on ADDR" line.
+pub fn spawn(args: &[&str]) -> Proc {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kvcache"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn kvcache");
+    let out = child.stdout.take().expect("stdout");
+    let mut lines = BufReader::new(out).lines();
+    let addr = loop {
+        let line = lines.next().expect("process exited before listening").expect("read stdout");
+        if let Some(a) = line.split("listening on ").nth(1) {
+            break a.trim().to_owned();
+        }
+    };
+    // Keep draining stdout so the process never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    Proc { child, addr }
+}
