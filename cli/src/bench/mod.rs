@@ -1,18 +1,22 @@
 //! `kvcache bench`: benchmarks that print ratios against baselines measured in the same run.
 
 pub mod attention;
+pub mod node;
 
 /// Which benchmark.
 #[derive(clap::Subcommand, Debug)]
 pub enum Bench {
     /// Decode-attention kernels vs read bandwidth and the multiply-add peak.
     Attention(attention::Args),
+    /// Cache-node put/get over gRPC vs Redis and loopback TCP; recovery rate; index bytes.
+    Node(node::Args),
 }
 
 /// Run a benchmark.
 pub fn run(b: Bench) -> anyhow::Result<()> {
     match b {
         Bench::Attention(a) => attention::run(a),
+        Bench::Node(a) => node::run(a),
     }
 }
 

@@ -1,0 +1,509 @@
+//! `kvcache bench node`: put/get throughput of a cache node over gRPC on loopback, side by side
+//! in the same run with `redis-server` (SET/GET of the same sizes, key count and concurrency,
+//! persistence off) and raw loopback TCP as the ceiling; plus restart recovery rate, index bytes
+//! per page, and each server's CPU seconds per GB from its own process accounting.
+
+use bytes::Bytes;
+use kvcache_core::{AttentionKind, Codec, ModelSpec, Namespace, PageKey, SequenceKey};
+use kvcache_proto::v1 as pb;
+use kvcache_proto::v1::cache_node_client::CacheNodeClient;
+use serde::Serialize;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+
+/// Flags of `kvcache bench node`.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Page sizes in bytes.
+    #[arg(long, value_delimiter = ',', default_value = "65536,262144")]
+    sizes: Vec<usize>,
+    /// Concurrent clients.
+    #[arg(long, default_value_t = 8)]
+    clients: usize,
+    /// Distinct bytes written and read (spread over distinct pages).
+    #[arg(long, default_value = "512MiB", value_parser = crate::util::parse_bytes)]
+    working_set: u64,
+    /// Seconds of the get phase.
+    #[arg(long, default_value_t = 3.0)]
+    seconds: f64,
+    /// Pages per put message / keys per get request (Redis pipelines the same number).
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Serialize, Default, Clone)]
+struct SizeResult {
+    page_bytes: usize,
+    pages: usize,
+    put_bytes_per_s: f64,
+    get_bytes_per_s: f64,
+    redis_set_bytes_per_s: f64,
+    redis_get_bytes_per_s: f64,
+    put_vs_redis: f64,
+    get_vs_redis: f64,
+    node_cpu_s_per_gb_get: f64,
+    redis_cpu_s_per_gb_get: f64,
+    node_cpu_s_per_gb_put: f64,
+    redis_cpu_s_per_gb_set: f64,
+    recovery_bytes_per_s: f64,
+    index_bytes_per_page: f64,
+}
+
+#[derive(Serialize)]
+struct Report {
+    tcp_bytes_per_s: f64,
+    get_bytes_per_s: f64,
+    put_bytes_per_s: f64,
+    redis_get_bytes_per_s: f64,
+    redis_set_bytes_per_s: f64,
+    get_vs_redis: f64,
+    put_vs_redis: f64,
+    recovery_bytes_per_s: f64,
+    index_bytes_per_page: f64,
+    sizes: Vec<SizeResult>,
+}
+
+/// CPU seconds (user + system) a process has used, from /proc.
+fn cpu_seconds(pid: u32) -> f64 {
+    let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return 0.0 };
+    let Some(rest) = s.rsplit(')').next() else { return 0.0 };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let tick = 100.0; // USER_HZ on Linux
+    let ut: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    let st: f64 = f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    (ut + st) / tick
+}
+
+struct Server {
+    child: Child,
+    addr: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_node(dir: &std::path::Path, capacity: u64) -> anyhow::Result<Server> {
+    let mut child = Command::new(std::env::current_exe()?)
+        .args(["node", "--listen", "127.0.0.1:0", "--node-id", "bench", "--capacity", &capacity.to_string()])
+        .arg("--data-dir")
+        .arg(dir)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let addr = loop {
+        let l = lines.next().ok_or_else(|| anyhow::anyhow!("node exited"))??;
+        if let Some(a) = l.split("listening on ").nth(1) {
+            break a.trim().to_owned();
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    Ok(Server { child, addr })
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn start_redis() -> anyhow::Result<Option<Server>> {
+    let port = free_port()?;
+    let child = match Command::new("redis-server")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--protected-mode",
+            "no",
+        ])
+        .args(["--proto-max-bulk-len", "1gb", "--client-query-buffer-limit", "1gb"])
+        .stdout(Stdio::null())
+        .spawn()
+    {
+        Ok(c) => c,
+        Err(_) => return Ok(None),
+    };
+    let addr = format!("127.0.0.1:{port}");
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(&addr).is_ok() {
+            return Ok(Some(Server { child, addr }));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    anyhow::bail!("redis-server did not start")
+}
+
+fn namespace(page_bytes: usize) -> Namespace {
+    // bf16 GQA with 64-token pages: kv_heads · 2 (K,V) · 128 · 2 B · 64 = page_bytes.
+    let kv = (page_bytes / (64 * 2 * 128 * 2)).max(1) as u32;
+    Namespace {
+        name: format!("bench.p{page_bytes}"),
+        tenant: "bench".into(),
+        model: ModelSpec {
+            name: "bench".into(),
+            attention: if kv == 1 { AttentionKind::Mqa } else { AttentionKind::Mha },
+            num_layers: 1,
+            num_q_heads: kv,
+            num_kv_heads: kv,
+            head_dim: 128,
+            kv_lora_rank: 0,
+            rope_dim: 0,
+            softmax_scale: 0.088,
+        },
+        codec: Codec::Bf16,
+        page_tokens: 64,
+        replication: 1,
+        prefix_seed: 1,
+    }
+}
+
+/// Raw loopback TCP, one stream: the ceiling.
+fn tcp_ceiling(bytes: u64) -> anyhow::Result<f64> {
+    use std::io::{Read, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = l.local_addr()?;
+    let reader = std::thread::spawn(move || -> std::io::Result<u64> {
+        let (mut s, _) = l.accept()?;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut n = 0u64;
+        loop {
+            let k = s.read(&mut buf)?;
+            if k == 0 {
+                return Ok(n);
+            }
+            n += k as u64;
+        }
+    });
+    let mut s = std::net::TcpStream::connect(addr)?;
+    let buf = vec![7u8; 1 << 20];
+    let t = Instant::now();
+    let mut sent = 0;
+    while sent < bytes {
+        s.write_all(&buf)?;
+        sent += buf.len() as u64;
+    }
+    drop(s);
+    let got = reader.join().map_err(|_| anyhow::anyhow!("reader panicked"))??;
+    Ok(got as f64 / t.elapsed().as_secs_f64())
+}
+
+/// Run `kvcache bench node`.
+pub fn run(a: Args) -> anyhow::Result<()> {
+    let tcp = tcp_ceiling(2 << 30)?;
+    eprintln!("loopback TCP, one stream: {:.2} GB/s", tcp / 1e9);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let mut sizes = Vec::new();
+    for &size in &a.sizes {
+        sizes.push(rt.block_on(one_size(&a, size))?);
+    }
+    let best = |f: fn(&SizeResult) -> f64| sizes.iter().map(f).fold(0.0, f64::max);
+    let report = Report {
+        tcp_bytes_per_s: tcp,
+        get_bytes_per_s: best(|s| s.get_bytes_per_s),
+        put_bytes_per_s: best(|s| s.put_bytes_per_s),
+        redis_get_bytes_per_s: best(|s| s.redis_get_bytes_per_s),
+        redis_set_bytes_per_s: best(|s| s.redis_set_bytes_per_s),
+        get_vs_redis: sizes.iter().map(|s| s.get_vs_redis).fold(f64::INFINITY, f64::min),
+        put_vs_redis: sizes.iter().map(|s| s.put_vs_redis).fold(f64::INFINITY, f64::min),
+        recovery_bytes_per_s: sizes.iter().map(|s| s.recovery_bytes_per_s).fold(f64::INFINITY, f64::min),
+        index_bytes_per_page: best(|s| s.index_bytes_per_page),
+        sizes,
+    };
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!(
+            "{:>9} {:>10} {:>10} {:>8} {:>10} {:>10} {:>8} {:>13} {:>13} {:>11} {:>9}",
+            "page",
+            "put GB/s",
+            "SET GB/s",
+            "put÷SET",
+            "get GB/s",
+            "GET GB/s",
+            "get÷GET",
+            "node cpu s/GB",
+            "redis cpu s/GB",
+            "recov GB/s",
+            "idx B/pg"
+        );
+        for s in &report.sizes {
+            println!(
+                "{:>9} {:>10.2} {:>10.2} {:>8.2} {:>10.2} {:>10.2} {:>8.2} {:>13.2} {:>13.2} {:>11.2} {:>9.1}",
+                s.page_bytes,
+                s.put_bytes_per_s / 1e9,
+                s.redis_set_bytes_per_s / 1e9,
+                s.put_vs_redis,
+                s.get_bytes_per_s / 1e9,
+                s.redis_get_bytes_per_s / 1e9,
+                s.get_vs_redis,
+                s.node_cpu_s_per_gb_get,
+                s.redis_cpu_s_per_gb_get,
+                s.recovery_bytes_per_s / 1e9,
+                s.index_bytes_per_page
+            );
+        }
+        println!(
+            "loopback TCP ceiling (one stream): {:.2} GB/s; CPU s/GB are the get phase's, from /proc of each server",
+            tcp / 1e9
+        );
+    }
+    Ok(())
+}
+
+fn key(ns: &str, i: usize) -> PageKey {
+    PageKey { sequence: SequenceKey::new(ns, format!("s{}", i / 64)), layer: 0, page_index: (i % 64) as u32 }
+}
+
+async fn one_size(a: &Args, size: usize) -> anyhow::Result<SizeResult> {
+    let ns = namespace(size);
+    let pages = (a.working_set as usize / size).max(a.clients * a.batch);
+    let payloads: Vec<(Bytes, u32)> = (0..16)
+        .map(|v| {
+            let b = Bytes::from((0..size).map(|i| (i * 31 + v * 7) as u8).collect::<Vec<_>>());
+            let crc = crc32c::crc32c(&b);
+            (b, crc)
+        })
+        .collect();
+    let dir = tempfile::tempdir()?;
+    let cap = (pages as u64 * (size as u64 + 4096)) * 2 + (64 << 20);
+    let node = start_node(dir.path(), cap)?;
+    let ch = kvcache_client::channel(&node.addr)?;
+    let client = CacheNodeClient::new(ch).max_decoding_message_size(1 << 30).max_encoding_message_size(1 << 30);
+    client.clone().ensure_namespace(pb::EnsureNamespaceRequest { namespace: Some((&ns).into()) }).await?;
+    let wire = |i: usize| {
+        let (b, crc) = &payloads[i % payloads.len()];
+        pb::Page {
+            key: Some((&key(&ns.name, i)).into()),
+            codec: pb::Codec::Bf16 as i32,
+            token_count: 64,
+            write_seq: 0,
+            payload_crc32c: *crc,
+            prefix_hash: 0,
+            payload: b.clone(),
+        }
+    };
+    // Put: each client streams its share in batches.
+    let cpu0 = cpu_seconds(node.child.id());
+    let t = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..a.clients {
+        let mut cl = client.clone();
+        let mine: Vec<pb::PutPagesRequest> = (c..pages)
+            .step_by(a.clients)
+            .collect::<Vec<_>>()
+            .chunks(a.batch)
+            .map(|ch| pb::PutPagesRequest { epoch: 0, pages: ch.iter().map(|&i| wire(i)).collect() })
+            .collect();
+        tasks.push(tokio::spawn(async move { cl.put_pages(tokio_stream::iter(mine)).await.map(|_| ()) }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    let put_secs = t.elapsed().as_secs_f64();
+    let put_bytes = (pages * size) as f64;
+    let node_put_cpu = cpu_seconds(node.child.id()) - cpu0;
+    // Get: random batches for `seconds`.
+    let cpu0 = cpu_seconds(node.child.id());
+    let t = Instant::now();
+    let deadline = t + Duration::from_secs_f64(a.seconds);
+    let mut tasks = Vec::new();
+    for c in 0..a.clients {
+        let mut cl = client.clone();
+        let nsn = ns.name.clone();
+        let batch = a.batch;
+        tasks.push(tokio::spawn(async move {
+            let mut x = 0x9e37_79b9u64 + c as u64;
+            let mut got = 0u64;
+            while Instant::now() < deadline {
+                let keys: Vec<pb::PageKey> = (0..batch)
+                    .map(|_| {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        (&key(&nsn, (x % pages as u64) as usize)).into()
+                    })
+                    .collect();
+                let mut s = cl.get_pages(pb::GetPagesRequest { keys, ranges: vec![] }).await?.into_inner();
+                while let Some(m) = s.message().await? {
+                    for it in m.items {
+                        anyhow::ensure!(it.status == pb::PageStatus::Ok as i32, "bench page missing");
+                        got += it.page.map_or(0, |p| p.payload.len() as u64);
+                    }
+                }
+            }
+            Ok::<u64, anyhow::Error>(got)
+        }));
+    }
+    let mut get_bytes = 0u64;
+    for t in tasks {
+        get_bytes += t.await??;
+    }
+    let get_secs = t.elapsed().as_secs_f64();
+    let node_get_cpu = cpu_seconds(node.child.id()) - cpu0;
+    let stats = client.clone().stats(pb::StatsRequest {}).await?.into_inner();
+    let index_per_page = stats.index_bytes as f64 / stats.pages.max(1) as f64;
+    // Recovery: SIGKILL (no clean marker: every payload CRC is verified) and restart.
+    drop(node);
+    let node = start_node(dir.path(), cap)?;
+    let mut c2 = CacheNodeClient::new(kvcache_client::channel(&node.addr)?);
+    let st = c2.stats(pb::StatsRequest {}).await?.into_inner();
+    anyhow::ensure!(st.pages as usize == pages, "recovered {} of {pages} pages", st.pages);
+    let recovery = st.recovery_bytes as f64 / st.recovery_seconds.max(1e-9);
+    drop(node);
+    // Redis, same sizes, keys, concurrency and batching.
+    let mut r = SizeResult {
+        page_bytes: size,
+        pages,
+        put_bytes_per_s: put_bytes / put_secs,
+        get_bytes_per_s: get_bytes as f64 / get_secs,
+        node_cpu_s_per_gb_put: node_put_cpu / (put_bytes / 1e9),
+        node_cpu_s_per_gb_get: node_get_cpu / (get_bytes as f64 / 1e9),
+        recovery_bytes_per_s: recovery,
+        index_bytes_per_page: index_per_page,
+        ..Default::default()
+    };
+    if let Some(redis) = start_redis()? {
+        let (set, set_cpu, get, get_cpu) = redis_bench(a, &redis, size, pages, &payloads).await?;
+        r.redis_set_bytes_per_s = set;
+        r.redis_get_bytes_per_s = get;
+        r.redis_cpu_s_per_gb_set = set_cpu;
+        r.redis_cpu_s_per_gb_get = get_cpu;
+        r.put_vs_redis = r.put_bytes_per_s / set;
+        r.get_vs_redis = r.get_bytes_per_s / get;
+    } else {
+        eprintln!("redis-server not on PATH: no Redis baseline");
+    }
+    eprintln!(
+        "{size} B pages: put {:.2} GB/s, get {:.2} GB/s; Redis SET {:.2}, GET {:.2}; recovery {:.2} GB/s; {:.1} index B/page",
+        r.put_bytes_per_s / 1e9,
+        r.get_bytes_per_s / 1e9,
+        r.redis_set_bytes_per_s / 1e9,
+        r.redis_get_bytes_per_s / 1e9,
+        r.recovery_bytes_per_s / 1e9,
+        r.index_bytes_per_page
+    );
+    Ok(r)
+}
+
+fn resp_cmd(buf: &mut Vec<u8>, parts: &[&[u8]]) {
+    buf.extend_from_slice(format!("*{}\r\n", parts.len()).as_bytes());
+    for p in parts {
+        buf.extend_from_slice(format!("${}\r\n", p.len()).as_bytes());
+        buf.extend_from_slice(p);
+        buf.extend_from_slice(b"\r\n");
+    }
+}
+
+async fn read_line(r: &mut tokio::io::BufReader<tokio::net::TcpStream>, line: &mut String) -> anyhow::Result<()> {
+    line.clear();
+    r.read_line(line).await?;
+    anyhow::ensure!(!line.is_empty(), "redis closed the connection");
+    Ok(())
+}
+
+async fn redis_bench(
+    a: &Args,
+    redis: &Server,
+    size: usize,
+    pages: usize,
+    payloads: &[(Bytes, u32)],
+) -> anyhow::Result<(f64, f64, f64, f64)> {
+    let pid = redis.child.id();
+    let cpu0 = cpu_seconds(pid);
+    let t = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..a.clients {
+        let addr = redis.addr.clone();
+        let payloads: Vec<Bytes> = payloads.iter().map(|p| p.0.clone()).collect();
+        let batch = a.batch;
+        let clients = a.clients;
+        tasks.push(tokio::spawn(async move {
+            let s = tokio::net::TcpStream::connect(&addr).await?;
+            s.set_nodelay(true)?;
+            let mut r = tokio::io::BufReader::with_capacity(1 << 20, s);
+            let mine: Vec<usize> = (c..pages).step_by(clients).collect();
+            let mut line = String::new();
+            for ch in mine.chunks(batch) {
+                let mut buf = Vec::with_capacity(ch.len() * (size + 64));
+                for &i in ch {
+                    resp_cmd(&mut buf, &[b"SET", format!("k{i}").as_bytes(), &payloads[i % payloads.len()]]);
+                }
+                r.get_mut().write_all(&buf).await?;
+                for _ in ch {
+                    read_line(&mut r, &mut line).await?;
+                    anyhow::ensure!(line.starts_with("+OK"), "redis SET: {line}");
+                }
+            }
+            Ok::<(), anyhow::Error>(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    let set_secs = t.elapsed().as_secs_f64();
+    let set_cpu = cpu_seconds(pid) - cpu0;
+    let set_bytes = (pages * size) as f64;
+    let cpu0 = cpu_seconds(pid);
+    let t = Instant::now();
+    let deadline = t + Duration::from_secs_f64(a.seconds);
+    let mut tasks = Vec::new();
+    for c in 0..a.clients {
+        let addr = redis.addr.clone();
+        let batch = a.batch;
+        tasks.push(tokio::spawn(async move {
+            let s = tokio::net::TcpStream::connect(&addr).await?;
+            s.set_nodelay(true)?;
+            let mut r = tokio::io::BufReader::with_capacity(1 << 20, s);
+            let mut x = 0x51_7cc1_b727_220au64 + c as u64;
+            let mut got = 0u64;
+            let mut line = String::new();
+            let mut val = vec![0u8; size + 2];
+            while Instant::now() < deadline {
+                let mut buf = Vec::new();
+                for _ in 0..batch {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    resp_cmd(&mut buf, &[b"GET", format!("k{}", x % pages as u64).as_bytes()]);
+                }
+                r.get_mut().write_all(&buf).await?;
+                for _ in 0..batch {
+                    read_line(&mut r, &mut line).await?;
+                    let n: usize = line
+                        .trim_end()
+                        .strip_prefix('$')
+                        .and_then(|v| v.parse().ok())
+                        .ok_or_else(|| anyhow::anyhow!("redis GET: {line}"))?;
+                    r.read_exact(&mut val[..n + 2]).await?;
+                    got += n as u64;
+                }
+            }
+            Ok::<u64, anyhow::Error>(got)
+        }));
+    }
+    let mut get_bytes = 0u64;
+    for t in tasks {
+        get_bytes += t.await??;
+    }
+    let get_secs = t.elapsed().as_secs_f64();
+    let get_cpu = cpu_seconds(pid) - cpu0;
+    Ok((
+        set_bytes / set_secs,
+        set_cpu / (set_bytes / 1e9),
+        get_bytes as f64 / get_secs,
+        get_cpu / (get_bytes as f64 / 1e9),
+    ))
+}
