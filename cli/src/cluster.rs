@@ -27,6 +27,8 @@ pub struct LocalClusterConfig {
     pub worker_cache_bytes: u64,
     /// Host to bind (loopback).
     pub host: String,
+    /// Worker prefetch of layer L+1.
+    pub worker_prefetch: bool,
 }
 
 impl LocalClusterConfig {
@@ -39,6 +41,7 @@ impl LocalClusterConfig {
             durability: Durability::Async,
             worker_cache_bytes: 1 << 30,
             host: "127.0.0.1".into(),
+            worker_prefetch: true,
         }
     }
 }
@@ -127,7 +130,11 @@ impl LocalCluster {
         }
         anyhow::ensure!(client.routing().live_nodes().len() == cfg.nodes, "cache nodes did not register");
         // Worker.
-        let wcfg = WorkerConfig { cache_bytes: cfg.worker_cache_bytes, ..WorkerConfig::default() };
+        let wcfg = WorkerConfig {
+            cache_bytes: cfg.worker_cache_bytes,
+            prefetch: cfg.worker_prefetch,
+            ..WorkerConfig::default()
+        };
         let worker = Worker::new(client.clone(), wcfg);
         let l = tokio::net::TcpListener::bind((cfg.host.as_str(), 0)).await?;
         let waddr = l.local_addr()?.to_string();

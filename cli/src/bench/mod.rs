@@ -1,6 +1,7 @@
 //! `kvcache bench`: benchmarks that print ratios against baselines measured in the same run.
 
 pub mod attention;
+pub mod decode;
 pub mod node;
 
 /// Which benchmark.
@@ -8,6 +9,8 @@ pub mod node;
 pub enum Bench {
     /// Decode-attention kernels vs read bandwidth and the multiply-add peak.
     Attention(attention::Args),
+    /// Decode through the worker vs the kernel alone (warm) and vs node get throughput (cold).
+    Decode(decode::Args),
     /// Cache-node put/get over gRPC vs Redis and loopback TCP; recovery rate; index bytes.
     Node(node::Args),
 }
@@ -17,6 +20,7 @@ pub fn run(b: Bench) -> anyhow::Result<()> {
     match b {
         Bench::Attention(a) => attention::run(a),
         Bench::Node(a) => node::run(a),
+        Bench::Decode(a) => decode::run(a),
     }
 }
 

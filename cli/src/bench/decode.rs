@@ -1,0 +1,192 @@
+//! `kvcache bench decode`: decode steps through the worker against the kernel alone on the same
+//! batch (warm: the worker's cache holds the context), and cold steps (empty cache) against the
+//! node's get throughput measured in the same run.
+
+use bytes::Bytes;
+use kvcache_attention::{AttnShape, BatchItem, KvPage, Options, decode_batch};
+use kvcache_cli::cluster::{LocalCluster, LocalClusterConfig};
+use kvcache_cli::synth::{Mirror, Rng, prefill_pages, tokens_payload};
+use kvcache_client::Client;
+use kvcache_core::{PageKey, SequenceKey};
+use kvcache_proto::v1 as pb;
+use serde::Serialize;
+use std::time::Instant;
+
+/// Flags of `kvcache bench decode`.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Context tokens per sequence.
+    #[arg(long, default_value_t = 8192)]
+    context: usize,
+    /// Sequences per batch.
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    /// Warm steps timed.
+    #[arg(long, default_value_t = 20)]
+    steps: usize,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Serialize)]
+struct ModelRow {
+    model: String,
+    kernel_ms: f64,
+    warm_step_ms: f64,
+    warm_step_over_kernel: f64,
+    cold_step_ms: f64,
+    cold_fetch_bytes_per_s: f64,
+    node_get_bytes_per_s: f64,
+    cold_fetch_vs_node_get: f64,
+}
+
+#[derive(Serialize)]
+struct Report {
+    warm_step_over_kernel: f64,
+    cold_fetch_vs_node_get: f64,
+    models: Vec<ModelRow>,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Run `kvcache bench decode`.
+pub fn run(a: Args) -> anyhow::Result<()> {
+    tokio::runtime::Runtime::new()?.block_on(async move {
+        let tmp = tempfile::tempdir()?;
+        let mut cfg = LocalClusterConfig::new(tmp.path());
+        cfg.worker_prefetch = false;
+        cfg.worker_cache_bytes = 4 << 30;
+        cfg.node_capacity = 4 << 30;
+        let cluster = LocalCluster::start(cfg).await?;
+        let client = Client::connect(&cluster.coordinator).await?;
+        let mut rows = Vec::new();
+        for preset in ["llama-3-8b", "deepseek-v3"] {
+            let name = format!("bench.{preset}");
+            let ns = client
+                .create_namespace(pb::CreateNamespaceRequest { name: name.clone(), tenant: "bench".into(), preset: preset.into(), page_tokens: 64, replication: 1, ..Default::default() })
+                .await?;
+            let shape = AttnShape::new(&ns.model, ns.layout());
+            let mut rng = Rng::new(99);
+            // Three batches: one kept warm, two read cold.
+            let mut groups: Vec<Vec<(SequenceKey, Mirror)>> = Vec::new();
+            for g in 0..3 {
+                let mut v = Vec::new();
+                for i in 0..a.batch {
+                    let key = SequenceKey::new(&name, format!("g{g}-s{i}"));
+                    let pages = prefill_pages(&ns, &key, 1, a.context, &mut rng);
+                    for ch in pages.chunks(32) {
+                        client.put_pages(ch.to_vec()).await?;
+                    }
+                    v.push((key, Mirror::from_wire(&pages, 0)));
+                }
+                groups.push(v);
+            }
+            let req = |g: &mut Vec<(SequenceKey, Mirror)>, rng: &mut Rng, append: bool| {
+                let items = g
+                    .iter_mut()
+                    .map(|(k, m)| {
+                        let tok = if append { tokens_payload(&ns, 1, rng) } else { Vec::new() };
+                        if append {
+                            m.append(&ns, &tok);
+                        }
+                        pb::DecodeItem { sequence_id: k.sequence_id.clone(), query: rng.vec(shape.q_len(), 1.0), new_kv: Bytes::from(tok), new_token_id: None }
+                    })
+                    .collect();
+                pb::DecodeRequest { namespace: name.clone(), layer: 0, items, softmax_scale: 0.0 }
+            };
+            // Cold: first call on a batch nobody has read.
+            let mut cold_ms = Vec::new();
+            let mut cold_rate = Vec::new();
+            for g in 1..3 {
+                let r = req(&mut groups[g], &mut rng, false);
+                let t = Instant::now();
+                let resp = client.decode(r).await?;
+                let ms = t.elapsed().as_secs_f64() * 1e3;
+                let st = resp.stats.unwrap_or_default();
+                cold_ms.push(ms);
+                cold_rate.push(st.bytes_pulled as f64 / (st.fetch_micros.max(1) as f64 / 1e6));
+            }
+            // Node get throughput, same run: the same pages straight from the node, 8 clients.
+            let keys: Vec<PageKey> = groups[1]
+                .iter()
+                .flat_map(|(k, m)| (0..m.pages.len()).map(move |i| PageKey { sequence: k.clone(), layer: 0, page_index: i as u32 }))
+                .collect();
+            let t = Instant::now();
+            let mut tasks = Vec::new();
+            for ch in keys.chunks(keys.len().div_ceil(8)) {
+                let c = client.clone();
+                let ch = ch.to_vec();
+                tasks.push(tokio::spawn(async move {
+                    let mut n = 0u64;
+                    for sub in ch.chunks(16) {
+                        for p in c.get_pages(sub).await?.into_iter().flatten() {
+                            n += p.payload.len() as u64;
+                        }
+                    }
+                    Ok::<u64, kvcache_client::ClientError>(n)
+                }));
+            }
+            let mut got = 0;
+            for t in tasks {
+                got += t.await??;
+            }
+            let node_get = got as f64 / t.elapsed().as_secs_f64();
+            // Warm: batch 0, one token appended per step, cache hot after the first call.
+            client.decode(req(&mut groups[0], &mut rng, true)).await?;
+            let mut warm = Vec::new();
+            for _ in 0..a.steps {
+                let r = req(&mut groups[0], &mut rng, true);
+                let t = Instant::now();
+                let resp = client.decode(r).await?;
+                warm.push(t.elapsed().as_secs_f64() * 1e3);
+                anyhow::ensure!(resp.results.iter().all(|r| r.status == pb::SequenceStatus::Ok as i32), "warm step missed");
+            }
+            // Kernel alone on the same batch, same thread count as the worker.
+            let kv: Vec<Vec<KvPage>> = groups[0].iter().map(|(_, m)| m.pages.iter().map(|(p, n)| KvPage { payload: p, tokens: *n }).collect()).collect();
+            let qs: Vec<Vec<f32>> = (0..a.batch).map(|_| rng.vec(shape.q_len(), 1.0)).collect();
+            let items: Vec<BatchItem> = qs.iter().zip(&kv).map(|(q, p)| BatchItem { q, pages: p }).collect();
+            let mut bufs: Vec<(Vec<f32>, Vec<f32>)> = (0..a.batch).map(|_| (vec![0f32; shape.out_len()], vec![0f32; shape.q_heads])).collect();
+            let opts = Options { threads: std::thread::available_parallelism().map_or(1, |n| n.get()), ..Options::default() };
+            let mut kern = Vec::new();
+            for _ in 0..a.steps {
+                let mut outs: Vec<(&mut [f32], &mut [f32])> = bufs.iter_mut().map(|(o, l)| (&mut o[..], &mut l[..])).collect();
+                let t = Instant::now();
+                decode_batch(&shape, &items, &opts, &mut outs)?;
+                kern.push(t.elapsed().as_secs_f64() * 1e3);
+            }
+            let (k, w) = (median(kern), median(warm));
+            let cold_fetch = median(cold_rate);
+            let row = ModelRow {
+                model: preset.into(),
+                kernel_ms: k,
+                warm_step_ms: w,
+                warm_step_over_kernel: w / k,
+                cold_step_ms: median(cold_ms),
+                cold_fetch_bytes_per_s: cold_fetch,
+                node_get_bytes_per_s: node_get,
+                cold_fetch_vs_node_get: cold_fetch / node_get,
+            };
+            eprintln!(
+                "{preset}: kernel {:.2} ms, warm step {:.2} ms ({:.2}×), cold step {:.1} ms, cold fetch {:.2} GB/s vs node get {:.2} GB/s ({:.2}×)",
+                row.kernel_ms, row.warm_step_ms, row.warm_step_over_kernel, row.cold_step_ms, cold_fetch / 1e9, node_get / 1e9, row.cold_fetch_vs_node_get
+            );
+            rows.push(row);
+        }
+        cluster.stop().await?;
+        let report = Report {
+            warm_step_over_kernel: rows.iter().map(|r| r.warm_step_over_kernel).fold(0.0, f64::max),
+            cold_fetch_vs_node_get: rows.iter().map(|r| r.cold_fetch_vs_node_get).fold(f64::INFINITY, f64::min),
+            models: rows,
+        };
+        if a.json {
+            println!("{}", serde_json::to_string_pretty(&report)?);
+        } else {
+            println!("warm step / kernel alone (worst model): {:.2}×; cold fetch / node get (worst model): {:.2}×", report.warm_step_over_kernel, report.cold_fetch_vs_node_get);
+        }
+        Ok(())
+    })
+}
