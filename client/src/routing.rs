@@ -1,6 +1,6 @@
 //! One shard-map snapshot, ready for routing.
 
-use kvcache_core::placement::{self, Candidate};
+use kvcache_core::placement::{Candidate, PlacementIndex};
 use kvcache_core::{Namespace, SequenceKey};
 use kvcache_proto::v1 as pb;
 use std::collections::HashMap;
@@ -25,10 +25,11 @@ pub struct Routing {
     pub namespaces: HashMap<String, Namespace>,
     /// Registered workers.
     pub workers: Vec<pb::WorkerInfo>,
-    up: Vec<Candidate>,
+    up: PlacementIndex,
     up_refs: Vec<NodeRef>,
-    draining: Vec<Candidate>,
+    draining: PlacementIndex,
     draining_refs: Vec<NodeRef>,
+    workers_index: PlacementIndex,
 }
 
 impl Routing {
@@ -41,7 +42,7 @@ impl Routing {
         for n in &map.nodes {
             let Some(info) = &n.node else { continue };
             let r = NodeRef { node_id: info.node_id.clone(), address: info.address.clone() };
-            let c = Candidate { node_id: info.node_id.clone(), weight: n.weight, zone: info.zone.clone() };
+            let c = Candidate::new(info.node_id.clone(), n.weight, info.zone.clone());
             if n.state == pb::NodeState::Up as i32 && n.weight > 0.0 {
                 up.push(c);
                 up_refs.push(r);
@@ -56,27 +57,30 @@ impl Routing {
             .filter_map(|n| Namespace::try_from(n).ok())
             .map(|n| (n.name.clone(), n))
             .collect();
+        let workers: Vec<Candidate> =
+            map.workers.iter().map(|w| Candidate::new(w.worker_id.clone(), 1.0, "")).collect();
         Self {
             epoch: map.epoch,
             nodes: map.nodes,
             namespaces,
             workers: map.workers,
-            up,
+            up: PlacementIndex::new(&up),
             up_refs,
-            draining,
+            draining: PlacementIndex::new(&draining),
             draining_refs,
+            workers_index: PlacementIndex::new(&workers),
         }
     }
 
     /// The top-`r` live owners of a sequence, best first.
     pub fn owners(&self, seq: &SequenceKey, r: usize) -> Vec<NodeRef> {
-        placement::place(seq.placement_hash(), &self.up, r).into_iter().map(|i| self.up_refs[i].clone()).collect()
+        self.up.place(seq.placement_hash(), r).into_iter().map(|i| self.up_refs[i].clone()).collect()
     }
 
     /// Owners, then the draining nodes that would have owned it (they still serve reads).
     pub fn read_candidates(&self, seq: &SequenceKey, r: usize) -> Vec<NodeRef> {
         let mut v = self.owners(seq, r);
-        for i in placement::place(seq.placement_hash(), &self.draining, r) {
+        for i in self.draining.place(seq.placement_hash(), r) {
             v.push(self.draining_refs[i].clone());
         }
         // Then any other live node: after membership changes the data may sit elsewhere.
@@ -85,7 +89,7 @@ impl Routing {
                 v.push(n.clone());
             }
         }
-        v.truncate(r + self.draining.len().min(r) + 1);
+        v.truncate(r + self.draining_refs.len().min(r) + 1);
         v
     }
 
@@ -96,11 +100,6 @@ impl Routing {
 
     /// Index into `workers` of a sequence's sticky worker (rendezvous over worker ids).
     pub fn worker_for(&self, seq: &SequenceKey) -> usize {
-        let cands: Vec<Candidate> = self
-            .workers
-            .iter()
-            .map(|w| Candidate { node_id: w.worker_id.clone(), weight: 1.0, zone: String::new() })
-            .collect();
-        placement::place(seq.placement_hash(), &cands, 1).first().copied().unwrap_or(0)
+        self.workers_index.place(seq.placement_hash(), 1).first().copied().unwrap_or(0)
     }
 }

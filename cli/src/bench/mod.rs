@@ -3,12 +3,15 @@
 pub mod attention;
 pub mod decode;
 pub mod node;
+pub mod placement;
 
 /// Which benchmark.
 #[derive(clap::Subcommand, Debug)]
 pub enum Bench {
     /// Decode-attention kernels vs read bandwidth and the multiply-add peak.
     Attention(attention::Args),
+    /// Weighted rendezvous placement over a simulated cluster.
+    Placement(placement::Args),
     /// Decode through the worker vs the kernel alone (warm) and vs node get throughput (cold).
     Decode(decode::Args),
     /// Cache-node put/get over gRPC vs Redis and loopback TCP; recovery rate; index bytes.
@@ -21,6 +24,7 @@ pub fn run(b: Bench) -> anyhow::Result<()> {
         Bench::Attention(a) => attention::run(a),
         Bench::Node(a) => node::run(a),
         Bench::Decode(a) => decode::run(a),
+        Bench::Placement(a) => placement::run(a),
     }
 }
 
