@@ -58,7 +58,9 @@ pub async fn run(
         }
         s
     });
+    let gauges = tokio::spawn(export_gauges(store.clone()));
     let r = server_builder()
+        .layer(kvcache_telemetry::GrpcMetricsLayer::new("node"))
         .add_service(health_svc)
         .add_service(reflection)
         .add_service(svc)
@@ -67,10 +69,38 @@ pub async fn run(
             health.set_not_serving::<CacheNodeServer<NodeService>>().await;
         })
         .await;
+    gauges.abort();
     let closed = tokio::task::spawn_blocking(move || store.close()).await;
     r.map_err(|e| anyhow_like::Error(e.to_string()))?;
     closed.map_err(|e| anyhow_like::Error(e.to_string()))?.map_err(|e| anyhow_like::Error(e.to_string()))?;
     Ok(())
+}
+
+/// Publish the store's gauges every two seconds (index memory is measured, so not per request).
+async fn export_gauges(store: Arc<PageStore>) {
+    use kvcache_telemetry::names as n;
+    // Counters exist from the start (at 0), so dashboards and alerts see them before traffic.
+    for c in [n::NODE_PAGE_HITS, n::NODE_PAGE_MISSES, n::NODE_BYTES_OUT, n::NODE_BYTES_IN] {
+        metrics::counter!(c).increment(0);
+    }
+    let mut iv = tokio::time::interval(std::time::Duration::from_secs(2));
+    loop {
+        iv.tick().await;
+        let s = store.clone();
+        let Ok(st) = tokio::task::spawn_blocking(move || s.stats()).await else { continue };
+        metrics::gauge!(n::NODE_STORED_BYTES).set(st.used_bytes as f64);
+        metrics::gauge!(n::NODE_CAPACITY_BYTES).set(st.capacity_bytes as f64);
+        metrics::gauge!(n::NODE_POOL_BYTES).set(st.pool_bytes as f64);
+        metrics::gauge!(n::NODE_PAGES).set(st.pages as f64);
+        metrics::gauge!(n::NODE_SEQUENCES).set(st.sequences as f64);
+        metrics::gauge!(n::NODE_LEASES).set(st.active_leases as f64);
+        metrics::gauge!(n::NODE_POOL_FILES_FAILED).set(st.pool_files_failed as f64);
+        metrics::gauge!(n::NODE_INDEX_BYTES).set(st.index_bytes as f64);
+        metrics::gauge!(n::NODE_RECOVERY_SECONDS).set(st.recovery_seconds);
+        metrics::gauge!(n::NODE_EPOCH).set(store.epoch() as f64);
+        metrics::counter!(n::NODE_EVICTIONS, "reason" => "capacity").absolute(st.evictions);
+        metrics::counter!(n::NODE_CORRUPT_PAGES).absolute(st.corrupt_pages_dropped);
+    }
 }
 
 /// A tonic server builder tuned for large page streams: big HTTP/2 windows and frames.

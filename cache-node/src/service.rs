@@ -127,6 +127,7 @@ impl CacheNode for NodeService {
         while let Some(msg) = stream.message().await? {
             let store = self.store.clone();
             let (n, b) = blocking(move || store.put_pages(msg.epoch, msg.pages)).await?;
+            metrics::counter!(kvcache_telemetry::names::NODE_BYTES_IN).increment(b);
             resp.pages_written += n;
             resp.bytes_written += b;
         }
@@ -150,6 +151,9 @@ impl CacheNode for NodeService {
                     Wanted::Key(k, key) => match store.get(&key) {
                         Ok(Some(p)) => {
                             bytes += p.payload.len();
+                            metrics::counter!(kvcache_telemetry::names::NODE_PAGE_HITS).increment(1);
+                            metrics::counter!(kvcache_telemetry::names::NODE_BYTES_OUT)
+                                .increment(p.payload.len() as u64);
                             let codec = store
                                 .namespace(&key.sequence.namespace)
                                 .map_or(0, |n| validate::codec_to_wire(n.ns.codec));
@@ -168,12 +172,15 @@ impl CacheNode for NodeService {
                                 message: String::new(),
                             }
                         }
-                        Ok(None) => pb::PageItem {
-                            key: Some(k),
-                            status: pb::PageStatus::Miss as i32,
-                            page: None,
-                            message: String::new(),
-                        },
+                        Ok(None) => {
+                            metrics::counter!(kvcache_telemetry::names::NODE_PAGE_MISSES).increment(1);
+                            pb::PageItem {
+                                key: Some(k),
+                                status: pb::PageStatus::Miss as i32,
+                                page: None,
+                                message: String::new(),
+                            }
+                        }
                         Err(e) => pb::PageItem {
                             key: Some(k),
                             status: pb::PageStatus::Invalid as i32,
@@ -205,6 +212,7 @@ impl CacheNode for NodeService {
         let seq = sequence(r.sequence)?;
         let store = self.store.clone();
         let layer = if r.all_layers { None } else { Some(r.layer) };
+        metrics::counter!(kvcache_telemetry::names::NODE_BYTES_IN).increment(r.payload.len() as u64);
         let tokens =
             blocking(move || store.append(r.epoch, &seq, layer, r.token_count, &r.payload, r.expected_position))
                 .await?;

@@ -28,6 +28,9 @@ pub struct Args {
     /// Address clients reach this node at (default: the bound listen address).
     #[arg(long, env = "KVCACHE_ADVERTISE")]
     pub advertise: Option<String>,
+    /// Serve Prometheus /metrics on this address (off when absent).
+    #[arg(long, env = "KVCACHE_METRICS_LISTEN")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// Failure zone, for replica placement.
     #[arg(long, env = "KVCACHE_ZONE", default_value = "")]
     pub zone: String,
@@ -38,6 +41,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     init_logging();
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
+        crate::util::init_metrics(args.metrics_listen)?;
         let mut cfg = StoreConfig::new(&args.data_dir, args.capacity);
         cfg.durability = args.durability;
         let store = tokio::task::spawn_blocking(move || PageStore::open(cfg)).await??;

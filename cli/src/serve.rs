@@ -36,6 +36,9 @@ pub struct CoordinatorArgs {
     /// A new node's placement weight ramps up over this long (0 = at once).
     #[arg(long, env = "KVCACHE_JOIN_RAMP", default_value = "60s", value_parser = parse_duration)]
     join_ramp: Duration,
+    /// Serve Prometheus /metrics on this address (off when absent).
+    #[arg(long, env = "KVCACHE_METRICS_LISTEN")]
+    metrics_listen: Option<std::net::SocketAddr>,
     /// Heartbeat period nodes are told to use.
     #[arg(long, env = "KVCACHE_HEARTBEAT_INTERVAL", default_value = "1s", value_parser = parse_duration)]
     heartbeat_interval: Duration,
@@ -45,6 +48,7 @@ pub struct CoordinatorArgs {
 pub fn coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
     init_logging();
     tokio::runtime::Runtime::new()?.block_on(async move {
+        crate::util::init_metrics(a.metrics_listen)?;
         let mut cfg = CoordinatorConfig::new(&a.data_dir);
         cfg.node_timeout = a.node_timeout;
         cfg.join_ramp = a.join_ramp;
@@ -74,6 +78,9 @@ pub struct WorkerArgs {
     /// Worker id (stable across restarts); default: the advertised address.
     #[arg(long, env = "KVCACHE_WORKER_ID")]
     worker_id: Option<String>,
+    /// Serve Prometheus /metrics on this address (off when absent).
+    #[arg(long, env = "KVCACHE_METRICS_LISTEN")]
+    metrics_listen: Option<std::net::SocketAddr>,
     /// Page cache bound.
     #[arg(long, env = "KVCACHE_CACHE_BYTES", default_value = "1GiB", value_parser = parse_bytes)]
     cache_bytes: u64,
@@ -86,6 +93,7 @@ pub struct WorkerArgs {
 pub fn worker(a: WorkerArgs) -> anyhow::Result<()> {
     init_logging();
     tokio::runtime::Runtime::new()?.block_on(async move {
+        crate::util::init_metrics(a.metrics_listen)?;
         let client = Client::connect(&a.coordinator).await?;
         let mut cfg = WorkerConfig { cache_bytes: a.cache_bytes, ..WorkerConfig::default() };
         if let Some(t) = a.threads {
@@ -109,6 +117,9 @@ pub struct DevArgs {
     /// Data directory of the local cluster.
     #[arg(long, env = "KVCACHE_DATA_DIR", default_value = "kvcache-data/dev")]
     data_dir: PathBuf,
+    /// Serve Prometheus /metrics on this address (off when absent).
+    #[arg(long, env = "KVCACHE_METRICS_LISTEN")]
+    metrics_listen: Option<std::net::SocketAddr>,
     /// Cache nodes.
     #[arg(long, default_value_t = 3)]
     nodes: usize,
@@ -121,6 +132,7 @@ pub struct DevArgs {
 pub fn dev(a: DevArgs) -> anyhow::Result<()> {
     init_logging();
     tokio::runtime::Runtime::new()?.block_on(async move {
+        crate::util::init_metrics(a.metrics_listen)?;
         let mut cfg = LocalClusterConfig::new(&a.data_dir);
         cfg.nodes = a.nodes;
         cfg.node_capacity = a.node_capacity;

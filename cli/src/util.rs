@@ -20,6 +20,15 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
     n.checked_mul(mult).ok_or_else(|| format!("size {s:?} overflows"))
 }
 
+/// Serve Prometheus `/metrics` on `addr` when given.
+pub fn init_metrics(addr: Option<std::net::SocketAddr>) -> anyhow::Result<()> {
+    if let Some(a) = addr {
+        kvcache_telemetry::install(a).map_err(|e| anyhow::anyhow!("metrics listener on {a}: {e}"))?;
+        tracing::info!(addr = %a, "serving /metrics");
+    }
+    Ok(())
+}
+
 /// JSON logs to stdout, level from `RUST_LOG` (default info).
 pub fn init_logging() {
     use tracing_subscriber::EnvFilter;

@@ -45,6 +45,7 @@ pub async fn run(
         s
     });
     let r = tonic::transport::Server::builder()
+        .layer(kvcache_telemetry::GrpcMetricsLayer::new("coordinator"))
         .add_service(health_svc)
         .add_service(reflection)
         .add_service(CoordinatorServer::new(CoordinatorService::new(state, closing)))

@@ -41,6 +41,19 @@ pub async fn maintenance(state: Arc<ClusterState>) {
         if let Err(e) = state.tick() {
             tracing::error!(error = %e, "coordinator maintenance failed");
         }
+        export_gauges(&state);
+    }
+}
+
+fn export_gauges(state: &ClusterState) {
+    use kvcache_telemetry::names as n;
+    let map = state.shard_map();
+    metrics::gauge!(n::COORDINATOR_EPOCH).set(map.epoch as f64);
+    metrics::gauge!(n::COORDINATOR_NAMESPACES).set(map.namespaces.len() as f64);
+    for (st, label) in [(pb::NodeState::Up, "up"), (pb::NodeState::Draining, "draining"), (pb::NodeState::Down, "down")]
+    {
+        let c = map.nodes.iter().filter(|x| x.state == st as i32).count();
+        metrics::gauge!(n::COORDINATOR_NODES, "state" => label).set(c as f64);
     }
 }
 

@@ -197,6 +197,25 @@ impl Worker {
         Ok(Fetched { pages: pages.into_iter().map(|p| p.expect("filled")).collect(), bytes, pulled, cached })
     }
 
+    fn export_metrics(&self, results: &[pb::DecodeResult], bytes_pulled: u64) {
+        use kvcache_telemetry::names as n;
+        let (used, _, hits, misses) = self.cache.stats();
+        metrics::counter!(n::WORKER_CACHE_HITS).absolute(hits);
+        metrics::counter!(n::WORKER_CACHE_MISSES).absolute(misses);
+        metrics::gauge!(n::WORKER_CACHE_BYTES).set(used as f64);
+        metrics::counter!(n::WORKER_BYTES_PULLED).absolute(self.counters.bytes_pulled.load(Ordering::Relaxed));
+        metrics::histogram!(n::WORKER_BYTES_PER_STEP).record(bytes_pulled as f64);
+        for r in results {
+            let status = pb::SequenceStatus::try_from(r.status).map_or("unknown", |s| match s {
+                pb::SequenceStatus::Ok => "ok",
+                pb::SequenceStatus::Miss => "miss",
+                pb::SequenceStatus::WriteFailed => "write_failed",
+                pb::SequenceStatus::Unspecified => "unknown",
+            });
+            metrics::counter!(n::WORKER_SEQUENCES, "status" => status).increment(1);
+        }
+    }
+
     /// Answer one decode batch.
     pub async fn decode(self: &Arc<Self>, req: pb::DecodeRequest) -> Result<pb::DecodeResponse, Status> {
         let started = Instant::now();
@@ -321,6 +340,7 @@ impl Worker {
             results[i].lse = l;
         }
         self.counters.sequences.fetch_add(req.items.len() as u64, Ordering::Relaxed);
+        self.export_metrics(&results, stats.bytes_pulled);
         // Pull the next layer's pages while the engine works on this one.
         if self.cfg.prefetch && layer + 1 < ns.model.num_layers {
             let me = self.clone();
@@ -364,6 +384,7 @@ pub async fn run(
         s
     });
     tonic::transport::Server::builder()
+        .layer(kvcache_telemetry::GrpcMetricsLayer::new("worker"))
         .add_service(health_svc)
         .add_service(reflection)
         .add_service(
