@@ -1,5 +1,6 @@
 //! The `kvcache` binary: parses flags and calls into the library crates. Subcommands:
 //! - `demo`: the main job (local cluster, prefill, decode, the cost table).
+//! - `load`: load tests against a running cluster.
 //! - `models`: footprint table of the model presets.
 //! - `node`, `coordinator`, `worker`: the three services; `dev`: all of them in one process.
 //! - `status`: the cluster as the coordinator sees it.
@@ -7,8 +8,10 @@
 
 mod bench;
 mod demo;
+mod load;
 mod models;
 mod node;
+mod plot;
 mod serve;
 mod util;
 
@@ -28,6 +31,8 @@ enum Command {
     Models(models::Args),
     /// The main job: a local cluster, four attention designs, prefill, decode, the cost table.
     Demo(demo::Args),
+    /// Load-test a running cluster (prefill, decode, mixed; closed or open loop).
+    Load(load::Args),
     /// Run a cache node.
     Node(node::Args),
     /// Run the coordinator.
@@ -49,6 +54,7 @@ fn main() -> anyhow::Result<()> {
         Command::Models(a) => models::run(a),
         Command::Node(a) => node::run(a),
         Command::Demo(a) => demo::run(a),
+        Command::Load(a) => load::run(a),
         Command::Coordinator(a) => serve::coordinator(a),
         Command::Worker(a) => serve::worker(a),
         Command::Dev(a) => serve::dev(a),
