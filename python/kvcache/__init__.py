@@ -1,0 +1,319 @@
+"""Python client of kvcache.
+
+    import numpy as np, kvcache
+    c = kvcache.Client("127.0.0.1:7000")
+    ns = c.create_namespace("demo.llama", preset="llama-3-8b")
+    kv = kvcache.to_bf16(np.random.randn(ns.planes, 100, ns.width).astype(np.float32))
+    c.put_sequence("demo.llama", "req-1", layer=0, kv=kv)
+    out = c.decode("demo.llama", layer=0, items=[("req-1", query)])
+
+The client fetches the shard map from the coordinator, routes each sequence to its owners with
+the same weighted rendezvous hashing as the Rust client (xxh3 keys, splitmix64 draws), writes to
+every live owner, reads from the first that answers, and sends decode steps to the sequence's
+sticky worker. Page payloads use the namespace's layout: K then V as [kv_heads][tokens][head_dim]
+(or MLA [tokens][latent + rope]); this wrapper speaks bf16 (numpy uint16 views) and f16.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable, Optional, Sequence
+
+import crc32c as _crc32c
+import grpc
+import numpy as np
+import xxhash
+
+from kvcache.v1 import cache_node_pb2 as node_pb
+from kvcache.v1 import cache_node_pb2_grpc as node_grpc
+from kvcache.v1 import common_pb2 as pb
+from kvcache.v1 import coordinator_pb2 as coord_pb
+from kvcache.v1 import coordinator_pb2_grpc as coord_grpc
+from kvcache.v1 import worker_pb2 as worker_pb
+from kvcache.v1 import worker_pb2_grpc as worker_grpc
+
+__all__ = ["place", "Client", "Namespace", "DecodeResult", "KvcacheError", "to_bf16", "from_bf16"]
+
+_MAX_MSG = 256 << 20
+_OPTS = [("grpc.max_send_message_length", _MAX_MSG), ("grpc.max_receive_message_length", _MAX_MSG)]
+_CODECS = {"bf16": pb.CODEC_BF16, "f16": pb.CODEC_F16, "fp8-e4m3": pb.CODEC_FP8_E4M3, "int8": pb.CODEC_INT8}
+
+
+class KvcacheError(Exception):
+    """A failure reaching the caller, with the gRPC code when there is one."""
+
+    def __init__(self, message: str, code: Optional[grpc.StatusCode] = None):
+        super().__init__(message)
+        self.code = code
+
+
+def to_bf16(x: np.ndarray) -> np.ndarray:
+    """float32 → bf16 bit patterns (uint16), round to nearest even."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def from_bf16(b: np.ndarray) -> np.ndarray:
+    """bf16 bit patterns (uint16) → float32 (exact)."""
+    return (np.asarray(b, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+@dataclass
+class Namespace:
+    """A namespace and the geometry its pages have."""
+
+    proto: pb.Namespace
+
+    @property
+    def name(self) -> str:
+        return self.proto.name
+
+    @property
+    def page_tokens(self) -> int:
+        return self.proto.page_tokens
+
+    @property
+    def is_mla(self) -> bool:
+        return self.proto.model.attention == pb.ATTENTION_KIND_MLA
+
+    @property
+    def planes(self) -> int:
+        """Rows per token: 2·kv_heads (K then V), or 1 for MLA."""
+        return 1 if self.is_mla else 2 * self.proto.model.num_kv_heads
+
+    @property
+    def width(self) -> int:
+        """Elements per row: head_dim, or kv_lora_rank + rope_dim for MLA."""
+        m = self.proto.model
+        return m.kv_lora_rank + m.rope_dim if self.is_mla else m.head_dim
+
+    @property
+    def q_heads(self) -> int:
+        return self.proto.model.num_q_heads
+
+    @property
+    def v_width(self) -> int:
+        m = self.proto.model
+        return m.kv_lora_rank if self.is_mla else m.head_dim
+
+
+@dataclass
+class DecodeResult:
+    sequence_id: str
+    ok: bool
+    status: str
+    output: Optional[np.ndarray]  # [q_heads, v_width] float32
+    lse: Optional[np.ndarray]  # [q_heads] float32
+    context_tokens: int
+    message: str
+
+
+def _hash64(b: bytes) -> int:
+    return xxhash.xxh3_64_intdigest(b)
+
+
+def _draw(node_hash: int, key_hash: int) -> int:
+    m = 0xFFFFFFFFFFFFFFFF
+    rot = ((key_hash << 32) | (key_hash >> 32)) & m
+    x = node_hash ^ rot ^ 0x9E3779B97F4A7C15
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & m
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & m
+    return x ^ (x >> 31)
+
+
+def _score(draw: int, weight: float) -> float:
+    u = ((draw >> 11) + 0.5) / float(1 << 53)
+    return -weight / math.log(u)
+
+
+def place(key_hash: int, candidates: Sequence[tuple], r: int) -> list:
+    """Indices of the top-r candidates (node_id, weight, zone) — kvcache_core::placement::place."""
+    scored = []
+    for i, (nid, w, _z) in enumerate(candidates):
+        if w > 0 and math.isfinite(w):
+            scored.append((-_score(_draw(_hash64(nid.encode()), key_hash), w), i))
+    scored.sort()
+    out, zones = [], []
+    for _, i in scored:
+        if len(out) == r:
+            break
+        z = candidates[i][2]
+        if z == "" or z not in zones:
+            out.append(i)
+            zones.append(z)
+    for _, i in scored:
+        if len(out) == r:
+            break
+        if i not in out:
+            out.append(i)
+    return out
+
+
+def _seq_hash(namespace: str, sequence_id: str) -> int:
+    return _hash64(namespace.encode() + b"\0" + sequence_id.encode())
+
+
+class Client:
+    """A handle on a kvcache cluster."""
+
+    def __init__(self, coordinator: str, timeout: float = 10.0):
+        self.timeout = timeout
+        self._coord = coord_grpc.CoordinatorStub(grpc.insecure_channel(coordinator, options=_OPTS))
+        self._channels: dict = {}
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Fetch the shard map."""
+        m = self._call(self._coord.GetShardMap, coord_pb.GetShardMapRequest())
+        self.epoch = m.epoch
+        self._up = [(n.node.node_id, n.weight, n.node.zone, n.node.address) for n in m.nodes if n.state == coord_pb.NODE_STATE_UP and n.weight > 0]
+        self._workers = [(w.worker_id, 1.0, "", w.address) for w in m.workers]
+        self._namespaces = {n.name: Namespace(n) for n in m.namespaces}
+
+    def _call(self, fn, req):
+        try:
+            return fn(req, timeout=self.timeout)
+        except grpc.RpcError as e:  # noqa: PERF203
+            raise KvcacheError(f"{e.code().name}: {e.details()}", e.code()) from None
+
+    def _node(self, addr: str):
+        if addr not in self._channels:
+            self._channels[addr] = grpc.insecure_channel(addr, options=_OPTS)
+        return self._channels[addr]
+
+    def namespace(self, name: str) -> Namespace:
+        if name not in self._namespaces:
+            self.refresh()
+        if name not in self._namespaces:
+            raise KvcacheError(f"unknown namespace {name!r}", grpc.StatusCode.NOT_FOUND)
+        return self._namespaces[name]
+
+    def create_namespace(self, name: str, preset: str = "", model: Optional[pb.ModelSpec] = None, codec: str = "bf16",
+                         page_tokens: int = 64, replication: int = 1, tenant: str = "") -> Namespace:
+        """Create (or open, if identical) a namespace and make sure every live node knows it."""
+        req = coord_pb.CreateNamespaceRequest(name=name, tenant=tenant, preset=preset, model=model, codec=_CODECS[codec],
+                                              page_tokens=page_tokens, replication=replication)
+        ns = self._call(self._coord.CreateNamespace, req)
+        self.refresh()
+        for _, _, _, addr in self._up:
+            node_grpc.CacheNodeStub(self._node(addr)).EnsureNamespace(node_pb.EnsureNamespaceRequest(namespace=ns), timeout=self.timeout)
+        return self._namespaces[name]
+
+    def owners(self, namespace: str, sequence_id: str) -> list:
+        """Addresses of the sequence's live owners, best first."""
+        r = self.namespace(namespace).proto.replication or 1
+        cands = [(n, w, z) for n, w, z, _ in self._up]
+        return [self._up[i][3] for i in place(_seq_hash(namespace, sequence_id), cands, r)]
+
+    def _key(self, namespace, sequence_id, layer, page):
+        return pb.PageKey(sequence=pb.SequenceKey(namespace=namespace, sequence_id=sequence_id), layer=layer, page_index=page)
+
+    def _write(self, namespace: str, sequence_id: str, send) -> list:
+        for attempt in range(3):
+            results, stale = [], False
+            for addr in self.owners(namespace, sequence_id):
+                try:
+                    results.append(send(node_grpc.CacheNodeStub(self._node(addr)), self.epoch))
+                except grpc.RpcError as e:
+                    if e.code() == grpc.StatusCode.FAILED_PRECONDITION and attempt < 2:
+                        stale = True
+                    elif e.code() != grpc.StatusCode.UNAVAILABLE:
+                        raise KvcacheError(f"{e.code().name}: {e.details()}", e.code()) from None
+            if stale:
+                self.refresh()
+                continue
+            if not results:
+                raise KvcacheError("no owner of the sequence could be reached", grpc.StatusCode.UNAVAILABLE)
+            return results
+        raise KvcacheError("stale shard map after retries", grpc.StatusCode.UNAVAILABLE)
+
+    def _payload(self, ns: Namespace, kv: np.ndarray) -> bytes:
+        kv = np.asarray(kv)
+        if kv.dtype != np.uint16:
+            raise KvcacheError("kv must be a uint16 array of bf16/f16 bit patterns (see to_bf16)", grpc.StatusCode.INVALID_ARGUMENT)
+        if kv.ndim != 3 or kv.shape[0] != ns.planes or kv.shape[2] != ns.width:
+            raise KvcacheError(f"kv has shape {kv.shape}, expected ({ns.planes}, tokens, {ns.width})", grpc.StatusCode.INVALID_ARGUMENT)
+        return np.ascontiguousarray(kv).astype("<u2").tobytes()
+
+    def put_sequence(self, namespace: str, sequence_id: str, layer: int, kv: np.ndarray) -> int:
+        """Store a prefill of one layer: kv is [planes][tokens][width] (uint16). Returns pages."""
+        ns = self.namespace(namespace)
+        kv = np.asarray(kv)
+        self._payload(ns, kv)
+        pages = []
+        pt = ns.page_tokens
+        for i, start in enumerate(range(0, kv.shape[1], pt)):
+            body = self._payload(ns, kv[:, start:start + pt, :])
+            n = min(pt, kv.shape[1] - start)
+            pages.append(pb.Page(key=self._key(namespace, sequence_id, layer, i), codec=ns.proto.codec, token_count=n,
+                                 payload_crc32c=_crc32c.crc32c(body), payload=body))
+        self._write(namespace, sequence_id, lambda s, e: s.PutPages(iter([node_pb.PutPagesRequest(epoch=e, pages=pages)]), timeout=self.timeout))
+        return len(pages)
+
+    def append(self, namespace: str, sequence_id: str, layer: int, kv: np.ndarray) -> int:
+        """Append tokens (kv [planes][n][width], uint16) to one layer. Returns the layer's tokens."""
+        ns = self.namespace(namespace)
+        body = self._payload(ns, kv)
+        req = lambda e: node_pb.AppendTokensRequest(epoch=e, sequence=pb.SequenceKey(namespace=namespace, sequence_id=sequence_id),  # noqa: E731
+                                                    layer=layer, token_count=np.asarray(kv).shape[1], payload=body)
+        res = self._write(namespace, sequence_id, lambda s, e: s.AppendTokens(req(e), timeout=self.timeout))
+        return res[0].layer_tokens[0]
+
+    def get_pages(self, namespace: str, sequence_id: str, layer: int, pages: Iterable[int]) -> list:
+        """Pages as (token_count, payload bytes) or None for a miss, trying owners in order."""
+        pages = list(pages)
+        out: list = [None] * len(pages)
+        for addr in self.owners(namespace, sequence_id):
+            want = [i for i, p in enumerate(out) if p is None]
+            if not want:
+                break
+            req = node_pb.GetPagesRequest(keys=[self._key(namespace, sequence_id, layer, pages[i]) for i in want])
+            try:
+                items = [it for m in node_grpc.CacheNodeStub(self._node(addr)).GetPages(req, timeout=self.timeout) for it in m.items]
+            except grpc.RpcError as e:
+                if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    continue
+                raise KvcacheError(f"{e.code().name}: {e.details()}", e.code()) from None
+            for i, it in zip(want, items):
+                if it.status == pb.PAGE_STATUS_OK and _crc32c.crc32c(it.page.payload) == it.page.payload_crc32c:
+                    out[i] = (it.page.token_count, bytes(it.page.payload))
+                elif it.status == pb.PAGE_STATUS_INVALID:
+                    raise KvcacheError(it.message, grpc.StatusCode.INVALID_ARGUMENT)
+        return out
+
+    def lookup(self, namespace: str, sequence_id: str) -> node_pb.LookupResponse:
+        req = node_pb.LookupRequest(sequence=pb.SequenceKey(namespace=namespace, sequence_id=sequence_id))
+        return self._call(node_grpc.CacheNodeStub(self._node(self.owners(namespace, sequence_id)[0])).Lookup, req)
+
+    def delete(self, namespace: str, sequence_id: str) -> int:
+        req = lambda e: node_pb.DeleteSequenceRequest(epoch=e, sequence=pb.SequenceKey(namespace=namespace, sequence_id=sequence_id))  # noqa: E731
+        return max(r.pages_deleted for r in self._write(namespace, sequence_id, lambda s, e: s.DeleteSequence(req(e), timeout=self.timeout)))
+
+    def decode(self, namespace: str, layer: int, items: Sequence[tuple], softmax_scale: float = 0.0) -> list:
+        """One decode step for one layer. items: (sequence_id, query [q_heads, qk_width] float32,
+        optional new token kv [planes, 1, width] uint16)."""
+        ns = self.namespace(namespace)
+        if not self._workers:
+            self.refresh()
+        if not self._workers:
+            raise KvcacheError("no worker registered", grpc.StatusCode.UNAVAILABLE)
+        groups: dict = {}
+        for idx, it in enumerate(items):
+            sid, q = it[0], np.ascontiguousarray(it[1], dtype=np.float32).ravel()
+            new_kv = self._payload(ns, it[2]) if len(it) > 2 and it[2] is not None else b""
+            w = place(_seq_hash(namespace, sid), [(a, b, c) for a, b, c, _ in self._workers], 1)[0]
+            groups.setdefault(w, []).append((idx, worker_pb.DecodeItem(sequence_id=sid, query=q.tolist(), new_kv=new_kv)))
+        results: list = [None] * len(items)
+        for w, group in groups.items():
+            stub = worker_grpc.AttentionWorkerStub(self._node(self._workers[w][3]))
+            req = worker_pb.DecodeRequest(namespace=namespace, layer=layer, items=[g[1] for g in group], softmax_scale=softmax_scale)
+            resp = self._call(stub.Decode, req)
+            for (idx, _), r in zip(group, resp.results):
+                ok = r.status == worker_pb.SEQUENCE_STATUS_OK
+                results[idx] = DecodeResult(
+                    sequence_id=r.sequence_id, ok=ok, status=worker_pb.SequenceStatus.Name(r.status),
+                    output=np.array(r.output, dtype=np.float32).reshape(ns.q_heads, ns.v_width) if ok else None,
+                    lse=np.array(r.lse, dtype=np.float32) if ok else None,
+                    context_tokens=r.context_tokens, message=r.message)
+        return results

@@ -1,0 +1,39 @@
+"""Fixture: a `kvcache dev` cluster started from the repository's binary for the test session."""
+import os
+import pathlib
+import subprocess
+import tempfile
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def _binary() -> str:
+    if os.environ.get("KVCACHE_BIN"):
+        return os.environ["KVCACHE_BIN"]
+    for p in (ROOT / "target/release/kvcache", ROOT / "target/debug/kvcache"):
+        if p.exists():
+            return str(p)
+    subprocess.run(["cargo", "build", "-p", "kvcache"], cwd=ROOT, check=True)
+    return str(ROOT / "target/debug/kvcache")
+
+
+@pytest.fixture(scope="session")
+def coordinator():
+    data = tempfile.mkdtemp(prefix="kvcache-py-")
+    proc = subprocess.Popen([_binary(), "dev", "--data-dir", data, "--node-capacity", "256MiB"],
+                            stdout=subprocess.PIPE, text=True, env={**os.environ, "RUST_LOG": "warn"})
+    addr = None
+    for _ in range(200):
+        line = proc.stdout.readline()
+        if not line:
+            break
+        if line.strip().startswith("coordinator"):
+            addr = line.split()[-1]
+            break
+    assert addr, "kvcache dev did not start"
+    yield addr
+    proc.terminate()
+    proc.wait(timeout=30)
+    assert proc.returncode == 0

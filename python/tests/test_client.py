@@ -1,0 +1,80 @@
+import numpy as np
+import pytest
+
+import kvcache
+
+
+def reference(ns, q, kv):
+    """float64 GQA attention over kv [planes][tokens][width] (bf16) for query [heads][width]."""
+    kv = kvcache.from_bf16(kv).astype(np.float64)
+    g = ns.planes // 2
+    k, v = kv[:g], kv[g:]
+    heads = q.shape[0]
+    out = np.zeros((heads, ns.v_width))
+    scale = ns.proto.model.softmax_scale
+    for h in range(heads):
+        grp = h // (heads // g)
+        s = scale * (k[grp] @ q[h].astype(np.float64))
+        p = np.exp(s - s.max())
+        out[h] = (p / p.sum()) @ v[grp]
+    return out
+
+
+@pytest.fixture(scope="module")
+def client(coordinator):
+    return kvcache.Client(coordinator)
+
+
+def test_placement_matches_the_rust_implementation_on_a_vector():
+    # The vector pinned by kvcache-core's placement::vector test.
+    cands = [(f"node-{i}", 1.0 + i % 3, "") for i in range(10)]
+    assert kvcache.place(kvcache._seq_hash("ns", "seq"), cands, 3) == [8, 5, 2]
+
+
+def test_put_get_lookup_delete_round_trip(client):
+    ns = client.create_namespace("py.rt", preset="qwen2.5-7b", page_tokens=16)
+    rng = np.random.default_rng(1)
+    kv = kvcache.to_bf16(rng.standard_normal((ns.planes, 40, ns.width)).astype(np.float32))
+    assert client.put_sequence("py.rt", "a", 0, kv) == 3
+    pages = client.get_pages("py.rt", "a", 0, [0, 1, 2, 3])
+    assert pages[3] is None
+    assert [p[0] for p in pages[:3]] == [16, 16, 8]
+    second = np.frombuffer(pages[1][1], dtype="<u2").reshape(ns.planes, 16, ns.width)
+    assert np.array_equal(second, kv[:, 16:32, :])
+    lk = client.lookup("py.rt", "a")
+    assert lk.exists and lk.layers[0].tokens == 40
+    assert client.delete("py.rt", "a") == 3
+    assert client.get_pages("py.rt", "a", 0, [0]) == [None]
+
+
+def test_decode_through_the_worker_matches_float64(client):
+    ns = client.create_namespace("py.dec", preset="qwen2.5-7b", page_tokens=16)
+    rng = np.random.default_rng(2)
+    kv = kvcache.to_bf16(rng.standard_normal((ns.planes, 37, ns.width)).astype(np.float32))
+    client.put_sequence("py.dec", "s", 0, kv)
+    for step in range(3):
+        q = rng.standard_normal((ns.q_heads, ns.width)).astype(np.float32)
+        tok = kvcache.to_bf16(rng.standard_normal((ns.planes, 1, ns.width)).astype(np.float32))
+        kv = np.concatenate([kv, tok], axis=1)
+        (r,) = client.decode("py.dec", 0, [("s", q, tok)])
+        assert r.ok, r.message
+        assert r.context_tokens == kv.shape[1]
+        want = reference(ns, q, kv)
+        err = np.linalg.norm(r.output - want) / np.linalg.norm(want)
+        assert err < 1e-5, (step, err)
+    assert client.append("py.dec", "s", 0, tok) == kv.shape[1] + 1
+
+
+def test_misses_and_bad_input(client):
+    ns = client.create_namespace("py.bad", preset="qwen2.5-7b", page_tokens=16)
+    q = np.zeros((ns.q_heads, ns.width), dtype=np.float32)
+    (r,) = client.decode("py.bad", 0, [("never-written", q)])
+    assert not r.ok and r.status == "SEQUENCE_STATUS_MISS"
+    with pytest.raises(kvcache.KvcacheError) as e:
+        client.decode("py.bad", 0, [("x", q[:, :5])])
+    assert e.value.code.name == "INVALID_ARGUMENT" and "query has" in str(e.value)
+    with pytest.raises(kvcache.KvcacheError):
+        client.put_sequence("py.bad", "x", 0, np.zeros((3, 4, 5), dtype=np.uint16))
+    with pytest.raises(kvcache.KvcacheError) as e:
+        client.namespace("py.nope")
+    assert e.value.code.name == "NOT_FOUND"
