@@ -287,7 +287,8 @@ mod vector {
     /// Cross-language vector: the Python client (python/tests) asserts the same owners.
     #[test]
     fn owners_of_a_fixed_key_are_stable() {
-        let nodes: Vec<Candidate> = (0..10).map(|i| Candidate::new(format!("node-{i}"), 1.0 + (i % 3) as f64, "")).collect();
+        let nodes: Vec<Candidate> =
+            (0..10).map(|i| Candidate::new(format!("node-{i}"), 1.0 + (i % 3) as f64, "")).collect();
         let key = crate::SequenceKey::new("ns", "seq").placement_hash();
         let got = place(key, &nodes, 3);
         assert_eq!(got, PINNED);

@@ -269,24 +269,34 @@ impl Worker {
             seqs.push(seq);
         }
         let layer = req.layer;
-        let fetches = req.items.iter().zip(&seqs).map(|(it, seq)| {
-            let ns = &ns;
-            async move {
-                if !it.new_kv.is_empty() {
-                    let ids = it.new_token_id.map(|t| vec![t]).unwrap_or_default();
-                    let acks = self
-                        .client
-                        .append(seq, Some(layer), 1, it.new_kv.clone(), ids)
-                        .await
-                        .map_err(|e| SeqFailure::WriteFailed(e.to_string()))?;
-                    if let Some(a) = acks.first() {
-                        self.apply_append(ns, seq, layer, a, &it.new_kv);
+        // One task per sequence: responses are decoded and cached on every runtime thread,
+        // not all on the thread polling this request.
+        let tasks: Vec<_> = req
+            .items
+            .iter()
+            .zip(&seqs)
+            .map(|(it, seq)| {
+                let (me, ns, seq) = (self.clone(), ns.clone(), seq.clone());
+                let (new_kv, ids) = (it.new_kv.clone(), it.new_token_id.map(|t| vec![t]).unwrap_or_default());
+                tokio::spawn(async move {
+                    if !new_kv.is_empty() {
+                        let acks = me
+                            .client
+                            .append(&seq, Some(layer), 1, new_kv.clone(), ids)
+                            .await
+                            .map_err(|e| SeqFailure::WriteFailed(e.to_string()))?;
+                        if let Some(a) = acks.first() {
+                            me.apply_append(&ns, &seq, layer, a, &new_kv);
+                        }
                     }
-                }
-                self.fetch_layer(seq, layer).await
-            }
-        });
-        let fetched = futures::future::join_all(fetches).await;
+                    me.fetch_layer(&seq, layer).await
+                })
+            })
+            .collect();
+        let mut fetched = Vec::with_capacity(tasks.len());
+        for t in tasks {
+            fetched.push(t.await.unwrap_or_else(|e| Err(SeqFailure::Miss(format!("fetch task failed: {e}")))));
+        }
         let fetch_micros = started.elapsed().as_micros() as u64;
         let mut stats = pb::DecodeStats { fetch_micros, ..Default::default() };
         for f in fetched.iter().flatten() {
