@@ -1,6 +1,6 @@
 //! `kvcache node`: run one cache node.
 
-use crate::util::{init_logging, parse_bytes, shutdown_signal};
+use crate::util::{parse_bytes, shutdown_signal};
 use kvcache_node::{Durability, PageStore, StoreConfig};
 use std::path::PathBuf;
 
@@ -38,9 +38,9 @@ pub struct Args {
 
 /// Run `kvcache node` until SIGTERM / Ctrl-C.
 pub fn run(args: Args) -> anyhow::Result<()> {
-    init_logging();
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
+        let _tracing = kvcache_telemetry::trace::init("kvcache-node");
         crate::util::init_metrics(args.metrics_listen)?;
         let mut cfg = StoreConfig::new(&args.data_dir, args.capacity);
         cfg.durability = args.durability;

@@ -1,6 +1,6 @@
 //! `kvcache coordinator`, `kvcache worker`, `kvcache dev` and `kvcache status`.
 
-use crate::util::{init_logging, parse_bytes, shutdown_signal};
+use crate::util::{parse_bytes, shutdown_signal};
 use kvcache_cli::cluster::{LocalCluster, LocalClusterConfig};
 use kvcache_client::Client;
 use kvcache_coordinator::{ClusterState, CoordinatorConfig};
@@ -46,8 +46,8 @@ pub struct CoordinatorArgs {
 
 /// Run `kvcache coordinator`.
 pub fn coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
-    init_logging();
     tokio::runtime::Runtime::new()?.block_on(async move {
+        let _tracing = kvcache_telemetry::trace::init("kvcache-coordinator");
         crate::util::init_metrics(a.metrics_listen)?;
         let mut cfg = CoordinatorConfig::new(&a.data_dir);
         cfg.node_timeout = a.node_timeout;
@@ -91,8 +91,8 @@ pub struct WorkerArgs {
 
 /// Run `kvcache worker`.
 pub fn worker(a: WorkerArgs) -> anyhow::Result<()> {
-    init_logging();
     tokio::runtime::Runtime::new()?.block_on(async move {
+        let _tracing = kvcache_telemetry::trace::init("kvcache-worker");
         crate::util::init_metrics(a.metrics_listen)?;
         let client = Client::connect(&a.coordinator).await?;
         let mut cfg = WorkerConfig { cache_bytes: a.cache_bytes, ..WorkerConfig::default() };
@@ -130,8 +130,8 @@ pub struct DevArgs {
 
 /// Run `kvcache dev`: a local cluster until Ctrl-C.
 pub fn dev(a: DevArgs) -> anyhow::Result<()> {
-    init_logging();
     tokio::runtime::Runtime::new()?.block_on(async move {
+        let _tracing = kvcache_telemetry::trace::init("kvcache-dev");
         crate::util::init_metrics(a.metrics_listen)?;
         let mut cfg = LocalClusterConfig::new(&a.data_dir);
         cfg.nodes = a.nodes;

@@ -29,13 +29,6 @@ pub fn init_metrics(addr: Option<std::net::SocketAddr>) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// JSON logs to stdout, level from `RUST_LOG` (default info).
-pub fn init_logging() {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt().json().with_env_filter(filter).with_target(false).try_init();
-}
-
 /// Resolves on SIGTERM or Ctrl-C.
 pub async fn shutdown_signal() {
     let ctrl_c = async {

@@ -198,9 +198,11 @@ impl Client {
         Ok(c)
     }
 
+    /// A request with the deadline and the current trace context.
     fn req<T>(&self, msg: T) -> tonic::Request<T> {
         let mut r = tonic::Request::new(msg);
         r.set_timeout(self.inner.cfg.timeout);
+        kvcache_telemetry::trace::inject(&mut r);
         r
     }
 
@@ -537,6 +539,7 @@ impl Client {
 
     /// Send a decode batch, each sequence to its sticky worker (rendezvous over the registered
     /// workers), and reassemble the results in request order.
+    #[tracing::instrument(target = "kvcache::client", name = "client.decode", skip_all, fields(namespace = %req.namespace, layer = req.layer, sequences = req.items.len()))]
     pub async fn decode(&self, req: pb::DecodeRequest) -> Result<pb::DecodeResponse, ClientError> {
         let routing = self.routing();
         if routing.workers.is_empty() {

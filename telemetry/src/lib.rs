@@ -5,14 +5,19 @@
 //!   counters, histograms with explicit buckets ([`install`]).
 //! - [`GrpcMetricsLayer`]: a tower layer for tonic servers counting requests per method and
 //!   status code and timing them to the response head.
+//! - [`trace`]: JSON logs, OpenTelemetry traces over OTLP (when `OTEL_EXPORTER_OTLP_ENDPOINT` is
+//!   set) and W3C trace-context propagation through gRPC metadata.
 //! - [`install`]: the Prometheus recorder with `/metrics` on `--metrics-listen`, and
 //!   [`install_recorder`] for tests and embedded use (render without HTTP).
+
+pub mod trace;
 
 use futures::future::BoxFuture;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use std::net::SocketAddr;
 use std::task::{Context, Poll};
 use std::time::Instant;
+use tracing::Instrument;
 
 /// Metric names.
 pub mod names {
@@ -136,20 +141,26 @@ where
         let method = req.uri().path().to_owned();
         let server = self.server;
         let start = Instant::now();
-        let fut = self.inner.call(req);
-        Box::pin(async move {
-            let r = fut.await;
-            // Errors answered before any data carry grpc-status in the response head; streamed
-            // answers carry it in trailers and count here as OK.
-            let code = match &r {
-                Ok(resp) => resp.headers().get("grpc-status").and_then(|v| v.to_str().ok()).unwrap_or("0").to_owned(),
-                Err(_) => "14".to_owned(),
-            };
-            metrics::counter!(names::GRPC_REQUESTS, "server" => server, "method" => method.clone(), "code" => code)
-                .increment(1);
-            metrics::histogram!(names::GRPC_DURATION, "server" => server, "method" => method)
-                .record(start.elapsed().as_secs_f64());
-            r
-        })
+        let span = trace::server_span(server, &method, req.headers());
+        let fut = span.in_scope(|| self.inner.call(req));
+        Box::pin(
+            async move {
+                let r = fut.await;
+                // Errors answered before any data carry grpc-status in the response head; streamed
+                // answers carry it in trailers and count here as OK.
+                let code = match &r {
+                    Ok(resp) => {
+                        resp.headers().get("grpc-status").and_then(|v| v.to_str().ok()).unwrap_or("0").to_owned()
+                    }
+                    Err(_) => "14".to_owned(),
+                };
+                metrics::counter!(names::GRPC_REQUESTS, "server" => server, "method" => method.clone(), "code" => code)
+                    .increment(1);
+                metrics::histogram!(names::GRPC_DURATION, "server" => server, "method" => method)
+                    .record(start.elapsed().as_secs_f64());
+                r
+            }
+            .instrument(span),
+        )
     }
 }

@@ -29,6 +29,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 /// Worker settings.
 #[derive(Debug, Clone)]
@@ -278,19 +279,22 @@ impl Worker {
             .map(|(it, seq)| {
                 let (me, ns, seq) = (self.clone(), ns.clone(), seq.clone());
                 let (new_kv, ids) = (it.new_kv.clone(), it.new_token_id.map(|t| vec![t]).unwrap_or_default());
-                tokio::spawn(async move {
-                    if !new_kv.is_empty() {
-                        let acks = me
-                            .client
-                            .append(&seq, Some(layer), 1, new_kv.clone(), ids)
-                            .await
-                            .map_err(|e| SeqFailure::WriteFailed(e.to_string()))?;
-                        if let Some(a) = acks.first() {
-                            me.apply_append(&ns, &seq, layer, a, &new_kv);
+                tokio::spawn(
+                    async move {
+                        if !new_kv.is_empty() {
+                            let acks = me
+                                .client
+                                .append(&seq, Some(layer), 1, new_kv.clone(), ids)
+                                .await
+                                .map_err(|e| SeqFailure::WriteFailed(e.to_string()))?;
+                            if let Some(a) = acks.first() {
+                                me.apply_append(&ns, &seq, layer, a, &new_kv);
+                            }
                         }
+                        me.fetch_layer(&seq, layer).await
                     }
-                    me.fetch_layer(&seq, layer).await
-                })
+                    .in_current_span(),
+                )
             })
             .collect();
         let mut fetched = Vec::with_capacity(tasks.len());

@@ -39,9 +39,15 @@ impl Drop for Proc {
 
 /// Start `kvcache ARGS` and wait for its "listening on ADDR" line.
 pub fn spawn(args: &[&str]) -> Proc {
+    spawn_env(args, &[])
+}
+
+/// [`spawn`] with extra environment variables.
+pub fn spawn_env(args: &[&str], envs: &[(&str, &str)]) -> Proc {
     let mut child = Command::new(env!("CARGO_BIN_EXE_kvcache"))
         .args(args)
         .env("RUST_LOG", "warn")
+        .envs(envs.iter().copied())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
