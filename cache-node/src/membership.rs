@@ -23,19 +23,40 @@ fn apply(store: &PageStore, epoch: u64, namespaces: Vec<pb::Namespace>) {
     }
 }
 
-/// Register `info` with the coordinator at `coordinator` and heartbeat forever.
+/// Register `info` with the coordinator (a comma-separated list of replicas; a follower's
+/// redirect to the leader is followed) and heartbeat forever.
 pub async fn join_cluster(store: Arc<PageStore>, coordinator: String, info: pb::NodeInfo) {
-    let uri = if coordinator.contains("://") { coordinator.clone() } else { format!("http://{coordinator}") };
-    let endpoint = match tonic::transport::Endpoint::from_shared(uri) {
-        Ok(e) => e.connect_timeout(Duration::from_secs(2)).timeout(Duration::from_secs(5)),
-        Err(e) => {
-            tracing::error!(error = %e, %coordinator, "bad coordinator address");
-            return;
-        }
+    let replicas: Vec<String> = coordinator.split(',').map(|a| a.trim().to_owned()).filter(|a| !a.is_empty()).collect();
+    if replicas.is_empty() {
+        tracing::error!("no coordinator address");
+        return;
+    }
+    let endpoint = |addr: &str| {
+        let uri = if addr.contains("://") { addr.to_owned() } else { format!("http://{addr}") };
+        tonic::transport::Endpoint::from_shared(uri)
+            .map(|e| e.connect_timeout(Duration::from_secs(2)).timeout(Duration::from_secs(5)).connect_lazy())
     };
+    let mut current = replicas[0].clone();
+    let mut next = 0usize;
     let mut backoff = Duration::from_millis(100);
+    // Where to go after a failure: the leader named by a follower, else the next replica.
+    let mut switch = |status: Option<&tonic::Status>, current: &mut String| {
+        let leader = status
+            .and_then(|s| s.metadata().get(kvcache_proto::metadata::LEADER))
+            .and_then(|v| v.to_str().ok())
+            .filter(|l| !l.is_empty())
+            .map(str::to_owned);
+        *current = leader.unwrap_or_else(|| {
+            next = (next + 1) % replicas.len();
+            replicas[next].clone()
+        });
+    };
     loop {
-        let mut c = CoordinatorClient::new(endpoint.connect_lazy());
+        let Ok(ch) = endpoint(&current) else {
+            tracing::error!(coordinator = %current, "bad coordinator address");
+            return;
+        };
+        let mut c = CoordinatorClient::new(ch);
         let reg = c.register_node(pb::RegisterNodeRequest { node: Some(info.clone()) }).await;
         let interval = match reg {
             Ok(r) => {
@@ -43,14 +64,15 @@ pub async fn join_cluster(store: Arc<PageStore>, coordinator: String, info: pb::
                 let s = store.clone();
                 let (epoch, nss) = (r.epoch, r.namespaces);
                 let _ = tokio::task::spawn_blocking(move || apply(&s, epoch, nss)).await;
-                tracing::info!(epoch = r.epoch, "registered with the coordinator");
+                tracing::info!(epoch = r.epoch, coordinator = %current, "registered with the coordinator");
                 backoff = Duration::from_millis(100);
                 Duration::from_millis(r.heartbeat_interval_ms.clamp(50, 60_000) as u64)
             }
             Err(e) => {
-                tracing::warn!(error = %e, "registration failed; retrying");
+                tracing::warn!(error = %e, coordinator = %current, "registration failed; retrying");
+                switch(Some(&e), &mut current);
                 tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                backoff = (backoff * 2).min(Duration::from_secs(2));
                 continue;
             }
         };
@@ -80,6 +102,7 @@ pub async fn join_cluster(store: Arc<PageStore>, coordinator: String, info: pb::
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "heartbeat failed");
+                    switch(Some(&e), &mut current);
                     break;
                 }
             }

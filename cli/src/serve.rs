@@ -42,6 +42,16 @@ pub struct CoordinatorArgs {
     /// Heartbeat period nodes are told to use.
     #[arg(long, env = "KVCACHE_HEARTBEAT_INTERVAL", default_value = "1s", value_parser = parse_duration)]
     heartbeat_interval: Duration,
+    /// etcd endpoints (comma-separated): keep the state in etcd and elect a leader among
+    /// coordinator replicas (needs a build with `--features etcd`).
+    #[arg(long, env = "KVCACHE_ETCD_ENDPOINTS", value_delimiter = ',')]
+    etcd_endpoints: Vec<String>,
+    /// Key prefix of this cluster in etcd.
+    #[arg(long, env = "KVCACHE_ETCD_PREFIX", default_value = "/kvcache")]
+    etcd_prefix: String,
+    /// Address other processes reach this coordinator at (default: the bound listen address).
+    #[arg(long, env = "KVCACHE_ADVERTISE")]
+    advertise: Option<String>,
 }
 
 /// Run `kvcache coordinator`.
@@ -56,11 +66,45 @@ pub fn coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
         let state = ClusterState::open(cfg)?;
         let l = tokio::net::TcpListener::bind(&a.listen).await?;
         let addr = l.local_addr()?;
+        let advertise = a.advertise.clone().unwrap_or_else(|| addr.to_string());
+        let ha = start_ha(&a, state.clone(), advertise)?;
         tracing::info!(%addr, epoch = state.epoch(), "coordinator serving");
         println!("kvcache coordinator listening on {addr}");
         kvcache_coordinator::run(state, l, shutdown_signal()).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+        if let Some(h) = ha {
+            h.abort();
+        }
         Ok(())
     })
+}
+
+#[cfg(feature = "etcd")]
+fn start_ha(
+    a: &CoordinatorArgs,
+    state: std::sync::Arc<ClusterState>,
+    advertise: String,
+) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
+    if a.etcd_endpoints.is_empty() {
+        return Ok(None);
+    }
+    let (endpoints, prefix) = (a.etcd_endpoints.clone(), a.etcd_prefix.clone());
+    state.follow(String::new());
+    Ok(Some(tokio::spawn(async move {
+        if let Err(e) = kvcache_coordinator::etcd::run(state, endpoints, prefix, advertise).await {
+            tracing::error!(error = %e, "etcd HA failed");
+            std::process::exit(2);
+        }
+    })))
+}
+
+#[cfg(not(feature = "etcd"))]
+fn start_ha(
+    a: &CoordinatorArgs,
+    _state: std::sync::Arc<ClusterState>,
+    _advertise: String,
+) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
+    anyhow::ensure!(a.etcd_endpoints.is_empty(), "--etcd-endpoints needs a kvcache built with `--features etcd`");
+    Ok(None)
 }
 
 /// Flags of `kvcache worker`.

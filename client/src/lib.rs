@@ -105,7 +105,8 @@ pub struct AppendAck {
 
 struct Inner {
     cfg: ClientConfig,
-    coordinator: CoordinatorClient<Channel>,
+    /// Coordinator replicas, and the index of the one in use (the leader, once known).
+    coordinators: Mutex<(Vec<String>, usize, CoordinatorClient<Channel>)>,
     routing: RwLock<Arc<Routing>>,
     nodes: Mutex<HashMap<String, CacheNodeClient<Channel>>>,
     workers: Mutex<HashMap<String, AttentionWorkerClient<Channel>>>,
@@ -151,16 +152,23 @@ impl Client {
 
     /// [`Client::connect`] with settings.
     pub async fn connect_with(addr: &str, cfg: ClientConfig) -> Result<Client, ClientError> {
-        let mut coordinator = CoordinatorClient::new(channel(addr)?);
-        let map = coordinator.get_shard_map(pb::GetShardMapRequest {}).await?.into_inner();
+        let addrs: Vec<String> = addr.split(',').map(|a| a.trim().to_owned()).filter(|a| !a.is_empty()).collect();
+        if addrs.is_empty() {
+            return Err(ClientError::InvalidArgument("no coordinator address".into()));
+        }
+        let coordinator = CoordinatorClient::new(channel(&addrs[0])?);
         let inner = Arc::new(Inner {
             cfg,
-            coordinator,
-            routing: RwLock::new(Arc::new(Routing::new(map))),
+            coordinators: Mutex::new((addrs, 0, coordinator)),
+            routing: RwLock::new(Arc::new(Routing::new(pb::ShardMap::default()))),
             nodes: Mutex::new(HashMap::new()),
             workers: Mutex::new(HashMap::new()),
             watch: Mutex::new(None),
         });
+        let client = Client { inner: inner.clone() };
+        let map =
+            client.coord(|mut c| async move { c.get_shard_map(pb::GetShardMapRequest {}).await }).await?.into_inner();
+        client.install(map);
         if inner.cfg.watch {
             let weak = Arc::downgrade(&inner);
             let handle = tokio::spawn(watch_loop(weak));
@@ -180,7 +188,8 @@ impl Client {
 
     /// Re-fetch the shard map now.
     pub async fn refresh(&self) -> Result<Arc<Routing>, ClientError> {
-        let map = self.inner.coordinator.clone().get_shard_map(pb::GetShardMapRequest {}).await?.into_inner();
+        let map =
+            self.coord(|mut c| async move { c.get_shard_map(pb::GetShardMapRequest {}).await }).await?.into_inner();
         self.install(map);
         Ok(self.routing())
     }
@@ -206,9 +215,60 @@ impl Client {
         r
     }
 
-    /// The coordinator client.
+    /// The coordinator client in use (the leader, once known).
     pub fn coordinator(&self) -> CoordinatorClient<Channel> {
-        self.inner.coordinator.clone()
+        self.inner.coordinators.lock().2.clone()
+    }
+
+    /// Run a coordinator call, following a follower's redirect to the leader
+    /// (UNAVAILABLE + `kvcache-leader`) and failing over across the configured replicas.
+    pub async fn coord<T, F, Fut>(&self, f: F) -> Result<T, Status>
+    where
+        F: Fn(CoordinatorClient<Channel>) -> Fut,
+        Fut: std::future::Future<Output = Result<T, Status>>,
+    {
+        let n = self.inner.coordinators.lock().0.len();
+        let mut last = Status::unavailable("no coordinator");
+        for attempt in 0..(2 * n + 4) {
+            let c = self.coordinator();
+            match f(c).await {
+                Ok(v) => return Ok(v),
+                Err(s)
+                    if s.code() == Code::Unavailable
+                        || s.code() == Code::DeadlineExceeded
+                        || s.code() == Code::Unknown =>
+                {
+                    let leader = s
+                        .metadata()
+                        .get(kvcache_proto::metadata::LEADER)
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_owned);
+                    {
+                        let mut g = self.inner.coordinators.lock();
+                        match leader.filter(|l| !l.is_empty()) {
+                            Some(l) => {
+                                if let Ok(ch) = channel(&l) {
+                                    g.2 = CoordinatorClient::new(ch);
+                                }
+                            }
+                            None => {
+                                g.1 = (g.1 + 1) % g.0.len();
+                                if let Ok(ch) = channel(&g.0[g.1].clone()) {
+                                    g.2 = CoordinatorClient::new(ch);
+                                }
+                            }
+                        }
+                    }
+                    last = s;
+                    if attempt >= n {
+                        // Every replica was tried once: an election may be in progress.
+                        tokio::time::sleep(Duration::from_millis(250)).await;
+                    }
+                }
+                Err(s) => return Err(s),
+            }
+        }
+        Err(last)
     }
 
     /// A namespace from the current map.
@@ -218,7 +278,13 @@ impl Client {
 
     /// Create (or open, if identical) a namespace, and make sure every live node knows it.
     pub async fn create_namespace(&self, r: pb::CreateNamespaceRequest) -> Result<Namespace, ClientError> {
-        let ns = self.inner.coordinator.clone().create_namespace(r).await?.into_inner();
+        let ns = self
+            .coord(|mut c| {
+                let r = r.clone();
+                async move { c.create_namespace(r).await }
+            })
+            .await?
+            .into_inner();
         let ns = Namespace::try_from(ns)
             .map_err(|e| ClientError::Other(format!("coordinator sent a bad namespace: {e}")))?;
         let routing = self.refresh().await?;
@@ -613,7 +679,7 @@ async fn watch_loop(inner: std::sync::Weak<Inner>) {
     loop {
         let Some(i) = inner.upgrade() else { return };
         let after = i.routing.read().epoch;
-        let mut coord = i.coordinator.clone();
+        let mut coord = i.coordinators.lock().2.clone();
         drop(i);
         match coord.watch_shard_map(pb::WatchShardMapRequest { after_epoch: after }).await {
             Ok(s) => {

@@ -6,6 +6,8 @@
 //!   a restarted coordinator keeps its namespaces and its epoch never goes backwards.
 //! - [`service`]: the `Coordinator` gRPC service, and the background task that marks silent nodes
 //!   down and advances join ramps.
+//! - `etcd` (cargo feature `etcd`): HA — state in etcd, leader election among replicas,
+//!   followers serving reads and redirecting writes (UNAVAILABLE + `kvcache-leader`).
 //! - [`run`]: serve until shutdown, with health and reflection.
 //!
 //! Placement itself is not computed here: the map carries each node's weight and clients run
@@ -13,6 +15,8 @@
 //! on the data path. Invariant: every change to placement inputs (membership, state, weight,
 //! namespaces, workers) bumps the epoch by one and publishes a new map.
 
+#[cfg(feature = "etcd")]
+pub mod etcd;
 pub mod service;
 pub mod state;
 

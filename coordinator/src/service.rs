@@ -15,7 +15,20 @@ pub fn status(e: CoordinatorError) -> Status {
         CoordinatorError::NotFound(_) => Status::not_found(e.to_string()),
         CoordinatorError::Conflict(_) => Status::already_exists(e.to_string()),
         CoordinatorError::Io(_) => Status::unavailable(e.to_string()),
+        CoordinatorError::NotLeader(ref leader) => {
+            let mut s = Status::unavailable(e.to_string());
+            if let Ok(v) = leader.parse() {
+                s.metadata_mut().insert(kvcache_proto::metadata::LEADER, v);
+            }
+            s
+        }
     }
+}
+
+/// Refuse a write on a follower, pointing at the leader.
+fn leader_only(state: &ClusterState) -> Result<(), Status> {
+    let l = state.leadership();
+    if l.is_leader { Ok(()) } else { Err(status(CoordinatorError::NotLeader(l.leader))) }
 }
 
 /// The Coordinator service.
@@ -38,6 +51,10 @@ pub async fn maintenance(state: Arc<ClusterState>) {
     let mut iv = tokio::time::interval(period);
     loop {
         iv.tick().await;
+        if !state.leadership().is_leader {
+            export_gauges(&state);
+            continue;
+        }
         if let Err(e) = state.tick() {
             tracing::error!(error = %e, "coordinator maintenance failed");
         }
@@ -65,6 +82,7 @@ impl Coordinator for CoordinatorService {
         &self,
         r: Request<pb::RegisterNodeRequest>,
     ) -> Result<Response<pb::RegisterNodeResponse>, Status> {
+        leader_only(&self.state)?;
         let node = r.into_inner().node.ok_or_else(|| Status::invalid_argument("missing field `node`"))?;
         let id = node.node_id.clone();
         let epoch = self.state.register_node(node).map_err(status)?;
@@ -77,6 +95,7 @@ impl Coordinator for CoordinatorService {
     }
 
     async fn heartbeat(&self, r: Request<pb::HeartbeatRequest>) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        leader_only(&self.state)?;
         let (epoch, known) = self.state.heartbeat(&r.into_inner());
         Ok(Response::new(pb::HeartbeatResponse {
             epoch,
@@ -167,6 +186,7 @@ impl Coordinator for CoordinatorService {
         &self,
         _r: Request<pb::ClusterStatusRequest>,
     ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
-        Ok(Response::new(self.state.status("self".into())))
+        let l = self.state.leadership();
+        Ok(Response::new(self.state.status(if l.leader.is_empty() { "self".into() } else { l.leader })))
     }
 }

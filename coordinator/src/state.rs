@@ -56,6 +56,9 @@ pub enum CoordinatorError {
     /// State file failure.
     #[error("state persistence failed: {0}")]
     Io(#[from] io::Error),
+    /// This replica is a follower; writes go to the leader.
+    #[error("not the leader coordinator (leader: {0:?})")]
+    NotLeader(String),
 }
 
 #[derive(Debug, Clone)]
@@ -78,11 +81,30 @@ struct Inner {
     workers: BTreeMap<String, pb::WorkerInfo>,
 }
 
+/// Where the state is persisted besides (or instead of) the local file: implemented by the
+/// etcd backend. `save` returns false when this replica is no longer allowed to write (it lost
+/// leadership), which makes the commit fail.
+pub trait StateSink: Send + Sync {
+    /// Persist `map`; Ok(false) if fenced off.
+    fn save(&self, map: &pb::ShardMap) -> Result<bool, String>;
+}
+
+/// Who may write: this replica (leader) or another one at `leader` (follower).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Leadership {
+    /// Whether this replica accepts writes.
+    pub is_leader: bool,
+    /// Address of the leader ("" when unknown).
+    pub leader: String,
+}
+
 /// The coordinator's state.
 pub struct ClusterState {
     cfg: CoordinatorConfig,
     inner: Mutex<Inner>,
     tx: watch::Sender<Arc<pb::ShardMap>>,
+    leadership: Mutex<Leadership>,
+    sink: Mutex<Option<Box<dyn StateSink>>>,
 }
 
 const STATE_FILE: &str = "coordinator-state.pb";
@@ -135,7 +157,76 @@ impl ClusterState {
         }
         let map = Arc::new(Self::map_of(&cfg, &inner));
         let (tx, _) = watch::channel(map);
-        Ok(Arc::new(ClusterState { cfg, inner: Mutex::new(inner), tx }))
+        Ok(Arc::new(ClusterState {
+            cfg,
+            inner: Mutex::new(inner),
+            tx,
+            leadership: Mutex::new(Leadership { is_leader: true, leader: String::new() }),
+            sink: Mutex::new(None),
+        }))
+    }
+
+    /// Who may write now.
+    pub fn leadership(&self) -> Leadership {
+        self.leadership.lock().clone()
+    }
+
+    /// Become a follower of `leader` (HA mode): writes are refused and redirected.
+    pub fn follow(&self, leader: String) {
+        *self.sink.lock() = None;
+        *self.leadership.lock() = Leadership { is_leader: false, leader };
+    }
+
+    /// Become the leader, persisting every commit through `sink` from now on.
+    pub fn lead(&self, sink: Box<dyn StateSink>, me: String) {
+        *self.sink.lock() = Some(sink);
+        // Give every node a full timeout to heartbeat to the new leader before judging it.
+        let now = Instant::now();
+        for n in self.inner.lock().nodes.values_mut() {
+            n.last_heartbeat = now;
+        }
+        *self.leadership.lock() = Leadership { is_leader: true, leader: me };
+    }
+
+    /// Replace the state with `map` (a follower catching up with the leader's writes, or a new
+    /// leader loading the latest state). Ignored unless `map` is newer. Node states are taken as
+    /// persisted; their liveness clocks restart.
+    pub fn load_map(&self, map: pb::ShardMap) -> Result<bool, CoordinatorError> {
+        let mut inner = self.inner.lock();
+        if map.epoch <= inner.epoch && inner.epoch != 0 {
+            return Ok(false);
+        }
+        let now = Instant::now();
+        inner.epoch = map.epoch;
+        inner.namespaces.clear();
+        for n in map.namespaces {
+            let ns = Namespace::try_from(n)?;
+            inner.namespaces.insert(ns.name.clone(), ns);
+        }
+        let old = std::mem::take(&mut inner.nodes);
+        for sn in map.nodes {
+            let Some(info) = sn.node else { continue };
+            let state = pb::NodeState::try_from(sn.state).unwrap_or(pb::NodeState::Down);
+            let prev = old.get(&info.node_id);
+            inner.nodes.insert(
+                info.node_id.clone(),
+                NodeRec {
+                    state,
+                    joined: prev.map_or(now, |p| p.joined),
+                    ramp_step: prev.map_or(RAMP_STEPS, |p| p.ramp_step),
+                    last_heartbeat: now,
+                    last_heartbeat_wall: SystemTime::now(),
+                    used_bytes: prev.map_or(0, |p| p.used_bytes),
+                    pages: prev.map_or(0, |p| p.pages),
+                    sequences: prev.map_or(0, |p| p.sequences),
+                    info,
+                },
+            );
+        }
+        inner.workers = map.workers.into_iter().map(|w| (w.worker_id.clone(), w)).collect();
+        let m = Self::map_of(&self.cfg, &inner);
+        self.tx.send_replace(Arc::new(m));
+        Ok(true)
     }
 
     /// Settings.
@@ -170,14 +261,31 @@ impl ClusterState {
 
     /// Bump the epoch, persist, publish. Called with the lock held.
     fn commit(&self, inner: &mut Inner) -> Result<u64, CoordinatorError> {
+        let l = self.leadership();
+        if !l.is_leader {
+            return Err(CoordinatorError::NotLeader(l.leader));
+        }
         inner.epoch += 1;
         let map = Self::map_of(&self.cfg, inner);
-        self.persist(&map)?;
+        if let Err(e) = self.persist(&map) {
+            inner.epoch -= 1;
+            return Err(e);
+        }
         self.tx.send_replace(Arc::new(map));
         Ok(inner.epoch)
     }
 
     fn persist(&self, map: &pb::ShardMap) -> Result<(), CoordinatorError> {
+        if let Some(sink) = self.sink.lock().as_ref() {
+            match sink.save(map) {
+                Ok(true) => {}
+                Ok(false) => {
+                    self.leadership.lock().is_leader = false;
+                    return Err(CoordinatorError::NotLeader(String::new()));
+                }
+                Err(e) => return Err(io::Error::other(e).into()),
+            }
+        }
         use std::io::Write;
         let dir = &self.cfg.data_dir;
         let tmp = dir.join(format!("{STATE_FILE}.tmp"));

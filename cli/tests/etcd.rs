@@ -1,0 +1,160 @@
+//! Coordinator HA on a real etcd (Debian's `etcd-server`; built with `--features etcd`): two
+//! coordinator processes elect a leader, writes reach it through either replica, the leader is
+//! SIGKILLed and the other takes over within seconds with the state intact and the epoch moving
+//! forward only; a node follows the new leader.
+#![cfg(feature = "etcd")]
+
+mod common;
+
+use common::spawn;
+use kvcache_client::Client;
+use kvcache_proto::v1 as pb;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+struct Etcd(std::process::Child);
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn status(addr: &str) -> Option<pb::ClusterStatusResponse> {
+    let mut c = kvcache_proto::v1::coordinator_client::CoordinatorClient::new(kvcache_client::channel(addr).ok()?);
+    c.cluster_status(pb::ClusterStatusRequest {}).await.ok().map(|r| r.into_inner())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leader_fails_over_with_state_intact_and_a_monotonic_epoch() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cp, pp) = (free_port(), free_port());
+    let client_url = format!("http://127.0.0.1:{cp}");
+    let peer_url = format!("http://127.0.0.1:{pp}");
+    let _etcd = Etcd(
+        Command::new("etcd")
+            .args(["--name", "t", "--listen-client-urls", &client_url, "--advertise-client-urls", &client_url])
+            .args([
+                "--listen-peer-urls",
+                &peer_url,
+                "--initial-advertise-peer-urls",
+                &peer_url,
+                "--initial-cluster",
+                &format!("t={peer_url}"),
+            ])
+            .arg("--data-dir")
+            .arg(dir.path().join("etcd"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("etcd on PATH (Debian package etcd-server)"),
+    );
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(("127.0.0.1", cp)).is_ok() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let etcd_ep = format!("127.0.0.1:{cp}");
+    let coordinator = |i: usize| {
+        let d = dir.path().join(format!("c{i}"));
+        spawn(&[
+            "coordinator",
+            "--listen",
+            "127.0.0.1:0",
+            "--etcd-endpoints",
+            &etcd_ep,
+            "--node-timeout",
+            "3s",
+            "--join-ramp",
+            "0s",
+            "--data-dir",
+            d.to_str().unwrap(),
+        ])
+    };
+    let mut c = [coordinator(0), coordinator(1)];
+    let both = format!("{},{}", c[0].addr, c[1].addr);
+    // One of them is elected.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let leader = loop {
+        assert!(Instant::now() < deadline, "no leader elected");
+        if let Some(s) = status(&c[0].addr).await
+            && !s.leader.is_empty()
+            && s.leader != "self"
+        {
+            break s.leader;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let (li, fi) = if leader == c[0].addr { (0, 1) } else { (1, 0) };
+    // Writes through the follower reach the leader.
+    let client = Client::connect(&format!("{},{}", c[fi].addr, c[li].addr)).await.unwrap();
+    client
+        .create_namespace(pb::CreateNamespaceRequest {
+            name: "ha.one".into(),
+            preset: "deepseek-v3".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let ndir = dir.path().join("n");
+    let _node = spawn(&[
+        "node",
+        "--listen",
+        "127.0.0.1:0",
+        "--coordinator",
+        &both,
+        "--node-id",
+        "n0",
+        "--capacity",
+        "64MiB",
+        "--data-dir",
+        ndir.to_str().unwrap(),
+    ]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let e1 = loop {
+        assert!(Instant::now() < deadline, "the node did not register with the leader");
+        if let Some(s) = status(&c[li].addr).await
+            && s.nodes.iter().any(|n| n.node.as_ref().is_some_and(|sn| sn.state == pb::NodeState::Up as i32))
+        {
+            break s.epoch;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    // Kill the leader; the follower takes over.
+    c[li].kill();
+    let t = Instant::now();
+    let survivor = c[fi].addr.clone();
+    let s = loop {
+        assert!(t.elapsed() < Duration::from_secs(20), "no failover within 20 s");
+        if let Some(s) = status(&survivor).await
+            && s.leader == survivor
+        {
+            break s;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    eprintln!("failover took {:?}", t.elapsed());
+    assert!(s.epoch >= e1, "epoch went backwards: {} < {e1}", s.epoch);
+    assert!(s.namespaces.iter().any(|n| n.name == "ha.one"), "namespace lost in failover");
+    client
+        .create_namespace(pb::CreateNamespaceRequest {
+            name: "ha.two".into(),
+            preset: "llama-3-8b".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    // The node heartbeats to the new leader and stays up.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let s2 = status(&survivor).await.unwrap();
+    assert!(s2.epoch > e1);
+    assert!(s2.namespaces.iter().any(|n| n.name == "ha.two"));
+    let up = s2.nodes.iter().filter(|n| n.node.as_ref().is_some_and(|sn| sn.state == pb::NodeState::Up as i32)).count();
+    assert_eq!(up, 1, "the node is not up under the new leader: {s2:?}");
+}
