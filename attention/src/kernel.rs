@@ -112,18 +112,54 @@ fn prefetch_rows<I: Isa>(shape: &AttnShape, page: &KvPage, plane: usize, t: usiz
     }
 }
 
-/// Scores of `NH` heads × `NT` tokens: `s[h][t] = q[h] · k[t]` over `w` (a multiple of LANES).
+/// Where a tile reads K/V rows from: the f32 scratch, or (bf16 pages whose rows are whole
+/// vectors) straight from the page payload, widened in registers — no scratch pass.
+trait Rows: Copy {
+    /// The vector at row `r`, column `c` (a multiple of LANES).
+    unsafe fn at<I: Isa>(self, r: usize, c: usize) -> I::V;
+}
+
+#[derive(Clone, Copy)]
+struct F32Rows(*const f32, usize);
+
+impl Rows for F32Rows {
+    #[inline(always)]
+    unsafe fn at<I: Isa>(self, r: usize, c: usize) -> I::V {
+        // SAFETY: callers stay inside the scratch rows they were given.
+        unsafe { I::load(self.0.add(r * self.1 + c)) }
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Bf16Rows(*const u8, usize);
+
+impl Rows for Bf16Rows {
+    #[inline(always)]
+    unsafe fn at<I: Isa>(self, r: usize, c: usize) -> I::V {
+        // SAFETY: callers stay inside the payload rows they were given (row stride in bytes).
+        unsafe { I::load_bf16(self.0.add(r * self.1 + 2 * c)) }
+    }
+}
+
+/// Scores of `NH` heads × `NT` tokens: `s[h][t] = q[h] · k[t0 + t]` over `w` (a multiple of
+/// LANES).
 #[inline(always)]
-unsafe fn dot_tile<I: Isa, const NH: usize, const NT: usize>(q: *const f32, k: *const f32, w: usize, s: *mut f32) {
-    // SAFETY: callers pass q with NH rows and k with NT rows of `w` f32, and s with NH rows of
-    // BT f32; i + LANES ≤ w throughout.
+unsafe fn dot_tile<I: Isa, R: Rows, const NH: usize, const NT: usize>(
+    q: *const f32,
+    k: R,
+    t0: usize,
+    w: usize,
+    s: *mut f32,
+) {
+    // SAFETY: callers pass q with NH rows of `w` f32, rows t0..t0+NT of k, and s with NH rows
+    // of BT f32; i + LANES ≤ w throughout.
     unsafe {
         let mut acc = [[I::zero(); NT]; NH];
         let mut i = 0;
         while i < w {
             let mut kv = [I::zero(); NT];
             for (t, kt) in kv.iter_mut().enumerate() {
-                *kt = I::load(k.add(t * w + i));
+                *kt = k.at::<I>(t0 + t, i);
             }
             for (h, ah) in acc.iter_mut().enumerate() {
                 let qv = I::load(q.add(h * w + i));
@@ -142,19 +178,19 @@ unsafe fn dot_tile<I: Isa, const NH: usize, const NT: usize>(q: *const f32, k: *
 }
 
 #[inline(always)]
-unsafe fn dot_block<I: Isa>(q: &[f32], k: &[f32], g: usize, bt: usize, w: usize, s: &mut [f32]) {
-    let (q, k, s) = (q.as_ptr(), k.as_ptr(), s.as_mut_ptr());
-    // SAFETY: q is g×w, k is ≥ bt×w, s is g×BT (Scratch); every tile stays inside them.
+unsafe fn dot_block<I: Isa, R: Rows>(q: &[f32], k: R, g: usize, bt: usize, w: usize, s: &mut [f32]) {
+    let (q, s) = (q.as_ptr(), s.as_mut_ptr());
+    // SAFETY: q is g×w, k holds ≥ bt rows, s is g×BT (Scratch); every tile stays inside them.
     unsafe {
         let mut h = 0;
         while I::WIDE && h + 4 <= g {
             let mut t = 0;
             while t + 4 <= bt {
-                dot_tile::<I, 4, 4>(q.add(h * w), k.add(t * w), w, s.add(h * BT + t));
+                dot_tile::<I, R, 4, 4>(q.add(h * w), k, t, w, s.add(h * BT + t));
                 t += 4;
             }
             while t < bt {
-                dot_tile::<I, 4, 1>(q.add(h * w), k.add(t * w), w, s.add(h * BT + t));
+                dot_tile::<I, R, 4, 1>(q.add(h * w), k, t, w, s.add(h * BT + t));
                 t += 1;
             }
             h += 4;
@@ -162,11 +198,11 @@ unsafe fn dot_block<I: Isa>(q: &[f32], k: &[f32], g: usize, bt: usize, w: usize,
         while h + 2 <= g {
             let mut t = 0;
             while t + 4 <= bt {
-                dot_tile::<I, 2, 4>(q.add(h * w), k.add(t * w), w, s.add(h * BT + t));
+                dot_tile::<I, R, 2, 4>(q.add(h * w), k, t, w, s.add(h * BT + t));
                 t += 4;
             }
             while t < bt {
-                dot_tile::<I, 2, 1>(q.add(h * w), k.add(t * w), w, s.add(h * BT + t));
+                dot_tile::<I, R, 2, 1>(q.add(h * w), k, t, w, s.add(h * BT + t));
                 t += 1;
             }
             h += 2;
@@ -174,11 +210,11 @@ unsafe fn dot_block<I: Isa>(q: &[f32], k: &[f32], g: usize, bt: usize, w: usize,
         if h < g {
             let mut t = 0;
             while t + 4 <= bt {
-                dot_tile::<I, 1, 4>(q.add(h * w), k.add(t * w), w, s.add(h * BT + t));
+                dot_tile::<I, R, 1, 4>(q.add(h * w), k, t, w, s.add(h * BT + t));
                 t += 4;
             }
             while t < bt {
-                dot_tile::<I, 1, 1>(q.add(h * w), k.add(t * w), w, s.add(h * BT + t));
+                dot_tile::<I, R, 1, 1>(q.add(h * w), k, t, w, s.add(h * BT + t));
                 t += 1;
             }
         }
@@ -187,16 +223,16 @@ unsafe fn dot_block<I: Isa>(q: &[f32], k: &[f32], g: usize, bt: usize, w: usize,
 
 /// `acc[h][c..c+NC·LANES] += Σ_t p[h][t] · v[t][c..]` for `NH` heads.
 #[inline(always)]
-unsafe fn pv_tile<I: Isa, const NH: usize, const NC: usize>(
+unsafe fn pv_tile<I: Isa, R: Rows, const NH: usize, const NC: usize>(
     p: *const f32,
-    v: *const f32,
-    vs: usize,
+    v: R,
+    c: usize,
     bt: usize,
     acc: *mut f32,
     wa: usize,
 ) {
-    // SAFETY: callers pass p with NH rows of BT, v with bt rows of stride vs covering the
-    // columns, acc with NH rows of stride wa covering the columns.
+    // SAFETY: callers pass p with NH rows of BT, v with bt rows covering columns c.., acc with
+    // NH rows of stride wa covering the columns.
     unsafe {
         let mut a = [[I::zero(); NC]; NH];
         for (h, ah) in a.iter_mut().enumerate() {
@@ -207,7 +243,7 @@ unsafe fn pv_tile<I: Isa, const NH: usize, const NC: usize>(
         for t in 0..bt {
             let mut vv = [I::zero(); NC];
             for (j, x) in vv.iter_mut().enumerate() {
-                *x = I::load(v.add(t * vs + j * I::LANES));
+                *x = v.at::<I>(t, c + j * I::LANES);
             }
             for (h, ah) in a.iter_mut().enumerate() {
                 let ph = I::splat(*p.add(h * BT + t));
@@ -225,9 +261,9 @@ unsafe fn pv_tile<I: Isa, const NH: usize, const NC: usize>(
 }
 
 #[inline(always)]
-unsafe fn pv_block<I: Isa>(p: &[f32], v: &[f32], vs: usize, g: usize, bt: usize, acc: &mut [f32], wa: usize) {
-    let (p, v, acc) = (p.as_ptr(), v.as_ptr(), acc.as_mut_ptr());
-    // SAFETY: p is g×BT, v holds bt rows of stride vs ≥ wa, acc is g×wa; wa is a multiple of
+unsafe fn pv_block<I: Isa, R: Rows>(p: &[f32], v: R, g: usize, bt: usize, acc: &mut [f32], wa: usize) {
+    let (p, acc) = (p.as_ptr(), acc.as_mut_ptr());
+    // SAFETY: p is g×BT, v holds bt rows at least wa wide, acc is g×wa; wa is a multiple of
     // LANES, and every tile covers columns < wa.
     unsafe {
         let mut h = 0;
@@ -235,24 +271,24 @@ unsafe fn pv_block<I: Isa>(p: &[f32], v: &[f32], vs: usize, g: usize, bt: usize,
             let nh = (g - h).min(4);
             let mut c = 0;
             while c < wa {
-                let (pp, vv, aa) = (p.add(h * BT), v.add(c), acc.add(h * wa + c));
+                let (pp, aa) = (p.add(h * BT), acc.add(h * wa + c));
                 if I::WIDE && nh == 4 && c + 4 * I::LANES <= wa {
-                    pv_tile::<I, 4, 4>(pp, vv, vs, bt, aa, wa);
+                    pv_tile::<I, R, 4, 4>(pp, v, c, bt, aa, wa);
                     c += 4 * I::LANES;
                     continue;
                 }
                 let two = c + 2 * I::LANES <= wa;
                 match (nh, two) {
-                    (4, true) => pv_tile::<I, 4, 2>(pp, vv, vs, bt, aa, wa),
-                    (4, false) => pv_tile::<I, 4, 1>(pp, vv, vs, bt, aa, wa),
+                    (4, true) => pv_tile::<I, R, 4, 2>(pp, v, c, bt, aa, wa),
+                    (4, false) => pv_tile::<I, R, 4, 1>(pp, v, c, bt, aa, wa),
                     (_, true) => {
                         for i in 0..nh {
-                            pv_tile::<I, 1, 2>(pp.add(i * BT), vv, vs, bt, aa.add(i * wa), wa);
+                            pv_tile::<I, R, 1, 2>(pp.add(i * BT), v, c, bt, aa.add(i * wa), wa);
                         }
                     }
                     (_, false) => {
                         for i in 0..nh {
-                            pv_tile::<I, 1, 1>(pp.add(i * BT), vv, vs, bt, aa.add(i * wa), wa);
+                            pv_tile::<I, R, 1, 1>(pp.add(i * BT), v, c, bt, aa.add(i * wa), wa);
                         }
                     }
                 }
@@ -287,6 +323,11 @@ unsafe fn attend_group<I: Isa>(
     sc.m.fill(f32::NEG_INFINITY);
     sc.l.fill(0.0);
     let (k_plane, v_plane) = if shape.latent { (0, 0) } else { (grp, shape.kv_groups + grp) };
+    // GQA bf16 rows that are whole vectors are read straight from the payload: each K/V row is
+    // used by only the group's few heads, so a scratch pass costs more than widening in
+    // registers. MLA rows are used by every head (up to 128): widening them once into scratch
+    // is cheaper there.
+    let direct = !shape.latent && shape.layout.codec == Codec::Bf16 && shape.layout.shape.width.is_multiple_of(PAD);
     for (pi, page) in range.pages.iter().enumerate() {
         let start = range.starts[pi];
         let a = range.t0.max(start);
@@ -315,11 +356,24 @@ unsafe fn attend_group<I: Isa>(
             // SAFETY (this block): scratch buffers are sized by Scratch::new for this shape;
             // the ISA is available (checked by the dispatcher).
             unsafe {
-                decode_rows::<I>(shape, page, k_plane, t - start, bt, &mut sc.k, wk);
-                if !shape.latent {
-                    decode_rows::<I>(shape, page, v_plane, t - start, bt, &mut sc.v, wv);
+                let l = &shape.layout;
+                let k_direct = Bf16Rows(
+                    page.payload.as_ptr().add(l.row_range(page.tokens, k_plane, t - start).start),
+                    l.row_bytes,
+                );
+                let v_direct = Bf16Rows(
+                    page.payload.as_ptr().add(l.row_range(page.tokens, v_plane, t - start).start),
+                    l.row_bytes,
+                );
+                if direct {
+                    dot_block::<I, _>(&sc.q, k_direct, g, bt, wk, &mut sc.s);
+                } else {
+                    decode_rows::<I>(shape, page, k_plane, t - start, bt, &mut sc.k, wk);
+                    if !shape.latent {
+                        decode_rows::<I>(shape, page, v_plane, t - start, bt, &mut sc.v, wv);
+                    }
+                    dot_block::<I, _>(&sc.q, F32Rows(sc.k.as_ptr(), wk), g, bt, wk, &mut sc.s);
                 }
-                dot_block::<I>(&sc.q, &sc.k, g, bt, wk, &mut sc.s);
                 for h in 0..g {
                     let row = &mut sc.s[h * BT..h * BT + BT];
                     let bm = row[..bt].iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -347,8 +401,12 @@ unsafe fn attend_group<I: Isa>(
                         }
                     }
                 }
-                let (v, vs) = if shape.latent { (&sc.k[..], wk) } else { (&sc.v[..], wv) };
-                pv_block::<I>(&sc.s, v, vs, g, bt, &mut sc.acc, wv);
+                if direct {
+                    pv_block::<I, _>(&sc.s, v_direct, g, bt, &mut sc.acc, wv);
+                } else {
+                    let v = if shape.latent { F32Rows(sc.k.as_ptr(), wk) } else { F32Rows(sc.v.as_ptr(), wv) };
+                    pv_block::<I, _>(&sc.s, v, g, bt, &mut sc.acc, wv);
+                }
             }
             t += bt;
         }

@@ -41,6 +41,8 @@ pub trait Isa: Copy + 'static {
     unsafe fn widen_bf16(src: *const u8, dst: *mut f32);
     /// Widen `LANES` little-endian f16 at `src` to f32 at `dst` (exact).
     unsafe fn widen_f16(src: *const u8, dst: *mut f32);
+    /// Load `LANES` little-endian bf16 at `src` widened to f32 (exact).
+    unsafe fn load_bf16(src: *const u8) -> Self::V;
     /// Hint that the cache line at `p` will be read soon (no-op where unsupported).
     unsafe fn prefetch(_p: *const u8) {}
 }
@@ -155,6 +157,13 @@ impl Isa for Portable {
         }
     }
     #[inline(always)]
+    unsafe fn load_bf16(src: *const u8) -> Self::V {
+        // SAFETY: the caller guarantees 16 readable bytes at `src`.
+        std::array::from_fn(|i| unsafe {
+            f32::from_bits((u16::from_le_bytes([*src.add(2 * i), *src.add(2 * i + 1)]) as u32) << 16)
+        })
+    }
+    #[inline(always)]
     unsafe fn widen_f16(src: *const u8, dst: *mut f32) {
         for i in 0..8 {
             // SAFETY: as in widen_bf16.
@@ -251,6 +260,14 @@ mod x86 {
             unsafe { _mm256_storeu_ps(dst, _mm256_cvtph_ps(_mm_loadu_si128(src as *const __m128i))) }
         }
         #[inline(always)]
+        unsafe fn load_bf16(src: *const u8) -> __m256 {
+            unsafe {
+                _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(_mm_loadu_si128(
+                    src as *const __m128i,
+                ))))
+            }
+        }
+        #[inline(always)]
         unsafe fn prefetch(p: *const u8) {
             unsafe { _mm_prefetch::<_MM_HINT_T0>(p as *const i8) }
         }
@@ -324,6 +341,14 @@ mod x86 {
         #[inline(always)]
         unsafe fn widen_f16(src: *const u8, dst: *mut f32) {
             unsafe { _mm512_storeu_ps(dst, _mm512_cvtph_ps(_mm256_loadu_si256(src as *const __m256i))) }
+        }
+        #[inline(always)]
+        unsafe fn load_bf16(src: *const u8) -> __m512 {
+            unsafe {
+                _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(_mm256_loadu_si256(
+                    src as *const __m256i,
+                ))))
+            }
         }
         #[inline(always)]
         unsafe fn prefetch(p: *const u8) {
