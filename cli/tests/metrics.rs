@@ -77,6 +77,10 @@ async fn every_dashboard_metric_is_exported() {
     for e in &exported {
         assert!(e.starts_with("kvcache_"), "{e} lacks the kvcache_ prefix");
     }
+    // Every family has help text (promtool in CI checks the rest of the conventions).
+    for fam in text.lines().filter_map(|l| l.strip_prefix("# TYPE ")).map(|l| l.split(' ').next().unwrap()) {
+        assert!(text.contains(&format!("# HELP {fam} ")), "{fam} has no help text");
+    }
     // Counters end in _total; histograms carry explicit buckets.
     assert!(text.contains("# TYPE kvcache_grpc_requests_total counter"));
     assert!(text.contains("kvcache_grpc_request_duration_seconds_bucket{"));

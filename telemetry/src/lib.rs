@@ -77,6 +77,49 @@ pub mod names {
     pub const COORDINATOR_NAMESPACES: &str = "kvcache_coordinator_namespaces";
 }
 
+/// Register the help text and unit of every metric (Prometheus `# HELP` lines).
+fn describe() {
+    metrics::describe_counter!(names::GRPC_REQUESTS, "gRPC requests by server, method and status code.");
+    metrics::describe_histogram!(
+        names::GRPC_DURATION,
+        metrics::Unit::Seconds,
+        "gRPC request latency to the response head, by server and method."
+    );
+    metrics::describe_counter!(names::NODE_PAGE_HITS, "Pages served.");
+    metrics::describe_counter!(names::NODE_PAGE_MISSES, "Pages asked for and not held.");
+    metrics::describe_counter!(names::NODE_BYTES_OUT, metrics::Unit::Bytes, "Payload bytes served.");
+    metrics::describe_counter!(names::NODE_BYTES_IN, metrics::Unit::Bytes, "Payload bytes stored (puts and appends).");
+    metrics::describe_gauge!(
+        names::NODE_STORED_BYTES,
+        metrics::Unit::Bytes,
+        "Bytes of stored pages (header + payload)."
+    );
+    metrics::describe_gauge!(names::NODE_CAPACITY_BYTES, metrics::Unit::Bytes, "Configured capacity.");
+    metrics::describe_gauge!(names::NODE_POOL_BYTES, metrics::Unit::Bytes, "Bytes of pool files.");
+    metrics::describe_gauge!(names::NODE_PAGES, "Pages held.");
+    metrics::describe_gauge!(names::NODE_SEQUENCES, "Sequences held.");
+    metrics::describe_counter!(names::NODE_EVICTIONS, "Sequences evicted, by reason.");
+    metrics::describe_gauge!(names::NODE_LEASES, "Unexpired leases.");
+    metrics::describe_gauge!(names::NODE_POOL_FILES_FAILED, "Pool files taken out of service after a failed flush.");
+    metrics::describe_gauge!(names::NODE_INDEX_BYTES, metrics::Unit::Bytes, "Index memory.");
+    metrics::describe_gauge!(
+        names::NODE_RECOVERY_SECONDS,
+        metrics::Unit::Seconds,
+        "Seconds the last start spent recovering pool files."
+    );
+    metrics::describe_counter!(names::NODE_CORRUPT_PAGES, "Pages dropped because they failed verification.");
+    metrics::describe_gauge!(names::NODE_EPOCH, "The node's shard-map epoch.");
+    metrics::describe_counter!(names::WORKER_CACHE_HITS, "Worker page-cache hits.");
+    metrics::describe_counter!(names::WORKER_CACHE_MISSES, "Worker page-cache misses.");
+    metrics::describe_gauge!(names::WORKER_CACHE_BYTES, metrics::Unit::Bytes, "Bytes the worker's page cache holds.");
+    metrics::describe_counter!(names::WORKER_BYTES_PULLED, metrics::Unit::Bytes, "Bytes pulled from nodes.");
+    metrics::describe_histogram!(names::WORKER_BYTES_PER_STEP, metrics::Unit::Bytes, "Bytes pulled per decode call.");
+    metrics::describe_counter!(names::WORKER_SEQUENCES, "Sequences decoded, by status.");
+    metrics::describe_gauge!(names::COORDINATOR_EPOCH, "The coordinator's epoch.");
+    metrics::describe_gauge!(names::COORDINATOR_NODES, "Nodes by state.");
+    metrics::describe_gauge!(names::COORDINATOR_NAMESPACES, "Namespaces.");
+}
+
 fn builder() -> PrometheusBuilder {
     let latency = [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0];
     let bytes = [0.0, 4096.0, 65536.0, 262144.0, 1048576.0, 4194304.0, 16777216.0, 67108864.0, 268435456.0];
@@ -89,12 +132,16 @@ fn builder() -> PrometheusBuilder {
 
 /// Install the global recorder and serve `/metrics` on `addr`.
 pub fn install(addr: SocketAddr) -> Result<(), String> {
-    builder().with_http_listener(addr).install().map_err(|e| e.to_string())
+    builder().with_http_listener(addr).install().map_err(|e| e.to_string())?;
+    describe();
+    Ok(())
 }
 
 /// Install the global recorder without an HTTP listener; render with the handle.
 pub fn install_recorder() -> Result<PrometheusHandle, String> {
-    builder().install_recorder().map_err(|e| e.to_string())
+    let h = builder().install_recorder().map_err(|e| e.to_string())?;
+    describe();
+    Ok(h)
 }
 
 /// Tower layer recording [`names::GRPC_REQUESTS`] and [`names::GRPC_DURATION`].
