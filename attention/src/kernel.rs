@@ -169,6 +169,15 @@ unsafe fn dot_tile<I: Isa, R: Rows, const NH: usize, const NT: usize>(
             }
             i += I::LANES;
         }
+        if NH * NT == 16 {
+            let flat: [I::V; 16] = std::array::from_fn(|j| acc[j / NT][j % NT]);
+            let mut sums = [0f32; 16];
+            I::sum16(&flat, &mut sums);
+            for (j, v) in sums.iter().enumerate() {
+                *s.add((j / NT) * BT + j % NT) = *v;
+            }
+            return;
+        }
         for (h, ah) in acc.iter().enumerate() {
             for (t, a) in ah.iter().enumerate() {
                 *s.add(h * BT + t) = I::sum(*a);
