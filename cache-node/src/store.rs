@@ -946,8 +946,10 @@ impl PageStore {
         let mut index = 0usize;
         let mut active_leases = 0u64;
         let mut per_ns: HashMap<String, (u64, u64, u64, u64)> = HashMap::new();
-        for e in self.sequences.iter() {
-            let s = e.value();
+        // Clone the handles first: a sequence lock must never be awaited while a map shard is
+        // locked (delete and eviction take them in the other order).
+        let seqs: Vec<Arc<Sequence>> = self.sequences.iter().map(|e| e.value().clone()).collect();
+        for s in &seqs {
             let inner = s.inner.lock();
             index += std::mem::size_of::<SequenceKey>()
                 + s.key.namespace.capacity()

@@ -307,3 +307,29 @@ fn stale_epochs_are_refused() {
     assert_eq!(s.epoch(), 5, "epochs never go backwards");
     s.put_pages(5, vec![p]).unwrap();
 }
+
+#[test]
+fn stats_and_deletes_running_together_never_deadlock() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path(), 512);
+    for i in 0..200 {
+        put(&s, &key(&format!("s{i}"), 0, 0), 4, 1);
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    let s2 = s.clone();
+    let stats = std::thread::spawn(move || {
+        for _ in 0..200 {
+            let _ = s2.stats();
+        }
+    });
+    let s3 = s.clone();
+    std::thread::spawn(move || {
+        for i in 0..200 {
+            s3.delete(0, &SequenceKey::new("test.small", format!("s{i}"))).unwrap();
+        }
+        stats.join().unwrap();
+        tx.send(()).unwrap();
+    });
+    rx.recv_timeout(Duration::from_secs(60)).expect("stats() and delete() deadlocked");
+    assert_eq!(s.stats().pages, 0);
+}
