@@ -39,17 +39,27 @@ pub async fn join_cluster(store: Arc<PageStore>, coordinator: String, info: pb::
     let mut current = replicas[0].clone();
     let mut next = 0usize;
     let mut backoff = Duration::from_millis(100);
-    // Where to go after a failure: the leader named by a follower, else the next replica.
-    let mut switch = |status: Option<&tonic::Status>, current: &mut String| {
-        let leader = status
-            .and_then(|s| s.metadata().get(kvcache_proto::metadata::LEADER))
+    // Addresses that refused a connection since the last success: a follower's leader hint
+    // pointing at one of them is stale (the election is still running), so it is not followed.
+    let mut dead: Vec<String> = Vec::new();
+    let mut failures = 0usize;
+    let mut switch = |status: &tonic::Status, current: &mut String, dead: &mut Vec<String>| {
+        let hint = status
+            .metadata()
+            .get(kvcache_proto::metadata::LEADER)
             .and_then(|v| v.to_str().ok())
             .filter(|l| !l.is_empty())
             .map(str::to_owned);
-        *current = leader.unwrap_or_else(|| {
-            next = (next + 1) % replicas.len();
-            replicas[next].clone()
-        });
+        match hint {
+            Some(l) if !dead.contains(&l) && l != *current => *current = l,
+            _ => {
+                if status.metadata().get(kvcache_proto::metadata::LEADER).is_none() && !dead.contains(current) {
+                    dead.push(current.clone());
+                }
+                next = (next + 1) % replicas.len();
+                *current = replicas[next].clone();
+            }
+        }
     };
     loop {
         let Ok(ch) = endpoint(&current) else {
@@ -66,13 +76,20 @@ pub async fn join_cluster(store: Arc<PageStore>, coordinator: String, info: pb::
                 let _ = tokio::task::spawn_blocking(move || apply(&s, epoch, nss)).await;
                 tracing::info!(epoch = r.epoch, coordinator = %current, "registered with the coordinator");
                 backoff = Duration::from_millis(100);
+                dead.clear();
+                failures = 0;
                 Duration::from_millis(r.heartbeat_interval_ms.clamp(50, 60_000) as u64)
             }
             Err(e) => {
                 tracing::warn!(error = %e, coordinator = %current, "registration failed; retrying");
-                switch(Some(&e), &mut current);
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(2));
+                switch(&e, &mut current, &mut dead);
+                failures += 1;
+                // Sleep once per round over the replicas, not after every refusal.
+                if failures.is_multiple_of(replicas.len()) {
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    dead.clear();
+                }
                 continue;
             }
         };
@@ -102,7 +119,7 @@ pub async fn join_cluster(store: Arc<PageStore>, coordinator: String, info: pb::
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "heartbeat failed");
-                    switch(Some(&e), &mut current);
+                    switch(&e, &mut current, &mut dead);
                     break;
                 }
             }

@@ -150,11 +150,19 @@ async fn the_leader_fails_over_with_state_intact_and_a_monotonic_epoch() {
         })
         .await
         .unwrap();
-    // The node heartbeats to the new leader and stays up.
-    tokio::time::sleep(Duration::from_secs(4)).await;
-    let s2 = status(&survivor).await.unwrap();
-    assert!(s2.epoch > e1);
-    assert!(s2.namespaces.iter().any(|n| n.name == "ha.two"));
-    let up = s2.nodes.iter().filter(|n| n.node.as_ref().is_some_and(|sn| sn.state == pb::NodeState::Up as i32)).count();
-    assert_eq!(up, 1, "the node is not up under the new leader: {s2:?}");
+    // The node finds the new leader (bounded wait: it may have been marked down while the
+    // election ran) and is up under it.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let s2 = status(&survivor).await.unwrap();
+        let up =
+            s2.nodes.iter().filter(|n| n.node.as_ref().is_some_and(|sn| sn.state == pb::NodeState::Up as i32)).count();
+        if up == 1 {
+            assert!(s2.epoch > e1);
+            assert!(s2.namespaces.iter().any(|n| n.name == "ha.two"));
+            break;
+        }
+        assert!(Instant::now() < deadline, "the node is not up under the new leader: {s2:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }

@@ -15,22 +15,73 @@ use std::time::Duration;
 /// Lease TTL in seconds: a dead leader is replaced within about this long.
 const LEASE_TTL: i64 = 3;
 
+/// Writes commits to etcd from a thread with its own runtime and its own etcd connection.
+/// Commits run while the state lock is held; if the write needed the main runtime, handlers
+/// blocked on that lock could starve the very tasks that drive the etcd connection.
 struct EtcdSink {
-    client: Client,
-    state_key: String,
-    leader_key: Vec<u8>,
-    rt: tokio::runtime::Handle,
+    tx: std::sync::Mutex<std::sync::mpsc::Sender<WriteRequest>>,
+}
+
+/// An encoded state and where to send whether the fenced write succeeded.
+type WriteRequest = (Vec<u8>, std::sync::mpsc::Sender<Result<bool, String>>);
+
+impl EtcdSink {
+    fn start(endpoints: Vec<String>, state_key: String, leader_key: Vec<u8>) -> Result<EtcdSink, String> {
+        let (tx, rx) = std::sync::mpsc::channel::<WriteRequest>();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
+        std::thread::Builder::new()
+            .name("kvcache-etcd-writer".into())
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e.to_string()));
+                        return;
+                    }
+                };
+                let client = match rt.block_on(Client::connect(&endpoints, None)) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e.to_string()));
+                        return;
+                    }
+                };
+                let _ = ready_tx.send(Ok(()));
+                while let Ok((bytes, reply)) = rx.recv() {
+                    let mut kv = client.kv_client();
+                    let txn = Txn::new()
+                        .when([Compare::version(leader_key.clone(), CompareOp::Greater, 0)])
+                        .and_then([TxnOp::put(state_key.clone(), bytes, None)]);
+                    let r = rt.block_on(async {
+                        tokio::time::timeout(Duration::from_secs(5), kv.txn(txn))
+                            .await
+                            .map_err(|_| "etcd write timed out".to_string())
+                    });
+                    let _ = reply.send(r.and_then(|r| r.map(|r| r.succeeded()).map_err(|e| e.to_string())));
+                }
+            })
+            .map_err(|e| e.to_string())?;
+        ready_rx.recv().map_err(|e| e.to_string())??;
+        Ok(EtcdSink { tx: std::sync::Mutex::new(tx) })
+    }
 }
 
 impl StateSink for EtcdSink {
     fn save(&self, map: &pb::ShardMap) -> Result<bool, String> {
-        let mut kv = self.client.kv_client();
-        let txn = Txn::new()
-            .when([Compare::version(self.leader_key.clone(), CompareOp::Greater, 0)])
-            .and_then([TxnOp::put(self.state_key.clone(), map.encode_to_vec(), None)]);
-        // Commits are rare (membership and namespace changes): block this handler's thread.
-        let r = tokio::task::block_in_place(|| self.rt.block_on(kv.txn(txn))).map_err(|e| e.to_string())?;
-        Ok(r.succeeded())
+        let (reply, answer) = std::sync::mpsc::channel();
+        self.tx
+            .lock()
+            .map_err(|_| "etcd writer poisoned")?
+            .send((map.encode_to_vec(), reply))
+            .map_err(|_| "etcd writer stopped")?;
+        // Let the runtime move other tasks off this thread while the write is in flight.
+        let wait = || answer.recv().map_err(|_| "etcd writer stopped".to_string())?;
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(wait)
+            }
+            _ => wait(),
+        }
     }
 }
 
@@ -92,7 +143,12 @@ pub async fn run(
     let leader_key = won.leader().map(|l| l.key().to_vec()).ok_or("campaign returned no leader key")?;
     follower.abort();
     load(&mut client, &state_key, &state).await?;
-    let sink = EtcdSink { client: client.clone(), state_key, leader_key, rt: tokio::runtime::Handle::current() };
+    let sink = tokio::task::spawn_blocking({
+        let (endpoints, state_key) = (endpoints.clone(), state_key.clone());
+        move || EtcdSink::start(endpoints, state_key, leader_key)
+    })
+    .await
+    .map_err(|e| e.to_string())??;
     state.lead(Box::new(sink), advertise.clone());
     tracing::info!(%advertise, epoch = state.epoch(), "elected leader coordinator");
     // Leading: if the lease cannot be kept, another replica will take over; stop writing now.
