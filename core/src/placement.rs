@@ -39,8 +39,7 @@ pub fn draw(node_hash: u64, key_hash: u64) -> u64 {
 /// Monotonic in the draw for a fixed weight.
 #[inline]
 pub fn score_of(draw: u64, weight: f64) -> f64 {
-    let u = ((draw >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
-    -weight / u.ln()
+    -weight / unit(draw).ln()
 }
 
 /// Score of `node_hash` for `key_hash` at `weight`.
@@ -62,10 +61,16 @@ pub fn place(key_hash: u64, nodes: &[Candidate], r: usize) -> Vec<usize> {
         .filter(|(_, n)| n.weight > 0.0 && n.weight.is_finite())
         .map(|(i, n)| (score(n.node_hash, key_hash, n.weight), i))
         .collect();
+    select(&mut scored, nodes, r)
+}
+
+/// Sort `scored` best first (ties to the lower index) and pick `r`: first the best node of each
+/// zone not yet chosen (nodes without a zone always qualify), then the best remaining.
+fn select(scored: &mut [(f64, usize)], nodes: &[Candidate], r: usize) -> Vec<usize> {
     scored.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
     let mut out = Vec::with_capacity(r);
     let mut zones: Vec<&str> = Vec::new();
-    for &(_, i) in &scored {
+    for &(_, i) in scored.iter() {
         if out.len() == r {
             break;
         }
@@ -75,7 +80,7 @@ pub fn place(key_hash: u64, nodes: &[Candidate], r: usize) -> Vec<usize> {
             zones.push(z);
         }
     }
-    for &(_, i) in &scored {
+    for &(_, i) in scored.iter() {
         if out.len() == r {
             break;
         }
@@ -86,41 +91,71 @@ pub fn place(key_hash: u64, nodes: &[Candidate], r: usize) -> Vec<usize> {
     out
 }
 
-/// A placement index over a fixed candidate list that answers exactly like [`place`] without
-/// a logarithm (or an allocation) per node: nodes are grouped by weight, and within a group the
-/// score is monotonic in the integer draw, so each group only needs its few largest draws; the
-/// logarithm is taken for those few. Built once per shard map.
+/// A placement index over a fixed candidate list that answers exactly like [`place`] without a
+/// logarithm per node. Built once per shard map.
+///
+/// Only a few nodes can matter for a key: the best `r` overall, the best of each zone, and the
+/// best `r` without a zone. The exact score `-w / ln u` lies between `w·u / (1 - u)` and
+/// `w / (1 - u)` (from `1 - u ≤ -ln u ≤ (1 - u) / u`), and neither bound needs a logarithm. A
+/// lookup scans all nodes in blocks of eight (AVX-512, dispatched at run time, or portable code)
+/// with one draw, one multiply and one compare per node, keeping a node only when its upper
+/// bound reaches the lower bounds of the current leaders; the logarithm is then taken for the
+/// handful of survivors. Pruning keeps a relative margin of 1e-9 over the rounding of both
+/// sides, so the answer is [`place`]'s, ties included.
 #[derive(Debug, Clone)]
 pub struct PlacementIndex {
     nodes: Vec<Candidate>,
-    /// (weight, node indices, their hashes).
-    classes: Vec<(f64, Vec<usize>, Vec<u64>)>,
-    zoned: bool,
-    /// Distinct zones among eligible nodes.
+    /// Eligible nodes in blocks of eight: hashes, weights (padding has weight -1), indices and
+    /// zone ids ([`NO_ZONE`] for none).
+    hashes: Vec<[u64; BLOCK]>,
+    weights: Vec<[f64; BLOCK]>,
+    index: Vec<[u32; BLOCK]>,
+    zone: Vec<[u16; BLOCK]>,
+    /// Distinct named zones among eligible nodes.
     zones: usize,
+    /// Whether some eligible node has no zone.
+    unzoned: bool,
+    avx512: bool,
 }
+
+const BLOCK: usize = 8;
+const NO_ZONE: u16 = u16::MAX;
+/// Prune only when a bound falls short by more than this relative margin.
+const MARGIN: f64 = 1.0 - 1e-9;
 
 impl PlacementIndex {
     /// Index `nodes` (weights ≤ 0 are never chosen).
     pub fn new(nodes: &[Candidate]) -> Self {
-        let mut classes: Vec<(f64, Vec<usize>, Vec<u64>)> = Vec::new();
-        for (i, n) in nodes.iter().enumerate() {
-            if !(n.weight > 0.0 && n.weight.is_finite()) {
-                continue;
-            }
-            match classes.iter_mut().find(|c| c.0 == n.weight) {
-                Some(c) => {
-                    c.1.push(i);
-                    c.2.push(n.node_hash);
-                }
-                None => classes.push((n.weight, vec![i], vec![n.node_hash])),
-            }
+        let eligible: Vec<usize> =
+            (0..nodes.len()).filter(|&i| nodes[i].weight > 0.0 && nodes[i].weight.is_finite()).collect();
+        let mut names: Vec<&str> = eligible.iter().map(|&i| nodes[i].zone.as_str()).filter(|z| !z.is_empty()).collect();
+        names.sort_unstable();
+        names.dedup();
+        let blocks = eligible.len().div_ceil(BLOCK);
+        let mut hashes = vec![[0u64; BLOCK]; blocks];
+        let mut weights = vec![[-1.0f64; BLOCK]; blocks];
+        let mut index = vec![[u32::MAX; BLOCK]; blocks];
+        let mut zone = vec![[NO_ZONE; BLOCK]; blocks];
+        for (k, &i) in eligible.iter().enumerate() {
+            let (b, l) = (k / BLOCK, k % BLOCK);
+            hashes[b][l] = nodes[i].node_hash;
+            weights[b][l] = nodes[i].weight;
+            index[b][l] = i as u32;
+            let z = nodes[i].zone.as_str();
+            // More than 65,535 zones share the last id: still correct (more survivors), just slower.
+            zone[b][l] = if z.is_empty() {
+                NO_ZONE
+            } else {
+                names.binary_search(&z).map_or(NO_ZONE - 1, |p| p.min(NO_ZONE as usize - 1) as u16)
+            };
         }
-        let zoned = nodes.iter().any(|n| !n.zone.is_empty());
-        let mut z: Vec<&str> = nodes.iter().filter(|n| n.weight > 0.0).map(|n| n.zone.as_str()).collect();
-        z.sort_unstable();
-        z.dedup();
-        Self { nodes: nodes.to_vec(), classes, zoned, zones: z.len() }
+        #[cfg(target_arch = "x86_64")]
+        let avx512 = std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512dq");
+        #[cfg(not(target_arch = "x86_64"))]
+        let avx512 = false;
+        let unzoned = eligible.iter().any(|&i| nodes[i].zone.is_empty());
+        let zones = names.len().min(NO_ZONE as usize);
+        Self { nodes: nodes.to_vec(), hashes, weights, index, zone, zones, unzoned, avx512 }
     }
 
     /// The candidates.
@@ -130,60 +165,185 @@ impl PlacementIndex {
 
     /// Same answer as `place(key_hash, nodes, r)`.
     pub fn place(&self, key_hash: u64, r: usize) -> Vec<usize> {
-        if r == 0 {
+        if r == 0 || self.hashes.is_empty() {
             return Vec::new();
         }
-        // With zones, replicas may skip same-zone nodes: keep more per class, and fall back to
-        // the full computation if that was not enough.
-        let keep = if self.zoned { (4 * r).max(8) } else { r };
-        let mut best: Vec<(f64, usize)> = Vec::with_capacity(keep * self.classes.len());
-        let mut top: Vec<(u64, usize)> = Vec::with_capacity(keep + 1);
-        for (w, idx, hashes) in &self.classes {
-            top.clear();
-            for (j, &h) in hashes.iter().enumerate() {
-                let d = draw(h, key_hash);
-                if top.len() < keep {
-                    top.push((d, idx[j]));
-                    if top.len() == keep {
-                        top.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
-                    }
-                } else if d > top[keep - 1].0 || (d == top[keep - 1].0 && idx[j] < top[keep - 1].1) {
-                    let pos = top.partition_point(|x| x.0 > d || (x.0 == d && x.1 < idx[j]));
-                    top.insert(pos, (d, idx[j]));
-                    top.pop();
+        // Lower bounds of the leaders: the best r overall, the best r without a zone, and the
+        // best of each zone (only once r > 1: the first owner ignores zones).
+        let zoned = r > 1 && self.zones > 0;
+        let mut leaders = Leaders::new(r, if zoned { self.zones } else { 0 }, zoned && self.unzoned);
+        let mut survivors: Vec<(u32, u8)> = Vec::with_capacity(4 * r + 8);
+        #[cfg(target_arch = "x86_64")]
+        if self.avx512 {
+            // SAFETY: the CPU has AVX-512F and AVX-512DQ (checked in `new`).
+            unsafe { self.scan_avx512(key_hash, &mut leaders, &mut survivors) };
+        } else {
+            self.scan(key_hash, &mut leaders, &mut survivors, |b, thr| self.block_mask(b, key_hash, thr));
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        self.scan(key_hash, &mut leaders, &mut survivors, |b, thr| self.block_mask(b, key_hash, thr));
+        let thr = leaders.threshold() * MARGIN;
+        let mut scored: Vec<(f64, usize)> = survivors
+            .into_iter()
+            .filter_map(|(b, l)| {
+                let (b, l) = (b as usize, l as usize);
+                let d = draw(self.hashes[b][l], key_hash);
+                let w = self.weights[b][l];
+                (w / bounds(d).0 >= thr).then(|| (score_of(d, w), self.index[b][l] as usize))
+            })
+            .collect();
+        select(&mut scored, &self.nodes, r)
+    }
+
+    /// Scan every block with `mask` (which lanes may reach a threshold), offering the lower
+    /// bound of each node that does to `leaders` and remembering it as a survivor.
+    #[inline(always)]
+    fn scan(
+        &self,
+        key_hash: u64,
+        leaders: &mut Leaders,
+        survivors: &mut Vec<(u32, u8)>,
+        mask: impl Fn(usize, f64) -> u8,
+    ) {
+        let mut thr = 0.0;
+        for b in 0..self.hashes.len() {
+            let mut m = mask(b, thr);
+            if m == 0 {
+                continue;
+            }
+            while m != 0 {
+                let l = m.trailing_zeros() as usize;
+                m &= m - 1;
+                let (one_minus_u, u) = bounds(draw(self.hashes[b][l], key_hash));
+                let upper = self.weights[b][l] / one_minus_u;
+                if upper < thr {
+                    continue;
                 }
+                leaders.offer(upper * u, self.zone[b][l]);
+                survivors.push((b as u32, l as u8));
             }
-            best.extend(top.iter().map(|&(d, i)| (score_of(d, *w), i)));
+            thr = leaders.threshold() * MARGIN;
         }
-        best.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
-        if !self.zoned {
-            best.truncate(r);
-            return best.into_iter().map(|b| b.1).collect();
+    }
+
+    /// [`Self::scan`] with AVX-512 block masks, compiled for AVX-512 so they inline.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512dq")]
+    fn scan_avx512(&self, key_hash: u64, leaders: &mut Leaders, survivors: &mut Vec<(u32, u8)>) {
+        self.scan(key_hash, leaders, survivors, |b, thr| {
+            block_mask_avx512(&self.hashes[b], &self.weights[b], key_hash, thr)
+        })
+    }
+
+    /// Bit `l` set when lane `l` of block `b` has `w ≥ thr · (1 - u)`, i.e. an upper bound that
+    /// reaches `thr`.
+    #[inline(always)]
+    fn block_mask(&self, b: usize, key_hash: u64, thr: f64) -> u8 {
+        let mut mask = 0u8;
+        for l in 0..BLOCK {
+            let (one_minus_u, _) = bounds(draw(self.hashes[b][l], key_hash));
+            mask |= u8::from(self.weights[b][l] >= thr * one_minus_u) << l;
         }
-        let mut out = Vec::with_capacity(r);
-        let mut zones: Vec<&str> = Vec::new();
-        for &(_, i) in &best {
-            if out.len() == r {
-                break;
+        mask
+    }
+}
+
+/// AVX-512 [`PlacementIndex::block_mask`]: the splitmix64 draw in 64-bit lanes, `u` exactly as
+/// [`unit`] computes it (the 53-bit integer converts exactly; +0.5 and the power-of-two scale
+/// round the same way in vector lanes as in scalar code).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512dq")]
+#[inline]
+fn block_mask_avx512(hashes: &[u64; BLOCK], weights: &[f64; BLOCK], key_hash: u64, thr: f64) -> u8 {
+    use std::arch::x86_64::*;
+    // SAFETY: both arrays are exactly 64 bytes, read unaligned.
+    let (h, w) = unsafe { (_mm512_loadu_si512(hashes.as_ptr().cast()), _mm512_loadu_pd(weights.as_ptr())) };
+    let k = (key_hash.rotate_left(32) ^ 0x9e37_79b9_7f4a_7c15) as i64;
+    let mut x = _mm512_xor_si512(h, _mm512_set1_epi64(k));
+    x = _mm512_mullo_epi64(
+        _mm512_xor_si512(x, _mm512_srli_epi64::<30>(x)),
+        _mm512_set1_epi64(0xbf58_476d_1ce4_e5b9u64 as i64),
+    );
+    x = _mm512_mullo_epi64(
+        _mm512_xor_si512(x, _mm512_srli_epi64::<27>(x)),
+        _mm512_set1_epi64(0x94d0_49bb_1331_11ebu64 as i64),
+    );
+    x = _mm512_xor_si512(x, _mm512_srli_epi64::<31>(x));
+    let m = _mm512_cvtepu64_pd(_mm512_srli_epi64::<11>(x));
+    // Multiplying by 2^-53 is exactly the scalar division by 2^53.
+    let u = _mm512_mul_pd(_mm512_add_pd(m, _mm512_set1_pd(0.5)), _mm512_set1_pd(1.0 / (1u64 << 53) as f64));
+    let one_minus_u = _mm512_sub_pd(_mm512_set1_pd(1.0), u);
+    _mm512_cmp_pd_mask::<_CMP_GE_OQ>(w, _mm512_mul_pd(_mm512_set1_pd(thr), one_minus_u))
+}
+
+/// `(1 - u, u)` of a draw, `u` exactly as [`score_of`] computes it.
+#[inline(always)]
+fn bounds(draw: u64) -> (f64, f64) {
+    let u = unit(draw);
+    (1.0 - u, u)
+}
+
+/// `u ∈ (0, 1)` of a draw.
+#[inline(always)]
+fn unit(draw: u64) -> f64 {
+    ((draw >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+}
+
+/// Lower bounds of the leading scores: the best `r` overall, the best `r` without a zone, the
+/// best one of each zone. A node whose upper bound is below all of these cannot be chosen.
+struct Leaders {
+    r: usize,
+    overall: Vec<f64>,
+    /// Tracked only when zones matter and some node has none.
+    track_unzoned: bool,
+    unzoned: Vec<f64>,
+    /// Best lower bound per zone id (0 = none yet); empty when zones do not matter.
+    per_zone: Vec<f64>,
+}
+
+impl Leaders {
+    fn new(r: usize, zones: usize, track_unzoned: bool) -> Self {
+        Self {
+            r,
+            overall: Vec::with_capacity(r + 1),
+            track_unzoned,
+            unzoned: Vec::with_capacity(r + 1),
+            per_zone: vec![0.0; zones],
+        }
+    }
+
+    /// The lowest bound a node must reach to matter (0 until every group has its leaders).
+    #[inline(always)]
+    fn threshold(&self) -> f64 {
+        let full = |v: &Vec<f64>, k: usize| if v.len() < k { 0.0 } else { v[k - 1] };
+        let mut t = full(&self.overall, self.r);
+        if self.track_unzoned {
+            t = t.min(full(&self.unzoned, self.r));
+        }
+        if !self.per_zone.is_empty() {
+            for &z in &self.per_zone {
+                t = t.min(z);
             }
-            let z = self.nodes[i].zone.as_str();
-            if z.is_empty() || !zones.contains(&z) {
-                out.push(i);
-                zones.push(z);
+        }
+        t
+    }
+
+    fn offer(&mut self, lower: f64, zone: u16) {
+        fn insert(v: &mut Vec<f64>, k: usize, x: f64) {
+            let pos = v.partition_point(|&y| y >= x);
+            if pos < k {
+                v.insert(pos, x);
+                v.truncate(k);
             }
         }
-        if out.len() < r.min(self.zones) {
-            return place(key_hash, &self.nodes, r);
-        }
-        for &(_, i) in &best {
-            if out.len() == r {
-                break;
+        insert(&mut self.overall, self.r, lower);
+        if zone == NO_ZONE {
+            if self.track_unzoned {
+                insert(&mut self.unzoned, self.r, lower);
             }
-            if !out.contains(&i) {
-                out.push(i);
-            }
+        } else if let Some(z) = self.per_zone.get_mut(zone as usize) {
+            *z = z.max(lower);
         }
-        out
     }
 }
 
@@ -249,6 +409,37 @@ mod tests {
             let h = xxhash_rust::xxh3::xxh3_64(&k.to_le_bytes());
             for r in 1..5 {
                 assert_eq!(zoned.place(h, r), place(h, &ns, r), "zoned key {k} r {r}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_index_agrees_with_arbitrary_weights_and_sizes() {
+        // Every node its own weight class, sizes around the block width, zones or not.
+        let mut x = 0x1234_5678_9abc_def0u64;
+        let mut rnd = || {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            x >> 11
+        };
+        for n in [1usize, 2, 7, 8, 9, 16, 17, 100, 1000] {
+            for zoned in [false, true] {
+                let ns: Vec<Candidate> = (0..n)
+                    .map(|i| {
+                        let w = if rnd() % 10 == 0 { 0.0 } else { (rnd() % 1000) as f64 / 97.0 + 0.01 };
+                        Candidate::new(format!("n{i}"), w, if zoned { format!("z{}", i % 4) } else { String::new() })
+                    })
+                    .collect();
+                let index = PlacementIndex::new(&ns);
+                // The portable scan too, on machines that would take the AVX-512 one.
+                let portable = PlacementIndex { avx512: false, ..index.clone() };
+                for _ in 0..300 {
+                    let h = rnd() ^ (rnd() << 40);
+                    for r in 1..5 {
+                        let want = place(h, &ns, r);
+                        assert_eq!(index.place(h, r), want, "n {n} zoned {zoned} key {h} r {r}");
+                        assert_eq!(portable.place(h, r), want, "portable: n {n} zoned {zoned} key {h} r {r}");
+                    }
+                }
             }
         }
     }
