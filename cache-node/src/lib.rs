@@ -37,39 +37,34 @@ pub async fn run(
     store: Arc<PageStore>,
     node_id: String,
     listener: TcpListener,
+    exposure: kvcache_net::Exposure,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow_like::Result<()> {
     use kvcache_proto::v1::cache_node_server::CacheNodeServer;
-    use tokio_stream::StreamExt;
+    let err = |e: kvcache_net::NetError| anyhow_like::Error(e.to_string());
     let (health, health_svc) = tonic_health::server::health_reporter();
     health.set_serving::<CacheNodeServer<NodeService>>().await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(kvcache_proto::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .map_err(|e| anyhow_like::Error(e.to_string()))?;
+    let reflection = kvcache_net::reflection().map_err(err)?;
+    let server = kvcache_net::server(&exposure.tls).map_err(err)?;
+    let probe = exposure.health_listener.map(|l| kvcache_net::serve_health(l, health_svc.clone()));
     let svc = CacheNodeServer::new(NodeService::new(store.clone(), node_id))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    // tonic sets TCP_NODELAY only on listeners it binds itself; without it every streamed
-    // response waits on the peer's delayed ACK.
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|s| {
-        if let Ok(s) = &s {
-            let _ = s.set_nodelay(true);
-        }
-        s
-    });
     let gauges = tokio::spawn(export_gauges(store.clone()));
-    let r = server_builder()
+    let r = server
         .layer(kvcache_telemetry::GrpcMetricsLayer::new("node"))
         .add_service(health_svc)
         .add_service(reflection)
         .add_service(svc)
-        .serve_with_incoming_shutdown(incoming, async move {
+        .serve_with_incoming_shutdown(kvcache_net::incoming(listener), async move {
             shutdown.await;
             health.set_not_serving::<CacheNodeServer<NodeService>>().await;
         })
         .await;
     gauges.abort();
+    if let Some(p) = probe {
+        p.abort();
+    }
     let closed = tokio::task::spawn_blocking(move || store.close()).await;
     r.map_err(|e| anyhow_like::Error(e.to_string()))?;
     closed.map_err(|e| anyhow_like::Error(e.to_string()))?.map_err(|e| anyhow_like::Error(e.to_string()))?;
@@ -101,16 +96,6 @@ async fn export_gauges(store: Arc<PageStore>) {
         metrics::counter!(n::NODE_EVICTIONS, "reason" => "capacity").absolute(st.evictions);
         metrics::counter!(n::NODE_CORRUPT_PAGES).absolute(st.corrupt_pages_dropped);
     }
-}
-
-/// A tonic server builder tuned for large page streams: big HTTP/2 windows and frames.
-pub fn server_builder() -> tonic::transport::Server {
-    tonic::transport::Server::builder()
-        .initial_stream_window_size(Some(8 << 20))
-        .initial_connection_window_size(Some(32 << 20))
-        .max_frame_size(Some((1 << 20) - 1))
-        .http2_adaptive_window(Some(false))
-        .tcp_nodelay(true)
 }
 
 /// The error of [`run`]: a message (the binary wraps it in anyhow).

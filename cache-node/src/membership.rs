@@ -25,15 +25,14 @@ fn apply(store: &PageStore, epoch: u64, namespaces: Vec<pb::Namespace>) {
 
 /// Register `info` with the coordinator (a comma-separated list of replicas; a follower's
 /// redirect to the leader is followed) and heartbeat forever.
-pub async fn join_cluster(store: Arc<PageStore>, coordinator: String, info: pb::NodeInfo) {
+pub async fn join_cluster(store: Arc<PageStore>, coordinator: String, info: pb::NodeInfo, tls: kvcache_net::Tls) {
     let replicas: Vec<String> = coordinator.split(',').map(|a| a.trim().to_owned()).filter(|a| !a.is_empty()).collect();
     if replicas.is_empty() {
         tracing::error!("no coordinator address");
         return;
     }
     let endpoint = |addr: &str| {
-        let uri = if addr.contains("://") { addr.to_owned() } else { format!("http://{addr}") };
-        tonic::transport::Endpoint::from_shared(uri)
+        kvcache_net::endpoint(addr, &tls)
             .map(|e| e.connect_timeout(Duration::from_secs(2)).timeout(Duration::from_secs(5)).connect_lazy())
     };
     let mut current = replicas[0].clone();

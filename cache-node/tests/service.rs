@@ -26,7 +26,7 @@ async fn start() -> Node {
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let s = store.clone();
     let task = tokio::spawn(async move {
-        kvcache_node::run(s, "n1".into(), listener, async move {
+        kvcache_node::run(s, "n1".into(), listener, kvcache_net::Exposure::plaintext(), async move {
             let _ = rx.await;
         })
         .await

@@ -89,7 +89,7 @@ impl LocalCluster {
         let coordinator = l.local_addr()?.to_string();
         let (tx, stop) = stop_pair();
         let task = tokio::spawn(async move {
-            if let Err(e) = kvcache_coordinator::run(state, l, stop).await {
+            if let Err(e) = kvcache_coordinator::run(state, l, kvcache_net::Exposure::plaintext(), stop).await {
                 tracing::error!(error = %e, "coordinator failed");
             }
         });
@@ -110,10 +110,15 @@ impl LocalCluster {
                 zone: String::new(),
                 labels: Default::default(),
             };
-            let member = tokio::spawn(kvcache_node::membership::join_cluster(store.clone(), coordinator.clone(), info));
+            let member = tokio::spawn(kvcache_node::membership::join_cluster(
+                store.clone(),
+                coordinator.clone(),
+                info,
+                kvcache_net::Tls::none(),
+            ));
             let (tx, stop) = stop_pair();
             let task = tokio::spawn(async move {
-                if let Err(e) = kvcache_node::run(store, id, l, stop).await {
+                if let Err(e) = kvcache_node::run(store, id, l, kvcache_net::Exposure::plaintext(), stop).await {
                     tracing::error!(error = %e, "cache node failed");
                 }
             });
@@ -141,7 +146,7 @@ impl LocalCluster {
         let (tx, stop) = stop_pair();
         let w = worker.clone();
         let task = tokio::spawn(async move {
-            if let Err(e) = kvcache_worker::run(w, l, stop).await {
+            if let Err(e) = kvcache_worker::run(w, l, kvcache_net::Exposure::plaintext(), stop).await {
                 tracing::error!(error = %e, "worker failed");
             }
         });

@@ -39,6 +39,8 @@ pub struct Args {
     /// Coordinator address.
     #[arg(long, env = "KVCACHE_COORDINATOR", default_value = "127.0.0.1:7000")]
     coordinator: String,
+    #[command(flatten)]
+    tls: kvcache_net::TlsArgs,
     /// What each request does.
     #[arg(long, value_enum, default_value = "decode")]
     scenario: Scenario,
@@ -200,7 +202,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     anyhow::ensure!(a.duration > 0.0 || a.requests.is_some(), "give --duration and/or --requests");
     anyhow::ensure!(a.rate.is_none_or(|r| r > 0.0 && r.is_finite()), "--rate must be > 0");
     tokio::runtime::Runtime::new()?.block_on(async move {
-        let client = Client::connect(&a.coordinator).await?;
+        let tls = kvcache_net::Tls::load(&a.tls)?;
+        let client =
+            Client::connect_with(&a.coordinator, kvcache_client::ClientConfig { tls, ..Default::default() }).await?;
         let codec = kvcache_core::Codec::parse(&a.codec).ok_or_else(|| anyhow::anyhow!("unknown codec {}", a.codec))?;
         let ns = client
             .create_namespace(pb::CreateNamespaceRequest {

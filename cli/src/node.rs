@@ -34,6 +34,12 @@ pub struct Args {
     /// Failure zone, for replica placement.
     #[arg(long, env = "KVCACHE_ZONE", default_value = "")]
     pub zone: String,
+    /// Also serve grpc.health.v1 alone, in plaintext, on this address (for Kubernetes probes,
+    /// which cannot speak TLS).
+    #[arg(long, env = "KVCACHE_HEALTH_LISTEN")]
+    pub health_listen: Option<String>,
+    #[command(flatten)]
+    pub tls: kvcache_net::TlsArgs,
 }
 
 /// Run `kvcache node` until SIGTERM / Ctrl-C.
@@ -45,6 +51,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let mut cfg = StoreConfig::new(&args.data_dir, args.capacity);
         cfg.durability = args.durability;
         let store = tokio::task::spawn_blocking(move || PageStore::open(cfg)).await??;
+        let tls = kvcache_net::Tls::load(&args.tls)?;
+        let exposure = crate::util::exposure(&tls, args.health_listen.as_deref()).await?;
         let listener = tokio::net::TcpListener::bind(&args.listen).await?;
         let addr = listener.local_addr()?;
         let advertise = args.advertise.unwrap_or_else(|| addr.to_string());
@@ -57,12 +65,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 zone: args.zone.clone(),
                 labels: Default::default(),
             };
-            tokio::spawn(kvcache_node::membership::join_cluster(store.clone(), c, info))
+            tokio::spawn(kvcache_node::membership::join_cluster(store.clone(), c, info, tls.clone()))
         });
         let st = store.stats();
         tracing::info!(%addr, node_id, pages = st.pages, recovery_seconds = st.recovery_seconds, "cache node serving");
         println!("kvcache node {node_id} listening on {addr}");
-        kvcache_node::run(store, node_id, listener, shutdown_signal()).await?;
+        kvcache_node::run(store, node_id, listener, exposure, shutdown_signal()).await?;
         if let Some(m) = member {
             m.abort();
         }

@@ -52,6 +52,12 @@ pub struct CoordinatorArgs {
     /// Address other processes reach this coordinator at (default: the bound listen address).
     #[arg(long, env = "KVCACHE_ADVERTISE")]
     advertise: Option<String>,
+    /// Also serve grpc.health.v1 alone, in plaintext, on this address (for Kubernetes probes,
+    /// which cannot speak TLS).
+    #[arg(long, env = "KVCACHE_HEALTH_LISTEN")]
+    health_listen: Option<String>,
+    #[command(flatten)]
+    tls: kvcache_net::TlsArgs,
 }
 
 /// Run `kvcache coordinator`.
@@ -64,13 +70,15 @@ pub fn coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
         cfg.join_ramp = a.join_ramp;
         cfg.heartbeat_interval = a.heartbeat_interval;
         let state = ClusterState::open(cfg)?;
+        let tls = kvcache_net::Tls::load(&a.tls)?;
+        let exposure = crate::util::exposure(&tls, a.health_listen.as_deref()).await?;
         let l = tokio::net::TcpListener::bind(&a.listen).await?;
         let addr = l.local_addr()?;
         let advertise = a.advertise.clone().unwrap_or_else(|| addr.to_string());
         let ha = start_ha(&a, state.clone(), advertise)?;
         tracing::info!(%addr, epoch = state.epoch(), "coordinator serving");
         println!("kvcache coordinator listening on {addr}");
-        kvcache_coordinator::run(state, l, shutdown_signal()).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+        kvcache_coordinator::run(state, l, exposure, shutdown_signal()).await.map_err(|e| anyhow::anyhow!("{e}"))?;
         if let Some(h) = ha {
             h.abort();
         }
@@ -131,6 +139,12 @@ pub struct WorkerArgs {
     /// Attention threads (default: all cores).
     #[arg(long, env = "KVCACHE_THREADS")]
     threads: Option<usize>,
+    /// Also serve grpc.health.v1 alone, in plaintext, on this address (for Kubernetes probes,
+    /// which cannot speak TLS).
+    #[arg(long, env = "KVCACHE_HEALTH_LISTEN")]
+    health_listen: Option<String>,
+    #[command(flatten)]
+    tls: kvcache_net::TlsArgs,
 }
 
 /// Run `kvcache worker`.
@@ -138,7 +152,10 @@ pub fn worker(a: WorkerArgs) -> anyhow::Result<()> {
     tokio::runtime::Runtime::new()?.block_on(async move {
         let _tracing = kvcache_telemetry::trace::init("kvcache-worker");
         crate::util::init_metrics(a.metrics_listen)?;
-        let client = Client::connect(&a.coordinator).await?;
+        let tls = kvcache_net::Tls::load(&a.tls)?;
+        let exposure = crate::util::exposure(&tls, a.health_listen.as_deref()).await?;
+        let client =
+            Client::connect_with(&a.coordinator, kvcache_client::ClientConfig { tls, ..Default::default() }).await?;
         let mut cfg = WorkerConfig { cache_bytes: a.cache_bytes, ..WorkerConfig::default() };
         if let Some(t) = a.threads {
             cfg.threads = t.max(1);
@@ -150,7 +167,7 @@ pub fn worker(a: WorkerArgs) -> anyhow::Result<()> {
         kvcache_worker::register(&client, &id, &addr).await?;
         tracing::info!(%addr, worker_id = %id, "worker serving");
         println!("kvcache worker {id} listening on {addr}");
-        kvcache_worker::run(w, l, shutdown_signal()).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+        kvcache_worker::run(w, l, exposure, shutdown_signal()).await.map_err(|e| anyhow::anyhow!("{e}"))?;
         Ok(())
     })
 }
@@ -208,12 +225,17 @@ pub struct StatusArgs {
     /// Print JSON.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    tls: kvcache_net::TlsArgs,
 }
 
 /// Run `kvcache status`.
 pub fn status(a: StatusArgs) -> anyhow::Result<()> {
     tokio::runtime::Runtime::new()?.block_on(async move {
-        let mut c = kvcache_proto::v1::coordinator_client::CoordinatorClient::new(kvcache_client::channel(&a.coordinator)?);
+        let mut c = kvcache_proto::v1::coordinator_client::CoordinatorClient::new(kvcache_client::channel_with(
+            &a.coordinator,
+            &kvcache_net::Tls::load(&a.tls)?,
+        )?);
         let s = c.cluster_status(pb::ClusterStatusRequest {}).await?.into_inner();
         if a.json {
             let nodes: Vec<_> = s

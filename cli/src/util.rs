@@ -1,5 +1,16 @@
 //! Small helpers shared by subcommands: byte sizes, logging, shutdown signals.
 
+/// How a server is exposed: TLS, and the plaintext probe listener when `health_listen` is set.
+pub async fn exposure(tls: &kvcache_net::Tls, health_listen: Option<&str>) -> anyhow::Result<kvcache_net::Exposure> {
+    let health_listener = match health_listen {
+        Some(a) => {
+            Some(tokio::net::TcpListener::bind(a).await.map_err(|e| anyhow::anyhow!("--health-listen {a}: {e}"))?)
+        }
+        None => None,
+    };
+    Ok(kvcache_net::Exposure { tls: tls.clone(), health_listener })
+}
+
 /// Parse a byte size: `1073741824`, `512MiB`, `4GiB`, `64KiB`, `1GB`.
 pub fn parse_bytes(s: &str) -> Result<u64, String> {
     let s = s.trim();

@@ -27,7 +27,7 @@ use parking_lot::{Mutex, RwLock};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 /// Largest message the client sends or accepts.
@@ -86,11 +86,13 @@ pub struct ClientConfig {
     /// Keep the map current with a watch stream (off: the map changes only on refresh, e.g.
     /// after a stale-epoch refusal; for short-lived tools).
     pub watch: bool,
+    /// TLS of every channel (coordinator, nodes, workers); plaintext by default.
+    pub tls: kvcache_net::Tls,
 }
 
 impl Default for ClientConfig {
     fn default() -> Self {
-        Self { timeout: Duration::from_secs(10), watch: true }
+        Self { timeout: Duration::from_secs(10), watch: true, tls: kvcache_net::Tls::none() }
     }
 }
 
@@ -127,21 +129,14 @@ pub struct Client {
     inner: Arc<Inner>,
 }
 
-/// An HTTP/2 channel tuned for page streams (lazy: connects on first use).
+/// A plaintext HTTP/2 channel tuned for page streams (lazy: connects on first use).
 pub fn channel(addr: &str) -> Result<Channel, ClientError> {
-    let uri = if addr.starts_with("http://") || addr.starts_with("https://") {
-        addr.to_owned()
-    } else {
-        format!("http://{addr}")
-    };
-    Ok(Endpoint::from_shared(uri)
-        .map_err(|e| ClientError::InvalidArgument(format!("bad address {addr:?}: {e}")))?
-        .tcp_nodelay(true)
-        .connect_timeout(Duration::from_secs(3))
-        .initial_stream_window_size(8 << 20)
-        .initial_connection_window_size(32 << 20)
-        .http2_adaptive_window(false)
-        .connect_lazy())
+    channel_with(addr, &kvcache_net::Tls::none())
+}
+
+/// [`channel`] over TLS when `tls` calls over TLS.
+pub fn channel_with(addr: &str, tls: &kvcache_net::Tls) -> Result<Channel, ClientError> {
+    kvcache_net::channel(addr, tls).map_err(|e| ClientError::InvalidArgument(e.to_string()))
 }
 
 impl Client {
@@ -156,7 +151,7 @@ impl Client {
         if addrs.is_empty() {
             return Err(ClientError::InvalidArgument("no coordinator address".into()));
         }
-        let coordinator = CoordinatorClient::new(channel(&addrs[0])?);
+        let coordinator = CoordinatorClient::new(channel_with(&addrs[0], &cfg.tls)?);
         let inner = Arc::new(Inner {
             cfg,
             coordinators: Mutex::new((addrs, 0, coordinator)),
@@ -200,7 +195,7 @@ impl Client {
         if let Some(c) = nodes.get(&key) {
             return Ok(c.clone());
         }
-        let c = CacheNodeClient::new(channel(addr)?)
+        let c = CacheNodeClient::new(channel_with(addr, &self.inner.cfg.tls)?)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
         nodes.insert(key, c.clone());
@@ -247,13 +242,13 @@ impl Client {
                         let mut g = self.inner.coordinators.lock();
                         match leader.filter(|l| !l.is_empty()) {
                             Some(l) => {
-                                if let Ok(ch) = channel(&l) {
+                                if let Ok(ch) = channel_with(&l, &self.inner.cfg.tls) {
                                     g.2 = CoordinatorClient::new(ch);
                                 }
                             }
                             None => {
                                 g.1 = (g.1 + 1) % g.0.len();
-                                if let Ok(ch) = channel(&g.0[g.1].clone()) {
+                                if let Ok(ch) = channel_with(&g.0[g.1].clone(), &self.inner.cfg.tls) {
                                     g.2 = CoordinatorClient::new(ch);
                                 }
                             }
@@ -659,7 +654,7 @@ impl Client {
         if let Some(c) = ws.get(&w.address) {
             return Ok(c.clone());
         }
-        let c = AttentionWorkerClient::new(channel(&w.address)?)
+        let c = AttentionWorkerClient::new(channel_with(&w.address, &self.inner.cfg.tls)?)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
         ws.insert(w.address.clone(), c.clone());

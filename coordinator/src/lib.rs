@@ -31,34 +31,31 @@ use tokio::net::TcpListener;
 pub async fn run(
     state: Arc<ClusterState>,
     listener: TcpListener,
+    exposure: kvcache_net::Exposure,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     use kvcache_proto::v1::coordinator_server::CoordinatorServer;
-    use tokio_stream::StreamExt;
     let (health, health_svc) = tonic_health::server::health_reporter();
     health.set_serving::<CoordinatorServer<CoordinatorService>>().await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(kvcache_proto::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
+    let reflection = kvcache_net::reflection()?;
+    let server = kvcache_net::server(&exposure.tls)?;
+    let probe = exposure.health_listener.map(|l| kvcache_net::serve_health(l, health_svc.clone()));
     let ticker = tokio::spawn(service::maintenance(state.clone()));
     let (closing_tx, closing) = tokio::sync::watch::channel(false);
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|s| {
-        if let Ok(s) = &s {
-            let _ = s.set_nodelay(true);
-        }
-        s
-    });
-    let r = tonic::transport::Server::builder()
+    let r = server
         .layer(kvcache_telemetry::GrpcMetricsLayer::new("coordinator"))
         .add_service(health_svc)
         .add_service(reflection)
         .add_service(CoordinatorServer::new(CoordinatorService::new(state, closing)))
-        .serve_with_incoming_shutdown(incoming, async move {
+        .serve_with_incoming_shutdown(kvcache_net::incoming(listener), async move {
             shutdown.await;
             let _ = closing_tx.send(true);
         })
         .await;
     ticker.abort();
+    if let Some(p) = probe {
+        p.abort();
+    }
     r?;
     Ok(())
 }

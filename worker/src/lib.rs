@@ -382,22 +382,16 @@ impl AttentionWorker for WorkerService {
 pub async fn run(
     worker: Arc<Worker>,
     listener: tokio::net::TcpListener,
+    exposure: kvcache_net::Exposure,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     use kvcache_proto::v1::attention_worker_server::AttentionWorkerServer;
-    use tokio_stream::StreamExt;
     let (health, health_svc) = tonic_health::server::health_reporter();
     health.set_serving::<AttentionWorkerServer<WorkerService>>().await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(kvcache_proto::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|s| {
-        if let Ok(s) = &s {
-            let _ = s.set_nodelay(true);
-        }
-        s
-    });
-    tonic::transport::Server::builder()
+    let reflection = kvcache_net::reflection()?;
+    let server = kvcache_net::server(&exposure.tls)?;
+    let probe = exposure.health_listener.map(|l| kvcache_net::serve_health(l, health_svc.clone()));
+    let r = server
         .layer(kvcache_telemetry::GrpcMetricsLayer::new("worker"))
         .add_service(health_svc)
         .add_service(reflection)
@@ -406,8 +400,12 @@ pub async fn run(
                 .max_decoding_message_size(kvcache_client::MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(kvcache_client::MAX_MESSAGE_BYTES),
         )
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await?;
+        .serve_with_incoming_shutdown(kvcache_net::incoming(listener), shutdown)
+        .await;
+    if let Some(p) = probe {
+        p.abort();
+    }
+    r?;
     Ok(())
 }
 

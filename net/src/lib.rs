@@ -1,0 +1,276 @@
+//! kvcache-net: how kvcache processes reach each other.
+//!
+//! - [`TlsArgs`] → [`Tls`]: TLS (rustls with ring) for every listener and every channel, from PEM
+//!   files. A certificate and key make a server speak TLS and are the identity a process shows
+//!   when it calls others; a CA makes servers require client certificates signed by it (mTLS)
+//!   and clients verify servers against it.
+//! - [`channel`] / [`endpoint`]: lazily connecting channels tuned for page streams (large HTTP/2
+//!   windows, TCP_NODELAY), over TLS when configured.
+//! - [`server`], [`incoming`], [`reflection`]: the tonic server every process runs, tuned the
+//!   same way, with TLS when configured.
+//! - [`serve_health`]: a plaintext listener with only `grpc.health.v1`, for Kubernetes' native
+//!   gRPC probes (which cannot speak TLS) when the main port requires it.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio_stream::StreamExt;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity, Server, ServerTlsConfig};
+
+/// What can go wrong setting up transport.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    /// A TLS file could not be read.
+    #[error("cannot read {what} {path}: {source}")]
+    Read {
+        /// Which file ("--tls-cert" ...).
+        what: &'static str,
+        /// Its path.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Flags that do not fit together.
+    #[error("{0}")]
+    Config(String),
+    /// An address tonic cannot use.
+    #[error("bad address {addr:?}: {reason}")]
+    Address {
+        /// The address.
+        addr: String,
+        /// Why.
+        reason: String,
+    },
+    /// tonic refused the TLS settings (e.g. a key that is not PEM).
+    #[error("TLS: {0}")]
+    Tls(String),
+}
+
+/// TLS flags shared by every `kvcache` command that serves or calls.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct TlsArgs {
+    /// PEM certificate (chain) of this process: its servers speak TLS, and it shows the
+    /// certificate when it calls others. Needs --tls-key.
+    #[arg(long, env = "KVCACHE_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "KVCACHE_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA bundle: servers require client certificates signed by it (mTLS), clients verify
+    /// servers against it. Calling a TLS server needs it.
+    #[arg(long, env = "KVCACHE_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+    /// Name to verify servers' certificates against (default: the host of each address).
+    #[arg(long, env = "KVCACHE_TLS_SERVER_NAME")]
+    pub tls_server_name: Option<String>,
+}
+
+/// Loaded TLS settings; the default is plaintext both ways.
+#[derive(Clone, Default)]
+pub struct Tls {
+    server: Option<ServerTlsConfig>,
+    client: Option<ClientTlsConfig>,
+}
+
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tls").field("server", &self.server.is_some()).field("client", &self.client.is_some()).finish()
+    }
+}
+
+fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, NetError> {
+    std::fs::read(path).map_err(|source| NetError::Read { what, path: path.to_owned(), source })
+}
+
+impl Tls {
+    /// Plaintext.
+    pub fn none() -> Self {
+        Self::default()
+    }
+
+    /// Load the files named by `args`.
+    pub fn load(args: &TlsArgs) -> Result<Self, NetError> {
+        let identity = match (&args.tls_cert, &args.tls_key) {
+            (Some(c), Some(k)) => Some((read("--tls-cert", c)?, read("--tls-key", k)?)),
+            (None, None) => None,
+            _ => return Err(NetError::Config("--tls-cert and --tls-key go together".into())),
+        };
+        let ca = args.tls_ca.as_deref().map(|p| read("--tls-ca", p)).transpose()?;
+        Self::from_pem(
+            identity.as_ref().map(|(c, k)| (c.as_slice(), k.as_slice())),
+            ca.as_deref(),
+            args.tls_server_name.clone(),
+        )
+    }
+
+    /// From PEM bytes: `identity` = (certificate chain, key), `ca` = the CA bundle.
+    pub fn from_pem(
+        identity: Option<(&[u8], &[u8])>,
+        ca: Option<&[u8]>,
+        server_name: Option<String>,
+    ) -> Result<Self, NetError> {
+        for (what, pem) in [("certificate", identity.map(|i| i.0)), ("key", identity.map(|i| i.1)), ("CA", ca)] {
+            if let Some(p) = pem
+                && !p.windows(11).any(|w| w == b"-----BEGIN ")
+            {
+                return Err(NetError::Tls(format!("the {what} file is not PEM")));
+            }
+        }
+        let identity = identity.map(|(c, k)| Identity::from_pem(c, k));
+        let ca = ca.map(Certificate::from_pem);
+        let server = identity.clone().map(|id| {
+            let s = ServerTlsConfig::new().identity(id);
+            match &ca {
+                Some(ca) => s.client_ca_root(ca.clone()),
+                None => s,
+            }
+        });
+        let client = match (&ca, &identity) {
+            (None, None) => None,
+            (None, Some(_)) => {
+                return Err(NetError::Config(
+                    "--tls-cert without --tls-ca: calls to other kvcache processes could not verify them".into(),
+                ));
+            }
+            (Some(ca), id) => {
+                let mut c = ClientTlsConfig::new().ca_certificate(ca.clone());
+                if let Some(id) = id {
+                    c = c.identity(id.clone());
+                }
+                if let Some(n) = server_name {
+                    c = c.domain_name(n);
+                }
+                Some(c)
+            }
+        };
+        Ok(Self { server, client })
+    }
+
+    /// Whether this process's servers speak TLS.
+    pub fn serves_tls(&self) -> bool {
+        self.server.is_some()
+    }
+
+    /// Whether calls go over TLS.
+    pub fn calls_tls(&self) -> bool {
+        self.client.is_some()
+    }
+}
+
+/// An endpoint for `addr` (`host:port`, or a URL): `https` with TLS when `tls` calls over TLS,
+/// tuned for page streams.
+pub fn endpoint(addr: &str, tls: &Tls) -> Result<Endpoint, NetError> {
+    let bad = |reason: String| NetError::Address { addr: addr.to_owned(), reason };
+    let hostport = addr.strip_prefix("http://").or_else(|| addr.strip_prefix("https://")).unwrap_or(addr);
+    let scheme = if tls.client.is_some() { "https" } else { "http" };
+    let e = Endpoint::from_shared(format!("{scheme}://{hostport}"))
+        .map_err(|e| bad(e.to_string()))?
+        .tcp_nodelay(true)
+        .connect_timeout(Duration::from_secs(3))
+        .initial_stream_window_size(8 << 20)
+        .initial_connection_window_size(32 << 20)
+        .http2_adaptive_window(false);
+    match &tls.client {
+        Some(c) => e.tls_config(c.clone()).map_err(|e| NetError::Tls(e.to_string())),
+        None => Ok(e),
+    }
+}
+
+/// A lazily connecting [`endpoint`] channel.
+pub fn channel(addr: &str, tls: &Tls) -> Result<Channel, NetError> {
+    Ok(endpoint(addr, tls)?.connect_lazy())
+}
+
+/// A tonic server tuned for large page streams (big HTTP/2 windows and frames, TCP_NODELAY), with
+/// TLS when `tls` serves it.
+pub fn server(tls: &Tls) -> Result<Server, NetError> {
+    let s = Server::builder()
+        .initial_stream_window_size(Some(8 << 20))
+        .initial_connection_window_size(Some(32 << 20))
+        .max_frame_size(Some((1 << 20) - 1))
+        .http2_adaptive_window(Some(false))
+        .tcp_nodelay(true);
+    match &tls.server {
+        Some(c) => s.tls_config(c.clone()).map_err(|e| NetError::Tls(e.to_string())),
+        None => Ok(s),
+    }
+}
+
+/// Connections accepted on `listener`, with TCP_NODELAY set (tonic sets it only on listeners it
+/// binds itself; without it every streamed response waits on the peer's delayed ACK).
+pub fn incoming(
+    listener: TcpListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> + Send + 'static {
+    tokio_stream::wrappers::TcpListenerStream::new(listener).map(|s| {
+        if let Ok(s) = &s {
+            let _ = s.set_nodelay(true);
+        }
+        s
+    })
+}
+
+/// The gRPC reflection service over the kvcache contract.
+pub fn reflection() -> Result<
+    tonic_reflection::server::v1::ServerReflectionServer<impl tonic_reflection::server::v1::ServerReflection>,
+    NetError,
+> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(kvcache_proto::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| NetError::Config(e.to_string()))
+}
+
+/// How a server is exposed beyond its main listener.
+#[derive(Default)]
+pub struct Exposure {
+    /// TLS of the main listener.
+    pub tls: Tls,
+    /// A plaintext listener serving only `grpc.health.v1` (for probes).
+    pub health_listener: Option<TcpListener>,
+}
+
+impl Exposure {
+    /// Plaintext, no probe listener.
+    pub fn plaintext() -> Self {
+        Self::default()
+    }
+}
+
+/// Serve only `health` on `listener`, in plaintext, until the task is dropped or aborted.
+pub fn serve_health<S>(
+    listener: TcpListener,
+    health: tonic_health::pb::health_server::HealthServer<S>,
+) -> tokio::task::JoinHandle<()>
+where
+    S: tonic_health::pb::health_server::Health,
+{
+    tokio::spawn(async move {
+        if let Err(e) = Server::builder().add_service(health).serve_with_incoming(incoming(listener)).await {
+            tracing::error!(error = %e, "health listener failed");
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plaintext_by_default_and_flags_that_do_not_fit_are_refused() {
+        let t = Tls::load(&TlsArgs::default()).unwrap();
+        assert!(!t.serves_tls() && !t.calls_tls());
+        assert!(endpoint("127.0.0.1:1", &t).unwrap().uri().to_string().starts_with("http://"));
+        let dir = std::env::temp_dir().join(format!("kvcache-net-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let cert = dir.join("c.pem");
+        std::fs::write(&cert, "not a certificate").unwrap();
+        let only_cert = TlsArgs { tls_cert: Some(cert.clone()), ..Default::default() };
+        assert!(matches!(Tls::load(&only_cert), Err(NetError::Config(m)) if m.contains("--tls-key")));
+        let missing = TlsArgs { tls_ca: Some(dir.join("absent.pem")), ..Default::default() };
+        assert!(matches!(Tls::load(&missing), Err(NetError::Read { what: "--tls-ca", .. })));
+        let not_pem = TlsArgs { tls_ca: Some(cert), ..Default::default() };
+        assert!(matches!(Tls::load(&not_pem), Err(NetError::Tls(m)) if m.contains("CA")));
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(matches!(endpoint("bad host:x", &Tls::none()), Err(NetError::Address { .. })));
+    }
+}
