@@ -9,6 +9,8 @@
 //! - [`service`]: the `CacheNode` gRPC service over the store; the one place where store errors
 //!   become gRPC statuses.
 //! - [`membership`]: registration and heartbeats with the coordinator (epoch, namespaces).
+//! - [`handoff`]: moving sequences to their owners after membership changes (drain, join,
+//!   re-replication after a node loss).
 //! - [`run`]: serve a store on a listener (with health and reflection) until `shutdown`.
 //!
 //! Invariants: a page is published only after its payload and then its CRC-carrying header are
@@ -16,6 +18,7 @@
 //! recovery, payload CRC at recovery or on first read after a clean restart); the pool files never
 //! exceed the configured capacity.
 
+pub mod handoff;
 pub mod membership;
 pub mod pool;
 pub mod service;

@@ -126,7 +126,7 @@ impl CacheNode for NodeService {
         let mut resp = pb::PutPagesResponse::default();
         while let Some(msg) = stream.message().await? {
             let store = self.store.clone();
-            let (n, b) = blocking(move || store.put_pages(msg.epoch, msg.pages)).await?;
+            let (n, b) = blocking(move || store.put_pages_with(msg.epoch, msg.pages, msg.handoff)).await?;
             metrics::counter!(kvcache_telemetry::names::NODE_BYTES_IN).increment(b);
             resp.pages_written += n;
             resp.bytes_written += b;

@@ -632,8 +632,17 @@ impl PageStore {
         Ok(PageEntry { file: file.id, slot, tokens, crc, write_seq, prefix_hash, verified: true })
     }
 
-    /// Publish `entry` at `key` in a locked sequence, keeping the newest write.
-    fn publish_locked(&self, seq: &Sequence, inner: &mut SeqInner, key: &PageKey, entry: PageEntry) {
+    /// Publish `entry` at `key` in a locked sequence, keeping the newest write (and, for a
+    /// `handoff` copy, keeping any held page with at least as many tokens). Returns whether
+    /// `entry` was published; if not, its slot is freed.
+    fn publish_locked(
+        &self,
+        seq: &Sequence,
+        inner: &mut SeqInner,
+        key: &PageKey,
+        entry: PageEntry,
+        handoff: bool,
+    ) -> bool {
         let layers = &mut inner.layers;
         if layers.len() <= key.layer as usize {
             layers.resize_with(key.layer as usize + 1, Vec::new);
@@ -643,28 +652,39 @@ impl PageStore {
             pages.resize(key.page_index as usize + 1, None);
         }
         let slot = &mut pages[key.page_index as usize];
-        let old = match slot {
-            Some(o) if o.write_seq > entry.write_seq => Some(entry),
-            _ => slot.replace(entry),
-        };
         let layer0 = key.layer == 0;
-        if old.map(|o| o.write_seq) != Some(entry.write_seq) {
-            self.counters.pages.fetch_add(1, Ordering::Relaxed);
-            self.counters.used_bytes.fetch_add(
-                (HEADER_BYTES + seq.ns.layout.payload_bytes(entry.tokens as usize)) as u64,
-                Ordering::Relaxed,
-            );
-            if entry.prefix_hash != 0 && layer0 {
-                *self.prefixes.entry((seq.ns.ns.id(), entry.prefix_hash)).or_insert(0) += 1;
+        if let Some(o) = slot
+            && (o.write_seq > entry.write_seq || (handoff && o.tokens >= entry.tokens))
+        {
+            // The held page wins: the new slot was never counted, only free it.
+            if let Some(f) = self.file(entry.file) {
+                f.retire(entry.slot);
             }
+            return false;
+        }
+        let old = slot.replace(entry);
+        self.counters.pages.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .used_bytes
+            .fetch_add((HEADER_BYTES + seq.ns.layout.payload_bytes(entry.tokens as usize)) as u64, Ordering::Relaxed);
+        if entry.prefix_hash != 0 && layer0 {
+            *self.prefixes.entry((seq.ns.ns.id(), entry.prefix_hash)).or_insert(0) += 1;
         }
         if let Some(o) = old {
             self.retire_entry(&seq.ns, &o, layer0);
         }
+        true
     }
 
-    /// Store validated pages. Every page is validated before any is written.
+    /// Store validated pages. Every page is validated before any is written. Returns pages and
+    /// payload bytes stored.
     pub fn put_pages(&self, epoch: u64, pages: Vec<pb::Page>) -> Result<(u64, u64), StoreError> {
+        self.put_pages_with(epoch, pages, false)
+    }
+
+    /// [`Self::put_pages`]; with `handoff`, a page is stored only where no page with at least as
+    /// many tokens is held (a copy from another node never clobbers a newer append).
+    pub fn put_pages_with(&self, epoch: u64, pages: Vec<pb::Page>, handoff: bool) -> Result<(u64, u64), StoreError> {
         self.check_epoch(epoch)?;
         let nss = self.namespaces.read().clone();
         let mut valid: Vec<(Arc<NsEntry>, ValidPage)> = Vec::with_capacity(pages.len());
@@ -677,26 +697,47 @@ impl PageStore {
         }
         let (mut n, mut bytes) = (0, 0);
         for (ns, v) in valid {
+            if handoff && self.holds_at_least(&v.key, v.token_count) {
+                continue; // skip the write; the check is repeated under the lock at publish
+            }
             let entry = self.write_slot(&ns, &v.key, v.token_count, v.prefix_hash, &v.payload, v.payload_crc)?;
-            self.publish_retrying(&ns, &v.key, entry);
-            n += 1;
-            bytes += v.payload.len() as u64;
+            if self.publish_retrying(&ns, &v.key, entry, handoff) {
+                n += 1;
+                bytes += v.payload.len() as u64;
+            }
         }
         Ok((n, bytes))
     }
 
-    fn publish_retrying(&self, ns: &Arc<NsEntry>, key: &PageKey, entry: PageEntry) {
+    /// Whether the page at `key` is held with at least `tokens` tokens.
+    fn holds_at_least(&self, key: &PageKey, tokens: u32) -> bool {
+        let Some(seq) = self.sequences.get(&key.sequence).map(|s| s.clone()) else { return false };
+        let inner = seq.inner.lock();
+        !inner.removed
+            && inner
+                .layers
+                .get(key.layer as usize)
+                .and_then(|l| l.get(key.page_index as usize))
+                .is_some_and(|e| e.is_some_and(|e| e.tokens >= tokens))
+    }
+
+    fn publish_retrying(&self, ns: &Arc<NsEntry>, key: &PageKey, entry: PageEntry, handoff: bool) -> bool {
         loop {
             let seq = self.sequence(ns, &key.sequence);
             let mut inner = seq.inner.lock();
             if inner.removed {
                 continue; // evicted or deleted meanwhile: publish into a fresh sequence
             }
-            self.publish_locked(&seq, &mut inner, key, entry);
+            let published = self.publish_locked(&seq, &mut inner, key, entry, handoff);
             drop(inner);
             self.touch(&seq);
-            return;
+            return published;
         }
+    }
+
+    /// Keys of every sequence held.
+    pub fn sequence_keys(&self) -> Vec<SequenceKey> {
+        self.sequences.iter().map(|e| e.key().clone()).collect()
     }
 
     /// Append `tokens` tokens to one layer (or all, `layer = None`) of a sequence. `payload` holds
@@ -766,7 +807,7 @@ impl PageStore {
                     };
                     let crc = crc32c::crc32c(body);
                     let entry = self.write_slot(&ns, &pkey, in_page + take, 0, body, crc)?;
-                    self.publish_locked(&seq, &mut inner, &pkey, entry);
+                    self.publish_locked(&seq, &mut inner, &pkey, entry, false);
                     last_write_seq = entry.write_seq;
                     done += take;
                     pos += take as u64;
@@ -852,7 +893,8 @@ impl PageStore {
         Ok(r)
     }
 
-    fn get_in(&self, key: &PageKey) -> Option<StoredPage> {
+    /// Read one page without counting it as a hit or miss (internal copies).
+    pub(crate) fn get_in(&self, key: &PageKey) -> Option<StoredPage> {
         let seq = self.sequences.get(&key.sequence).map(|s| s.clone())?;
         let mut inner = seq.inner.lock();
         let e = (*inner.layers.get(key.layer as usize)?.get(key.page_index as usize)?)?;
@@ -1104,7 +1146,7 @@ impl PageStore {
             let ns = ns_by_id[&namespace_id_of(&k)].clone();
             let seq = self.sequence(&ns, &k.sequence);
             let mut inner = seq.inner.lock();
-            self.publish_locked(&seq, &mut inner, &k, e);
+            self.publish_locked(&seq, &mut inner, &k, e, false);
         }
         for (fi, f) in found.iter().enumerate() {
             let mut free = Vec::new();

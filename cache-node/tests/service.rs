@@ -57,7 +57,7 @@ async fn put(
     epoch: u64,
     pages: Vec<pb::Page>,
 ) -> Result<pb::PutPagesResponse, tonic::Status> {
-    let req = pb::PutPagesRequest { epoch, pages };
+    let req = pb::PutPagesRequest { epoch, pages, handoff: false };
     c.put_pages(tokio_stream::iter(vec![req])).await.map(|r| r.into_inner())
 }
 

@@ -88,6 +88,31 @@ fn a_slot_is_not_reused_while_a_reader_holds_its_page() {
     put(&s, &key("b", 0, 1), 4, 9);
 }
 
+#[test]
+fn a_handoff_copy_never_replaces_a_page_with_as_many_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path(), 8);
+    let ns = small_ns();
+    let k = key("h", 1, 0);
+    let newer = put(&s, &k, 3, 1);
+    let copy = |tokens: u32, seed: u8| page(&k, tokens, payload(&ns, tokens, seed));
+    // Fewer or as many tokens: the held page stays, nothing is counted as written.
+    assert_eq!(s.put_pages_with(0, vec![copy(2, 7)], true).unwrap(), (0, 0));
+    assert_eq!(s.put_pages_with(0, vec![copy(3, 8)], true).unwrap(), (0, 0));
+    assert_eq!(get(&s, &k), Some(newer));
+    // More tokens, or a page not held: stored.
+    let longer = payload(&ns, 4, 9);
+    assert_eq!(s.put_pages_with(0, vec![page(&k, 4, longer.clone())], true).unwrap().0, 1);
+    assert_eq!(get(&s, &k), Some(longer));
+    let k2 = key("h", 1, 1);
+    assert_eq!(s.put_pages_with(0, vec![page(&k2, 1, payload(&ns, 1, 3))], true).unwrap().0, 1);
+    let st = s.stats();
+    assert_eq!((st.pages, st.sequences), (2, 1), "skipped copies are not counted");
+    // An ordinary put still overwrites.
+    let shorter = put(&s, &k, 2, 4);
+    assert_eq!(get(&s, &k), Some(shorter));
+}
+
 fn tokens(v: Vec<kvcache_node::store::Appended>) -> Vec<u64> {
     v.iter().map(|a| a.tokens).collect()
 }

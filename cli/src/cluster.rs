@@ -116,13 +116,20 @@ impl LocalCluster {
                 info,
                 kvcache_net::Tls::none(),
             ));
+            let handoff = tokio::spawn(kvcache_node::handoff::run(
+                store.clone(),
+                id.clone(),
+                coordinator.clone(),
+                kvcache_net::Tls::none(),
+                Default::default(),
+            ));
             let (tx, stop) = stop_pair();
             let task = tokio::spawn(async move {
                 if let Err(e) = kvcache_node::run(store, id, l, kvcache_net::Exposure::plaintext(), stop).await {
                     tracing::error!(error = %e, "cache node failed");
                 }
             });
-            services.push(Service { name: format!("node-{i}"), stop: Some(tx), task, extra: vec![member] });
+            services.push(Service { name: format!("node-{i}"), stop: Some(tx), task, extra: vec![member, handoff] });
             nodes.push(addr);
         }
         // Wait for the nodes to be in the map.

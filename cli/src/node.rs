@@ -31,6 +31,10 @@ pub struct Args {
     /// Serve Prometheus /metrics on this address (off when absent).
     #[arg(long, env = "KVCACHE_METRICS_LISTEN")]
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// A handoff pass (copying sequences to their owners after membership changes, dropping
+    /// those this node no longer owns) runs after every shard-map change and at least this often.
+    #[arg(long, env = "KVCACHE_HANDOFF_INTERVAL", default_value = "30s", value_parser = crate::serve::parse_duration)]
+    pub handoff_interval: std::time::Duration,
     /// Failure zone, for replica placement.
     #[arg(long, env = "KVCACHE_ZONE", default_value = "")]
     pub zone: String,
@@ -57,6 +61,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let addr = listener.local_addr()?;
         let advertise = args.advertise.unwrap_or_else(|| addr.to_string());
         let node_id = args.node_id.unwrap_or_else(|| advertise.clone());
+        let handoff = args.coordinator.clone().map(|c| {
+            let cfg = kvcache_node::handoff::HandoffConfig { interval: args.handoff_interval, ..Default::default() };
+            tokio::spawn(kvcache_node::handoff::run(store.clone(), node_id.clone(), c, tls.clone(), cfg))
+        });
         let member = args.coordinator.map(|c| {
             let info = kvcache_proto::v1::NodeInfo {
                 node_id: node_id.clone(),
@@ -70,10 +78,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let st = store.stats();
         tracing::info!(%addr, node_id, pages = st.pages, recovery_seconds = st.recovery_seconds, "cache node serving");
         println!("kvcache node {node_id} listening on {addr}");
-        kvcache_node::run(store, node_id, listener, exposure, shutdown_signal()).await?;
-        if let Some(m) = member {
-            m.abort();
-        }
+        // Membership and handoff stop before the store closes.
+        let shutdown = async move {
+            shutdown_signal().await;
+            for t in [member, handoff].into_iter().flatten() {
+                t.abort();
+            }
+        };
+        kvcache_node::run(store, node_id, listener, exposure, shutdown).await?;
         tracing::info!("cache node stopped cleanly");
         Ok(())
     })

@@ -201,7 +201,7 @@ async fn a_stale_epoch_write_is_refused_and_the_client_recovers_transparently() 
     let mut raw =
         kvcache_proto::v1::cache_node_client::CacheNodeClient::new(kvcache_client::channel(&owner.address).unwrap());
     let err = raw
-        .put_pages(tokio_stream::iter(vec![pb::PutPagesRequest { epoch: e0, pages: pages.clone() }]))
+        .put_pages(tokio_stream::iter(vec![pb::PutPagesRequest { epoch: e0, pages: pages.clone(), handoff: false }]))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);

@@ -105,8 +105,11 @@ async fn crash_cycles(durability: &str, cycles: usize) {
         let mut i = 0;
         while tokio::time::Instant::now() < deadline {
             let b = body(cycle, i);
-            let req =
-                pb::PutPagesRequest { epoch: 0, pages: vec![page(&format!("c{cycle}-{i}"), (i % 61) as u32, &b)] };
+            let req = pb::PutPagesRequest {
+                epoch: 0,
+                pages: vec![page(&format!("c{cycle}-{i}"), (i % 61) as u32, &b)],
+                handoff: false,
+            };
             match c.put_pages(tokio_stream::iter(vec![req])).await {
                 Ok(_) => {
                     acked.insert((cycle, i), b);
@@ -119,7 +122,11 @@ async fn crash_cycles(durability: &str, cycles: usize) {
         }
         // One more put in flight while the node dies.
         let b = body(cycle, i);
-        let req = pb::PutPagesRequest { epoch: 0, pages: vec![page(&format!("c{cycle}-{i}"), (i % 61) as u32, &b)] };
+        let req = pb::PutPagesRequest {
+            epoch: 0,
+            pages: vec![page(&format!("c{cycle}-{i}"), (i % 61) as u32, &b)],
+            handoff: false,
+        };
         let inflight = tokio::spawn(async move { c.put_pages(tokio_stream::iter(vec![req])).await.is_ok() });
         node.kill(); // SIGKILL
         if inflight.await.unwrap() {

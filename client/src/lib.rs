@@ -14,7 +14,7 @@
 
 mod routing;
 
-pub use routing::Routing;
+pub use routing::{NodeRef, Routing};
 
 use bytes::Bytes;
 use kvcache_core::validate::codec_to_wire;
@@ -314,7 +314,7 @@ impl Client {
     async fn put_sequence_pages(&self, seq: SequenceKey, pages: Vec<pb::Page>) -> Result<(), ClientError> {
         let ns = self.namespace_of(&seq)?;
         self.write_all_owners(&seq, &ns, |c, epoch| {
-            let req = pb::PutPagesRequest { epoch, pages: pages.clone() };
+            let req = pb::PutPagesRequest { epoch, pages: pages.clone(), handoff: false };
             async move {
                 let mut c = c;
                 c.put_pages(tokio_stream::iter(vec![req])).await.map(|_| ())

@@ -57,6 +57,12 @@ pub mod names {
     pub const NODE_CORRUPT_PAGES: &str = "kvcache_node_corrupt_pages_total";
     /// The node's shard-map epoch.
     pub const NODE_EPOCH: &str = "kvcache_node_epoch";
+    /// Sequences this node handed off to their owners, by outcome (`copied`, `current`, `failed`).
+    pub const NODE_HANDOFF_SEQUENCES: &str = "kvcache_node_handoff_sequences_total";
+    /// Payload bytes this node copied to other nodes in handoffs.
+    pub const NODE_HANDOFF_BYTES: &str = "kvcache_node_handoff_bytes_total";
+    /// Sequences this node dropped after handing them to their owners.
+    pub const NODE_HANDOFF_RELEASED: &str = "kvcache_node_handoff_released_total";
     /// Worker page-cache hits.
     pub const WORKER_CACHE_HITS: &str = "kvcache_worker_cache_hits_total";
     /// Worker page-cache misses.
@@ -109,6 +115,15 @@ fn describe() {
     );
     metrics::describe_counter!(names::NODE_CORRUPT_PAGES, "Pages dropped because they failed verification.");
     metrics::describe_gauge!(names::NODE_EPOCH, "The node's shard-map epoch.");
+    metrics::describe_counter!(
+        names::NODE_HANDOFF_SEQUENCES,
+        "Sequences handed off to their owners, by outcome (copied, current, failed)."
+    );
+    metrics::describe_counter!(names::NODE_HANDOFF_BYTES, "Payload bytes copied to other nodes in handoffs.");
+    metrics::describe_counter!(
+        names::NODE_HANDOFF_RELEASED,
+        "Sequences dropped after handing them to their owners (drain, a join's share)."
+    );
     metrics::describe_counter!(names::WORKER_CACHE_HITS, "Worker page-cache hits.");
     metrics::describe_counter!(names::WORKER_CACHE_MISSES, "Worker page-cache misses.");
     metrics::describe_gauge!(names::WORKER_CACHE_BYTES, metrics::Unit::Bytes, "Bytes the worker's page cache holds.");

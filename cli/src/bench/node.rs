@@ -305,7 +305,7 @@ async fn one_size(a: &Args, size: usize) -> anyhow::Result<SizeResult> {
             .step_by(a.clients)
             .collect::<Vec<_>>()
             .chunks(a.batch)
-            .map(|ch| pb::PutPagesRequest { epoch: 0, pages: ch.iter().map(|&i| wire(i)).collect() })
+            .map(|ch| pb::PutPagesRequest { epoch: 0, pages: ch.iter().map(|&i| wire(i)).collect(), handoff: false })
             .collect();
         tasks.push(tokio::spawn(async move { cl.put_pages(tokio_stream::iter(mine)).await.map(|_| ()) }));
     }

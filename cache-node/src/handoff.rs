@@ -1,0 +1,259 @@
+//! Handoff: moving sequences to the nodes that own them under the current shard map.
+//!
+//! Every node runs one handoff task. After each change of the shard-map epoch (and once per
+//! `interval` regardless, so a missed change or a failed copy is retried), it walks the sequences
+//! it holds and, for each, computes the owners under the map:
+//!
+//! - each owner other than this node is asked what it holds of the sequence (`Lookup`), and the
+//!   pages it lacks, or holds with fewer tokens, are copied to it (`PutPages` with `handoff`, so a
+//!   copy never clobbers a newer append that reached the owner meanwhile);
+//! - if this node is not an owner (it is draining, or a joining node took its share) and every
+//!   owner now holds the sequence, the local copy is dropped.
+//!
+//! That covers the three membership changes: a **drain** empties the node into the remaining
+//! owners, then the node can go; a **join** moves the new node's share to it (its weight ramps up,
+//! so its share arrives gradually); a **node loss** with R ≥ 2 is repaired by the surviving
+//! replica copying to the next owner, restoring R copies. Every holder of a sequence may copy
+//! it, but the `Lookup` first makes the second copy a no-op.
+
+use crate::PageStore;
+use kvcache_client::{NodeRef, Routing};
+use kvcache_core::validate;
+use kvcache_core::{PageKey, SequenceKey};
+use kvcache_net::Tls;
+use kvcache_proto::v1 as pb;
+use kvcache_proto::v1::cache_node_client::CacheNodeClient;
+use kvcache_proto::v1::coordinator_client::CoordinatorClient;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tonic::transport::Channel;
+
+/// Settings of the handoff task.
+#[derive(Debug, Clone)]
+pub struct HandoffConfig {
+    /// A full pass runs at least this often, even without an epoch change.
+    pub interval: Duration,
+    /// How often the epoch is checked.
+    pub poll: Duration,
+    /// Payload bytes per `PutPages` message.
+    pub batch_bytes: usize,
+}
+
+impl Default for HandoffConfig {
+    fn default() -> Self {
+        Self { interval: Duration::from_secs(30), poll: Duration::from_millis(500), batch_bytes: 8 << 20 }
+    }
+}
+
+/// What one pass did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PassReport {
+    /// Epoch of the map the pass used.
+    pub epoch: u64,
+    /// Sequences copied to at least one owner.
+    pub copied: u64,
+    /// Sequences every owner already held.
+    pub current: u64,
+    /// Sequences some copy failed for (retried next pass).
+    pub failed: u64,
+    /// Sequences dropped here after their owners got them.
+    pub released: u64,
+    /// Payload bytes copied.
+    pub bytes: u64,
+}
+
+/// Run handoff passes for `node_id` forever (abort the task to stop it).
+pub async fn run(store: Arc<PageStore>, node_id: String, coordinators: String, tls: Tls, cfg: HandoffConfig) {
+    let replicas: Vec<String> =
+        coordinators.split(',').map(|a| a.trim().to_owned()).filter(|a| !a.is_empty()).collect();
+    let mut peers = Peers { tls, clients: HashMap::new() };
+    let mut done_epoch = 0u64;
+    let mut last_pass: Option<Instant> = None;
+    loop {
+        tokio::time::sleep(cfg.poll).await;
+        let epoch = store.epoch();
+        let due = last_pass.is_none_or(|t| t.elapsed() >= cfg.interval);
+        if epoch == 0 || (epoch == done_epoch && !due) {
+            continue;
+        }
+        let Some(map) = fetch_map(&replicas, &peers.tls).await else { continue };
+        let routing = Routing::new(map);
+        let report = pass(&store, &node_id, &routing, &mut peers, &cfg).await;
+        if report.copied + report.failed + report.released > 0 {
+            tracing::info!(?report, "handoff pass");
+        }
+        last_pass = Some(Instant::now());
+        // A pass with failures runs again at the next interval; one with a stale map at once.
+        done_epoch = if routing.epoch >= epoch { routing.epoch } else { done_epoch };
+    }
+}
+
+async fn fetch_map(replicas: &[String], tls: &Tls) -> Option<pb::ShardMap> {
+    for addr in replicas {
+        let Ok(ch) = kvcache_net::endpoint(addr, tls).map(|e| e.timeout(Duration::from_secs(5)).connect_lazy()) else {
+            continue;
+        };
+        match CoordinatorClient::new(ch).get_shard_map(pb::GetShardMapRequest {}).await {
+            Ok(m) => return Some(m.into_inner()),
+            Err(e) => tracing::debug!(coordinator = %addr, error = %e, "shard map fetch failed"),
+        }
+    }
+    None
+}
+
+/// Channels to the other nodes, by address.
+pub struct Peers {
+    tls: Tls,
+    clients: HashMap<String, CacheNodeClient<Channel>>,
+}
+
+impl Peers {
+    /// No channels yet; they are made on first use with `tls`.
+    pub fn new(tls: Tls) -> Self {
+        Self { tls, clients: HashMap::new() }
+    }
+
+    fn client(&mut self, addr: &str) -> Result<CacheNodeClient<Channel>, tonic::Status> {
+        if let Some(c) = self.clients.get(addr) {
+            return Ok(c.clone());
+        }
+        let ch = kvcache_net::endpoint(addr, &self.tls)
+            .map_err(|e| tonic::Status::invalid_argument(e.to_string()))?
+            .timeout(Duration::from_secs(30))
+            .connect_lazy();
+        let c = CacheNodeClient::new(ch)
+            .max_decoding_message_size(crate::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(crate::MAX_MESSAGE_BYTES);
+        self.clients.insert(addr.to_owned(), c.clone());
+        Ok(c)
+    }
+}
+
+/// One pass over every held sequence under `routing`.
+pub async fn pass(
+    store: &Arc<PageStore>,
+    node_id: &str,
+    routing: &Routing,
+    peers: &mut Peers,
+    cfg: &HandoffConfig,
+) -> PassReport {
+    use kvcache_telemetry::names as n;
+    let mut report = PassReport { epoch: routing.epoch, ..Default::default() };
+    for key in store.sequence_keys() {
+        let Some(ns) = routing.namespaces.get(&key.namespace) else { continue };
+        let owners = routing.owners(&key, ns.replication.max(1) as usize);
+        if owners.is_empty() {
+            continue; // no live node to hand to: keep it
+        }
+        let mut ok = true;
+        let mut copied = 0u64;
+        for o in owners.iter().filter(|o| o.node_id != node_id) {
+            match copy_to(store, &key, o, routing.epoch, peers, cfg).await {
+                Ok(b) => copied += b,
+                Err(e) => {
+                    tracing::warn!(sequence = %key.sequence_id, namespace = %key.namespace, owner = %o.node_id, error = %e, "handoff copy failed");
+                    ok = false;
+                }
+            }
+        }
+        report.bytes += copied;
+        metrics::counter!(n::NODE_HANDOFF_BYTES).increment(copied);
+        let outcome = if !ok {
+            report.failed += 1;
+            "failed"
+        } else if copied > 0 {
+            report.copied += 1;
+            "copied"
+        } else {
+            report.current += 1;
+            "current"
+        };
+        metrics::counter!(n::NODE_HANDOFF_SEQUENCES, "outcome" => outcome).increment(1);
+        if ok && !owners.iter().any(|o| o.node_id == node_id) {
+            let (s, k, epoch) = (store.clone(), key.clone(), routing.epoch);
+            // Refused (FAILED_PRECONDITION) when the node already saw a newer map: next pass.
+            if let Ok(Ok(_)) = tokio::task::spawn_blocking(move || s.delete(epoch, &k)).await {
+                report.released += 1;
+                metrics::counter!(n::NODE_HANDOFF_RELEASED).increment(1);
+            }
+        }
+    }
+    report
+}
+
+/// Copy to `owner` the pages of `key` it lacks or holds with fewer tokens; returns payload bytes
+/// copied.
+async fn copy_to(
+    store: &Arc<PageStore>,
+    key: &SequenceKey,
+    owner: &NodeRef,
+    epoch: u64,
+    peers: &mut Peers,
+    cfg: &HandoffConfig,
+) -> Result<u64, tonic::Status> {
+    let mut c = peers.client(&owner.address)?;
+    let theirs =
+        c.lookup(pb::LookupRequest { sequence: Some(key.into()), prefix_hashes: Vec::new() }).await?.into_inner();
+    let (s, k) = (store.clone(), key.clone());
+    let pages = tokio::task::spawn_blocking(move || missing_pages(&s, &k, &theirs))
+        .await
+        .map_err(|e| tonic::Status::internal(e.to_string()))?;
+    if pages.is_empty() {
+        return Ok(0);
+    }
+    let mut msgs = Vec::new();
+    let mut cur = pb::PutPagesRequest { epoch, pages: Vec::new(), handoff: true };
+    let (mut cur_bytes, mut total) = (0usize, 0u64);
+    for p in pages {
+        cur_bytes += p.payload.len();
+        total += p.payload.len() as u64;
+        cur.pages.push(p);
+        if cur_bytes >= cfg.batch_bytes {
+            msgs.push(std::mem::replace(&mut cur, pb::PutPagesRequest { epoch, pages: Vec::new(), handoff: true }));
+            cur_bytes = 0;
+        }
+    }
+    if !cur.pages.is_empty() {
+        msgs.push(cur);
+    }
+    c.put_pages(tokio_stream::iter(msgs)).await?;
+    Ok(total)
+}
+
+/// The held pages of `key` that a node answering `theirs` lacks: pages it does not hold, and
+/// those at or after its token count in layers where it holds fewer tokens than we do.
+fn missing_pages(store: &PageStore, key: &SequenceKey, theirs: &pb::LookupResponse) -> Vec<pb::Page> {
+    let Some(ns) = store.namespace(&key.namespace) else { return Vec::new() };
+    let Ok((true, ours, _)) = store.lookup(key, &[]) else { return Vec::new() };
+    let page_tokens = u64::from(ns.ns.page_tokens);
+    let codec = validate::codec_to_wire(ns.ns.codec);
+    let mut out = Vec::new();
+    for l in &ours {
+        let t = theirs.layers.iter().find(|t| t.layer == l.layer && theirs.exists);
+        let (their_tokens, their_seqs) = t.map_or((0, &[][..]), |t| (t.tokens, t.page_write_seqs.as_slice()));
+        for (i, &ws) in l.write_seqs.iter().enumerate() {
+            if ws == 0 {
+                continue;
+            }
+            let held = their_seqs.get(i).is_some_and(|&w| w != 0);
+            let behind = their_tokens < l.tokens && (i as u64) >= their_tokens / page_tokens;
+            if held && !behind {
+                continue;
+            }
+            let pk = PageKey { sequence: key.clone(), layer: l.layer, page_index: i as u32 };
+            if let Some(p) = store.get_in(&pk) {
+                out.push(pb::Page {
+                    key: Some((&pk).into()),
+                    codec,
+                    token_count: p.token_count,
+                    write_seq: 0,
+                    payload_crc32c: p.crc,
+                    prefix_hash: p.prefix_hash,
+                    payload: p.payload,
+                });
+            }
+        }
+    }
+    out
+}
