@@ -3,7 +3,7 @@
 //! - `load`: load tests against a running cluster.
 //! - `models`: footprint table of the model presets.
 //! - `node`, `coordinator`, `worker`: the three services; `dev`: all of them in one process.
-//! - `status`: the cluster as the coordinator sees it.
+//! - `status`: the cluster as the coordinator sees it; `drain`: empty a node before removing it.
 //! - `bench`: benchmarks.
 
 mod bench;
@@ -43,6 +43,8 @@ enum Command {
     Dev(serve::DevArgs),
     /// Show the cluster: nodes, states, capacity, epoch, namespaces.
     Status(serve::StatusArgs),
+    /// Drain a cache node: out of placement; its sequences move to their new owners.
+    Drain(serve::DrainArgs),
     /// Benchmarks (ratios against baselines measured in the same run).
     #[command(subcommand)]
     Bench(bench::Bench),
@@ -59,6 +61,7 @@ fn main() -> anyhow::Result<()> {
         Command::Worker(a) => serve::worker(a),
         Command::Dev(a) => serve::dev(a),
         Command::Status(a) => serve::status(a),
+        Command::Drain(a) => serve::drain(a),
         Command::Bench(b) => bench::run(b),
     }
 }

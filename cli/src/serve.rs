@@ -271,3 +271,58 @@ pub fn status(a: StatusArgs) -> anyhow::Result<()> {
         Ok(())
     })
 }
+
+/// Flags of `kvcache drain`.
+#[derive(clap::Args, Debug)]
+pub struct DrainArgs {
+    /// Coordinator address (replicas comma-separated).
+    #[arg(long, env = "KVCACHE_COORDINATOR", default_value = "127.0.0.1:7000")]
+    coordinator: String,
+    /// Id of the node to drain.
+    node_id: String,
+    /// Wait until the node holds no sequences (at most this long; 0 = do not wait).
+    #[arg(long, default_value = "0s", value_parser = parse_duration)]
+    wait: Duration,
+    #[command(flatten)]
+    tls: kvcache_net::TlsArgs,
+}
+
+/// Run `kvcache drain`.
+pub fn drain(a: DrainArgs) -> anyhow::Result<()> {
+    tokio::runtime::Runtime::new()?.block_on(async move {
+        let tls = kvcache_net::Tls::load(&a.tls)?;
+        let cfg = kvcache_client::ClientConfig { tls, watch: false, ..Default::default() };
+        let client = Client::connect_with(&a.coordinator, cfg).await?;
+        let epoch = client
+            .coord(|mut c| {
+                let id = a.node_id.clone();
+                async move { c.drain(pb::DrainRequest { node_id: id }).await }
+            })
+            .await?
+            .into_inner()
+            .epoch;
+        println!("{} is draining (epoch {epoch})", a.node_id);
+        let deadline = std::time::Instant::now() + a.wait;
+        while !a.wait.is_zero() {
+            client.refresh().await?;
+            let held = client.node_stats().await.into_iter().find(|(id, _)| *id == a.node_id).and_then(|(_, s)| s.ok());
+            match held {
+                Some(s) if s.sequences > 0 => {
+                    anyhow::ensure!(
+                        std::time::Instant::now() < deadline,
+                        "{} still holds {} sequences after {:?}",
+                        a.node_id,
+                        s.sequences,
+                        a.wait
+                    );
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                _ => {
+                    println!("{} holds no sequences: it can be removed", a.node_id);
+                    break;
+                }
+            }
+        }
+        Ok(())
+    })
+}

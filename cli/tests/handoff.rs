@@ -156,7 +156,18 @@ async fn drain_join_and_node_loss_move_sequences_to_their_owners() {
     // Drain n1: it empties into n0 and n2, and stops holding anything.
     let n1: HashMap<String, String> = [addr_of(&procs, 1)].into();
     live.remove("n1");
-    client.coordinator().drain(pb::DrainRequest { node_id: "n1".into() }).await.unwrap();
+    let c = coord.addr.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_kvcache"))
+            .args(["drain", "--coordinator", &c, "n1", "--wait", "60s"])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "kvcache drain: {said} {}", String::from_utf8_lossy(&out.stderr));
+    assert!(said.contains("n1 holds no sequences"), "{said}");
     eventually("n1 drained into n0 and n2", || placed(&all, &live, &n1)).await;
     client.refresh().await.unwrap();
     reads_back(&client, &all).await.expect("reads after the drain");
