@@ -18,6 +18,9 @@ fn pad(w: usize) -> usize {
 /// Per-call working memory of one group computation (allocated per task, reused across groups).
 struct Scratch {
     q: Vec<f32>,
+    /// The query split into two bf16 parts, `q ≈ hi + lo` (the `vdpbf16ps` score path only):
+    /// `hi` rows then `lo` rows.
+    qb: Vec<u16>,
     k: Vec<f32>,
     v: Vec<f32>,
     s: Vec<f32>,
@@ -32,6 +35,7 @@ impl Scratch {
         let (wk, wv) = (pad(shape.qk_width), pad(shape.v_width));
         Self {
             q: vec![0.0; g * wk],
+            qb: vec![0; 2 * g * wk],
             k: vec![0.0; BT * wk],
             v: if shape.latent { Vec::new() } else { vec![0.0; BT * wv] },
             s: vec![0.0; g * BT],
@@ -138,6 +142,95 @@ impl Rows for Bf16Rows {
     unsafe fn at<I: Isa>(self, r: usize, c: usize) -> I::V {
         // SAFETY: callers stay inside the payload rows they were given (row stride in bytes).
         unsafe { I::load_bf16(self.0.add(r * self.1 + 2 * c)) }
+    }
+}
+
+/// `x` rounded to the nearest bf16 (ties to even), as bits. `x` is finite.
+fn bf16_bits(x: f32) -> u16 {
+    let b = x.to_bits();
+    ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16
+}
+
+/// Scores of `NH` heads × `NT` bf16 rows with the hardware pair dot product: `qb` holds the
+/// heads' queries as bf16 `hi` rows (stride `wq` elements) followed, `lo_off` elements later,
+/// by their `lo` rows; `k` the bf16 rows (stride `row_bytes`); `w` a multiple of 2·LANES.
+#[inline(always)]
+unsafe fn dot_tile_dp<I: Isa, const NH: usize, const NT: usize>(
+    qb: *const u16,
+    lo_off: usize,
+    wq: usize,
+    k: Bf16Rows,
+    t0: usize,
+    w: usize,
+    s: *mut f32,
+) {
+    // SAFETY: callers pass qb with NH rows of ≥ w bf16, rows t0..t0+NT of k with ≥ w bf16 each,
+    // s with NH rows of BT f32; i + 2·LANES ≤ w throughout; I::DPBF16 holds.
+    unsafe {
+        let mut acc = [[I::zero(); NT]; NH];
+        let mut i = 0;
+        while i < w {
+            let mut kv = [I::zero(); NT];
+            for (t, kt) in kv.iter_mut().enumerate() {
+                *kt = I::load_raw(k.0.add((t0 + t) * k.1 + 2 * i));
+            }
+            for (h, ah) in acc.iter_mut().enumerate() {
+                let hi = I::load_raw(qb.add(h * wq + i) as *const u8);
+                let lo = I::load_raw(qb.add(lo_off + h * wq + i) as *const u8);
+                for t in 0..NT {
+                    ah[t] = I::dp_bf16(I::dp_bf16(ah[t], lo, kv[t]), hi, kv[t]);
+                }
+            }
+            i += 2 * I::LANES;
+        }
+        if NH * NT == 16 {
+            let flat: [I::V; 16] = std::array::from_fn(|j| acc[j / NT][j % NT]);
+            let mut sums = [0f32; 16];
+            I::sum16(&flat, &mut sums);
+            for (j, v) in sums.iter().enumerate() {
+                *s.add((j / NT) * BT + j % NT) = *v;
+            }
+            return;
+        }
+        for (h, ah) in acc.iter().enumerate() {
+            for (t, a) in ah.iter().enumerate() {
+                *s.add(h * BT + t) = I::sum(*a);
+            }
+        }
+    }
+}
+
+/// [`dot_block`] with [`dot_tile_dp`]: `g` heads × `bt` rows.
+#[inline(always)]
+unsafe fn dot_block_dp<I: Isa>(qb: &[u16], wq: usize, k: Bf16Rows, g: usize, bt: usize, w: usize, s: &mut [f32]) {
+    let (q, s, lo) = (qb.as_ptr(), s.as_mut_ptr(), qb.len() / 2);
+    // SAFETY: qb is g×wq, k holds ≥ bt rows, s is g×BT; every tile stays inside them.
+    unsafe {
+        let mut h = 0;
+        while h < g {
+            let nh = (g - h).min(4);
+            let mut t = 0;
+            while t < bt {
+                let nt = if t + 4 <= bt { 4 } else { 1 };
+                let (qq, ss) = (q.add(h * wq), s.add(h * BT + t));
+                match (nh, nt) {
+                    (4, 4) => dot_tile_dp::<I, 4, 4>(qq, lo, wq, k, t, w, ss),
+                    (4, _) => dot_tile_dp::<I, 4, 1>(qq, lo, wq, k, t, w, ss),
+                    (_, 4) => {
+                        for i in 0..nh {
+                            dot_tile_dp::<I, 1, 4>(qq.add(i * wq), lo, wq, k, t, w, ss.add(i * BT));
+                        }
+                    }
+                    _ => {
+                        for i in 0..nh {
+                            dot_tile_dp::<I, 1, 1>(qq.add(i * wq), lo, wq, k, t, w, ss.add(i * BT));
+                        }
+                    }
+                }
+                t += nt;
+            }
+            h += nh;
+        }
     }
 }
 
@@ -337,6 +430,18 @@ unsafe fn attend_group<I: Isa>(
     // registers. MLA rows are used by every head (up to 128): widening them once into scratch
     // is cheaper there.
     let direct = !shape.latent && shape.layout.codec == Codec::Bf16 && shape.layout.shape.width.is_multiple_of(PAD);
+    // With AVX-512 BF16, those rows' scores come from `vdpbf16ps` against the query split into
+    // two bf16 parts (q = hi + lo to 2^-17 relative; bf16 × bf16 products are exact in f32), so
+    // the rounding is of the same order as f32 accumulation. Pairs of 32 elements per
+    // instruction: the width must hold whole pairs of vectors.
+    let dp = I::DPBF16 && direct && shape.qk_width.is_multiple_of(2 * I::LANES);
+    if dp {
+        let (hi, lo) = sc.qb.split_at_mut(g * wk);
+        for ((h, l), x) in hi.iter_mut().zip(lo.iter_mut()).zip(&sc.q) {
+            *h = bf16_bits(*x);
+            *l = bf16_bits(*x - f32::from_bits(u32::from(*h) << 16));
+        }
+    }
     for (pi, page) in range.pages.iter().enumerate() {
         let start = range.starts[pi];
         let a = range.t0.max(start);
@@ -374,7 +479,9 @@ unsafe fn attend_group<I: Isa>(
                     page.payload.as_ptr().add(l.row_range(page.tokens, v_plane, t - start).start),
                     l.row_bytes,
                 );
-                if direct {
+                if dp {
+                    dot_block_dp::<I>(&sc.qb, wk, k_direct, g, bt, shape.qk_width, &mut sc.s);
+                } else if direct {
                     dot_block::<I, _>(&sc.q, k_direct, g, bt, wk, &mut sc.s);
                 } else {
                     decode_rows::<I>(shape, page, k_plane, t - start, bt, &mut sc.k, wk);
@@ -456,6 +563,13 @@ unsafe fn range_avx512(shape: &AttnShape, q: &[f32], range: &Range, out: &mut [f
 }
 
 #[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn range_avx512bf16(shape: &AttnShape, q: &[f32], range: &Range, out: &mut [f32], lse: &mut [f32]) {
+    // SAFETY: this function only runs where Backend::available found avx512f and avx512bf16.
+    unsafe { attend_range::<crate::simd::Avx512Bf16>(shape, q, range, out, lse) }
+}
+
+#[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn range_avx2(shape: &AttnShape, q: &[f32], range: &Range, out: &mut [f32], lse: &mut [f32]) {
     // SAFETY: this function only runs where Backend::available found avx2, fma and f16c.
@@ -468,6 +582,9 @@ fn run_range(backend: Backend, shape: &AttnShape, q: &[f32], range: &Range, out:
         // SAFETY: availability asserted above.
         #[cfg(target_arch = "x86_64")]
         Backend::Avx512 => unsafe { range_avx512(shape, q, range, out, lse) },
+        // SAFETY: availability asserted above.
+        #[cfg(target_arch = "x86_64")]
+        Backend::Avx512Bf16 => unsafe { range_avx512bf16(shape, q, range, out, lse) },
         // SAFETY: availability asserted above.
         #[cfg(target_arch = "x86_64")]
         Backend::Avx2 => unsafe { range_avx2(shape, q, range, out, lse) },

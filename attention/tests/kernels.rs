@@ -118,6 +118,22 @@ fn backends_agree_with_each_other() {
 }
 
 #[test]
+fn the_bf16_dot_product_path_is_taken_and_as_accurate_as_f32() {
+    if !Backend::available().contains(&Backend::Avx512Bf16) {
+        eprintln!("no AVX-512 BF16 on this CPU: nothing to test");
+        return;
+    }
+    let mut rng = rand::rng();
+    for (spec, pt, tokens) in [(gqa(32, 8, 128), 16, 4000), (gqa(16, 1, 256), 64, 333), (gqa(8, 8, 64), 256, 2)] {
+        let c = case(&spec, Codec::Bf16, pt, tokens, &mut rng);
+        let exact = c.check(Backend::Avx512, 1, 1e-5).0;
+        // The query split into two bf16 parts loses ~2^-17 of it: f32-level error.
+        let fast = c.check(Backend::Avx512Bf16, 1, 1e-5).0;
+        assert_ne!(fast, exact, "the vdpbf16ps path was not taken (same rounding as the f32 path)");
+    }
+}
+
+#[test]
 fn a_hundred_thousand_tokens_split_across_threads() {
     let mut rng = rand::rng();
     let c = case(&gqa(4, 2, 64), Codec::Bf16, 256, 100_000, &mut rng);

@@ -23,7 +23,7 @@ pub struct Args {
     /// Working set as a multiple of the last-level cache.
     #[arg(long, default_value_t = 3.0)]
     llc_multiple: f64,
-    /// Backend (avx512, avx2, portable); default: the best available.
+    /// Backend (avx512, avx512-bf16, avx2, portable); default: avx512 where present.
     #[arg(long)]
     backend: Option<String>,
     /// Print JSON.
