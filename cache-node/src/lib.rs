@@ -8,6 +8,7 @@
 //!   async/sync durability, parallel recovery on start.
 //! - [`service`]: the `CacheNode` gRPC service over the store; the one place where store errors
 //!   become gRPC statuses.
+//! - [`zerocopy`]: GetPages with each mapped payload handed to HTTP/2 as is (no encoder copy).
 //! - [`membership`]: registration and heartbeats with the coordinator (epoch, namespaces).
 //! - [`handoff`]: moving sequences to their owners after membership changes (drain, join,
 //!   re-replication after a node loss).
@@ -23,6 +24,7 @@ pub mod membership;
 pub mod pool;
 pub mod service;
 pub mod store;
+pub mod zerocopy;
 
 pub use service::NodeService;
 pub use store::{Durability, PageStore, StoreConfig, StoreError};
@@ -50,9 +52,13 @@ pub async fn run(
     let reflection = kvcache_net::reflection().map_err(err)?;
     let server = kvcache_net::server(&exposure.tls).map_err(err)?;
     let probe = exposure.health_listener.map(|l| kvcache_net::serve_health(l, health_svc.clone()));
-    let svc = CacheNodeServer::new(NodeService::new(store.clone(), node_id))
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let node = Arc::new(NodeService::new(store.clone(), node_id));
+    let svc = zerocopy::ZeroCopyGetPages::new(
+        node.clone(),
+        CacheNodeServer::from_arc(node)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES),
+    );
     let gauges = tokio::spawn(export_gauges(store.clone()));
     let r = server
         .layer(kvcache_telemetry::GrpcMetricsLayer::new("node"))

@@ -68,14 +68,56 @@ fn sequence(k: Option<pb::SequenceKey>) -> Result<SequenceKey, Status> {
 
 type PageStream = Pin<Box<dyn Stream<Item = Result<pb::GetPagesResponse, Status>> + Send>>;
 
+/// Read one requested item: the response item (its page's payload left empty) and the payload,
+/// a slice of the mapping that holds the slot. Counts hits, misses and bytes out.
+pub(crate) fn page_item(store: &PageStore, w: Wanted) -> (pb::PageItem, bytes::Bytes) {
+    let item = |k, status: pb::PageStatus, message: String| pb::PageItem {
+        key: Some(k),
+        status: status as i32,
+        page: None,
+        message,
+    };
+    match w {
+        Wanted::Bad(k, msg) => (item(k, pb::PageStatus::Invalid, msg), bytes::Bytes::new()),
+        Wanted::Key(k, key) => match store.get(&key) {
+            Ok(Some(p)) => {
+                metrics::counter!(kvcache_telemetry::names::NODE_PAGE_HITS).increment(1);
+                metrics::counter!(kvcache_telemetry::names::NODE_BYTES_OUT).increment(p.payload.len() as u64);
+                let codec = store.namespace(&key.sequence.namespace).map_or(0, |n| validate::codec_to_wire(n.ns.codec));
+                let page = pb::Page {
+                    key: Some(k.clone()),
+                    codec,
+                    token_count: p.token_count,
+                    write_seq: p.write_seq,
+                    payload_crc32c: p.crc,
+                    prefix_hash: p.prefix_hash,
+                    payload: bytes::Bytes::new(),
+                };
+                (pb::PageItem { page: Some(page), ..item(k, pb::PageStatus::Ok, String::new()) }, p.payload)
+            }
+            Ok(None) => {
+                metrics::counter!(kvcache_telemetry::names::NODE_PAGE_MISSES).increment(1);
+                (item(k, pb::PageStatus::Miss, String::new()), bytes::Bytes::new())
+            }
+            Err(e) => (item(k, pb::PageStatus::Invalid, e.to_string()), bytes::Bytes::new()),
+        },
+    }
+}
+
 /// One requested item: a valid key or the reason it is not.
-enum Wanted {
+pub(crate) enum Wanted {
     Key(pb::PageKey, PageKey),
     Bad(pb::PageKey, String),
 }
 
 impl NodeService {
-    fn expand(&self, req: pb::GetPagesRequest) -> Result<Vec<Wanted>, Status> {
+    /// The store served.
+    pub fn store(&self) -> &Arc<PageStore> {
+        &self.store
+    }
+
+    /// The items of a GetPages request, in order (ranges expanded over the pages held).
+    pub(crate) fn expand(&self, req: pb::GetPagesRequest) -> Result<Vec<Wanted>, Status> {
         let mut out = Vec::with_capacity(req.keys.len());
         for k in req.keys {
             match PageKey::try_from(k.clone()) {
@@ -144,51 +186,11 @@ impl CacheNode for NodeService {
             let mut batch = pb::GetPagesResponse::default();
             let mut bytes = 0usize;
             for w in wanted {
-                let item = match w {
-                    Wanted::Bad(k, msg) => {
-                        pb::PageItem { key: Some(k), status: pb::PageStatus::Invalid as i32, page: None, message: msg }
-                    }
-                    Wanted::Key(k, key) => match store.get(&key) {
-                        Ok(Some(p)) => {
-                            bytes += p.payload.len();
-                            metrics::counter!(kvcache_telemetry::names::NODE_PAGE_HITS).increment(1);
-                            metrics::counter!(kvcache_telemetry::names::NODE_BYTES_OUT)
-                                .increment(p.payload.len() as u64);
-                            let codec = store
-                                .namespace(&key.sequence.namespace)
-                                .map_or(0, |n| validate::codec_to_wire(n.ns.codec));
-                            pb::PageItem {
-                                key: Some(k.clone()),
-                                status: pb::PageStatus::Ok as i32,
-                                page: Some(pb::Page {
-                                    key: Some(k),
-                                    codec,
-                                    token_count: p.token_count,
-                                    write_seq: p.write_seq,
-                                    payload_crc32c: p.crc,
-                                    prefix_hash: p.prefix_hash,
-                                    payload: p.payload,
-                                }),
-                                message: String::new(),
-                            }
-                        }
-                        Ok(None) => {
-                            metrics::counter!(kvcache_telemetry::names::NODE_PAGE_MISSES).increment(1);
-                            pb::PageItem {
-                                key: Some(k),
-                                status: pb::PageStatus::Miss as i32,
-                                page: None,
-                                message: String::new(),
-                            }
-                        }
-                        Err(e) => pb::PageItem {
-                            key: Some(k),
-                            status: pb::PageStatus::Invalid as i32,
-                            page: None,
-                            message: e.to_string(),
-                        },
-                    },
-                };
+                let (mut item, payload) = page_item(&store, w);
+                bytes += payload.len();
+                if let Some(p) = item.page.as_mut() {
+                    p.payload = payload;
+                }
                 batch.items.push(item);
                 if bytes >= RESPONSE_BATCH_BYTES || batch.items.len() >= 4096 {
                     bytes = 0;
