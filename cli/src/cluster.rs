@@ -29,6 +29,8 @@ pub struct LocalClusterConfig {
     pub host: String,
     /// Worker prefetch of layer L+1.
     pub worker_prefetch: bool,
+    /// TLS of every listener and every call between the services (plaintext by default).
+    pub tls: kvcache_net::Tls,
 }
 
 impl LocalClusterConfig {
@@ -42,6 +44,7 @@ impl LocalClusterConfig {
             worker_cache_bytes: 1 << 30,
             host: "127.0.0.1".into(),
             worker_prefetch: true,
+            tls: kvcache_net::Tls::none(),
         }
     }
 }
@@ -66,6 +69,10 @@ pub struct LocalCluster {
     services: Vec<Service>,
 }
 
+fn exposure(cfg: &LocalClusterConfig) -> kvcache_net::Exposure {
+    kvcache_net::Exposure { tls: cfg.tls.clone(), health_listener: None }
+}
+
 fn stop_pair() -> (oneshot::Sender<()>, impl std::future::Future<Output = ()> + Send + 'static) {
     let (tx, rx) = oneshot::channel::<()>();
     (tx, async move {
@@ -88,8 +95,9 @@ impl LocalCluster {
         let l = tokio::net::TcpListener::bind((cfg.host.as_str(), 0)).await?;
         let coordinator = l.local_addr()?.to_string();
         let (tx, stop) = stop_pair();
+        let ex = exposure(&cfg);
         let task = tokio::spawn(async move {
-            if let Err(e) = kvcache_coordinator::run(state, l, kvcache_net::Exposure::plaintext(), stop).await {
+            if let Err(e) = kvcache_coordinator::run(state, l, ex, stop).await {
                 tracing::error!(error = %e, "coordinator failed");
             }
         });
@@ -114,18 +122,19 @@ impl LocalCluster {
                 store.clone(),
                 coordinator.clone(),
                 info,
-                kvcache_net::Tls::none(),
+                cfg.tls.clone(),
             ));
             let handoff = tokio::spawn(kvcache_node::handoff::run(
                 store.clone(),
                 id.clone(),
                 coordinator.clone(),
-                kvcache_net::Tls::none(),
+                cfg.tls.clone(),
                 Default::default(),
             ));
             let (tx, stop) = stop_pair();
+            let ex = exposure(&cfg);
             let task = tokio::spawn(async move {
-                if let Err(e) = kvcache_node::run(store, id, l, kvcache_net::Exposure::plaintext(), stop).await {
+                if let Err(e) = kvcache_node::run(store, id, l, ex, stop).await {
                     tracing::error!(error = %e, "cache node failed");
                 }
             });
@@ -133,7 +142,11 @@ impl LocalCluster {
             nodes.push(addr);
         }
         // Wait for the nodes to be in the map.
-        let client = Client::connect(&coordinator).await?;
+        let client = Client::connect_with(
+            &coordinator,
+            kvcache_client::ClientConfig { tls: cfg.tls.clone(), ..Default::default() },
+        )
+        .await?;
         for _ in 0..200 {
             if client.refresh().await?.live_nodes().len() == cfg.nodes {
                 break;
@@ -152,8 +165,9 @@ impl LocalCluster {
         let waddr = l.local_addr()?.to_string();
         let (tx, stop) = stop_pair();
         let w = worker.clone();
+        let ex = exposure(&cfg);
         let task = tokio::spawn(async move {
-            if let Err(e) = kvcache_worker::run(w, l, kvcache_net::Exposure::plaintext(), stop).await {
+            if let Err(e) = kvcache_worker::run(w, l, ex, stop).await {
                 tracing::error!(error = %e, "worker failed");
             }
         });

@@ -187,6 +187,9 @@ pub struct DevArgs {
     /// Capacity of each node.
     #[arg(long, default_value = "2GiB", value_parser = parse_bytes)]
     node_capacity: u64,
+    /// mTLS between the local services and for clients (all of them use the same identity).
+    #[command(flatten)]
+    tls: kvcache_net::TlsArgs,
 }
 
 /// Run `kvcache dev`: a local cluster until Ctrl-C.
@@ -197,6 +200,7 @@ pub fn dev(a: DevArgs) -> anyhow::Result<()> {
         let mut cfg = LocalClusterConfig::new(&a.data_dir);
         cfg.nodes = a.nodes;
         cfg.node_capacity = a.node_capacity;
+        cfg.tls = kvcache_net::Tls::load(&a.tls)?;
         let c = LocalCluster::start(cfg).await?;
         println!("kvcache dev cluster is up (data in {}):", a.data_dir.display());
         println!("  coordinator  {}", c.coordinator);

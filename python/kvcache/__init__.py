@@ -33,11 +33,39 @@ from kvcache.v1 import coordinator_pb2_grpc as coord_grpc
 from kvcache.v1 import worker_pb2 as worker_pb
 from kvcache.v1 import worker_pb2_grpc as worker_grpc
 
-__all__ = ["place", "Client", "Namespace", "DecodeResult", "KvcacheError", "to_bf16", "from_bf16"]
+__all__ = ["place", "Client", "Tls", "Namespace", "DecodeResult", "KvcacheError", "to_bf16", "from_bf16"]
 
 _MAX_MSG = 256 << 20
 _OPTS = [("grpc.max_send_message_length", _MAX_MSG), ("grpc.max_receive_message_length", _MAX_MSG)]
 _CODECS = {"bf16": pb.CODEC_BF16, "f16": pb.CODEC_F16, "fp8-e4m3": pb.CODEC_FP8_E4M3, "int8": pb.CODEC_INT8}
+
+
+@dataclass(frozen=True)
+class Tls:
+    """TLS for every channel, like the servers' `--tls-*` flags: `ca` (PEM) verifies the
+    servers; `cert` and `key` (PEM) are this client's identity for clusters that require mTLS;
+    `server_name` overrides the name verified (default: each address's host)."""
+
+    ca: bytes
+    cert: Optional[bytes] = None
+    key: Optional[bytes] = None
+    server_name: Optional[str] = None
+
+    @classmethod
+    def from_files(cls, ca: str, cert: Optional[str] = None, key: Optional[str] = None,
+                   server_name: Optional[str] = None) -> "Tls":
+        def read(p):
+            with open(p, "rb") as f:
+                return f.read()
+        return cls(read(ca), read(cert) if cert else None, read(key) if key else None, server_name)
+
+    def channel(self, addr: str):
+        creds = grpc.ssl_channel_credentials(root_certificates=self.ca, private_key=self.key,
+                                             certificate_chain=self.cert)
+        opts = list(_OPTS)
+        if self.server_name:
+            opts.append(("grpc.ssl_target_name_override", self.server_name))
+        return grpc.secure_channel(addr, creds, options=opts)
 
 
 class KvcacheError(Exception):
@@ -157,9 +185,10 @@ def _seq_hash(namespace: str, sequence_id: str) -> int:
 class Client:
     """A handle on a kvcache cluster."""
 
-    def __init__(self, coordinator: str, timeout: float = 10.0):
+    def __init__(self, coordinator: str, timeout: float = 10.0, tls: Optional[Tls] = None):
         self.timeout = timeout
-        self._coord = coord_grpc.CoordinatorStub(grpc.insecure_channel(coordinator, options=_OPTS))
+        self._tls = tls
+        self._coord = coord_grpc.CoordinatorStub(self._channel(coordinator))
         self._channels: dict = {}
         self.refresh()
 
@@ -177,9 +206,12 @@ class Client:
         except grpc.RpcError as e:  # noqa: PERF203
             raise KvcacheError(f"{e.code().name}: {e.details()}", e.code()) from None
 
+    def _channel(self, addr: str):
+        return self._tls.channel(addr) if self._tls else grpc.insecure_channel(addr, options=_OPTS)
+
     def _node(self, addr: str):
         if addr not in self._channels:
-            self._channels[addr] = grpc.insecure_channel(addr, options=_OPTS)
+            self._channels[addr] = self._channel(addr)
         return self._channels[addr]
 
     def namespace(self, name: str) -> Namespace:
