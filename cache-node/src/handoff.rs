@@ -193,8 +193,10 @@ async fn copy_to(
     cfg: &HandoffConfig,
 ) -> Result<u64, tonic::Status> {
     let mut c = peers.client(&owner.address)?;
-    let theirs =
-        c.lookup(pb::LookupRequest { sequence: Some(key.into()), prefix_hashes: Vec::new() }).await?.into_inner();
+    let theirs = c
+        .lookup(pb::LookupRequest { sequence: Some(key.into()), prefix_hashes: Vec::new(), layer: None })
+        .await?
+        .into_inner();
     let (s, k) = (store.clone(), key.clone());
     let pages = tokio::task::spawn_blocking(move || missing_pages(&s, &k, &theirs))
         .await
@@ -225,7 +227,7 @@ async fn copy_to(
 /// those at or after its token count in layers where it holds fewer tokens than we do.
 fn missing_pages(store: &PageStore, key: &SequenceKey, theirs: &pb::LookupResponse) -> Vec<pb::Page> {
     let Some(ns) = store.namespace(&key.namespace) else { return Vec::new() };
-    let Ok((true, ours, _)) = store.lookup(key, &[]) else { return Vec::new() };
+    let Ok((true, ours, _)) = store.lookup(key, &[], None) else { return Vec::new() };
     let page_tokens = u64::from(ns.ns.page_tokens);
     let codec = validate::codec_to_wire(ns.ns.codec);
     let mut out = Vec::new();

@@ -227,7 +227,7 @@ impl CacheNode for NodeService {
     async fn lookup(&self, request: Request<pb::LookupRequest>) -> Result<Response<pb::LookupResponse>, Status> {
         let r = request.into_inner();
         let seq = sequence(r.sequence)?;
-        let (exists, layers, cached) = self.store.lookup(&seq, &r.prefix_hashes).map_err(status)?;
+        let (exists, layers, cached) = self.store.lookup(&seq, &r.prefix_hashes, r.layer).map_err(status)?;
         Ok(Response::new(pb::LookupResponse {
             exists,
             layers: layers

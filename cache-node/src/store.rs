@@ -923,6 +923,7 @@ impl PageStore {
         &self,
         key: &SequenceKey,
         prefix_hashes: &[u64],
+        only_layer: Option<u32>,
     ) -> Result<(bool, Vec<LayerExtent>, u32), StoreError> {
         let ns = self.ns_of(&key.namespace)?;
         let cached = prefix_hashes.iter().take_while(|h| self.prefixes.contains_key(&(ns.ns.id(), **h))).count() as u32;
@@ -932,6 +933,7 @@ impl PageStore {
             .layers
             .iter()
             .enumerate()
+            .filter(|(i, _)| only_layer.is_none_or(|o| o as usize == *i))
             .map(|(i, l)| LayerExtent {
                 layer: i as u32,
                 tokens: inner.layer_tokens(i, ns.ns.page_tokens),

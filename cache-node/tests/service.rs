@@ -201,11 +201,28 @@ async fn lookup_lease_stats_delete_and_health() {
         .await
         .unwrap();
     let seq = pb::SequenceKey { namespace: "test.small".into(), sequence_id: "a".into() };
-    let l =
-        c.lookup(pb::LookupRequest { sequence: Some(seq.clone()), prefix_hashes: vec![] }).await.unwrap().into_inner();
+    let l = c
+        .lookup(pb::LookupRequest { sequence: Some(seq.clone()), prefix_hashes: vec![], layer: None })
+        .await
+        .unwrap()
+        .into_inner();
     assert!(l.exists);
     assert_eq!(l.layers[1].tokens, 7);
     assert_eq!(l.layers[1].pages, 2);
+    // A decode step asks for one layer only.
+    let one = c
+        .lookup(pb::LookupRequest { sequence: Some(seq.clone()), prefix_hashes: vec![], layer: Some(1) })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(one.layers.len(), 1);
+    assert_eq!((one.layers[0].layer, one.layers[0].tokens, one.layers[0].page_write_seqs.len()), (1, 7, 2));
+    let none = c
+        .lookup(pb::LookupRequest { sequence: Some(seq.clone()), prefix_hashes: vec![], layer: Some(2) })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(none.exists && none.layers.is_empty());
     let lease = c.lease(pb::LeaseRequest { sequence: Some(seq.clone()), ttl_ms: 5000 }).await.unwrap().into_inner();
     let st = c.stats(pb::StatsRequest {}).await.unwrap().into_inner();
     assert_eq!((st.pages, st.sequences, st.active_leases), (2, 1, 1));

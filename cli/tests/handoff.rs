@@ -39,7 +39,7 @@ async fn holders(nodes: &HashMap<String, String>, key: &SequenceKey) -> Vec<Stri
     for (id, addr) in nodes {
         let Ok(ch) = kvcache_client::channel(addr) else { continue };
         let mut c = pb::cache_node_client::CacheNodeClient::new(ch);
-        let req = pb::LookupRequest { sequence: Some(key.into()), prefix_hashes: vec![] };
+        let req = pb::LookupRequest { sequence: Some(key.into()), prefix_hashes: vec![], layer: None };
         if let Ok(Ok(r)) = tokio::time::timeout(Duration::from_secs(2), c.lookup(req)).await
             && r.get_ref().exists
         {

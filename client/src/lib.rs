@@ -543,9 +543,11 @@ impl Client {
         node: &routing::NodeRef,
         seq: &SequenceKey,
         prefix_hashes: Vec<u64>,
+        layer: Option<u32>,
     ) -> Result<pb::LookupResponse, ClientError> {
         let mut c = self.node(&node.node_id, &node.address)?;
-        Ok(c.lookup(self.req(pb::LookupRequest { sequence: Some(seq.into()), prefix_hashes })).await?.into_inner())
+        let req = pb::LookupRequest { sequence: Some(seq.into()), prefix_hashes, layer };
+        Ok(c.lookup(self.req(req)).await?.into_inner())
     }
 
     /// Lookup on the first owner that answers: which pages exist, and the longest cached prefix.
@@ -554,7 +556,7 @@ impl Client {
         let mut last = String::from("no live cache node");
         for n in self.read_candidates(seq) {
             tried.push(n.node_id.clone());
-            match self.lookup_on(&n, seq, prefix_hashes.clone()).await {
+            match self.lookup_on(&n, seq, prefix_hashes.clone(), None).await {
                 Ok(r) => return Ok(r),
                 Err(ClientError::Unavailable { last: l, .. }) => last = l,
                 Err(e) => return Err(e),

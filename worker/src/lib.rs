@@ -138,7 +138,8 @@ impl Worker {
     async fn fetch_layer(&self, seq: &SequenceKey, layer: u32) -> Result<Fetched, SeqFailure> {
         let ns_r = self.client.namespace(&seq.namespace).map_or(1, |n| n.replication as usize);
         let cands: Vec<_> = self.client.read_candidates(seq).into_iter().take(ns_r.max(1) + 1).collect();
-        let lookups = futures::future::join_all(cands.iter().map(|n| self.client.lookup_on(n, seq, vec![]))).await;
+        let lookups =
+            futures::future::join_all(cands.iter().map(|n| self.client.lookup_on(n, seq, vec![], Some(layer)))).await;
         let mut best: Option<(usize, u64, Vec<u64>)> = None;
         for (i, r) in lookups.into_iter().enumerate() {
             let Ok(r) = r else { continue };

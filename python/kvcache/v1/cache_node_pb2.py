@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from kvcache.v1 import common_pb2 as kvcache_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bkvcache/v1/cache_node.proto\x12\nkvcache.v1\x1a\x17kvcache/v1/common.proto\"R\n\x0fPutPagesRequest\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x1f\n\x05pages\x18\x02 \x03(\x0b\x32\x10.kvcache.v1.Page\x12\x0f\n\x07handoff\x18\x03 \x01(\x08\"\\\n\x10PutPagesResponse\x12\x15\n\rpages_written\x18\x01 \x01(\x04\x12\x15\n\rbytes_written\x18\x02 \x01(\x04\x12\x1a\n\x12pages_deduplicated\x18\x03 \x01(\x04\"\x84\x01\n\tPageRange\x12)\n\x08sequence\x18\x01 \x01(\x0b\x32\x17.kvcache.v1.SequenceKey\x12\x13\n\x0blayer_start\x18\x02 \x01(\r\x12\x11\n\tlayer_end\x18\x03 \x01(\r\x12\x12\n\npage_start\x18\x04 \x01(\r\x12\x10\n\x08page_end\x18\x05 \x01(\r\"[\n\x0fGetPagesRequest\x12!\n\x04keys\x18\x01 \x03(\x0b\x32\x13.kvcache.v1.PageKey\x12%\n\x06ranges\x18\x02 \x03(\x0b\x32\x15.kvcache.v1.PageRange\"\x85\x01\n\x08PageItem\x12 \n\x03key\x18\x01 \x01(\x0b\x32\x13.kvcache.v1.PageKey\x12&\n\x06status\x18\x02 \x01(\x0e\x32\x16.kvcache.v1.PageStatus\x12\x1e\n\x04page\x18\x03 \x01(\x0b\x32\x10.kvcache.v1.Page\x12\x0f\n\x07message\x18\x04 \x01(\t\"7\n\x10GetPagesResponse\x12#\n\x05items\x18\x01 \x03(\x0b\x32\x14.kvcache.v1.PageItem\"\xe1\x01\n\x13\x41ppendTokensRequest\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12)\n\x08sequence\x18\x02 \x01(\x0b\x32\x17.kvcache.v1.SequenceKey\x12\r\n\x05layer\x18\x03 \x01(\r\x12\x12\n\nall_layers\x18\x04 \x01(\x08\x12\x13\n\x0btoken_count\x18\x05 \x01(\r\x12\x1e\n\x11\x65xpected_position\x18\x06 \x01(\x04H\x00\x88\x01\x01\x12\x0f\n\x07payload\x18\x07 \x01(\x0c\x12\x11\n\ttoken_ids\x18\x08 \x03(\rB\x14\n\x12_expected_position\"J\n\x14\x41ppendTokensResponse\x12\x14\n\x0clayer_tokens\x18\x01 \x03(\x04\x12\x1c\n\x14last_page_write_seqs\x18\x02 \x03(\x04\"Q\n\rLookupRequest\x12)\n\x08sequence\x18\x01 \x01(\x0b\x32\x17.kvcache.v1.SequenceKey\x12\x15\n\rprefix_hashes\x18\x02 \x03(\x06\"T\n\x0bLayerExtent\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0e\n\x06tokens\x18\x02 \x01(\x04\x12\r\n\x05pages\x18\x03 \x01(\r\x12\x17\n\x0fpage_write_seqs\x18\x04 \x03(\x04\"f\n\x0eLookupResponse\x12\x0e\n\x06\x65xists\x18\x01 \x01(\x08\x12\'\n\x06layers\x18\x02 \x03(\x0b\x32\x17.kvcache.v1.LayerExtent\x12\x1b\n\x13prefix_pages_cached\x18\x03 \x01(\r\"Q\n\x15\x44\x65leteSequenceRequest\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12)\n\x08sequence\x18\x02 \x01(\x0b\x32\x17.kvcache.v1.SequenceKey\"/\n\x16\x44\x65leteSequenceResponse\x12\x15\n\rpages_deleted\x18\x01 \x01(\x04\"I\n\x0cLeaseRequest\x12)\n\x08sequence\x18\x01 \x01(\x0b\x32\x17.kvcache.v1.SequenceKey\x12\x0e\n\x06ttl_ms\x18\x02 \x01(\r\":\n\rLeaseResponse\x12\x10\n\x08lease_id\x18\x01 \x01(\x06\x12\x17\n\x0f\x65xpires_unix_ms\x18\x02 \x01(\x04\"\"\n\x0eReleaseRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\x06\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\"\x0e\n\x0cStatsRequest\"d\n\x0eNamespaceUsage\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x11\n\tsequences\x18\x02 \x01(\x04\x12\r\n\x05pages\x18\x03 \x01(\x04\x12\r\n\x05\x62ytes\x18\x04 \x01(\x04\x12\x0e\n\x06tokens\x18\x05 \x01(\x04\"\x8e\x03\n\tNodeStats\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x02 \x01(\x04\x12\x12\n\nused_bytes\x18\x03 \x01(\x04\x12\r\n\x05pages\x18\x04 \x01(\x04\x12\x11\n\tsequences\x18\x05 \x01(\x04\x12\r\n\x05\x65poch\x18\x06 \x01(\x04\x12\x11\n\tevictions\x18\x07 \x01(\x04\x12\x15\n\ractive_leases\x18\x08 \x01(\x04\x12\x13\n\x0bindex_bytes\x18\t \x01(\x04\x12\x12\n\npool_files\x18\n \x01(\x04\x12\x19\n\x11pool_files_failed\x18\x0b \x01(\x04\x12.\n\nnamespaces\x18\x0c \x03(\x0b\x32\x1a.kvcache.v1.NamespaceUsage\x12\x10\n\x08get_hits\x18\r \x01(\x04\x12\x12\n\nget_misses\x18\x0e \x01(\x04\x12\x1d\n\x15\x63orrupt_pages_dropped\x18\x0f \x01(\x04\x12\x18\n\x10recovery_seconds\x18\x10 \x01(\x01\x12\x16\n\x0erecovery_bytes\x18\x11 \x01(\x04\"B\n\x16\x45nsureNamespaceRequest\x12(\n\tnamespace\x18\x01 \x01(\x0b\x32\x15.kvcache.v1.Namespace\"*\n\x17\x45nsureNamespaceResponse\x12\x0f\n\x07\x63reated\x18\x01 \x01(\x08\x32\xa2\x05\n\tCacheNode\x12G\n\x08PutPages\x12\x1b.kvcache.v1.PutPagesRequest\x1a\x1c.kvcache.v1.PutPagesResponse(\x01\x12G\n\x08GetPages\x12\x1b.kvcache.v1.GetPagesRequest\x1a\x1c.kvcache.v1.GetPagesResponse0\x01\x12Q\n\x0c\x41ppendTokens\x12\x1f.kvcache.v1.AppendTokensRequest\x1a .kvcache.v1.AppendTokensResponse\x12?\n\x06Lookup\x12\x19.kvcache.v1.LookupRequest\x1a\x1a.kvcache.v1.LookupResponse\x12W\n\x0e\x44\x65leteSequence\x12!.kvcache.v1.DeleteSequenceRequest\x1a\".kvcache.v1.DeleteSequenceResponse\x12<\n\x05Lease\x12\x18.kvcache.v1.LeaseRequest\x1a\x19.kvcache.v1.LeaseResponse\x12\x42\n\x07Release\x12\x1a.kvcache.v1.ReleaseRequest\x1a\x1b.kvcache.v1.ReleaseResponse\x12\x38\n\x05Stats\x12\x18.kvcache.v1.StatsRequest\x1a\x15.kvcache.v1.NodeStats\x12Z\n\x0f\x45nsureNamespace\x12\".kvcache.v1.EnsureNamespaceRequest\x1a#.kvcache.v1.EnsureNamespaceResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bkvcache/v1/cache_node.proto\x12\nkvcache.v1\x1a\x17kvcache/v1/common.proto\"R\n\x0fPutPagesRequest\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x1f\n\x05pages\x18\x02 \x03(\x0b\x32\x10.kvcache.v1.Page\x12\x0f\n\x07handoff\x18\x03 \x01(\x08\"\\\n\x10PutPagesResponse\x12\x15\n\rpages_written\x18\x01 \x01(\x04\x12\x15\n\rbytes_written\x18\x02 \x01(\x04\x12\x1a\n\x12pages_deduplicated\x18\x03 \x01(\x04\"\x84\x01\n\tPageRange\x12)\n\x08sequence\x18\x01 \x01(\x0b\x32\x17.kvcache.v1.SequenceKey\x12\x13\n\x0blayer_start\x18\x02 \x01(\r\x12\x11\n\tlayer_end\x18\x03 \x01(\r\x12\x12\n\npage_start\x18\x04 \x01(\r\x12\x10\n\x08page_end\x18\x05 \x01(\r\"[\n\x0fGetPagesRequest\x12!\n\x04keys\x18\x01 \x03(\x0b\x32\x13.kvcache.v1.PageKey\x12%\n\x06ranges\x18\x02 \x03(\x0b\x32\x15.kvcache.v1.PageRange\"\x85\x01\n\x08PageItem\x12 \n\x03key\x18\x01 \x01(\x0b\x32\x13.kvcache.v1.PageKey\x12&\n\x06status\x18\x02 \x01(\x0e\x32\x16.kvcache.v1.PageStatus\x12\x1e\n\x04page\x18\x03 \x01(\x0b\x32\x10.kvcache.v1.Page\x12\x0f\n\x07message\x18\x04 \x01(\t\"7\n\x10GetPagesResponse\x12#\n\x05items\x18\x01 \x03(\x0b\x32\x14.kvcache.v1.PageItem\"\xe1\x01\n\x13\x41ppendTokensRequest\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12)\n\x08sequence\x18\x02 \x01(\x0b\x32\x17.kvcache.v1.SequenceKey\x12\r\n\x05layer\x18\x03 \x01(\r\x12\x12\n\nall_layers\x18\x04 \x01(\x08\x12\x13\n\x0btoken_count\x18\x05 \x01(\r\x12\x1e\n\x11\x65xpected_position\x18\x06 \x01(\x04H\x00\x88\x01\x01\x12\x0f\n\x07payload\x18\x07 \x01(\x0c\x12\x11\n\ttoken_ids\x18\x08 \x03(\rB\x14\n\x12_expected_position\"J\n\x14\x41ppendTokensResponse\x12\x14\n\x0clayer_tokens\x18\x01 \x03(\x04\x12\x1c\n\x14last_page_write_seqs\x18\x02 \x03(\x04\"o\n\rLookupRequest\x12)\n\x08sequence\x18\x01 \x01(\x0b\x32\x17.kvcache.v1.SequenceKey\x12\x15\n\rprefix_hashes\x18\x02 \x03(\x06\x12\x12\n\x05layer\x18\x03 \x01(\rH\x00\x88\x01\x01\x42\x08\n\x06_layer\"T\n\x0bLayerExtent\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0e\n\x06tokens\x18\x02 \x01(\x04\x12\r\n\x05pages\x18\x03 \x01(\r\x12\x17\n\x0fpage_write_seqs\x18\x04 \x03(\x04\"f\n\x0eLookupResponse\x12\x0e\n\x06\x65xists\x18\x01 \x01(\x08\x12\'\n\x06layers\x18\x02 \x03(\x0b\x32\x17.kvcache.v1.LayerExtent\x12\x1b\n\x13prefix_pages_cached\x18\x03 \x01(\r\"Q\n\x15\x44\x65leteSequenceRequest\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12)\n\x08sequence\x18\x02 \x01(\x0b\x32\x17.kvcache.v1.SequenceKey\"/\n\x16\x44\x65leteSequenceResponse\x12\x15\n\rpages_deleted\x18\x01 \x01(\x04\"I\n\x0cLeaseRequest\x12)\n\x08sequence\x18\x01 \x01(\x0b\x32\x17.kvcache.v1.SequenceKey\x12\x0e\n\x06ttl_ms\x18\x02 \x01(\r\":\n\rLeaseResponse\x12\x10\n\x08lease_id\x18\x01 \x01(\x06\x12\x17\n\x0f\x65xpires_unix_ms\x18\x02 \x01(\x04\"\"\n\x0eReleaseRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\x06\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\"\x0e\n\x0cStatsRequest\"d\n\x0eNamespaceUsage\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x11\n\tsequences\x18\x02 \x01(\x04\x12\r\n\x05pages\x18\x03 \x01(\x04\x12\r\n\x05\x62ytes\x18\x04 \x01(\x04\x12\x0e\n\x06tokens\x18\x05 \x01(\x04\"\x8e\x03\n\tNodeStats\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x02 \x01(\x04\x12\x12\n\nused_bytes\x18\x03 \x01(\x04\x12\r\n\x05pages\x18\x04 \x01(\x04\x12\x11\n\tsequences\x18\x05 \x01(\x04\x12\r\n\x05\x65poch\x18\x06 \x01(\x04\x12\x11\n\tevictions\x18\x07 \x01(\x04\x12\x15\n\ractive_leases\x18\x08 \x01(\x04\x12\x13\n\x0bindex_bytes\x18\t \x01(\x04\x12\x12\n\npool_files\x18\n \x01(\x04\x12\x19\n\x11pool_files_failed\x18\x0b \x01(\x04\x12.\n\nnamespaces\x18\x0c \x03(\x0b\x32\x1a.kvcache.v1.NamespaceUsage\x12\x10\n\x08get_hits\x18\r \x01(\x04\x12\x12\n\nget_misses\x18\x0e \x01(\x04\x12\x1d\n\x15\x63orrupt_pages_dropped\x18\x0f \x01(\x04\x12\x18\n\x10recovery_seconds\x18\x10 \x01(\x01\x12\x16\n\x0erecovery_bytes\x18\x11 \x01(\x04\"B\n\x16\x45nsureNamespaceRequest\x12(\n\tnamespace\x18\x01 \x01(\x0b\x32\x15.kvcache.v1.Namespace\"*\n\x17\x45nsureNamespaceResponse\x12\x0f\n\x07\x63reated\x18\x01 \x01(\x08\x32\xa2\x05\n\tCacheNode\x12G\n\x08PutPages\x12\x1b.kvcache.v1.PutPagesRequest\x1a\x1c.kvcache.v1.PutPagesResponse(\x01\x12G\n\x08GetPages\x12\x1b.kvcache.v1.GetPagesRequest\x1a\x1c.kvcache.v1.GetPagesResponse0\x01\x12Q\n\x0c\x41ppendTokens\x12\x1f.kvcache.v1.AppendTokensRequest\x1a .kvcache.v1.AppendTokensResponse\x12?\n\x06Lookup\x12\x19.kvcache.v1.LookupRequest\x1a\x1a.kvcache.v1.LookupResponse\x12W\n\x0e\x44\x65leteSequence\x12!.kvcache.v1.DeleteSequenceRequest\x1a\".kvcache.v1.DeleteSequenceResponse\x12<\n\x05Lease\x12\x18.kvcache.v1.LeaseRequest\x1a\x19.kvcache.v1.LeaseResponse\x12\x42\n\x07Release\x12\x1a.kvcache.v1.ReleaseRequest\x1a\x1b.kvcache.v1.ReleaseResponse\x12\x38\n\x05Stats\x12\x18.kvcache.v1.StatsRequest\x1a\x15.kvcache.v1.NodeStats\x12Z\n\x0f\x45nsureNamespace\x12\".kvcache.v1.EnsureNamespaceRequest\x1a#.kvcache.v1.EnsureNamespaceResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -49,33 +49,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_APPENDTOKENSRESPONSE']._serialized_start=895
   _globals['_APPENDTOKENSRESPONSE']._serialized_end=969
   _globals['_LOOKUPREQUEST']._serialized_start=971
-  _globals['_LOOKUPREQUEST']._serialized_end=1052
-  _globals['_LAYEREXTENT']._serialized_start=1054
-  _globals['_LAYEREXTENT']._serialized_end=1138
-  _globals['_LOOKUPRESPONSE']._serialized_start=1140
-  _globals['_LOOKUPRESPONSE']._serialized_end=1242
-  _globals['_DELETESEQUENCEREQUEST']._serialized_start=1244
-  _globals['_DELETESEQUENCEREQUEST']._serialized_end=1325
-  _globals['_DELETESEQUENCERESPONSE']._serialized_start=1327
-  _globals['_DELETESEQUENCERESPONSE']._serialized_end=1374
-  _globals['_LEASEREQUEST']._serialized_start=1376
-  _globals['_LEASEREQUEST']._serialized_end=1449
-  _globals['_LEASERESPONSE']._serialized_start=1451
-  _globals['_LEASERESPONSE']._serialized_end=1509
-  _globals['_RELEASEREQUEST']._serialized_start=1511
-  _globals['_RELEASEREQUEST']._serialized_end=1545
-  _globals['_RELEASERESPONSE']._serialized_start=1547
-  _globals['_RELEASERESPONSE']._serialized_end=1582
-  _globals['_STATSREQUEST']._serialized_start=1584
-  _globals['_STATSREQUEST']._serialized_end=1598
-  _globals['_NAMESPACEUSAGE']._serialized_start=1600
-  _globals['_NAMESPACEUSAGE']._serialized_end=1700
-  _globals['_NODESTATS']._serialized_start=1703
-  _globals['_NODESTATS']._serialized_end=2101
-  _globals['_ENSURENAMESPACEREQUEST']._serialized_start=2103
-  _globals['_ENSURENAMESPACEREQUEST']._serialized_end=2169
-  _globals['_ENSURENAMESPACERESPONSE']._serialized_start=2171
-  _globals['_ENSURENAMESPACERESPONSE']._serialized_end=2213
-  _globals['_CACHENODE']._serialized_start=2216
-  _globals['_CACHENODE']._serialized_end=2890
+  _globals['_LOOKUPREQUEST']._serialized_end=1082
+  _globals['_LAYEREXTENT']._serialized_start=1084
+  _globals['_LAYEREXTENT']._serialized_end=1168
+  _globals['_LOOKUPRESPONSE']._serialized_start=1170
+  _globals['_LOOKUPRESPONSE']._serialized_end=1272
+  _globals['_DELETESEQUENCEREQUEST']._serialized_start=1274
+  _globals['_DELETESEQUENCEREQUEST']._serialized_end=1355
+  _globals['_DELETESEQUENCERESPONSE']._serialized_start=1357
+  _globals['_DELETESEQUENCERESPONSE']._serialized_end=1404
+  _globals['_LEASEREQUEST']._serialized_start=1406
+  _globals['_LEASEREQUEST']._serialized_end=1479
+  _globals['_LEASERESPONSE']._serialized_start=1481
+  _globals['_LEASERESPONSE']._serialized_end=1539
+  _globals['_RELEASEREQUEST']._serialized_start=1541
+  _globals['_RELEASEREQUEST']._serialized_end=1575
+  _globals['_RELEASERESPONSE']._serialized_start=1577
+  _globals['_RELEASERESPONSE']._serialized_end=1612
+  _globals['_STATSREQUEST']._serialized_start=1614
+  _globals['_STATSREQUEST']._serialized_end=1628
+  _globals['_NAMESPACEUSAGE']._serialized_start=1630
+  _globals['_NAMESPACEUSAGE']._serialized_end=1730
+  _globals['_NODESTATS']._serialized_start=1733
+  _globals['_NODESTATS']._serialized_end=2131
+  _globals['_ENSURENAMESPACEREQUEST']._serialized_start=2133
+  _globals['_ENSURENAMESPACEREQUEST']._serialized_end=2199
+  _globals['_ENSURENAMESPACERESPONSE']._serialized_start=2201
+  _globals['_ENSURENAMESPACERESPONSE']._serialized_end=2243
+  _globals['_CACHENODE']._serialized_start=2246
+  _globals['_CACHENODE']._serialized_end=2920
 # @@protoc_insertion_point(module_scope)
