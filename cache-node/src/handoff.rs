@@ -68,6 +68,15 @@ pub async fn run(store: Arc<PageStore>, node_id: String, coordinators: String, t
     let replicas: Vec<String> =
         coordinators.split(',').map(|a| a.trim().to_owned()).filter(|a| !a.is_empty()).collect();
     let mut peers = Peers { tls, clients: HashMap::new() };
+    // Counters exist from the start (at 0), so dashboards and alerts see them before a handoff.
+    {
+        use kvcache_telemetry::names as n;
+        for outcome in ["copied", "current", "failed"] {
+            metrics::counter!(n::NODE_HANDOFF_SEQUENCES, "outcome" => outcome).increment(0);
+        }
+        metrics::counter!(n::NODE_HANDOFF_BYTES).increment(0);
+        metrics::counter!(n::NODE_HANDOFF_RELEASED).increment(0);
+    }
     let mut done_epoch = 0u64;
     let mut last_pass: Option<Instant> = None;
     loop {
