@@ -1,8 +1,8 @@
 //! Handoff: moving sequences to the nodes that own them under the current shard map.
 //!
-//! Every node runs one handoff task. After each change of the shard-map epoch (and once per
-//! `interval` regardless, so a missed change or a failed copy is retried), it walks the sequences
-//! it holds and, for each, computes the owners under the map:
+//! Every node runs one handoff task. After each change of the shard-map epoch it walks the
+//! sequences it holds whose owners changed since its last pass (all of them after a start), and
+//! for each computes the owners under the map:
 //!
 //! - each owner other than this node is asked what it holds of the sequence (`Lookup`), and the
 //!   pages it lacks, or holds with fewer tokens, are copied to it (`PutPages` with `handoff`, so a
@@ -15,6 +15,9 @@
 //! so its share arrives gradually); a **node loss** with R ≥ 2 is repaired by the surviving
 //! replica copying to the next owner, restoring R copies. Every holder of a sequence may copy
 //! it, but the `Lookup` first makes the second copy a no-op.
+//!
+//! Sequences whose copy failed are retried every `interval`; every `full_interval` a pass looks
+//! at all sequences regardless (anti-entropy: it also repairs a replica that missed a write).
 
 use crate::PageStore;
 use kvcache_client::{NodeRef, Routing};
@@ -24,7 +27,7 @@ use kvcache_net::Tls;
 use kvcache_proto::v1 as pb;
 use kvcache_proto::v1::cache_node_client::CacheNodeClient;
 use kvcache_proto::v1::coordinator_client::CoordinatorClient;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tonic::transport::Channel;
@@ -32,8 +35,10 @@ use tonic::transport::Channel;
 /// Settings of the handoff task.
 #[derive(Debug, Clone)]
 pub struct HandoffConfig {
-    /// A full pass runs at least this often, even without an epoch change.
+    /// Failed copies are retried this often.
     pub interval: Duration,
+    /// A pass over every sequence (not only those whose owners changed) runs this often.
+    pub full_interval: Duration,
     /// How often the epoch is checked.
     pub poll: Duration,
     /// Payload bytes per `PutPages` message.
@@ -42,7 +47,12 @@ pub struct HandoffConfig {
 
 impl Default for HandoffConfig {
     fn default() -> Self {
-        Self { interval: Duration::from_secs(30), poll: Duration::from_millis(500), batch_bytes: 8 << 20 }
+        Self {
+            interval: Duration::from_secs(30),
+            full_interval: Duration::from_secs(600),
+            poll: Duration::from_millis(500),
+            batch_bytes: 8 << 20,
+        }
     }
 }
 
@@ -55,6 +65,8 @@ pub struct PassReport {
     pub copied: u64,
     /// Sequences every owner already held.
     pub current: u64,
+    /// Sequences skipped because their owners did not change since the last pass.
+    pub unchanged: u64,
     /// Sequences some copy failed for (retried next pass).
     pub failed: u64,
     /// Sequences dropped here after their owners got them.
@@ -78,23 +90,34 @@ pub async fn run(store: Arc<PageStore>, node_id: String, coordinators: String, t
         metrics::counter!(n::NODE_HANDOFF_RELEASED).increment(0);
     }
     let mut done_epoch = 0u64;
-    let mut last_pass: Option<Instant> = None;
+    let mut last_pass = Instant::now();
+    let mut last_full: Option<Instant> = None;
+    let mut prev: Option<Routing> = None;
+    let mut retry: HashSet<SequenceKey> = HashSet::new();
     loop {
         tokio::time::sleep(cfg.poll).await;
         let epoch = store.epoch();
-        let due = last_pass.is_none_or(|t| t.elapsed() >= cfg.interval);
-        if epoch == 0 || (epoch == done_epoch && !due) {
+        let full = last_full.is_none_or(|t| t.elapsed() >= cfg.full_interval);
+        let retry_due = !retry.is_empty() && last_pass.elapsed() >= cfg.interval;
+        if epoch == 0 || (epoch == done_epoch && !full && !retry_due) {
             continue;
         }
         let Some(map) = fetch_map(&replicas, &peers.tls).await else { continue };
         let routing = Routing::new(map);
-        let report = pass(&store, &node_id, &routing, &mut peers, &cfg).await;
+        let since = if full { None } else { prev.as_ref() };
+        let report = pass(&store, &node_id, &routing, since, &mut retry, &mut peers, &cfg).await;
         if report.copied + report.failed + report.released > 0 {
             tracing::info!(?report, "handoff pass");
         }
-        last_pass = Some(Instant::now());
-        // A pass with failures runs again at the next interval; one with a stale map at once.
-        done_epoch = if routing.epoch >= epoch { routing.epoch } else { done_epoch };
+        last_pass = Instant::now();
+        if full {
+            last_full = Some(last_pass);
+        }
+        // A pass with a stale map (a follower behind the leader) runs again at once.
+        if routing.epoch >= epoch {
+            done_epoch = routing.epoch;
+        }
+        prev = Some(routing);
     }
 }
 
@@ -139,21 +162,34 @@ impl Peers {
     }
 }
 
-/// One pass over every held sequence under `routing`.
+/// One pass over the held sequences under `routing`: all of them, or (given the map of the
+/// previous pass as `since`) those whose owners changed and those in `retry`, which is left
+/// holding the sequences whose copies failed.
 pub async fn pass(
     store: &Arc<PageStore>,
     node_id: &str,
     routing: &Routing,
+    since: Option<&Routing>,
+    retry: &mut HashSet<SequenceKey>,
     peers: &mut Peers,
     cfg: &HandoffConfig,
 ) -> PassReport {
     use kvcache_telemetry::names as n;
     let mut report = PassReport { epoch: routing.epoch, ..Default::default() };
+    let ids = |v: Vec<NodeRef>| v.into_iter().map(|o| o.node_id).collect::<Vec<_>>();
     for key in store.sequence_keys() {
         let Some(ns) = routing.namespaces.get(&key.namespace) else { continue };
-        let owners = routing.owners(&key, ns.replication.max(1) as usize);
+        let r = ns.replication.max(1) as usize;
+        let owners = routing.owners(&key, r);
         if owners.is_empty() {
             continue; // no live node to hand to: keep it
+        }
+        if let Some(p) = since
+            && !retry.contains(&key)
+            && ids(p.owners(&key, r)) == ids(owners.clone())
+        {
+            report.unchanged += 1;
+            continue;
         }
         let mut ok = true;
         let mut copied = 0u64;
@@ -168,6 +204,11 @@ pub async fn pass(
         }
         report.bytes += copied;
         metrics::counter!(n::NODE_HANDOFF_BYTES).increment(copied);
+        if ok {
+            retry.remove(&key);
+        } else {
+            retry.insert(key.clone());
+        }
         let outcome = if !ok {
             report.failed += 1;
             "failed"
@@ -185,6 +226,8 @@ pub async fn pass(
             if let Ok(Ok(_)) = tokio::task::spawn_blocking(move || s.delete(epoch, &k)).await {
                 report.released += 1;
                 metrics::counter!(n::NODE_HANDOFF_RELEASED).increment(1);
+            } else {
+                retry.insert(key);
             }
         }
     }

@@ -31,8 +31,9 @@ pub struct Args {
     /// Serve Prometheus /metrics on this address (off when absent).
     #[arg(long, env = "KVCACHE_METRICS_LISTEN")]
     pub metrics_listen: Option<std::net::SocketAddr>,
-    /// A handoff pass (copying sequences to their owners after membership changes, dropping
-    /// those this node no longer owns) runs after every shard-map change and at least this often.
+    /// Handoff (copying sequences to their owners after membership changes, dropping those this
+    /// node no longer owns) runs after every shard-map change; failed copies are retried this
+    /// often, and every 20 intervals a pass checks every sequence (anti-entropy).
     #[arg(long, env = "KVCACHE_HANDOFF_INTERVAL", default_value = "30s", value_parser = crate::serve::parse_duration)]
     pub handoff_interval: std::time::Duration,
     /// Failure zone, for replica placement.
@@ -62,7 +63,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let advertise = args.advertise.unwrap_or_else(|| addr.to_string());
         let node_id = args.node_id.unwrap_or_else(|| advertise.clone());
         let handoff = args.coordinator.clone().map(|c| {
-            let cfg = kvcache_node::handoff::HandoffConfig { interval: args.handoff_interval, ..Default::default() };
+            let cfg = kvcache_node::handoff::HandoffConfig {
+                interval: args.handoff_interval,
+                full_interval: args.handoff_interval * 20,
+                ..Default::default()
+            };
             tokio::spawn(kvcache_node::handoff::run(store.clone(), node_id.clone(), c, tls.clone(), cfg))
         });
         let member = args.coordinator.map(|c| {
