@@ -75,7 +75,9 @@ fn select(scored: &mut [(f64, usize)], nodes: &[Candidate], r: usize) -> Vec<usi
             break;
         }
         let z = nodes[i].zone.as_str();
-        if z.is_empty() || !zones.contains(&z) {
+        if z.is_empty() {
+            out.push(i);
+        } else if !zones.contains(&z) {
             out.push(i);
             zones.push(z);
         }
@@ -171,28 +173,31 @@ impl PlacementIndex {
         // Lower bounds of the leaders: the best r overall, the best r without a zone, and the
         // best of each zone (only once r > 1: the first owner ignores zones).
         let zoned = r > 1 && self.zones > 0;
-        let mut leaders = Leaders::new(r, if zoned { self.zones } else { 0 }, zoned && self.unzoned);
-        let mut survivors: Vec<(u32, u8)> = Vec::with_capacity(4 * r + 8);
-        #[cfg(target_arch = "x86_64")]
-        if self.avx512 {
-            // SAFETY: the CPU has AVX-512F and AVX-512DQ (checked in `new`).
-            unsafe { self.scan_avx512(key_hash, &mut leaders, &mut survivors) };
-        } else {
-            self.scan(key_hash, &mut leaders, &mut survivors, |b, thr| self.block_mask(b, key_hash, thr));
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        self.scan(key_hash, &mut leaders, &mut survivors, |b, thr| self.block_mask(b, key_hash, thr));
-        let thr = leaders.threshold() * MARGIN;
-        let mut scored: Vec<(f64, usize)> = survivors
-            .into_iter()
-            .filter_map(|(b, l)| {
+        // The working vectors are reused across calls on a thread: a lookup allocates only its
+        // answer.
+        WORK.with_borrow_mut(|w| {
+            let Work { leaders, survivors, scored } = w;
+            leaders.reset(r, if zoned { self.zones } else { 0 }, zoned && self.unzoned);
+            survivors.clear();
+            #[cfg(target_arch = "x86_64")]
+            if self.avx512 {
+                // SAFETY: the CPU has AVX-512F and AVX-512DQ (checked in `new`).
+                unsafe { self.scan_avx512(key_hash, leaders, survivors) };
+            } else {
+                self.scan(key_hash, leaders, survivors, |b, thr| self.block_mask(b, key_hash, thr));
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            self.scan(key_hash, leaders, survivors, |b, thr| self.block_mask(b, key_hash, thr));
+            let thr = leaders.threshold() * MARGIN;
+            scored.clear();
+            scored.extend(survivors.iter().filter_map(|&(b, l)| {
                 let (b, l) = (b as usize, l as usize);
                 let d = draw(self.hashes[b][l], key_hash);
                 let w = self.weights[b][l];
                 (w / bounds(d).0 >= thr).then(|| (score_of(d, w), self.index[b][l] as usize))
-            })
-            .collect();
-        select(&mut scored, &self.nodes, r)
+            }));
+            select(scored, &self.nodes, r)
+        })
     }
 
     /// Scan every block with `mask` (which lanes may reach a threshold), offering the lower
@@ -289,6 +294,21 @@ fn unit(draw: u64) -> f64 {
     ((draw >> 11) as f64 + 0.5) / (1u64 << 53) as f64
 }
 
+/// Per-thread working vectors of [`PlacementIndex::place`].
+struct Work {
+    leaders: Leaders,
+    survivors: Vec<(u32, u8)>,
+    scored: Vec<(f64, usize)>,
+}
+
+thread_local! {
+    static WORK: std::cell::RefCell<Work> = std::cell::RefCell::new(Work {
+        leaders: Leaders::new(1, 0, false),
+        survivors: Vec::new(),
+        scored: Vec::new(),
+    });
+}
+
 /// Lower bounds of the leading scores: the best `r` overall, the best `r` without a zone, the
 /// best one of each zone. A node whose upper bound is below all of these cannot be chosen.
 struct Leaders {
@@ -302,6 +322,16 @@ struct Leaders {
 }
 
 impl Leaders {
+    /// Start over for `r` owners and `zones` zones.
+    fn reset(&mut self, r: usize, zones: usize, track_unzoned: bool) {
+        self.r = r;
+        self.track_unzoned = track_unzoned;
+        self.overall.clear();
+        self.unzoned.clear();
+        self.per_zone.clear();
+        self.per_zone.resize(zones, 0.0);
+    }
+
     fn new(r: usize, zones: usize, track_unzoned: bool) -> Self {
         Self {
             r,
