@@ -145,6 +145,29 @@ impl Rows for Bf16Rows {
     }
 }
 
+/// `s[h][t] = Σ acc[h][t]` (rows of BT): one shuffle tree for a 4×4 tile, else one reduction
+/// per accumulator.
+#[inline(always)]
+unsafe fn store_sums<I: Isa, const NH: usize, const NT: usize>(acc: &[[I::V; NT]; NH], s: *mut f32) {
+    // SAFETY: callers pass s with NH rows of BT f32 and NT ≤ BT.
+    unsafe {
+        if NH * NT == 16 {
+            let flat: [I::V; 16] = std::array::from_fn(|j| acc[j / NT][j % NT]);
+            let mut sums = [0f32; 16];
+            I::sum16(&flat, &mut sums);
+            for (j, v) in sums.iter().enumerate() {
+                *s.add((j / NT) * BT + j % NT) = *v;
+            }
+            return;
+        }
+        for (h, ah) in acc.iter().enumerate() {
+            for (t, a) in ah.iter().enumerate() {
+                *s.add(h * BT + t) = I::sum(*a);
+            }
+        }
+    }
+}
+
 /// `x` rounded to the nearest bf16 (ties to even), as bits. `x` is finite.
 fn bf16_bits(x: f32) -> u16 {
     let b = x.to_bits();
@@ -183,20 +206,7 @@ unsafe fn dot_tile_dp<I: Isa, const NH: usize, const NT: usize>(
             }
             i += 2 * I::LANES;
         }
-        if NH * NT == 16 {
-            let flat: [I::V; 16] = std::array::from_fn(|j| acc[j / NT][j % NT]);
-            let mut sums = [0f32; 16];
-            I::sum16(&flat, &mut sums);
-            for (j, v) in sums.iter().enumerate() {
-                *s.add((j / NT) * BT + j % NT) = *v;
-            }
-            return;
-        }
-        for (h, ah) in acc.iter().enumerate() {
-            for (t, a) in ah.iter().enumerate() {
-                *s.add(h * BT + t) = I::sum(*a);
-            }
-        }
+        store_sums::<I, NH, NT>(&acc, s);
     }
 }
 
@@ -262,20 +272,7 @@ unsafe fn dot_tile<I: Isa, R: Rows, const NH: usize, const NT: usize>(
             }
             i += I::LANES;
         }
-        if NH * NT == 16 {
-            let flat: [I::V; 16] = std::array::from_fn(|j| acc[j / NT][j % NT]);
-            let mut sums = [0f32; 16];
-            I::sum16(&flat, &mut sums);
-            for (j, v) in sums.iter().enumerate() {
-                *s.add((j / NT) * BT + j % NT) = *v;
-            }
-            return;
-        }
-        for (h, ah) in acc.iter().enumerate() {
-            for (t, a) in ah.iter().enumerate() {
-                *s.add(h * BT + t) = I::sum(*a);
-            }
-        }
+        store_sums::<I, NH, NT>(&acc, s);
     }
 }
 
