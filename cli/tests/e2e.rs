@@ -15,20 +15,7 @@ use kvcache_proto::v1 as pb;
 use std::time::Duration;
 
 fn node(i: usize, coord: &str, dir: &std::path::Path) -> Proc {
-    let d = dir.join(format!("n{i}"));
-    spawn(&[
-        "node",
-        "--listen",
-        "127.0.0.1:0",
-        "--coordinator",
-        coord,
-        "--node-id",
-        &format!("n{i}"),
-        "--capacity",
-        "256MiB",
-        "--data-dir",
-        d.to_str().unwrap(),
-    ])
+    common::node(&format!("n{i}"), coord, dir, "256MiB", &[], &[])
 }
 
 fn worker(coord: &str) -> Proc {
@@ -133,20 +120,7 @@ async fn step(client: &Client, ns: &Namespace, seqs: &mut [Seq], rng: &mut Rng, 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn decode_survives_node_loss_with_r2_misses_explicitly_with_r1_and_restarts() {
     let dir = tempfile::tempdir().unwrap();
-    let coord_dir = dir.path().join("coord");
-    let _coord = spawn(&[
-        "coordinator",
-        "--listen",
-        "127.0.0.1:0",
-        "--data-dir",
-        coord_dir.to_str().unwrap(),
-        "--node-timeout",
-        "2s",
-        "--join-ramp",
-        "0s",
-        "--heartbeat-interval",
-        "200ms",
-    ]);
+    let _coord = common::fast_coordinator(dir.path(), &[]);
     let coord = _coord.addr.clone();
     let mut nodes: Vec<Proc> = (0..3).map(|i| node(i, &coord, dir.path())).collect();
     let mut w = worker(&coord);

@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{Proc, spawn};
+use common::Proc;
 use kvcache_cli::synth::{Rng, prefill_pages};
 use kvcache_client::Client;
 use kvcache_core::{PageKey, SequenceKey};
@@ -15,22 +15,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 fn node(i: usize, coord: &str, dir: &std::path::Path) -> Proc {
-    let d = dir.join(format!("n{i}"));
-    spawn(&[
-        "node",
-        "--listen",
-        "127.0.0.1:0",
-        "--coordinator",
-        coord,
-        "--node-id",
-        &format!("n{i}"),
-        "--capacity",
-        "128MiB",
-        "--data-dir",
-        d.to_str().unwrap(),
-        "--handoff-interval",
-        "2s",
-    ])
+    common::node(&format!("n{i}"), coord, dir, "128MiB", &["--handoff-interval", "2s"], &[])
 }
 
 /// Which of `nodes` (id → address) hold `key`, by asking each one.
@@ -105,20 +90,7 @@ async fn placed(all: &[Written], live: &HashMap<String, String>, gone: &HashMap<
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_join_and_node_loss_move_sequences_to_their_owners() {
     let dir = tempfile::tempdir().unwrap();
-    let coord_dir = dir.path().join("coord");
-    let coord = spawn(&[
-        "coordinator",
-        "--listen",
-        "127.0.0.1:0",
-        "--data-dir",
-        coord_dir.to_str().unwrap(),
-        "--node-timeout",
-        "2s",
-        "--join-ramp",
-        "0s",
-        "--heartbeat-interval",
-        "200ms",
-    ]);
+    let coord = common::fast_coordinator(dir.path(), &[]);
     let mut procs: Vec<Proc> = (0..3).map(|i| node(i, &coord.addr, dir.path())).collect();
     let addr_of = |procs: &[Proc], i: usize| (format!("n{i}"), procs[i].addr.clone());
     let client = Client::connect(&coord.addr).await.unwrap();

@@ -72,39 +72,11 @@ async fn mtls_everywhere_and_plaintext_probes() {
     let rogue = pki(dir.path(), "rogue");
     let flags = tls_flags(&good);
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    let coord_dir = dir.path().join("coord");
     let probe = format!("127.0.0.1:{}", free_port());
-    let mut args = vec![
-        "coordinator",
-        "--listen",
-        "127.0.0.1:0",
-        "--data-dir",
-        coord_dir.to_str().unwrap(),
-        "--join-ramp",
-        "0s",
-        "--heartbeat-interval",
-        "200ms",
-        "--health-listen",
-        &probe,
-    ];
+    let mut args = vec!["--health-listen", &probe];
     args.extend(&flags);
-    let coord = spawn(&args);
-    let node_dir = dir.path().join("n0");
-    let mut args = vec![
-        "node",
-        "--listen",
-        "127.0.0.1:0",
-        "--coordinator",
-        &coord.addr,
-        "--node-id",
-        "n0",
-        "--capacity",
-        "64MiB",
-        "--data-dir",
-        node_dir.to_str().unwrap(),
-    ];
-    args.extend(&flags);
-    let _node = spawn(&args);
+    let coord = common::fast_coordinator(dir.path(), &args);
+    let _node = common::node("n0", &coord.addr, dir.path(), "64MiB", &flags, &[]);
     let mut args =
         vec!["worker", "--listen", "127.0.0.1:0", "--coordinator", &coord.addr, "--worker-id", "w0", "--threads", "1"];
     args.extend(&flags);

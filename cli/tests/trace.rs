@@ -69,23 +69,7 @@ async fn a_decode_step_is_one_connected_trace_across_client_worker_and_node() {
         &["coordinator", "--listen", "127.0.0.1:0", "--join-ramp", "0s", "--data-dir", cdir.to_str().unwrap()],
         &envs,
     );
-    let ndir = dir.path().join("n");
-    let mut node = spawn_env(
-        &[
-            "node",
-            "--listen",
-            "127.0.0.1:0",
-            "--coordinator",
-            &coord.addr,
-            "--node-id",
-            "n0",
-            "--capacity",
-            "64MiB",
-            "--data-dir",
-            ndir.to_str().unwrap(),
-        ],
-        &envs,
-    );
+    let mut node = common::node("n0", &coord.addr, dir.path(), "64MiB", &[], &envs);
     let mut worker =
         spawn_env(&["worker", "--listen", "127.0.0.1:0", "--coordinator", &coord.addr, "--threads", "1"], &envs);
     let client = Client::connect(&coord.addr).await.unwrap();

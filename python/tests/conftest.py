@@ -19,10 +19,9 @@ def _binary() -> str:
     return str(ROOT / "target/debug/kvcache")
 
 
-@pytest.fixture(scope="session")
-def coordinator():
-    data = tempfile.mkdtemp(prefix="kvcache-py-")
-    proc = subprocess.Popen([_binary(), "dev", "--data-dir", data, "--node-capacity", "256MiB"],
+def start_dev(data_dir: str, *flags: str):
+    """Start `kvcache dev` (with extra flags); returns (process, coordinator address)."""
+    proc = subprocess.Popen([_binary(), "dev", "--data-dir", data_dir, *flags],
                             stdout=subprocess.PIPE, text=True, env={**os.environ, "RUST_LOG": "warn"})
     addr = None
     for _ in range(200):
@@ -32,8 +31,18 @@ def coordinator():
         if line.strip().startswith("coordinator"):
             addr = line.split()[-1]
             break
-    assert addr, "kvcache dev did not start"
-    yield addr
+    assert addr, f"kvcache dev {' '.join(flags)} did not start"
+    return proc, addr
+
+
+def stop_dev(proc) -> None:
     proc.terminate()
     proc.wait(timeout=30)
     assert proc.returncode == 0
+
+
+@pytest.fixture(scope="session")
+def coordinator():
+    proc, addr = start_dev(tempfile.mkdtemp(prefix="kvcache-py-"), "--node-capacity", "256MiB")
+    yield addr
+    stop_dev(proc)

@@ -3,14 +3,13 @@ signed stores, reads and decodes; plaintext and certificate-less clients are ref
 import datetime
 import ipaddress
 import os
-import subprocess
 import tempfile
 
 import numpy as np
 import pytest
 
 import kvcache
-from conftest import _binary
+from conftest import start_dev, stop_dev
 
 x509 = pytest.importorskip("cryptography.x509")
 from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
@@ -56,22 +55,10 @@ def _pki(directory):
 def tls_cluster():
     data = tempfile.mkdtemp(prefix="kvcache-py-tls-")
     p = _pki(data)
-    proc = subprocess.Popen([_binary(), "dev", "--data-dir", os.path.join(data, "dev"), "--node-capacity", "128MiB",
-                             "--tls-cert", p["cert.pem"], "--tls-key", p["key.pem"], "--tls-ca", p["ca.pem"]],
-                            stdout=subprocess.PIPE, text=True, env={**os.environ, "RUST_LOG": "warn"})
-    addr = None
-    for _ in range(200):
-        line = proc.stdout.readline()
-        if not line:
-            break
-        if line.strip().startswith("coordinator"):
-            addr = line.split()[-1]
-            break
-    assert addr, "kvcache dev --tls-* did not start"
+    proc, addr = start_dev(os.path.join(data, "dev"), "--node-capacity", "128MiB", "--tls-cert", p["cert.pem"],
+                           "--tls-key", p["key.pem"], "--tls-ca", p["ca.pem"])
     yield addr, p
-    proc.terminate()
-    proc.wait(timeout=30)
-    assert proc.returncode == 0
+    stop_dev(proc)
 
 
 def test_mtls_client_round_trip_and_decode(tls_cluster):

@@ -64,3 +64,31 @@ pub fn spawn_env(args: &[&str], envs: &[(&str, &str)]) -> Proc {
     std::thread::spawn(move || for _ in lines {});
     Proc { child, addr }
 }
+
+/// `kvcache node` NODE_ID on loopback registered with `coord`, its pool under `dir/NODE_ID`,
+/// plus `extra` flags and `envs`.
+pub fn node(
+    id: &str,
+    coord: &str,
+    dir: &std::path::Path,
+    capacity: &str,
+    extra: &[&str],
+    envs: &[(&str, &str)],
+) -> Proc {
+    let d = dir.join(id);
+    let mut args =
+        vec!["node", "--listen", "127.0.0.1:0", "--coordinator", coord, "--node-id", id, "--capacity", capacity];
+    args.extend(["--data-dir", d.to_str().unwrap()]);
+    args.extend(extra);
+    spawn_env(&args, envs)
+}
+
+/// `kvcache coordinator` on loopback with state in `dir/coord`, tuned for tests: nodes time out
+/// after 2 s, no join ramp, 200 ms heartbeats; plus `extra` flags.
+pub fn fast_coordinator(dir: &std::path::Path, extra: &[&str]) -> Proc {
+    let d = dir.join("coord");
+    let mut args = vec!["coordinator", "--listen", "127.0.0.1:0", "--data-dir", d.to_str().unwrap()];
+    args.extend(["--node-timeout", "2s", "--join-ramp", "0s", "--heartbeat-interval", "200ms"]);
+    args.extend(extra);
+    spawn(&args)
+}
