@@ -93,17 +93,50 @@ fn select(scored: &mut [(f64, usize)], nodes: &[Candidate], r: usize) -> Vec<usi
     out
 }
 
+/// [`select`] over `(score, node index, zone id)` with zone ids in place of names (ids unique).
+fn select_ids(scored: &mut [(f64, u32, u16)], r: usize) -> Vec<usize> {
+    scored.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+    let mut out = Vec::with_capacity(r);
+    let mut zones: Vec<u16> = Vec::new();
+    for &(_, i, z) in scored.iter() {
+        if out.len() == r {
+            break;
+        }
+        if z == NO_ZONE {
+            out.push(i as usize);
+        } else if !zones.contains(&z) {
+            out.push(i as usize);
+            zones.push(z);
+        }
+    }
+    for &(_, i, _) in scored.iter() {
+        if out.len() == r {
+            break;
+        }
+        if !out.contains(&(i as usize)) {
+            out.push(i as usize);
+        }
+    }
+    out
+}
+
 /// A placement index over a fixed candidate list that answers exactly like [`place`] without a
 /// logarithm per node. Built once per shard map.
 ///
 /// Only a few nodes can matter for a key: the best `r` overall, the best of each zone, and the
 /// best `r` without a zone. The exact score `-w / ln u` lies between `w·u / (1 - u)` and
-/// `w / (1 - u)` (from `1 - u ≤ -ln u ≤ (1 - u) / u`), and neither bound needs a logarithm. A
-/// lookup scans all nodes in blocks of eight (AVX-512, dispatched at run time, or portable code)
-/// with one draw, one multiply and one compare per node, keeping a node only when its upper
-/// bound reaches the lower bounds of the current leaders; the logarithm is then taken for the
-/// handful of survivors. Pruning keeps a relative margin of 1e-9 over the rounding of both
-/// sides, so the answer is [`place`]'s, ties included.
+/// `w / (1 - u)` (from `1 - u ≤ -ln u ≤ (1 - u) / u`), and neither bound needs a logarithm.
+///
+/// A lookup first makes one pass against a threshold `T` guessed from the weights (`guess`):
+/// at build time each node gets the smallest draw with which its upper bound can reach `T`
+/// (`cutoff`), so the pass is one splitmix64 draw and one integer compare per node (eight
+/// nodes per AVX-512 block, four blocks per step, dispatched at run time; portable code
+/// elsewhere), with no bookkeeping. The few survivors (~`Σw / T`: 6 at r = 1) then give the
+/// leaders' lower bounds; if those reach `T` — 99.7% of lookups — every pruned node falls short
+/// of them and only the survivors need the logarithm. Otherwise the lookup scans again,
+/// adaptively: blocks in order, the threshold rising with the leaders found so far. Pruning
+/// keeps a relative margin of 1e-9 over the rounding of both sides, so the answer is
+/// [`place`]'s, ties included.
 #[derive(Debug, Clone)]
 pub struct PlacementIndex {
     nodes: Vec<Candidate>,
@@ -117,10 +150,15 @@ pub struct PlacementIndex {
     zones: usize,
     /// Whether some eligible node has no zone.
     unzoned: bool,
+    /// For r = 1..=[`GUESSED_R`]: the guessed threshold `T` of [`guess`] (0 = none) and, per
+    /// node, the smallest draw with which it may reach it ([`cutoff`]).
+    cutoffs: Vec<(f64, Vec<[u64; BLOCK]>)>,
     avx512: bool,
 }
 
 const BLOCK: usize = 8;
+/// Replica counts with a guessed first pass; larger ones scan adaptively only.
+const GUESSED_R: usize = 4;
 const NO_ZONE: u16 = u16::MAX;
 /// Prune only when a bound falls short by more than this relative margin.
 const MARGIN: f64 = 1.0 - 1e-9;
@@ -128,6 +166,12 @@ const MARGIN: f64 = 1.0 - 1e-9;
 impl PlacementIndex {
     /// Index `nodes` (weights ≤ 0 are never chosen).
     pub fn new(nodes: &[Candidate]) -> Self {
+        Self::with_guess_scale(nodes, 1.0)
+    }
+
+    /// [`Self::new`] with every guessed threshold multiplied by `scale`: tests use it to make
+    /// the guesses fail (and exercise the rescan) or keep many survivors.
+    fn with_guess_scale(nodes: &[Candidate], scale: f64) -> Self {
         let eligible: Vec<usize> =
             (0..nodes.len()).filter(|&i| nodes[i].weight > 0.0 && nodes[i].weight.is_finite()).collect();
         let mut names: Vec<&str> = eligible.iter().map(|&i| nodes[i].zone.as_str()).filter(|z| !z.is_empty()).collect();
@@ -157,7 +201,29 @@ impl PlacementIndex {
         let avx512 = false;
         let unzoned = eligible.iter().any(|&i| nodes[i].zone.is_empty());
         let zones = names.len().min(NO_ZONE as usize);
-        Self { nodes: nodes.to_vec(), hashes, weights, index, zone, zones, unzoned, avx512 }
+        let total_weight = eligible.iter().map(|&i| nodes[i].weight).sum();
+        let unzoned_weight = eligible.iter().filter(|&&i| nodes[i].zone.is_empty()).map(|&i| nodes[i].weight).sum();
+        let mut zone_weight = vec![0.0f64; names.len()];
+        for &i in &eligible {
+            if let Ok(p) = names.binary_search(&nodes[i].zone.as_str()) {
+                zone_weight[p] += nodes[i].weight;
+            }
+        }
+        let min_zone_weight = zone_weight.iter().copied().fold(f64::INFINITY, f64::min);
+        let cutoffs = (1..=GUESSED_R)
+            .map(|r| {
+                let zoned = r > 1 && zones > 0;
+                let mut t =
+                    guess(r, total_weight, zoned.then_some((min_zone_weight, unzoned.then_some(unzoned_weight))));
+                if blocks < 4 {
+                    t = 0.0; // small clusters: the adaptive scan is as good
+                }
+                let t = t * scale;
+                let c = weights.iter().map(|b| b.map(|w| if t > 0.0 { cutoff(w, t) } else { u64::MAX })).collect();
+                (t, c)
+            })
+            .collect();
+        Self { nodes: nodes.to_vec(), hashes, weights, index, zone, zones, unzoned, cutoffs, avx512 }
     }
 
     /// The candidates.
@@ -179,35 +245,87 @@ impl PlacementIndex {
             let Work { leaders, survivors, scored } = w;
             leaders.reset(r, if zoned { self.zones } else { 0 }, zoned && self.unzoned);
             survivors.clear();
-            #[cfg(target_arch = "x86_64")]
-            if self.avx512 {
-                // SAFETY: the CPU has AVX-512F and AVX-512DQ (checked in `new`).
-                unsafe { self.scan_avx512(key_hash, leaders, survivors) };
-            } else {
-                self.scan(key_hash, leaders, survivors, |b, thr| self.block_mask(b, key_hash, thr));
+            // First one pass with a guessed fixed threshold: no leader bookkeeping while
+            // scanning, and only a handful of survivors. Valid when the survivors' own leaders
+            // end up at or above the guess (every pruned node then falls short of them, as in
+            // the adaptive scan); otherwise scan again adaptively.
+            let (guess, cutoffs) = self.cutoffs.get(r - 1).map_or((0.0, &[][..]), |(t, c)| (*t, &c[..]));
+            if guess > 0.0 {
+                self.scan_fixed(key_hash, cutoffs, survivors);
+                survivors.retain(|&(slot, _)| self.weight(slot) > 0.0);
+                for &(slot, d) in survivors.iter() {
+                    let (one_minus_u, u) = bounds(d);
+                    leaders.offer(self.weight(slot) / one_minus_u * u, self.zone_of(slot));
+                }
             }
-            #[cfg(not(target_arch = "x86_64"))]
-            self.scan(key_hash, leaders, survivors, |b, thr| self.block_mask(b, key_hash, thr));
+            if guess == 0.0 || leaders.threshold() * MARGIN < guess {
+                leaders.reset(r, if zoned { self.zones } else { 0 }, zoned && self.unzoned);
+                survivors.clear();
+                self.dispatch(key_hash, leaders, survivors);
+            }
             let thr = leaders.threshold() * MARGIN;
             scored.clear();
-            scored.extend(survivors.iter().filter_map(|&(b, l)| {
-                let (b, l) = (b as usize, l as usize);
-                let d = draw(self.hashes[b][l], key_hash);
-                let w = self.weights[b][l];
-                (w / bounds(d).0 >= thr).then(|| (score_of(d, w), self.index[b][l] as usize))
+            scored.extend(survivors.iter().filter_map(|&(slot, d)| {
+                let w = self.weight(slot);
+                let (b, l) = (slot as usize / BLOCK, slot as usize % BLOCK);
+                (w / bounds(d).0 >= thr).then(|| (score_of(d, w), self.index[b][l], self.zone[b][l]))
             }));
-            select(scored, &self.nodes, r)
+            if self.zones >= NO_ZONE as usize - 1 {
+                // Zone ids are not unique past 65,534 zones: compare names.
+                let mut named: Vec<(f64, usize)> = scored.iter().map(|&(s, i, _)| (s, i as usize)).collect();
+                return select(&mut named, &self.nodes, r);
+            }
+            select_ids(scored, r)
         })
     }
 
-    /// Scan every block with `mask` (which lanes may reach a threshold), offering the lower
-    /// bound of each node that does to `leaders` and remembering it as a survivor.
+    #[inline(always)]
+    fn weight(&self, slot: u32) -> f64 {
+        self.weights[slot as usize / BLOCK][slot as usize % BLOCK]
+    }
+
+    #[inline(always)]
+    fn zone_of(&self, slot: u32) -> u16 {
+        self.zone[slot as usize / BLOCK][slot as usize % BLOCK]
+    }
+
+    /// The adaptive [`Self::scan`] with the fastest block mask this CPU has.
+    #[inline(always)]
+    fn dispatch(&self, key_hash: u64, leaders: &mut Leaders, survivors: &mut Vec<(u32, u64)>) {
+        #[cfg(target_arch = "x86_64")]
+        if self.avx512 {
+            // SAFETY: the CPU has AVX-512F and AVX-512DQ (checked in `new`).
+            return unsafe { self.scan_avx512(key_hash, leaders, survivors) };
+        }
+        self.scan(key_hash, leaders, survivors, |b, thr| self.block_mask(b, key_hash, thr));
+    }
+
+    /// Remember as survivors the nodes whose draw reaches their cutoff: a draw, a compare.
+    fn scan_fixed(&self, key_hash: u64, cutoffs: &[[u64; BLOCK]], survivors: &mut Vec<(u32, u64)>) {
+        #[cfg(target_arch = "x86_64")]
+        if self.avx512 {
+            // SAFETY: the CPU has AVX-512F and AVX-512DQ (checked in `new`).
+            return unsafe { self.scan_fixed_avx512(key_hash, cutoffs, survivors) };
+        }
+        for (b, (h, c)) in self.hashes.iter().zip(cutoffs).enumerate() {
+            for l in 0..BLOCK {
+                let d = draw(h[l], key_hash);
+                if d >= c[l] {
+                    survivors.push(((b * BLOCK + l) as u32, d));
+                }
+            }
+        }
+    }
+
+    /// Scan every block with `mask` (which lanes may reach the threshold), offering the lower
+    /// bound of each node that does to `leaders` and remembering it as a survivor; the leaders'
+    /// threshold then applies to the next block.
     #[inline(always)]
     fn scan(
         &self,
         key_hash: u64,
         leaders: &mut Leaders,
-        survivors: &mut Vec<(u32, u8)>,
+        survivors: &mut Vec<(u32, u64)>,
         mask: impl Fn(usize, f64) -> u8,
     ) {
         let mut thr = 0.0;
@@ -219,13 +337,14 @@ impl PlacementIndex {
             while m != 0 {
                 let l = m.trailing_zeros() as usize;
                 m &= m - 1;
-                let (one_minus_u, u) = bounds(draw(self.hashes[b][l], key_hash));
+                let d = draw(self.hashes[b][l], key_hash);
+                let (one_minus_u, u) = bounds(d);
                 let upper = self.weights[b][l] / one_minus_u;
                 if upper < thr {
                     continue;
                 }
                 leaders.offer(upper * u, self.zone[b][l]);
-                survivors.push((b as u32, l as u8));
+                survivors.push(((b * BLOCK + l) as u32, d));
             }
             thr = leaders.threshold() * MARGIN;
         }
@@ -234,10 +353,52 @@ impl PlacementIndex {
     /// [`Self::scan`] with AVX-512 block masks, compiled for AVX-512 so they inline.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512dq")]
-    fn scan_avx512(&self, key_hash: u64, leaders: &mut Leaders, survivors: &mut Vec<(u32, u8)>) {
+    fn scan_avx512(&self, key_hash: u64, leaders: &mut Leaders, survivors: &mut Vec<(u32, u64)>) {
         self.scan(key_hash, leaders, survivors, |b, thr| {
             block_mask_avx512(&self.hashes[b], &self.weights[b], key_hash, thr)
         })
+    }
+
+    /// [`Self::scan_fixed`] with AVX-512, four blocks per step: four independent draws in
+    /// flight and one branch per 32 nodes.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512dq")]
+    fn scan_fixed_avx512(&self, key_hash: u64, cutoffs: &[[u64; BLOCK]], survivors: &mut Vec<(u32, u64)>) {
+        use std::arch::x86_64::*;
+        const STEP: usize = 4;
+        let mut push = |b: usize, mut m: u64, draws: [__m512i; STEP]| {
+            // SAFETY: four vectors of eight u64 are 32 u64.
+            let d: [u64; STEP * BLOCK] = unsafe { std::mem::transmute(draws) };
+            while m != 0 {
+                let bit = m.trailing_zeros() as usize;
+                m &= m - 1;
+                survivors.push(((b * BLOCK + bit) as u32, d[bit]));
+            }
+        };
+        let full = self.hashes.len() / STEP * STEP;
+        for (s, (h, c)) in self.hashes[..full].chunks_exact(STEP).zip(cutoffs[..full].chunks_exact(STEP)).enumerate() {
+            let d = [
+                draws_avx512(&h[0], key_hash),
+                draws_avx512(&h[1], key_hash),
+                draws_avx512(&h[2], key_hash),
+                draws_avx512(&h[3], key_hash),
+            ];
+            let m = (above_cutoff_avx512(d[0], &c[0]) as u64)
+                | (above_cutoff_avx512(d[1], &c[1]) as u64) << 8
+                | (above_cutoff_avx512(d[2], &c[2]) as u64) << 16
+                | (above_cutoff_avx512(d[3], &c[3]) as u64) << 24;
+            if m != 0 {
+                push(s * STEP, m, d);
+            }
+        }
+        for (b, (h, c)) in self.hashes.iter().zip(cutoffs).enumerate().skip(full) {
+            let d = draws_avx512(h, key_hash);
+            let m = above_cutoff_avx512(d, c);
+            if m != 0 {
+                let z = _mm512_setzero_si512();
+                push(b, m as u64, [d, z, z, z]);
+            }
+        }
     }
 
     /// Bit `l` set when lane `l` of block `b` has `w ≥ thr · (1 - u)`, i.e. an upper bound that
@@ -253,16 +414,14 @@ impl PlacementIndex {
     }
 }
 
-/// AVX-512 [`PlacementIndex::block_mask`]: the splitmix64 draw in 64-bit lanes, `u` exactly as
-/// [`unit`] computes it (the 53-bit integer converts exactly; +0.5 and the power-of-two scale
-/// round the same way in vector lanes as in scalar code).
+/// The draws of eight nodes: [`draw`] in 64-bit lanes.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512dq")]
 #[inline]
-fn block_mask_avx512(hashes: &[u64; BLOCK], weights: &[f64; BLOCK], key_hash: u64, thr: f64) -> u8 {
+fn draws_avx512(hashes: &[u64; BLOCK], key_hash: u64) -> std::arch::x86_64::__m512i {
     use std::arch::x86_64::*;
-    // SAFETY: both arrays are exactly 64 bytes, read unaligned.
-    let (h, w) = unsafe { (_mm512_loadu_si512(hashes.as_ptr().cast()), _mm512_loadu_pd(weights.as_ptr())) };
+    // SAFETY: the array is exactly 64 bytes, read unaligned.
+    let h = unsafe { _mm512_loadu_si512(hashes.as_ptr().cast()) };
     let k = (key_hash.rotate_left(32) ^ 0x9e37_79b9_7f4a_7c15) as i64;
     let mut x = _mm512_xor_si512(h, _mm512_set1_epi64(k));
     x = _mm512_mullo_epi64(
@@ -273,12 +432,77 @@ fn block_mask_avx512(hashes: &[u64; BLOCK], weights: &[f64; BLOCK], key_hash: u6
         _mm512_xor_si512(x, _mm512_srli_epi64::<27>(x)),
         _mm512_set1_epi64(0x94d0_49bb_1331_11ebu64 as i64),
     );
-    x = _mm512_xor_si512(x, _mm512_srli_epi64::<31>(x));
+    _mm512_xor_si512(x, _mm512_srli_epi64::<31>(x))
+}
+
+/// Bit `l` set when lane `l`'s draw reaches its cutoff.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512dq")]
+#[inline]
+fn above_cutoff_avx512(draws: std::arch::x86_64::__m512i, cutoffs: &[u64; BLOCK]) -> u8 {
+    use std::arch::x86_64::*;
+    // SAFETY: the array is exactly 64 bytes, read unaligned.
+    let c = unsafe { _mm512_loadu_si512(cutoffs.as_ptr().cast()) };
+    _mm512_cmpge_epu64_mask(draws, c)
+}
+
+/// AVX-512 [`PlacementIndex::block_mask`]: `u` exactly as [`unit`] computes it (the 53-bit
+/// integer converts exactly; +0.5 and the power-of-two scale round the same way in vector lanes
+/// as in scalar code).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512dq")]
+#[inline]
+fn block_mask_avx512(hashes: &[u64; BLOCK], weights: &[f64; BLOCK], key_hash: u64, thr: f64) -> u8 {
+    use std::arch::x86_64::*;
+    // SAFETY: the array is exactly 64 bytes, read unaligned.
+    let w = unsafe { _mm512_loadu_pd(weights.as_ptr()) };
+    let x = draws_avx512(hashes, key_hash);
     let m = _mm512_cvtepu64_pd(_mm512_srli_epi64::<11>(x));
     // Multiplying by 2^-53 is exactly the scalar division by 2^53.
     let u = _mm512_mul_pd(_mm512_add_pd(m, _mm512_set1_pd(0.5)), _mm512_set1_pd(1.0 / (1u64 << 53) as f64));
     let one_minus_u = _mm512_sub_pd(_mm512_set1_pd(1.0), u);
     _mm512_cmp_pd_mask::<_CMP_GE_OQ>(w, _mm512_mul_pd(_mm512_set1_pd(thr), one_minus_u))
+}
+
+/// A threshold that the leaders' bounds almost always end up above, for `r` owners out of a
+/// total weight `total`, with zones `(lightest zone's weight, weight without a zone if any)`;
+/// 0 where a pass with it would keep too many nodes to pay.
+///
+/// The scores `-w / ln u` of a group of nodes of total weight `W` are the reciprocals of an
+/// exponential race: the `k`-th best is `W / Γ(k)`, `Γ(k)` a sum of `k` unit exponentials, so
+/// `W / (4 + 2k)` is beaten with probability 99.7–99.8% for k = 1..4 (`P(Γ(k) > 4 + 2k)` =
+/// 0.25%, 0.30%, 0.25%, 0.20%). A node survives a pass with it with probability ~`w / T`, about
+/// `W / T` survivors in all. When a guess fails the lookup scans again the adaptive way, so
+/// the answer never depends on it.
+fn guess(r: usize, total: f64, zones: Option<(f64, Option<f64>)>) -> f64 {
+    let q = |k: usize| 4.0 + 2.0 * k as f64;
+    let mut t = total / q(r);
+    if let Some((lightest, unzoned)) = zones {
+        t = t.min(lightest / q(1));
+        if let Some(u) = unzoned {
+            t = t.min(u / q(r));
+        }
+    }
+    if t > 0.0 && total / t <= 64.0 { t } else { 0.0 }
+}
+
+/// The smallest draw with which a node of weight `w` may reach threshold `t`: a draw below it
+/// has `1 - u > w / t`, so even the upper bound `w / (1 - u)` of its score falls short of `t`.
+/// Computed as `2^64 - 2^64·(w/t)` (not from `1 - w/t`, which loses a tiny `w/t` to rounding),
+/// with `w/t` raised by a relative 1e-12 and the cutoff lowered by 2^16 draws (`u` steps by
+/// 2^-53, 2^11 draws), so rounding can only keep a node, never drop one. Padding (`w < 0`)
+/// gets `u64::MAX`; the one draw that reaches it is dropped by its negative weight.
+fn cutoff(w: f64, t: f64) -> u64 {
+    const TWO_64: f64 = 18_446_744_073_709_551_616.0;
+    if w < 0.0 {
+        return u64::MAX;
+    }
+    let reach = w / t * (1.0 + 1e-12) * TWO_64;
+    if reach >= TWO_64 {
+        return 0;
+    }
+    // `as` truncates: 2^64 - 1 - ⌊reach⌋ ≤ 2^64 - reach.
+    u64::MAX.saturating_sub(reach as u64).saturating_sub(1 << 16)
 }
 
 /// `(1 - u, u)` of a draw, `u` exactly as [`score_of`] computes it.
@@ -297,8 +521,10 @@ fn unit(draw: u64) -> f64 {
 /// Per-thread working vectors of [`PlacementIndex::place`].
 struct Work {
     leaders: Leaders,
-    survivors: Vec<(u32, u8)>,
-    scored: Vec<(f64, usize)>,
+    /// (slot = block · 8 + lane, draw) of the nodes that may matter.
+    survivors: Vec<(u32, u64)>,
+    /// (score, node index, zone id) of the survivors that reach the final threshold.
+    scored: Vec<(f64, u32, u16)>,
 }
 
 thread_local! {
@@ -460,18 +686,47 @@ mod tests {
                     })
                     .collect();
                 let index = PlacementIndex::new(&ns);
-                // The portable scan too, on machines that would take the AVX-512 one.
+                // The portable scan too, on machines that would take the AVX-512 one, and guesses
+                // too high to hold (the rescan) or far too low (many survivors).
                 let portable = PlacementIndex { avx512: false, ..index.clone() };
+                let high = PlacementIndex::with_guess_scale(&ns, 4.0);
+                let low = PlacementIndex { avx512: false, ..PlacementIndex::with_guess_scale(&ns, 0.05) };
                 for _ in 0..300 {
                     let h = rnd() ^ (rnd() << 40);
                     for r in 1..5 {
                         let want = place(h, &ns, r);
                         assert_eq!(index.place(h, r), want, "n {n} zoned {zoned} key {h} r {r}");
                         assert_eq!(portable.place(h, r), want, "portable: n {n} zoned {zoned} key {h} r {r}");
+                        assert_eq!(high.place(h, r), want, "high guess: n {n} zoned {zoned} key {h} r {r}");
+                        assert_eq!(low.place(h, r), want, "low guess: n {n} zoned {zoned} key {h} r {r}");
                     }
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_draw_below_its_cutoff_cannot_reach_the_threshold() {
+        let mut x = 0x0bad_cafe_dead_beefu64;
+        let mut rnd = || {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            x
+        };
+        for _ in 0..20_000 {
+            // Weights from 1e-12 to 1e3 of the threshold, across magnitudes.
+            let t = (rnd() >> 11) as f64 / (1u64 << 53) as f64 * 1e3 + 1e-3;
+            let w = t * 10f64.powi((rnd() % 16) as i32 - 12) * ((rnd() >> 11) as f64 / (1u64 << 53) as f64 + 0.5);
+            let c = cutoff(w, t);
+            if c == 0 {
+                continue;
+            }
+            for d in [c - 1, c - 1 - (rnd() % (1 << 20)).min(c - 1)] {
+                let (one_minus_u, _) = bounds(d);
+                assert!(w / one_minus_u < t, "w {w} t {t} draw {d} cutoff {c}");
+            }
+        }
+        assert_eq!(cutoff(-1.0, 1.0), u64::MAX);
+        assert_eq!(cutoff(2.0, 1.0), 0);
     }
 
     #[test]
