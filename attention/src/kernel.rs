@@ -4,6 +4,7 @@
 use crate::simd::{Isa, Portable};
 use crate::{AttentionError, AttnShape, Backend, KvPage, Options};
 use kvcache_core::Codec;
+use kvcache_core::codec::FP8_TILE;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// Tokens decoded into scratch and scored at a time.
@@ -93,7 +94,45 @@ unsafe fn decode_rows<I: Isa>(
                     };
                 }
             }
-            c => c.decode_row(l.shape, src, d),
+            Codec::Fp8E4m3 | Codec::Int8 => {
+                // [main quantized bytes][f32 scale per tile (fp8) or one (int8)][tail bf16].
+                let main = l.shape.main();
+                let fp8 = l.codec == Codec::Fp8E4m3;
+                let tile = if fp8 { FP8_TILE } else { main.max(1) };
+                let scales = main.div_ceil(tile);
+                let scale =
+                    |t: usize| f32::from_le_bytes(src[main + 4 * t..main + 4 * t + 4].try_into().expect("4 bytes"));
+                let lut = kvcache_core::codec::fp8_lut();
+                for t in 0..scales {
+                    let (start, end) = (t * tile, ((t + 1) * tile).min(main));
+                    let s = scale(t);
+                    let mut i = start;
+                    while i + I::LANES <= end {
+                        // SAFETY: `src` holds `main` quantized bytes and `d` w ≥ main f32; i + LANES ≤ main.
+                        unsafe {
+                            if fp8 {
+                                I::widen_fp8(src.as_ptr().add(i), d.as_mut_ptr().add(i), s);
+                            } else {
+                                I::widen_i8(src.as_ptr().add(i), d.as_mut_ptr().add(i), s);
+                            }
+                        }
+                        i += I::LANES;
+                    }
+                    for j in i..end {
+                        d[j] = if fp8 { lut[src[j] as usize] * s } else { (src[j] as i8) as f32 * s };
+                    }
+                }
+                let tail = &src[main + 4 * scales..];
+                let mut j = 0;
+                while j + I::LANES <= w - main {
+                    // SAFETY: `tail` holds 2·(w − main) bytes, `d` w f32; j + LANES ≤ w − main.
+                    unsafe { I::widen_bf16(tail.as_ptr().add(2 * j), d.as_mut_ptr().add(main + j)) };
+                    j += I::LANES;
+                }
+                for k in j..w - main {
+                    d[main + k] = f32::from_bits((u16::from_le_bytes([tail[2 * k], tail[2 * k + 1]]) as u32) << 16);
+                }
+            }
         }
     }
 }
@@ -116,8 +155,8 @@ fn prefetch_rows<I: Isa>(shape: &AttnShape, page: &KvPage, plane: usize, t: usiz
     }
 }
 
-/// Where a tile reads K/V rows from: the f32 scratch, or (bf16 pages whose rows are whole
-/// vectors) straight from the page payload, widened in registers — no scratch pass.
+/// Where a tile reads K/V rows from: the f32 scratch, or (GQA bf16 and fp8 pages whose rows are
+/// whole vectors) straight from the page payload, widened in registers — no scratch pass.
 trait Rows: Copy {
     /// The vector at row `r`, column `c` (a multiple of LANES).
     unsafe fn at<I: Isa>(self, r: usize, c: usize) -> I::V;
@@ -142,6 +181,24 @@ impl Rows for Bf16Rows {
     unsafe fn at<I: Isa>(self, r: usize, c: usize) -> I::V {
         // SAFETY: callers stay inside the payload rows they were given (row stride in bytes).
         unsafe { I::load_bf16(self.0.add(r * self.1 + 2 * c)) }
+    }
+}
+
+/// fp8 rows without a bf16 tail: `(first row, row stride in bytes, quantized bytes per row)`;
+/// each row's f32 tile scales follow its quantized bytes.
+#[derive(Clone, Copy)]
+struct Fp8Rows(*const u8, usize, usize);
+
+impl Rows for Fp8Rows {
+    #[inline(always)]
+    unsafe fn at<I: Isa>(self, r: usize, c: usize) -> I::V {
+        // SAFETY: callers stay inside the payload rows they were given; `c` < main, so its
+        // tile's scale lies within the row.
+        unsafe {
+            let row = self.0.add(r * self.1);
+            let scale = (row.add(self.2 + 4 * (c / FP8_TILE)) as *const f32).read_unaligned();
+            I::mul(I::load_fp8(row.add(c)), I::splat(scale))
+        }
     }
 }
 
@@ -427,6 +484,12 @@ unsafe fn attend_group<I: Isa>(
     // registers. MLA rows are used by every head (up to 128): widening them once into scratch
     // is cheaper there.
     let direct = !shape.latent && shape.layout.codec == Codec::Bf16 && shape.layout.shape.width.is_multiple_of(PAD);
+    // The same for fp8 GQA rows (no bf16 tail): each vector widens in registers and takes its
+    // tile's scale — bit for bit the values `decode_rows` would have written.
+    let direct8 = !shape.latent
+        && shape.layout.codec == Codec::Fp8E4m3
+        && shape.layout.shape.tail == 0
+        && shape.layout.shape.width.is_multiple_of(PAD);
     // With AVX-512 BF16, those rows' scores come from `vdpbf16ps` against the query split into
     // two bf16 parts (q = hi + lo to 2^-17 relative; bf16 × bf16 products are exact in f32), so
     // the rounding is of the same order as f32 accumulation. Pairs of 32 elements per
@@ -476,8 +539,12 @@ unsafe fn attend_group<I: Isa>(
                     page.payload.as_ptr().add(l.row_range(page.tokens, v_plane, t - start).start),
                     l.row_bytes,
                 );
+                let main = l.shape.main();
+                let (k8, v8) = (Fp8Rows(k_direct.0, l.row_bytes, main), Fp8Rows(v_direct.0, l.row_bytes, main));
                 if dp {
                     dot_block_dp::<I>(&sc.qb, wk, k_direct, g, bt, shape.qk_width, &mut sc.s);
+                } else if direct8 {
+                    dot_block::<I, _>(&sc.q, k8, g, bt, wk, &mut sc.s);
                 } else if direct {
                     dot_block::<I, _>(&sc.q, k_direct, g, bt, wk, &mut sc.s);
                 } else {
@@ -516,6 +583,8 @@ unsafe fn attend_group<I: Isa>(
                 }
                 if direct {
                     pv_block::<I, _>(&sc.s, v_direct, g, bt, &mut sc.acc, wv);
+                } else if direct8 {
+                    pv_block::<I, _>(&sc.s, v8, g, bt, &mut sc.acc, wv);
                 } else {
                     let v = if shape.latent { F32Rows(sc.k.as_ptr(), wk) } else { F32Rows(sc.v.as_ptr(), wv) };
                     pv_block::<I, _>(&sc.s, v, g, bt, &mut sc.acc, wv);

@@ -1,8 +1,10 @@
 //! kvcache-attention: decode-step attention over cached pages. Pure compute, no I/O.
 //!
 //! - [`decode`] / [`decode_batch`]: one query token per sequence attends to all of its cached
-//!   tokens, page by page, straight from page payloads of any codec (rows are dequantized a
-//!   block of 32 tokens at a time into a small scratch, never as a whole f32 copy of the cache).
+//!   tokens, page by page, straight from page payloads of any codec (GQA bf16 and fp8 rows are
+//!   widened in registers inside the score and P·V tiles; other rows are dequantized a block of
+//!   32 tokens at a time into a small scratch, never as a whole f32 copy of the cache; fp8 and
+//!   int8 widen with SIMD, fp8 by exponent arithmetic rather than a table).
 //!   GQA/MHA/MQA read each KV group's K and V once for all query heads of the group; MLA in
 //!   absorbed form reads each latent row once for all heads (score over the 576-wide row, output
 //!   over its 512-wide latent part).

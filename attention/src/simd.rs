@@ -43,6 +43,34 @@ pub trait Isa: Copy + 'static {
     unsafe fn widen_f16(src: *const u8, dst: *mut f32);
     /// Load `LANES` little-endian bf16 at `src` widened to f32 (exact).
     unsafe fn load_bf16(src: *const u8) -> Self::V;
+    /// Load `LANES` e4m3fn bytes at `src` widened to f32: bit for bit `fp8_lut()[b]` (the
+    /// 0x7f/0xff NaNs stay NaN).
+    #[inline(always)]
+    unsafe fn load_fp8(src: *const u8) -> Self::V {
+        let lut = kvcache_core::codec::fp8_lut();
+        let mut v = [0.0f32; 16];
+        for (i, x) in v.iter_mut().enumerate().take(Self::LANES) {
+            // SAFETY: the caller guarantees LANES readable bytes at `src`.
+            *x = lut[unsafe { *src.add(i) } as usize];
+        }
+        // SAFETY: `v` holds 16 ≥ LANES f32.
+        unsafe { Self::load(v.as_ptr()) }
+    }
+    /// Widen `LANES` e4m3fn bytes at `src` times `scale` to f32 at `dst`: bit for bit what
+    /// `fp8_lut()[b] * scale` gives.
+    #[inline(always)]
+    unsafe fn widen_fp8(src: *const u8, dst: *mut f32, scale: f32) {
+        // SAFETY: forwarded from the caller.
+        unsafe { Self::store(dst, Self::mul(Self::load_fp8(src), Self::splat(scale))) }
+    }
+    /// Widen `LANES` int8 at `src` times `scale` to f32 at `dst` (`(b as f32) * scale`).
+    #[inline(always)]
+    unsafe fn widen_i8(src: *const u8, dst: *mut f32, scale: f32) {
+        for i in 0..Self::LANES {
+            // SAFETY: as in widen_fp8.
+            unsafe { *dst.add(i) = (*src.add(i) as i8) as f32 * scale };
+        }
+    }
     /// Horizontal sums of 16 vectors: `out[i] = sum(v[i])`.
     #[inline(always)]
     unsafe fn sum16(v: &[Self::V; 16], out: &mut [f32; 16]) {
@@ -218,6 +246,16 @@ mod x86 {
     use super::*;
     use std::arch::x86_64::*;
 
+    // e4m3fn → f32 without a table (`load_fp8`): for a byte `s eeee mmm`, the 7 bits `em` shifted
+    // left by 20 put `eeee` at the bottom of the f32 exponent and `mmm` at the top of the
+    // mantissa; adding 120 to the exponent (127 − 7, the difference of the biases) makes it the
+    // exact normal value `2^(e−7)·(1 + m/8)`. Subnormals (e = 0) are `m·2^−9`, converted from the
+    // integer; `em = 0x7f` is NaN; the sign bit moves to bit 31. Then one multiply by the scale
+    // by the caller (`widen_fp8`), as the table path does, so the result is bit for bit the same.
+    const FP8_BIAS: i32 = 120 << 23;
+    const FP8_SUB: f32 = 1.0 / 512.0;
+    const FP8_NAN: i32 = 0x7fc0_0000;
+
     /// AVX2 + FMA + F16C, 8 lanes.
     #[derive(Debug, Clone, Copy)]
     pub struct Avx2;
@@ -302,6 +340,31 @@ mod x86 {
                 ))))
             }
         }
+        /// The e4m3fn widening described at `FP8_BIAS`, in 8 lanes.
+        #[inline(always)]
+        unsafe fn load_fp8(src: *const u8) -> __m256 {
+            unsafe {
+                let b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(src as *const __m128i));
+                let em = _mm256_and_si256(b, _mm256_set1_epi32(0x7f));
+                let sign = _mm256_slli_epi32::<24>(_mm256_and_si256(b, _mm256_set1_epi32(0x80)));
+                let normal = _mm256_add_epi32(_mm256_slli_epi32::<20>(em), _mm256_set1_epi32(FP8_BIAS));
+                let sub = _mm256_castps_si256(_mm256_mul_ps(_mm256_cvtepi32_ps(em), _mm256_set1_ps(FP8_SUB)));
+                let mag = _mm256_blendv_epi8(normal, sub, _mm256_cmpgt_epi32(_mm256_set1_epi32(8), em));
+                let mag = _mm256_blendv_epi8(
+                    mag,
+                    _mm256_set1_epi32(FP8_NAN),
+                    _mm256_cmpeq_epi32(em, _mm256_set1_epi32(0x7f)),
+                );
+                _mm256_castsi256_ps(_mm256_or_si256(mag, sign))
+            }
+        }
+        #[inline(always)]
+        unsafe fn widen_i8(src: *const u8, dst: *mut f32, scale: f32) {
+            unsafe {
+                let b = _mm256_cvtepi8_epi32(_mm_loadl_epi64(src as *const __m128i));
+                _mm256_storeu_ps(dst, _mm256_mul_ps(_mm256_cvtepi32_ps(b), _mm256_set1_ps(scale)));
+            }
+        }
         #[inline(always)]
         unsafe fn prefetch(p: *const u8) {
             unsafe { _mm_prefetch::<_MM_HINT_T0>(p as *const i8) }
@@ -376,6 +439,28 @@ mod x86 {
         #[inline(always)]
         unsafe fn widen_f16(src: *const u8, dst: *mut f32) {
             unsafe { _mm512_storeu_ps(dst, _mm512_cvtph_ps(_mm256_loadu_si256(src as *const __m256i))) }
+        }
+        /// The e4m3fn widening described at `FP8_BIAS`, in 16 lanes.
+        #[inline(always)]
+        unsafe fn load_fp8(src: *const u8) -> __m512 {
+            unsafe {
+                let b = _mm512_cvtepu8_epi32(_mm_loadu_si128(src as *const __m128i));
+                let em = _mm512_and_si512(b, _mm512_set1_epi32(0x7f));
+                let sign = _mm512_slli_epi32::<24>(_mm512_and_si512(b, _mm512_set1_epi32(0x80)));
+                let normal = _mm512_add_epi32(_mm512_slli_epi32::<20>(em), _mm512_set1_epi32(FP8_BIAS));
+                let sub = _mm512_castps_si512(_mm512_mul_ps(_mm512_cvtepi32_ps(em), _mm512_set1_ps(FP8_SUB)));
+                let mag = _mm512_mask_blend_epi32(_mm512_cmplt_epu32_mask(em, _mm512_set1_epi32(8)), normal, sub);
+                let nan = _mm512_cmpeq_epi32_mask(em, _mm512_set1_epi32(0x7f));
+                let mag = _mm512_mask_blend_epi32(nan, mag, _mm512_set1_epi32(FP8_NAN));
+                _mm512_castsi512_ps(_mm512_or_si512(mag, sign))
+            }
+        }
+        #[inline(always)]
+        unsafe fn widen_i8(src: *const u8, dst: *mut f32, scale: f32) {
+            unsafe {
+                let b = _mm512_cvtepi8_epi32(_mm_loadu_si128(src as *const __m128i));
+                _mm512_storeu_ps(dst, _mm512_mul_ps(_mm512_cvtepi32_ps(b), _mm512_set1_ps(scale)));
+            }
         }
         /// A shuffle-and-add tree: 15 adds for 16 sums instead of 16 separate reductions.
         #[inline(always)]
@@ -480,6 +565,14 @@ mod x86 {
             unsafe { <Avx512 as Isa>::widen_f16(src, dst) }
         }
         #[inline(always)]
+        unsafe fn load_fp8(src: *const u8) -> __m512 {
+            unsafe { <Avx512 as Isa>::load_fp8(src) }
+        }
+        #[inline(always)]
+        unsafe fn widen_i8(src: *const u8, dst: *mut f32, scale: f32) {
+            unsafe { <Avx512 as Isa>::widen_i8(src, dst, scale) }
+        }
+        #[inline(always)]
         unsafe fn load_bf16(src: *const u8) -> __m512 {
             unsafe { <Avx512 as Isa>::load_bf16(src) }
         }
@@ -504,6 +597,70 @@ mod x86 {
                     std::mem::transmute::<__m512, __m512bh>(a),
                     std::mem::transmute::<__m512, __m512bh>(b),
                 )
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `widen_fp8` and `widen_i8` of `I` over all 256 bytes at several scales.
+    fn widen_all<I: Isa>(scale: f32, fp8: bool) -> Vec<f32> {
+        let bytes: Vec<u8> = (0..=255u8).collect();
+        let mut out = vec![f32::MAX; 256];
+        for i in (0..256).step_by(I::LANES) {
+            // SAFETY: callers run this on a CPU with I's ISA (wrappers below); 256 is a multiple
+            // of LANES, so every chunk is in bounds.
+            unsafe {
+                if fp8 {
+                    I::widen_fp8(bytes.as_ptr().add(i), out.as_mut_ptr().add(i), scale);
+                } else {
+                    I::widen_i8(bytes.as_ptr().add(i), out.as_mut_ptr().add(i), scale);
+                }
+            }
+        }
+        out
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    fn widen_avx512(scale: f32, fp8: bool) -> Vec<f32> {
+        widen_all::<Avx512>(scale, fp8)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn widen_avx2(scale: f32, fp8: bool) -> Vec<f32> {
+        widen_all::<Avx2>(scale, fp8)
+    }
+
+    #[test]
+    fn fp8_and_int8_widening_is_bit_exact_on_every_backend() {
+        let lut = kvcache_core::codec::fp8_lut();
+        for scale in [1.0f32, 2f32.powi(-20), 2f32.powi(12), 0.75, 3.0e-41] {
+            for fp8 in [true, false] {
+                let want: Vec<f32> =
+                    (0..=255u8).map(|b| if fp8 { lut[b as usize] * scale } else { (b as i8) as f32 * scale }).collect();
+                let mut got = vec![("portable", widen_all::<Portable>(scale, fp8))];
+                #[cfg(target_arch = "x86_64")]
+                for b in Backend::available() {
+                    // SAFETY: `available` found the ISA on this CPU.
+                    match b {
+                        Backend::Avx512 => got.push(("avx512", unsafe { widen_avx512(scale, fp8) })),
+                        Backend::Avx2 => got.push(("avx2", unsafe { widen_avx2(scale, fp8) })),
+                        _ => {}
+                    }
+                }
+                for (name, g) in got {
+                    for (b, (x, y)) in g.iter().zip(&want).enumerate() {
+                        assert!(
+                            x.to_bits() == y.to_bits() || (x.is_nan() && y.is_nan()),
+                            "{name} fp8 {fp8} byte {b:#04x} scale {scale}: {x} vs {y}"
+                        );
+                    }
+                }
             }
         }
     }

@@ -40,7 +40,12 @@ fn case(spec: &ModelSpec, codec: Codec, page_tokens: usize, tokens: usize, rng: 
     let mut left = tokens;
     while left > 0 {
         let n = left.min(page_tokens);
-        let vals: Vec<f32> = (0..layout.planes * n * layout.shape.width).map(|_| rng.random_range(-3.0..3.0)).collect();
+        // Each 128-wide column tile its own magnitude, so fp8 tiles of one row get different
+        // scales and a kernel that applies the wrong tile's scale shows.
+        let w = layout.shape.width;
+        let vals: Vec<f32> = (0..layout.planes * n * w)
+            .map(|i| rng.random_range(-3.0..3.0) * [1.0, 0.0625, 0.25, 0.015625][(i % w) / 128 % 4])
+            .collect();
         pages.push((layout.encode(&vals, n), n));
         left -= n;
     }
