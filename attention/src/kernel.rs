@@ -28,6 +28,8 @@ struct Scratch {
     acc: Vec<f32>,
     m: Vec<f32>,
     l: Vec<f32>,
+    /// One block for the even/odd permutations.
+    tmp: Vec<f32>,
 }
 
 impl Scratch {
@@ -43,6 +45,7 @@ impl Scratch {
             acc: vec![0.0; g * wv],
             m: vec![0.0; g],
             l: vec![0.0; g],
+            tmp: Vec::with_capacity(32),
         }
     }
 }
@@ -54,6 +57,9 @@ struct Range<'a> {
     t0: usize,
     t1: usize,
 }
+
+/// How many blocks ahead the kernel prefetches K/V rows (≥ 1).
+const PREFETCH_BLOCKS: usize = 2;
 
 /// Decode `count` rows of `plane` starting at token `t` of `page` into `dst` (row stride `stride`).
 #[inline(always)]
@@ -158,8 +164,17 @@ fn prefetch_rows<I: Isa>(shape: &AttnShape, page: &KvPage, plane: usize, t: usiz
 /// Where a tile reads K/V rows from: the f32 scratch, or (GQA bf16 and fp8 pages whose rows are
 /// whole vectors) straight from the page payload, widened in registers — no scratch pass.
 trait Rows: Copy {
+    /// Whether [`Rows::at2`] is cheaper than two [`Rows::at`] (callers then step columns by
+    /// `2·LANES`).
+    const PAIRED: bool = false;
     /// The vector at row `r`, column `c` (a multiple of LANES).
     unsafe fn at<I: Isa>(self, r: usize, c: usize) -> I::V;
+    /// The vectors at columns `c` and `c + LANES` of row `r` (`c` a multiple of `2·LANES`).
+    #[inline(always)]
+    unsafe fn at2<I: Isa>(self, r: usize, c: usize) -> (I::V, I::V) {
+        // SAFETY: forwarded from the caller.
+        unsafe { (self.at::<I>(r, c), self.at::<I>(r, c + I::LANES)) }
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -181,6 +196,55 @@ impl Rows for Bf16Rows {
     unsafe fn at<I: Isa>(self, r: usize, c: usize) -> I::V {
         // SAFETY: callers stay inside the payload rows they were given (row stride in bytes).
         unsafe { I::load_bf16(self.0.add(r * self.1 + 2 * c)) }
+    }
+}
+
+/// bf16 rows read in the even/odd order: within each block of `2·LANES` columns, vector 0 holds
+/// the even-indexed elements and vector 1 the odd ones — one load and one shift or mask per
+/// vector. The query is permuted the same way before the score tiles (so dot products are
+/// unchanged) and the P·V accumulators are un-permuted at the end.
+#[derive(Clone, Copy)]
+struct Bf16PairRows(*const u8, usize);
+
+impl Rows for Bf16PairRows {
+    const PAIRED: bool = true;
+    #[inline(always)]
+    unsafe fn at<I: Isa>(self, r: usize, c: usize) -> I::V {
+        // SAFETY: as for `at2`, on the block holding column c.
+        unsafe {
+            let (e, o) = self.at2::<I>(r, c & !(2 * I::LANES - 1));
+            if c & I::LANES == 0 { e } else { o }
+        }
+    }
+    #[inline(always)]
+    unsafe fn at2<I: Isa>(self, r: usize, c: usize) -> (I::V, I::V) {
+        // SAFETY: callers stay inside the payload rows they were given; the row width is a
+        // multiple of 2·LANES, so the block's 4·LANES bytes are inside the row.
+        unsafe { I::load_bf16_pair(self.0.add(r * self.1 + 2 * c)) }
+    }
+}
+
+/// Permute each `2·LANES` block of `x` into the [`Bf16PairRows`] order (evens, then odds).
+fn to_pairs(x: &mut [f32], lanes: usize, tmp: &mut Vec<f32>) {
+    for blk in x.chunks_exact_mut(2 * lanes) {
+        tmp.clear();
+        tmp.extend_from_slice(blk);
+        for i in 0..lanes {
+            blk[i] = tmp[2 * i];
+            blk[lanes + i] = tmp[2 * i + 1];
+        }
+    }
+}
+
+/// Undo [`to_pairs`].
+fn from_pairs(x: &mut [f32], lanes: usize, tmp: &mut Vec<f32>) {
+    for blk in x.chunks_exact_mut(2 * lanes) {
+        tmp.clear();
+        tmp.extend_from_slice(blk);
+        for i in 0..lanes {
+            blk[2 * i] = tmp[i];
+            blk[2 * i + 1] = tmp[lanes + i];
+        }
     }
 }
 
@@ -316,6 +380,21 @@ unsafe fn dot_tile<I: Isa, R: Rows, const NH: usize, const NT: usize>(
     unsafe {
         let mut acc = [[I::zero(); NT]; NH];
         let mut i = 0;
+        while R::PAIRED && i + 2 * I::LANES <= w {
+            let mut k0 = [I::zero(); NT];
+            let mut k1 = [I::zero(); NT];
+            for t in 0..NT {
+                (k0[t], k1[t]) = k.at2::<I>(t0 + t, i);
+            }
+            for (h, ah) in acc.iter_mut().enumerate() {
+                let q0 = I::load(q.add(h * w + i));
+                let q1 = I::load(q.add(h * w + i + I::LANES));
+                for t in 0..NT {
+                    ah[t] = I::fma(q1, k1[t], I::fma(q0, k0[t], ah[t]));
+                }
+            }
+            i += 2 * I::LANES;
+        }
         while i < w {
             let mut kv = [I::zero(); NT];
             for (t, kt) in kv.iter_mut().enumerate() {
@@ -333,8 +412,19 @@ unsafe fn dot_tile<I: Isa, R: Rows, const NH: usize, const NT: usize>(
     }
 }
 
+/// Scores of `g` heads × `bt` rows into `s` (rows of BT). `pf(t, n)` runs before the first
+/// tile of rows `t..t+n`: the caller spreads its prefetches of the next block over the tiles, so
+/// they overlap the compute instead of stalling in one burst.
 #[inline(always)]
-unsafe fn dot_block<I: Isa, R: Rows>(q: &[f32], k: R, g: usize, bt: usize, w: usize, s: &mut [f32]) {
+unsafe fn dot_block<I: Isa, R: Rows>(
+    q: &[f32],
+    k: R,
+    g: usize,
+    bt: usize,
+    w: usize,
+    s: &mut [f32],
+    pf: impl Fn(usize, usize),
+) {
     let (q, s) = (q.as_ptr(), s.as_mut_ptr());
     // SAFETY: q is g×w, k holds ≥ bt rows, s is g×BT (Scratch); every tile stays inside them.
     unsafe {
@@ -342,10 +432,16 @@ unsafe fn dot_block<I: Isa, R: Rows>(q: &[f32], k: R, g: usize, bt: usize, w: us
         while I::WIDE && h + 4 <= g {
             let mut t = 0;
             while t + 4 <= bt {
+                if h == 0 {
+                    pf(t, 4);
+                }
                 dot_tile::<I, R, 4, 4>(q.add(h * w), k, t, w, s.add(h * BT + t));
                 t += 4;
             }
             while t < bt {
+                if h == 0 {
+                    pf(t, 1);
+                }
                 dot_tile::<I, R, 4, 1>(q.add(h * w), k, t, w, s.add(h * BT + t));
                 t += 1;
             }
@@ -354,10 +450,16 @@ unsafe fn dot_block<I: Isa, R: Rows>(q: &[f32], k: R, g: usize, bt: usize, w: us
         while h + 2 <= g {
             let mut t = 0;
             while t + 4 <= bt {
+                if h == 0 {
+                    pf(t, 4);
+                }
                 dot_tile::<I, R, 2, 4>(q.add(h * w), k, t, w, s.add(h * BT + t));
                 t += 4;
             }
             while t < bt {
+                if h == 0 {
+                    pf(t, 1);
+                }
                 dot_tile::<I, R, 2, 1>(q.add(h * w), k, t, w, s.add(h * BT + t));
                 t += 1;
             }
@@ -366,10 +468,16 @@ unsafe fn dot_block<I: Isa, R: Rows>(q: &[f32], k: R, g: usize, bt: usize, w: us
         if h < g {
             let mut t = 0;
             while t + 4 <= bt {
+                if h == 0 {
+                    pf(t, 4);
+                }
                 dot_tile::<I, R, 1, 4>(q.add(h * w), k, t, w, s.add(h * BT + t));
                 t += 4;
             }
             while t < bt {
+                if h == 0 {
+                    pf(t, 1);
+                }
                 dot_tile::<I, R, 1, 1>(q.add(h * w), k, t, w, s.add(h * BT + t));
                 t += 1;
             }
@@ -398,8 +506,14 @@ unsafe fn pv_tile<I: Isa, R: Rows, const NH: usize, const NC: usize>(
         }
         for t in 0..bt {
             let mut vv = [I::zero(); NC];
-            for (j, x) in vv.iter_mut().enumerate() {
-                *x = v.at::<I>(t, c + j * I::LANES);
+            if R::PAIRED && NC.is_multiple_of(2) && c.is_multiple_of(2 * I::LANES) {
+                for j in (0..NC).step_by(2) {
+                    (vv[j], vv[j + 1]) = v.at2::<I>(t, c + j * I::LANES);
+                }
+            } else {
+                for (j, x) in vv.iter_mut().enumerate() {
+                    *x = v.at::<I>(t, c + j * I::LANES);
+                }
             }
             for (h, ah) in a.iter_mut().enumerate() {
                 let ph = I::splat(*p.add(h * BT + t));
@@ -495,6 +609,18 @@ unsafe fn attend_group<I: Isa>(
     // the rounding is of the same order as f32 accumulation. Pairs of 32 elements per
     // instruction: the width must hold whole pairs of vectors.
     let dp = I::DPBF16 && direct && shape.qk_width.is_multiple_of(2 * I::LANES);
+    // Otherwise, with 32 registers (the 4×4 score tile holds both halves of a pair) and rows of
+    // whole pairs of vectors, bf16 rows are read in the even/odd order (`Bf16PairRows`).
+    let paired = I::WIDE
+        && direct
+        && !dp
+        && shape.qk_width.is_multiple_of(2 * I::LANES)
+        && shape.v_width.is_multiple_of(2 * I::LANES);
+    if paired {
+        for h in 0..g {
+            to_pairs(&mut sc.q[h * wk..h * wk + shape.qk_width], I::LANES, &mut sc.tmp);
+        }
+    }
     if dp {
         let (hi, lo) = sc.qb.split_at_mut(g * wk);
         for ((h, l), x) in hi.iter_mut().zip(lo.iter_mut()).zip(&sc.q) {
@@ -509,24 +635,44 @@ unsafe fn attend_group<I: Isa>(
         let mut t = a;
         while t < b {
             let bt = (b - t).min(BT);
-            // Start pulling the next block (of this page, or the next page's first) from memory
-            // while this one is computed: the kernel is otherwise idle on memory during compute.
-            let next = if t + bt < b {
-                Some((page, t + bt - start))
-            } else {
+            // Start pulling a block PREFETCH_BLOCKS ahead (in this page or a later one) from
+            // memory while this one is computed: the kernel is otherwise idle on memory during
+            // compute. A burst of 256 prefetches stalls on the line fill buffers, so tiles that
+            // read the page directly issue them a few rows per score tile; two blocks ahead
+            // measured ~12% faster than one block in a burst (docs/BENCHMARKS.md).
+            let next = {
+                // The block PREFETCH_BLOCKS ahead, possibly pages later.
+                let (mut qi, mut off) = (pi, t - start + PREFETCH_BLOCKS * BT);
+                while qi < range.pages.len() && off >= range.pages[qi].tokens {
+                    off -= range.pages[qi].tokens;
+                    qi += 1;
+                }
                 range
                     .pages
-                    .get(pi + 1)
-                    .filter(|_| range.starts.get(pi + 1).is_some_and(|&s| s < range.t1))
-                    .map(|p| (p, 0))
+                    .get(qi)
+                    .filter(|_| range.starts.get(qi).is_some_and(|&s| s + off < range.t1))
+                    .map(|p| (p, off))
             };
-            if let Some((np, nt)) = next {
-                let n = (np.tokens - nt).min(BT);
-                prefetch_rows::<I>(shape, np, k_plane, nt, n);
-                if !shape.latent {
-                    prefetch_rows::<I>(shape, np, v_plane, nt, n);
+            // Rows t..t+n of the next block, K and V planes.
+            let pf = |r: usize, n: usize| {
+                if let Some((np, nt)) = next {
+                    let lo = nt + r;
+                    if lo < np.tokens {
+                        let n = n.min(np.tokens - lo);
+                        prefetch_rows::<I>(shape, np, k_plane, lo, n);
+                        if !shape.latent {
+                            prefetch_rows::<I>(shape, np, v_plane, lo, n);
+                        }
+                    }
                 }
+            };
+            // Tiles reading the page directly spread the prefetches over the score tiles; the
+            // others issue them all now, before decoding this block into scratch.
+            let spread = !dp && (paired || direct || direct8);
+            if !spread {
+                pf(0, BT);
             }
+            let nopf = |_: usize, _: usize| {};
             // SAFETY (this block): scratch buffers are sized by Scratch::new for this shape;
             // the ISA is available (checked by the dispatcher).
             unsafe {
@@ -544,15 +690,17 @@ unsafe fn attend_group<I: Isa>(
                 if dp {
                     dot_block_dp::<I>(&sc.qb, wk, k_direct, g, bt, shape.qk_width, &mut sc.s);
                 } else if direct8 {
-                    dot_block::<I, _>(&sc.q, k8, g, bt, wk, &mut sc.s);
+                    dot_block::<I, _>(&sc.q, k8, g, bt, wk, &mut sc.s, pf);
+                } else if paired {
+                    dot_block::<I, _>(&sc.q, Bf16PairRows(k_direct.0, k_direct.1), g, bt, wk, &mut sc.s, pf);
                 } else if direct {
-                    dot_block::<I, _>(&sc.q, k_direct, g, bt, wk, &mut sc.s);
+                    dot_block::<I, _>(&sc.q, k_direct, g, bt, wk, &mut sc.s, pf);
                 } else {
                     decode_rows::<I>(shape, page, k_plane, t - start, bt, &mut sc.k, wk);
                     if !shape.latent {
                         decode_rows::<I>(shape, page, v_plane, t - start, bt, &mut sc.v, wv);
                     }
-                    dot_block::<I, _>(&sc.q, F32Rows(sc.k.as_ptr(), wk), g, bt, wk, &mut sc.s);
+                    dot_block::<I, _>(&sc.q, F32Rows(sc.k.as_ptr(), wk), g, bt, wk, &mut sc.s, nopf);
                 }
                 for h in 0..g {
                     let row = &mut sc.s[h * BT..h * BT + BT];
@@ -581,7 +729,9 @@ unsafe fn attend_group<I: Isa>(
                         }
                     }
                 }
-                if direct {
+                if paired {
+                    pv_block::<I, _>(&sc.s, Bf16PairRows(v_direct.0, v_direct.1), g, bt, &mut sc.acc, wv);
+                } else if direct {
                     pv_block::<I, _>(&sc.s, v_direct, g, bt, &mut sc.acc, wv);
                 } else if direct8 {
                     pv_block::<I, _>(&sc.s, v8, g, bt, &mut sc.acc, wv);
@@ -591,6 +741,11 @@ unsafe fn attend_group<I: Isa>(
                 }
             }
             t += bt;
+        }
+    }
+    if paired {
+        for h in 0..g {
+            from_pairs(&mut sc.acc[h * wv..h * wv + shape.v_width], I::LANES, &mut sc.tmp);
         }
     }
     for h in 0..g {

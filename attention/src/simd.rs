@@ -43,6 +43,23 @@ pub trait Isa: Copy + 'static {
     unsafe fn widen_f16(src: *const u8, dst: *mut f32);
     /// Load `LANES` little-endian bf16 at `src` widened to f32 (exact).
     unsafe fn load_bf16(src: *const u8) -> Self::V;
+    /// Load `2·LANES` little-endian bf16 at `src` (`4·LANES` bytes) as two vectors: the
+    /// even-indexed elements and the odd-indexed ones, widened exactly. One load and one
+    /// operation per vector (a shift, a mask) instead of a widening shuffle and a shift.
+    #[inline(always)]
+    unsafe fn load_bf16_pair(src: *const u8) -> (Self::V, Self::V) {
+        let mut e = [0.0f32; 16];
+        let mut o = [0.0f32; 16];
+        for i in 0..Self::LANES {
+            // SAFETY: the caller guarantees 4·LANES readable bytes at `src`.
+            let (a, b) =
+                unsafe { ([*src.add(4 * i), *src.add(4 * i + 1)], [*src.add(4 * i + 2), *src.add(4 * i + 3)]) };
+            e[i] = f32::from_bits((u16::from_le_bytes(a) as u32) << 16);
+            o[i] = f32::from_bits((u16::from_le_bytes(b) as u32) << 16);
+        }
+        // SAFETY: both arrays hold 16 ≥ LANES f32.
+        unsafe { (Self::load(e.as_ptr()), Self::load(o.as_ptr())) }
+    }
     /// Load `LANES` e4m3fn bytes at `src` widened to f32: bit for bit `fp8_lut()[b]` (the
     /// 0x7f/0xff NaNs stay NaN).
     #[inline(always)]
@@ -340,6 +357,15 @@ mod x86 {
                 ))))
             }
         }
+        #[inline(always)]
+        unsafe fn load_bf16_pair(src: *const u8) -> (__m256, __m256) {
+            unsafe {
+                let raw = _mm256_loadu_si256(src as *const __m256i);
+                let even = _mm256_slli_epi32::<16>(raw);
+                let odd = _mm256_and_si256(raw, _mm256_set1_epi32(0xffff_0000u32 as i32));
+                (_mm256_castsi256_ps(even), _mm256_castsi256_ps(odd))
+            }
+        }
         /// The e4m3fn widening described at `FP8_BIAS`, in 8 lanes.
         #[inline(always)]
         unsafe fn load_fp8(src: *const u8) -> __m256 {
@@ -439,6 +465,15 @@ mod x86 {
         #[inline(always)]
         unsafe fn widen_f16(src: *const u8, dst: *mut f32) {
             unsafe { _mm512_storeu_ps(dst, _mm512_cvtph_ps(_mm256_loadu_si256(src as *const __m256i))) }
+        }
+        #[inline(always)]
+        unsafe fn load_bf16_pair(src: *const u8) -> (__m512, __m512) {
+            unsafe {
+                let raw = _mm512_loadu_si512(src as *const __m512i);
+                let even = _mm512_slli_epi32::<16>(raw);
+                let odd = _mm512_and_si512(raw, _mm512_set1_epi32(0xffff_0000u32 as i32));
+                (_mm512_castsi512_ps(even), _mm512_castsi512_ps(odd))
+            }
         }
         /// The e4m3fn widening described at `FP8_BIAS`, in 16 lanes.
         #[inline(always)]
@@ -567,6 +602,10 @@ mod x86 {
         #[inline(always)]
         unsafe fn load_fp8(src: *const u8) -> __m512 {
             unsafe { <Avx512 as Isa>::load_fp8(src) }
+        }
+        #[inline(always)]
+        unsafe fn load_bf16_pair(src: *const u8) -> (__m512, __m512) {
+            unsafe { <Avx512 as Isa>::load_bf16_pair(src) }
         }
         #[inline(always)]
         unsafe fn widen_i8(src: *const u8, dst: *mut f32, scale: f32) {
