@@ -10,12 +10,21 @@
 //! free (in the free list) → owned by one writer (not published) → published in the index
 //! (readers take holds) → retired (removed from the index; header zeroed) → freed when the last
 //! hold drops. A slot is therefore never rewritten while a response still refers to it.
+//!
+//! Writes go through `pwrite` into the page cache, reads through the (shared) mapping, which
+//! sees the same pages. Nothing is ever stored through the mapping, so its page-table entries
+//! stay read-only and clean: writeback (the flusher's msync) has no mapped dirty page to
+//! write-protect, so it sends no TLB-shootdown interrupts to the threads reading and computing,
+//! and a full-page `pwrite` into a hole needs no zero-fill, unlike a first store through the
+//! mapping. A write error (ENOSPC on a sparse file, EIO) becomes an error on that put and takes
+//! the file out of service; a store through the mapping would have been a SIGBUS.
 
 use bytes::Bytes;
 use memmap2::MmapRaw;
 use parking_lot::Mutex;
 use std::fs::{File, OpenOptions};
 use std::io;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -35,7 +44,7 @@ pub struct PoolFile {
     /// Slots in the file.
     pub slots: u32,
     map: MmapRaw,
-    _file: File,
+    file: File,
     state: Box<[AtomicU64]>,
     free: Mutex<Vec<u32>>,
     failed: AtomicBool,
@@ -92,7 +101,7 @@ impl PoolFile {
             slot_bytes,
             slots,
             map,
-            _file: file,
+            file,
             state: (0..slots).map(|_| AtomicU64::new(0)).collect(),
             free: Mutex::new(Vec::new()),
             failed: AtomicBool::new(false),
@@ -117,26 +126,33 @@ impl PoolFile {
     }
 
     /// Write `header` and `payload` into slot `slot`, payload first and header (with its CRC)
-    /// last, so a torn write leaves a header that does not verify.
-    pub fn write_page(&self, slot: u32, header: &[u8; HEADER_BYTES], payload: &[u8]) {
+    /// last, so a torn write leaves a header that does not verify. An error takes the file out
+    /// of service.
+    pub fn write_page(&self, slot: u32, header: &[u8; HEADER_BYTES], payload: &[u8]) -> io::Result<()> {
         assert!(slot < self.slots && HEADER_BYTES + payload.len() <= self.slot_bytes);
-        let base = slot as usize * self.slot_bytes;
-        // SAFETY: in bounds (asserted). The caller owns `slot` (allocated, not yet published):
-        // no reader can observe these bytes until the index publishes the slot.
-        unsafe {
-            let p = self.map.as_mut_ptr().add(base);
-            std::ptr::copy_nonoverlapping(payload.as_ptr(), p.add(HEADER_BYTES), payload.len());
-            std::sync::atomic::fence(Ordering::Release);
-            std::ptr::copy_nonoverlapping(header.as_ptr(), p, HEADER_BYTES);
-        }
+        let base = slot as u64 * self.slot_bytes as u64;
+        // The caller owns `slot` (allocated, not yet published): no reader can observe these
+        // bytes until the index publishes the slot.
+        let r = self
+            .file
+            .write_all_at(payload, base + HEADER_BYTES as u64)
+            .and_then(|()| self.file.write_all_at(header, base));
         self.dirty.store(true, Ordering::Release);
+        if r.is_err() {
+            self.failed.store(true, Ordering::Release);
+        }
+        r
     }
 
     fn zero_header(&self, slot: u32) {
-        let base = slot as usize * self.slot_bytes;
-        // SAFETY: in bounds; the header of a retired slot is no longer read by anyone (readers
-        // hold payload bytes only, and index metadata carries the header fields).
-        unsafe { std::ptr::write_bytes(self.map.as_mut_ptr().add(base), 0, HEADER_BYTES) };
+        let base = slot as u64 * self.slot_bytes as u64;
+        // The header of a retired slot is no longer read by anyone (readers hold payload bytes
+        // only, and index metadata carries the header fields). If it cannot be zeroed, a
+        // restart could bring the page back: take the file out of service instead.
+        if let Err(e) = self.file.write_all_at(&[0u8; HEADER_BYTES], base) {
+            tracing::error!(file = %self.path.display(), error = %e, "zeroing a header failed: pool file taken out of service");
+            self.failed.store(true, Ordering::Release);
+        }
         self.dirty.store(true, Ordering::Release);
     }
 
@@ -299,7 +315,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let f = Arc::new(PoolFile::create(dir.path(), 0, 4096, 1).unwrap());
         let s = f.alloc().unwrap();
-        f.write_page(s, &[1u8; HEADER_BYTES], &[9u8; 100]);
+        f.write_page(s, &[1u8; HEADER_BYTES], &[9u8; 100]).unwrap();
         let payload = f.hold(s).into_payload(100);
         let second = f.hold(s);
         f.retire(s);

@@ -622,7 +622,10 @@ impl PageStore {
             prefix_hash,
             payload_crc: crc,
         };
-        file.write_page(slot, &header.encode(), payload);
+        if let Err(e) = file.write_page(slot, &header.encode(), payload) {
+            tracing::error!(file = %file.path.display(), error = %e, "page write failed: pool file taken out of service");
+            return Err(e.into());
+        }
         if self.cfg.durability == Durability::Sync
             && let Err(e) = file.flush_slot(slot)
         {
