@@ -34,6 +34,10 @@ struct ModelRow {
     model: String,
     kernel_ms: f64,
     warm_step_ms: f64,
+    /// Where a warm step's time goes inside the worker: appends, lookups and cache reads
+    /// (fetch), then the kernel (compute).
+    warm_fetch_ms: f64,
+    warm_compute_ms: f64,
     warm_step_over_kernel: f64,
     cold_step_ms: f64,
     cold_fetch_bytes_per_s: f64,
@@ -138,11 +142,15 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             // Warm: batch 0, one token appended per step, cache hot after the first call.
             client.decode(req(&mut groups[0], &mut rng, true)).await?;
             let mut warm = Vec::new();
+            let (mut warm_fetch, mut warm_compute) = (Vec::new(), Vec::new());
             for _ in 0..a.steps {
                 let r = req(&mut groups[0], &mut rng, true);
                 let t = Instant::now();
                 let resp = client.decode(r).await?;
                 warm.push(t.elapsed().as_secs_f64() * 1e3);
+                let st = resp.stats.clone().unwrap_or_default();
+                warm_fetch.push(st.fetch_micros as f64 / 1e3);
+                warm_compute.push(st.compute_micros as f64 / 1e3);
                 anyhow::ensure!(resp.results.iter().all(|r| r.status == pb::SequenceStatus::Ok as i32), "warm step missed");
             }
             // Kernel alone on the same batch, same thread count as the worker.
@@ -164,6 +172,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 model: preset.into(),
                 kernel_ms: k,
                 warm_step_ms: w,
+                warm_fetch_ms: median(warm_fetch),
+                warm_compute_ms: median(warm_compute),
                 warm_step_over_kernel: w / k,
                 cold_step_ms: median(cold_ms),
                 cold_fetch_bytes_per_s: cold_fetch,
@@ -171,8 +181,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 cold_fetch_vs_node_get: cold_fetch / node_get,
             };
             eprintln!(
-                "{preset}: kernel {:.2} ms, warm step {:.2} ms ({:.2}×), cold step {:.1} ms, cold fetch {:.2} GB/s vs node get {:.2} GB/s ({:.2}×)",
-                row.kernel_ms, row.warm_step_ms, row.warm_step_over_kernel, row.cold_step_ms, cold_fetch / 1e9, node_get / 1e9, row.cold_fetch_vs_node_get
+                "{preset}: kernel {:.2} ms, warm step {:.2} ms ({:.2}×; worker fetch {:.2} + compute {:.2} ms), cold step {:.1} ms, cold fetch {:.2} GB/s vs node get {:.2} GB/s ({:.2}×)",
+                row.kernel_ms, row.warm_step_ms, row.warm_step_over_kernel, row.warm_fetch_ms, row.warm_compute_ms, row.cold_step_ms, cold_fetch / 1e9, node_get / 1e9, row.cold_fetch_vs_node_get
             );
             rows.push(row);
         }
