@@ -667,13 +667,12 @@ unsafe fn attend_group<I: Isa>(
                     }
                 }
             };
-            // Tiles reading the page directly spread the prefetches over the score tiles; the
-            // others issue them all now, before decoding this block into scratch.
-            let spread = !dp && (paired || direct || direct8);
+            // The score tiles spread the prefetches (MLA's 576 lines per block in one burst
+            // stalled on the fill buffers as GQA's did); the `vdpbf16ps` tiles issue them now.
+            let spread = !dp;
             if !spread {
                 pf(0, BT);
             }
-            let nopf = |_: usize, _: usize| {};
             // SAFETY (this block): scratch buffers are sized by Scratch::new for this shape;
             // the ISA is available (checked by the dispatcher).
             unsafe {
@@ -701,7 +700,7 @@ unsafe fn attend_group<I: Isa>(
                     if !shape.latent {
                         decode_rows::<I>(shape, page, v_plane, t - start, bt, &mut sc.v, wv);
                     }
-                    dot_block::<I, _>(&sc.q, F32Rows(sc.k.as_ptr(), wk), g, bt, wk, &mut sc.s, nopf);
+                    dot_block::<I, _>(&sc.q, F32Rows(sc.k.as_ptr(), wk), g, bt, wk, &mut sc.s, pf);
                 }
                 for h in 0..g {
                     let row = &mut sc.s[h * BT..h * BT + BT];
