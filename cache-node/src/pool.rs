@@ -51,6 +51,7 @@ pub struct PoolFile {
     dirty: AtomicBool,
     removed: AtomicBool,
     inject_flush_failure: AtomicBool,
+    inject_write_failure: AtomicBool,
 }
 
 impl std::fmt::Debug for PoolFile {
@@ -108,6 +109,7 @@ impl PoolFile {
             dirty: AtomicBool::new(false),
             removed: AtomicBool::new(false),
             inject_flush_failure: AtomicBool::new(false),
+            inject_write_failure: AtomicBool::new(false),
         })
     }
 
@@ -133,10 +135,13 @@ impl PoolFile {
         let base = slot as u64 * self.slot_bytes as u64;
         // The caller owns `slot` (allocated, not yet published): no reader can observe these
         // bytes until the index publishes the slot.
-        let r = self
-            .file
-            .write_all_at(payload, base + HEADER_BYTES as u64)
-            .and_then(|()| self.file.write_all_at(header, base));
+        let r = if self.inject_write_failure.load(Ordering::Acquire) {
+            Err(io::Error::other("injected write failure"))
+        } else {
+            self.file
+                .write_all_at(payload, base + HEADER_BYTES as u64)
+                .and_then(|()| self.file.write_all_at(header, base))
+        };
         self.dirty.store(true, Ordering::Release);
         if r.is_err() {
             self.failed.store(true, Ordering::Release);
@@ -260,6 +265,13 @@ impl PoolFile {
             self.failed.store(true, Ordering::Release);
         }
         r
+    }
+
+    /// Make page writes to this file fail, as a full disk or a failing device would
+    /// (fault-injection for tests and drills).
+    #[doc(hidden)]
+    pub fn inject_write_failure(&self) {
+        self.inject_write_failure.store(true, Ordering::Release);
     }
 
     /// Make the next flush of this file fail (fault-injection for tests and drills).

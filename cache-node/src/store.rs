@@ -1066,6 +1066,14 @@ impl PageStore {
         Ok(())
     }
 
+    /// Fault injection: make page writes to every current pool file fail.
+    #[doc(hidden)]
+    pub fn inject_write_failure(&self) {
+        for f in self.pools.read().files.iter().flatten() {
+            f.inject_write_failure();
+        }
+    }
+
     /// Fault injection: make the next flush of every pool file fail.
     #[doc(hidden)]
     pub fn inject_flush_failure(&self) {

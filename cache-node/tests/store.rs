@@ -302,6 +302,23 @@ fn a_failed_flush_turns_the_file_s_pages_into_misses() {
 }
 
 #[test]
+fn a_failed_write_is_an_error_and_never_a_half_page() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path(), 64);
+    put(&s, &key("a", 0, 0), 4, 1);
+    s.inject_write_failure();
+    let p = page(&key("b", 0, 0), 4, payload(&small_ns(), 4, 2));
+    assert!(matches!(s.put_pages(0, vec![p.clone()]), Err(StoreError::Io(_))));
+    // The file is out of service: its pages are misses, the failed page never appears.
+    assert!(get(&s, &key("a", 0, 0)).is_none());
+    assert!(get(&s, &key("b", 0, 0)).is_none());
+    assert_eq!(s.stats().pool_files_failed, 1);
+    // A retry lands in a new pool file and reads back.
+    s.put_pages(0, vec![p]).unwrap();
+    assert!(get(&s, &key("b", 0, 0)).is_some());
+}
+
+#[test]
 fn index_memory_is_under_128_bytes_per_page() {
     let dir = tempfile::tempdir().unwrap();
     let s = open(dir.path(), 3100);
