@@ -1,8 +1,9 @@
 //! kvcache-node: the cache node.
 //!
-//! - [`pool`]: pool files — memory-mapped files of equal slots (header + payload), the slot life
-//!   cycle (free → owned → published → retired → free) and reader holds that keep a slot from
-//!   being reused while any response refers to it.
+//! - [`pool`]: pool files — files of equal slots (header + payload), written with `pwrite` and
+//!   read through a shared memory mapping; the slot life cycle (free → owned → published →
+//!   retired → free) and reader holds that keep a slot from being reused while any response
+//!   refers to it.
 //! - [`store`]: the [`PageStore`] — namespaces, the index (sequences → layers → page entries),
 //!   write path, copy-on-write appends, LRU eviction of whole unleased sequences, leases with TTL,
 //!   async/sync durability, parallel recovery on start.
