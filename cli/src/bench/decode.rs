@@ -148,7 +148,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 let t = Instant::now();
                 let resp = client.decode(r).await?;
                 warm.push(t.elapsed().as_secs_f64() * 1e3);
-                let st = resp.stats.clone().unwrap_or_default();
+                let st = resp.stats.unwrap_or_default();
                 warm_fetch.push(st.fetch_micros as f64 / 1e3);
                 warm_compute.push(st.compute_micros as f64 / 1e3);
                 anyhow::ensure!(resp.results.iter().all(|r| r.status == pb::SequenceStatus::Ok as i32), "warm step missed");
