@@ -37,10 +37,36 @@ pub fn compute_peaks() -> Vec<Peak> {
     v
 }
 
+/// The FLOP/s of one peak (by [`Peak::name`]) measured again now, best of 2 runs; None when
+/// this CPU has no such instruction. For baselines taken next to each measurement.
+pub fn measure(name: &str) -> Option<f64> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY (each arm): the instruction set was detected first.
+        match name {
+            "f32-fma-512" if is_x86_feature_detected!("avx512f") => {
+                return Some(best_of(2, || unsafe { x86::fma512() }));
+            }
+            "f32-fma-256" if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") => {
+                return Some(best_of(2, || unsafe { x86::fma256() }));
+            }
+            "bf16-dot-512" if is_x86_feature_detected!("avx512bf16") => {
+                return Some(best_of(2, || unsafe { x86::dpbf16() }));
+            }
+            _ => {}
+        }
+    }
+    (name == "f32-scalar").then(|| best_of(2, scalar))
+}
+
 /// Best of 5 runs of a loop that returns (flops, a value to keep it alive).
 fn best(f: impl Fn() -> (f64, f32)) -> f64 {
+    best_of(5, f)
+}
+
+fn best_of(runs: usize, f: impl Fn() -> (f64, f32)) -> f64 {
     let mut b: f64 = 0.0;
-    for _ in 0..5 {
+    for _ in 0..runs {
         let t = Instant::now();
         let (flops, keep) = f();
         std::hint::black_box(keep);
