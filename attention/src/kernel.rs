@@ -704,18 +704,34 @@ unsafe fn attend_group<I: Isa>(
                 }
                 for h in 0..g {
                     let row = &mut sc.s[h * BT..h * BT + BT];
-                    let bm = row[..bt].iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    // Whole vectors (every block but a range's last): max and sum in vector
+                    // lanes, not as 32-long dependent scalar chains, which cost as much as a
+                    // GQA group's score tiles.
+                    let whole = bt.is_multiple_of(I::LANES);
+                    let bm = if whole {
+                        let mut mv = I::load(row.as_ptr());
+                        let mut j = I::LANES;
+                        while j < bt {
+                            mv = I::max(mv, I::load(row.as_ptr().add(j)));
+                            j += I::LANES;
+                        }
+                        I::hmax(mv)
+                    } else {
+                        row[..bt].iter().copied().fold(f32::NEG_INFINITY, f32::max)
+                    };
                     let m_new = sc.m[h].max(bm);
                     let corr = (sc.m[h] - m_new).exp();
                     let mn = I::splat(m_new);
+                    let mut sv = I::zero();
                     let mut j = 0;
                     while j < bt {
                         let x = I::load(row.as_ptr().add(j));
                         let e = I::exp(I::fma(I::splat(-1.0), mn, x));
                         I::store(row.as_mut_ptr().add(j), e);
+                        sv = I::add(sv, e);
                         j += I::LANES;
                     }
-                    let sum: f32 = row[..bt].iter().sum();
+                    let sum: f32 = if whole { I::sum(sv) } else { row[..bt].iter().sum() };
                     sc.l[h] = sc.l[h] * corr + sum;
                     sc.m[h] = m_new;
                     if corr != 1.0 {

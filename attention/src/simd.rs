@@ -33,8 +33,15 @@ pub trait Isa: Copy + 'static {
     unsafe fn fma(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
     /// `a · b`.
     unsafe fn mul(a: Self::V, b: Self::V) -> Self::V;
+    /// `a + b`.
+    unsafe fn add(a: Self::V, b: Self::V) -> Self::V;
+    /// Lane-wise maximum (a NaN lane may give either operand: callers reject non-finite
+    /// results anyway).
+    unsafe fn max(a: Self::V, b: Self::V) -> Self::V;
     /// Horizontal sum.
     unsafe fn sum(v: Self::V) -> f32;
+    /// Horizontal maximum.
+    unsafe fn hmax(v: Self::V) -> f32;
     /// `e^x` per lane, relative error ≤ 2e-7 for x ≥ −87 (below, a value ≤ 1e-37 or 0).
     unsafe fn exp(x: Self::V) -> Self::V;
     /// Widen `LANES` little-endian bf16 at `src` to f32 at `dst` (exact).
@@ -219,8 +226,20 @@ impl Isa for Portable {
         std::array::from_fn(|i| a[i] * b[i])
     }
     #[inline(always)]
+    unsafe fn add(a: Self::V, b: Self::V) -> Self::V {
+        std::array::from_fn(|i| a[i] + b[i])
+    }
+    #[inline(always)]
+    unsafe fn max(a: Self::V, b: Self::V) -> Self::V {
+        std::array::from_fn(|i| a[i].max(b[i]))
+    }
+    #[inline(always)]
     unsafe fn sum(v: Self::V) -> f32 {
         ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]))
+    }
+    #[inline(always)]
+    unsafe fn hmax(v: Self::V) -> f32 {
+        v.iter().copied().fold(f32::NEG_INFINITY, f32::max)
     }
     #[inline(always)]
     unsafe fn exp(x: Self::V) -> Self::V {
@@ -307,6 +326,22 @@ mod x86 {
         #[inline(always)]
         unsafe fn mul(a: __m256, b: __m256) -> __m256 {
             unsafe { _mm256_mul_ps(a, b) }
+        }
+        #[inline(always)]
+        unsafe fn add(a: __m256, b: __m256) -> __m256 {
+            unsafe { _mm256_add_ps(a, b) }
+        }
+        #[inline(always)]
+        unsafe fn max(a: __m256, b: __m256) -> __m256 {
+            unsafe { _mm256_max_ps(a, b) }
+        }
+        #[inline(always)]
+        unsafe fn hmax(v: __m256) -> f32 {
+            unsafe {
+                let s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+                let s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+                _mm_cvtss_f32(_mm_max_ss(s, _mm_shuffle_ps::<0b01>(s, s)))
+            }
         }
         #[inline(always)]
         unsafe fn sum(v: __m256) -> f32 {
@@ -430,6 +465,18 @@ mod x86 {
         #[inline(always)]
         unsafe fn mul(a: __m512, b: __m512) -> __m512 {
             unsafe { _mm512_mul_ps(a, b) }
+        }
+        #[inline(always)]
+        unsafe fn add(a: __m512, b: __m512) -> __m512 {
+            unsafe { _mm512_add_ps(a, b) }
+        }
+        #[inline(always)]
+        unsafe fn max(a: __m512, b: __m512) -> __m512 {
+            unsafe { _mm512_max_ps(a, b) }
+        }
+        #[inline(always)]
+        unsafe fn hmax(v: __m512) -> f32 {
+            unsafe { _mm512_reduce_max_ps(v) }
         }
         #[inline(always)]
         unsafe fn sum(v: __m512) -> f32 {
@@ -582,6 +629,18 @@ mod x86 {
         #[inline(always)]
         unsafe fn mul(a: __m512, b: __m512) -> __m512 {
             unsafe { <Avx512 as Isa>::mul(a, b) }
+        }
+        #[inline(always)]
+        unsafe fn add(a: __m512, b: __m512) -> __m512 {
+            unsafe { <Avx512 as Isa>::add(a, b) }
+        }
+        #[inline(always)]
+        unsafe fn max(a: __m512, b: __m512) -> __m512 {
+            unsafe { <Avx512 as Isa>::max(a, b) }
+        }
+        #[inline(always)]
+        unsafe fn hmax(v: __m512) -> f32 {
+            unsafe { <Avx512 as Isa>::hmax(v) }
         }
         #[inline(always)]
         unsafe fn sum(v: __m512) -> f32 {
