@@ -227,26 +227,20 @@ impl Rows for Bf16PairRows {
     }
 }
 
-/// Permute each `2·LANES` block of `x` into the [`Bf16PairRows`] order (evens, then odds).
-fn to_pairs(x: &mut [f32], lanes: usize, tmp: &mut Vec<f32>) {
+/// Permute each `2·LANES` block of `x` into the [`Bf16PairRows`] order (evens, then odds), or
+/// back (`to_pairs` false).
+fn permute_pairs(x: &mut [f32], lanes: usize, to_pairs: bool, tmp: &mut Vec<f32>) {
     for blk in x.chunks_exact_mut(2 * lanes) {
         tmp.clear();
         tmp.extend_from_slice(blk);
         for i in 0..lanes {
-            blk[i] = tmp[2 * i];
-            blk[lanes + i] = tmp[2 * i + 1];
-        }
-    }
-}
-
-/// Undo [`to_pairs`].
-fn from_pairs(x: &mut [f32], lanes: usize, tmp: &mut Vec<f32>) {
-    for blk in x.chunks_exact_mut(2 * lanes) {
-        tmp.clear();
-        tmp.extend_from_slice(blk);
-        for i in 0..lanes {
-            blk[2 * i] = tmp[i];
-            blk[2 * i + 1] = tmp[lanes + i];
+            for (half, src) in [(0, 2 * i), (lanes, 2 * i + 1)] {
+                if to_pairs {
+                    blk[half + i] = tmp[src];
+                } else {
+                    blk[src] = tmp[half + i];
+                }
+            }
         }
     }
 }
@@ -619,7 +613,7 @@ unsafe fn attend_group<I: Isa>(
         && shape.v_width.is_multiple_of(2 * I::LANES);
     if paired {
         for h in 0..g {
-            to_pairs(&mut sc.q[h * wk..h * wk + shape.qk_width], I::LANES, &mut sc.tmp);
+            permute_pairs(&mut sc.q[h * wk..h * wk + shape.qk_width], I::LANES, true, &mut sc.tmp);
         }
     }
     if dp {
@@ -761,7 +755,7 @@ unsafe fn attend_group<I: Isa>(
     }
     if paired {
         for h in 0..g {
-            from_pairs(&mut sc.acc[h * wv..h * wv + shape.v_width], I::LANES, &mut sc.tmp);
+            permute_pairs(&mut sc.acc[h * wv..h * wv + shape.v_width], I::LANES, false, &mut sc.tmp);
         }
     }
     for h in 0..g {
