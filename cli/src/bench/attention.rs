@@ -3,6 +3,7 @@
 //! times the last-level cache, against read bandwidth and the multiply-add peak measured in the
 //! same run.
 
+use super::median;
 use kvcache_attention::{AttnShape, Backend, KvPage, Options, decode, peak};
 use kvcache_core::{Codec, ModelSpec, PageLayout};
 use serde::Serialize;
@@ -176,10 +177,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                         steps += n;
                         secs_total += secs;
                     }
-                    let median = |mut v: Vec<f64>| {
-                        v.sort_by(f64::total_cmp);
-                        v[v.len() / 2]
-                    };
                     let secs = secs_total / steps as f64;
                     let bps = layer_bytes as f64 / secs;
                     let fps = flops_per_token * tokens as f64 / secs;

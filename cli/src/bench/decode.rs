@@ -2,6 +2,7 @@
 //! batch (warm: the worker's cache holds the context), and cold steps (empty cache) against the
 //! node's get throughput measured in the same run.
 
+use super::median;
 use bytes::Bytes;
 use kvcache_attention::{AttnShape, BatchItem, KvPage, Options, decode_batch};
 use kvcache_cli::cluster::{LocalCluster, LocalClusterConfig};
@@ -50,11 +51,6 @@ struct Report {
     warm_step_over_kernel: f64,
     cold_fetch_vs_node_get: f64,
     models: Vec<ModelRow>,
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 /// Run `kvcache bench decode`.

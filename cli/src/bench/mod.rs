@@ -29,6 +29,12 @@ pub fn run(b: Bench) -> anyhow::Result<()> {
 }
 
 /// Last-level cache size from sysfs (index3, else the largest level found), in bytes.
+/// The median of non-empty samples (the upper one of an even count).
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
 pub fn llc_bytes() -> u64 {
     let mut best = 0;
     for i in 0..8 {
