@@ -149,7 +149,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                         }
                         items.push(pb::DecodeItem {
                             sequence_id: s.sequence_id.clone(),
-                            query: q,
+                            query: kvcache_proto::f32le::to_bytes(&q),
                             new_kv: Bytes::from(tok),
                             new_token_id: None,
                         });
@@ -176,7 +176,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                         warm += pulled;
                     }
                     if layer == 0 && (step == 0 || step + 1 == a.steps || step % 8 == 0) {
-                        max_err = max_err.max(check_output(&shape, &q0, &mirror.pages, &r.results[0].output));
+                        max_err = max_err.max(check_output(&shape, &q0, &mirror.pages, &r.results[0].output_f32()));
                     }
                 }
             }

@@ -155,7 +155,7 @@ impl Shared {
             let id = &self.decode_seqs[(i as usize) % self.decode_seqs.len()];
             let item = pb::DecodeItem {
                 sequence_id: id.clone(),
-                query: rng.vec(self.shape.q_len(), 1.0),
+                query: kvcache_proto::f32le::to_bytes(&rng.vec(self.shape.q_len(), 1.0)),
                 new_kv: Bytes::from(tokens_payload(&self.ns, 1, &mut rng)),
                 new_token_id: None,
             };

@@ -56,7 +56,7 @@ async fn decode_through_the_worker_matches_the_reference_and_warm_steps_pull_o1_
                     mirrors[i][layer as usize].append(&ns, &tok);
                     items.push(pb::DecodeItem {
                         sequence_id: s.sequence_id.clone(),
-                        query: q.clone(),
+                        query: kvcache_proto::f32le::to_bytes(&q),
                         new_kv: Bytes::from(tok),
                         new_token_id: None,
                     });
@@ -70,7 +70,7 @@ async fn decode_through_the_worker_matches_the_reference_and_warm_steps_pull_o1_
                     assert_eq!(res.status, pb::SequenceStatus::Ok as i32, "{}", res.message);
                     let m = &mirrors[i][layer as usize];
                     assert_eq!(res.context_tokens, m.tokens());
-                    let e = check_output(&shape, &qs[i], &m.pages, &res.output);
+                    let e = check_output(&shape, &qs[i], &m.pages, &res.output_f32());
                     assert!(e <= 1e-5, "{name} step {step} layer {layer} seq {i}: rel L2 {e:e}");
                 }
                 let stats = r.stats.unwrap();
@@ -101,7 +101,7 @@ async fn missing_sequences_are_misses_and_bad_input_is_invalid_argument() {
     client.put_pages(prefill_pages(&ns, &a, 1, 40, &mut rng)).await.unwrap();
     let item = |id: &str, q: Vec<f32>| pb::DecodeItem {
         sequence_id: id.into(),
-        query: q,
+        query: kvcache_proto::f32le::to_bytes(&q),
         new_kv: Bytes::new(),
         new_token_id: None,
     };
@@ -117,7 +117,7 @@ async fn missing_sequences_are_misses_and_bad_input_is_invalid_argument() {
         .unwrap();
     assert_eq!(r.results[0].status, pb::SequenceStatus::Ok as i32);
     assert_eq!(r.results[1].status, pb::SequenceStatus::Miss as i32);
-    assert_eq!(r.results[0].output.len(), shape.out_len());
+    assert_eq!(r.results[0].output_f32().len(), shape.out_len());
     assert!(r.results[1].output.is_empty());
 
     let mut w = kvcache_proto::v1::attention_worker_client::AttentionWorkerClient::new(
@@ -129,6 +129,19 @@ async fn missing_sequences_are_misses_and_bad_input_is_invalid_argument() {
                 namespace: "t.bad".into(),
                 layer: 0,
                 items: vec![item("a", good_q[1..].to_vec())],
+                softmax_scale: 0.0,
+            },
+            "query has",
+        ),
+        (
+            pb::DecodeRequest {
+                namespace: "t.bad".into(),
+                layer: 0,
+                // A byte count that is no number of f32 values at all.
+                items: vec![pb::DecodeItem {
+                    query: kvcache_proto::f32le::to_bytes(&good_q).slice(1..),
+                    ..item("a", good_q.clone())
+                }],
                 softmax_scale: 0.0,
             },
             "query has",

@@ -86,7 +86,7 @@ async fn step(client: &Client, ns: &Namespace, seqs: &mut [Seq], rng: &mut Rng, 
         let tok = tokens_payload(ns, 1, rng);
         items.push(pb::DecodeItem {
             sequence_id: seqs[i].key.sequence_id.clone(),
-            query: q.clone(),
+            query: kvcache_proto::f32le::to_bytes(&q),
             new_kv: Bytes::from(tok.clone()),
             new_token_id: None,
         });
@@ -102,7 +102,7 @@ async fn step(client: &Client, ns: &Namespace, seqs: &mut [Seq], rng: &mut Rng, 
         let res = &r.results[k];
         if res.status == pb::SequenceStatus::Ok as i32 {
             seqs[i].mirror.append(ns, &toks[k]);
-            let e = check_output(&shape, &qs[k], &seqs[i].mirror.pages, &res.output);
+            let e = check_output(&shape, &qs[k], &seqs[i].mirror.pages, &res.output_f32());
             assert!(
                 e <= 1e-5,
                 "{}: rel L2 {e:e} (context {} vs {})",

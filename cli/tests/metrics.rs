@@ -54,7 +54,7 @@ async fn every_dashboard_metric_is_exported() {
     for id in ["a", "missing"] {
         let item = pb::DecodeItem {
             sequence_id: id.into(),
-            query: rng.vec(shape.q_len(), 1.0),
+            query: kvcache_proto::f32le::to_bytes(&rng.vec(shape.q_len(), 1.0)),
             new_kv: Bytes::from(tokens_payload(&ns, 1, &mut rng)),
             new_token_id: None,
         };

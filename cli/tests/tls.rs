@@ -126,7 +126,7 @@ async fn mtls_everywhere_and_plaintext_probes() {
             layer: 0,
             items: vec![pb::DecodeItem {
                 sequence_id: "s0".into(),
-                query: rng.vec(shape.q_len(), 1.0),
+                query: kvcache_proto::f32le::to_bytes(&rng.vec(shape.q_len(), 1.0)),
                 new_kv: Bytes::from(tokens_payload(&ns, 1, &mut rng)),
                 new_token_id: None,
             }],

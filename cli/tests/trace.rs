@@ -95,7 +95,7 @@ async fn a_decode_step_is_one_connected_trace_across_client_worker_and_node() {
     let shape = AttnShape::new(&ns.model, ns.layout());
     let item = pb::DecodeItem {
         sequence_id: "a".into(),
-        query: rng.vec(shape.q_len(), 1.0),
+        query: kvcache_proto::f32le::to_bytes(&rng.vec(shape.q_len(), 1.0)),
         new_kv: Bytes::from(tokens_payload(&ns, 1, &mut rng)),
         new_token_id: None,
     };

@@ -5,6 +5,7 @@
 //!   decoded page payload is a slice of the receive buffer, not a copy.
 //! - [`FILE_DESCRIPTOR_SET`]: the encoded descriptor set, served by gRPC reflection.
 //! - [`metadata`]: names of the request metadata and trailers the contract defines.
+//! - [`f32le`]: the contract's encoding of f32 vectors (queries, outputs) as little-endian bytes.
 //!
 //! Validation of these messages into domain types lives in `kvcache-core`, not here.
 
@@ -29,6 +30,53 @@ pub mod metadata {
     pub const LEADER: &str = "kvcache-leader";
 }
 
+/// f32 vectors on the wire (`DecodeItem.query`, `DecodeResult.output`): little-endian IEEE-754,
+/// four bytes per value, no header.
+pub mod f32le {
+    use bytes::Bytes;
+
+    /// Encode `v` as little-endian bytes.
+    pub fn to_bytes(v: &[f32]) -> Bytes {
+        let mut out = Vec::with_capacity(v.len() * 4);
+        for x in v {
+            out.extend_from_slice(&x.to_le_bytes());
+        }
+        Bytes::from(out)
+    }
+
+    /// Decode little-endian bytes into `out` (cleared first); `None` when the length is not a
+    /// multiple of four.
+    pub fn decode_into(b: &[u8], out: &mut Vec<f32>) -> Option<()> {
+        if !b.len().is_multiple_of(4) {
+            return None;
+        }
+        out.clear();
+        out.extend(b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])));
+        Some(())
+    }
+
+    /// Decode little-endian bytes; `None` when the length is not a multiple of four.
+    pub fn from_bytes(b: &[u8]) -> Option<Vec<f32>> {
+        let mut v = Vec::new();
+        decode_into(b, &mut v).map(|()| v)
+    }
+}
+
+impl v1::DecodeItem {
+    /// An item for `sequence_id` with `query` encoded as the contract's f32 bytes.
+    pub fn with_query(sequence_id: impl Into<String>, query: &[f32]) -> Self {
+        Self { sequence_id: sequence_id.into(), query: f32le::to_bytes(query), ..Default::default() }
+    }
+}
+
+impl v1::DecodeResult {
+    /// The output as f32 values (empty unless the status is OK). A length that is not a multiple
+    /// of four is a malformed response and decodes as empty.
+    pub fn output_f32(&self) -> Vec<f32> {
+        f32le::from_bytes(&self.output).unwrap_or_default()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::v1;
@@ -44,6 +92,22 @@ mod tests {
         let start = buf.as_ptr() as usize;
         let p = decoded.payload.as_ptr() as usize;
         assert!(p >= start && p + 4096 <= start + buf.len(), "payload was copied");
+    }
+
+    #[test]
+    fn f32_vectors_round_trip_as_little_endian_bytes() {
+        let v = [0.0f32, -1.5, f32::MIN_POSITIVE, f32::MAX, f32::INFINITY, 1e-42];
+        let b = super::f32le::to_bytes(&v);
+        assert_eq!(b.len(), 24);
+        assert_eq!(&b[4..8], &(-1.5f32).to_le_bytes());
+        let back = super::f32le::from_bytes(&b).unwrap();
+        assert_eq!(
+            back.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+            v.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+        );
+        assert!(super::f32le::from_bytes(&b[..23]).is_none());
+        let r = v1::DecodeResult { output: b.slice(..23), ..Default::default() };
+        assert!(r.output_f32().is_empty());
     }
 
     #[test]

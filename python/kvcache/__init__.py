@@ -335,7 +335,8 @@ class Client:
             sid, q = it[0], np.ascontiguousarray(it[1], dtype=np.float32).ravel()
             new_kv = self._payload(ns, it[2]) if len(it) > 2 and it[2] is not None else b""
             w = place(_seq_hash(namespace, sid), [(a, b, c) for a, b, c, _ in self._workers], 1)[0]
-            groups.setdefault(w, []).append((idx, worker_pb.DecodeItem(sequence_id=sid, query=q.tolist(), new_kv=new_kv)))
+            # Queries travel as little-endian f32 bytes (see worker.proto).
+            groups.setdefault(w, []).append((idx, worker_pb.DecodeItem(sequence_id=sid, query=q.astype("<f4").tobytes(), new_kv=new_kv)))
         results: list = [None] * len(items)
         for w, group in groups.items():
             stub = worker_grpc.AttentionWorkerStub(self._node(self._workers[w][3]))
@@ -345,7 +346,7 @@ class Client:
                 ok = r.status == worker_pb.SEQUENCE_STATUS_OK
                 results[idx] = DecodeResult(
                     sequence_id=r.sequence_id, ok=ok, status=worker_pb.SequenceStatus.Name(r.status),
-                    output=np.array(r.output, dtype=np.float32).reshape(ns.q_heads, ns.v_width) if ok else None,
+                    output=np.frombuffer(r.output, dtype="<f4").astype(np.float32).reshape(ns.q_heads, ns.v_width) if ok else None,
                     lse=np.array(r.lse, dtype=np.float32) if ok else None,
                     context_tokens=r.context_tokens, message=r.message)
         return results

@@ -238,21 +238,23 @@ impl Worker {
             shape.scale = req.softmax_scale;
         }
         let mut seqs = Vec::with_capacity(req.items.len());
+        let mut queries: Vec<Vec<f32>> = Vec::with_capacity(req.items.len());
         for (i, it) in req.items.iter().enumerate() {
             let seq = SequenceKey::try_from(pb::SequenceKey {
                 namespace: req.namespace.clone(),
                 sequence_id: it.sequence_id.clone(),
             })
             .map_err(|e| Status::invalid_argument(format!("item {i}: {e}")))?;
-            if it.query.len() != shape.q_len() {
+            if it.query.len() != shape.q_len() * 4 {
                 return Err(Status::invalid_argument(format!(
-                    "item {i}: query has {} values, expected {} ({} heads × {})",
+                    "item {i}: query has {} bytes, expected {} ({} heads × {} f32, little-endian)",
                     it.query.len(),
-                    shape.q_len(),
+                    shape.q_len() * 4,
                     shape.q_heads,
                     shape.qk_width
                 )));
             }
+            queries.push(kvcache_proto::f32le::from_bytes(&it.query).unwrap_or_default());
             if !it.new_kv.is_empty() && it.new_kv.len() != layout.payload_bytes(1) {
                 return Err(Status::invalid_argument(format!(
                     "item {i}: new_kv is {} bytes, one token of namespace {} is {} bytes ({} codec)",
@@ -312,7 +314,7 @@ impl Worker {
         // Compute every sequence whose pages are here, on a blocking thread.
         let ok: Vec<(usize, Vec<(Bytes, usize)>)> =
             fetched.iter().enumerate().filter_map(|(i, f)| f.as_ref().ok().map(|f| (i, f.pages.clone()))).collect();
-        let queries: Vec<Vec<f32>> = ok.iter().map(|(i, _)| req.items[*i].query.clone()).collect();
+        let queries: Vec<Vec<f32>> = ok.iter().map(|(i, _)| std::mem::take(&mut queries[*i])).collect();
         let threads = self.cfg.threads;
         let t_compute = Instant::now();
         let computed = tokio::task::spawn_blocking(move || {
@@ -351,7 +353,7 @@ impl Worker {
             .collect();
         for (i, (o, l)) in idx.into_iter().zip(bufs) {
             results[i].context_tokens = fetched[i].as_ref().map_or(0, |f| f.pages.iter().map(|p| p.1 as u64).sum());
-            results[i].output = o;
+            results[i].output = kvcache_proto::f32le::to_bytes(&o);
             results[i].lse = l;
         }
         self.counters.sequences.fetch_add(req.items.len() as u64, Ordering::Relaxed);

@@ -93,7 +93,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                         if append {
                             m.append(&ns, &tok);
                         }
-                        pb::DecodeItem { sequence_id: k.sequence_id.clone(), query: rng.vec(shape.q_len(), 1.0), new_kv: Bytes::from(tok), new_token_id: None }
+                        pb::DecodeItem { sequence_id: k.sequence_id.clone(), query: kvcache_proto::f32le::to_bytes(&rng.vec(shape.q_len(), 1.0)), new_kv: Bytes::from(tok), new_token_id: None }
                     })
                     .collect();
                 pb::DecodeRequest { namespace: name.clone(), layer: 0, items, softmax_scale: 0.0 }
