@@ -215,12 +215,27 @@ impl CacheNode for NodeService {
         let store = self.store.clone();
         let layer = if r.all_layers { None } else { Some(r.layer) };
         metrics::counter!(kvcache_telemetry::names::NODE_BYTES_IN).increment(r.payload.len() as u64);
-        let tokens =
-            blocking(move || store.append(r.epoch, &seq, layer, r.token_count, &r.payload, r.expected_position))
-                .await?;
+        let want_extent = r.return_extent && layer.is_some();
+        let (tokens, extent) = blocking(move || {
+            let tokens = store.append(r.epoch, &seq, layer, r.token_count, &r.payload, r.expected_position)?;
+            // Read after the append, like a Lookup that follows it: a concurrent writer's newer
+            // pages show up as newer write_seqs, never as stale ones.
+            let extent = match layer {
+                Some(l) if want_extent => store.lookup(&seq, &[], Some(l))?.1.into_iter().next(),
+                _ => None,
+            };
+            Ok((tokens, extent))
+        })
+        .await?;
         Ok(Response::new(pb::AppendTokensResponse {
             layer_tokens: tokens.iter().map(|a| a.tokens).collect(),
             last_page_write_seqs: tokens.iter().map(|a| a.last_write_seq).collect(),
+            extent: extent.map(|l| pb::LayerExtent {
+                layer: l.layer,
+                tokens: l.tokens,
+                pages: l.pages,
+                page_write_seqs: l.write_seqs,
+            }),
         }))
     }
 

@@ -231,3 +231,54 @@ async fn a_stale_epoch_write_is_refused_and_the_client_recovers_transparently() 
     );
     cluster.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_rewritten_between_steps_is_read_again_not_served_from_the_workers_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = LocalClusterConfig::new(dir.path());
+    cfg.node_capacity = 128 << 20;
+    let cluster = LocalCluster::start(cfg).await.unwrap();
+    let client = Client::connect(&cluster.coordinator).await.unwrap();
+    let ns = namespace(&client, "t.rw", "llama-3-8b", pb::Codec::Bf16).await;
+    let shape = AttnShape::new(&ns.model, ns.layout());
+    let mut rng = Rng::new(11);
+    let seq = SequenceKey::new("t.rw", "a");
+    let pages = prefill_pages(&ns, &seq, 1, 40, &mut rng);
+    client.put_pages(pages.clone()).await.unwrap();
+    let mut mirror = Mirror::from_wire(&pages, 0);
+    for step in 0..4 {
+        if step == 2 {
+            // Another writer replaces page 0 (same token count, new bytes) between two steps.
+            let fresh = tokens_payload(&ns, 16, &mut rng);
+            let key = kvcache_core::PageKey { sequence: seq.clone(), layer: 0, page_index: 0 };
+            client
+                .put_pages(vec![kvcache_client::wire_page(&ns, &key, 16, 0, Bytes::from(fresh.clone()))])
+                .await
+                .unwrap();
+            mirror.pages[0].0 = fresh;
+        }
+        let q = rng.vec(shape.q_len(), 1.0);
+        let tok = tokens_payload(&ns, 1, &mut rng);
+        mirror.append(&ns, &tok);
+        let r = client
+            .decode(pb::DecodeRequest {
+                namespace: "t.rw".into(),
+                layer: 0,
+                items: vec![pb::DecodeItem { new_kv: Bytes::from(tok), ..pb::DecodeItem::with_query("a", &q) }],
+                softmax_scale: 0.0,
+            })
+            .await
+            .unwrap();
+        let res = &r.results[0];
+        assert_eq!(res.status, pb::SequenceStatus::Ok as i32, "{}", res.message);
+        let e = check_output(&shape, &q, &mirror.pages, &res.output_f32());
+        assert!(e <= 1e-5, "step {step}: rel L2 {e:e}");
+        let pulled = r.stats.unwrap().pages_pulled;
+        match step {
+            0 => assert!(pulled >= 3, "cold step pulled {pulled} pages"),
+            2 => assert_eq!(pulled, 1, "the rewritten page is pulled again, only it"),
+            _ => assert_eq!(pulled, 0, "step {step}: the append kept the cache current"),
+        }
+    }
+    cluster.stop().await.unwrap();
+}

@@ -408,6 +408,32 @@ impl Client {
         payload: Bytes,
         token_ids: Vec<u32>,
     ) -> Result<Vec<AppendAck>, ClientError> {
+        self.append_inner(seq, layer, tokens, payload, token_ids, false).await
+    }
+
+    /// [`append`](Self::append) to one layer, each owner also answering with the layer's extent
+    /// after the append (`AppendTokensResponse.extent`): what a reader that caches the sequence
+    /// needs to validate its copy without a separate `Lookup`.
+    pub async fn append_with_extent(
+        &self,
+        seq: &SequenceKey,
+        layer: u32,
+        tokens: u32,
+        payload: Bytes,
+        token_ids: Vec<u32>,
+    ) -> Result<Vec<AppendAck>, ClientError> {
+        self.append_inner(seq, Some(layer), tokens, payload, token_ids, true).await
+    }
+
+    async fn append_inner(
+        &self,
+        seq: &SequenceKey,
+        layer: Option<u32>,
+        tokens: u32,
+        payload: Bytes,
+        token_ids: Vec<u32>,
+        return_extent: bool,
+    ) -> Result<Vec<AppendAck>, ClientError> {
         let ns = self.namespace_of(seq)?;
         let acks = self
             .write_all_owners(seq, &ns, |c, epoch| {
@@ -420,6 +446,7 @@ impl Client {
                     expected_position: None,
                     payload: payload.clone(),
                     token_ids: token_ids.clone(),
+                    return_extent,
                 };
                 let req = self.req(req);
                 async move {

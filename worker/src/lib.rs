@@ -104,8 +104,23 @@ impl Worker {
         self.client.namespace(name)
     }
 
-    /// Apply an append acknowledged by `ack` to the cached copy of the layer's last page.
-    fn apply_append(&self, ns: &Namespace, seq: &SequenceKey, layer: u32, ack: &AppendAck, new_kv: &Bytes) {
+    /// Apply an acknowledged append to the cached copy of the layer's last page. With R > 1
+    /// every owner acknowledges; the ack used is that of the owner the cached pages came from,
+    /// so a layer's cached pages stay from one node.
+    fn apply_append(&self, ns: &Namespace, seq: &SequenceKey, layer: u32, acks: &[AppendAck], new_kv: &Bytes) {
+        let pt = ns.page_tokens as u64;
+        let key = |i: u64| PageKey { sequence: seq.clone(), layer, page_index: i as u32 };
+        let ack = acks
+            .iter()
+            .find(|a| {
+                let tokens = a.response.layer_tokens.first().copied().unwrap_or(0);
+                // The page the cache must already hold from this node: the last page's earlier
+                // tokens, or the previous page when the token starts a new one.
+                let held = if tokens <= 1 { None } else { Some((tokens - 2) / pt) };
+                held.is_some_and(|i| self.cache.peek(&key(i)).is_some_and(|p| *p.node == *a.node_id))
+            })
+            .or(acks.first());
+        let Some(ack) = ack else { return };
         let (Some(&tokens), Some(&ws)) = (ack.response.layer_tokens.first(), ack.response.last_page_write_seqs.first())
         else {
             return;
@@ -113,15 +128,13 @@ impl Worker {
         if tokens == 0 {
             return;
         }
-        let pt = ns.page_tokens as u64;
         let idx = (tokens - 1) / pt;
         let in_page = (tokens - idx * pt) as usize;
-        let key = PageKey { sequence: seq.clone(), layer, page_index: idx as u32 };
         let node: Arc<str> = ack.node_id.as_str().into();
         let bytes = if in_page == 1 {
             new_kv.clone()
         } else {
-            match self.cache.peek(&key) {
+            match self.cache.peek(&key(idx)) {
                 Some(old) if old.node == node && old.tokens as usize == in_page - 1 => {
                     let l = ns.layout();
                     let mut merged = vec![0u8; l.payload_bytes(in_page)];
@@ -131,7 +144,41 @@ impl Worker {
                 _ => return,
             }
         };
-        self.cache.insert(key, CachedPage { node, write_seq: ws, tokens: in_page as u32, bytes });
+        self.cache.insert(key(idx), CachedPage { node, write_seq: ws, tokens: in_page as u32, bytes });
+    }
+
+    /// The layer from the cache alone, when an owner's extent (from the append this step made)
+    /// names exactly the pages the cache holds from that owner: the Lookup round trip is then
+    /// redundant. Any page missing, stale or cached from another node: `None`, and the caller
+    /// looks the layer up as usual.
+    fn cached_layer(&self, seq: &SequenceKey, layer: u32, acks: &[AppendAck]) -> Option<Fetched> {
+        let key = |i: usize| PageKey { sequence: seq.clone(), layer, page_index: i as u32 };
+        // The owner the cached pages came from (with R > 1 every owner answers the append).
+        let (node, ext) = acks.iter().find_map(|a| {
+            let e = a.response.extent.as_ref().filter(|e| e.layer == layer && e.tokens > 0)?;
+            self.cache.peek(&key(0)).is_some_and(|p| *p.node == *a.node_id).then_some((a.node_id.as_str(), e))
+        })?;
+        // Check every page without touching the hit/miss counters: a miss here is not one of
+        // the cache's misses, the lookup path that follows counts its own.
+        let current =
+            ext.page_write_seqs.iter().enumerate().all(|(i, &ws)| {
+                ws != 0 && self.cache.peek(&key(i)).is_some_and(|p| &*p.node == node && p.write_seq == ws)
+            });
+        if !current {
+            return None;
+        }
+        let mut pages = Vec::with_capacity(ext.page_write_seqs.len());
+        for (i, &ws) in ext.page_write_seqs.iter().enumerate() {
+            let p = self.cache.get(&key(i), node, ws)?;
+            pages.push((p.bytes, p.tokens as usize));
+        }
+        let cached = pages.len() as u64;
+        (pages.iter().map(|p| p.1 as u64).sum::<u64>() == ext.tokens).then_some(Fetched {
+            pages,
+            bytes: 0,
+            pulled: 0,
+            cached,
+        })
     }
 
     /// Make sure the layer's pages are cached (from the freshest owner) and return them in order.
@@ -287,11 +334,12 @@ impl Worker {
                         if !new_kv.is_empty() {
                             let acks = me
                                 .client
-                                .append(&seq, Some(layer), 1, new_kv.clone(), ids)
+                                .append_with_extent(&seq, layer, 1, new_kv.clone(), ids)
                                 .await
                                 .map_err(|e| SeqFailure::WriteFailed(e.to_string()))?;
-                            if let Some(a) = acks.first() {
-                                me.apply_append(&ns, &seq, layer, a, &new_kv);
+                            me.apply_append(&ns, &seq, layer, &acks, &new_kv);
+                            if let Some(f) = me.cached_layer(&seq, layer, &acks) {
+                                return Ok(f);
                             }
                         }
                         me.fetch_layer(&seq, layer).await
