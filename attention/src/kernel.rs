@@ -932,20 +932,23 @@ pub fn decode_batch(
         let next = AtomicUsize::new(0);
         let slots: Vec<std::sync::Mutex<(&mut [f32], &mut [f32])>> =
             part_out.chunks_mut(ho).zip(part_lse.chunks_mut(hl)).map(std::sync::Mutex::new).collect();
-        std::thread::scope(|s| {
-            for _ in 0..threads.min(tasks.len()) {
-                s.spawn(|| {
-                    loop {
-                        let ti = next.fetch_add(1, Ordering::Relaxed);
-                        if ti >= tasks.len() {
-                            break;
-                        }
-                        let mut g = slots[ti].lock().expect("slot");
-                        let (o, l) = &mut *g;
-                        run(ti, o, l);
-                    }
-                });
+        let work = || {
+            loop {
+                let ti = next.fetch_add(1, Ordering::Relaxed);
+                if ti >= tasks.len() {
+                    break;
+                }
+                let mut g = slots[ti].lock().expect("slot");
+                let (o, l) = &mut *g;
+                run(ti, o, l);
             }
+        };
+        // The calling thread is one of the workers: one thread fewer to start per call.
+        std::thread::scope(|s| {
+            for _ in 1..threads.min(tasks.len()) {
+                s.spawn(work);
+            }
+            work();
         });
     }
     // Merge each item's partials.
