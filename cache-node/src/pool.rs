@@ -169,6 +169,11 @@ impl PoolFile {
         self.free.lock().pop()
     }
 
+    /// Whether [`alloc`](Self::alloc) would find a slot now (a hint: another thread may take it).
+    pub fn has_free(&self) -> bool {
+        !self.failed.load(Ordering::Acquire) && !self.removed.load(Ordering::Acquire) && !self.free.lock().is_empty()
+    }
+
     /// Return a slot that was allocated but never published.
     pub fn unalloc(&self, slot: u32) {
         self.zero_header(slot);

@@ -30,7 +30,7 @@ use prost::Message;
 use std::collections::HashMap;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
@@ -256,6 +256,18 @@ struct Pools {
     total_bytes: u64,
 }
 
+/// Files of one size class that concurrent writers are spread over (see `alloc_slot`).
+const WRITE_STRIPES: usize = 8;
+
+/// This thread's stripe: threads are numbered round-robin on their first write.
+fn write_stripe() -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static STRIPE: usize = NEXT.fetch_add(1, Ordering::Relaxed);
+    }
+    STRIPE.with(|s| *s)
+}
+
 #[derive(Default)]
 struct Counters {
     pages: AtomicU64,
@@ -445,20 +457,46 @@ impl PageStore {
     }
 
     /// Take a slot of `slot_bytes`, growing the pool or evicting LRU sequences (never `exclude`).
+    ///
+    /// Writers are spread over up to [`WRITE_STRIPES`] files of the class: a buffered `pwrite`
+    /// holds the file's inode lock for the whole copy, so concurrent puts into one file run one
+    /// at a time (and spin on the lock). Each thread has a stripe number and starts its search
+    /// at the class's open file of that number; while the pool is under half its capacity, a
+    /// thread whose number is past the class's open files opens another file rather than share
+    /// (so a class has at most `WRITE_STRIPES` files with free slots it opened for this).
     fn alloc_slot(&self, slot_bytes: usize, exclude: &SequenceKey) -> Result<(Arc<PoolFile>, u32), StoreError> {
+        let stripe = write_stripe() % WRITE_STRIPES;
+        let mut may_stripe = true;
         // Bounded: each round evicts a sequence or fails.
         for _ in 0..100_000 {
-            {
+            let eager = {
                 let pools = self.pools.read();
-                for f in pools.files.iter().flatten() {
-                    if f.slot_bytes == slot_bytes
-                        && let Some(s) = f.alloc()
-                    {
-                        return Ok((f.clone(), s));
+                let open: Vec<&Arc<PoolFile>> =
+                    pools.files.iter().flatten().filter(|f| f.slot_bytes == slot_bytes && f.has_free()).collect();
+                let eager = may_stripe && stripe >= open.len() && self.room_to_stripe(&pools, slot_bytes);
+                if !eager && !open.is_empty() {
+                    let k = stripe % open.len();
+                    for f in open[k..].iter().chain(&open[..k]) {
+                        if let Some(s) = f.alloc() {
+                            return Ok(((*f).clone(), s));
+                        }
+                    }
+                }
+                eager
+            };
+            if eager {
+                // A file that only spreads writers: if it cannot be had, share an open one.
+                may_stripe = false;
+                match self.grow(slot_bytes, Some(stripe)) {
+                    Ok(Some(r)) => return Ok(r),
+                    Ok(None) => continue,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "could not open another pool file to spread writes");
+                        continue;
                     }
                 }
             }
-            if let Some(r) = self.grow(slot_bytes)? {
+            if let Some(r) = self.grow(slot_bytes, None)? {
                 return Ok(r);
             }
             if !self.evict_one(exclude) {
@@ -471,16 +509,32 @@ impl PageStore {
         Err(StoreError::Full("eviction did not free a slot".into()))
     }
 
+    /// Whether a class may open one more file to spread writers: only while the pool, with that
+    /// file, stays within half its capacity, so striping never crowds out other size classes.
+    fn room_to_stripe(&self, pools: &Pools, slot_bytes: usize) -> bool {
+        let bytes = self.slots_per_file(slot_bytes) as u64 * slot_bytes as u64;
+        pools.total_bytes + bytes <= self.cfg.capacity / 2
+    }
+
     /// Create a pool file of `slot_bytes` slots if the capacity allows, reclaiming empty files
-    /// of other size classes first when it does not.
-    fn grow(&self, slot_bytes: usize) -> Result<Option<(Arc<PoolFile>, u32)>, StoreError> {
+    /// of other size classes first when it does not. `stripe`: a file opened only so that
+    /// writer stripe has a file of its own; nothing is reclaimed for it, and `None` (the stripe
+    /// has a file by now, or there is no room) means "take a slot from an open file".
+    fn grow(&self, slot_bytes: usize, stripe: Option<usize>) -> Result<Option<(Arc<PoolFile>, u32)>, StoreError> {
         let mut pools = self.pools.write();
-        // Another thread may have grown the class meanwhile.
-        for f in pools.files.iter().flatten() {
-            if f.slot_bytes == slot_bytes
-                && let Some(s) = f.alloc()
-            {
-                return Ok(Some((f.clone(), s)));
+        if let Some(stripe) = stripe {
+            let open = pools.files.iter().flatten().filter(|f| f.slot_bytes == slot_bytes && f.has_free()).count();
+            if stripe < open || !self.room_to_stripe(&pools, slot_bytes) {
+                return Ok(None);
+            }
+        } else {
+            // Another thread may have grown the class meanwhile.
+            for f in pools.files.iter().flatten() {
+                if f.slot_bytes == slot_bytes
+                    && let Some(s) = f.alloc()
+                {
+                    return Ok(Some((f.clone(), s)));
+                }
             }
         }
         let mut slots = self.slots_per_file(slot_bytes);

@@ -305,12 +305,22 @@ fn a_failed_flush_turns_the_file_s_pages_into_misses() {
 fn a_failed_write_is_an_error_and_never_a_half_page() {
     let dir = tempfile::tempdir().unwrap();
     let s = open(dir.path(), 64);
-    put(&s, &key("a", 0, 0), 4, 1);
+    // Past half the capacity, so the failing write shares a file with stored pages (below it,
+    // a new file may be opened just to spread writers).
+    let a: Vec<_> = (0..40u32).map(|i| put(&s, &key("a", 0, i), 4, i as u8)).collect();
     s.inject_write_failure();
     let p = page(&key("b", 0, 0), 4, payload(&small_ns(), 4, 2));
     assert!(matches!(s.put_pages(0, vec![p.clone()]), Err(StoreError::Io(_))));
-    // The file is out of service: its pages are misses, the failed page never appears.
-    assert!(get(&s, &key("a", 0, 0)).is_none());
+    // The file is out of service: its pages are misses, the failed page never appears, and
+    // every page of the other files reads back.
+    let mut lost = 0;
+    for (i, v) in a.iter().enumerate() {
+        match get(&s, &key("a", 0, i as u32)) {
+            None => lost += 1,
+            Some(got) => assert_eq!(&got, v),
+        }
+    }
+    assert!((1..40).contains(&lost), "{lost} of 40 pages lost with one failed file");
     assert!(get(&s, &key("b", 0, 0)).is_none());
     assert_eq!(s.stats().pool_files_failed, 1);
     // A retry lands in a new pool file and reads back.
@@ -374,4 +384,32 @@ fn stats_and_deletes_running_together_never_deadlock() {
     });
     rx.recv_timeout(Duration::from_secs(60)).expect("stats() and delete() deadlocked");
     assert_eq!(s.stats().pages, 0);
+}
+
+#[test]
+fn concurrent_writers_are_spread_over_several_pool_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path(), 4096);
+    std::thread::scope(|sc| {
+        for t in 0..8u8 {
+            let s = s.clone();
+            sc.spawn(move || {
+                for i in 0..16u32 {
+                    put(&s, &key(&format!("w{t}"), 0, i), 4, t);
+                }
+            });
+        }
+    });
+    let files = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with("pool-"))
+        .count();
+    // 128 pages fit in one file of this size; a buffered write locks its file, so the writers
+    // get files of their own.
+    assert!(files >= 2, "128 pages from 8 threads went to {files} pool file(s)");
+    for t in 0..8u8 {
+        for i in 0..16u32 {
+            assert_eq!(get(&s, &key(&format!("w{t}"), 0, i)), Some(payload(&small_ns(), 4, t)));
+        }
+    }
 }
