@@ -169,6 +169,7 @@ pub fn endpoint(addr: &str, tls: &Tls) -> Result<Endpoint, NetError> {
         .connect_timeout(Duration::from_secs(3))
         .initial_stream_window_size(8 << 20)
         .initial_connection_window_size(32 << 20)
+        .max_frame_size((1 << 20) - 1)
         .http2_adaptive_window(false);
     match &tls.client {
         Some(c) => e.tls_config(c.clone()).map_err(|e| NetError::Tls(e.to_string())),
