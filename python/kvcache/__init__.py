@@ -36,7 +36,13 @@ from kvcache.v1 import worker_pb2_grpc as worker_grpc
 __all__ = ["place", "Client", "Tls", "Namespace", "DecodeResult", "KvcacheError", "to_bf16", "from_bf16"]
 
 _MAX_MSG = 256 << 20
-_OPTS = [("grpc.max_send_message_length", _MAX_MSG), ("grpc.max_receive_message_length", _MAX_MSG)]
+# Accept 1 MiB HTTP/2 frames as the Rust clients do: pages then arrive in a frame or two
+# instead of 16 KiB pieces.
+_OPTS = [
+    ("grpc.max_send_message_length", _MAX_MSG),
+    ("grpc.max_receive_message_length", _MAX_MSG),
+    ("grpc.http2.max_frame_size", (1 << 20) - 1),
+]
 _CODECS = {"bf16": pb.CODEC_BF16, "f16": pb.CODEC_F16, "fp8-e4m3": pb.CODEC_FP8_E4M3, "int8": pb.CODEC_INT8}
 
 

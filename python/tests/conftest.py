@@ -43,6 +43,7 @@ def stop_dev(proc) -> None:
 
 @pytest.fixture(scope="session")
 def coordinator():
-    proc, addr = start_dev(tempfile.mkdtemp(prefix="kvcache-py-"), "--node-capacity", "256MiB")
-    yield addr
-    stop_dev(proc)
+    with tempfile.TemporaryDirectory(prefix="kvcache-py-") as data:
+        proc, addr = start_dev(data, "--node-capacity", "256MiB")
+        yield addr
+        stop_dev(proc)

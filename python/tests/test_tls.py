@@ -53,12 +53,12 @@ def _pki(directory):
 
 @pytest.fixture(scope="module")
 def tls_cluster():
-    data = tempfile.mkdtemp(prefix="kvcache-py-tls-")
-    p = _pki(data)
-    proc, addr = start_dev(os.path.join(data, "dev"), "--node-capacity", "128MiB", "--tls-cert", p["cert.pem"],
-                           "--tls-key", p["key.pem"], "--tls-ca", p["ca.pem"])
-    yield addr, p
-    stop_dev(proc)
+    with tempfile.TemporaryDirectory(prefix="kvcache-py-tls-") as data:
+        p = _pki(data)
+        proc, addr = start_dev(os.path.join(data, "dev"), "--node-capacity", "128MiB", "--tls-cert", p["cert.pem"],
+                               "--tls-key", p["key.pem"], "--tls-ca", p["ca.pem"])
+        yield addr, p
+        stop_dev(proc)
 
 
 def test_mtls_client_round_trip_and_decode(tls_cluster):
