@@ -9,10 +9,13 @@
 //!   stale-epoch refusal refreshes the map and retries once. Reads try owners in order (then
 //!   draining nodes, which still serve reads) and fail over on UNAVAILABLE, deadline exceeded or a
 //!   miss; every received payload's CRC-32C is checked.
+//! - [`zerocopy`]: GetPages decoded from the HTTP/2 frames as they arrived, so a page payload
+//!   is a slice of the frame that carried it (tonic's decoder would copy it once more).
 //! - Errors reaching the caller are a [`ClientError`]: miss, invalid argument, unavailable (with
 //!   the nodes tried), permission denied, not found.
 
 mod routing;
+pub mod zerocopy;
 
 pub use routing::{NodeRef, Routing};
 
@@ -110,7 +113,7 @@ struct Inner {
     /// Coordinator replicas, and the index of the one in use (the leader, once known).
     coordinators: Mutex<(Vec<String>, usize, CoordinatorClient<Channel>)>,
     routing: RwLock<Arc<Routing>>,
-    nodes: Mutex<HashMap<String, CacheNodeClient<Channel>>>,
+    nodes: Mutex<HashMap<String, Channel>>,
     workers: Mutex<HashMap<String, AttentionWorkerClient<Channel>>>,
     watch: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
@@ -190,14 +193,20 @@ impl Client {
     }
 
     fn node(&self, node_id: &str, addr: &str) -> Result<CacheNodeClient<Channel>, ClientError> {
+        let ch = self.node_channel(node_id, addr)?;
+        Ok(CacheNodeClient::new(ch)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES))
+    }
+
+    /// The pooled channel to a node (one HTTP/2 connection per node and address).
+    fn node_channel(&self, node_id: &str, addr: &str) -> Result<Channel, ClientError> {
         let mut nodes = self.inner.nodes.lock();
         let key = format!("{node_id}@{addr}");
         if let Some(c) = nodes.get(&key) {
             return Ok(c.clone());
         }
-        let c = CacheNodeClient::new(channel_with(addr, &self.inner.cfg.tls)?)
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let c = channel_with(addr, &self.inner.cfg.tls)?;
         nodes.insert(key, c.clone());
         Ok(c)
     }
@@ -529,28 +538,25 @@ impl Client {
         node: &routing::NodeRef,
         keys: &[PageKey],
     ) -> Result<Vec<Option<pb::Page>>, ClientError> {
-        let mut c = self.node(&node.node_id, &node.address)?;
+        let ch = self.node_channel(&node.node_id, &node.address)?;
         let req = self.req(pb::GetPagesRequest { keys: keys.iter().map(|k| k.into()).collect(), ranges: vec![] });
         let mut out = Vec::with_capacity(keys.len());
-        let r: Result<(), Status> = async {
-            let mut s = c.get_pages(req).await?.into_inner();
-            while let Some(m) = s.message().await? {
-                for item in m.items {
-                    out.push(match (item.status, item.page) {
-                        (s, Some(p))
-                            if s == pb::PageStatus::Ok as i32 && crc32c::crc32c(&p.payload) == p.payload_crc32c =>
-                        {
-                            Some(p)
-                        }
-                        (s, _) if s == pb::PageStatus::Invalid as i32 => {
-                            return Err(Status::invalid_argument(item.message));
-                        }
-                        _ => None,
-                    });
-                }
+        let r = zerocopy::get_pages(ch, req, MAX_MESSAGE_BYTES, |m| {
+            for item in m.items {
+                out.push(match (item.status, item.page) {
+                    (s, Some(p))
+                        if s == pb::PageStatus::Ok as i32 && crc32c::crc32c(&p.payload) == p.payload_crc32c =>
+                    {
+                        Some(p)
+                    }
+                    (s, _) if s == pb::PageStatus::Invalid as i32 => {
+                        return Err(Status::invalid_argument(item.message));
+                    }
+                    _ => None,
+                });
             }
             Ok(())
-        }
+        })
         .await;
         match r {
             Ok(()) if out.len() == keys.len() => Ok(out),

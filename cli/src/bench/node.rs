@@ -281,7 +281,7 @@ async fn one_size(a: &Args, size: usize) -> anyhow::Result<SizeResult> {
     let cap = (pages as u64 * (size as u64 + 4096)) * 2 + (64 << 20);
     let node = start_node(dir.path(), cap)?;
     let ch = kvcache_client::channel(&node.addr)?;
-    let client = CacheNodeClient::new(ch).max_decoding_message_size(1 << 30).max_encoding_message_size(1 << 30);
+    let client = CacheNodeClient::new(ch.clone()).max_decoding_message_size(1 << 30).max_encoding_message_size(1 << 30);
     client.clone().ensure_namespace(pb::EnsureNamespaceRequest { namespace: Some((&ns).into()) }).await?;
     let wire = |i: usize| {
         let (b, crc) = &payloads[i % payloads.len()];
@@ -321,7 +321,7 @@ async fn one_size(a: &Args, size: usize) -> anyhow::Result<SizeResult> {
     let deadline = t + Duration::from_secs_f64(a.seconds);
     let mut tasks = Vec::new();
     for c in 0..a.clients {
-        let mut cl = client.clone();
+        let ch = ch.clone();
         let nsn = ns.name.clone();
         let batch = a.batch;
         tasks.push(tokio::spawn(async move {
@@ -336,13 +336,18 @@ async fn one_size(a: &Args, size: usize) -> anyhow::Result<SizeResult> {
                         (&key(&nsn, (x % pages as u64) as usize)).into()
                     })
                     .collect();
-                let mut s = cl.get_pages(pb::GetPagesRequest { keys, ranges: vec![] }).await?.into_inner();
-                while let Some(m) = s.message().await? {
+                // The Rust client's read path (frames decoded as they arrived, no reassembly copy).
+                let req = tonic::Request::new(pb::GetPagesRequest { keys, ranges: vec![] });
+                kvcache_client::zerocopy::get_pages(ch.clone(), req, 1 << 30, |m| {
                     for it in m.items {
-                        anyhow::ensure!(it.status == pb::PageStatus::Ok as i32, "bench page missing");
+                        if it.status != pb::PageStatus::Ok as i32 {
+                            return Err(tonic::Status::not_found("bench page missing"));
+                        }
                         got += it.page.map_or(0, |p| p.payload.len() as u64);
                     }
-                }
+                    Ok(())
+                })
+                .await?;
             }
             Ok::<u64, anyhow::Error>(got)
         }));
