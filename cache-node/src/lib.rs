@@ -9,7 +9,8 @@
 //!   async/sync durability, parallel recovery on start.
 //! - [`service`]: the `CacheNode` gRPC service over the store; the one place where store errors
 //!   become gRPC statuses.
-//! - [`zerocopy`]: GetPages with each mapped payload handed to HTTP/2 as is (no encoder copy).
+//! - [`zerocopy`]: GetPages with each mapped payload handed to HTTP/2 as is (no encoder copy),
+//!   PutPages decoded from the received frames (no reassembly copy).
 //! - [`membership`]: registration and heartbeats with the coordinator (epoch, namespaces).
 //! - [`handoff`]: moving sequences to their owners after membership changes (drain, join,
 //!   re-replication after a node loss).
@@ -54,7 +55,7 @@ pub async fn run(
     let server = kvcache_net::server(&exposure.tls).map_err(err)?;
     let probe = exposure.health_listener.map(|l| kvcache_net::serve_health(l, health_svc.clone()));
     let node = Arc::new(NodeService::new(store.clone(), node_id));
-    let svc = zerocopy::ZeroCopyGetPages::new(
+    let svc = zerocopy::ZeroCopyPages::new(
         node.clone(),
         CacheNodeServer::from_arc(node)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)

@@ -111,6 +111,20 @@ pub(crate) enum Wanted {
 }
 
 impl NodeService {
+    /// Store one `PutPagesRequest` message of a PutPages stream, adding to `resp`.
+    pub(crate) async fn put_message(
+        &self,
+        msg: pb::PutPagesRequest,
+        resp: &mut pb::PutPagesResponse,
+    ) -> Result<(), Status> {
+        let store = self.store.clone();
+        let (n, b) = blocking(move || store.put_pages_with(msg.epoch, msg.pages, msg.handoff)).await?;
+        metrics::counter!(kvcache_telemetry::names::NODE_BYTES_IN).increment(b);
+        resp.pages_written += n;
+        resp.bytes_written += b;
+        Ok(())
+    }
+
     /// The store served.
     pub fn store(&self) -> &Arc<PageStore> {
         &self.store
@@ -167,11 +181,7 @@ impl CacheNode for NodeService {
         let mut stream = request.into_inner();
         let mut resp = pb::PutPagesResponse::default();
         while let Some(msg) = stream.message().await? {
-            let store = self.store.clone();
-            let (n, b) = blocking(move || store.put_pages_with(msg.epoch, msg.pages, msg.handoff)).await?;
-            metrics::counter!(kvcache_telemetry::names::NODE_BYTES_IN).increment(b);
-            resp.pages_written += n;
-            resp.bytes_written += b;
+            self.put_message(msg, &mut resp).await?;
         }
         Ok(Response::new(resp))
     }

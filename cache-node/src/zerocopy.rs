@@ -1,20 +1,28 @@
-//! GetPages without copying payloads: the response body is written by hand.
+//! The two page-carrying calls without payload copies: GetPages and PutPages by hand.
 //!
 //! tonic's encoder serializes every response message into one buffer, so each page payload would
-//! be copied out of the mapping into it (and the buffer grown, faulted in and freed per message).
-//! [`ZeroCopyGetPages`] answers `/kvcache.v1.CacheNode/GetPages` itself and hands the rest of the
-//! CacheNode service to tonic. It frames each `GetPagesResponse` as gRPC does (a 5-byte prefix
-//! and the protobuf message) but emits each page's payload as its own body chunk: the mapped
-//! `Bytes` (holding the slot against reuse) goes to hyper as is, and only the few bytes of
-//! protobuf around it are encoded. The bytes on the wire are exactly what prost would have
-//! written (fields in order, the payload last in `Page`, `Page` last in `PageItem`), so every
-//! gRPC client decodes them unchanged.
+//! be copied out of the mapping into it (and the buffer grown, faulted in and freed per message);
+//! its decoder copies every received DATA frame into one buffer before slicing messages out.
+//! [`ZeroCopyPages`] answers `/kvcache.v1.CacheNode/GetPages` and `.../PutPages` itself and
+//! hands the rest of the CacheNode service to tonic.
+//!
+//! - GetPages frames each `GetPagesResponse` as gRPC does (a 5-byte prefix and the protobuf
+//!   message) but emits each page's payload as its own body chunk: the mapped `Bytes` (holding
+//!   the slot against reuse) goes to hyper as is, and only the few bytes of protobuf around it
+//!   are encoded. The bytes on the wire are exactly what prost would have written (fields in
+//!   order, the payload last in `Page`, `Page` last in `PageItem`), so every gRPC client decodes
+//!   them unchanged.
+//! - PutPages decodes each `PutPagesRequest` from the request's DATA frames as they arrived
+//!   ([`kvcache_net::frames::Rope`]): a payload within one frame (servers accept 1 MiB frames)
+//!   reaches the store as a slice of it, and goes to the pool file with that one `pwrite`.
+//!   Messages are stored as they complete, like the tonic handler does.
 
 use crate::service::NodeService;
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use futures::future::BoxFuture;
 use http_body::Frame;
 use http_body_util::BodyExt;
+use kvcache_net::frames::{Rope, next_message};
 use kvcache_proto::v1 as pb;
 use prost::Message;
 use std::convert::Infallible;
@@ -24,8 +32,10 @@ use tonic::Status;
 use tonic::body::Body;
 use tonic::server::NamedService;
 
-/// The method this service answers itself.
+/// The methods this service answers itself.
 pub const GET_PAGES_PATH: &str = "/kvcache.v1.CacheNode/GetPages";
+/// See [`GET_PAGES_PATH`].
+pub const PUT_PAGES_PATH: &str = "/kvcache.v1.CacheNode/PutPages";
 /// Largest GetPages request accepted (keys and ranges only: no payloads).
 const MAX_REQUEST_BYTES: usize = 64 << 20;
 /// Payload bytes per response message.
@@ -33,23 +43,23 @@ const MESSAGE_BYTES: usize = 2 << 20;
 
 /// The CacheNode service with GetPages answered zero-copy and every other method by `inner`.
 #[derive(Clone)]
-pub struct ZeroCopyGetPages<S> {
+pub struct ZeroCopyPages<S> {
     node: Arc<NodeService>,
     inner: S,
 }
 
-impl<S> ZeroCopyGetPages<S> {
+impl<S> ZeroCopyPages<S> {
     /// Answer GetPages from `node`; forward the rest to `inner` (the tonic CacheNode server).
     pub fn new(node: Arc<NodeService>, inner: S) -> Self {
         Self { node, inner }
     }
 }
 
-impl<S> NamedService for ZeroCopyGetPages<S> {
+impl<S> NamedService for ZeroCopyPages<S> {
     const NAME: &'static str = "kvcache.v1.CacheNode";
 }
 
-impl<S> tower::Service<http::Request<Body>> for ZeroCopyGetPages<S>
+impl<S> tower::Service<http::Request<Body>> for ZeroCopyPages<S>
 where
     S: tower::Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>
         + Clone
@@ -66,12 +76,12 @@ where
     }
 
     fn call(&mut self, req: http::Request<Body>) -> Self::Future {
-        if req.uri().path() != GET_PAGES_PATH {
-            let fut = self.inner.call(req);
-            return Box::pin(fut);
-        }
         let node = self.node.clone();
-        Box::pin(async move { Ok(get_pages(node, req).await.unwrap_or_else(|s| s.into_http())) })
+        match req.uri().path() {
+            GET_PAGES_PATH => Box::pin(async move { Ok(get_pages(node, req).await.unwrap_or_else(|s| s.into_http())) }),
+            PUT_PAGES_PATH => Box::pin(async move { Ok(put_pages(node, req).await.unwrap_or_else(|s| s.into_http())) }),
+            _ => Box::pin(self.inner.call(req)),
+        }
     }
 }
 
@@ -100,6 +110,40 @@ async fn request(body: Body) -> Result<pb::GetPagesRequest, Status> {
 }
 
 type Chunk = Result<Frame<Bytes>, Status>;
+
+async fn put_pages(node: Arc<NodeService>, req: http::Request<Body>) -> Result<http::Response<Body>, Status> {
+    let mut body = req.into_body();
+    let mut rope = Rope::default();
+    let mut resp = pb::PutPagesResponse::default();
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame?.into_data() else { continue };
+        rope.push(data);
+        while let Some(mut m) = next_message(&mut rope, crate::MAX_MESSAGE_BYTES)? {
+            let msg = pb::PutPagesRequest::decode(&mut m)
+                .map_err(|e| Status::invalid_argument(format!("PutPages request: {e}")))?;
+            node.put_message(msg, &mut resp).await?;
+        }
+    }
+    if rope.remaining() > 0 {
+        return Err(Status::invalid_argument(format!(
+            "PutPages request ended inside a message ({} bytes left over)",
+            rope.remaining()
+        )));
+    }
+    let mut msg = BytesMut::with_capacity(5 + resp.encoded_len());
+    msg.put_u8(0);
+    msg.put_u32(resp.encoded_len() as u32);
+    resp.encode(&mut msg).map_err(|e| Status::internal(e.to_string()))?;
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+    let frames: [Chunk; 2] = [Ok(Frame::data(msg.freeze())), Ok(Frame::trailers(trailers))];
+    let body = http_body_util::StreamBody::new(tokio_stream::iter(frames));
+    http::Response::builder()
+        .status(200)
+        .header("content-type", "application/grpc")
+        .body(Body::new(body))
+        .map_err(|e| Status::internal(e.to_string()))
+}
 
 async fn get_pages(node: Arc<NodeService>, req: http::Request<Body>) -> Result<http::Response<Body>, Status> {
     let wanted = node.expand(request(req.into_body()).await?)?;

@@ -242,3 +242,59 @@ async fn lookup_lease_stats_delete_and_health() {
     assert_eq!(r.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
     node.stop().await;
 }
+
+#[tokio::test]
+async fn a_put_stream_of_several_messages_stores_each_and_answers_the_totals() {
+    let node = start().await;
+    let mut c = node.client().await;
+    let ns = small_ns();
+    let vals: Vec<Vec<u8>> = (0..6u8).map(|i| payload(&ns, 4, i)).collect();
+    let msgs: Vec<pb::PutPagesRequest> = (0..3)
+        .map(|m| pb::PutPagesRequest {
+            epoch: 0,
+            pages: (0..2).map(|j| page(&key("s", 0, m * 2 + j), 4, vals[(m * 2 + j) as usize].clone())).collect(),
+            handoff: false,
+        })
+        .collect();
+    let r = c.put_pages(tokio_stream::iter(msgs)).await.unwrap().into_inner();
+    assert_eq!(r.pages_written, 6);
+    assert_eq!(r.bytes_written, vals.iter().map(|v| v.len() as u64).sum::<u64>());
+    let items = get_all(
+        &mut c,
+        pb::GetPagesRequest { keys: (0..6).map(|i| (&key("s", 0, i)).into()).collect(), ranges: vec![] },
+    )
+    .await;
+    for (it, v) in items.iter().zip(&vals) {
+        assert_eq!(&it.page.as_ref().unwrap().payload.to_vec(), v);
+    }
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn a_put_body_that_is_not_a_message_is_invalid_argument() {
+    use http_body_util::BodyExt;
+    let node = start().await;
+    let ch = tonic::transport::Endpoint::from_shared(node.addr.clone()).unwrap().connect().await.unwrap();
+    // A gRPC frame whose bytes are not a PutPagesRequest (field 2 as a truncated varint), then
+    // a body that ends inside a second frame.
+    for body in [vec![0u8, 0, 0, 0, 2, 0x10, 0x80], vec![0u8, 0, 0, 0, 9, 1, 2]] {
+        let req = http::Request::builder()
+            .method("POST")
+            .uri(format!("{}{}", node.addr, kvcache_node::zerocopy::PUT_PAGES_PATH))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(tonic::body::Body::new(http_body_util::Full::new(bytes::Bytes::from(body))))
+            .unwrap();
+        let resp = tower::ServiceExt::oneshot(ch.clone(), req).await.unwrap();
+        let status = match tonic::Status::from_header_map(resp.headers()) {
+            Some(s) => s,
+            None => {
+                let t = resp.into_body().collect().await.unwrap().trailers().cloned().unwrap();
+                tonic::Status::from_header_map(&t).unwrap()
+            }
+        };
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+        assert!(status.message().contains("PutPages request"), "{}", status.message());
+    }
+    node.stop().await;
+}

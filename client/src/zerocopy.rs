@@ -3,7 +3,8 @@
 //! tonic's response decoder copies every DATA frame into one buffer before slicing messages out
 //! of it, so each received page payload is copied once more after the kernel's copy (and the
 //! buffer is reallocated, faulted in and freed as responses are kept). Here the frames stay as
-//! they arrived ([`Rope`]) and prost decodes each message straight from them: a payload that lies
+//! they arrived ([`kvcache_net::frames::Rope`]) and prost decodes each message straight from
+//! them: a payload that lies
 //! within one frame — every page when the node sends it as its own frame (see
 //! `kvcache_node::zerocopy`) and the frames are large enough (the client accepts 1 MiB frames) —
 //! becomes a slice of that frame; one that spans frames is copied once, as before.
@@ -12,11 +13,11 @@
 //! call's metadata (deadline, trace context), and the status comes from the trailers (or the
 //! headers of a trailers-only response). Compressed messages are refused (none is negotiated).
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::{Buf, BufMut, BytesMut};
 use http_body_util::BodyExt;
+use kvcache_net::frames::{Rope, next_message};
 use kvcache_proto::v1 as pb;
 use prost::Message;
-use std::collections::VecDeque;
 use tonic::Status;
 use tonic::body::Body;
 use tonic::transport::Channel;
@@ -24,125 +25,6 @@ use tower::ServiceExt;
 
 /// The method answered here.
 pub const GET_PAGES_PATH: &str = "/kvcache.v1.CacheNode/GetPages";
-
-/// Bytes received and not yet decoded, as the frames they arrived in.
-#[derive(Default, Debug)]
-pub struct Rope {
-    chunks: VecDeque<Bytes>,
-    len: usize,
-}
-
-impl Rope {
-    /// Append a received chunk.
-    pub fn push(&mut self, b: Bytes) {
-        if !b.is_empty() {
-            self.len += b.len();
-            self.chunks.push_back(b);
-        }
-    }
-
-    /// The first `n` bytes as a rope of their own (no copy). `n` must be at most the length.
-    pub fn split_to(&mut self, mut n: usize) -> Rope {
-        assert!(n <= self.len, "split_to past the end");
-        let mut out = Rope::default();
-        while n > 0 {
-            let front = self.chunks.front_mut().expect("length accounted");
-            if front.len() <= n {
-                let c = self.chunks.pop_front().expect("front exists");
-                n -= c.len();
-                self.len -= c.len();
-                out.push(c);
-            } else {
-                out.push(front.split_to(n));
-                self.len -= n;
-                n = 0;
-            }
-        }
-        out
-    }
-
-    /// The first `N` bytes, if there are that many.
-    fn peek<const N: usize>(&self) -> Option<[u8; N]> {
-        if self.len < N {
-            return None;
-        }
-        let mut out = [0u8; N];
-        let mut i = 0;
-        for c in &self.chunks {
-            let take = (N - i).min(c.len());
-            out[i..i + take].copy_from_slice(&c[..take]);
-            i += take;
-            if i == N {
-                break;
-            }
-        }
-        Some(out)
-    }
-}
-
-impl Buf for Rope {
-    fn remaining(&self) -> usize {
-        self.len
-    }
-
-    fn chunk(&self) -> &[u8] {
-        self.chunks.front().map_or(&[], |c| &c[..])
-    }
-
-    fn advance(&mut self, mut cnt: usize) {
-        assert!(cnt <= self.len, "advance past the end");
-        self.len -= cnt;
-        while cnt > 0 {
-            let front = self.chunks.front_mut().expect("length accounted");
-            if front.len() <= cnt {
-                cnt -= front.len();
-                self.chunks.pop_front();
-            } else {
-                front.advance(cnt);
-                cnt = 0;
-            }
-        }
-    }
-
-    /// A slice of the frame when the range lies within one (what prost calls for each `bytes`
-    /// field); a copy only when it spans frames.
-    fn copy_to_bytes(&mut self, len: usize) -> Bytes {
-        assert!(len <= self.len, "copy_to_bytes past the end");
-        if let Some(front) = self.chunks.front_mut()
-            && front.len() >= len
-        {
-            let b = front.split_to(len);
-            if front.is_empty() {
-                self.chunks.pop_front();
-            }
-            self.len -= len;
-            return b;
-        }
-        let mut out = BytesMut::with_capacity(len);
-        out.put((&mut *self).take(len));
-        out.freeze()
-    }
-}
-
-/// Split gRPC length-prefixed messages off the front of `rope`: `Ok(None)` until a whole one is
-/// there.
-pub fn next_message(rope: &mut Rope, max_message: usize) -> Result<Option<Rope>, Status> {
-    let Some(head) = rope.peek::<5>() else { return Ok(None) };
-    if head[0] != 0 {
-        return Err(Status::internal("compressed GetPages response (no compression was negotiated)"));
-    }
-    let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
-    if len > max_message {
-        return Err(Status::out_of_range(format!(
-            "GetPages response message of {len} bytes is over the {max_message}-byte limit"
-        )));
-    }
-    if rope.remaining() < 5 + len {
-        return Ok(None);
-    }
-    rope.advance(5);
-    Ok(Some(rope.split_to(len)))
-}
 
 /// Call GetPages on `channel` and hand every response message to `each`, in order.
 pub async fn get_pages(
@@ -209,6 +91,7 @@ pub async fn get_pages(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
 
     fn response(n: usize) -> pb::GetPagesResponse {
         pb::GetPagesResponse {
@@ -275,7 +158,7 @@ mod tests {
     fn compressed_and_oversized_messages_are_refused() {
         let mut rope = Rope::default();
         rope.push(Bytes::from_static(&[1, 0, 0, 0, 1, 0]));
-        assert_eq!(next_message(&mut rope, 100).unwrap_err().code(), tonic::Code::Internal);
+        assert_eq!(next_message(&mut rope, 100).unwrap_err().code(), tonic::Code::Unimplemented);
         let mut rope = Rope::default();
         rope.push(Bytes::from_static(&[0, 0, 0, 1, 0]));
         assert_eq!(next_message(&mut rope, 100).unwrap_err().code(), tonic::Code::OutOfRange);

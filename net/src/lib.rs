@@ -8,8 +8,12 @@
 //!   windows, TCP_NODELAY), over TLS when configured.
 //! - [`server`], [`incoming`], [`reflection`]: the tonic server every process runs, tuned the
 //!   same way, with TLS when configured.
+//! - [`frames`]: gRPC messages decoded from the HTTP/2 frames as they arrived (no reassembly
+//!   copy), for the calls that carry page payloads.
 //! - [`serve_health`]: a plaintext listener with only `grpc.health.v1`, for Kubernetes' native
 //!   gRPC probes (which cannot speak TLS) when the main port requires it.
+
+pub mod frames;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
