@@ -326,6 +326,7 @@ impl CacheNode for NodeService {
             get_hits: s.get_hits,
             get_misses: s.get_misses,
             corrupt_pages_dropped: s.corrupt_pages_dropped,
+            leases_granted: s.leases_granted,
             recovery_seconds: s.recovery_seconds,
             recovery_bytes: s.recovery_bytes,
         }))

@@ -242,6 +242,8 @@ pub struct StoreStats {
     pub get_misses: u64,
     /// Pages dropped because they did not verify.
     pub corrupt_pages_dropped: u64,
+    /// Leases granted since start.
+    pub leases_granted: u64,
     /// Per namespace: (name, sequences, pages, bytes, tokens of layer 0).
     pub namespaces: Vec<(String, u64, u64, u64, u64)>,
     /// Last recovery: seconds and bytes scanned.
@@ -276,6 +278,7 @@ struct Counters {
     hits: AtomicU64,
     misses: AtomicU64,
     corrupt: AtomicU64,
+    leases: AtomicU64,
 }
 
 /// The page store of one cache node.
@@ -1026,6 +1029,7 @@ impl PageStore {
         let until = now + ttl;
         inner.leases.push((id, until));
         self.leases.insert(id, key.clone());
+        self.counters.leases.fetch_add(1, Ordering::Relaxed);
         Ok((id, until))
     }
 
@@ -1090,6 +1094,7 @@ impl PageStore {
             get_hits: self.counters.hits.load(Ordering::Relaxed),
             get_misses: self.counters.misses.load(Ordering::Relaxed),
             corrupt_pages_dropped: self.counters.corrupt.load(Ordering::Relaxed),
+            leases_granted: self.counters.leases.load(Ordering::Relaxed),
             namespaces: per_ns.into_iter().map(|(n, u)| (n, u.0, u.1, u.2, u.3)).collect(),
             recovery_seconds: rs,
             recovery_bytes: rb,

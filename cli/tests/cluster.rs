@@ -280,5 +280,18 @@ async fn a_page_rewritten_between_steps_is_read_again_not_served_from_the_worker
             _ => assert_eq!(pulled, 0, "step {step}: the append kept the cache current"),
         }
     }
+    // The cold pull (step 0) ran under a lease and released it; the one-page pull did not take
+    // one. Releases are sent in the background: wait for them, bounded.
+    let mut last = (0, 0);
+    for _ in 0..100 {
+        let stats: Vec<pb::NodeStats> = client.node_stats().await.into_iter().map(|(_, s)| s.unwrap()).collect();
+        last =
+            (stats.iter().map(|s| s.leases_granted).sum::<u64>(), stats.iter().map(|s| s.active_leases).sum::<u64>());
+        if last.1 == 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(last, (1, 0), "(leases granted, still active)");
     cluster.stop().await.unwrap();
 }

@@ -605,12 +605,21 @@ impl Client {
             .into_iter()
             .next()
             .ok_or_else(|| ClientError::Unavailable { tried: vec![], last: "no live cache node".into() })?;
+        let id = self.lease_on(&node, seq, ttl).await?;
+        Ok((node, id))
+    }
+
+    /// Pin a sequence on `node` for `ttl`. Returns the lease id.
+    pub async fn lease_on(
+        &self,
+        node: &routing::NodeRef,
+        seq: &SequenceKey,
+        ttl: Duration,
+    ) -> Result<u64, ClientError> {
         let mut c = self.node(&node.node_id, &node.address)?;
-        let r = c
-            .lease(self.req(pb::LeaseRequest { sequence: Some(seq.into()), ttl_ms: ttl.as_millis() as u32 }))
-            .await?
-            .into_inner();
-        Ok((node, r.lease_id))
+        let ttl_ms = ttl.as_millis().min(u32::MAX as u128) as u32;
+        let r = c.lease(self.req(pb::LeaseRequest { sequence: Some(seq.into()), ttl_ms })).await?.into_inner();
+        Ok(r.lease_id)
     }
 
     /// Release a lease taken with [`Client::lease`].

@@ -4,19 +4,27 @@
 //! 1. appends the new token's K/V (or latent) through the client to every owner (write-through)
 //!    and applies the same append to its cached copy of the last page, so the page it just wrote
 //!    is not pulled back;
-//! 2. asks the owners which pages they hold (`Lookup`), reads from the freshest one, and pulls
-//!    only the pages whose (node, write_seq) it does not already hold in its [`cache`] — after the
-//!    first step that is O(1) bytes per step, not O(context);
+//! 2. takes the layer from its [`cache`] as is when the append's answer (the layer's extent on
+//!    that owner) names exactly the pages it holds; otherwise asks the owners which pages they
+//!    hold (`Lookup`), reads from the freshest one, and pulls only the pages whose
+//!    (node, write_seq) it does not already hold — after the first step that is O(1) bytes per
+//!    step, not O(context);
 //! 3. computes attention for the whole batch with `kvcache-attention` on a blocking thread;
 //! 4. starts pulling layer L+1's missing pages for the same sequences while the caller works.
 //!
 //! A sequence whose pages are gone gets `SEQUENCE_STATUS_MISS`; the rest of the batch is
 //! answered. Malformed requests are INVALID_ARGUMENT with the reason.
 //!
-//! Not done per step: leases. A page evicted between lookup and read comes back as a miss,
-//! which the sequence reports as a miss; the caller recomputes.
+//! A pull of more than the last page runs under a lease on the node it reads from (released
+//! when the pull ends, expiring after [`PULL_LEASE`] if the worker dies), so memory pressure on
+//! the node cannot evict the sequence halfway through the stream. A page evicted between the
+//! lookup and the lease comes back as a miss, which the sequence reports as a miss; the caller
+//! recomputes. Warm steps (the new token's page at most) take no lease.
 
 pub mod cache;
+
+/// Longest a pull's lease pins a sequence when its release never comes (the worker died).
+pub const PULL_LEASE: std::time::Duration = std::time::Duration::from_secs(60);
 
 use bytes::Bytes;
 use cache::{CachedPage, PageCache};
@@ -222,7 +230,20 @@ impl Worker {
         let mut bytes = 0;
         let pulled = missing.len() as u64;
         if !missing.is_empty() {
-            let got = self.client.get_from(node, &missing).await.map_err(|e| SeqFailure::Miss(e.to_string()))?;
+            // A pull of more than the last page (a cold or evicted layer) runs under a lease, so
+            // the node cannot evict the sequence halfway through the stream. The O(1) pull of a
+            // warm step does not pay the extra round trip.
+            let lease = if missing.len() > 1 { self.client.lease_on(node, seq, PULL_LEASE).await.ok() } else { None };
+            let got = self.client.get_from(node, &missing).await;
+            if let Some(id) = lease {
+                let (client, node) = (self.client.clone(), node.clone());
+                tokio::spawn(async move {
+                    if let Err(e) = client.release(&node, id).await {
+                        tracing::debug!(error = %e, "lease release failed; it expires on its own");
+                    }
+                });
+            }
+            let got = got.map_err(|e| SeqFailure::Miss(e.to_string()))?;
             for (key, p) in missing.into_iter().zip(got) {
                 let Some(p) = p else {
                     return Err(SeqFailure::Miss(format!("page {} of layer {layer} went missing", key.page_index)));
