@@ -62,6 +62,12 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, StoreError> +
         .map_err(status)
 }
 
+impl From<crate::store::LayerExtent> for pb::LayerExtent {
+    fn from(l: crate::store::LayerExtent) -> Self {
+        pb::LayerExtent { layer: l.layer, tokens: l.tokens, pages: l.pages, page_write_seqs: l.write_seqs }
+    }
+}
+
 fn sequence(k: Option<pb::SequenceKey>) -> Result<SequenceKey, Status> {
     k.ok_or_else(|| invalid(ValidationError::Missing("sequence")))?.try_into().map_err(invalid)
 }
@@ -240,12 +246,7 @@ impl CacheNode for NodeService {
         Ok(Response::new(pb::AppendTokensResponse {
             layer_tokens: tokens.iter().map(|a| a.tokens).collect(),
             last_page_write_seqs: tokens.iter().map(|a| a.last_write_seq).collect(),
-            extent: extent.map(|l| pb::LayerExtent {
-                layer: l.layer,
-                tokens: l.tokens,
-                pages: l.pages,
-                page_write_seqs: l.write_seqs,
-            }),
+            extent: extent.map(pb::LayerExtent::from),
         }))
     }
 
@@ -255,15 +256,7 @@ impl CacheNode for NodeService {
         let (exists, layers, cached) = self.store.lookup(&seq, &r.prefix_hashes, r.layer).map_err(status)?;
         Ok(Response::new(pb::LookupResponse {
             exists,
-            layers: layers
-                .into_iter()
-                .map(|l| pb::LayerExtent {
-                    layer: l.layer,
-                    tokens: l.tokens,
-                    pages: l.pages,
-                    page_write_seqs: l.write_seqs,
-                })
-                .collect(),
+            layers: layers.into_iter().map(pb::LayerExtent::from).collect(),
             prefix_pages_cached: cached,
         }))
     }

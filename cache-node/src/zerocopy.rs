@@ -92,21 +92,30 @@ async fn request(body: Body) -> Result<pb::GetPagesRequest, Status> {
         .await
         .map_err(|e| Status::invalid_argument(format!("GetPages request body: {e}")))?
         .to_bytes();
-    if bytes.len() < 5 {
-        return Err(Status::invalid_argument("GetPages request is not a gRPC message"));
-    }
-    if bytes[0] != 0 {
-        return Err(Status::unimplemented("compressed GetPages requests are not supported"));
-    }
-    let len = u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]) as usize;
-    if bytes.len() != 5 + len {
+    let total = bytes.len();
+    let mut rope = Rope::default();
+    rope.push(bytes);
+    let Some(mut m) = next_message(&mut rope, usize::MAX)? else {
+        return Err(Status::invalid_argument(if total < 5 {
+            "GetPages request is not a gRPC message".to_owned()
+        } else {
+            format!("GetPages request body of {total} bytes ends inside its message")
+        }));
+    };
+    if rope.remaining() > 0 {
         return Err(Status::invalid_argument(format!(
-            "GetPages request frame says {len} bytes, body has {}",
-            bytes.len() - 5
+            "GetPages request has {} bytes after its message",
+            rope.remaining()
         )));
     }
-    pb::GetPagesRequest::decode(bytes.slice(5..))
-        .map_err(|e| Status::invalid_argument(format!("GetPages request: {e}")))
+    pb::GetPagesRequest::decode(&mut m).map_err(|e| Status::invalid_argument(format!("GetPages request: {e}")))
+}
+
+/// The trailers of a call that succeeded.
+fn ok_trailers() -> Chunk {
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+    Ok(Frame::trailers(trailers))
 }
 
 type Chunk = Result<Frame<Bytes>, Status>;
@@ -130,13 +139,7 @@ async fn put_pages(node: Arc<NodeService>, req: http::Request<Body>) -> Result<h
             rope.remaining()
         )));
     }
-    let mut msg = BytesMut::with_capacity(5 + resp.encoded_len());
-    msg.put_u8(0);
-    msg.put_u32(resp.encoded_len() as u32);
-    resp.encode(&mut msg).map_err(|e| Status::internal(e.to_string()))?;
-    let mut trailers = http::HeaderMap::new();
-    trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
-    let frames: [Chunk; 2] = [Ok(Frame::data(msg.freeze())), Ok(Frame::trailers(trailers))];
+    let frames: [Chunk; 2] = [Ok(Frame::data(kvcache_net::frames::encode(&resp))), ok_trailers()];
     let body = http_body_util::StreamBody::new(tokio_stream::iter(frames));
     http::Response::builder()
         .status(200)
@@ -169,9 +172,7 @@ async fn get_pages(node: Arc<NodeService>, req: http::Request<Body>) -> Result<h
                 }
             }
         }
-        let mut trailers = http::HeaderMap::new();
-        trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
-        let _ = tx.send(Ok(Frame::trailers(trailers))).await;
+        let _ = tx.send(ok_trailers()).await;
     });
     let body = http_body_util::StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx));
     http::Response::builder()

@@ -13,9 +13,9 @@
 //! call's metadata (deadline, trace context), and the status comes from the trailers (or the
 //! headers of a trailers-only response). Compressed messages are refused (none is negotiated).
 
-use bytes::{Buf, BufMut, BytesMut};
+use bytes::Buf;
 use http_body_util::BodyExt;
-use kvcache_net::frames::{Rope, next_message};
+use kvcache_net::frames::{self, Rope, next_message};
 use kvcache_proto::v1 as pb;
 use prost::Message;
 use tonic::Status;
@@ -34,15 +34,11 @@ pub async fn get_pages(
     mut each: impl FnMut(pb::GetPagesResponse) -> Result<(), Status>,
 ) -> Result<(), Status> {
     let (metadata, _, msg) = req.into_parts();
-    let mut body = BytesMut::with_capacity(5 + msg.encoded_len());
-    body.put_u8(0);
-    body.put_u32(msg.encoded_len() as u32);
-    msg.encode(&mut body).map_err(|e| Status::internal(e.to_string()))?;
     let mut http_req = http::Request::builder()
         .method(http::Method::POST)
         .uri(GET_PAGES_PATH)
         .version(http::Version::HTTP_2)
-        .body(Body::new(http_body_util::Full::new(body.freeze())))
+        .body(Body::new(http_body_util::Full::new(frames::encode(&msg))))
         .map_err(|e| Status::internal(e.to_string()))?;
     let headers = http_req.headers_mut();
     headers.extend(metadata.into_headers());

@@ -109,6 +109,16 @@ impl Buf for Rope {
     }
 }
 
+/// `msg` as one uncompressed gRPC length-prefixed message: the 5-byte prefix, then the message.
+pub fn encode(msg: &impl prost::Message) -> Bytes {
+    let len = msg.encoded_len();
+    let mut out = BytesMut::with_capacity(5 + len);
+    out.put_u8(0);
+    out.put_u32(len as u32);
+    msg.encode_raw(&mut out);
+    out.freeze()
+}
+
 /// Split gRPC length-prefixed messages off the front of `rope`: `Ok(None)` until a whole one is
 /// there.
 pub fn next_message(rope: &mut Rope, max_message: usize) -> Result<Option<Rope>, Status> {
@@ -154,6 +164,15 @@ mod tests {
         assert_eq!((head.remaining(), r.remaining()), (2, 1));
         assert_eq!(&head.copy_to_bytes(2)[..], b"hi");
         assert_eq!(r.chunk(), b"j");
+    }
+
+    #[test]
+    fn an_encoded_message_splits_off_whole() {
+        let mut r = Rope::default();
+        r.push(encode(&"abc".to_string()));
+        let mut m = next_message(&mut r, 16).unwrap().unwrap();
+        assert_eq!(<String as prost::Message>::decode(&mut m).unwrap(), "abc");
+        assert_eq!(r.remaining(), 0);
     }
 
     #[test]
