@@ -8,8 +8,8 @@
     out = c.decode("demo.llama", layer=0, items=[("req-1", query)])
 
 The client fetches the shard map from the coordinator, routes each sequence to its owners with
-the same weighted rendezvous hashing as the Rust client (xxh3 keys, splitmix64 draws), writes to
-every live owner, reads from the first that answers, and sends decode steps to the sequence's
+the same weighted rendezvous hashing as the Rust client (xxh3 keys, folded 32-bit multiply
+draws), writes to every live owner, reads from the first that answers, and sends decode steps to the sequence's
 sticky worker. Page payloads use the namespace's layout: K then V as [kv_heads][tokens][head_dim]
 (or MLA [tokens][latent + rope]); this wrapper speaks bf16 (numpy uint16 views) and f16.
 """
@@ -148,12 +148,13 @@ def _hash64(b: bytes) -> int:
 
 
 def _draw(node_hash: int, key_hash: int) -> int:
-    m = 0xFFFFFFFFFFFFFFFF
-    rot = ((key_hash << 32) | (key_hash >> 32)) & m
-    x = node_hash ^ rot ^ 0x9E3779B97F4A7C15
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & m
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & m
-    return x ^ (x >> 31)
+    m = 0xFFFFFFFF
+    rot = ((key_hash << 32) | (key_hash >> 32)) & 0xFFFFFFFFFFFFFFFF
+    x = node_hash ^ rot
+    y, z = x ^ 0x9E3779B97F4A7C15, x ^ 0xBF58476D1CE4E5B9
+    p = (y & m) * (y >> 32)
+    q = (z & m) * (z >> 32)
+    return (((p ^ (p >> 32)) & m) << 32) | ((q ^ (q >> 32)) & m)
 
 
 def _score(draw: int, weight: float) -> float:

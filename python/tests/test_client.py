@@ -28,7 +28,9 @@ def client(coordinator):
 def test_placement_matches_the_rust_implementation_on_a_vector():
     # The vector pinned by kvcache-core's placement::vector test.
     cands = [(f"node-{i}", 1.0 + i % 3, "") for i in range(10)]
-    assert kvcache.place(kvcache._seq_hash("ns", "seq"), cands, 3) == [8, 5, 2]
+    key = kvcache._seq_hash("ns", "seq")
+    assert kvcache._draw(kvcache._hash64(b"node-0"), key) == 0xCD569956E5EE7E7E
+    assert kvcache.place(key, cands, 3) == [4, 3, 7]
 
 
 def test_put_get_lookup_delete_round_trip(client):
