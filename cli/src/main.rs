@@ -9,6 +9,7 @@
 mod bench;
 mod demo;
 mod load;
+mod malloc;
 mod models;
 mod node;
 mod plot;
@@ -51,6 +52,7 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
+    malloc::tune();
     let cli = Cli::parse();
     match cli.command {
         Command::Models(a) => models::run(a),

@@ -25,6 +25,9 @@ pub struct Args {
     /// Warm steps timed.
     #[arg(long, default_value_t = 20)]
     steps: usize,
+    /// Cold batches, each read once through the worker and once straight from the nodes.
+    #[arg(long, default_value_t = 4)]
+    cold_batches: usize,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -43,6 +46,8 @@ struct ModelRow {
     cold_step_ms: f64,
     cold_fetch_bytes_per_s: f64,
     node_get_bytes_per_s: f64,
+    /// Median over the cold batches of (cold fetch ÷ node get of the same pages, read right
+    /// after): each pair is measured a fraction of a second apart, so the host's drift cancels.
     cold_fetch_vs_node_get: f64,
 }
 
@@ -71,9 +76,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 .await?;
             let shape = AttnShape::new(&ns.model, ns.layout());
             let mut rng = Rng::new(99);
-            // Three batches: one kept warm, two read cold.
+            // One batch kept warm, the others read cold.
             let mut groups: Vec<Vec<(SequenceKey, Mirror)>> = Vec::new();
-            for g in 0..3 {
+            for g in 0..1 + a.cold_batches.max(1) {
                 let mut v = Vec::new();
                 for i in 0..a.batch {
                     let key = SequenceKey::new(&name, format!("g{g}-s{i}"));
@@ -98,43 +103,46 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                     .collect();
                 pb::DecodeRequest { namespace: name.clone(), layer: 0, items, softmax_scale: 0.0 }
             };
-            // Cold: first call on a batch nobody has read.
-            let mut cold_ms = Vec::new();
-            let mut cold_rate = Vec::new();
+            // Cold: the first call on a batch nobody has read, then the node-get baseline on the
+            // same pages straight from the nodes (8 tasks of 16-page requests, as `bench node`).
+            let (mut cold_ms, mut cold_rate, mut node_rate, mut ratio) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
             for g in groups.iter_mut().skip(1) {
                 let r = req(g, &mut rng, false);
                 let t = Instant::now();
                 let resp = client.decode(r).await?;
                 let ms = t.elapsed().as_secs_f64() * 1e3;
                 let st = resp.stats.unwrap_or_default();
-                cold_ms.push(ms);
-                cold_rate.push(st.bytes_pulled as f64 / (st.fetch_micros.max(1) as f64 / 1e6));
-            }
-            // Node get throughput, same run: the same pages straight from the node, 8 clients.
-            let keys: Vec<PageKey> = groups[1]
-                .iter()
-                .flat_map(|(k, m)| (0..m.pages.len()).map(move |i| PageKey { sequence: k.clone(), layer: 0, page_index: i as u32 }))
-                .collect();
-            let t = Instant::now();
-            let mut tasks = Vec::new();
-            for ch in keys.chunks(keys.len().div_ceil(8)) {
-                let c = client.clone();
-                let ch = ch.to_vec();
-                tasks.push(tokio::spawn(async move {
-                    let mut n = 0u64;
-                    for sub in ch.chunks(16) {
-                        for p in c.get_pages(sub).await?.into_iter().flatten() {
-                            n += p.payload.len() as u64;
+                anyhow::ensure!(resp.results.iter().all(|r| r.status == pb::SequenceStatus::Ok as i32), "cold step missed");
+                let cold = st.bytes_pulled as f64 / (st.fetch_micros.max(1) as f64 / 1e6);
+                let keys: Vec<PageKey> = g
+                    .iter()
+                    .flat_map(|(k, m)| (0..m.pages.len()).map(move |i| PageKey { sequence: k.clone(), layer: 0, page_index: i as u32 }))
+                    .collect();
+                let t = Instant::now();
+                let mut tasks = Vec::new();
+                for ch in keys.chunks(keys.len().div_ceil(8)) {
+                    let c = client.clone();
+                    let ch = ch.to_vec();
+                    tasks.push(tokio::spawn(async move {
+                        let mut n = 0u64;
+                        for sub in ch.chunks(16) {
+                            for p in c.get_pages(sub).await?.into_iter().flatten() {
+                                n += p.payload.len() as u64;
+                            }
                         }
-                    }
-                    Ok::<u64, kvcache_client::ClientError>(n)
-                }));
+                        Ok::<u64, kvcache_client::ClientError>(n)
+                    }));
+                }
+                let mut got = 0;
+                for t in tasks {
+                    got += t.await??;
+                }
+                let node = got as f64 / t.elapsed().as_secs_f64();
+                cold_ms.push(ms);
+                cold_rate.push(cold);
+                node_rate.push(node);
+                ratio.push(cold / node);
             }
-            let mut got = 0;
-            for t in tasks {
-                got += t.await??;
-            }
-            let node_get = got as f64 / t.elapsed().as_secs_f64();
             // Warm: batch 0, one token appended per step, cache hot after the first call.
             client.decode(req(&mut groups[0], &mut rng, true)).await?;
             let mut warm = Vec::new();
@@ -163,7 +171,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 kern.push(t.elapsed().as_secs_f64() * 1e3);
             }
             let (k, w) = (median(kern), median(warm));
-            let cold_fetch = median(cold_rate);
+            let (cold_fetch, node_get) = (median(cold_rate), median(node_rate));
             let row = ModelRow {
                 model: preset.into(),
                 kernel_ms: k,
@@ -174,7 +182,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 cold_step_ms: median(cold_ms),
                 cold_fetch_bytes_per_s: cold_fetch,
                 node_get_bytes_per_s: node_get,
-                cold_fetch_vs_node_get: cold_fetch / node_get,
+                cold_fetch_vs_node_get: median(ratio),
             };
             eprintln!(
                 "{preset}: kernel {:.2} ms, warm step {:.2} ms ({:.2}×; worker fetch {:.2} + compute {:.2} ms), cold step {:.1} ms, cold fetch {:.2} GB/s vs node get {:.2} GB/s ({:.2}×)",
