@@ -5,8 +5,10 @@
 //! and zeroes 4 KiB at a time, and unmaps again on free; a worker that keeps pulled pages in its
 //! cache faults in every byte it pulls (page faults were 28% of a cold pull's CPU samples). With
 //! `glibc.malloc.mmap_threshold` at 32 MiB the buffers come from malloc's arenas and freed ones
-//! are reused, and `glibc.malloc.hugetlb=1` lets the arenas use transparent huge pages (2 MiB per
-//! fault) where the kernel allows THP on `madvise`. glibc reads tunables only when a process
+//! are reused; `glibc.malloc.trim_threshold` at 256 MiB keeps an arena from handing its free top
+//! back to the kernel (and faulting it in again) after every burst — up to that much free memory
+//! per arena stays resident for reuse; and `glibc.malloc.hugetlb=1` lets the arenas use
+//! transparent huge pages (2 MiB per fault) where the kernel allows THP on `madvise`. glibc reads tunables only when a process
 //! starts, so [`tune`] re-executes the binary once with them added to `GLIBC_TUNABLES` (same PID:
 //! `exec` replaces the image). A value the operator already set for either tunable is kept;
 //! `KVCACHE_MALLOC_TUNING=0` turns this off. Measured in docs/BENCHMARKS.md (`bench decode`).
@@ -34,12 +36,16 @@ pub fn tune() {
     }
 }
 
-/// `GLIBC_TUNABLES` with ours added where the operator set nothing; `None` if it has both.
+/// `GLIBC_TUNABLES` with ours added where the operator set nothing; `None` if it has them all.
 #[cfg_attr(not(all(target_os = "linux", target_env = "gnu")), allow(dead_code))]
 fn with_defaults(current: &str) -> Option<String> {
     let mut parts: Vec<String> = current.split(':').filter(|s| !s.is_empty()).map(str::to_owned).collect();
     let before = parts.len();
-    for (k, v) in [("glibc.malloc.hugetlb", "1"), ("glibc.malloc.mmap_threshold", "33554432")] {
+    for (k, v) in [
+        ("glibc.malloc.hugetlb", "1"),
+        ("glibc.malloc.mmap_threshold", "33554432"),
+        ("glibc.malloc.trim_threshold", "268435456"),
+    ] {
         if !parts.iter().any(|p| p.split('=').next() == Some(k)) {
             parts.push(format!("{k}={v}"));
         }
@@ -53,11 +59,13 @@ mod tests {
 
     #[test]
     fn operator_settings_are_kept_and_ours_added_once() {
-        assert_eq!(with_defaults("").as_deref(), Some("glibc.malloc.hugetlb=1:glibc.malloc.mmap_threshold=33554432"));
+        let ours = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=268435456";
+        assert_eq!(with_defaults(""), Some(format!("glibc.malloc.hugetlb=1:{ours}")));
         assert_eq!(
-            with_defaults("glibc.malloc.hugetlb=0:glibc.malloc.arena_max=2").as_deref(),
-            Some("glibc.malloc.hugetlb=0:glibc.malloc.arena_max=2:glibc.malloc.mmap_threshold=33554432")
+            with_defaults("glibc.malloc.hugetlb=0:glibc.malloc.arena_max=2"),
+            Some(format!("glibc.malloc.hugetlb=0:glibc.malloc.arena_max=2:{ours}"))
         );
-        assert_eq!(with_defaults("glibc.malloc.mmap_threshold=1048576:glibc.malloc.hugetlb=2"), None);
+        let all = "glibc.malloc.mmap_threshold=1048576:glibc.malloc.hugetlb=2:glibc.malloc.trim_threshold=0";
+        assert_eq!(with_defaults(all), None);
     }
 }
