@@ -352,10 +352,21 @@ impl Client {
         Fut: std::future::Future<Output = Result<T, Status>>,
     {
         let mut routing = self.routing();
+        // Owners that acknowledged stay acknowledged: a retry (after a stale-epoch refusal or an
+        // unknown namespace at another owner) goes only to the owners still missing, so an
+        // append that one owner applied is never applied there twice.
+        let mut ok: Vec<(String, T)> = Vec::new();
         for attempt in 0..3 {
-            let owners = routing.owners(seq, ns.replication as usize);
+            let owners: Vec<_> = routing
+                .owners(seq, ns.replication as usize)
+                .into_iter()
+                .filter(|o| !ok.iter().any(|(id, _)| *id == o.node_id))
+                .collect();
             if owners.is_empty() {
-                return Err(ClientError::Unavailable { tried: vec![], last: "no live cache node".into() });
+                if ok.is_empty() {
+                    return Err(ClientError::Unavailable { tried: vec![], last: "no live cache node".into() });
+                }
+                return Ok(ok);
             }
             let mut futs = Vec::new();
             for o in &owners {
@@ -363,7 +374,6 @@ impl Client {
                 futs.push(op(c, routing.epoch));
             }
             let results = futures::future::join_all(futs).await;
-            let mut ok = Vec::new();
             let mut stale = false;
             let mut unknown_ns = Vec::new();
             let mut unreachable = Vec::new();
