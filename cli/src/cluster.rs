@@ -29,6 +29,8 @@ pub struct LocalClusterConfig {
     pub host: String,
     /// Worker prefetch of layer L+1.
     pub worker_prefetch: bool,
+    /// Worker page cache preallocated and faulted in at start.
+    pub worker_cache_prefault: bool,
     /// TLS of every listener and every call between the services (plaintext by default).
     pub tls: kvcache_net::Tls,
 }
@@ -44,6 +46,7 @@ impl LocalClusterConfig {
             worker_cache_bytes: 1 << 30,
             host: "127.0.0.1".into(),
             worker_prefetch: true,
+            worker_cache_prefault: false,
             tls: kvcache_net::Tls::none(),
         }
     }
@@ -158,6 +161,7 @@ impl LocalCluster {
         let wcfg = WorkerConfig {
             cache_bytes: cfg.worker_cache_bytes,
             prefetch: cfg.worker_prefetch,
+            cache_prefault: cfg.worker_cache_prefault,
             ..WorkerConfig::default()
         };
         let worker = Worker::new(client.clone(), wcfg);

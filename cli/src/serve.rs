@@ -136,6 +136,11 @@ pub struct WorkerArgs {
     /// Page cache bound.
     #[arg(long, env = "KVCACHE_CACHE_BYTES", default_value = "1GiB", value_parser = parse_bytes)]
     cache_bytes: u64,
+    /// Preallocate the page cache and fault it in at start: cold pulls then copy into memory
+    /// already mapped instead of faulting in fresh memory; the worker's resident memory is the
+    /// cache bound from the start.
+    #[arg(long, env = "KVCACHE_CACHE_PREFAULT")]
+    cache_prefault: bool,
     /// Attention threads (default: all cores).
     #[arg(long, env = "KVCACHE_THREADS")]
     threads: Option<usize>,
@@ -156,7 +161,8 @@ pub fn worker(a: WorkerArgs) -> anyhow::Result<()> {
         let exposure = crate::util::exposure(&tls, a.health_listen.as_deref()).await?;
         let client =
             Client::connect_with(&a.coordinator, kvcache_client::ClientConfig { tls, ..Default::default() }).await?;
-        let mut cfg = WorkerConfig { cache_bytes: a.cache_bytes, ..WorkerConfig::default() };
+        let mut cfg =
+            WorkerConfig { cache_bytes: a.cache_bytes, cache_prefault: a.cache_prefault, ..WorkerConfig::default() };
         if let Some(t) = a.threads {
             cfg.threads = t.max(1);
         }

@@ -15,12 +15,17 @@
 //! A sequence whose pages are gone gets `SEQUENCE_STATUS_MISS`; the rest of the batch is
 //! answered. Malformed requests are INVALID_ARGUMENT with the reason.
 //!
+//! With `cache_prefault` the cache's payloads live in an [`arena`] preallocated and faulted in
+//! at start: a pulled page is copied there and its frame buffer freed at once, instead of
+//! keeping received bytes in memory the kernel must first fault in and zero.
+//!
 //! A pull of more than the last page runs under a lease on the node it reads from (released
 //! when the pull ends, expiring after [`PULL_LEASE`] if the worker dies), so memory pressure on
 //! the node cannot evict the sequence halfway through the stream. A page evicted between the
 //! lookup and the lease comes back as a miss, which the sequence reports as a miss; the caller
 //! recomputes. Warm steps (the new token's page at most) take no lease.
 
+pub mod arena;
 pub mod cache;
 
 /// Longest a pull's lease pins a sequence when its release never comes (the worker died).
@@ -48,6 +53,9 @@ pub struct WorkerConfig {
     pub threads: usize,
     /// Prefetch layer L+1 while answering layer L.
     pub prefetch: bool,
+    /// Keep cached payloads in an [`arena::Arena`] of `cache_bytes`, faulted in at start
+    /// (the worker's resident memory is then the cache bound from the first moment).
+    pub cache_prefault: bool,
 }
 
 impl Default for WorkerConfig {
@@ -56,6 +64,7 @@ impl Default for WorkerConfig {
             cache_bytes: 1 << 30,
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
             prefetch: true,
+            cache_prefault: false,
         }
     }
 }
@@ -75,6 +84,7 @@ pub struct WorkerCounters {
 pub struct Worker {
     client: Client,
     cache: PageCache,
+    arena: Option<Arc<arena::Arena>>,
     cfg: WorkerConfig,
     /// Counters.
     pub counters: WorkerCounters,
@@ -96,7 +106,14 @@ struct Fetched {
 impl Worker {
     /// A worker reading through `client`.
     pub fn new(client: Client, cfg: WorkerConfig) -> Arc<Self> {
-        Arc::new(Self { cache: PageCache::new(cfg.cache_bytes), client, cfg, counters: WorkerCounters::default() })
+        let arena = if cfg.cache_prefault { arena::Arena::new(cfg.cache_bytes, true) } else { None };
+        Arc::new(Self {
+            cache: PageCache::new(cfg.cache_bytes),
+            arena,
+            client,
+            cfg,
+            counters: WorkerCounters::default(),
+        })
     }
 
     /// The page cache.
@@ -250,15 +267,13 @@ impl Worker {
                 };
                 bytes += p.payload.len() as u64;
                 let i = key.page_index as usize;
-                pages[i] = Some((p.payload.clone(), p.token_count as usize));
+                // Into the arena if there is one with room; the frame buffer goes back to the
+                // allocator when the last page received in it is copied out.
+                let payload = self.arena.as_ref().and_then(|a| a.copy_in(&p.payload)).unwrap_or(p.payload);
+                pages[i] = Some((payload.clone(), p.token_count as usize));
                 self.cache.insert(
                     key,
-                    CachedPage {
-                        node: node_id.clone(),
-                        write_seq: p.write_seq,
-                        tokens: p.token_count,
-                        bytes: p.payload,
-                    },
+                    CachedPage { node: node_id.clone(), write_seq: p.write_seq, tokens: p.token_count, bytes: payload },
                 );
             }
         }

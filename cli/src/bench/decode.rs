@@ -28,6 +28,10 @@ pub struct Args {
     /// Cold batches, each read once through the worker and once straight from the nodes.
     #[arg(long, default_value_t = 4)]
     cold_batches: usize,
+    /// Run the worker without `--cache-prefault` (its cache then keeps the received frame
+    /// buffers, fresh memory the kernel faults in on a cold pull).
+    #[arg(long)]
+    no_cache_prefault: bool,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -65,6 +69,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         let mut cfg = LocalClusterConfig::new(tmp.path());
         cfg.worker_prefetch = false;
         cfg.worker_cache_bytes = 4 << 30;
+        cfg.worker_cache_prefault = !a.no_cache_prefault;
         cfg.node_capacity = 4 << 30;
         let cluster = LocalCluster::start(cfg).await?;
         let client = Client::connect(&cluster.coordinator).await?;
