@@ -232,6 +232,71 @@ async fn a_stale_epoch_write_is_refused_and_the_client_recovers_transparently() 
     cluster.stop().await.unwrap();
 }
 
+/// Nodes learn a new epoch at their own heartbeats, so with R = 2 one owner can refuse a write
+/// as stale while the other applies it. The client's retry must then go to the refusing owner
+/// only: an append applied twice would add a token there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_append_refused_by_one_owner_as_stale_is_not_applied_twice_at_the_other() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = LocalClusterConfig::new(dir.path());
+    cfg.node_capacity = 64 << 20;
+    let cluster = LocalCluster::start(cfg).await.unwrap();
+    let cc = kvcache_client::ClientConfig { watch: false, ..Default::default() };
+    let stale = Client::connect_with(&cluster.coordinator, cc).await.unwrap();
+    let ns = namespace(&stale, "t.partial", "qwen2.5-7b", pb::Codec::Bf16).await;
+    let other = Client::connect(&cluster.coordinator).await.unwrap();
+    let key = SequenceKey::new("t.partial", "a");
+    let mut rng = Rng::new(9);
+    stale.put_pages(prefill_pages(&ns, &key, 1, 20, &mut rng)).await.unwrap();
+    let owners = stale.routing().owners(&key, 2);
+    let epoch_of = |stats: &[(String, Result<pb::NodeStats, kvcache_client::ClientError>)], id: &str| {
+        stats.iter().find(|(n, _)| n == id).and_then(|(_, s)| s.as_ref().ok()).map_or(0, |s| s.epoch)
+    };
+    let tokens_on = |c: &Client, o: &kvcache_client::NodeRef| {
+        let (c, o, key) = (c.clone(), o.clone(), key.clone());
+        async move { c.lookup_on(&o, &key, vec![], Some(0)).await.unwrap().layers[0].tokens }
+    };
+    let mut expected = 20;
+    let mut caught = false;
+    for i in 0..40 {
+        stale.refresh().await.unwrap();
+        let e0 = stale.routing().epoch;
+        // Bump the epoch, then wait until exactly one owner has heard of it.
+        other
+            .coordinator()
+            .register_worker(pb::RegisterWorkerRequest { worker_id: format!("w-{i}"), address: "127.0.0.1:9".into() })
+            .await
+            .unwrap();
+        let mut split = false;
+        for _ in 0..400 {
+            let stats = other.node_stats().await;
+            let ahead = owners.iter().filter(|o| epoch_of(&stats, &o.node_id) > e0).count();
+            if ahead == 1 {
+                split = true;
+                break;
+            }
+            if ahead == 2 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+        // Through the stale client either way: refused by one or both, retried, acknowledged.
+        let tok = tokens_payload(&ns, 1, &mut rng);
+        let acks = stale.append(&key, Some(0), 1, Bytes::from(tok), vec![]).await.unwrap();
+        expected += 1;
+        assert_eq!(acks.len(), 2);
+        for o in &owners {
+            assert_eq!(tokens_on(&stale, o).await, expected, "owner {} after append {i}", o.node_id);
+        }
+        caught |= split;
+        if caught && i >= 2 {
+            break;
+        }
+    }
+    assert!(caught, "never saw one owner ahead of the other (heartbeats every 500 ms)");
+    cluster.stop().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_page_rewritten_between_steps_is_read_again_not_served_from_the_workers_cache() {
     let dir = tempfile::tempdir().unwrap();
