@@ -548,15 +548,29 @@ impl Client {
         node: &routing::NodeRef,
         keys: &[PageKey],
     ) -> Result<Vec<Option<pb::Page>>, ClientError> {
+        self.get_from_into(node, keys, |b| b).await
+    }
+
+    /// [`Self::get_from`] with each verified payload passed through `place` as its response
+    /// message arrives, while the rest of the stream is still coming in (a worker copies pages
+    /// into its cache memory there, so the copy overlaps the transfer and each received frame
+    /// buffer is released early).
+    pub async fn get_from_into(
+        &self,
+        node: &routing::NodeRef,
+        keys: &[PageKey],
+        mut place: impl FnMut(Bytes) -> Bytes,
+    ) -> Result<Vec<Option<pb::Page>>, ClientError> {
         let ch = self.node_channel(&node.node_id, &node.address)?;
         let req = self.req(pb::GetPagesRequest { keys: keys.iter().map(|k| k.into()).collect(), ranges: vec![] });
         let mut out = Vec::with_capacity(keys.len());
         let r = zerocopy::get_pages(ch, req, MAX_MESSAGE_BYTES, |m| {
             for item in m.items {
                 out.push(match (item.status, item.page) {
-                    (s, Some(p))
+                    (s, Some(mut p))
                         if s == pb::PageStatus::Ok as i32 && crc32c::crc32c(&p.payload) == p.payload_crc32c =>
                     {
+                        p.payload = place(std::mem::take(&mut p.payload));
                         Some(p)
                     }
                     (s, _) if s == pb::PageStatus::Invalid as i32 => {

@@ -251,7 +251,13 @@ impl Worker {
             // the node cannot evict the sequence halfway through the stream. The O(1) pull of a
             // warm step does not pay the extra round trip.
             let lease = if missing.len() > 1 { self.client.lease_on(node, seq, PULL_LEASE).await.ok() } else { None };
-            let got = self.client.get_from(node, &missing).await;
+            // Into the arena, if there is one with room, as each message arrives; the frame
+            // buffer goes back to the allocator once the pages received in it are copied out.
+            let arena = self.arena.clone();
+            let got = self
+                .client
+                .get_from_into(node, &missing, |b| arena.as_ref().and_then(|a| a.copy_in(&b)).unwrap_or(b))
+                .await;
             if let Some(id) = lease {
                 let (client, node) = (self.client.clone(), node.clone());
                 tokio::spawn(async move {
@@ -267,9 +273,7 @@ impl Worker {
                 };
                 bytes += p.payload.len() as u64;
                 let i = key.page_index as usize;
-                // Into the arena if there is one with room; the frame buffer goes back to the
-                // allocator when the last page received in it is copied out.
-                let payload = self.arena.as_ref().and_then(|a| a.copy_in(&p.payload)).unwrap_or(p.payload);
+                let payload = p.payload;
                 pages[i] = Some((payload.clone(), p.token_count as usize));
                 self.cache.insert(
                     key,
