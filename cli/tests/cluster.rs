@@ -182,18 +182,25 @@ async fn missing_sequences_are_misses_and_bad_input_is_invalid_argument() {
     cluster.stop().await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stale_epoch_write_is_refused_and_the_client_recovers_transparently() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut cfg = LocalClusterConfig::new(dir.path());
+/// A local cluster, a client that never updates its map on its own (`watch: false`), an R = 2
+/// namespace created through it, and a second, ordinary client.
+async fn cluster_with_a_stale_client(dir: &std::path::Path, ns: &str) -> (LocalCluster, Client, Namespace, Client) {
+    let mut cfg = LocalClusterConfig::new(dir);
     cfg.node_capacity = 64 << 20;
     let cluster = LocalCluster::start(cfg).await.unwrap();
     let cc = kvcache_client::ClientConfig { watch: false, ..Default::default() };
     let stale = Client::connect_with(&cluster.coordinator, cc).await.unwrap();
-    let ns = namespace(&stale, "t.epoch", "qwen2.5-7b", pb::Codec::Bf16).await;
+    let ns = namespace(&stale, ns, "qwen2.5-7b", pb::Codec::Bf16).await;
+    let other = Client::connect(&cluster.coordinator).await.unwrap();
+    (cluster, stale, ns, other)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_epoch_write_is_refused_and_the_client_recovers_transparently() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cluster, stale, ns, other) = cluster_with_a_stale_client(dir.path(), "t.epoch").await;
     let e0 = stale.routing().epoch;
     // Another party changes the map; the nodes learn the new epoch from their heartbeats.
-    let other = Client::connect(&cluster.coordinator).await.unwrap();
     other
         .coordinator()
         .register_worker(pb::RegisterWorkerRequest { worker_id: "w-x".into(), address: "127.0.0.1:9".into() })
@@ -238,13 +245,7 @@ async fn a_stale_epoch_write_is_refused_and_the_client_recovers_transparently() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_append_refused_by_one_owner_as_stale_is_not_applied_twice_at_the_other() {
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = LocalClusterConfig::new(dir.path());
-    cfg.node_capacity = 64 << 20;
-    let cluster = LocalCluster::start(cfg).await.unwrap();
-    let cc = kvcache_client::ClientConfig { watch: false, ..Default::default() };
-    let stale = Client::connect_with(&cluster.coordinator, cc).await.unwrap();
-    let ns = namespace(&stale, "t.partial", "qwen2.5-7b", pb::Codec::Bf16).await;
-    let other = Client::connect(&cluster.coordinator).await.unwrap();
+    let (cluster, stale, ns, other) = cluster_with_a_stale_client(dir.path(), "t.partial").await;
     let key = SequenceKey::new("t.partial", "a");
     let mut rng = Rng::new(9);
     stale.put_pages(prefill_pages(&ns, &key, 1, 20, &mut rng)).await.unwrap();

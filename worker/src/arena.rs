@@ -79,11 +79,6 @@ impl Arena {
         Some(Arc::new(Self { map, state: Mutex::new(state) }))
     }
 
-    /// Size of the region.
-    pub fn capacity(&self) -> usize {
-        self.map.len()
-    }
-
     /// `src` copied into a free slot, as `Bytes` that free the slot when the last clone drops;
     /// `None` when it is empty, over a chunk, or no slot of its size is free.
     pub fn copy_in(self: &Arc<Self>, src: &[u8]) -> Option<Bytes> {

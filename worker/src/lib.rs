@@ -107,6 +107,12 @@ impl Worker {
     /// A worker reading through `client`.
     pub fn new(client: Client, cfg: WorkerConfig) -> Arc<Self> {
         let arena = if cfg.cache_prefault { arena::Arena::new(cfg.cache_bytes, true) } else { None };
+        if cfg.cache_prefault && arena.is_none() {
+            tracing::warn!(
+                cache_bytes = cfg.cache_bytes,
+                "no page-cache arena (under one 2 MiB chunk, or the mapping failed): cached pages stay in received buffers"
+            );
+        }
         Arc::new(Self {
             cache: PageCache::new(cfg.cache_bytes),
             arena,
@@ -253,7 +259,7 @@ impl Worker {
             let lease = if missing.len() > 1 { self.client.lease_on(node, seq, PULL_LEASE).await.ok() } else { None };
             // Into the arena, if there is one with room, as each message arrives; the frame
             // buffer goes back to the allocator once the pages received in it are copied out.
-            let arena = self.arena.clone();
+            let arena = &self.arena;
             let got = self
                 .client
                 .get_from_into(node, &missing, |b| arena.as_ref().and_then(|a| a.copy_in(&b)).unwrap_or(b))
@@ -273,11 +279,15 @@ impl Worker {
                 };
                 bytes += p.payload.len() as u64;
                 let i = key.page_index as usize;
-                let payload = p.payload;
-                pages[i] = Some((payload.clone(), p.token_count as usize));
+                pages[i] = Some((p.payload.clone(), p.token_count as usize));
                 self.cache.insert(
                     key,
-                    CachedPage { node: node_id.clone(), write_seq: p.write_seq, tokens: p.token_count, bytes: payload },
+                    CachedPage {
+                        node: node_id.clone(),
+                        write_seq: p.write_seq,
+                        tokens: p.token_count,
+                        bytes: p.payload,
+                    },
                 );
             }
         }
