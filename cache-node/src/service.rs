@@ -1,7 +1,7 @@
 //! The `CacheNode` gRPC service. Every store error becomes a status here, in [`status`], and
 //! nowhere else.
 
-use crate::store::{PageStore, StoreError};
+use crate::store::{Durability, PageStore, StoreError};
 use kvcache_core::validate::{self, ValidationError};
 use kvcache_core::{Namespace, PageKey, SequenceKey};
 use kvcache_proto::v1 as pb;
@@ -53,6 +53,16 @@ impl NodeService {
     pub fn new(store: Arc<PageStore>, node_id: String) -> Self {
         Self { store, node_id }
     }
+}
+
+/// Largest append run on the async thread that received it instead of the blocking pool:
+/// a decode step's token or a few (the copy-on-write of one partial page, its checksum and a
+/// write into the page cache: tens of microseconds), when nothing waits for the disk (async
+/// durability). The pool's hand-off and wake-up cost more than that work on a busy host.
+const INLINE_APPEND_BYTES: usize = 64 << 10;
+
+fn inline_append(store: &PageStore, payload_len: usize) -> bool {
+    store.config().durability == Durability::Async && payload_len <= INLINE_APPEND_BYTES
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, StoreError> + Send + 'static) -> Result<T, Status> {
@@ -231,8 +241,9 @@ impl CacheNode for NodeService {
         let store = self.store.clone();
         let layer = if r.all_layers { None } else { Some(r.layer) };
         metrics::counter!(kvcache_telemetry::names::NODE_BYTES_IN).increment(r.payload.len() as u64);
+        let r_len = r.payload.len();
         let want_extent = r.return_extent && layer.is_some();
-        let (tokens, extent) = blocking(move || {
+        let work = move || {
             let tokens = store.append(r.epoch, &seq, layer, r.token_count, &r.payload, r.expected_position)?;
             // Read after the append, like a Lookup that follows it: a concurrent writer's newer
             // pages show up as newer write_seqs, never as stale ones.
@@ -241,8 +252,9 @@ impl CacheNode for NodeService {
                 _ => None,
             };
             Ok((tokens, extent))
-        })
-        .await?;
+        };
+        let (tokens, extent) =
+            if inline_append(&self.store, r_len) { work().map_err(status)? } else { blocking(work).await? };
         Ok(Response::new(pb::AppendTokensResponse {
             layer_tokens: tokens.iter().map(|a| a.tokens).collect(),
             last_page_write_seqs: tokens.iter().map(|a| a.last_write_seq).collect(),

@@ -46,6 +46,7 @@ struct ModelRow {
     /// (fetch), then the kernel (compute).
     warm_fetch_ms: f64,
     warm_compute_ms: f64,
+    /// Median over the warm steps of (step ÷ kernel alone on the same batch, run right after).
     warm_step_over_kernel: f64,
     cold_step_ms: f64,
     cold_fetch_bytes_per_s: f64,
@@ -148,32 +149,34 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 node_rate.push(node);
                 ratio.push(cold / node);
             }
-            // Warm: batch 0, one token appended per step, cache hot after the first call.
+            // Warm: batch 0, one token appended per step, cache hot after the first call. Each
+            // step is paired with the kernel alone on the same batch (the context the step just
+            // computed, same thread count as the worker) right after it, and the ratio is the
+            // median of the per-pair ratios: this host's drift moves both halves of a pair.
             client.decode(req(&mut groups[0], &mut rng, true)).await?;
-            let mut warm = Vec::new();
+            let opts = Options { threads: std::thread::available_parallelism().map_or(1, |n| n.get()), ..Options::default() };
+            let mut bufs: Vec<(Vec<f32>, Vec<f32>)> = (0..a.batch).map(|_| (vec![0f32; shape.out_len()], vec![0f32; shape.q_heads])).collect();
+            let (mut warm, mut kern, mut warm_ratio) = (Vec::new(), Vec::new(), Vec::new());
             let (mut warm_fetch, mut warm_compute) = (Vec::new(), Vec::new());
             for _ in 0..a.steps {
                 let r = req(&mut groups[0], &mut rng, true);
                 let t = Instant::now();
                 let resp = client.decode(r).await?;
-                warm.push(t.elapsed().as_secs_f64() * 1e3);
+                let w = t.elapsed().as_secs_f64() * 1e3;
                 let st = resp.stats.unwrap_or_default();
                 warm_fetch.push(st.fetch_micros as f64 / 1e3);
                 warm_compute.push(st.compute_micros as f64 / 1e3);
                 anyhow::ensure!(resp.results.iter().all(|r| r.status == pb::SequenceStatus::Ok as i32), "warm step missed");
-            }
-            // Kernel alone on the same batch, same thread count as the worker.
-            let kv: Vec<Vec<KvPage>> = groups[0].iter().map(|(_, m)| m.pages.iter().map(|(p, n)| KvPage { payload: p, tokens: *n }).collect()).collect();
-            let qs: Vec<Vec<f32>> = (0..a.batch).map(|_| rng.vec(shape.q_len(), 1.0)).collect();
-            let items: Vec<BatchItem> = qs.iter().zip(&kv).map(|(q, p)| BatchItem { q, pages: p }).collect();
-            let mut bufs: Vec<(Vec<f32>, Vec<f32>)> = (0..a.batch).map(|_| (vec![0f32; shape.out_len()], vec![0f32; shape.q_heads])).collect();
-            let opts = Options { threads: std::thread::available_parallelism().map_or(1, |n| n.get()), ..Options::default() };
-            let mut kern = Vec::new();
-            for _ in 0..a.steps {
+                let kv: Vec<Vec<KvPage>> = groups[0].iter().map(|(_, m)| m.pages.iter().map(|(p, n)| KvPage { payload: p, tokens: *n }).collect()).collect();
+                let qs: Vec<Vec<f32>> = (0..a.batch).map(|_| rng.vec(shape.q_len(), 1.0)).collect();
+                let items: Vec<BatchItem> = qs.iter().zip(&kv).map(|(q, p)| BatchItem { q, pages: p }).collect();
                 let mut outs: Vec<(&mut [f32], &mut [f32])> = bufs.iter_mut().map(|(o, l)| (&mut o[..], &mut l[..])).collect();
                 let t = Instant::now();
                 decode_batch(&shape, &items, &opts, &mut outs)?;
-                kern.push(t.elapsed().as_secs_f64() * 1e3);
+                let k = t.elapsed().as_secs_f64() * 1e3;
+                warm.push(w);
+                kern.push(k);
+                warm_ratio.push(w / k);
             }
             let (k, w) = (median(kern), median(warm));
             let (cold_fetch, node_get) = (median(cold_rate), median(node_rate));
@@ -183,7 +186,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 warm_step_ms: w,
                 warm_fetch_ms: median(warm_fetch),
                 warm_compute_ms: median(warm_compute),
-                warm_step_over_kernel: w / k,
+                warm_step_over_kernel: median(warm_ratio),
                 cold_step_ms: median(cold_ms),
                 cold_fetch_bytes_per_s: cold_fetch,
                 node_get_bytes_per_s: node_get,
