@@ -65,6 +65,47 @@ fn inline_append(store: &PageStore, payload_len: usize) -> bool {
     store.config().durability == Durability::Async && payload_len <= INLINE_APPEND_BYTES
 }
 
+/// Most appends one AppendBatch may carry.
+pub const MAX_BATCH_APPENDS: usize = 4096;
+
+/// One append as AppendTokens applies it, answered with the layer's extent when asked.
+fn append_one(store: &PageStore, r: pb::AppendTokensRequest) -> Result<pb::AppendTokensResponse, Status> {
+    let seq = sequence(r.sequence)?;
+    let layer = if r.all_layers { None } else { Some(r.layer) };
+    let tokens = store.append(r.epoch, &seq, layer, r.token_count, &r.payload, r.expected_position).map_err(status)?;
+    // Read after the append, like a Lookup that follows it: a concurrent writer's newer pages
+    // show up as newer write_seqs, never as stale ones.
+    let extent = match layer {
+        Some(l) if r.return_extent => store.lookup(&seq, &[], Some(l)).map_err(status)?.1.into_iter().next(),
+        _ => None,
+    };
+    Ok(pb::AppendTokensResponse {
+        layer_tokens: tokens.iter().map(|a| a.tokens).collect(),
+        last_page_write_seqs: tokens.iter().map(|a| a.last_write_seq).collect(),
+        extent: extent.map(pb::LayerExtent::from),
+    })
+}
+
+/// An append's outcome as an AppendBatch item: the status AppendTokens would have answered,
+/// with a stale epoch's node epoch carried in the item instead of metadata.
+fn append_result(r: Result<pb::AppendTokensResponse, Status>) -> pb::AppendResult {
+    match r {
+        Ok(response) => {
+            pb::AppendResult { code: 0, message: String::new(), response: Some(response), node_epoch: None }
+        }
+        Err(s) => pb::AppendResult {
+            code: s.code() as i32,
+            message: s.message().to_owned(),
+            response: None,
+            node_epoch: s
+                .metadata()
+                .get(kvcache_proto::metadata::EPOCH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok()),
+        },
+    }
+}
+
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, StoreError> + Send + 'static) -> Result<T, Status> {
     tokio::task::spawn_blocking(f)
         .await
@@ -237,29 +278,39 @@ impl CacheNode for NodeService {
         request: Request<pb::AppendTokensRequest>,
     ) -> Result<Response<pb::AppendTokensResponse>, Status> {
         let r = request.into_inner();
-        let seq = sequence(r.sequence)?;
-        let store = self.store.clone();
-        let layer = if r.all_layers { None } else { Some(r.layer) };
         metrics::counter!(kvcache_telemetry::names::NODE_BYTES_IN).increment(r.payload.len() as u64);
-        let r_len = r.payload.len();
-        let want_extent = r.return_extent && layer.is_some();
-        let work = move || {
-            let tokens = store.append(r.epoch, &seq, layer, r.token_count, &r.payload, r.expected_position)?;
-            // Read after the append, like a Lookup that follows it: a concurrent writer's newer
-            // pages show up as newer write_seqs, never as stale ones.
-            let extent = match layer {
-                Some(l) if want_extent => store.lookup(&seq, &[], Some(l))?.1.into_iter().next(),
-                _ => None,
-            };
-            Ok((tokens, extent))
+        let resp = if inline_append(&self.store, r.payload.len()) {
+            append_one(&self.store, r)?
+        } else {
+            let store = self.store.clone();
+            tokio::task::spawn_blocking(move || append_one(&store, r))
+                .await
+                .map_err(|e| Status::internal(format!("store task failed: {e}")))??
         };
-        let (tokens, extent) =
-            if inline_append(&self.store, r_len) { work().map_err(status)? } else { blocking(work).await? };
-        Ok(Response::new(pb::AppendTokensResponse {
-            layer_tokens: tokens.iter().map(|a| a.tokens).collect(),
-            last_page_write_seqs: tokens.iter().map(|a| a.last_write_seq).collect(),
-            extent: extent.map(pb::LayerExtent::from),
-        }))
+        Ok(Response::new(resp))
+    }
+
+    async fn append_batch(
+        &self,
+        request: Request<pb::AppendBatchRequest>,
+    ) -> Result<Response<pb::AppendBatchResponse>, Status> {
+        let appends = request.into_inner().appends;
+        if appends.len() > MAX_BATCH_APPENDS {
+            return Err(Status::invalid_argument(format!(
+                "{} appends in one AppendBatch; at most {MAX_BATCH_APPENDS}",
+                appends.len()
+            )));
+        }
+        let bytes: usize = appends.iter().map(|a| a.payload.len()).sum();
+        metrics::counter!(kvcache_telemetry::names::NODE_BYTES_IN).increment(bytes as u64);
+        let store = self.store.clone();
+        let run = move || appends.into_iter().map(|r| append_result(append_one(&store, r))).collect();
+        let results = if inline_append(&self.store, bytes) {
+            run()
+        } else {
+            tokio::task::spawn_blocking(run).await.map_err(|e| Status::internal(format!("store task failed: {e}")))?
+        };
+        Ok(Response::new(pb::AppendBatchResponse { results }))
     }
 
     async fn lookup(&self, request: Request<pb::LookupRequest>) -> Result<Response<pb::LookupResponse>, Status> {

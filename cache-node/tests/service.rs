@@ -298,3 +298,57 @@ async fn a_put_body_that_is_not_a_message_is_invalid_argument() {
     }
     node.stop().await;
 }
+
+#[tokio::test]
+async fn an_append_batch_answers_each_append_on_its_own() {
+    let node = start().await;
+    node.store.advance_epoch(3);
+    let mut c = node.client().await;
+    let ns = small_ns();
+    let seq = |id: &str, namespace: &str| Some(pb::SequenceKey { namespace: namespace.into(), sequence_id: id.into() });
+    let append = |id: &str, epoch: u64, body: Vec<u8>| pb::AppendTokensRequest {
+        epoch,
+        sequence: seq(id, "test.small"),
+        layer: 0,
+        token_count: 1,
+        payload: bytes::Bytes::from(body),
+        return_extent: true,
+        ..Default::default()
+    };
+    let mut unknown = append("c", 3, payload(&ns, 1, 3));
+    unknown.sequence = seq("c", "nope");
+    let appends = vec![
+        append("a", 3, payload(&ns, 1, 1)),
+        append("b", 3, vec![0u8; 31]),
+        unknown,
+        append("a", 2, payload(&ns, 1, 4)),
+        append("a", 3, payload(&ns, 1, 2)),
+    ];
+    let r = c.append_batch(pb::AppendBatchRequest { appends }).await.unwrap().into_inner().results;
+    let codes: Vec<Code> = r.iter().map(|r| Code::from_i32(r.code)).collect();
+    assert_eq!(codes, [Code::Ok, Code::InvalidArgument, Code::NotFound, Code::FailedPrecondition, Code::Ok]);
+    assert!(r[1].message.contains("payload is 31 bytes"), "{}", r[1].message);
+    assert!(r[2].message.contains("unknown namespace"), "{}", r[2].message);
+    assert_eq!(r[3].node_epoch, Some(3), "a stale append carries the node's epoch");
+    assert!(
+        r[1..4]
+            .iter()
+            .all(|r| r.response.is_none() && r.node_epoch.is_none() == (r.code != Code::FailedPrecondition as i32))
+    );
+    // Applied in order: the two good appends, nothing of the others.
+    let (first, second) = (r[0].response.as_ref().unwrap(), r[4].response.as_ref().unwrap());
+    assert_eq!((first.layer_tokens[0], second.layer_tokens[0]), (1, 2));
+    assert_eq!(second.extent.as_ref().unwrap().tokens, 2);
+    let items =
+        get_all(&mut c, pb::GetPagesRequest { keys: vec![(&key("a", 0, 0)).into()], ..Default::default() }).await;
+    let mut both = vec![0u8; ns.layout().payload_bytes(2)];
+    ns.layout().concat(&payload(&ns, 1, 1), 1, &payload(&ns, 1, 2), 1, &mut both);
+    assert_eq!(items[0].page.as_ref().unwrap().payload, both);
+    assert_eq!(node.store.stats().sequences, 1, "b and c were not created");
+    // Too many appends in one call: refused whole.
+    let many = (0..kvcache_node::service::MAX_BATCH_APPENDS + 1).map(|_| append("a", 3, payload(&ns, 1, 1))).collect();
+    let err = c.append_batch(pb::AppendBatchRequest { appends: many }).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("at most 4096"), "{}", err.message());
+    node.stop().await;
+}

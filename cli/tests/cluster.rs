@@ -5,7 +5,7 @@ use bytes::Bytes;
 use kvcache_attention::AttnShape;
 use kvcache_cli::cluster::{LocalCluster, LocalClusterConfig};
 use kvcache_cli::synth::{Mirror, Rng, check_output, prefill_pages, tokens_payload};
-use kvcache_client::Client;
+use kvcache_client::{AppendItem, Client};
 use kvcache_core::{Namespace, SequenceKey};
 use kvcache_proto::v1 as pb;
 use tonic::Code;
@@ -239,6 +239,67 @@ async fn a_stale_epoch_write_is_refused_and_the_client_recovers_transparently() 
     cluster.stop().await.unwrap();
 }
 
+/// A batch of appends through a client whose map is stale at every node: each good append lands
+/// once at each of its owners, each bad one gets its own error, and one does not stop another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_of_appends_is_answered_per_append_and_applied_once_per_owner() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cluster, stale, ns, other) = cluster_with_a_stale_client(dir.path(), "t.many").await;
+    let mut rng = Rng::new(11);
+    let keys: Vec<SequenceKey> = (0..6).map(|i| SequenceKey::new("t.many", format!("s{i}"))).collect();
+    for k in &keys {
+        stale.put_pages(prefill_pages(&ns, k, 1, 10, &mut rng)).await.unwrap();
+    }
+    let e0 = stale.routing().epoch;
+    other
+        .coordinator()
+        .register_worker(pb::RegisterWorkerRequest { worker_id: "w-many".into(), address: "127.0.0.1:9".into() })
+        .await
+        .unwrap();
+    for _ in 0..200 {
+        let stats = other.node_stats().await;
+        if stats.iter().all(|(_, s)| s.as_ref().is_ok_and(|s| s.epoch > e0)) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    let item = |k: &SequenceKey, payload: Vec<u8>| AppendItem {
+        sequence: k.clone(),
+        layer: Some(0),
+        tokens: 1,
+        payload: Bytes::from(payload),
+        token_ids: vec![],
+        return_extent: true,
+    };
+    let mut items: Vec<AppendItem> = keys.iter().map(|k| item(k, tokens_payload(&ns, 1, &mut rng))).collect();
+    items.insert(2, item(&SequenceKey::new("nope", "x"), tokens_payload(&ns, 1, &mut rng)));
+    items.insert(4, item(&keys[0], vec![0u8; 7]));
+    let got = stale.append_many(items).await;
+    assert_eq!(got.len(), 8);
+    assert!(matches!(&got[2], Err(kvcache_client::ClientError::NotFound(m)) if m.contains("nope")), "{:?}", got[2]);
+    let bad = got[4].as_ref().unwrap_err().to_string();
+    assert!(bad.contains("payload is 7 bytes"), "{bad}");
+    for (r, k) in got.iter().enumerate().filter(|(i, _)| *i != 2 && *i != 4).map(|(_, r)| r).zip(&keys) {
+        let acks = r.as_ref().unwrap();
+        assert_eq!(acks.len(), 2, "both owners of {}", k.sequence_id);
+        for a in acks {
+            assert_eq!(a.response.layer_tokens, [11]);
+            assert_eq!(a.response.extent.as_ref().unwrap().tokens, 11);
+        }
+        for o in stale.routing().owners(k, 2) {
+            assert_eq!(
+                stale.lookup_on(&o, k, vec![], Some(0)).await.unwrap().layers[0].tokens,
+                11,
+                "{} on {}",
+                k.sequence_id,
+                o.node_id
+            );
+        }
+    }
+    assert!(stale.routing().epoch > e0, "the stale refusals refreshed the map");
+    cluster.stop().await.unwrap();
+}
+
 /// Nodes learn a new epoch at their own heartbeats, so with R = 2 one owner can refuse a write
 /// as stale while the other applies it. The client's retry must then go to the refusing owner
 /// only: an append applied twice would add a token there.
@@ -282,8 +343,21 @@ async fn an_append_refused_by_one_owner_as_stale_is_not_applied_twice_at_the_oth
             tokio::time::sleep(std::time::Duration::from_millis(2)).await;
         }
         // Through the stale client either way: refused by one or both, retried, acknowledged.
-        let tok = tokens_payload(&ns, 1, &mut rng);
-        let acks = stale.append(&key, Some(0), 1, Bytes::from(tok), vec![]).await.unwrap();
+        // Alternately one append and a batch of one (AppendBatch, retried through the same path).
+        let tok = Bytes::from(tokens_payload(&ns, 1, &mut rng));
+        let acks = if i % 2 == 0 {
+            stale.append(&key, Some(0), 1, tok, vec![]).await.unwrap()
+        } else {
+            let item = AppendItem {
+                sequence: key.clone(),
+                layer: Some(0),
+                tokens: 1,
+                payload: tok,
+                token_ids: vec![],
+                return_extent: false,
+            };
+            stale.append_many(vec![item]).await.remove(0).unwrap()
+        };
         expected += 1;
         assert_eq!(acks.len(), 2);
         for o in &owners {

@@ -77,6 +77,16 @@ impl From<Status> for ClientError {
     }
 }
 
+/// A node refusing a write routed with an older shard-map epoch than its own.
+fn stale_epoch(s: &Status) -> bool {
+    s.code() == Code::FailedPrecondition && s.metadata().get(kvcache_proto::metadata::EPOCH).is_some()
+}
+
+/// A node that has not learnt the namespace yet.
+fn unknown_namespace(s: &Status) -> bool {
+    s.code() == Code::NotFound && s.message().contains("unknown namespace")
+}
+
 fn retryable(s: &Status) -> bool {
     matches!(s.code(), Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown | Code::Internal)
 }
@@ -97,6 +107,23 @@ impl Default for ClientConfig {
     fn default() -> Self {
         Self { timeout: Duration::from_secs(10), watch: true, tls: kvcache_net::Tls::none() }
     }
+}
+
+/// One append of [`Client::append_many`].
+#[derive(Debug, Clone)]
+pub struct AppendItem {
+    /// The sequence.
+    pub sequence: SequenceKey,
+    /// One layer, or every layer (`None`).
+    pub layer: Option<u32>,
+    /// Tokens appended.
+    pub tokens: u32,
+    /// Their K/V (or latents) in page layout, per layer.
+    pub payload: Bytes,
+    /// Optional token ids, extending the prefix-hash chain.
+    pub token_ids: Vec<u32>,
+    /// Ask each owner for the layer's extent after the append (single-layer appends).
+    pub return_extent: bool,
 }
 
 /// A node's answer to an append.
@@ -351,11 +378,26 @@ impl Client {
         F: Fn(CacheNodeClient<Channel>, u64) -> Fut,
         Fut: std::future::Future<Output = Result<T, Status>>,
     {
+        self.write_owners_after(seq, ns, Vec::new(), op).await
+    }
+
+    /// [`write_all_owners`](Self::write_all_owners) when the owners in `ok` have already
+    /// acknowledged this write (in an [`append_many`](Self::append_many) batch).
+    async fn write_owners_after<T, F, Fut>(
+        &self,
+        seq: &SequenceKey,
+        ns: &Namespace,
+        mut ok: Vec<(String, T)>,
+        op: F,
+    ) -> Result<Vec<(String, T)>, ClientError>
+    where
+        F: Fn(CacheNodeClient<Channel>, u64) -> Fut,
+        Fut: std::future::Future<Output = Result<T, Status>>,
+    {
         let mut routing = self.routing();
         // Owners that acknowledged stay acknowledged: a retry (after a stale-epoch refusal or an
         // unknown namespace at another owner) goes only to the owners still missing, so an
         // append that one owner applied is never applied there twice.
-        let mut ok: Vec<(String, T)> = Vec::new();
         for attempt in 0..3 {
             let owners: Vec<_> = routing
                 .owners(seq, ns.replication as usize)
@@ -380,15 +422,8 @@ impl Client {
             for (o, r) in owners.iter().zip(results) {
                 match r {
                     Ok(v) => ok.push((o.node_id.clone(), v)),
-                    Err(s)
-                        if s.code() == Code::FailedPrecondition
-                            && s.metadata().get(kvcache_proto::metadata::EPOCH).is_some() =>
-                    {
-                        stale = true
-                    }
-                    Err(s) if s.code() == Code::NotFound && s.message().contains("unknown namespace") => {
-                        unknown_ns.push(o.clone())
-                    }
+                    Err(s) if stale_epoch(&s) => stale = true,
+                    Err(s) if unknown_namespace(&s) => unknown_ns.push(o.clone()),
                     Err(s) if retryable(&s) => unreachable.push((o.node_id.clone(), s.message().to_owned())),
                     Err(s) => return Err(s.into()),
                 }
@@ -427,7 +462,7 @@ impl Client {
         payload: Bytes,
         token_ids: Vec<u32>,
     ) -> Result<Vec<AppendAck>, ClientError> {
-        self.append_inner(seq, layer, tokens, payload, token_ids, false).await
+        self.append_inner(seq, layer, tokens, payload, token_ids, false, Vec::new()).await
     }
 
     /// [`append`](Self::append) to one layer, each owner also answering with the layer's extent
@@ -441,9 +476,122 @@ impl Client {
         payload: Bytes,
         token_ids: Vec<u32>,
     ) -> Result<Vec<AppendAck>, ClientError> {
-        self.append_inner(seq, Some(layer), tokens, payload, token_ids, true).await
+        self.append_inner(seq, Some(layer), tokens, payload, token_ids, true, Vec::new()).await
     }
 
+    /// Several appends, in one `AppendBatch` call per owning node rather than one call per
+    /// append and owner (a decode step's new tokens for its whole batch). Each item ends as
+    /// [`append`](Self::append) (or [`append_with_extent`](Self::append_with_extent)) would end
+    /// it: an owner that refused the item as stale, did not know its namespace or could not be
+    /// reached is retried for that item through the single-append path, and only the owners
+    /// that have not acknowledged it, so no owner applies an item twice. Results in item order.
+    pub async fn append_many(&self, items: Vec<AppendItem>) -> Vec<Result<Vec<AppendAck>, ClientError>> {
+        let routing = self.routing();
+        let mut results: Vec<Option<Result<Vec<AppendAck>, ClientError>>> = (0..items.len()).map(|_| None).collect();
+        let mut known = Vec::with_capacity(items.len());
+        // Per node: its address and the items it owns.
+        let mut per_node: Vec<(routing::NodeRef, Vec<usize>)> = Vec::new();
+        for (i, it) in items.iter().enumerate() {
+            let ns = match self.namespace_of(&it.sequence) {
+                Ok(ns) => ns,
+                Err(e) => {
+                    results[i] = Some(Err(e));
+                    known.push(false);
+                    continue;
+                }
+            };
+            for o in routing.owners(&it.sequence, ns.replication as usize) {
+                match per_node.iter_mut().find(|(n, _)| n.node_id == o.node_id) {
+                    Some((_, v)) => v.push(i),
+                    None => per_node.push((o, vec![i])),
+                }
+            }
+            known.push(true);
+        }
+        let calls = per_node.iter().map(|(node, idx)| {
+            let req = pb::AppendBatchRequest {
+                appends: idx
+                    .iter()
+                    .map(|&i| {
+                        let it = &items[i];
+                        pb::AppendTokensRequest {
+                            epoch: routing.epoch,
+                            sequence: Some((&it.sequence).into()),
+                            layer: it.layer.unwrap_or(0),
+                            all_layers: it.layer.is_none(),
+                            token_count: it.tokens,
+                            expected_position: None,
+                            payload: it.payload.clone(),
+                            token_ids: it.token_ids.clone(),
+                            return_extent: it.return_extent,
+                        }
+                    })
+                    .collect(),
+            };
+            let req = self.req(req);
+            let c = self.node(&node.node_id, &node.address);
+            async move {
+                let mut c = c.map_err(|e| Status::unavailable(e.to_string()))?;
+                let got = c.append_batch(req).await?.into_inner().results;
+                if got.len() != idx.len() {
+                    return Err(Status::internal(format!("{} answers to {} appends", got.len(), idx.len())));
+                }
+                Ok(got)
+            }
+        });
+        let answers = futures::future::join_all(calls).await;
+        // Per item: the owners that acknowledged it, and the refusals.
+        let mut acked: Vec<Vec<(String, pb::AppendTokensResponse)>> = (0..items.len()).map(|_| Vec::new()).collect();
+        let mut refused: Vec<Vec<Status>> = (0..items.len()).map(|_| Vec::new()).collect();
+        for ((node, idx), answer) in per_node.iter().zip(answers) {
+            match answer {
+                Ok(got) => {
+                    for (&i, r) in idx.iter().zip(got) {
+                        match (r.code, r.response) {
+                            (0, Some(resp)) => acked[i].push((node.node_id.clone(), resp)),
+                            (code, _) => {
+                                let mut s = Status::new(Code::from_i32(code), r.message);
+                                if let Some(e) = r.node_epoch.and_then(|e| e.to_string().parse().ok()) {
+                                    s.metadata_mut().insert(kvcache_proto::metadata::EPOCH, e);
+                                }
+                                refused[i].push(s);
+                            }
+                        }
+                    }
+                }
+                Err(s) => idx.iter().for_each(|&i| refused[i].push(s.clone())),
+            }
+        }
+        let mut retries = Vec::new();
+        for (i, (it, known)) in items.into_iter().zip(known).enumerate() {
+            if !known {
+                continue;
+            }
+            let (ok, refused) = (std::mem::take(&mut acked[i]), std::mem::take(&mut refused[i]));
+            if let Some(s) = refused
+                .iter()
+                .find(|s| !(stale_epoch(s) || unknown_namespace(s) || retryable(s) || s.code() == Code::Unimplemented))
+            {
+                results[i] = Some(Err(s.clone().into()));
+            } else if refused.is_empty() && !ok.is_empty() {
+                results[i] =
+                    Some(Ok(ok.into_iter().map(|(node_id, response)| AppendAck { node_id, response }).collect()));
+            } else {
+                retries.push(async move {
+                    let r = self
+                        .append_inner(&it.sequence, it.layer, it.tokens, it.payload, it.token_ids, it.return_extent, ok)
+                        .await;
+                    (i, r)
+                });
+            }
+        }
+        for (i, r) in futures::future::join_all(retries).await {
+            results[i] = Some(r);
+        }
+        results.into_iter().map(|r| r.expect("every item answered")).collect()
+    }
+
+    #[allow(clippy::too_many_arguments)]
     async fn append_inner(
         &self,
         seq: &SequenceKey,
@@ -452,10 +600,11 @@ impl Client {
         payload: Bytes,
         token_ids: Vec<u32>,
         return_extent: bool,
+        acked: Vec<(String, pb::AppendTokensResponse)>,
     ) -> Result<Vec<AppendAck>, ClientError> {
         let ns = self.namespace_of(seq)?;
         let acks = self
-            .write_all_owners(seq, &ns, |c, epoch| {
+            .write_owners_after(seq, &ns, acked, |c, epoch| {
                 let req = pb::AppendTokensRequest {
                     epoch,
                     sequence: Some(seq.into()),

@@ -1,8 +1,15 @@
-//! The worker's page cache: bounded by bytes, least-recently-used out, keyed by page and
-//! validated against the (node, write_seq) a lookup reports, so a changed page is never used.
+//! The worker's page cache: bounded by bytes, keyed by page and validated against the
+//! (node, write_seq) a lookup or an append reports, so a changed page is never used.
+//!
+//! Recency is kept per layer of a sequence, not per page: a decode step reads a layer whole
+//! (attention needs every page of it), so a layer's pages are used together and age together,
+//! and the least recently used layer goes first. A warm step then costs one lock, one hash and
+//! one recency update per sequence, not one per page (128 per layer at 8K tokens and 64-token
+//! pages). Only the layer being written is ever left partial: by an eviction that finds nothing
+//! else to evict.
 
 use bytes::Bytes;
-use kvcache_core::PageKey;
+use kvcache_core::{PageKey, SequenceKey};
 use parking_lot::Mutex;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -20,22 +27,55 @@ pub struct CachedPage {
     pub bytes: Bytes,
 }
 
-struct Slot {
-    page: CachedPage,
+#[derive(Default)]
+struct Layer {
+    /// Index = page index.
+    pages: Vec<Option<CachedPage>>,
+    bytes: u64,
     tick: u64,
 }
 
 #[derive(Default)]
 struct Inner {
-    map: HashMap<PageKey, Slot>,
-    lru: BTreeMap<u64, PageKey>,
+    map: HashMap<SequenceKey, BTreeMap<u32, Layer>>,
+    /// tick → layer, least recently used first.
+    lru: BTreeMap<u64, (SequenceKey, u32)>,
     used: u64,
+    pages: u64,
     tick: u64,
     hits: u64,
     misses: u64,
 }
 
-/// Bounded LRU page cache.
+impl Inner {
+    fn layer_mut(&mut self, seq: &SequenceKey, layer: u32) -> Option<&mut Layer> {
+        self.map.get_mut(seq)?.get_mut(&layer)
+    }
+
+    /// Make the layer the most recently used one.
+    fn touch(&mut self, seq: &SequenceKey, layer: u32) {
+        self.tick += 1;
+        let tick = self.tick;
+        let Some(l) = self.map.get_mut(seq).and_then(|m| m.get_mut(&layer)) else { return };
+        let old = std::mem::replace(&mut l.tick, tick);
+        let k = self.lru.remove(&old).unwrap_or_else(|| (seq.clone(), layer));
+        self.lru.insert(tick, k);
+    }
+
+    fn remove_layer(&mut self, seq: &SequenceKey, layer: u32) {
+        let Some(m) = self.map.get_mut(seq) else { return };
+        if let Some(l) = m.remove(&layer) {
+            self.lru.remove(&l.tick);
+            self.used -= l.bytes;
+            self.pages -= l.pages.iter().flatten().count() as u64;
+        }
+        if m.is_empty() {
+            self.map.remove(seq);
+        }
+    }
+}
+
+/// Bounded page cache, least recently used layer out.
 pub struct PageCache {
     capacity: u64,
     inner: Mutex<Inner>,
@@ -47,98 +87,191 @@ impl PageCache {
         Self { capacity, inner: Mutex::new(Inner::default()) }
     }
 
-    /// The page if the cached version is (`node`, `write_seq`).
-    pub fn get(&self, key: &PageKey, node: &str, write_seq: u64) -> Option<CachedPage> {
+    /// The layer's pages whose cached version is (`node`, `write_seqs[i]`), `None` for the
+    /// others (a write_seq of 0 is never cached). Counts a hit or a miss per page and makes the
+    /// layer the most recently used.
+    pub fn layer(&self, seq: &SequenceKey, layer: u32, node: &str, write_seqs: &[u64]) -> Vec<Option<CachedPage>> {
         let mut g = self.inner.lock();
-        let g = &mut *g;
-        g.tick += 1;
-        let tick = g.tick;
-        let hit = match g.map.get_mut(key) {
-            Some(s) if &*s.page.node == node && s.page.write_seq == write_seq => {
-                g.lru.remove(&s.tick);
-                s.tick = tick;
-                g.lru.insert(tick, key.clone());
-                Some(s.page.clone())
-            }
-            _ => None,
+        let got: Vec<Option<CachedPage>> = match g.layer_mut(seq, layer) {
+            Some(l) => write_seqs
+                .iter()
+                .enumerate()
+                .map(|(i, &ws)| {
+                    l.pages
+                        .get(i)
+                        .and_then(|p| p.as_ref())
+                        .filter(|p| ws != 0 && p.write_seq == ws && &*p.node == node)
+                        .cloned()
+                })
+                .collect(),
+            None => vec![None; write_seqs.len()],
         };
-        if hit.is_some() {
-            g.hits += 1;
-        } else {
-            g.misses += 1;
+        let hits = got.iter().flatten().count() as u64;
+        g.hits += hits;
+        g.misses += write_seqs.len() as u64 - hits;
+        g.touch(seq, layer);
+        got
+    }
+
+    /// The whole layer if every page of it is cached as (`node`, `write_seqs[i]`), in order;
+    /// otherwise `None` without counting anything (the caller then reads the layer through
+    /// [`layer`](Self::layer), which counts).
+    pub fn whole_layer(
+        &self,
+        seq: &SequenceKey,
+        layer: u32,
+        node: &str,
+        write_seqs: &[u64],
+    ) -> Option<Vec<CachedPage>> {
+        let mut g = self.inner.lock();
+        let l = g.layer_mut(seq, layer)?;
+        if write_seqs.is_empty() || l.pages.len() < write_seqs.len() {
+            return None;
         }
-        hit
+        let got = write_seqs
+            .iter()
+            .zip(&l.pages)
+            .map(|(&ws, p)| p.as_ref().filter(|p| ws != 0 && p.write_seq == ws && &*p.node == node).cloned())
+            .collect::<Option<Vec<_>>>()?;
+        g.hits += got.len() as u64;
+        g.touch(seq, layer);
+        Some(got)
     }
 
-    /// The cached version of a page, whatever it is (for applying an append locally).
+    /// The cached version of a page, whatever it is (for applying an append locally). Neither
+    /// counted nor a use.
     pub fn peek(&self, key: &PageKey) -> Option<CachedPage> {
-        self.inner.lock().map.get(key).map(|s| s.page.clone())
+        let g = self.inner.lock();
+        let l = g.map.get(&key.sequence)?.get(&key.layer)?;
+        l.pages.get(key.page_index as usize)?.clone()
     }
 
-    /// Insert (replacing any older version), evicting least-recently-used pages to fit.
+    /// Insert (replacing any older version), evicting least recently used layers to fit; the
+    /// page's own layer goes last, and only when the page does not fit beside it.
     pub fn insert(&self, key: PageKey, page: CachedPage) {
         let len = page.bytes.len() as u64;
         if len > self.capacity {
             return;
         }
+        let (seq, layer, idx) = (&key.sequence, key.layer, key.page_index as usize);
         let mut g = self.inner.lock();
         let g = &mut *g;
-        if let Some(old) = g.map.remove(&key) {
-            g.lru.remove(&old.tick);
-            g.used -= old.page.bytes.len() as u64;
+        if let Some(old) = g.layer_mut(seq, layer).and_then(|l| {
+            let old = l.pages.get_mut(idx).and_then(Option::take)?;
+            l.bytes -= old.bytes.len() as u64;
+            Some(old)
+        }) {
+            g.used -= old.bytes.len() as u64;
+            g.pages -= 1;
         }
         while g.used + len > self.capacity {
-            let Some((_, k)) = g.lru.pop_first() else { break };
-            if let Some(s) = g.map.remove(&k) {
-                g.used -= s.page.bytes.len() as u64;
-            }
+            let victim =
+                g.lru.values().find(|(s, l)| !(s == seq && *l == layer)).or_else(|| g.lru.values().next()).cloned();
+            let Some((s, l)) = victim else { break };
+            g.remove_layer(&s, l);
         }
-        g.tick += 1;
-        let tick = g.tick;
-        g.lru.insert(tick, key.clone());
-        g.map.insert(key, Slot { page, tick });
+        let l = g.map.entry(seq.clone()).or_default().entry(layer).or_default();
+        if l.pages.len() <= idx {
+            l.pages.resize(idx + 1, None);
+        }
+        l.pages[idx] = Some(page);
+        l.bytes += len;
         g.used += len;
+        g.pages += 1;
+        g.touch(seq, layer);
     }
 
     /// (bytes used, pages, hits, misses).
     pub fn stats(&self) -> (u64, u64, u64, u64) {
         let g = self.inner.lock();
-        (g.used, g.map.len() as u64, g.hits, g.misses)
+        (g.used, g.pages, g.hits, g.misses)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kvcache_core::SequenceKey;
 
-    fn key(i: u32) -> PageKey {
-        PageKey { sequence: SequenceKey::new("n", "s"), layer: 0, page_index: i }
+    fn key(seq: &str, layer: u32, i: u32) -> PageKey {
+        PageKey { sequence: SequenceKey::new("n", seq), layer, page_index: i }
     }
 
     fn page(n: usize, ws: u64) -> CachedPage {
-        CachedPage { node: "a".into(), write_seq: ws, tokens: 1, bytes: Bytes::from(vec![0u8; n]) }
+        CachedPage { node: "a".into(), write_seq: ws, tokens: 1, bytes: Bytes::from(vec![ws as u8; n]) }
+    }
+
+    fn current(c: &PageCache, seq: &str, layer: u32, ws: &[u64]) -> Vec<bool> {
+        c.layer(&SequenceKey::new("n", seq), layer, "a", ws).iter().map(Option::is_some).collect()
     }
 
     #[test]
-    fn stays_within_capacity_and_evicts_least_recently_used() {
-        let c = PageCache::new(300);
-        c.insert(key(0), page(100, 1));
-        c.insert(key(1), page(100, 1));
-        c.insert(key(2), page(100, 1));
-        assert!(c.get(&key(0), "a", 1).is_some());
-        c.insert(key(3), page(100, 1));
-        assert!(c.get(&key(1), "a", 1).is_none(), "page 1 was least recently used");
-        assert!(c.get(&key(0), "a", 1).is_some());
+    fn stays_within_capacity_and_evicts_the_least_recently_used_layer() {
+        let c = PageCache::new(400);
+        for (s, l) in [("x", 0), ("y", 0), ("x", 1)] {
+            c.insert(key(s, l, 0), page(100, 1));
+        }
+        c.insert(key("y", 0, 1), page(100, 1));
+        assert_eq!(c.stats().0, 400);
+        // x/0 and x/1 are read, so y/0 (two pages, one written after x/1) is now the least
+        // recently used layer.
+        assert_eq!(current(&c, "x", 0, &[1]), [true]);
+        assert_eq!(current(&c, "x", 1, &[1]), [true]);
+        c.insert(key("z", 0, 0), page(100, 1));
+        assert_eq!(current(&c, "y", 0, &[1, 1]), [false, false], "the whole layer goes");
+        assert_eq!(current(&c, "x", 0, &[1]), [true]);
+        assert_eq!(current(&c, "x", 1, &[1]), [true]);
         assert_eq!(c.stats().0, 300);
+        assert_eq!(c.stats().1, 3);
+    }
+
+    #[test]
+    fn a_layer_larger_than_the_cache_keeps_its_newest_pages_within_capacity() {
+        let c = PageCache::new(250);
+        for i in 0..5 {
+            c.insert(key("x", 0, i), page(100, 1));
+            assert!(c.stats().0 <= 250);
+        }
+        assert!(c.peek(&key("x", 0, 4)).is_some());
+        assert_eq!(c.stats().0, c.stats().1 * 100);
     }
 
     #[test]
     fn a_different_version_is_a_miss() {
         let c = PageCache::new(1000);
-        c.insert(key(0), page(10, 5));
-        assert!(c.get(&key(0), "a", 6).is_none());
-        assert!(c.get(&key(0), "b", 5).is_none());
-        assert!(c.get(&key(0), "a", 5).is_some());
+        c.insert(key("x", 0, 0), page(10, 5));
+        assert_eq!(current(&c, "x", 0, &[6]), [false]);
+        assert!(c.layer(&SequenceKey::new("n", "x"), 0, "b", &[5])[0].is_none());
+        assert_eq!(current(&c, "x", 0, &[5]), [true]);
+        assert_eq!(current(&c, "x", 0, &[0]), [false], "write_seq 0 is a missing page");
+        let (_, _, hits, misses) = c.stats();
+        assert_eq!((hits, misses), (1, 3));
+    }
+
+    #[test]
+    fn whole_layer_is_all_or_nothing_and_counts_only_when_whole() {
+        let c = PageCache::new(1000);
+        let s = SequenceKey::new("n", "x");
+        c.insert(key("x", 0, 0), page(10, 1));
+        c.insert(key("x", 0, 1), page(10, 2));
+        assert!(c.whole_layer(&s, 0, "a", &[1, 2, 3]).is_none(), "a page more than cached");
+        assert!(c.whole_layer(&s, 0, "a", &[1, 3]).is_none(), "a newer version");
+        assert!(c.whole_layer(&s, 0, "b", &[1, 2]).is_none(), "another node");
+        assert!(c.whole_layer(&s, 0, "a", &[]).is_none());
+        assert_eq!(c.stats().2 + c.stats().3, 0);
+        let got = c.whole_layer(&s, 0, "a", &[1, 2]).expect("whole");
+        assert_eq!(got.iter().map(|p| p.bytes[0]).collect::<Vec<_>>(), [1, 2]);
+        assert_eq!(c.stats().2, 2);
+    }
+
+    #[test]
+    fn replacing_a_page_keeps_the_accounting() {
+        let c = PageCache::new(1000);
+        c.insert(key("x", 0, 0), page(10, 1));
+        c.insert(key("x", 0, 0), page(30, 2));
+        assert_eq!((c.stats().0, c.stats().1), (30, 1));
+        assert_eq!(c.peek(&key("x", 0, 0)).map(|p| p.write_seq), Some(2));
+        c.insert(key("x", 0, 3), page(5, 1));
+        assert!(c.peek(&key("x", 0, 2)).is_none());
+        assert_eq!((c.stats().0, c.stats().1), (35, 2));
     }
 }

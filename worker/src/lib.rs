@@ -1,9 +1,9 @@
 //! kvcache-worker: the AttentionWorker service.
 //!
 //! One `Decode` call is one layer for a batch of sequences. Per sequence the worker
-//! 1. appends the new token's K/V (or latent) through the client to every owner (write-through)
-//!    and applies the same append to its cached copy of the last page, so the page it just wrote
-//!    is not pulled back;
+//! 1. appends the new token's K/V (or latent) through the client to every owner (write-through;
+//!    the whole batch's tokens in one `AppendBatch` call per node) and applies the same append
+//!    to its cached copy of the last page, so the page it just wrote is not pulled back;
 //! 2. takes the layer from its [`cache`] as is when the append's answer (the layer's extent on
 //!    that owner) names exactly the pages it holds; otherwise asks the owners which pages they
 //!    hold (`Lookup`), reads from the freshest one, and pulls only the pages whose
@@ -34,7 +34,7 @@ pub const PULL_LEASE: std::time::Duration = std::time::Duration::from_secs(60);
 use bytes::Bytes;
 use cache::{CachedPage, PageCache};
 use kvcache_attention::{AttnShape, BatchItem, KvPage, Options};
-use kvcache_client::{AppendAck, Client};
+use kvcache_client::{AppendAck, AppendItem, Client, ClientError};
 use kvcache_core::{Namespace, PageKey, SequenceKey};
 use kvcache_proto::v1 as pb;
 use kvcache_proto::v1::attention_worker_server::AttentionWorker;
@@ -189,20 +189,8 @@ impl Worker {
             let e = a.response.extent.as_ref().filter(|e| e.layer == layer && e.tokens > 0)?;
             self.cache.peek(&key(0)).is_some_and(|p| *p.node == *a.node_id).then_some((a.node_id.as_str(), e))
         })?;
-        // Check every page without touching the hit/miss counters: a miss here is not one of
-        // the cache's misses, the lookup path that follows counts its own.
-        let current =
-            ext.page_write_seqs.iter().enumerate().all(|(i, &ws)| {
-                ws != 0 && self.cache.peek(&key(i)).is_some_and(|p| &*p.node == node && p.write_seq == ws)
-            });
-        if !current {
-            return None;
-        }
-        let mut pages = Vec::with_capacity(ext.page_write_seqs.len());
-        for (i, &ws) in ext.page_write_seqs.iter().enumerate() {
-            let p = self.cache.get(&key(i), node, ws)?;
-            pages.push((p.bytes, p.tokens as usize));
-        }
+        let pages = self.cache.whole_layer(seq, layer, node, &ext.page_write_seqs)?;
+        let pages: Vec<(Bytes, usize)> = pages.into_iter().map(|p| (p.bytes, p.tokens as usize)).collect();
         let cached = pages.len() as u64;
         (pages.iter().map(|p| p.1 as u64).sum::<u64>() == ext.tokens).then_some(Fetched {
             pages,
@@ -231,21 +219,20 @@ impl Worker {
         };
         let node = &cands[ni];
         let node_id: Arc<str> = node.node_id.as_str().into();
+        if let Some(i) = seqs.iter().position(|&ws| ws == 0) {
+            return Err(SeqFailure::Miss(format!("page {i} of layer {layer} is missing")));
+        }
         let mut pages: Vec<Option<(Bytes, usize)>> = Vec::with_capacity(seqs.len());
         let mut missing = Vec::new();
         let mut cached = 0;
-        for (i, &ws) in seqs.iter().enumerate() {
-            let key = PageKey { sequence: seq.clone(), layer, page_index: i as u32 };
-            if ws == 0 {
-                return Err(SeqFailure::Miss(format!("page {i} of layer {layer} is missing")));
-            }
-            match self.cache.get(&key, &node_id, ws) {
+        for (i, p) in self.cache.layer(seq, layer, &node_id, &seqs).into_iter().enumerate() {
+            match p {
                 Some(p) => {
                     cached += 1;
                     pages.push(Some((p.bytes, p.tokens as usize)));
                 }
                 None => {
-                    missing.push(key);
+                    missing.push(PageKey { sequence: seq.clone(), layer, page_index: i as u32 });
                     pages.push(None);
                 }
             }
@@ -370,23 +357,38 @@ impl Worker {
             seqs.push(seq);
         }
         let layer = req.layer;
+        // The step's new tokens, in one AppendBatch per owning node.
+        let appending: Vec<usize> = (0..req.items.len()).filter(|&i| !req.items[i].new_kv.is_empty()).collect();
+        let items = appending
+            .iter()
+            .map(|&i| AppendItem {
+                sequence: seqs[i].clone(),
+                layer: Some(layer),
+                tokens: 1,
+                payload: req.items[i].new_kv.clone(),
+                token_ids: req.items[i].new_token_id.map(|t| vec![t]).unwrap_or_default(),
+                return_extent: true,
+            })
+            .collect();
+        let mut appended: Vec<Option<Result<Vec<AppendAck>, ClientError>>> =
+            (0..req.items.len()).map(|_| None).collect();
+        let many = self.client.append_many(items).await;
+        for (i, r) in appending.into_iter().zip(many) {
+            appended[i] = Some(r);
+        }
         // One task per sequence: responses are decoded and cached on every runtime thread,
         // not all on the thread polling this request.
-        let tasks: Vec<_> = req
-            .items
-            .iter()
+        let tasks: Vec<_> = appended
+            .into_iter()
+            .zip(&req.items)
             .zip(&seqs)
-            .map(|(it, seq)| {
+            .map(|((acks, it), seq)| {
                 let (me, ns, seq) = (self.clone(), ns.clone(), seq.clone());
-                let (new_kv, ids) = (it.new_kv.clone(), it.new_token_id.map(|t| vec![t]).unwrap_or_default());
+                let new_kv = it.new_kv.clone();
                 tokio::spawn(
                     async move {
-                        if !new_kv.is_empty() {
-                            let acks = me
-                                .client
-                                .append_with_extent(&seq, layer, 1, new_kv.clone(), ids)
-                                .await
-                                .map_err(|e| SeqFailure::WriteFailed(e.to_string()))?;
+                        if let Some(acks) = acks {
+                            let acks = acks.map_err(|e| SeqFailure::WriteFailed(e.to_string()))?;
                             me.apply_append(&ns, &seq, layer, &acks, &new_kv);
                             if let Some(f) = me.cached_layer(&seq, layer, &acks) {
                                 return Ok(f);

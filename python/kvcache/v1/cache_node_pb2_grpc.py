@@ -49,6 +49,11 @@ class CacheNodeStub:
                 request_serializer=kvcache_dot_v1_dot_cache__node__pb2.AppendTokensRequest.SerializeToString,
                 response_deserializer=kvcache_dot_v1_dot_cache__node__pb2.AppendTokensResponse.FromString,
                 _registered_method=True)
+        self.AppendBatch = channel.unary_unary(
+                '/kvcache.v1.CacheNode/AppendBatch',
+                request_serializer=kvcache_dot_v1_dot_cache__node__pb2.AppendBatchRequest.SerializeToString,
+                response_deserializer=kvcache_dot_v1_dot_cache__node__pb2.AppendBatchResponse.FromString,
+                _registered_method=True)
         self.Lookup = channel.unary_unary(
                 '/kvcache.v1.CacheNode/Lookup',
                 request_serializer=kvcache_dot_v1_dot_cache__node__pb2.LookupRequest.SerializeToString,
@@ -103,6 +108,16 @@ class CacheNodeServicer:
     def AppendTokens(self, request, context):
         """Append the K/V (or latent) of one or more new tokens to one layer or to all layers, filling
         the partial last page before starting a new one. Appends to one sequence are serialized.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AppendBatch(self, request, context):
+        """Several appends in one call: a decode step's new tokens for every sequence of the batch that
+        this node owns, one round trip instead of one per sequence. Each is applied in order exactly
+        as AppendTokens would apply it and answered on its own: a refused append does not stop the
+        others. At most 4096 appends per call.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -164,6 +179,11 @@ def add_CacheNodeServicer_to_server(servicer, server):
                     servicer.AppendTokens,
                     request_deserializer=kvcache_dot_v1_dot_cache__node__pb2.AppendTokensRequest.FromString,
                     response_serializer=kvcache_dot_v1_dot_cache__node__pb2.AppendTokensResponse.SerializeToString,
+            ),
+            'AppendBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.AppendBatch,
+                    request_deserializer=kvcache_dot_v1_dot_cache__node__pb2.AppendBatchRequest.FromString,
+                    response_serializer=kvcache_dot_v1_dot_cache__node__pb2.AppendBatchResponse.SerializeToString,
             ),
             'Lookup': grpc.unary_unary_rpc_method_handler(
                     servicer.Lookup,
@@ -277,6 +297,33 @@ class CacheNode:
             '/kvcache.v1.CacheNode/AppendTokens',
             kvcache_dot_v1_dot_cache__node__pb2.AppendTokensRequest.SerializeToString,
             kvcache_dot_v1_dot_cache__node__pb2.AppendTokensResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AppendBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvcache.v1.CacheNode/AppendBatch',
+            kvcache_dot_v1_dot_cache__node__pb2.AppendBatchRequest.SerializeToString,
+            kvcache_dot_v1_dot_cache__node__pb2.AppendBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,
