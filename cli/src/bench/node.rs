@@ -40,12 +40,17 @@ pub struct Args {
 struct SizeResult {
     page_bytes: usize,
     pages: usize,
+    /// Put into freed slots (the second pass), and SET after a FLUSHALL.
     put_bytes_per_s: f64,
     get_bytes_per_s: f64,
     redis_set_bytes_per_s: f64,
     redis_get_bytes_per_s: f64,
     put_vs_redis: f64,
     get_vs_redis: f64,
+    /// The first pass of each: a fresh pool against an empty Redis.
+    put_fresh_bytes_per_s: f64,
+    redis_set_fresh_bytes_per_s: f64,
+    put_fresh_vs_redis: f64,
     node_cpu_s_per_gb_get: f64,
     redis_cpu_s_per_gb_get: f64,
     node_cpu_s_per_gb_put: f64,
@@ -226,11 +231,14 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         println!(
-            "{:>9} {:>10} {:>10} {:>8} {:>10} {:>10} {:>8} {:>13} {:>13} {:>11} {:>9}",
+            "{:>9} {:>10} {:>10} {:>8} {:>10} {:>10} {:>8} {:>10} {:>10} {:>8} {:>13} {:>13} {:>11} {:>9}",
             "page",
             "put GB/s",
             "SET GB/s",
             "put÷SET",
+            "put fresh",
+            "SET empty",
+            "fresh÷",
             "get GB/s",
             "GET GB/s",
             "get÷GET",
@@ -241,11 +249,14 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         );
         for s in &report.sizes {
             println!(
-                "{:>9} {:>10.2} {:>10.2} {:>8.2} {:>10.2} {:>10.2} {:>8.2} {:>13.2} {:>13.2} {:>11.2} {:>9.1}",
+                "{:>9} {:>10.2} {:>10.2} {:>8.2} {:>10.2} {:>10.2} {:>8.2} {:>10.2} {:>10.2} {:>8.2} {:>13.2} {:>13.2} {:>11.2} {:>9.1}",
                 s.page_bytes,
                 s.put_bytes_per_s / 1e9,
                 s.redis_set_bytes_per_s / 1e9,
                 s.put_vs_redis,
+                s.put_fresh_bytes_per_s / 1e9,
+                s.redis_set_fresh_bytes_per_s / 1e9,
+                s.put_fresh_vs_redis,
                 s.get_bytes_per_s / 1e9,
                 s.redis_get_bytes_per_s / 1e9,
                 s.get_vs_redis,
@@ -256,7 +267,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             );
         }
         println!(
-            "loopback TCP ceiling (one stream): {:.2} GB/s; CPU s/GB are the get phase's, from /proc of each server",
+            "put/SET: into freed slots / after FLUSHALL (steady state); fresh: a new pool / an empty Redis.\nloopback TCP ceiling (one stream): {:.2} GB/s; CPU s/GB are the get phase's, from /proc of each server",
             tcp / 1e9
         );
     }
@@ -295,26 +306,39 @@ async fn one_size(a: &Args, size: usize) -> anyhow::Result<SizeResult> {
             payload: b.clone(),
         }
     };
-    // Put: each client streams its share in batches.
-    let cpu0 = cpu_seconds(node.child.id());
-    let t = Instant::now();
-    let mut tasks = Vec::new();
-    for c in 0..a.clients {
-        let mut cl = client.clone();
-        let mine: Vec<pb::PutPagesRequest> = (c..pages)
-            .step_by(a.clients)
-            .collect::<Vec<_>>()
-            .chunks(a.batch)
-            .map(|ch| pb::PutPagesRequest { epoch: 0, pages: ch.iter().map(|&i| wire(i)).collect(), handoff: false })
-            .collect();
-        tasks.push(tokio::spawn(async move { cl.put_pages(tokio_stream::iter(mine)).await.map(|_| ()) }));
-    }
-    for t in tasks {
-        t.await??;
-    }
-    let put_secs = t.elapsed().as_secs_f64();
+    // Put, twice: into a fresh pool (every slot new, so every write also allocates page-cache
+    // memory), then, after deleting every sequence, again into the freed slots — a running
+    // node's steady state, where evictions and deletes keep recycling slots.
+    let put_pass = || async {
+        let cpu0 = cpu_seconds(node.child.id());
+        let t = Instant::now();
+        let mut tasks = Vec::new();
+        for c in 0..a.clients {
+            let mut cl = client.clone();
+            let mine: Vec<pb::PutPagesRequest> = (c..pages)
+                .step_by(a.clients)
+                .collect::<Vec<_>>()
+                .chunks(a.batch)
+                .map(|ch| pb::PutPagesRequest {
+                    epoch: 0,
+                    pages: ch.iter().map(|&i| wire(i)).collect(),
+                    handoff: false,
+                })
+                .collect();
+            tasks.push(tokio::spawn(async move { cl.put_pages(tokio_stream::iter(mine)).await.map(|_| ()) }));
+        }
+        for t in tasks {
+            t.await??;
+        }
+        Ok::<(f64, f64), anyhow::Error>((t.elapsed().as_secs_f64(), cpu_seconds(node.child.id()) - cpu0))
+    };
     let put_bytes = (pages * size) as f64;
-    let node_put_cpu = cpu_seconds(node.child.id()) - cpu0;
+    let (fresh_secs, _) = put_pass().await?;
+    for s in 0..pages.div_ceil(64) {
+        let sequence = Some((&SequenceKey::new(&ns.name, format!("s{s}"))).into());
+        client.clone().delete_sequence(pb::DeleteSequenceRequest { epoch: 0, sequence }).await?;
+    }
+    let (put_secs, node_put_cpu) = put_pass().await?;
     // Get: random batches for `seconds`.
     let cpu0 = cpu_seconds(node.child.id());
     let t = Instant::now();
@@ -373,6 +397,7 @@ async fn one_size(a: &Args, size: usize) -> anyhow::Result<SizeResult> {
         page_bytes: size,
         pages,
         put_bytes_per_s: put_bytes / put_secs,
+        put_fresh_bytes_per_s: put_bytes / fresh_secs,
         get_bytes_per_s: get_bytes as f64 / get_secs,
         node_cpu_s_per_gb_put: node_put_cpu / (put_bytes / 1e9),
         node_cpu_s_per_gb_get: node_get_cpu / (get_bytes as f64 / 1e9),
@@ -381,7 +406,9 @@ async fn one_size(a: &Args, size: usize) -> anyhow::Result<SizeResult> {
         ..Default::default()
     };
     if let Some(redis) = start_redis()? {
-        let (set, set_cpu, get, get_cpu) = redis_bench(a, &redis, size, pages, &payloads).await?;
+        let (fresh, set, set_cpu, get, get_cpu) = redis_bench(a, &redis, size, pages, &payloads).await?;
+        r.redis_set_fresh_bytes_per_s = fresh;
+        r.put_fresh_vs_redis = r.put_fresh_bytes_per_s / fresh;
         r.redis_set_bytes_per_s = set;
         r.redis_get_bytes_per_s = get;
         r.redis_cpu_s_per_gb_set = set_cpu;
@@ -392,10 +419,12 @@ async fn one_size(a: &Args, size: usize) -> anyhow::Result<SizeResult> {
         eprintln!("redis-server not on PATH: no Redis baseline");
     }
     eprintln!(
-        "{size} B pages: put {:.2} GB/s, get {:.2} GB/s; Redis SET {:.2}, GET {:.2}; recovery {:.2} GB/s; {:.1} index B/page",
+        "{size} B pages: put {:.2} GB/s (fresh pool {:.2}), get {:.2} GB/s; Redis SET {:.2} (empty {:.2}), GET {:.2}; recovery {:.2} GB/s; {:.1} index B/page",
         r.put_bytes_per_s / 1e9,
+        r.put_fresh_bytes_per_s / 1e9,
         r.get_bytes_per_s / 1e9,
         r.redis_set_bytes_per_s / 1e9,
+        r.redis_set_fresh_bytes_per_s / 1e9,
         r.redis_get_bytes_per_s / 1e9,
         r.recovery_bytes_per_s / 1e9,
         r.index_bytes_per_page
@@ -425,41 +454,58 @@ async fn redis_bench(
     size: usize,
     pages: usize,
     payloads: &[(Bytes, u32)],
-) -> anyhow::Result<(f64, f64, f64, f64)> {
+) -> anyhow::Result<(f64, f64, f64, f64, f64)> {
     let pid = redis.child.id();
-    let cpu0 = cpu_seconds(pid);
-    let t = Instant::now();
-    let mut tasks = Vec::new();
-    for c in 0..a.clients {
-        let addr = redis.addr.clone();
-        let payloads: Vec<Bytes> = payloads.iter().map(|p| p.0.clone()).collect();
-        let batch = a.batch;
-        let clients = a.clients;
-        tasks.push(tokio::spawn(async move {
-            let s = tokio::net::TcpStream::connect(&addr).await?;
-            s.set_nodelay(true)?;
-            let mut r = tokio::io::BufReader::with_capacity(1 << 20, s);
-            let mine: Vec<usize> = (c..pages).step_by(clients).collect();
-            let mut line = String::new();
-            for ch in mine.chunks(batch) {
-                let mut buf = Vec::with_capacity(ch.len() * (size + 64));
-                for &i in ch {
-                    resp_cmd(&mut buf, &[b"SET", format!("k{i}").as_bytes(), &payloads[i % payloads.len()]]);
+    // SET twice, as the node's put: into an empty server, then again after a FLUSHALL (its
+    // allocator reusing what it freed).
+    let set_pass = || async {
+        let cpu0 = cpu_seconds(pid);
+        let t = Instant::now();
+        let mut tasks = Vec::new();
+        for c in 0..a.clients {
+            let addr = redis.addr.clone();
+            let payloads: Vec<Bytes> = payloads.iter().map(|p| p.0.clone()).collect();
+            let batch = a.batch;
+            let clients = a.clients;
+            tasks.push(tokio::spawn(async move {
+                let s = tokio::net::TcpStream::connect(&addr).await?;
+                s.set_nodelay(true)?;
+                let mut r = tokio::io::BufReader::with_capacity(1 << 20, s);
+                let mine: Vec<usize> = (c..pages).step_by(clients).collect();
+                let mut line = String::new();
+                for ch in mine.chunks(batch) {
+                    let mut buf = Vec::with_capacity(ch.len() * (size + 64));
+                    for &i in ch {
+                        resp_cmd(&mut buf, &[b"SET", format!("k{i}").as_bytes(), &payloads[i % payloads.len()]]);
+                    }
+                    r.get_mut().write_all(&buf).await?;
+                    for _ in ch {
+                        read_line(&mut r, &mut line).await?;
+                        anyhow::ensure!(line.starts_with("+OK"), "redis SET: {line}");
+                    }
                 }
-                r.get_mut().write_all(&buf).await?;
-                for _ in ch {
-                    read_line(&mut r, &mut line).await?;
-                    anyhow::ensure!(line.starts_with("+OK"), "redis SET: {line}");
-                }
-            }
-            Ok::<(), anyhow::Error>(())
-        }));
+                Ok::<(), anyhow::Error>(())
+            }));
+        }
+        for t in tasks {
+            t.await??;
+        }
+        let set_secs = t.elapsed().as_secs_f64();
+        let set_cpu = cpu_seconds(pid) - cpu0;
+        Ok::<(f64, f64), anyhow::Error>((set_secs, set_cpu))
+    };
+    let (fresh_secs, _) = set_pass().await?;
+    {
+        let s = tokio::net::TcpStream::connect(&redis.addr).await?;
+        let mut r = tokio::io::BufReader::new(s);
+        let mut buf = Vec::new();
+        resp_cmd(&mut buf, &[b"FLUSHALL", b"SYNC"]);
+        r.get_mut().write_all(&buf).await?;
+        let mut line = String::new();
+        read_line(&mut r, &mut line).await?;
+        anyhow::ensure!(line.starts_with("+OK"), "redis FLUSHALL: {line}");
     }
-    for t in tasks {
-        t.await??;
-    }
-    let set_secs = t.elapsed().as_secs_f64();
-    let set_cpu = cpu_seconds(pid) - cpu0;
+    let (set_secs, set_cpu) = set_pass().await?;
     let set_bytes = (pages * size) as f64;
     let cpu0 = cpu_seconds(pid);
     let t = Instant::now();
@@ -506,6 +552,7 @@ async fn redis_bench(
     let get_secs = t.elapsed().as_secs_f64();
     let get_cpu = cpu_seconds(pid) - cpu0;
     Ok((
+        set_bytes / fresh_secs,
         set_bytes / set_secs,
         set_cpu / (set_bytes / 1e9),
         get_bytes as f64 / get_secs,
