@@ -195,15 +195,13 @@ async fn cluster_with_a_stale_client(dir: &std::path::Path, ns: &str) -> (LocalC
     (cluster, stale, ns, other)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stale_epoch_write_is_refused_and_the_client_recovers_transparently() {
-    let dir = tempfile::tempdir().unwrap();
-    let (cluster, stale, ns, other) = cluster_with_a_stale_client(dir.path(), "t.epoch").await;
+/// Change the map through `other` (a worker registers) and wait until every node has heard of
+/// it; `stale` keeps the epoch it had, which is returned.
+async fn move_every_node_past(stale: &Client, other: &Client, worker_id: &str) -> u64 {
     let e0 = stale.routing().epoch;
-    // Another party changes the map; the nodes learn the new epoch from their heartbeats.
     other
         .coordinator()
-        .register_worker(pb::RegisterWorkerRequest { worker_id: "w-x".into(), address: "127.0.0.1:9".into() })
+        .register_worker(pb::RegisterWorkerRequest { worker_id: worker_id.into(), address: "127.0.0.1:9".into() })
         .await
         .unwrap();
     for _ in 0..200 {
@@ -213,6 +211,15 @@ async fn a_stale_epoch_write_is_refused_and_the_client_recovers_transparently() 
         }
         tokio::time::sleep(std::time::Duration::from_millis(25)).await;
     }
+    e0
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_epoch_write_is_refused_and_the_client_recovers_transparently() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cluster, stale, ns, other) = cluster_with_a_stale_client(dir.path(), "t.epoch").await;
+    // Another party changes the map; the nodes learn the new epoch from their heartbeats.
+    let e0 = move_every_node_past(&stale, &other, "w-x").await;
     let mut rng = Rng::new(5);
     let key = SequenceKey::new("t.epoch", "a");
     let pages = prefill_pages(&ns, &key, 1, 20, &mut rng);
@@ -250,19 +257,7 @@ async fn a_batch_of_appends_is_answered_per_append_and_applied_once_per_owner() 
     for k in &keys {
         stale.put_pages(prefill_pages(&ns, k, 1, 10, &mut rng)).await.unwrap();
     }
-    let e0 = stale.routing().epoch;
-    other
-        .coordinator()
-        .register_worker(pb::RegisterWorkerRequest { worker_id: "w-many".into(), address: "127.0.0.1:9".into() })
-        .await
-        .unwrap();
-    for _ in 0..200 {
-        let stats = other.node_stats().await;
-        if stats.iter().all(|(_, s)| s.as_ref().is_ok_and(|s| s.epoch > e0)) {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
-    }
+    let e0 = move_every_node_past(&stale, &other, "w-many").await;
     let item = |k: &SequenceKey, payload: Vec<u8>| AppendItem {
         sequence: k.clone(),
         layer: Some(0),

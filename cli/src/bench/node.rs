@@ -53,6 +53,10 @@ struct SizeResult {
     put_fresh_vs_redis: f64,
     node_cpu_s_per_gb_get: f64,
     redis_cpu_s_per_gb_get: f64,
+    /// The bench's own CPU per GB read in each get phase: the gRPC client's (frames decoded,
+    /// pages checked) against the RESP client's. Clients and servers share the host's cores.
+    client_cpu_s_per_gb_get: f64,
+    redis_client_cpu_s_per_gb_get: f64,
     node_cpu_s_per_gb_put: f64,
     redis_cpu_s_per_gb_set: f64,
     recovery_bytes_per_s: f64,
@@ -341,6 +345,7 @@ async fn one_size(a: &Args, size: usize) -> anyhow::Result<SizeResult> {
     let (put_secs, node_put_cpu) = put_pass().await?;
     // Get: random batches for `seconds`.
     let cpu0 = cpu_seconds(node.child.id());
+    let own0 = cpu_seconds(std::process::id());
     let t = Instant::now();
     let deadline = t + Duration::from_secs_f64(a.seconds);
     let mut tasks = Vec::new();
@@ -382,6 +387,7 @@ async fn one_size(a: &Args, size: usize) -> anyhow::Result<SizeResult> {
     }
     let get_secs = t.elapsed().as_secs_f64();
     let node_get_cpu = cpu_seconds(node.child.id()) - cpu0;
+    let client_get_cpu = cpu_seconds(std::process::id()) - own0;
     let stats = client.clone().stats(pb::StatsRequest {}).await?.into_inner();
     let index_per_page = stats.index_bytes as f64 / stats.pages.max(1) as f64;
     // Recovery: SIGKILL (no clean marker: every payload CRC is verified) and restart.
@@ -401,12 +407,14 @@ async fn one_size(a: &Args, size: usize) -> anyhow::Result<SizeResult> {
         get_bytes_per_s: get_bytes as f64 / get_secs,
         node_cpu_s_per_gb_put: node_put_cpu / (put_bytes / 1e9),
         node_cpu_s_per_gb_get: node_get_cpu / (get_bytes as f64 / 1e9),
+        client_cpu_s_per_gb_get: client_get_cpu / (get_bytes as f64 / 1e9),
         recovery_bytes_per_s: recovery,
         index_bytes_per_page: index_per_page,
         ..Default::default()
     };
     if let Some(redis) = start_redis()? {
-        let (fresh, set, set_cpu, get, get_cpu) = redis_bench(a, &redis, size, pages, &payloads).await?;
+        let (fresh, set, set_cpu, get, get_cpu, client_cpu) = redis_bench(a, &redis, size, pages, &payloads).await?;
+        r.redis_client_cpu_s_per_gb_get = client_cpu;
         r.redis_set_fresh_bytes_per_s = fresh;
         r.put_fresh_vs_redis = r.put_fresh_bytes_per_s / fresh;
         r.redis_set_bytes_per_s = set;
@@ -428,6 +436,10 @@ async fn one_size(a: &Args, size: usize) -> anyhow::Result<SizeResult> {
         r.redis_get_bytes_per_s / 1e9,
         r.recovery_bytes_per_s / 1e9,
         r.index_bytes_per_page
+    );
+    eprintln!(
+        "{size} B pages, get phase CPU s/GB: node {:.2}, its gRPC clients {:.2}; Redis {:.2}, its RESP clients {:.2}",
+        r.node_cpu_s_per_gb_get, r.client_cpu_s_per_gb_get, r.redis_cpu_s_per_gb_get, r.redis_client_cpu_s_per_gb_get
     );
     Ok(r)
 }
@@ -454,7 +466,7 @@ async fn redis_bench(
     size: usize,
     pages: usize,
     payloads: &[(Bytes, u32)],
-) -> anyhow::Result<(f64, f64, f64, f64, f64)> {
+) -> anyhow::Result<(f64, f64, f64, f64, f64, f64)> {
     let pid = redis.child.id();
     // SET twice, as the node's put: into an empty server, then again after a FLUSHALL (its
     // allocator reusing what it freed).
@@ -507,6 +519,7 @@ async fn redis_bench(
     }
     let (set_secs, set_cpu) = set_pass().await?;
     let set_bytes = (pages * size) as f64;
+    let own0 = cpu_seconds(std::process::id());
     let cpu0 = cpu_seconds(pid);
     let t = Instant::now();
     let deadline = t + Duration::from_secs_f64(a.seconds);
@@ -551,11 +564,13 @@ async fn redis_bench(
     }
     let get_secs = t.elapsed().as_secs_f64();
     let get_cpu = cpu_seconds(pid) - cpu0;
+    let client_cpu = cpu_seconds(std::process::id()) - own0;
     Ok((
         set_bytes / fresh_secs,
         set_bytes / set_secs,
         set_cpu / (set_bytes / 1e9),
         get_bytes as f64 / get_secs,
         get_cpu / (get_bytes as f64 / 1e9),
+        client_cpu / (get_bytes as f64 / 1e9),
     ))
 }
