@@ -72,6 +72,8 @@ struct Report {
     redis_set_bytes_per_s: f64,
     get_vs_redis: f64,
     put_vs_redis: f64,
+    /// Put into a fresh pool ÷ SET into an empty Redis (worst size).
+    put_fresh_vs_redis: f64,
     recovery_bytes_per_s: f64,
     index_bytes_per_page: f64,
     sizes: Vec<SizeResult>,
@@ -227,6 +229,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         redis_set_bytes_per_s: best(|s| s.redis_set_bytes_per_s),
         get_vs_redis: sizes.iter().map(|s| s.get_vs_redis).fold(f64::INFINITY, f64::min),
         put_vs_redis: sizes.iter().map(|s| s.put_vs_redis).fold(f64::INFINITY, f64::min),
+        put_fresh_vs_redis: sizes.iter().map(|s| s.put_fresh_vs_redis).fold(f64::INFINITY, f64::min),
         recovery_bytes_per_s: sizes.iter().map(|s| s.recovery_bytes_per_s).fold(f64::INFINITY, f64::min),
         index_bytes_per_page: best(|s| s.index_bytes_per_page),
         sizes,
