@@ -248,12 +248,23 @@ class Client:
     def _key(self, namespace, sequence_id, layer, page):
         return pb.PageKey(sequence=pb.SequenceKey(namespace=namespace, sequence_id=sequence_id), layer=layer, page_index=page)
 
+    def _stub(self, addr: str):
+        return node_grpc.CacheNodeStub(self._node(addr))
+
     def _write(self, namespace: str, sequence_id: str, send) -> list:
+        """Run `send(stub, epoch)` on every live owner; after a stale-epoch refusal refresh the
+        map and retry. Owners that acknowledged stay acknowledged: the retry goes only to the
+        owners still missing, so an append one owner applied is never applied there twice
+        (nodes learn a new epoch at their own heartbeats, so one owner can refuse while the
+        other applies)."""
+        done: dict = {}
         for attempt in range(3):
-            results, stale = [], False
+            stale = False
             for addr in self.owners(namespace, sequence_id):
+                if addr in done:
+                    continue
                 try:
-                    results.append(send(node_grpc.CacheNodeStub(self._node(addr)), self.epoch))
+                    done[addr] = send(self._stub(addr), self.epoch)
                 except grpc.RpcError as e:
                     if e.code() == grpc.StatusCode.FAILED_PRECONDITION and attempt < 2:
                         stale = True
@@ -262,9 +273,9 @@ class Client:
             if stale:
                 self.refresh()
                 continue
-            if not results:
+            if not done:
                 raise KvcacheError("no owner of the sequence could be reached", grpc.StatusCode.UNAVAILABLE)
-            return results
+            return list(done.values())
         raise KvcacheError("stale shard map after retries", grpc.StatusCode.UNAVAILABLE)
 
     def _payload(self, ns: Namespace, kv: np.ndarray) -> bytes:

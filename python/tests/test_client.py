@@ -1,3 +1,4 @@
+import grpc
 import numpy as np
 import pytest
 
@@ -18,6 +19,41 @@ def reference(ns, q, kv):
         p = np.exp(s - s.max())
         out[h] = (p / p.sum()) @ v[grp]
     return out
+
+
+class _Refused(grpc.RpcError):
+    def __init__(self, code):
+        self._code = code
+
+    def code(self):
+        return self._code
+
+    def details(self):
+        return "refused"
+
+
+def test_a_write_refused_as_stale_by_one_owner_is_retried_only_where_it_was_not_applied():
+    # Nodes learn a new epoch at their own heartbeats: one owner may refuse a write as stale
+    # while the other applies it. The retry must not apply it twice at the second.
+    c = kvcache.Client.__new__(kvcache.Client)
+    c.epoch, refreshes, applied = 4, [], {"a": 0, "b": 0}
+    c.owners = lambda ns, seq: ["a", "b"]
+    c.refresh = lambda: refreshes.append(1) or setattr(c, "epoch", 5)
+    c._stub = lambda addr: addr
+
+    def send(addr, epoch):
+        if addr == "a" and epoch < 5:
+            raise _Refused(grpc.StatusCode.FAILED_PRECONDITION)
+        applied[addr] += 1
+        return addr
+
+    assert sorted(c._write("ns", "s", send)) == ["a", "b"]
+    assert applied == {"a": 1, "b": 1}
+    assert len(refreshes) == 1
+    # Anything but stale or unreachable is the caller's error at once.
+    with pytest.raises(kvcache.KvcacheError) as e:
+        c._write("ns", "s", lambda addr, epoch: (_ for _ in ()).throw(_Refused(grpc.StatusCode.INVALID_ARGUMENT)))
+    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
 
 
 @pytest.fixture(scope="module")
