@@ -126,6 +126,23 @@ pub struct AppendItem {
     pub return_extent: bool,
 }
 
+impl AppendItem {
+    /// The AppendTokens request of this item, routed with `epoch`.
+    fn request(&self, epoch: u64) -> pb::AppendTokensRequest {
+        pb::AppendTokensRequest {
+            epoch,
+            sequence: Some((&self.sequence).into()),
+            layer: self.layer.unwrap_or(0),
+            all_layers: self.layer.is_none(),
+            token_count: self.tokens,
+            expected_position: None,
+            payload: self.payload.clone(),
+            token_ids: self.token_ids.clone(),
+            return_extent: self.return_extent,
+        }
+    }
+}
+
 /// A node's answer to an append.
 #[derive(Debug, Clone)]
 pub struct AppendAck {
@@ -462,7 +479,8 @@ impl Client {
         payload: Bytes,
         token_ids: Vec<u32>,
     ) -> Result<Vec<AppendAck>, ClientError> {
-        self.append_inner(seq, layer, tokens, payload, token_ids, false, Vec::new()).await
+        let item = AppendItem { sequence: seq.clone(), layer, tokens, payload, token_ids, return_extent: false };
+        self.append_inner(&item, Vec::new()).await
     }
 
     /// [`append`](Self::append) to one layer, each owner also answering with the layer's extent
@@ -476,7 +494,9 @@ impl Client {
         payload: Bytes,
         token_ids: Vec<u32>,
     ) -> Result<Vec<AppendAck>, ClientError> {
-        self.append_inner(seq, Some(layer), tokens, payload, token_ids, true, Vec::new()).await
+        let item =
+            AppendItem { sequence: seq.clone(), layer: Some(layer), tokens, payload, token_ids, return_extent: true };
+        self.append_inner(&item, Vec::new()).await
     }
 
     /// Several appends, in one `AppendBatch` call per owning node rather than one call per
@@ -488,7 +508,6 @@ impl Client {
     pub async fn append_many(&self, items: Vec<AppendItem>) -> Vec<Result<Vec<AppendAck>, ClientError>> {
         let routing = self.routing();
         let mut results: Vec<Option<Result<Vec<AppendAck>, ClientError>>> = (0..items.len()).map(|_| None).collect();
-        let mut known = Vec::with_capacity(items.len());
         // Per node: its address and the items it owns.
         let mut per_node: Vec<(routing::NodeRef, Vec<usize>)> = Vec::new();
         for (i, it) in items.iter().enumerate() {
@@ -496,7 +515,6 @@ impl Client {
                 Ok(ns) => ns,
                 Err(e) => {
                     results[i] = Some(Err(e));
-                    known.push(false);
                     continue;
                 }
             };
@@ -506,28 +524,10 @@ impl Client {
                     None => per_node.push((o, vec![i])),
                 }
             }
-            known.push(true);
         }
         let calls = per_node.iter().map(|(node, idx)| {
-            let req = pb::AppendBatchRequest {
-                appends: idx
-                    .iter()
-                    .map(|&i| {
-                        let it = &items[i];
-                        pb::AppendTokensRequest {
-                            epoch: routing.epoch,
-                            sequence: Some((&it.sequence).into()),
-                            layer: it.layer.unwrap_or(0),
-                            all_layers: it.layer.is_none(),
-                            token_count: it.tokens,
-                            expected_position: None,
-                            payload: it.payload.clone(),
-                            token_ids: it.token_ids.clone(),
-                            return_extent: it.return_extent,
-                        }
-                    })
-                    .collect(),
-            };
+            let req =
+                pb::AppendBatchRequest { appends: idx.iter().map(|&i| items[i].request(routing.epoch)).collect() };
             let req = self.req(req);
             let c = self.node(&node.node_id, &node.address);
             async move {
@@ -563,8 +563,9 @@ impl Client {
             }
         }
         let mut retries = Vec::new();
-        for (i, (it, known)) in items.into_iter().zip(known).enumerate() {
-            if !known {
+        for (i, it) in items.into_iter().enumerate() {
+            // Already answered: its namespace is unknown.
+            if results[i].is_some() {
                 continue;
             }
             let (ok, refused) = (std::mem::take(&mut acked[i]), std::mem::take(&mut refused[i]));
@@ -578,9 +579,7 @@ impl Client {
                     Some(Ok(ok.into_iter().map(|(node_id, response)| AppendAck { node_id, response }).collect()));
             } else {
                 retries.push(async move {
-                    let r = self
-                        .append_inner(&it.sequence, it.layer, it.tokens, it.payload, it.token_ids, it.return_extent, ok)
-                        .await;
+                    let r = self.append_inner(&it, ok).await;
                     (i, r)
                 });
             }
@@ -591,32 +590,17 @@ impl Client {
         results.into_iter().map(|r| r.expect("every item answered")).collect()
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// One append through AppendTokens to every owner not in `acked` (owners that already
+    /// applied it).
     async fn append_inner(
         &self,
-        seq: &SequenceKey,
-        layer: Option<u32>,
-        tokens: u32,
-        payload: Bytes,
-        token_ids: Vec<u32>,
-        return_extent: bool,
+        item: &AppendItem,
         acked: Vec<(String, pb::AppendTokensResponse)>,
     ) -> Result<Vec<AppendAck>, ClientError> {
-        let ns = self.namespace_of(seq)?;
+        let ns = self.namespace_of(&item.sequence)?;
         let acks = self
-            .write_owners_after(seq, &ns, acked, |c, epoch| {
-                let req = pb::AppendTokensRequest {
-                    epoch,
-                    sequence: Some(seq.into()),
-                    layer: layer.unwrap_or(0),
-                    all_layers: layer.is_none(),
-                    token_count: tokens,
-                    expected_position: None,
-                    payload: payload.clone(),
-                    token_ids: token_ids.clone(),
-                    return_extent,
-                };
-                let req = self.req(req);
+            .write_owners_after(&item.sequence, &ns, acked, |c, epoch| {
+                let req = self.req(item.request(epoch));
                 async move {
                     let mut c = c;
                     c.append_tokens(req).await.map(|r| r.into_inner())

@@ -47,6 +47,11 @@ struct Inner {
     misses: u64,
 }
 
+/// Whether a cached page is the version (`node`, `write_seq`); write_seq 0 is a missing page.
+fn is_version(p: &CachedPage, node: &str, write_seq: u64) -> bool {
+    write_seq != 0 && p.write_seq == write_seq && &*p.node == node
+}
+
 impl Inner {
     fn layer_mut(&mut self, seq: &SequenceKey, layer: u32) -> Option<&mut Layer> {
         self.map.get_mut(seq)?.get_mut(&layer)
@@ -96,13 +101,7 @@ impl PageCache {
             Some(l) => write_seqs
                 .iter()
                 .enumerate()
-                .map(|(i, &ws)| {
-                    l.pages
-                        .get(i)
-                        .and_then(|p| p.as_ref())
-                        .filter(|p| ws != 0 && p.write_seq == ws && &*p.node == node)
-                        .cloned()
-                })
+                .map(|(i, &ws)| l.pages.get(i).and_then(|p| p.as_ref()).filter(|p| is_version(p, node, ws)).cloned())
                 .collect(),
             None => vec![None; write_seqs.len()],
         };
@@ -131,7 +130,7 @@ impl PageCache {
         let got = write_seqs
             .iter()
             .zip(&l.pages)
-            .map(|(&ws, p)| p.as_ref().filter(|p| ws != 0 && p.write_seq == ws && &*p.node == node).cloned())
+            .map(|(&ws, p)| p.as_ref().filter(|p| is_version(p, node, ws)).cloned())
             .collect::<Option<Vec<_>>>()?;
         g.hits += got.len() as u64;
         g.touch(seq, layer);
