@@ -865,7 +865,7 @@ impl PageStore {
                     } else {
                         &chunk
                     };
-                    let crc = crc32c::crc32c(body);
+                    let crc = kvcache_core::checksum::crc32c(body);
                     let entry = self.write_slot(&ns, &pkey, in_page + take, 0, body, crc)?;
                     self.publish_locked(&seq, &mut inner, &pkey, entry, false);
                     last_write_seq = entry.write_seq;
@@ -919,7 +919,7 @@ impl PageStore {
         let hold = file.hold(e.slot);
         if !e.verified {
             let bytes = &hold.bytes()[HEADER_BYTES..HEADER_BYTES + len];
-            if crc32c::crc32c(bytes) != e.crc {
+            if kvcache_core::checksum::crc32c(bytes) != e.crc {
                 drop(hold);
                 tracing::warn!(sequence = %key.sequence.sequence_id, layer = key.layer, page = key.page_index, "page failed its checksum on first read: dropped");
                 self.counters.corrupt.fetch_add(1, Ordering::Relaxed);

@@ -103,7 +103,7 @@ async fn pages_round_trip_with_a_status_per_item() {
     assert!(items[3].message.contains("layer 9 out of range: model has 3 layers"), "{}", items[3].message);
     let p = items[4].page.as_ref().unwrap();
     assert_eq!(p.payload.to_vec(), v0);
-    assert_eq!(p.payload_crc32c, crc32c::crc32c(&v0));
+    assert_eq!(p.payload_crc32c, kvcache_core::checksum::crc32c(&v0));
     assert_eq!(p.token_count, 4);
     node.stop().await;
 }

@@ -52,7 +52,7 @@ fn page(seq: &str, layer: u32, body: &[u8]) -> pb::Page {
         codec: pb::Codec::Bf16 as i32,
         token_count: 16,
         write_seq: 0,
-        payload_crc32c: crc32c::crc32c(body),
+        payload_crc32c: kvcache_core::checksum::crc32c(body),
         prefix_hash: 0,
         payload: Bytes::copy_from_slice(body),
     }

@@ -701,7 +701,7 @@ impl Client {
             for item in m.items {
                 out.push(match (item.status, item.page) {
                     (s, Some(mut p))
-                        if s == pb::PageStatus::Ok as i32 && crc32c::crc32c(&p.payload) == p.payload_crc32c =>
+                        if s == pb::PageStatus::Ok as i32 && kvcache_core::checksum::crc32c(&p.payload) == p.payload_crc32c =>
                     {
                         p.payload = place(std::mem::take(&mut p.payload));
                         Some(p)
@@ -900,7 +900,7 @@ pub fn wire_page(ns: &Namespace, key: &PageKey, token_count: u32, prefix_hash: u
         codec: codec_to_wire(ns.codec),
         token_count,
         write_seq: 0,
-        payload_crc32c: crc32c::crc32c(&payload),
+        payload_crc32c: kvcache_core::checksum::crc32c(&payload),
         prefix_hash,
         payload,
     }

@@ -6,6 +6,7 @@
 //!   scale). Encode from f32, decode to f32; error bounds stated on each.
 //! - [`layout`]: [`PageLayout`], where each token's K/V (or MLA latent) sits in a page payload, and
 //!   the token-range copies appends need.
+//! - [`checksum`]: the CRC-32C every page payload and header carries.
 //! - [`page`]: the 128-byte self-describing [`PageHeader`] with its CRC-32C checks.
 //! - [`key`]: namespaces, sequence and page keys, and their compact hashed ids.
 //! - [`prefix`]: the per-namespace seeded prefix-hash chain.
@@ -17,6 +18,7 @@
 //! compatible, page size in range), and a [`validate::ValidPage`] always has a payload whose
 //! length equals what its layout demands and whose CRC matched.
 
+pub mod checksum;
 pub mod codec;
 pub mod key;
 pub mod layout;

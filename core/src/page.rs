@@ -123,7 +123,7 @@ impl PageHeader {
         b[48] = id.len() as u8;
         b[56..56 + id.len()].copy_from_slice(id);
         b[120..124].copy_from_slice(&self.payload_crc.to_le_bytes());
-        let crc = crc32c::crc32c(&b[..124]);
+        let crc = crate::checksum::crc32c(&b[..124]);
         b[124..128].copy_from_slice(&crc.to_le_bytes());
         b
     }
@@ -140,7 +140,7 @@ impl PageHeader {
             return Err(PageError::BadMagic(magic));
         }
         let stored = u32_at(124);
-        let computed = crc32c::crc32c(&b[..124]);
+        let computed = crate::checksum::crc32c(&b[..124]);
         if stored != computed {
             return Err(PageError::HeaderChecksum { stored, computed });
         }
@@ -173,7 +173,7 @@ impl PageHeader {
         if payload.len() != self.payload_len as usize {
             return Err(PageError::PayloadLength { got: payload.len(), expected: self.payload_len as usize });
         }
-        let computed = crc32c::crc32c(payload);
+        let computed = crate::checksum::crc32c(payload);
         if computed != self.payload_crc {
             return Err(PageError::PayloadChecksum { stored: self.payload_crc, computed });
         }
@@ -208,7 +208,7 @@ mod tests {
             payload_len: payload.len() as u32,
             write_seq: 99,
             prefix_hash: 0xfeed,
-            payload_crc: crc32c::crc32c(payload),
+            payload_crc: crate::checksum::crc32c(payload),
         }
     }
 

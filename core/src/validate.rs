@@ -361,7 +361,7 @@ pub fn page<'a>(
     if p.payload.len() != expected {
         return Err(ValidationError::PayloadLength { got: p.payload.len(), expected, tokens: p.token_count }.into());
     }
-    let computed = crc32c::crc32c(&p.payload);
+    let computed = crate::checksum::crc32c(&p.payload);
     if computed != p.payload_crc32c {
         return Err(ValidationError::Checksum { stored: p.payload_crc32c, computed }.into());
     }
@@ -427,7 +427,7 @@ mod tests {
             codec: codec_to_wire(ns.codec),
             token_count: tokens,
             write_seq: 0,
-            payload_crc32c: crc32c::crc32c(&payload),
+            payload_crc32c: crate::checksum::crc32c(&payload),
             prefix_hash: 0,
             payload,
         }

@@ -58,7 +58,7 @@ pub fn page(k: &PageKey, tokens: u32, body: Vec<u8>) -> pb::Page {
         codec: codec_to_wire(Codec::Bf16),
         token_count: tokens,
         write_seq: 0,
-        payload_crc32c: crc32c::crc32c(&body),
+        payload_crc32c: kvcache_core::checksum::crc32c(&body),
         prefix_hash: 0,
         payload: Bytes::from(body),
     }

@@ -291,7 +291,7 @@ async fn one_size(a: &Args, size: usize) -> anyhow::Result<SizeResult> {
     let payloads: Vec<(Bytes, u32)> = (0..16)
         .map(|v| {
             let b = Bytes::from((0..size).map(|i| (i * 31 + v * 7) as u8).collect::<Vec<_>>());
-            let crc = crc32c::crc32c(&b);
+            let crc = kvcache_core::checksum::crc32c(&b);
             (b, crc)
         })
         .collect();
