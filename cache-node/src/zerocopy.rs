@@ -140,27 +140,48 @@ async fn put_pages(node: Arc<NodeService>, req: http::Request<Body>) -> Result<h
         )));
     }
     let frames: [Chunk; 2] = [Ok(Frame::data(kvcache_net::frames::encode(&resp))), ok_trailers()];
-    let body = http_body_util::StreamBody::new(tokio_stream::iter(frames));
-    http::Response::builder()
-        .status(200)
-        .header("content-type", "application/grpc")
-        .body(Body::new(body))
-        .map_err(|e| Status::internal(e.to_string()))
+    respond(Body::new(http_body_util::StreamBody::new(tokio_stream::iter(frames))))
 }
 
 async fn get_pages(node: Arc<NodeService>, req: http::Request<Body>) -> Result<http::Response<Body>, Status> {
     let wanted = node.expand(request(req.into_body()).await?)?;
     let store = node.store().clone();
+    let mut wanted = wanted.into_iter();
+    // Most requests (a decode step's layer, a prefill's batch) fit one response message: answer
+    // those from here, the chunks handed to hyper as they are, without a task and a channel
+    // between the lookups and the connection. Larger ones stream, a message at a time.
+    let mut msg = ResponseFrame::default();
+    let mut first = Vec::new();
+    for w in wanted.by_ref() {
+        let (item, payload) = crate::service::page_item(&store, w);
+        msg.push(item, payload);
+        if msg.is_full() {
+            first = std::mem::take(&mut msg).finish();
+            break;
+        }
+    }
+    if wanted.len() == 0 {
+        let mut chunks: Vec<Chunk> = first.into_iter().map(|c| Ok(Frame::data(c))).collect();
+        if msg.items > 0 {
+            chunks.extend(msg.finish().into_iter().map(|c| Ok(Frame::data(c))));
+        }
+        chunks.push(ok_trailers());
+        return respond(Body::new(http_body_util::StreamBody::new(tokio_stream::iter(chunks))));
+    }
     let (tx, rx) = tokio::sync::mpsc::channel::<Chunk>(16);
     tokio::spawn(async move {
-        let mut msg = ResponseFrame::default();
+        for c in first {
+            if tx.send(Ok(Frame::data(c))).await.is_err() {
+                return; // client went away; slot holds drop with the chunks
+            }
+        }
         for w in wanted {
             let (item, payload) = crate::service::page_item(&store, w);
-            msg.push(&item, payload);
-            if msg.payload_bytes >= MESSAGE_BYTES || msg.items >= 4096 {
+            msg.push(item, payload);
+            if msg.is_full() {
                 for c in std::mem::take(&mut msg).finish() {
                     if tx.send(Ok(Frame::data(c))).await.is_err() {
-                        return; // client went away; slot holds drop with the chunks
+                        return;
                     }
                 }
             }
@@ -174,11 +195,15 @@ async fn get_pages(node: Arc<NodeService>, req: http::Request<Body>) -> Result<h
         }
         let _ = tx.send(ok_trailers()).await;
     });
-    let body = http_body_util::StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    respond(Body::new(http_body_util::StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx))))
+}
+
+/// A gRPC response with `body`.
+fn respond(body: Body) -> Result<http::Response<Body>, Status> {
     http::Response::builder()
         .status(200)
         .header("content-type", "application/grpc")
-        .body(Body::new(body))
+        .body(body)
         .map_err(|e| Status::internal(e.to_string()))
 }
 
@@ -199,19 +224,25 @@ struct ResponseFrame {
 }
 
 impl ResponseFrame {
+    /// Whether the message is as large as one should be: send it and start the next.
+    fn is_full(&self) -> bool {
+        self.payload_bytes >= MESSAGE_BYTES || self.items >= 4096
+    }
+
     /// Append `item` (its page's payload left empty) with `payload` as the page's payload.
-    fn push(&mut self, item: &pb::PageItem, payload: Bytes) {
+    fn push(&mut self, mut item: pb::PageItem, payload: Bytes) {
         // Field numbers: GetPagesResponse.items = 1; PageItem.page = 3; Page.payload = 7.
-        let page_head = item.page.as_ref().map(|p| p.encoded_len()).unwrap_or(0);
-        let item_head = pb::PageItem { page: None, ..item.clone() }.encoded_len();
+        let page = item.page.take();
+        let page_head = page.as_ref().map(|p| p.encoded_len()).unwrap_or(0);
+        let item_head = item.encoded_len();
         let payload_field = if payload.is_empty() { 0 } else { 1 + varint_len(payload.len() as u64) + payload.len() };
         let page_len = page_head + payload_field;
-        let item_len = item_head + if item.page.is_some() { 1 + varint_len(page_len as u64) + page_len } else { 0 };
+        let item_len = item_head + if page.is_some() { 1 + varint_len(page_len as u64) + page_len } else { 0 };
         let b = &mut self.pending;
         b.put_u8(0x0a);
         prost::encoding::encode_varint(item_len as u64, b);
-        pb::PageItem { page: None, ..item.clone() }.encode_raw(b);
-        if let Some(p) = &item.page {
+        item.encode_raw(b);
+        if let Some(p) = &page {
             b.put_u8(0x1a);
             prost::encoding::encode_varint(page_len as u64, b);
             p.encode_raw(b);
@@ -279,7 +310,7 @@ mod tests {
             for it in &items {
                 let mut bare = it.clone();
                 let payload = bare.page.as_mut().map(|p| std::mem::take(&mut p.payload)).unwrap_or_default();
-                m.push(&bare, payload);
+                m.push(bare, payload);
             }
             let wire: Vec<u8> = m.finish().concat();
             let want = pb::GetPagesResponse { items }.encode_to_vec();

@@ -271,6 +271,38 @@ async fn a_put_stream_of_several_messages_stores_each_and_answers_the_totals() {
 }
 
 #[tokio::test]
+async fn a_get_larger_than_one_message_streams_every_item_in_order() {
+    // 4096 items per response message: 5000 keys (stored pages asked again and again, and
+    // misses) are answered as more than one message, every item in request order.
+    let node = start().await;
+    let mut c = node.client().await;
+    let ns = small_ns();
+    let vals: Vec<Vec<u8>> = (0..10u8).map(|i| payload(&ns, 4, i)).collect();
+    let pages: Vec<pb::Page> = (0..10).map(|i| page(&key("big", 0, i), 4, vals[i as usize].clone())).collect();
+    put(&mut c, 0, pages).await.unwrap();
+    let keys: Vec<pb::PageKey> = (0..5000u32).map(|i| (&key("big", 0, i % 12)).into()).collect();
+    let mut s = c.get_pages(pb::GetPagesRequest { keys, ranges: vec![] }).await.unwrap().into_inner();
+    let (mut messages, mut items) = (0, Vec::new());
+    while let Some(m) = s.message().await.unwrap() {
+        messages += 1;
+        items.extend(m.items);
+    }
+    assert!(messages >= 2, "{messages} message(s)");
+    assert_eq!(items.len(), 5000);
+    for (i, it) in items.iter().enumerate() {
+        let want = (i % 12) as u32;
+        assert_eq!(it.key.as_ref().unwrap().page_index, want, "item {i}");
+        if want < 10 {
+            assert_eq!(it.status, pb::PageStatus::Ok as i32, "item {i}");
+            assert_eq!(it.page.as_ref().unwrap().payload.to_vec(), vals[want as usize], "item {i}");
+        } else {
+            assert_eq!(it.status, pb::PageStatus::Miss as i32, "item {i}");
+        }
+    }
+    node.stop().await;
+}
+
+#[tokio::test]
 async fn a_put_body_that_is_not_a_message_is_invalid_argument() {
     use http_body_util::BodyExt;
     let node = start().await;
