@@ -144,6 +144,10 @@ pub struct WorkerArgs {
     /// Attention threads (default: all cores).
     #[arg(long, env = "KVCACHE_THREADS")]
     threads: Option<usize>,
+    /// HTTP/2 connections to each cache node: pulls and appends are spread over them, so page
+    /// traffic is not confined to one core on either end.
+    #[arg(long, env = "KVCACHE_CONNECTIONS_PER_NODE", default_value_t = 4)]
+    connections_per_node: usize,
     /// Also serve grpc.health.v1 alone, in plaintext, on this address (for Kubernetes probes,
     /// which cannot speak TLS).
     #[arg(long, env = "KVCACHE_HEALTH_LISTEN")]
@@ -159,8 +163,9 @@ pub fn worker(a: WorkerArgs) -> anyhow::Result<()> {
         crate::util::init_metrics(a.metrics_listen)?;
         let tls = kvcache_net::Tls::load(&a.tls)?;
         let exposure = crate::util::exposure(&tls, a.health_listen.as_deref()).await?;
-        let client =
-            Client::connect_with(&a.coordinator, kvcache_client::ClientConfig { tls, ..Default::default() }).await?;
+        let ccfg =
+            kvcache_client::ClientConfig { tls, connections_per_node: a.connections_per_node, ..Default::default() };
+        let client = Client::connect_with(&a.coordinator, ccfg).await?;
         let mut cfg =
             WorkerConfig { cache_bytes: a.cache_bytes, cache_prefault: a.cache_prefault, ..WorkerConfig::default() };
         if let Some(t) = a.threads {

@@ -61,7 +61,7 @@ fn tls(identity: Option<&Pki>, ca: &Pki) -> Tls {
 }
 
 async fn connect(addr: &str, tls: Tls) -> Result<Client, kvcache_client::ClientError> {
-    let cfg = ClientConfig { tls, watch: false, timeout: Duration::from_secs(5) };
+    let cfg = ClientConfig { tls, watch: false, timeout: Duration::from_secs(5), ..Default::default() };
     tokio::time::timeout(Duration::from_secs(20), Client::connect_with(addr, cfg)).await.expect("connect hung")
 }
 

@@ -101,11 +101,17 @@ pub struct ClientConfig {
     pub watch: bool,
     /// TLS of every channel (coordinator, nodes, workers); plaintext by default.
     pub tls: kvcache_net::Tls,
+    /// HTTP/2 connections kept to each cache node, calls spread over them in turn. One
+    /// connection is read and written by one task at a time on each end, so its page traffic
+    /// uses one core of the node and one of the client whatever else is idle; a few let a
+    /// client's concurrent pulls and puts use the cores on both ends (docs/BENCHMARKS.md).
+    /// Connections open lazily, on their first call.
+    pub connections_per_node: usize,
 }
 
 impl Default for ClientConfig {
     fn default() -> Self {
-        Self { timeout: Duration::from_secs(10), watch: true, tls: kvcache_net::Tls::none() }
+        Self { timeout: Duration::from_secs(10), watch: true, tls: kvcache_net::Tls::none(), connections_per_node: 4 }
     }
 }
 
@@ -157,7 +163,8 @@ struct Inner {
     /// Coordinator replicas, and the index of the one in use (the leader, once known).
     coordinators: Mutex<(Vec<String>, usize, CoordinatorClient<Channel>)>,
     routing: RwLock<Arc<Routing>>,
-    nodes: Mutex<HashMap<String, Channel>>,
+    /// Per node and address: its connections and the next one to use.
+    nodes: Mutex<HashMap<String, (Vec<Channel>, usize)>>,
     workers: Mutex<HashMap<String, AttentionWorkerClient<Channel>>>,
     watch: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
@@ -243,15 +250,18 @@ impl Client {
             .max_encoding_message_size(MAX_MESSAGE_BYTES))
     }
 
-    /// The pooled channel to a node (one HTTP/2 connection per node and address).
+    /// A channel to a node: the next of its pooled connections, in turn.
     fn node_channel(&self, node_id: &str, addr: &str) -> Result<Channel, ClientError> {
         let mut nodes = self.inner.nodes.lock();
         let key = format!("{node_id}@{addr}");
-        if let Some(c) = nodes.get(&key) {
-            return Ok(c.clone());
+        if let Some((chans, next)) = nodes.get_mut(&key) {
+            *next = (*next + 1) % chans.len();
+            return Ok(chans[*next].clone());
         }
-        let c = channel_with(addr, &self.inner.cfg.tls)?;
-        nodes.insert(key, c.clone());
+        let n = self.inner.cfg.connections_per_node.max(1);
+        let chans = (0..n).map(|_| channel_with(addr, &self.inner.cfg.tls)).collect::<Result<Vec<_>, _>>()?;
+        let c = chans[0].clone();
+        nodes.insert(key, (chans, 0));
         Ok(c)
     }
 
@@ -701,7 +711,8 @@ impl Client {
             for item in m.items {
                 out.push(match (item.status, item.page) {
                     (s, Some(mut p))
-                        if s == pb::PageStatus::Ok as i32 && kvcache_core::checksum::crc32c(&p.payload) == p.payload_crc32c =>
+                        if s == pb::PageStatus::Ok as i32
+                            && kvcache_core::checksum::crc32c(&p.payload) == p.payload_crc32c =>
                     {
                         p.payload = place(std::mem::take(&mut p.payload));
                         Some(p)
