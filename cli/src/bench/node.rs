@@ -1,7 +1,8 @@
 //! `kvcache bench node`: put/get throughput of a cache node over gRPC on loopback, side by side
 //! in the same run with `redis-server` (SET/GET of the same sizes, key count and concurrency,
 //! persistence off) and raw loopback TCP as the ceiling; plus restart recovery rate, index bytes
-//! per page, and each server's CPU seconds per GB from its own process accounting.
+//! per page, and each server's CPU seconds per GB from its own process accounting. Each client
+//! has its own connection, gRPC's as Redis's.
 
 use bytes::Bytes;
 use kvcache_core::{AttentionKind, Codec, ModelSpec, Namespace, PageKey, SequenceKey};
@@ -59,6 +60,9 @@ struct SizeResult {
     redis_client_cpu_s_per_gb_get: f64,
     node_cpu_s_per_gb_put: f64,
     redis_cpu_s_per_gb_set: f64,
+    /// The bench's own CPU per GB written in the steady-state put / SET pass.
+    client_cpu_s_per_gb_put: f64,
+    redis_client_cpu_s_per_gb_set: f64,
     recovery_bytes_per_s: f64,
     index_bytes_per_page: f64,
 }
@@ -301,6 +305,8 @@ async fn one_size(a: &Args, size: usize) -> anyhow::Result<SizeResult> {
     let ch = kvcache_client::channel(&node.addr)?;
     let client = CacheNodeClient::new(ch.clone()).max_decoding_message_size(1 << 30).max_encoding_message_size(1 << 30);
     client.clone().ensure_namespace(pb::EnsureNamespaceRequest { namespace: Some((&ns).into()) }).await?;
+    // One connection per client, as each Redis client has its own.
+    let chans = (0..a.clients).map(|_| kvcache_client::channel(&node.addr)).collect::<Result<Vec<_>, _>>()?;
     let wire = |i: usize| {
         let (b, crc) = &payloads[i % payloads.len()];
         pb::Page {
@@ -318,10 +324,13 @@ async fn one_size(a: &Args, size: usize) -> anyhow::Result<SizeResult> {
     // node's steady state, where evictions and deletes keep recycling slots.
     let put_pass = || async {
         let cpu0 = cpu_seconds(node.child.id());
+        let own0 = cpu_seconds(std::process::id());
         let t = Instant::now();
         let mut tasks = Vec::new();
-        for c in 0..a.clients {
-            let mut cl = client.clone();
+        for (c, ch) in chans.iter().enumerate() {
+            let mut cl = CacheNodeClient::new(ch.clone())
+                .max_decoding_message_size(1 << 30)
+                .max_encoding_message_size(1 << 30);
             let mine: Vec<pb::PutPagesRequest> = (c..pages)
                 .step_by(a.clients)
                 .collect::<Vec<_>>()
@@ -337,22 +346,27 @@ async fn one_size(a: &Args, size: usize) -> anyhow::Result<SizeResult> {
         for t in tasks {
             t.await??;
         }
-        Ok::<(f64, f64), anyhow::Error>((t.elapsed().as_secs_f64(), cpu_seconds(node.child.id()) - cpu0))
+        let secs = t.elapsed().as_secs_f64();
+        Ok::<(f64, f64, f64), anyhow::Error>((
+            secs,
+            cpu_seconds(node.child.id()) - cpu0,
+            cpu_seconds(std::process::id()) - own0,
+        ))
     };
     let put_bytes = (pages * size) as f64;
-    let (fresh_secs, _) = put_pass().await?;
+    let (fresh_secs, _, _) = put_pass().await?;
     for s in 0..pages.div_ceil(64) {
         let sequence = Some((&SequenceKey::new(&ns.name, format!("s{s}"))).into());
         client.clone().delete_sequence(pb::DeleteSequenceRequest { epoch: 0, sequence }).await?;
     }
-    let (put_secs, node_put_cpu) = put_pass().await?;
+    let (put_secs, node_put_cpu, client_put_cpu) = put_pass().await?;
     // Get: random batches for `seconds`.
     let cpu0 = cpu_seconds(node.child.id());
     let own0 = cpu_seconds(std::process::id());
     let t = Instant::now();
     let deadline = t + Duration::from_secs_f64(a.seconds);
     let mut tasks = Vec::new();
-    for c in 0..a.clients {
+    for (c, ch) in chans.iter().enumerate() {
         let ch = ch.clone();
         let nsn = ns.name.clone();
         let batch = a.batch;
@@ -409,6 +423,7 @@ async fn one_size(a: &Args, size: usize) -> anyhow::Result<SizeResult> {
         put_fresh_bytes_per_s: put_bytes / fresh_secs,
         get_bytes_per_s: get_bytes as f64 / get_secs,
         node_cpu_s_per_gb_put: node_put_cpu / (put_bytes / 1e9),
+        client_cpu_s_per_gb_put: client_put_cpu / (put_bytes / 1e9),
         node_cpu_s_per_gb_get: node_get_cpu / (get_bytes as f64 / 1e9),
         client_cpu_s_per_gb_get: client_get_cpu / (get_bytes as f64 / 1e9),
         recovery_bytes_per_s: recovery,
@@ -416,8 +431,10 @@ async fn one_size(a: &Args, size: usize) -> anyhow::Result<SizeResult> {
         ..Default::default()
     };
     if let Some(redis) = start_redis()? {
-        let (fresh, set, set_cpu, get, get_cpu, client_cpu) = redis_bench(a, &redis, size, pages, &payloads).await?;
-        r.redis_client_cpu_s_per_gb_get = client_cpu;
+        let rb = redis_bench(a, &redis, size, pages, &payloads).await?;
+        let (fresh, set, set_cpu, get, get_cpu) = (rb.set_fresh, rb.set, rb.set_cpu, rb.get, rb.get_cpu);
+        r.redis_client_cpu_s_per_gb_get = rb.client_get_cpu;
+        r.redis_client_cpu_s_per_gb_set = rb.client_set_cpu;
         r.redis_set_fresh_bytes_per_s = fresh;
         r.put_fresh_vs_redis = r.put_fresh_bytes_per_s / fresh;
         r.redis_set_bytes_per_s = set;
@@ -444,6 +461,10 @@ async fn one_size(a: &Args, size: usize) -> anyhow::Result<SizeResult> {
         "{size} B pages, get phase CPU s/GB: node {:.2}, its gRPC clients {:.2}; Redis {:.2}, its RESP clients {:.2}",
         r.node_cpu_s_per_gb_get, r.client_cpu_s_per_gb_get, r.redis_cpu_s_per_gb_get, r.redis_client_cpu_s_per_gb_get
     );
+    eprintln!(
+        "{size} B pages, put phase CPU s/GB: node {:.2}, its gRPC clients {:.2}; Redis {:.2}, its RESP clients {:.2}",
+        r.node_cpu_s_per_gb_put, r.client_cpu_s_per_gb_put, r.redis_cpu_s_per_gb_set, r.redis_client_cpu_s_per_gb_set
+    );
     Ok(r)
 }
 
@@ -463,18 +484,30 @@ async fn read_line(r: &mut tokio::io::BufReader<tokio::net::TcpStream>, line: &m
     Ok(())
 }
 
+/// Redis's side of one page size: rates in bytes/s, CPU in seconds per GB.
+struct RedisResult {
+    set_fresh: f64,
+    set: f64,
+    set_cpu: f64,
+    client_set_cpu: f64,
+    get: f64,
+    get_cpu: f64,
+    client_get_cpu: f64,
+}
+
 async fn redis_bench(
     a: &Args,
     redis: &Server,
     size: usize,
     pages: usize,
     payloads: &[(Bytes, u32)],
-) -> anyhow::Result<(f64, f64, f64, f64, f64, f64)> {
+) -> anyhow::Result<RedisResult> {
     let pid = redis.child.id();
     // SET twice, as the node's put: into an empty server, then again after a FLUSHALL (its
     // allocator reusing what it freed).
     let set_pass = || async {
         let cpu0 = cpu_seconds(pid);
+        let own0 = cpu_seconds(std::process::id());
         let t = Instant::now();
         let mut tasks = Vec::new();
         for c in 0..a.clients {
@@ -507,9 +540,9 @@ async fn redis_bench(
         }
         let set_secs = t.elapsed().as_secs_f64();
         let set_cpu = cpu_seconds(pid) - cpu0;
-        Ok::<(f64, f64), anyhow::Error>((set_secs, set_cpu))
+        Ok::<(f64, f64, f64), anyhow::Error>((set_secs, set_cpu, cpu_seconds(std::process::id()) - own0))
     };
-    let (fresh_secs, _) = set_pass().await?;
+    let (fresh_secs, _, _) = set_pass().await?;
     {
         let s = tokio::net::TcpStream::connect(&redis.addr).await?;
         let mut r = tokio::io::BufReader::new(s);
@@ -520,7 +553,7 @@ async fn redis_bench(
         read_line(&mut r, &mut line).await?;
         anyhow::ensure!(line.starts_with("+OK"), "redis FLUSHALL: {line}");
     }
-    let (set_secs, set_cpu) = set_pass().await?;
+    let (set_secs, set_cpu, own_set_cpu) = set_pass().await?;
     let set_bytes = (pages * size) as f64;
     let own0 = cpu_seconds(std::process::id());
     let cpu0 = cpu_seconds(pid);
@@ -568,12 +601,13 @@ async fn redis_bench(
     let get_secs = t.elapsed().as_secs_f64();
     let get_cpu = cpu_seconds(pid) - cpu0;
     let client_cpu = cpu_seconds(std::process::id()) - own0;
-    Ok((
-        set_bytes / fresh_secs,
-        set_bytes / set_secs,
-        set_cpu / (set_bytes / 1e9),
-        get_bytes as f64 / get_secs,
-        get_cpu / (get_bytes as f64 / 1e9),
-        client_cpu / (get_bytes as f64 / 1e9),
-    ))
+    Ok(RedisResult {
+        set_fresh: set_bytes / fresh_secs,
+        set: set_bytes / set_secs,
+        set_cpu: set_cpu / (set_bytes / 1e9),
+        client_set_cpu: own_set_cpu / (set_bytes / 1e9),
+        get: get_bytes as f64 / get_secs,
+        get_cpu: get_cpu / (get_bytes as f64 / 1e9),
+        client_get_cpu: client_cpu / (get_bytes as f64 / 1e9),
+    })
 }
