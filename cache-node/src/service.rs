@@ -55,16 +55,62 @@ impl NodeService {
     }
 }
 
-/// Appends run on the async thread that received them instead of the blocking pool when they
-/// are a decode step's tokens for a few sequences: each costs a copy-on-write of one partial
-/// page, its checksum and a write into the page cache (12–90 µs measured), less than the pool's
-/// hand-off and wake-up on a busy host. Never under sync durability, which waits for msync.
+/// Writes run on the async thread that received them instead of the blocking pool when they
+/// are small and the page cache takes them without waiting. Each costs the payloads' checksum
+/// and a copy into the page cache, with the bytes still in this core's cache from the socket
+/// read; the pool's hand-off wakes another thread, which reads them again from the other core
+/// (measured in `bench node`: node CPU per GB of puts 0.67–0.70 → 0.54–0.60 s at 64 KiB pages,
+/// 0.61–0.66 → 0.49–0.53 s at 256 KiB; docs/BENCHMARKS.md). Never under sync durability (each
+/// write waits for msync), nor while the node's writeback backlog is large (the kernel may
+/// throttle the write).
+///
+/// Appends: a decode step's tokens for a few sequences (a copy-on-write of one partial page
+/// each, 12–90 µs measured).
 const INLINE_APPEND_BYTES: usize = 64 << 10;
 /// At most this many appends inline (an AppendBatch of more goes to the pool in one hand-off).
 const INLINE_APPENDS: usize = 4;
+/// Puts: one PutPages message of up to this many payload bytes (eight 256 KiB pages: a few
+/// hundred µs of checksum and copy at most).
+const INLINE_PUT_BYTES: usize = 2 << 20;
+
+fn inline_write(store: &PageStore, payload_bytes: usize, limit: usize) -> bool {
+    static BACKLOG_LIMIT: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    store.config().durability == Durability::Async
+        && payload_bytes <= limit
+        && store.writeback_backlog() <= *BACKLOG_LIMIT.get_or_init(inline_backlog_limit)
+}
+
+/// Unflushed bytes beyond which writes go to the blocking pool: the kernel's background
+/// writeback threshold (`vm.dirty_background_bytes`, or `vm.dirty_background_ratio` of the
+/// memory of the host or of the container's memory cgroup, whichever is smaller). The kernel
+/// throttles writers only above the midpoint of that and `vm.dirty_ratio`, so below it an
+/// inline write only copies; past it the writes wait on the pool's threads, not the runtime's.
+fn inline_backlog_limit() -> u64 {
+    let read = |p: &str| std::fs::read_to_string(p).ok().and_then(|s| s.trim().parse::<u64>().ok());
+    if let Some(b) = read("/proc/sys/vm/dirty_background_bytes").filter(|&b| b > 0) {
+        return b;
+    }
+    let ratio = read("/proc/sys/vm/dirty_background_ratio").unwrap_or(10);
+    let total = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map(|kib| kib * 1024);
+    let cgroup = read("/sys/fs/cgroup/memory.max").or_else(|| read("/sys/fs/cgroup/memory/memory.limit_in_bytes"));
+    let memory = match (total, cgroup) {
+        (Some(t), Some(c)) => t.min(c),
+        (Some(t), None) => t,
+        (None, Some(c)) => c,
+        (None, None) => return 0, // unknown: every write takes the pool
+    };
+    memory / 100 * ratio
+}
 
 fn inline_append(store: &PageStore, appends: usize, payload_bytes: usize) -> bool {
-    store.config().durability == Durability::Async && appends <= INLINE_APPENDS && payload_bytes <= INLINE_APPEND_BYTES
+    appends <= INLINE_APPENDS && inline_write(store, payload_bytes, INLINE_APPEND_BYTES)
 }
 
 /// Most appends one AppendBatch may carry.
@@ -176,8 +222,13 @@ impl NodeService {
         msg: pb::PutPagesRequest,
         resp: &mut pb::PutPagesResponse,
     ) -> Result<(), Status> {
-        let store = self.store.clone();
-        let (n, b) = blocking(move || store.put_pages_with(msg.epoch, msg.pages, msg.handoff)).await?;
+        let bytes: usize = msg.pages.iter().map(|p| p.payload.len()).sum();
+        let (n, b) = if inline_write(&self.store, bytes, INLINE_PUT_BYTES) {
+            self.store.put_pages_with(msg.epoch, msg.pages, msg.handoff).map_err(status)?
+        } else {
+            let store = self.store.clone();
+            blocking(move || store.put_pages_with(msg.epoch, msg.pages, msg.handoff)).await?
+        };
         metrics::counter!(kvcache_telemetry::names::NODE_BYTES_IN).increment(b);
         resp.pages_written += n;
         resp.bytes_written += b;

@@ -294,6 +294,9 @@ pub struct PageStore {
     tick: AtomicU64,
     epoch: AtomicU64,
     lease_seq: AtomicU64,
+    /// Page bytes written since start, and how many of them the last completed flush covered.
+    bytes_written: AtomicU64,
+    bytes_flushed: AtomicU64,
     counters: Counters,
     recovery: Mutex<(f64, u64)>,
     /// Serializes namespace registry writes.
@@ -331,6 +334,8 @@ impl PageStore {
             lease_seq: AtomicU64::new(
                 std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64),
             ),
+            bytes_written: AtomicU64::new(0),
+            bytes_flushed: AtomicU64::new(0),
             counters: Counters::default(),
             recovery: Mutex::new((0.0, 0)),
             ns_file: Mutex::new(()),
@@ -683,6 +688,7 @@ impl PageStore {
             tracing::error!(file = %file.path.display(), error = %e, "page write failed: pool file taken out of service");
             return Err(e.into());
         }
+        self.bytes_written.fetch_add(payload.len() as u64, Ordering::AcqRel);
         if self.cfg.durability == Durability::Sync
             && let Err(e) = file.flush_slot(slot)
         {
@@ -1103,6 +1109,7 @@ impl PageStore {
 
     /// Flush every pool file with unflushed writes. Failed files are taken out of service.
     pub fn flush(&self) -> Vec<io::Error> {
+        let upto = self.bytes_written.load(Ordering::Acquire);
         let files: Vec<_> = self.pools.read().files.iter().flatten().cloned().collect();
         let mut errs = Vec::new();
         for f in files {
@@ -1111,7 +1118,17 @@ impl PageStore {
                 errs.push(e);
             }
         }
+        self.bytes_flushed.fetch_max(upto, Ordering::AcqRel);
         errs
+    }
+
+    /// Page bytes written and not yet covered by a completed flush: under async durability, the
+    /// node's share of the dirty page cache the kernel still has to write back. While it is
+    /// small, a write only copies into the page cache; a large one means writeback is behind
+    /// and a write may be throttled by the kernel.
+    pub fn writeback_backlog(&self) -> u64 {
+        let flushed = self.bytes_flushed.load(Ordering::Acquire);
+        self.bytes_written.load(Ordering::Acquire).saturating_sub(flushed)
     }
 
     /// Clean shutdown: flush everything and leave the marker that lets the next start skip

@@ -413,3 +413,21 @@ fn concurrent_writers_are_spread_over_several_pool_files() {
         }
     }
 }
+
+#[test]
+fn the_writeback_backlog_counts_page_bytes_until_a_flush_covers_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = kvcache_node::StoreConfig::new(dir.path(), 16 * SLOT);
+    cfg.segment_bytes = 16 * SLOT;
+    cfg.flush_interval = Duration::from_secs(3600); // no background flush during the test
+    let s = kvcache_node::PageStore::open(cfg).unwrap();
+    s.ensure_namespace(small_ns()).unwrap();
+    assert_eq!(s.writeback_backlog(), 0);
+    let a = put(&s, &key("a", 0, 0), 4, 1);
+    let b = put(&s, &key("a", 0, 1), 2, 2);
+    assert_eq!(s.writeback_backlog(), (a.len() + b.len()) as u64);
+    assert!(s.flush().is_empty());
+    assert_eq!(s.writeback_backlog(), 0);
+    let c = put(&s, &key("b", 0, 0), 3, 3);
+    assert_eq!(s.writeback_backlog(), c.len() as u64);
+}
