@@ -457,3 +457,26 @@ impl CacheNode for NodeService {
         Ok(Response::new(pb::EnsureNamespaceResponse { created }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn the_inline_backlog_limit_is_a_part_of_this_host_s_memory() {
+        let total_kib: u64 = std::fs::read_to_string("/proc/meminfo")
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap();
+        let limit = super::inline_backlog_limit();
+        let background_bytes: u64 =
+            std::fs::read_to_string("/proc/sys/vm/dirty_background_bytes").map_or(0, |s| s.trim().parse().unwrap_or(0));
+        if background_bytes > 0 {
+            assert_eq!(limit, background_bytes);
+        } else {
+            assert!(limit > 0, "no inline writes at all");
+            assert!(limit < total_kib * 1024, "{limit} B is not below the host's memory");
+        }
+    }
+}

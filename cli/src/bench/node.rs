@@ -328,9 +328,8 @@ async fn one_size(a: &Args, size: usize) -> anyhow::Result<SizeResult> {
         let t = Instant::now();
         let mut tasks = Vec::new();
         for (c, ch) in chans.iter().enumerate() {
-            let mut cl = CacheNodeClient::new(ch.clone())
-                .max_decoding_message_size(1 << 30)
-                .max_encoding_message_size(1 << 30);
+            let mut cl =
+                CacheNodeClient::new(ch.clone()).max_decoding_message_size(1 << 30).max_encoding_message_size(1 << 30);
             let mine: Vec<pb::PutPagesRequest> = (c..pages)
                 .step_by(a.clients)
                 .collect::<Vec<_>>()
