@@ -294,7 +294,8 @@ pub struct PageStore {
     tick: AtomicU64,
     epoch: AtomicU64,
     lease_seq: AtomicU64,
-    /// Page bytes written since start, and how many of them the last completed flush covered.
+    /// Page bytes written since start under async durability, and how many of them the last
+    /// completed flush covered.
     bytes_written: AtomicU64,
     bytes_flushed: AtomicU64,
     counters: Counters,
@@ -688,12 +689,14 @@ impl PageStore {
             tracing::error!(file = %file.path.display(), error = %e, "page write failed: pool file taken out of service");
             return Err(e.into());
         }
-        self.bytes_written.fetch_add(payload.len() as u64, Ordering::AcqRel);
-        if self.cfg.durability == Durability::Sync
-            && let Err(e) = file.flush_slot(slot)
-        {
-            tracing::error!(file = %file.path.display(), error = %e, "msync failed: pool file taken out of service");
-            return Err(e.into());
+        if self.cfg.durability == Durability::Sync {
+            if let Err(e) = file.flush_slot(slot) {
+                tracing::error!(file = %file.path.display(), error = %e, "msync failed: pool file taken out of service");
+                return Err(e.into());
+            }
+        } else {
+            // Flushed later, in the background: counted in the writeback backlog until then.
+            self.bytes_written.fetch_add(payload.len() as u64, Ordering::AcqRel);
         }
         Ok(PageEntry { file: file.id, slot, tokens, crc, write_seq, prefix_hash, verified: true })
     }
