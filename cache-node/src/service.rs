@@ -91,14 +91,7 @@ fn inline_backlog_limit() -> u64 {
         return b;
     }
     let ratio = read("/proc/sys/vm/dirty_background_ratio").unwrap_or(10);
-    let total = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines()
-                .find_map(|l| l.strip_prefix("MemTotal:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        })
-        .map(|kib| kib * 1024);
+    let total = mem_total_bytes();
     let cgroup = read("/sys/fs/cgroup/memory.max").or_else(|| read("/sys/fs/cgroup/memory/memory.limit_in_bytes"));
     let memory = match (total, cgroup) {
         (Some(t), Some(c)) => t.min(c),
@@ -107,6 +100,14 @@ fn inline_backlog_limit() -> u64 {
         (None, None) => return 0, // unknown: every write takes the pool
     };
     memory / 100 * ratio
+}
+
+/// The host's memory, from `/proc/meminfo`.
+fn mem_total_bytes() -> Option<u64> {
+    let m = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: u64 =
+        m.lines().find_map(|l| l.strip_prefix("MemTotal:"))?.trim().trim_end_matches("kB").trim().parse().ok()?;
+    Some(kib * 1024)
 }
 
 fn inline_append(store: &PageStore, appends: usize, payload_bytes: usize) -> bool {
@@ -463,12 +464,7 @@ mod tests {
     #[cfg(target_os = "linux")]
     #[test]
     fn the_inline_backlog_limit_is_a_part_of_this_host_s_memory() {
-        let total_kib: u64 = std::fs::read_to_string("/proc/meminfo")
-            .unwrap()
-            .lines()
-            .find_map(|l| l.strip_prefix("MemTotal:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap();
+        let total = super::mem_total_bytes().unwrap();
         let limit = super::inline_backlog_limit();
         let background_bytes: u64 =
             std::fs::read_to_string("/proc/sys/vm/dirty_background_bytes").map_or(0, |s| s.trim().parse().unwrap_or(0));
@@ -476,7 +472,7 @@ mod tests {
             assert_eq!(limit, background_bytes);
         } else {
             assert!(limit > 0, "no inline writes at all");
-            assert!(limit < total_kib * 1024, "{limit} B is not below the host's memory");
+            assert!(limit < total, "{limit} B is not below the host's memory");
         }
     }
 }

@@ -144,58 +144,48 @@ async fn put_pages(node: Arc<NodeService>, req: http::Request<Body>) -> Result<h
 }
 
 async fn get_pages(node: Arc<NodeService>, req: http::Request<Body>) -> Result<http::Response<Body>, Status> {
-    let wanted = node.expand(request(req.into_body()).await?)?;
+    let mut wanted = node.expand(request(req.into_body()).await?)?.into_iter();
     let store = node.store().clone();
-    let mut wanted = wanted.into_iter();
     // Most requests (a decode step's layer, a prefill's batch) fit one response message: answer
     // those from here, the chunks handed to hyper as they are, without a task and a channel
     // between the lookups and the connection. Larger ones stream, a message at a time.
-    let mut msg = ResponseFrame::default();
-    let mut first = Vec::new();
-    for w in wanted.by_ref() {
-        let (item, payload) = crate::service::page_item(&store, w);
-        msg.push(item, payload);
-        if msg.is_full() {
-            first = std::mem::take(&mut msg).finish();
-            break;
-        }
-    }
+    let first = next_message_chunks(&store, &mut wanted);
     if wanted.len() == 0 {
         let mut chunks: Vec<Chunk> = first.into_iter().map(|c| Ok(Frame::data(c))).collect();
-        if msg.items > 0 {
-            chunks.extend(msg.finish().into_iter().map(|c| Ok(Frame::data(c))));
-        }
         chunks.push(ok_trailers());
         return respond(Body::new(http_body_util::StreamBody::new(tokio_stream::iter(chunks))));
     }
     let (tx, rx) = tokio::sync::mpsc::channel::<Chunk>(16);
     tokio::spawn(async move {
-        for c in first {
-            if tx.send(Ok(Frame::data(c))).await.is_err() {
-                return; // client went away; slot holds drop with the chunks
-            }
-        }
-        for w in wanted {
-            let (item, payload) = crate::service::page_item(&store, w);
-            msg.push(item, payload);
-            if msg.is_full() {
-                for c in std::mem::take(&mut msg).finish() {
-                    if tx.send(Ok(Frame::data(c))).await.is_err() {
-                        return;
-                    }
-                }
-            }
-        }
-        if msg.items > 0 {
-            for c in msg.finish() {
+        let mut chunks = first;
+        while !chunks.is_empty() {
+            for c in chunks {
                 if tx.send(Ok(Frame::data(c))).await.is_err() {
-                    return;
+                    return; // client went away; slot holds drop with the chunks
                 }
             }
+            chunks = next_message_chunks(&store, &mut wanted);
         }
         let _ = tx.send(ok_trailers()).await;
     });
     respond(Body::new(http_body_util::StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx))))
+}
+
+/// The chunks of the next response message: items looked up from `wanted` until the message is
+/// full or they run out (none when no item is left).
+fn next_message_chunks(
+    store: &crate::PageStore,
+    wanted: &mut impl Iterator<Item = crate::service::Wanted>,
+) -> Vec<Bytes> {
+    let mut msg = ResponseFrame::default();
+    for w in wanted.by_ref() {
+        let (item, payload) = crate::service::page_item(store, w);
+        msg.push(item, payload);
+        if msg.is_full() {
+            break;
+        }
+    }
+    if msg.items == 0 { Vec::new() } else { msg.finish() }
 }
 
 /// A gRPC response with `body`.
