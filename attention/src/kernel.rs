@@ -879,30 +879,62 @@ pub fn decode(
 }
 
 /// Decode attention of a batch of sequences of different lengths, split-K over `opts.threads`.
-/// `outs[i]` receives item `i`'s output and LSE.
+/// `outs[i]` receives item `i`'s output and LSE. The first item that fails is the error; use
+/// [`decode_batch_each`] to keep the others' answers.
 pub fn decode_batch(
     shape: &AttnShape,
     items: &[BatchItem],
     opts: &Options,
     outs: &mut [(&mut [f32], &mut [f32])],
 ) -> Result<(), AttentionError> {
+    decode_batch_each(shape, items, opts, outs).into_iter().collect()
+}
+
+/// [`decode_batch`] with one answer per item: an item whose query, pages or result is refused
+/// (a page holding NaN or infinity yields `NonFiniteResult`) does not stop the others. An item
+/// that fails leaves its output slot zeroed and its LSE at −∞. A batch whose shape or output
+/// slots are wrong fails every item with the same error.
+pub fn decode_batch_each(
+    shape: &AttnShape,
+    items: &[BatchItem],
+    opts: &Options,
+    outs: &mut [(&mut [f32], &mut [f32])],
+) -> Vec<Result<(), AttentionError>> {
     if outs.len() != items.len() {
-        return Err(AttentionError::Shape(format!("{} items but {} output slots", items.len(), outs.len())));
+        let e = AttentionError::Shape(format!("{} items but {} output slots", items.len(), outs.len()));
+        return vec![Err(e); items.len()];
     }
+    let mut results: Vec<Result<(), AttentionError>> = Vec::with_capacity(items.len());
     let mut starts = Vec::with_capacity(items.len());
     for (item, (o, l)) in items.iter().zip(outs.iter()) {
-        starts.push(check(shape, item)?);
-        if o.len() != shape.out_len() {
-            return Err(AttentionError::OutputLength { got: o.len(), expected: shape.out_len() });
-        }
-        if l.len() != shape.q_heads {
-            return Err(AttentionError::OutputLength { got: l.len(), expected: shape.q_heads });
+        let r = check(shape, item).and_then(|s| {
+            if o.len() != shape.out_len() {
+                return Err(AttentionError::OutputLength { got: o.len(), expected: shape.out_len() });
+            }
+            if l.len() != shape.q_heads {
+                return Err(AttentionError::OutputLength { got: l.len(), expected: shape.q_heads });
+            }
+            Ok(s)
+        });
+        match r {
+            Ok(s) => {
+                starts.push(s);
+                results.push(Ok(()));
+            }
+            Err(e) => {
+                starts.push(Vec::new());
+                results.push(Err(e));
+            }
         }
     }
-    // Tasks: (item, t0, t1). Long sequences are split so every thread has work.
+    // Tasks: (item, t0, t1). Long sequences are split so every thread has work; refused items
+    // get none.
     let threads = opts.threads.max(1);
     let mut tasks = Vec::new();
     for (i, item) in items.iter().enumerate() {
+        if results[i].is_err() {
+            continue;
+        }
         let total: usize = item.pages.iter().map(|p| p.tokens).sum();
         let splits = if threads > 1 { (total / opts.min_split_tokens.max(1)).clamp(1, threads) } else { 1 };
         let per = total.div_ceil(splits).max(1);
@@ -924,7 +956,7 @@ pub fn decode_batch(
         let range = Range { pages: items[i].pages, starts: &starts[i], t0, t1 };
         run_range(opts.backend, shape, items[i].q, &range, o, l);
     };
-    if threads == 1 || tasks.len() == 1 {
+    if threads == 1 || tasks.len() <= 1 {
         for (ti, (o, l)) in part_out.chunks_mut(ho).zip(part_lse.chunks_mut(hl)).enumerate() {
             run(ti, o, l);
         }
@@ -951,21 +983,35 @@ pub fn decode_batch(
             work();
         });
     }
-    // Merge each item's partials.
+    // Merge each item's partials; check what came out.
     let mut ti = 0;
     for (i, (o, l)) in outs.iter_mut().enumerate() {
+        if results[i].is_err() {
+            o.fill(0.0);
+            l.fill(f32::NEG_INFINITY);
+            continue;
+        }
         let first = ti;
         while ti < tasks.len() && tasks[ti].0 == i {
             ti += 1;
         }
         let parts: Vec<(&[f32], &[f32])> =
             (first..ti).map(|t| (&part_out[t * ho..(t + 1) * ho], &part_lse[t * hl..(t + 1) * hl])).collect();
+        // Finite scores over at least one token give a finite LSE: −∞ there means the scores
+        // were NaN (the running max skips NaN, leaving nothing). Checked per partial, so a NaN
+        // page in one split cannot vanish into the merge of the others.
+        let part_bad = (first..ti).any(|t| {
+            let (_, t0, t1) = tasks[t];
+            t1 > t0 && part_lse[t * hl..(t + 1) * hl].iter().any(|x| !x.is_finite())
+        });
         merge(&parts, shape.v_width, o, l);
-        if o.iter().any(|x| !x.is_finite()) || l.iter().any(|x| x.is_nan() || *x == f32::INFINITY) {
-            return Err(AttentionError::NonFiniteResult);
+        if part_bad || o.iter().any(|x| !x.is_finite()) || l.iter().any(|x| x.is_nan() || *x == f32::INFINITY) {
+            o.fill(0.0);
+            l.fill(f32::NEG_INFINITY);
+            results[i] = Err(AttentionError::NonFiniteResult);
         }
     }
-    Ok(())
+    results
 }
 
 /// Merge partial results `(out, lse)` of disjoint token ranges into the result over their union:

@@ -1,6 +1,6 @@
 //! kvcache-attention: decode-step attention over cached pages. Pure compute, no I/O.
 //!
-//! - [`decode`] / [`decode_batch`]: one query token per sequence attends to all of its cached
+//! - [`decode`] / [`decode_batch`] / [`decode_batch_each`] (an answer per item): one query token per sequence attends to all of its cached
 //!   tokens, page by page, straight from page payloads of any codec (GQA bf16 and fp8 rows are
 //!   widened in registers inside the score and P·V tiles; other rows are dequantized a block of
 //!   32 tokens at a time into a small scratch, never as a whole f32 copy of the cache; fp8 and
@@ -28,7 +28,7 @@ pub mod peak;
 pub mod reference;
 pub mod simd;
 
-pub use kernel::{BatchItem, decode, decode_batch, merge};
+pub use kernel::{BatchItem, decode, decode_batch, decode_batch_each, merge};
 pub use simd::Backend;
 
 use kvcache_core::{AttentionKind, ModelSpec, PageLayout};

@@ -2,7 +2,9 @@
 //! against the unsplit result, and the refusals (bad lengths, NaN).
 
 use kvcache_attention::reference::{attention, rel_l2};
-use kvcache_attention::{AttentionError, AttnShape, Backend, BatchItem, KvPage, Options, decode, decode_batch, merge};
+use kvcache_attention::{
+    AttentionError, AttnShape, Backend, BatchItem, KvPage, Options, decode, decode_batch, decode_batch_each, merge,
+};
 use kvcache_core::{AttentionKind, Codec, ModelSpec, PageLayout};
 use rand::Rng;
 
@@ -234,4 +236,59 @@ fn nan_never_passes_and_bad_lengths_are_refused() {
     // No pages: zero output, lse −∞.
     decode(&c.shape, &c.q, &[], &opts, &mut out, &mut lse).unwrap();
     assert!(out.iter().all(|x| *x == 0.0) && lse.iter().all(|x| *x == f32::NEG_INFINITY));
+}
+
+/// Pages of `c` with every 16-bit value of page `page` replaced by `bits` (a bf16/f16 NaN or
+/// infinity), so every score or every output row that reads it is poisoned.
+fn poisoned(c: &Case, page: usize, bits: u16) -> Vec<(Vec<u8>, usize)> {
+    let mut pages = c.pages.clone();
+    for v in pages[page].0.chunks_exact_mut(2) {
+        v.copy_from_slice(&bits.to_le_bytes());
+    }
+    pages
+}
+
+fn kv_of(ps: &[(Vec<u8>, usize)]) -> Vec<KvPage<'_>> {
+    ps.iter().map(|(p, n)| KvPage { payload: p, tokens: *n }).collect()
+}
+
+#[test]
+fn a_batch_answers_each_item_and_refuses_only_the_ones_whose_pages_hold_nan_or_infinity() {
+    let mut rng = rand::rng();
+    let spec = gqa(8, 2, 64);
+    let good = case(&spec, Codec::Bf16, 16, 300, &mut rng);
+    let nan = case(&spec, Codec::Bf16, 16, 300, &mut rng);
+    let inf = case(&spec, Codec::Bf16, 16, 300, &mut rng);
+    // A whole page of NaN (the scores of its tokens are NaN: the running max skips them, which
+    // once produced a zero output with lse −∞ reported as success) in the middle of the context,
+    // and a page of +∞ at the end.
+    let nan_pages = poisoned(&nan, 9, 0x7fc0);
+    let inf_pages = poisoned(&inf, inf.pages.len() - 1, 0x7f80);
+    let (kv_good, kv_nan, kv_inf) = (good.kv(), kv_of(&nan_pages), kv_of(&inf_pages));
+    let items = [
+        BatchItem { q: &nan.q, pages: &kv_nan },
+        BatchItem { q: &good.q, pages: &kv_good },
+        BatchItem { q: &inf.q, pages: &kv_inf },
+    ];
+    let shape = good.shape;
+    // One thread, and split-K over two (the NaN page then sits in one split of several).
+    for opts in [Options::default(), Options { threads: 2, min_split_tokens: 64, ..Options::default() }] {
+        let mut bufs: Vec<(Vec<f32>, Vec<f32>)> =
+            (0..3).map(|_| (vec![f32::NAN; shape.out_len()], vec![f32::NAN; shape.q_heads])).collect();
+        let mut outs: Vec<(&mut [f32], &mut [f32])> = bufs.iter_mut().map(|(o, l)| (&mut o[..], &mut l[..])).collect();
+        let r = decode_batch_each(&shape, &items, &opts, &mut outs);
+        assert_eq!(r, vec![Err(AttentionError::NonFiniteResult), Ok(()), Err(AttentionError::NonFiniteResult)]);
+        let (ro, rl) = attention(&shape, &good.q, &good.kv());
+        assert!(rel_l2(&bufs[1].0, &ro) <= 1e-5);
+        for (a, b) in bufs[1].1.iter().zip(&rl) {
+            assert!((*a as f64 - b).abs() <= 1e-4 * b.abs().max(1.0), "lse {a} vs {b}");
+        }
+        // A refused item's slot holds no stale or partial values.
+        for i in [0, 2] {
+            assert!(bufs[i].0.iter().all(|x| *x == 0.0));
+            assert!(bufs[i].1.iter().all(|x| *x == f32::NEG_INFINITY));
+        }
+        let mut outs: Vec<(&mut [f32], &mut [f32])> = bufs.iter_mut().map(|(o, l)| (&mut o[..], &mut l[..])).collect();
+        assert_eq!(decode_batch(&shape, &items, &opts, &mut outs), Err(AttentionError::NonFiniteResult));
+    }
 }

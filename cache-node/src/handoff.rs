@@ -16,17 +16,19 @@
 //! replica copying to the next owner, restoring R copies. Every holder of a sequence may copy
 //! it, but the `Lookup` first makes the second copy a no-op.
 //!
-//! Sequences whose copy failed are retried every `interval`; every `full_interval` a pass looks
-//! at all sequences regardless (anti-entropy: it also repairs a replica that missed a write).
+//! Passes are driven by the node's [`CoordinatorLink`]: its watched shard map wakes the task on
+//! every new epoch (no polling). Sequences whose copy failed are retried every `interval`; every
+//! `full_interval` a pass looks at all sequences regardless (anti-entropy: it also repairs a
+//! replica that missed a write).
 
 use crate::PageStore;
-use kvcache_client::{NodeRef, Routing};
 use kvcache_core::validate;
+use kvcache_core::{NodeRef, Routing};
 use kvcache_core::{PageKey, SequenceKey};
+use kvcache_net::CoordinatorLink;
 use kvcache_net::Tls;
 use kvcache_proto::v1 as pb;
 use kvcache_proto::v1::cache_node_client::CacheNodeClient;
-use kvcache_proto::v1::coordinator_client::CoordinatorClient;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -39,20 +41,13 @@ pub struct HandoffConfig {
     pub interval: Duration,
     /// A pass over every sequence (not only those whose owners changed) runs this often.
     pub full_interval: Duration,
-    /// How often the epoch is checked.
-    pub poll: Duration,
     /// Payload bytes per `PutPages` message.
     pub batch_bytes: usize,
 }
 
 impl Default for HandoffConfig {
     fn default() -> Self {
-        Self {
-            interval: Duration::from_secs(30),
-            full_interval: Duration::from_secs(600),
-            poll: Duration::from_millis(500),
-            batch_bytes: 8 << 20,
-        }
+        Self { interval: Duration::from_secs(30), full_interval: Duration::from_secs(600), batch_bytes: 8 << 20 }
     }
 }
 
@@ -75,10 +70,10 @@ pub struct PassReport {
     pub bytes: u64,
 }
 
-/// Run handoff passes for `node_id` forever (abort the task to stop it).
-pub async fn run(store: Arc<PageStore>, node_id: String, coordinators: String, tls: Tls, cfg: HandoffConfig) {
-    let replicas: Vec<String> =
-        coordinators.split(',').map(|a| a.trim().to_owned()).filter(|a| !a.is_empty()).collect();
+/// Run handoff passes for `node_id` until the task is aborted. A pass runs when `link`'s
+/// watched shard map moves to a new epoch (the link must be watching), when failed copies are
+/// due for a retry, and every `full_interval`; between them the task sleeps on the watch.
+pub async fn run(store: Arc<PageStore>, node_id: String, link: CoordinatorLink, tls: Tls, cfg: HandoffConfig) {
     let mut peers = Peers { tls, clients: HashMap::new() };
     // Counters exist from the start (at 0), so dashboards and alerts see them before a handoff.
     {
@@ -89,22 +84,41 @@ pub async fn run(store: Arc<PageStore>, node_id: String, coordinators: String, t
         metrics::counter!(n::NODE_HANDOFF_BYTES).increment(0);
         metrics::counter!(n::NODE_HANDOFF_RELEASED).increment(0);
     }
+    let mut maps = link.subscribe();
     let mut done_epoch = 0u64;
     let mut last_pass = Instant::now();
     let mut last_full: Option<Instant> = None;
-    let mut prev: Option<Routing> = None;
+    let mut prev: Option<Arc<Routing>> = None;
     let mut retry: HashSet<SequenceKey> = HashSet::new();
     loop {
-        tokio::time::sleep(cfg.poll).await;
-        let epoch = store.epoch();
+        // Sleep until the map changes or the next retry / full pass is due.
+        let full_due = last_full.map_or(Duration::ZERO, |t| cfg.full_interval.saturating_sub(t.elapsed()));
+        let retry_in = if retry.is_empty() { full_due } else { cfg.interval.saturating_sub(last_pass.elapsed()) };
+        // Without a map yet, only the watch can wake the task.
+        let wait = if maps.borrow().epoch == 0 { Duration::MAX } else { full_due.min(retry_in) };
+        if !wait.is_zero() {
+            tokio::select! {
+                changed = maps.changed() => if changed.is_err() { return },
+                _ = tokio::time::sleep(wait.min(Duration::from_secs(86_400))) => {}
+            }
+        }
+        let mut routing = maps.borrow_and_update().clone();
+        if routing.epoch == 0 {
+            continue; // no map yet
+        }
+        // The node learns epochs at its heartbeats too: a watch behind them is refreshed now.
+        if routing.epoch < store.epoch() {
+            match link.refresh().await {
+                Ok(r) => routing = r,
+                Err(e) => tracing::debug!(error = %e, "shard map refresh failed"),
+            }
+        }
         let full = last_full.is_none_or(|t| t.elapsed() >= cfg.full_interval);
         let retry_due = !retry.is_empty() && last_pass.elapsed() >= cfg.interval;
-        if epoch == 0 || (epoch == done_epoch && !full && !retry_due) {
+        if routing.epoch == done_epoch && !full && !retry_due {
             continue;
         }
-        let Some(map) = fetch_map(&replicas, &peers.tls).await else { continue };
-        let routing = Routing::new(map);
-        let since = if full { None } else { prev.as_ref() };
+        let since = if full { None } else { prev.as_deref() };
         let report = pass(&store, &node_id, &routing, since, &mut retry, &mut peers, &cfg).await;
         if report.copied + report.failed + report.released > 0 {
             tracing::info!(?report, "handoff pass");
@@ -113,25 +127,9 @@ pub async fn run(store: Arc<PageStore>, node_id: String, coordinators: String, t
         if full {
             last_full = Some(last_pass);
         }
-        // A pass with a stale map (a follower behind the leader) runs again at once.
-        if routing.epoch >= epoch {
-            done_epoch = routing.epoch;
-        }
+        done_epoch = routing.epoch;
         prev = Some(routing);
     }
-}
-
-async fn fetch_map(replicas: &[String], tls: &Tls) -> Option<pb::ShardMap> {
-    for addr in replicas {
-        let Ok(ch) = kvcache_net::endpoint(addr, tls).map(|e| e.timeout(Duration::from_secs(5)).connect_lazy()) else {
-            continue;
-        };
-        match CoordinatorClient::new(ch).get_shard_map(pb::GetShardMapRequest {}).await {
-            Ok(m) => return Some(m.into_inner()),
-            Err(e) => tracing::debug!(coordinator = %addr, error = %e, "shard map fetch failed"),
-        }
-    }
-    None
 }
 
 /// Channels to the other nodes, by address.

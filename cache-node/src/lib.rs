@@ -14,7 +14,9 @@
 //! - [`membership`]: registration and heartbeats with the coordinator (epoch, namespaces).
 //! - [`handoff`]: moving sequences to their owners after membership changes (drain, join,
 //!   re-replication after a node loss).
-//! - [`run`]: serve a store on a listener (with health and reflection) until `shutdown`.
+//! - [`run`] with a [`NodeConfig`]: the one way to start a node — serve a store on a listener
+//!   (with health and reflection), join the cluster through one `CoordinatorLink` (membership
+//!   and handoff share it), stop in order on `shutdown`. Errors are a [`NodeError`].
 //!
 //! Invariants: a page is published only after its payload and then its CRC-carrying header are
 //! in the slot (and msync'ed under `sync`); nothing is served that did not verify (header CRC at
@@ -38,23 +40,92 @@ use tokio::net::TcpListener;
 /// Largest gRPC message a node accepts or sends.
 pub const MAX_MESSAGE_BYTES: usize = 256 << 20;
 
-/// Serve `store` as `node_id` on `listener` until `shutdown` resolves, then close the store
-/// cleanly (flush + clean-shutdown marker).
+/// Who a node is and how it joins a cluster: everything [`run`] needs beside the store.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// Node id (stable across restarts).
+    pub node_id: String,
+    /// Address clients reach this node at.
+    pub advertise: String,
+    /// Failure zone, for replica placement.
+    pub zone: String,
+    /// Coordinator replicas (comma-separated); `None` serves standalone.
+    pub coordinator: Option<String>,
+    /// Handoff settings (used with a coordinator).
+    pub handoff: handoff::HandoffConfig,
+    /// TLS of the channels to the coordinator and the other nodes.
+    pub tls: kvcache_net::Tls,
+}
+
+impl NodeConfig {
+    /// A node outside any cluster (no coordinator), plaintext.
+    pub fn standalone(node_id: impl Into<String>, advertise: impl Into<String>) -> Self {
+        Self {
+            node_id: node_id.into(),
+            advertise: advertise.into(),
+            zone: String::new(),
+            coordinator: None,
+            handoff: handoff::HandoffConfig::default(),
+            tls: kvcache_net::Tls::none(),
+        }
+    }
+}
+
+/// Why a node stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// Transport setup (TLS, addresses, reflection).
+    #[error(transparent)]
+    Net(#[from] kvcache_net::NetError),
+    /// The gRPC server failed.
+    #[error("gRPC server: {0}")]
+    Serve(#[from] tonic::transport::Error),
+    /// Closing the store (its final flush) failed.
+    #[error("closing the page store: {0}")]
+    Close(#[from] StoreError),
+    /// A task the node ran panicked.
+    #[error("node task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+/// Serve `store` on `listener` until `shutdown` resolves: the CacheNode service with health and
+/// reflection, and with a coordinator its membership (registration, heartbeats) and handoff,
+/// both on one [`kvcache_net::CoordinatorLink`]. On shutdown membership and handoff stop first,
+/// then the server drains, then the store closes cleanly (flush + clean-shutdown marker).
 pub async fn run(
     store: Arc<PageStore>,
-    node_id: String,
+    cfg: NodeConfig,
     listener: TcpListener,
     exposure: kvcache_net::Exposure,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> anyhow_like::Result<()> {
+) -> Result<(), NodeError> {
     use kvcache_proto::v1::cache_node_server::CacheNodeServer;
-    let err = |e: kvcache_net::NetError| anyhow_like::Error(e.to_string());
     let (health, health_svc) = tonic_health::server::health_reporter();
     health.set_serving::<CacheNodeServer<NodeService>>().await;
-    let reflection = kvcache_net::reflection().map_err(err)?;
-    let server = kvcache_net::server(&exposure.tls).map_err(err)?;
+    let reflection = kvcache_net::reflection()?;
+    let server = kvcache_net::server(&exposure.tls)?;
+    let mut cluster_tasks = Vec::new();
+    if let Some(c) = &cfg.coordinator {
+        let link = kvcache_net::CoordinatorLink::new(c, &cfg.tls, std::time::Duration::from_secs(5))?;
+        link.watch();
+        let info = kvcache_proto::v1::NodeInfo {
+            node_id: cfg.node_id.clone(),
+            address: cfg.advertise.clone(),
+            capacity_bytes: store.stats().capacity_bytes,
+            zone: cfg.zone.clone(),
+            labels: Default::default(),
+        };
+        cluster_tasks.push(tokio::spawn(membership::join_cluster(store.clone(), link.clone(), info)));
+        cluster_tasks.push(tokio::spawn(handoff::run(
+            store.clone(),
+            cfg.node_id.clone(),
+            link,
+            cfg.tls.clone(),
+            cfg.handoff.clone(),
+        )));
+    }
     let probe = exposure.health_listener.map(|l| kvcache_net::serve_health(l, health_svc.clone()));
-    let node = Arc::new(NodeService::new(store.clone(), node_id));
+    let node = Arc::new(NodeService::new(store.clone(), cfg.node_id));
     let svc = zerocopy::ZeroCopyPages::new(
         node.clone(),
         CacheNodeServer::from_arc(node)
@@ -69,6 +140,14 @@ pub async fn run(
         .add_service(svc)
         .serve_with_incoming_shutdown(kvcache_net::incoming(listener), async move {
             shutdown.await;
+            // Leave the cluster's loops before the last requests drain: no handoff copy or
+            // heartbeat runs against a store about to close.
+            for t in &cluster_tasks {
+                t.abort();
+            }
+            for t in cluster_tasks {
+                let _ = t.await;
+            }
             health.set_not_serving::<CacheNodeServer<NodeService>>().await;
         })
         .await;
@@ -77,8 +156,8 @@ pub async fn run(
         p.abort();
     }
     let closed = tokio::task::spawn_blocking(move || store.close()).await;
-    r.map_err(|e| anyhow_like::Error(e.to_string()))?;
-    closed.map_err(|e| anyhow_like::Error(e.to_string()))?.map_err(|e| anyhow_like::Error(e.to_string()))?;
+    r?;
+    closed??;
     Ok(())
 }
 
@@ -107,19 +186,4 @@ async fn export_gauges(store: Arc<PageStore>) {
         metrics::counter!(n::NODE_EVICTIONS, "reason" => "capacity").absolute(st.evictions);
         metrics::counter!(n::NODE_CORRUPT_PAGES).absolute(st.corrupt_pages_dropped);
     }
-}
-
-/// The error of [`run`]: a message (the binary wraps it in anyhow).
-pub mod anyhow_like {
-    /// A server error, as text.
-    #[derive(Debug)]
-    pub struct Error(pub String);
-    impl std::fmt::Display for Error {
-        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            f.write_str(&self.0)
-        }
-    }
-    impl std::error::Error for Error {}
-    /// Result of [`super::run`].
-    pub type Result<T> = std::result::Result<T, Error>;
 }

@@ -1,11 +1,12 @@
 //! A node's side of cluster membership: register with the coordinator, heartbeat with stats,
 //! learn the epoch (for write fencing) and the namespaces. Runs until aborted; survives
-//! coordinator restarts by re-registering.
+//! coordinator restarts by re-registering. Reaches the coordinator through the node's one
+//! [`CoordinatorLink`] (shared with [`crate::handoff`]).
 
 use crate::store::PageStore;
 use kvcache_core::Namespace;
+use kvcache_net::CoordinatorLink;
 use kvcache_proto::v1 as pb;
-use kvcache_proto::v1::coordinator_client::CoordinatorClient;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,72 +24,33 @@ fn apply(store: &PageStore, epoch: u64, namespaces: Vec<pb::Namespace>) {
     }
 }
 
-/// Register `info` with the coordinator (a comma-separated list of replicas; a follower's
-/// redirect to the leader is followed) and heartbeat forever.
-pub async fn join_cluster(store: Arc<PageStore>, coordinator: String, info: pb::NodeInfo, tls: kvcache_net::Tls) {
-    let replicas: Vec<String> = coordinator.split(',').map(|a| a.trim().to_owned()).filter(|a| !a.is_empty()).collect();
-    if replicas.is_empty() {
-        tracing::error!("no coordinator address");
-        return;
-    }
-    let endpoint = |addr: &str| {
-        kvcache_net::endpoint(addr, &tls)
-            .map(|e| e.connect_timeout(Duration::from_secs(2)).timeout(Duration::from_secs(5)).connect_lazy())
-    };
-    let mut current = replicas[0].clone();
-    let mut next = 0usize;
+/// Register `info` with the coordinator through `link` (leader redirects and replica failover
+/// are the link's) and heartbeat until the task is aborted. A heartbeat the coordinator does not
+/// recognise (it restarted, or marked this node down) or that no replica answers leads to a new
+/// registration.
+pub async fn join_cluster(store: Arc<PageStore>, link: CoordinatorLink, info: pb::NodeInfo) {
     let mut backoff = Duration::from_millis(100);
-    // Addresses that refused a connection since the last success: a follower's leader hint
-    // pointing at one of them is stale (the election is still running), so it is not followed.
-    let mut dead: Vec<String> = Vec::new();
-    let mut failures = 0usize;
-    let mut switch = |status: &tonic::Status, current: &mut String, dead: &mut Vec<String>| {
-        let hint = status
-            .metadata()
-            .get(kvcache_proto::metadata::LEADER)
-            .and_then(|v| v.to_str().ok())
-            .filter(|l| !l.is_empty())
-            .map(str::to_owned);
-        match hint {
-            Some(l) if !dead.contains(&l) && l != *current => *current = l,
-            _ => {
-                if status.metadata().get(kvcache_proto::metadata::LEADER).is_none() && !dead.contains(current) {
-                    dead.push(current.clone());
-                }
-                next = (next + 1) % replicas.len();
-                *current = replicas[next].clone();
-            }
-        }
-    };
     loop {
-        let Ok(ch) = endpoint(&current) else {
-            tracing::error!(coordinator = %current, "bad coordinator address");
-            return;
-        };
-        let mut c = CoordinatorClient::new(ch);
-        let reg = c.register_node(pb::RegisterNodeRequest { node: Some(info.clone()) }).await;
+        let reg = link
+            .call(|mut c| {
+                let node = Some(info.clone());
+                async move { c.register_node(pb::RegisterNodeRequest { node }).await }
+            })
+            .await;
         let interval = match reg {
             Ok(r) => {
                 let r = r.into_inner();
                 let s = store.clone();
                 let (epoch, nss) = (r.epoch, r.namespaces);
                 let _ = tokio::task::spawn_blocking(move || apply(&s, epoch, nss)).await;
-                tracing::info!(epoch = r.epoch, coordinator = %current, "registered with the coordinator");
+                tracing::info!(epoch = r.epoch, coordinator = %link.current(), "registered with the coordinator");
                 backoff = Duration::from_millis(100);
-                dead.clear();
-                failures = 0;
                 Duration::from_millis(r.heartbeat_interval_ms.clamp(50, 60_000) as u64)
             }
             Err(e) => {
-                tracing::warn!(error = %e, coordinator = %current, "registration failed; retrying");
-                switch(&e, &mut current, &mut dead);
-                failures += 1;
-                // Sleep once per round over the replicas, not after every refusal.
-                if failures.is_multiple_of(replicas.len()) {
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
-                    dead.clear();
-                }
+                tracing::warn!(error = %e, "registration failed; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
                 continue;
             }
         };
@@ -107,7 +69,13 @@ pub async fn join_cluster(store: Arc<PageStore>, coordinator: String, info: pb::
                 pages: st.pages,
                 sequences: st.sequences,
             };
-            match c.heartbeat(hb).await {
+            match link
+                .call(|mut c| {
+                    let hb = hb.clone();
+                    async move { c.heartbeat(hb).await }
+                })
+                .await
+            {
                 Ok(r) => {
                     let r = r.into_inner();
                     if !r.known {
@@ -117,8 +85,7 @@ pub async fn join_cluster(store: Arc<PageStore>, coordinator: String, info: pb::
                     let _ = tokio::task::spawn_blocking(move || apply(&s, r.epoch, r.namespaces)).await;
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "heartbeat failed");
-                    switch(&e, &mut current, &mut dead);
+                    tracing::warn!(error = %e, "heartbeat failed; registering again");
                     break;
                 }
             }

@@ -25,8 +25,10 @@ async fn start() -> Node {
     let addr = format!("http://{}", listener.local_addr().unwrap());
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let s = store.clone();
+    let addr_of_listener = listener.local_addr().unwrap().to_string();
     let task = tokio::spawn(async move {
-        kvcache_node::run(s, "n1".into(), listener, kvcache_net::Exposure::plaintext(), async move {
+        let cfg = kvcache_node::NodeConfig::standalone("n1", addr_of_listener);
+        kvcache_node::run(s, cfg, listener, kvcache_net::Exposure::plaintext(), async move {
             let _ = rx.await;
         })
         .await

@@ -4,7 +4,6 @@
 use kvcache_client::Client;
 use kvcache_coordinator::{ClusterState, CoordinatorConfig};
 use kvcache_node::{Durability, PageStore, StoreConfig};
-use kvcache_proto::v1 as pb;
 use kvcache_worker::{Worker, WorkerConfig};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -56,7 +55,6 @@ struct Service {
     name: String,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<()>,
-    extra: Vec<JoinHandle<()>>,
 }
 
 /// A running local cluster.
@@ -104,7 +102,7 @@ impl LocalCluster {
                 tracing::error!(error = %e, "coordinator failed");
             }
         });
-        services.push(Service { name: "coordinator".into(), stop: Some(tx), task, extra: vec![] });
+        services.push(Service { name: "coordinator".into(), stop: Some(tx), task });
         // Nodes.
         let mut nodes = Vec::new();
         for i in 0..cfg.nodes {
@@ -114,34 +112,19 @@ impl LocalCluster {
             let l = tokio::net::TcpListener::bind((cfg.host.as_str(), 0)).await?;
             let addr = l.local_addr()?.to_string();
             let id = format!("node-{i}");
-            let info = pb::NodeInfo {
-                node_id: id.clone(),
-                address: addr.clone(),
-                capacity_bytes: cfg.node_capacity,
-                zone: String::new(),
-                labels: Default::default(),
+            let ncfg = kvcache_node::NodeConfig {
+                coordinator: Some(coordinator.clone()),
+                tls: cfg.tls.clone(),
+                ..kvcache_node::NodeConfig::standalone(id.clone(), addr.clone())
             };
-            let member = tokio::spawn(kvcache_node::membership::join_cluster(
-                store.clone(),
-                coordinator.clone(),
-                info,
-                cfg.tls.clone(),
-            ));
-            let handoff = tokio::spawn(kvcache_node::handoff::run(
-                store.clone(),
-                id.clone(),
-                coordinator.clone(),
-                cfg.tls.clone(),
-                Default::default(),
-            ));
             let (tx, stop) = stop_pair();
             let ex = exposure(&cfg);
             let task = tokio::spawn(async move {
-                if let Err(e) = kvcache_node::run(store, id, l, ex, stop).await {
+                if let Err(e) = kvcache_node::run(store, ncfg, l, ex, stop).await {
                     tracing::error!(error = %e, "cache node failed");
                 }
             });
-            services.push(Service { name: format!("node-{i}"), stop: Some(tx), task, extra: vec![member, handoff] });
+            services.push(Service { name: format!("node-{i}"), stop: Some(tx), task });
             nodes.push(addr);
         }
         // Wait for the nodes to be in the map.
@@ -175,7 +158,7 @@ impl LocalCluster {
                 tracing::error!(error = %e, "worker failed");
             }
         });
-        services.push(Service { name: "worker".into(), stop: Some(tx), task, extra: vec![] });
+        services.push(Service { name: "worker".into(), stop: Some(tx), task });
         kvcache_worker::register(&client, "worker-0", &waddr).await?;
         Ok(LocalCluster { coordinator, nodes, worker: waddr, worker_handle: worker, services })
     }
@@ -185,9 +168,6 @@ impl LocalCluster {
         let mut order: Vec<Service> = self.services.drain(..).collect();
         order.reverse();
         for mut s in order {
-            for e in &s.extra {
-                e.abort();
-            }
             if let Some(tx) = s.stop.take() {
                 let _ = tx.send(());
             }

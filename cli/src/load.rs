@@ -173,6 +173,7 @@ impl Shared {
             match pb::SequenceStatus::try_from(res.status) {
                 Ok(pb::SequenceStatus::Ok) => Ok(res.context_tokens * self.ns.layout().token_bytes() as u64),
                 Ok(pb::SequenceStatus::Miss) => Err("MISS"),
+                Ok(pb::SequenceStatus::BadData) => Err("BAD_DATA"),
                 _ => Err("WRITE_FAILED"),
             }
         }

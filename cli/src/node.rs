@@ -62,35 +62,22 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let addr = listener.local_addr()?;
         let advertise = args.advertise.unwrap_or_else(|| addr.to_string());
         let node_id = args.node_id.unwrap_or_else(|| advertise.clone());
-        let handoff = args.coordinator.clone().map(|c| {
-            let cfg = kvcache_node::handoff::HandoffConfig {
+        let cfg = kvcache_node::NodeConfig {
+            node_id: node_id.clone(),
+            advertise,
+            zone: args.zone,
+            coordinator: args.coordinator,
+            handoff: kvcache_node::handoff::HandoffConfig {
                 interval: args.handoff_interval,
                 full_interval: args.handoff_interval * 20,
                 ..Default::default()
-            };
-            tokio::spawn(kvcache_node::handoff::run(store.clone(), node_id.clone(), c, tls.clone(), cfg))
-        });
-        let member = args.coordinator.map(|c| {
-            let info = kvcache_proto::v1::NodeInfo {
-                node_id: node_id.clone(),
-                address: advertise.clone(),
-                capacity_bytes: args.capacity,
-                zone: args.zone.clone(),
-                labels: Default::default(),
-            };
-            tokio::spawn(kvcache_node::membership::join_cluster(store.clone(), c, info, tls.clone()))
-        });
+            },
+            tls,
+        };
         let st = store.stats();
         tracing::info!(%addr, node_id, pages = st.pages, recovery_seconds = st.recovery_seconds, "cache node serving");
         println!("kvcache node {node_id} listening on {addr}");
-        // Membership and handoff stop before the store closes.
-        let shutdown = async move {
-            shutdown_signal().await;
-            for t in [member, handoff].into_iter().flatten() {
-                t.abort();
-            }
-        };
-        kvcache_node::run(store, node_id, listener, exposure, shutdown).await?;
+        kvcache_node::run(store, cfg, listener, exposure, shutdown_signal()).await?;
         tracing::info!("cache node stopped cleanly");
         Ok(())
     })

@@ -176,9 +176,157 @@ async fn missing_sequences_are_misses_and_bad_input_is_invalid_argument() {
     ];
     for (req, want) in cases {
         let e = w.decode(req).await.unwrap_err();
-        assert_eq!(e.code(), Code::InvalidArgument);
+        let code = if want == "unknown namespace" { Code::NotFound } else { Code::InvalidArgument };
+        assert_eq!(e.code(), code, "{want}: {}", e.message());
         assert!(e.message().contains(want), "{} !~ {want}", e.message());
     }
+    cluster.stop().await.unwrap();
+}
+
+/// Every field of a Decode request malformed one at a time, each answered with its own status
+/// and a message naming what was wrong; none of them leaves a token appended (a refused call can
+/// be retried as is). Then cached pages holding NaN or infinity: that sequence's own BAD_DATA
+/// status while the rest of the batch is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_malformed_decode_field_is_refused_before_anything_is_written_and_bad_cached_data_is_per_sequence() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = LocalClusterConfig::new(dir.path());
+    cfg.node_capacity = 128 << 20;
+    let cluster = LocalCluster::start(cfg).await.unwrap();
+    let client = Client::connect(&cluster.coordinator).await.unwrap();
+    let ns = namespace(&client, "t.edge", "qwen2.5-7b", pb::Codec::Bf16).await;
+    let shape = AttnShape::new(&ns.model, ns.layout());
+    let mut rng = Rng::new(11);
+    let a = SequenceKey::new("t.edge", "a");
+    client.put_pages(prefill_pages(&ns, &a, 1, 40, &mut rng)).await.unwrap();
+    let good_q = rng.vec(shape.q_len(), 1.0);
+    let tok = Bytes::from(tokens_payload(&ns, 1, &mut rng));
+    let item = |id: &str, q: &[f32]| pb::DecodeItem {
+        sequence_id: id.into(),
+        query: kvcache_proto::f32le::to_bytes(q),
+        new_kv: tok.clone(),
+        new_token_id: None,
+    };
+    let req = |items: Vec<pb::DecodeItem>| pb::DecodeRequest {
+        namespace: "t.edge".into(),
+        layer: 0,
+        items,
+        softmax_scale: 0.0,
+    };
+    let with_q = |j: usize, v: f32| {
+        let mut q = good_q.clone();
+        q[j] = v;
+        q
+    };
+    let bf16_nan =
+        Bytes::from(tok.iter().enumerate().map(|(i, b)| if i < 2 { [0xc0, 0x7f][i] } else { *b }).collect::<Vec<u8>>());
+    let bf16_inf =
+        Bytes::from(tok.iter().enumerate().map(|(i, b)| if i < 2 { [0x80, 0xff][i] } else { *b }).collect::<Vec<u8>>());
+    let cases: Vec<(pb::DecodeRequest, Code, &str)> = vec![
+        (
+            req(vec![item("a", &with_q(5, f32::NAN))]),
+            Code::InvalidArgument,
+            "item 0 (sequence \"a\"): query value 5 is NaN",
+        ),
+        (req(vec![item("a", &with_q(0, f32::INFINITY))]), Code::InvalidArgument, "query value 0 is inf"),
+        (req(vec![item("a", &with_q(7, f32::NEG_INFINITY))]), Code::InvalidArgument, "query value 7 is -inf"),
+        // The first item is fine: the second's NaN must still stop the first's append.
+        (
+            req(vec![item("a", &good_q), item("b", &with_q(1, f32::NAN))]),
+            Code::InvalidArgument,
+            "item 1 (sequence \"b\"): query value 1 is NaN",
+        ),
+        (
+            req(vec![pb::DecodeItem { new_kv: bf16_nan, ..item("a", &good_q) }]),
+            Code::InvalidArgument,
+            "new_kv value 0 is not finite",
+        ),
+        (
+            req(vec![pb::DecodeItem { new_kv: bf16_inf, ..item("a", &good_q) }]),
+            Code::InvalidArgument,
+            "new_kv value 0 is not finite",
+        ),
+        (
+            req(vec![pb::DecodeItem { new_kv: tok.slice(1..), ..item("a", &good_q) }]),
+            Code::InvalidArgument,
+            "new_kv is",
+        ),
+        (req(vec![item("", &good_q)]), Code::InvalidArgument, "item 0"),
+        (req(vec![item("a", &good_q), item("a", &good_q)]), Code::InvalidArgument, "appears twice"),
+        (req(vec![item("a", &good_q[1..])]), Code::InvalidArgument, "query has"),
+        (req(vec![item("a", &[])]), Code::InvalidArgument, "query has 0 bytes"),
+        (
+            pb::DecodeRequest { softmax_scale: f32::NAN, ..req(vec![item("a", &good_q)]) },
+            Code::InvalidArgument,
+            "softmax_scale NaN",
+        ),
+        (
+            pb::DecodeRequest { softmax_scale: -1.0, ..req(vec![item("a", &good_q)]) },
+            Code::InvalidArgument,
+            "softmax_scale -1",
+        ),
+        (
+            pb::DecodeRequest { layer: 28, ..req(vec![item("a", &good_q)]) },
+            Code::InvalidArgument,
+            "layer 28 out of range",
+        ),
+        (
+            pb::DecodeRequest { namespace: "nope".into(), ..req(vec![item("a", &good_q)]) },
+            Code::NotFound,
+            "unknown namespace \"nope\"",
+        ),
+        (
+            pb::DecodeRequest { namespace: String::new(), ..req(vec![item("a", &good_q)]) },
+            Code::NotFound,
+            "unknown namespace",
+        ),
+        // Over the 256 MiB message limit: gRPC's RESOURCE_EXHAUSTED, not tonic's OUT_OF_RANGE.
+        (
+            req(vec![pb::DecodeItem { query: Bytes::from(vec![0u8; 257 << 20]), ..item("a", &good_q) }]),
+            Code::ResourceExhausted,
+            "too large",
+        ),
+    ];
+    let mut w = kvcache_proto::v1::attention_worker_client::AttentionWorkerClient::new(
+        kvcache_client::channel(&cluster.worker).unwrap(),
+    );
+    for (r, code, want) in cases {
+        let e = w.decode(r).await.unwrap_err();
+        assert_eq!(e.code(), code, "{want}: {}", e.message());
+        assert!(e.message().contains(want), "{:?} !~ {want:?}", e.message());
+    }
+    // Nothing was appended by any refused call: the context is still the prefill's 40 tokens.
+    let probe = pb::DecodeItem { new_kv: Bytes::new(), ..item("a", &good_q) };
+    let r = client.decode(req(vec![probe.clone()])).await.unwrap();
+    assert_eq!(r.results[0].status, pb::SequenceStatus::Ok as i32, "{}", r.results[0].message);
+    assert_eq!(r.results[0].context_tokens, 40);
+
+    // Cached pages holding NaN (every value of one page) and +∞ (one value): BAD_DATA for those
+    // sequences alone.
+    let poison = |id: &str, value: [u8; 2], every: bool, rng: &mut Rng| {
+        let mut pages = prefill_pages(&ns, &SequenceKey::new("t.edge", id), 1, 40, rng);
+        let p = &mut pages[1];
+        let mut payload = p.payload.to_vec();
+        for (k, v) in payload.chunks_exact_mut(2).enumerate() {
+            if every || k == 3 {
+                v.copy_from_slice(&value);
+            }
+        }
+        p.payload = Bytes::from(payload);
+        p.payload_crc32c = kvcache_core::checksum::crc32c(&p.payload);
+        pages
+    };
+    client.put_pages(poison("nan", [0xc0, 0x7f], true, &mut rng)).await.unwrap();
+    client.put_pages(poison("inf", [0x80, 0x7f], false, &mut rng)).await.unwrap();
+    let items = ["nan", "a", "inf"].map(|id| pb::DecodeItem { sequence_id: id.into(), ..probe.clone() }).to_vec();
+    let r = client.decode(req(items)).await.unwrap();
+    let statuses: Vec<i32> = r.results.iter().map(|r| r.status).collect();
+    let (bad, ok) = (pb::SequenceStatus::BadData as i32, pb::SequenceStatus::Ok as i32);
+    assert_eq!(statuses, vec![bad, ok, bad], "{:?}", r.results.iter().map(|r| &r.message).collect::<Vec<_>>());
+    assert!(r.results[0].message.contains("NaN or infinite"), "{}", r.results[0].message);
+    assert!(r.results[0].output.is_empty() && r.results[2].output.is_empty());
+    assert_eq!(r.results[1].output_f32().len(), shape.out_len());
+    assert_eq!(r.results[1].context_tokens, 40);
     cluster.stop().await.unwrap();
 }
 

@@ -1,8 +1,8 @@
 //! kvcache-client: what engines, workers, the CLI and load tests use to reach a cluster.
 //!
-//! - [`Client::connect`] fetches the shard map from the coordinator and keeps it current with a
-//!   `WatchShardMap` stream (never polling); [`Routing`] is one immutable map snapshot with the
-//!   placement inputs (UP nodes and their weights) ready for rendezvous hashing.
+//! - [`Client::connect`] fetches the shard map through a [`CoordinatorLink`] (leader redirects,
+//!   replica failover) and keeps it current with a `WatchShardMap` stream (never polling);
+//!   [`Routing`] (kvcache-core) is one immutable map snapshot with the placement inputs ready.
 //! - Calls are routed to the sequence's owners (top-R of weighted rendezvous over UP nodes) over a
 //!   pool of one HTTP/2 channel per node. Writes go to every live owner and succeed when every
 //!   reachable owner has them (an owner that cannot be reached is reported, not waited for); a
@@ -14,10 +14,10 @@
 //! - Errors reaching the caller are a [`ClientError`]: miss, invalid argument, unavailable (with
 //!   the nodes tried), permission denied, not found.
 
-mod routing;
 pub mod zerocopy;
 
-pub use routing::{NodeRef, Routing};
+pub use kvcache_core::routing::{NodeRef, Routing};
+pub use kvcache_net::CoordinatorLink;
 
 use bytes::Bytes;
 use kvcache_core::validate::codec_to_wire;
@@ -26,7 +26,7 @@ use kvcache_proto::v1 as pb;
 use kvcache_proto::v1::attention_worker_client::AttentionWorkerClient;
 use kvcache_proto::v1::cache_node_client::CacheNodeClient;
 use kvcache_proto::v1::coordinator_client::CoordinatorClient;
-use parking_lot::{Mutex, RwLock};
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -160,21 +160,11 @@ pub struct AppendAck {
 
 struct Inner {
     cfg: ClientConfig,
-    /// Coordinator replicas, and the index of the one in use (the leader, once known).
-    coordinators: Mutex<(Vec<String>, usize, CoordinatorClient<Channel>)>,
-    routing: RwLock<Arc<Routing>>,
+    /// Coordinator replicas and the watched shard map.
+    link: CoordinatorLink,
     /// Per node and address: its connections and the next one to use.
     nodes: Mutex<HashMap<String, (Vec<Channel>, usize)>>,
     workers: Mutex<HashMap<String, AttentionWorkerClient<Channel>>>,
-    watch: Mutex<Option<tokio::task::JoinHandle<()>>>,
-}
-
-impl Drop for Inner {
-    fn drop(&mut self) {
-        if let Some(h) = self.watch.lock().take() {
-            h.abort();
-        }
-    }
 }
 
 /// A handle on a cluster. Cheap to clone.
@@ -201,46 +191,37 @@ impl Client {
 
     /// [`Client::connect`] with settings.
     pub async fn connect_with(addr: &str, cfg: ClientConfig) -> Result<Client, ClientError> {
-        let addrs: Vec<String> = addr.split(',').map(|a| a.trim().to_owned()).filter(|a| !a.is_empty()).collect();
-        if addrs.is_empty() {
-            return Err(ClientError::InvalidArgument("no coordinator address".into()));
+        let link = CoordinatorLink::new(addr, &cfg.tls, cfg.timeout)
+            .map_err(|e| ClientError::InvalidArgument(e.to_string()))?;
+        let watch = cfg.watch;
+        let client = Client {
+            inner: Arc::new(Inner {
+                cfg,
+                link,
+                nodes: Mutex::new(HashMap::new()),
+                workers: Mutex::new(HashMap::new()),
+            }),
+        };
+        client.refresh().await?;
+        if watch {
+            client.inner.link.watch();
         }
-        let coordinator = CoordinatorClient::new(channel_with(&addrs[0], &cfg.tls)?);
-        let inner = Arc::new(Inner {
-            cfg,
-            coordinators: Mutex::new((addrs, 0, coordinator)),
-            routing: RwLock::new(Arc::new(Routing::new(pb::ShardMap::default()))),
-            nodes: Mutex::new(HashMap::new()),
-            workers: Mutex::new(HashMap::new()),
-            watch: Mutex::new(None),
-        });
-        let client = Client { inner: inner.clone() };
-        let map =
-            client.coord(|mut c| async move { c.get_shard_map(pb::GetShardMapRequest {}).await }).await?.into_inner();
-        client.install(map);
-        if inner.cfg.watch {
-            let weak = Arc::downgrade(&inner);
-            let handle = tokio::spawn(watch_loop(weak));
-            *inner.watch.lock() = Some(handle);
-        }
-        Ok(Client { inner })
+        Ok(client)
     }
 
     /// The current routing snapshot.
     pub fn routing(&self) -> Arc<Routing> {
-        self.inner.routing.read().clone()
+        self.inner.link.routing()
     }
 
-    fn install(&self, map: pb::ShardMap) {
-        install(&self.inner, map);
+    /// The link to the coordinator this client follows.
+    pub fn link(&self) -> &CoordinatorLink {
+        &self.inner.link
     }
 
     /// Re-fetch the shard map now.
     pub async fn refresh(&self) -> Result<Arc<Routing>, ClientError> {
-        let map =
-            self.coord(|mut c| async move { c.get_shard_map(pb::GetShardMapRequest {}).await }).await?.into_inner();
-        self.install(map);
-        Ok(self.routing())
+        Ok(self.inner.link.refresh().await?)
     }
 
     fn node(&self, node_id: &str, addr: &str) -> Result<CacheNodeClient<Channel>, ClientError> {
@@ -275,58 +256,17 @@ impl Client {
 
     /// The coordinator client in use (the leader, once known).
     pub fn coordinator(&self) -> CoordinatorClient<Channel> {
-        self.inner.coordinators.lock().2.clone()
+        self.inner.link.client()
     }
 
-    /// Run a coordinator call, following a follower's redirect to the leader
-    /// (UNAVAILABLE + `kvcache-leader`) and failing over across the configured replicas.
+    /// Run a coordinator call, following a follower's redirect to the leader and failing over
+    /// across the configured replicas ([`CoordinatorLink::call`]).
     pub async fn coord<T, F, Fut>(&self, f: F) -> Result<T, Status>
     where
         F: Fn(CoordinatorClient<Channel>) -> Fut,
         Fut: std::future::Future<Output = Result<T, Status>>,
     {
-        let n = self.inner.coordinators.lock().0.len();
-        let mut last = Status::unavailable("no coordinator");
-        for attempt in 0..(2 * n + 4) {
-            let c = self.coordinator();
-            match f(c).await {
-                Ok(v) => return Ok(v),
-                Err(s)
-                    if s.code() == Code::Unavailable
-                        || s.code() == Code::DeadlineExceeded
-                        || s.code() == Code::Unknown =>
-                {
-                    let leader = s
-                        .metadata()
-                        .get(kvcache_proto::metadata::LEADER)
-                        .and_then(|v| v.to_str().ok())
-                        .map(str::to_owned);
-                    {
-                        let mut g = self.inner.coordinators.lock();
-                        match leader.filter(|l| !l.is_empty()) {
-                            Some(l) => {
-                                if let Ok(ch) = channel_with(&l, &self.inner.cfg.tls) {
-                                    g.2 = CoordinatorClient::new(ch);
-                                }
-                            }
-                            None => {
-                                g.1 = (g.1 + 1) % g.0.len();
-                                if let Ok(ch) = channel_with(&g.0[g.1].clone(), &self.inner.cfg.tls) {
-                                    g.2 = CoordinatorClient::new(ch);
-                                }
-                            }
-                        }
-                    }
-                    last = s;
-                    if attempt >= n {
-                        // Every replica was tried once: an election may be in progress.
-                        tokio::time::sleep(Duration::from_millis(250)).await;
-                    }
-                }
-                Err(s) => return Err(s),
-            }
-        }
-        Err(last)
+        self.inner.link.call(f).await
     }
 
     /// A namespace from the current map.
@@ -519,7 +459,7 @@ impl Client {
         let routing = self.routing();
         let mut results: Vec<Option<Result<Vec<AppendAck>, ClientError>>> = (0..items.len()).map(|_| None).collect();
         // Per node: its address and the items it owns.
-        let mut per_node: Vec<(routing::NodeRef, Vec<usize>)> = Vec::new();
+        let mut per_node: Vec<(NodeRef, Vec<usize>)> = Vec::new();
         for (i, it) in items.iter().enumerate() {
             let ns = match self.namespace_of(&it.sequence) {
                 Ok(ns) => ns,
@@ -636,7 +576,7 @@ impl Client {
     }
 
     /// Read candidates of a sequence: its live owners, then draining nodes (still serving reads).
-    pub fn read_candidates(&self, seq: &SequenceKey) -> Vec<routing::NodeRef> {
+    pub fn read_candidates(&self, seq: &SequenceKey) -> Vec<NodeRef> {
         let r = self.routing();
         let reps = self.namespace(&seq.namespace).map_or(1, |n| n.replication as usize);
         r.read_candidates(seq, reps)
@@ -686,11 +626,7 @@ impl Client {
     }
 
     /// Read pages from one node: `None` is a miss (or a payload that failed its CRC).
-    pub async fn get_from(
-        &self,
-        node: &routing::NodeRef,
-        keys: &[PageKey],
-    ) -> Result<Vec<Option<pb::Page>>, ClientError> {
+    pub async fn get_from(&self, node: &NodeRef, keys: &[PageKey]) -> Result<Vec<Option<pb::Page>>, ClientError> {
         self.get_from_into(node, keys, |b| b).await
     }
 
@@ -700,7 +636,7 @@ impl Client {
     /// buffer is released early).
     pub async fn get_from_into(
         &self,
-        node: &routing::NodeRef,
+        node: &NodeRef,
         keys: &[PageKey],
         mut place: impl FnMut(Bytes) -> Bytes,
     ) -> Result<Vec<Option<pb::Page>>, ClientError> {
@@ -741,7 +677,7 @@ impl Client {
     /// Lookup on one node.
     pub async fn lookup_on(
         &self,
-        node: &routing::NodeRef,
+        node: &NodeRef,
         seq: &SequenceKey,
         prefix_hashes: Vec<u64>,
         layer: Option<u32>,
@@ -767,7 +703,7 @@ impl Client {
     }
 
     /// Pin a sequence on its first owner for `ttl`. Returns (node, lease id).
-    pub async fn lease(&self, seq: &SequenceKey, ttl: Duration) -> Result<(routing::NodeRef, u64), ClientError> {
+    pub async fn lease(&self, seq: &SequenceKey, ttl: Duration) -> Result<(NodeRef, u64), ClientError> {
         let node = self
             .read_candidates(seq)
             .into_iter()
@@ -778,12 +714,7 @@ impl Client {
     }
 
     /// Pin a sequence on `node` for `ttl`. Returns the lease id.
-    pub async fn lease_on(
-        &self,
-        node: &routing::NodeRef,
-        seq: &SequenceKey,
-        ttl: Duration,
-    ) -> Result<u64, ClientError> {
+    pub async fn lease_on(&self, node: &NodeRef, seq: &SequenceKey, ttl: Duration) -> Result<u64, ClientError> {
         let mut c = self.node(&node.node_id, &node.address)?;
         let ttl_ms = ttl.as_millis().min(u32::MAX as u128) as u32;
         let r = c.lease(self.req(pb::LeaseRequest { sequence: Some(seq.into()), ttl_ms })).await?.into_inner();
@@ -791,7 +722,7 @@ impl Client {
     }
 
     /// Release a lease taken with [`Client::lease`].
-    pub async fn release(&self, node: &routing::NodeRef, lease_id: u64) -> Result<bool, ClientError> {
+    pub async fn release(&self, node: &NodeRef, lease_id: u64) -> Result<bool, ClientError> {
         let mut c = self.node(&node.node_id, &node.address)?;
         Ok(c.release(pb::ReleaseRequest { lease_id }).await?.into_inner().released)
     }
@@ -861,7 +792,7 @@ impl Client {
         })
     }
 
-    fn worker(&self, w: &pb::WorkerInfo) -> Result<AttentionWorkerClient<Channel>, ClientError> {
+    fn worker(&self, w: &kvcache_core::routing::WorkerRef) -> Result<AttentionWorkerClient<Channel>, ClientError> {
         let mut ws = self.inner.workers.lock();
         if let Some(c) = ws.get(&w.address) {
             return Ok(c.clone());
@@ -871,36 +802,6 @@ impl Client {
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
         ws.insert(w.address.clone(), c.clone());
         Ok(c)
-    }
-}
-
-fn install(inner: &Inner, map: pb::ShardMap) {
-    let mut cur = inner.routing.write();
-    if map.epoch >= cur.epoch {
-        *cur = Arc::new(Routing::new(map));
-    }
-}
-
-async fn watch_loop(inner: std::sync::Weak<Inner>) {
-    let mut backoff = Duration::from_millis(100);
-    loop {
-        let Some(i) = inner.upgrade() else { return };
-        let after = i.routing.read().epoch;
-        let mut coord = i.coordinators.lock().2.clone();
-        drop(i);
-        match coord.watch_shard_map(pb::WatchShardMapRequest { after_epoch: after }).await {
-            Ok(s) => {
-                let mut s = s.into_inner();
-                backoff = Duration::from_millis(100);
-                while let Ok(Some(map)) = s.message().await {
-                    let Some(i) = inner.upgrade() else { return };
-                    install(&i, map);
-                }
-            }
-            Err(e) => tracing::debug!(error = %e, "shard map watch failed; retrying"),
-        }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(2));
     }
 }
 

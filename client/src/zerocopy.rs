@@ -157,7 +157,7 @@ mod tests {
         assert_eq!(next_message(&mut rope, 100).unwrap_err().code(), tonic::Code::Unimplemented);
         let mut rope = Rope::default();
         rope.push(Bytes::from_static(&[0, 0, 0, 1, 0]));
-        assert_eq!(next_message(&mut rope, 100).unwrap_err().code(), tonic::Code::OutOfRange);
+        assert_eq!(next_message(&mut rope, 100).unwrap_err().code(), tonic::Code::ResourceExhausted);
         // A prefix alone is not a message yet.
         let mut rope = Rope::default();
         rope.push(Bytes::from_static(&[0, 0, 0]));

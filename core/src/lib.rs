@@ -11,6 +11,8 @@
 //! - [`key`]: namespaces, sequence and page keys, and their compact hashed ids.
 //! - [`prefix`]: the per-namespace seeded prefix-hash chain.
 //! - [`placement`]: weighted rendezvous hashing (top-R owners, zone-diverse).
+//! - [`routing`]: the validated [`ShardMap`] and [`Routing`] over it (owners, read candidates,
+//!   sticky workers) — what every process that follows the cluster routes with.
 //! - [`validate`]: `TryFrom` of wire messages into domain types, with [`ValidationError`]s whose
 //!   messages say what was wrong and what was expected.
 //!
@@ -25,6 +27,7 @@ pub mod layout;
 pub mod page;
 pub mod placement;
 pub mod prefix;
+pub mod routing;
 pub mod spec;
 pub mod validate;
 
@@ -32,5 +35,6 @@ pub use codec::Codec;
 pub use key::{Namespace, PageKey, SequenceKey};
 pub use layout::PageLayout;
 pub use page::{PageError, PageHeader};
+pub use routing::{NodeRef, Routing, ShardMap};
 pub use spec::{AttentionKind, ModelSpec};
 pub use validate::ValidationError;

@@ -128,7 +128,9 @@ pub fn next_message(rope: &mut Rope, max_message: usize) -> Result<Option<Rope>,
     }
     let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
     if len > max_message {
-        return Err(Status::out_of_range(format!("gRPC message of {len} bytes is over the {max_message}-byte limit")));
+        return Err(Status::resource_exhausted(format!(
+            "gRPC message of {len} bytes is over the {max_message}-byte limit"
+        )));
     }
     if rope.remaining() < 5 + len {
         return Ok(None);

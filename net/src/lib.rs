@@ -8,17 +8,24 @@
 //!   windows, TCP_NODELAY), over TLS when configured.
 //! - [`server`], [`incoming`], [`reflection`]: the tonic server every process runs, tuned the
 //!   same way, with TLS when configured.
+//! - [`coordinator`]: the [`CoordinatorLink`] — leader redirects, replica failover and the
+//!   watched shard map, for every process that follows the cluster.
+//! - [`check_address`]: `host:port` checked before anything is dialed.
 //! - [`frames`]: gRPC messages decoded from the HTTP/2 frames as they arrived (no reassembly
 //!   copy), for the calls that carry page payloads.
 //! - [`serve_health`]: a plaintext listener with only `grpc.health.v1`, for Kubernetes' native
 //!   gRPC probes (which cannot speak TLS) when the main port requires it.
 
+pub mod coordinator;
 pub mod frames;
+
+pub use coordinator::CoordinatorLink;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_stream::StreamExt;
+use tonic::codegen::http;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity, Server, ServerTlsConfig};
 
 /// What can go wrong setting up transport.
@@ -164,6 +171,7 @@ impl Tls {
 /// An endpoint for `addr` (`host:port`, or a URL): `https` with TLS when `tls` calls over TLS,
 /// tuned for page streams.
 pub fn endpoint(addr: &str, tls: &Tls) -> Result<Endpoint, NetError> {
+    check_address(addr)?;
     let bad = |reason: String| NetError::Address { addr: addr.to_owned(), reason };
     let hostport = addr.strip_prefix("http://").or_else(|| addr.strip_prefix("https://")).unwrap_or(addr);
     let scheme = if tls.client.is_some() { "https" } else { "http" };
@@ -181,20 +189,63 @@ pub fn endpoint(addr: &str, tls: &Tls) -> Result<Endpoint, NetError> {
     }
 }
 
+/// Check that `addr` is `host:port` (an `http://` or `https://` prefix allowed) with a port in
+/// 1..=65535: without this check `localhost` would dial port 80 and `127.0.0.1:70000` fail later
+/// with a message that does not name the address.
+pub fn check_address(addr: &str) -> Result<(), NetError> {
+    let bad = |reason: String| NetError::Address { addr: addr.to_owned(), reason };
+    let hostport = addr.strip_prefix("http://").or_else(|| addr.strip_prefix("https://")).unwrap_or(addr);
+    let Some((host, port)) = hostport.rsplit_once(':') else {
+        return Err(bad("no port: write host:port, e.g. 127.0.0.1:7000".into()));
+    };
+    if host.is_empty() {
+        return Err(bad("no host: write host:port, e.g. 127.0.0.1:7000".into()));
+    }
+    if host.contains(':') && !(host.starts_with('[') && host.ends_with(']')) {
+        return Err(bad("an IPv6 address needs brackets: [::1]:7000".into()));
+    }
+    match port.parse::<u16>() {
+        Ok(0) => Err(bad("port 0 cannot be dialed".into())),
+        Ok(_) => Ok(()),
+        Err(_) => Err(bad(format!("port {port:?} is not a number in 1..=65535"))),
+    }
+}
+
 /// A lazily connecting [`endpoint`] channel.
 pub fn channel(addr: &str, tls: &Tls) -> Result<Channel, NetError> {
     Ok(endpoint(addr, tls)?.connect_lazy())
 }
 
+/// The layers every kvcache server runs under (see [`server`]).
+pub type ServerLayers = tower::layer::util::Stack<
+    tower::util::MapResponseLayer<fn(http::Response<tonic::body::Body>) -> http::Response<tonic::body::Body>>,
+    tower::layer::util::Identity,
+>;
+
+/// A message over the size limit is RESOURCE_EXHAUSTED, gRPC's convention (and what every
+/// kvcache `.proto` says); tonic's decoder answers OUT_OF_RANGE. No kvcache handler answers
+/// OUT_OF_RANGE, so the rewrite touches only tonic's limit. The status of a refused request
+/// travels in the response head (trailers-only), which is where this looks.
+pub fn size_limit_status(mut r: http::Response<tonic::body::Body>) -> http::Response<tonic::body::Body> {
+    const OUT_OF_RANGE: &str = "11";
+    const RESOURCE_EXHAUSTED: &str = "8";
+    if r.headers().get("grpc-status").is_some_and(|v| v == OUT_OF_RANGE) {
+        r.headers_mut().insert("grpc-status", http::HeaderValue::from_static(RESOURCE_EXHAUSTED));
+    }
+    r
+}
+
 /// A tonic server tuned for large page streams (big HTTP/2 windows and frames, TCP_NODELAY), with
-/// TLS when `tls` serves it.
-pub fn server(tls: &Tls) -> Result<Server, NetError> {
+/// TLS when `tls` serves it, and over-size messages answered RESOURCE_EXHAUSTED.
+pub fn server(tls: &Tls) -> Result<Server<ServerLayers>, NetError> {
+    let size_status: fn(http::Response<tonic::body::Body>) -> http::Response<tonic::body::Body> = size_limit_status;
     let s = Server::builder()
         .initial_stream_window_size(Some(8 << 20))
         .initial_connection_window_size(Some(32 << 20))
         .max_frame_size(Some((1 << 20) - 1))
         .http2_adaptive_window(Some(false))
-        .tcp_nodelay(true);
+        .tcp_nodelay(true)
+        .layer(tower::util::MapResponseLayer::new(size_status));
     match &tls.server {
         Some(c) => s.tls_config(c.clone()).map_err(|e| NetError::Tls(e.to_string())),
         None => Ok(s),
@@ -277,5 +328,42 @@ mod tests {
         assert!(matches!(Tls::load(&not_pem), Err(NetError::Tls(m)) if m.contains("CA")));
         std::fs::remove_dir_all(&dir).unwrap();
         assert!(matches!(endpoint("bad host:x", &Tls::none()), Err(NetError::Address { .. })));
+    }
+
+    #[test]
+    fn an_address_without_a_usable_port_is_refused_with_what_is_wrong() {
+        for ok in ["127.0.0.1:7000", "localhost:1", "http://node-0:7070", "https://[::1]:65535"] {
+            check_address(ok).unwrap();
+        }
+        for (bad, reason) in [
+            ("localhost", "no port"),
+            ("127.0.0.1:70000", "port \"70000\" is not a number in 1..=65535"),
+            ("127.0.0.1:0", "port 0 cannot be dialed"),
+            (":7000", "no host"),
+            ("::1:7000", "IPv6 address needs brackets"),
+            ("node:70x", "port \"70x\""),
+        ] {
+            let e = check_address(bad).unwrap_err().to_string();
+            assert!(e.contains(reason) && e.contains(bad), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_coordinator_link_refuses_an_empty_or_unusable_replica_list() {
+        assert!(matches!(CoordinatorLink::new(" , ", &Tls::none(), Duration::from_secs(1)), Err(NetError::Config(_))));
+        let e = CoordinatorLink::new("a:7000,localhost", &Tls::none(), Duration::from_secs(1)).err().unwrap();
+        assert!(e.to_string().contains("\"localhost\": no port"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_call_no_replica_answers_names_the_replicas() {
+        // Two ports nothing listens on (bound, then closed).
+        let ports: Vec<u16> =
+            (0..2).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()).collect();
+        let addrs = format!("127.0.0.1:{},127.0.0.1:{}", ports[0], ports[1]);
+        let link = CoordinatorLink::new(&addrs, &Tls::none(), Duration::from_secs(2)).unwrap();
+        let e = link.refresh().await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unavailable);
+        assert!(e.message().starts_with(&format!("no coordinator answered at {addrs}")), "{}", e.message());
     }
 }

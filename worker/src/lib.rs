@@ -94,6 +94,8 @@ pub struct Worker {
 enum SeqFailure {
     Miss(String),
     WriteFailed(String),
+    /// The cached pages hold NaN or infinite values.
+    BadData(String),
 }
 
 struct Fetched {
@@ -165,9 +167,16 @@ impl Worker {
         let bytes = if in_page == 1 {
             new_kv.clone()
         } else {
+            let l = ns.layout();
             match self.cache.peek(&key(idx)) {
-                Some(old) if old.node == node && old.tokens as usize == in_page - 1 => {
-                    let l = ns.layout();
+                // Lengths are checked here, not trusted: a cached page of the wrong size is
+                // dropped and pulled again, never concatenated.
+                Some(old)
+                    if old.node == node
+                        && old.tokens as usize == in_page - 1
+                        && old.bytes.len() == l.payload_bytes(in_page - 1)
+                        && new_kv.len() == l.payload_bytes(1) =>
+                {
                     let mut merged = vec![0u8; l.payload_bytes(in_page)];
                     l.concat(&old.bytes, in_page - 1, new_kv, 1, &mut merged);
                     Bytes::from(merged)
@@ -296,6 +305,7 @@ impl Worker {
                 pb::SequenceStatus::Ok => "ok",
                 pb::SequenceStatus::Miss => "miss",
                 pb::SequenceStatus::WriteFailed => "write_failed",
+                pb::SequenceStatus::BadData => "bad_data",
                 pb::SequenceStatus::Unspecified => "unknown",
             });
             metrics::counter!(n::WORKER_SEQUENCES, "status" => status).increment(1);
@@ -308,7 +318,7 @@ impl Worker {
         let ns = self
             .namespace(&req.namespace)
             .await
-            .ok_or_else(|| Status::invalid_argument(format!("unknown namespace {:?}", req.namespace)))?;
+            .ok_or_else(|| Status::not_found(format!("unknown namespace {:?}", req.namespace)))?;
         kvcache_core::validate::layer(&ns, req.layer).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let layout = ns.layout();
         let mut shape = AttnShape::new(&ns.model, layout);
@@ -338,13 +348,29 @@ impl Worker {
                     shape.qk_width
                 )));
             }
-            queries.push(kvcache_proto::f32le::from_bytes(&it.query).unwrap_or_default());
+            let q = kvcache_proto::f32le::from_bytes(&it.query).unwrap_or_default();
+            if let Some(j) = q.iter().position(|x| !x.is_finite()) {
+                return Err(Status::invalid_argument(format!(
+                    "item {i} (sequence {:?}): query value {j} is {} (every value must be finite)",
+                    it.sequence_id, q[j]
+                )));
+            }
+            queries.push(q);
             if !it.new_kv.is_empty() && it.new_kv.len() != layout.payload_bytes(1) {
                 return Err(Status::invalid_argument(format!(
                     "item {i}: new_kv is {} bytes, one token of namespace {} is {} bytes ({} codec)",
                     it.new_kv.len(),
                     ns.name,
                     layout.payload_bytes(1),
+                    ns.codec.as_str()
+                )));
+            }
+            if !it.new_kv.is_empty()
+                && let Some(j) = layout.decode(&it.new_kv, 1).iter().position(|x| !x.is_finite())
+            {
+                return Err(Status::invalid_argument(format!(
+                    "item {i} (sequence {:?}): new_kv value {j} is not finite (NaN or infinity, after decoding the {} codec)",
+                    it.sequence_id,
                     ns.codec.as_str()
                 )));
             }
@@ -426,13 +452,20 @@ impl Worker {
             let mut outs: Vec<(&mut [f32], &mut [f32])> =
                 bufs.iter_mut().map(|(o, l)| (&mut o[..], &mut l[..])).collect();
             let opts = Options { threads, ..Options::default() };
-            kvcache_attention::decode_batch(&shape, &items, &opts, &mut outs)
-                .map(|_| (ok.into_iter().map(|(i, _)| i).collect::<Vec<_>>(), bufs))
+            let each = kvcache_attention::decode_batch_each(&shape, &items, &opts, &mut outs);
+            (ok.into_iter().map(|(i, _)| i).zip(each).collect::<Vec<_>>(), bufs)
         })
         .await
         .map_err(|e| Status::internal(format!("attention task failed: {e}")))?;
         stats.compute_micros = t_compute.elapsed().as_micros() as u64;
-        let (idx, bufs) = computed.map_err(|e| Status::data_loss(format!("attention refused the cached data: {e}")))?;
+        let (idx, bufs) = computed;
+        // The query was checked above: what the kernel refuses now is the cached data of that
+        // sequence alone, its own status; the rest of the batch is answered.
+        for ((i, r), _) in idx.iter().zip(&bufs) {
+            if let Err(e) = r {
+                fetched[*i] = Err(SeqFailure::BadData(format!("attention refused the cached pages: {e}")));
+            }
+        }
         let mut results: Vec<pb::DecodeResult> = req
             .items
             .iter()
@@ -442,6 +475,7 @@ impl Worker {
                     Ok(_) => (pb::SequenceStatus::Ok, String::new()),
                     Err(SeqFailure::Miss(m)) => (pb::SequenceStatus::Miss, m.clone()),
                     Err(SeqFailure::WriteFailed(m)) => (pb::SequenceStatus::WriteFailed, m.clone()),
+                    Err(SeqFailure::BadData(m)) => (pb::SequenceStatus::BadData, m.clone()),
                 };
                 pb::DecodeResult {
                     sequence_id: it.sequence_id.clone(),
@@ -451,7 +485,10 @@ impl Worker {
                 }
             })
             .collect();
-        for (i, (o, l)) in idx.into_iter().zip(bufs) {
+        for ((i, r), (o, l)) in idx.into_iter().zip(bufs) {
+            if r.is_err() {
+                continue;
+            }
             results[i].context_tokens = fetched[i].as_ref().map_or(0, |f| f.pages.iter().map(|p| p.1 as u64).sum());
             results[i].output = kvcache_proto::f32le::to_bytes(&o);
             results[i].lse = l;
