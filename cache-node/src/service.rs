@@ -23,7 +23,12 @@ const MAX_LEASE: Duration = Duration::from_secs(3600);
 pub fn status(e: StoreError) -> Status {
     match e {
         StoreError::Invalid(v) => Status::invalid_argument(v.to_string()),
-        StoreError::UnknownNamespace(_) | StoreError::NoSequence(_) => Status::not_found(e.to_string()),
+        StoreError::UnknownNamespace(_) => {
+            kvcache_proto::metadata::not_found(kvcache_proto::metadata::NOT_FOUND_NAMESPACE, e.to_string())
+        }
+        StoreError::NoSequence(_) => {
+            kvcache_proto::metadata::not_found(kvcache_proto::metadata::NOT_FOUND_SEQUENCE, e.to_string())
+        }
         StoreError::NamespaceConflict(_) => Status::already_exists(e.to_string()),
         StoreError::StaleEpoch { current, .. } => {
             let mut s = Status::failed_precondition(e.to_string());
@@ -34,7 +39,7 @@ pub fn status(e: StoreError) -> Status {
         }
         StoreError::Position { .. } => Status::failed_precondition(e.to_string()),
         StoreError::Full(_) => Status::resource_exhausted(e.to_string()),
-        StoreError::Io(_) => Status::unavailable(e.to_string()),
+        StoreError::Io(_) | StoreError::DataDir(_) => Status::unavailable(e.to_string()),
     }
 }
 
@@ -139,9 +144,7 @@ fn append_one(store: &PageStore, r: pb::AppendTokensRequest) -> Result<pb::Appen
 /// with a stale epoch's node epoch carried in the item instead of metadata.
 fn append_result(r: Result<pb::AppendTokensResponse, Status>) -> pb::AppendResult {
     match r {
-        Ok(response) => {
-            pb::AppendResult { code: 0, message: String::new(), response: Some(response), node_epoch: None }
-        }
+        Ok(response) => pb::AppendResult { code: 0, response: Some(response), ..Default::default() },
         Err(s) => pb::AppendResult {
             code: s.code() as i32,
             message: s.message().to_owned(),
@@ -151,6 +154,12 @@ fn append_result(r: Result<pb::AppendTokensResponse, Status>) -> pb::AppendResul
                 .get(kvcache_proto::metadata::EPOCH)
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.parse().ok()),
+            not_found: s
+                .metadata()
+                .get(kvcache_proto::metadata::NOT_FOUND)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_owned(),
         },
     }
 }

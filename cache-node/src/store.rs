@@ -121,6 +121,9 @@ pub enum StoreError {
     /// Disk or mapping failure.
     #[error("storage error: {0}")]
     Io(#[from] io::Error),
+    /// The data directory is held by another process, or cannot be taken.
+    #[error(transparent)]
+    DataDir(#[from] kvcache_net::DataDirError),
 }
 
 /// Index entry of one stored page.
@@ -283,6 +286,8 @@ struct Counters {
 
 /// The page store of one cache node.
 pub struct PageStore {
+    /// The exclusive hold on `cfg.data_dir`, released when the store is dropped.
+    _dir_lock: kvcache_net::DataDirLock,
     cfg: StoreConfig,
     namespaces: RwLock<HashMap<String, Arc<NsEntry>>>,
     ns_by_id: RwLock<HashMap<u64, Arc<NsEntry>>>,
@@ -321,8 +326,11 @@ fn fsync_dir(dir: &Path) -> io::Result<()> {
 impl PageStore {
     /// Open (or create) the store under `cfg.data_dir`, recovering every verifiable page.
     pub fn open(cfg: StoreConfig) -> Result<Arc<PageStore>, StoreError> {
-        std::fs::create_dir_all(&cfg.data_dir)?;
+        // Before anything in the directory is read or written: a second process on it is
+        // refused here, not after it has touched live pool files.
+        let dir_lock = kvcache_net::DataDirLock::acquire(&cfg.data_dir)?;
         let store = Arc::new(PageStore {
+            _dir_lock: dir_lock,
             namespaces: RwLock::new(HashMap::new()),
             ns_by_id: RwLock::new(HashMap::new()),
             pools: RwLock::new(Pools::default()),

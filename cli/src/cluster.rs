@@ -4,6 +4,7 @@
 use kvcache_client::Client;
 use kvcache_coordinator::{ClusterState, CoordinatorConfig};
 use kvcache_node::{Durability, PageStore, StoreConfig};
+use kvcache_proto::v1 as pb;
 use kvcache_worker::{Worker, WorkerConfig};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -32,6 +33,9 @@ pub struct LocalClusterConfig {
     pub worker_cache_prefault: bool,
     /// TLS of every listener and every call between the services (plaintext by default).
     pub tls: kvcache_net::Tls,
+    /// Where the coordinator listens (`None`: a free port on `host`). The other services always
+    /// take free ports: clients find them through the coordinator.
+    pub coordinator_listen: Option<String>,
 }
 
 impl LocalClusterConfig {
@@ -47,6 +51,7 @@ impl LocalClusterConfig {
             worker_prefetch: true,
             worker_cache_prefault: false,
             tls: kvcache_net::Tls::none(),
+            coordinator_listen: None,
         }
     }
 }
@@ -93,7 +98,10 @@ impl LocalCluster {
         ccfg.node_timeout = Duration::from_secs(5);
         ccfg.heartbeat_interval = Duration::from_millis(500);
         let state = ClusterState::open(ccfg)?;
-        let l = tokio::net::TcpListener::bind((cfg.host.as_str(), 0)).await?;
+        let l = match &cfg.coordinator_listen {
+            Some(a) => bind(a, "--listen").await?,
+            None => tokio::net::TcpListener::bind((cfg.host.as_str(), 0)).await?,
+        };
         let coordinator = l.local_addr()?.to_string();
         let (tx, stop) = stop_pair();
         let ex = exposure(&cfg);
@@ -178,4 +186,60 @@ impl LocalCluster {
         }
         Ok(())
     }
+}
+
+/// Bind the listener a flag names, with an error that says which flag, which address, and what
+/// to do about it.
+pub async fn bind(addr: &str, flag: &str) -> anyhow::Result<tokio::net::TcpListener> {
+    let port = addr.rsplit_once(':').map(|(_, p)| p);
+    if port.is_none_or(|p| p.parse::<u16>().is_err()) {
+        anyhow::bail!("{flag}: bad address {addr:?}: write host:port with a port in 0..=65535 (0 picks a free one)");
+    }
+    tokio::net::TcpListener::bind(addr).await.map_err(|e| match e.kind() {
+        std::io::ErrorKind::AddrInUse => anyhow::anyhow!(
+            "cannot listen on {addr} ({flag}): the address is in use, probably by another kvcache process; \
+             stop it, or choose another address with {flag} (port 0 picks a free one)"
+        ),
+        std::io::ErrorKind::AddrNotAvailable => {
+            anyhow::anyhow!("cannot listen on {addr} ({flag}): no interface of this machine has that address")
+        }
+        std::io::ErrorKind::PermissionDenied => {
+            anyhow::anyhow!("cannot listen on {addr} ({flag}): permission denied (ports below 1024 need privileges)")
+        }
+        _ => anyhow::anyhow!("cannot listen on {addr} ({flag}): {e}"),
+    })
+}
+
+/// The line a person reads when the coordinator at `addr` did not answer `s`: what failed, where,
+/// the likely cause and what to do.
+pub fn coordinator_error(addr: &str, s: &tonic::Status) -> anyhow::Error {
+    match s.code() {
+        // The link's message names the replicas tried and the cause.
+        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded => anyhow::anyhow!(
+            "{} — is `kvcache dev` (or `kvcache coordinator`) running? `kvcache dev` listens on 127.0.0.1:7000 \
+             and prints its address; give another with --coordinator",
+            s.message()
+        ),
+        tonic::Code::Unimplemented => anyhow::anyhow!(
+            "{addr} is not a coordinator (it does not serve kvcache.v1.Coordinator; a cache node or worker port?) — \
+             give the coordinator's address with --coordinator"
+        ),
+        _ => anyhow::anyhow!("the coordinator at {addr} refused the call: {} ({:?})", s.message(), s.code()),
+    }
+}
+
+/// The cluster's status from the coordinator at `addr`, with errors for people.
+pub async fn cluster_status(addr: &str, tls: &kvcache_net::Tls) -> anyhow::Result<pb::ClusterStatusResponse> {
+    let link = kvcache_net::CoordinatorLink::new(addr, tls, Duration::from_secs(5))
+        .map_err(|e| anyhow::anyhow!("--coordinator: {e}"))?;
+    link.call(|mut c| async move { c.cluster_status(pb::ClusterStatusRequest {}).await })
+        .await
+        .map(tonic::Response::into_inner)
+        .map_err(|s| coordinator_error(addr, &s))
+}
+
+/// A client of the cluster whose coordinator is at `addr`, with errors for people.
+pub async fn connect(addr: &str, cfg: kvcache_client::ClientConfig) -> anyhow::Result<Client> {
+    cluster_status(addr, &cfg.tls).await?;
+    Ok(Client::connect_with(addr, cfg).await?)
 }

@@ -9,7 +9,6 @@ use indicatif::{ProgressBar, ProgressStyle};
 use kvcache_attention::AttnShape;
 use kvcache_cli::cluster::{LocalCluster, LocalClusterConfig};
 use kvcache_cli::synth::{Mirror, Rng, check_output, prefill_pages, tokens_payload};
-use kvcache_client::Client;
 use kvcache_core::SequenceKey;
 use kvcache_proto::v1 as pb;
 use serde::Serialize;
@@ -85,7 +84,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 (Some(c), addr)
             }
         };
-        let client = Client::connect(&coordinator).await?;
+        let client = kvcache_cli::cluster::connect(&coordinator, Default::default()).await?;
         let mut results = Vec::new();
         let models = [
             ("GQA Llama-3-8B", "llama-3-8b", pb::Codec::Bf16),

@@ -205,7 +205,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     tokio::runtime::Runtime::new()?.block_on(async move {
         let tls = kvcache_net::Tls::load(&a.tls)?;
         let client =
-            Client::connect_with(&a.coordinator, kvcache_client::ClientConfig { tls, ..Default::default() }).await?;
+            kvcache_cli::cluster::connect(&a.coordinator, kvcache_client::ClientConfig { tls, ..Default::default() })
+                .await?;
         let codec = kvcache_core::Codec::parse(&a.codec).ok_or_else(|| anyhow::anyhow!("unknown codec {}", a.codec))?;
         let ns = client
             .create_namespace(pb::CreateNamespaceRequest {

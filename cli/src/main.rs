@@ -22,6 +22,9 @@ use clap::{Parser, Subcommand};
 #[derive(Parser)]
 #[command(version, about)]
 struct Cli {
+    /// On an error, print its whole cause chain (also when RUST_LOG is set).
+    #[arg(short, long, global = true)]
+    verbose: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -51,10 +54,28 @@ enum Command {
     Bench(bench::Bench),
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
     malloc::tune();
     let cli = Cli::parse();
-    match cli.command {
+    let verbose = cli.verbose || std::env::var_os("RUST_LOG").is_some();
+    match run(cli.command) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // One line for people: what failed, where, and what to do. The chain of causes
+            // below it only with -v or RUST_LOG.
+            eprintln!("error: {e}");
+            if verbose {
+                for cause in e.chain().skip(1) {
+                    eprintln!("  caused by: {cause}");
+                }
+            }
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(command: Command) -> anyhow::Result<()> {
+    match command {
         Command::Models(a) => models::run(a),
         Command::Node(a) => node::run(a),
         Command::Demo(a) => demo::run(a),

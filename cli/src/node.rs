@@ -13,7 +13,7 @@ pub struct Args {
     /// Directory of the pool files.
     #[arg(long, env = "KVCACHE_DATA_DIR", default_value = "kvcache-data/node")]
     pub data_dir: PathBuf,
-    /// Total bytes of pool files (units: KiB, MiB, GiB, TiB).
+    /// Total bytes of pool files (B, KiB, MiB, GiB, TiB or KB, MB, GB, TB; `1.5GiB` works).
     #[arg(long, env = "KVCACHE_CAPACITY", default_value = "1GiB", value_parser = parse_bytes)]
     pub capacity: u64,
     /// `async` (background flush) or `sync` (flush before acknowledging).
@@ -58,7 +58,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let store = tokio::task::spawn_blocking(move || PageStore::open(cfg)).await??;
         let tls = kvcache_net::Tls::load(&args.tls)?;
         let exposure = crate::util::exposure(&tls, args.health_listen.as_deref()).await?;
-        let listener = tokio::net::TcpListener::bind(&args.listen).await?;
+        let listener = kvcache_cli::cluster::bind(&args.listen, "--listen").await?;
         let addr = listener.local_addr()?;
         let advertise = args.advertise.unwrap_or_else(|| addr.to_string());
         let node_id = args.node_id.unwrap_or_else(|| advertise.clone());

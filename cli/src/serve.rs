@@ -2,7 +2,6 @@
 
 use crate::util::{parse_bytes, shutdown_signal};
 use kvcache_cli::cluster::{LocalCluster, LocalClusterConfig};
-use kvcache_client::Client;
 use kvcache_coordinator::{ClusterState, CoordinatorConfig};
 use kvcache_proto::v1 as pb;
 use kvcache_worker::{Worker, WorkerConfig};
@@ -72,7 +71,7 @@ pub fn coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
         let state = ClusterState::open(cfg)?;
         let tls = kvcache_net::Tls::load(&a.tls)?;
         let exposure = crate::util::exposure(&tls, a.health_listen.as_deref()).await?;
-        let l = tokio::net::TcpListener::bind(&a.listen).await?;
+        let l = kvcache_cli::cluster::bind(&a.listen, "--listen").await?;
         let addr = l.local_addr()?;
         let advertise = a.advertise.clone().unwrap_or_else(|| addr.to_string());
         let ha = start_ha(&a, state.clone(), advertise)?;
@@ -165,14 +164,14 @@ pub fn worker(a: WorkerArgs) -> anyhow::Result<()> {
         let exposure = crate::util::exposure(&tls, a.health_listen.as_deref()).await?;
         let ccfg =
             kvcache_client::ClientConfig { tls, connections_per_node: a.connections_per_node, ..Default::default() };
-        let client = Client::connect_with(&a.coordinator, ccfg).await?;
+        let client = kvcache_cli::cluster::connect(&a.coordinator, ccfg).await?;
         let mut cfg =
             WorkerConfig { cache_bytes: a.cache_bytes, cache_prefault: a.cache_prefault, ..WorkerConfig::default() };
         if let Some(t) = a.threads {
             cfg.threads = t.max(1);
         }
         let w = Worker::new(client.clone(), cfg);
-        let l = tokio::net::TcpListener::bind(&a.listen).await?;
+        let l = kvcache_cli::cluster::bind(&a.listen, "--listen").await?;
         let addr = a.advertise.unwrap_or(l.local_addr()?.to_string());
         let id = a.worker_id.unwrap_or_else(|| addr.clone());
         kvcache_worker::register(&client, &id, &addr).await?;
@@ -186,9 +185,13 @@ pub fn worker(a: WorkerArgs) -> anyhow::Result<()> {
 /// Flags of `kvcache dev`.
 #[derive(clap::Args, Debug)]
 pub struct DevArgs {
-    /// Data directory of the local cluster.
+    /// Data directory of the local cluster (kept across runs: a restart recovers its pages).
     #[arg(long, env = "KVCACHE_DATA_DIR", default_value = "kvcache-data/dev")]
     data_dir: PathBuf,
+    /// Where the coordinator listens: the address every client command uses by default, so
+    /// `kvcache status`, `load` and `demo --coordinator` work with no flag. Port 0 picks a free one.
+    #[arg(long, env = "KVCACHE_LISTEN", default_value = "127.0.0.1:7000")]
+    listen: String,
     /// Serve Prometheus /metrics on this address (off when absent).
     #[arg(long, env = "KVCACHE_METRICS_LISTEN")]
     metrics_listen: Option<std::net::SocketAddr>,
@@ -212,6 +215,14 @@ pub fn dev(a: DevArgs) -> anyhow::Result<()> {
         cfg.nodes = a.nodes;
         cfg.node_capacity = a.node_capacity;
         cfg.tls = kvcache_net::Tls::load(&a.tls)?;
+        cfg.coordinator_listen = Some(a.listen.clone());
+        // Before the services' logs: what is starting, and where.
+        println!(
+            "kvcache dev: starting a coordinator on {}, {} cache nodes and a worker (data in {})",
+            a.listen,
+            a.nodes,
+            a.data_dir.display()
+        );
         let c = LocalCluster::start(cfg).await?;
         println!("kvcache dev cluster is up (data in {}):", a.data_dir.display());
         println!("  coordinator  {}", c.coordinator);
@@ -247,11 +258,7 @@ pub struct StatusArgs {
 /// Run `kvcache status`.
 pub fn status(a: StatusArgs) -> anyhow::Result<()> {
     tokio::runtime::Runtime::new()?.block_on(async move {
-        let mut c = kvcache_proto::v1::coordinator_client::CoordinatorClient::new(kvcache_client::channel_with(
-            &a.coordinator,
-            &kvcache_net::Tls::load(&a.tls)?,
-        )?);
-        let s = c.cluster_status(pb::ClusterStatusRequest {}).await?.into_inner();
+        let s = kvcache_cli::cluster::cluster_status(&a.coordinator, &kvcache_net::Tls::load(&a.tls)?).await?;
         if a.json {
             let nodes: Vec<_> = s
                 .nodes
@@ -307,7 +314,7 @@ pub fn drain(a: DrainArgs) -> anyhow::Result<()> {
     tokio::runtime::Runtime::new()?.block_on(async move {
         let tls = kvcache_net::Tls::load(&a.tls)?;
         let cfg = kvcache_client::ClientConfig { tls, watch: false, ..Default::default() };
-        let client = Client::connect_with(&a.coordinator, cfg).await?;
+        let client = kvcache_cli::cluster::connect(&a.coordinator, cfg).await?;
         let epoch = client
             .coord(|mut c| {
                 let id = a.node_id.clone();

@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 fn load_against_kvcache_dev_reports_every_request_and_dev_stops_cleanly() {
     let dir = tempfile::tempdir().unwrap();
     let mut dev = Command::new(env!("CARGO_BIN_EXE_kvcache"))
-        .args(["dev", "--node-capacity", "256MiB", "--data-dir"])
+        .args(["dev", "--listen", "127.0.0.1:0", "--node-capacity", "256MiB", "--data-dir"])
         .arg(dir.path().join("dev"))
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())

@@ -46,7 +46,7 @@ pub enum ClientError {
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
     /// No owner could serve the call.
-    #[error("unavailable after trying {tried:?}: {last}")]
+    #[error("unavailable{}: {last}", if tried.is_empty() { String::new() } else { format!(" after trying {}", tried.join(", ")) })]
     Unavailable {
         /// Nodes tried, in order.
         tried: Vec<String>,
@@ -84,7 +84,7 @@ fn stale_epoch(s: &Status) -> bool {
 
 /// A node that has not learnt the namespace yet.
 fn unknown_namespace(s: &Status) -> bool {
-    s.code() == Code::NotFound && s.message().contains("unknown namespace")
+    kvcache_proto::metadata::is_unknown_namespace(s)
 }
 
 fn retryable(s: &Status) -> bool {
@@ -503,6 +503,11 @@ impl Client {
                                 let mut s = Status::new(Code::from_i32(code), r.message);
                                 if let Some(e) = r.node_epoch.and_then(|e| e.to_string().parse().ok()) {
                                     s.metadata_mut().insert(kvcache_proto::metadata::EPOCH, e);
+                                }
+                                if let Some(v) =
+                                    Some(&r.not_found).filter(|v| !v.is_empty()).and_then(|v| v.parse().ok())
+                                {
+                                    s.metadata_mut().insert(kvcache_proto::metadata::NOT_FOUND, v);
                                 }
                                 refused[i].push(s);
                             }

@@ -14,7 +14,7 @@ pub fn status(e: CoordinatorError) -> Status {
         CoordinatorError::Invalid(_) | CoordinatorError::BadRequest(_) => Status::invalid_argument(e.to_string()),
         CoordinatorError::NotFound(_) => Status::not_found(e.to_string()),
         CoordinatorError::Conflict(_) => Status::already_exists(e.to_string()),
-        CoordinatorError::Io(_) => Status::unavailable(e.to_string()),
+        CoordinatorError::Io(_) | CoordinatorError::DataDir(_) => Status::unavailable(e.to_string()),
         CoordinatorError::NotLeader(ref leader) => {
             let mut s = Status::unavailable(e.to_string());
             if let Ok(v) = leader.parse() {

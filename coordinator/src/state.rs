@@ -56,6 +56,9 @@ pub enum CoordinatorError {
     /// State file failure.
     #[error("state persistence failed: {0}")]
     Io(#[from] io::Error),
+    /// The data directory is held by another process.
+    #[error(transparent)]
+    DataDir(#[from] kvcache_net::DataDirError),
     /// This replica is a follower; writes go to the leader.
     #[error("not the leader coordinator (leader: {0:?})")]
     NotLeader(String),
@@ -100,6 +103,8 @@ pub struct Leadership {
 
 /// The coordinator's state.
 pub struct ClusterState {
+    /// The exclusive hold on `cfg.data_dir`, released when the state is dropped.
+    _dir_lock: kvcache_net::DataDirLock,
     cfg: CoordinatorConfig,
     inner: Mutex<Inner>,
     tx: watch::Sender<Arc<pb::ShardMap>>,
@@ -117,7 +122,7 @@ fn ms(t: SystemTime) -> u64 {
 impl ClusterState {
     /// Load the persisted state (or start empty). Nodes come back DOWN until they heartbeat.
     pub fn open(cfg: CoordinatorConfig) -> Result<Arc<ClusterState>, CoordinatorError> {
-        std::fs::create_dir_all(&cfg.data_dir)?;
+        let dir_lock = kvcache_net::DataDirLock::acquire(&cfg.data_dir)?;
         let mut inner =
             Inner { epoch: 0, nodes: BTreeMap::new(), namespaces: BTreeMap::new(), workers: BTreeMap::new() };
         match std::fs::read(cfg.data_dir.join(STATE_FILE)) {
@@ -158,6 +163,7 @@ impl ClusterState {
         let map = Arc::new(Self::map_of(&cfg, &inner));
         let (tx, _) = watch::channel(map);
         Ok(Arc::new(ClusterState {
+            _dir_lock: dir_lock,
             cfg,
             inner: Mutex::new(inner),
             tx,

@@ -174,7 +174,7 @@ impl CoordinatorLink {
         }
         Err(Status::new(
             last.code(),
-            format!("no coordinator answered at {} ({})", self.inner.replicas.join(","), last.message()),
+            format!("cannot reach the coordinator at {} ({})", self.inner.replicas.join(","), crate::root_cause(&last)),
         ))
     }
 

@@ -10,6 +10,7 @@
 //!   same way, with TLS when configured.
 //! - [`coordinator`]: the [`CoordinatorLink`] — leader redirects, replica failover and the
 //!   watched shard map, for every process that follows the cluster.
+//! - [`DataDirLock`]: the exclusive lock a process holds on each data directory it owns.
 //! - [`check_address`]: `host:port` checked before anything is dialed.
 //! - [`frames`]: gRPC messages decoded from the HTTP/2 frames as they arrived (no reassembly
 //!   copy), for the calls that carry page payloads.
@@ -17,9 +18,11 @@
 //!   gRPC probes (which cannot speak TLS) when the main port requires it.
 
 pub mod coordinator;
+pub mod datadir;
 pub mod frames;
 
 pub use coordinator::CoordinatorLink;
+pub use datadir::{DataDirError, DataDirLock};
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -211,6 +214,16 @@ pub fn check_address(addr: &str) -> Result<(), NetError> {
     }
 }
 
+/// What a failed call comes down to, for people: the innermost cause of `s` ("Connection
+/// refused (os error 111)"), or its message when it has none.
+pub fn root_cause(s: &tonic::Status) -> String {
+    let mut e: &dyn std::error::Error = s;
+    while let Some(next) = e.source() {
+        e = next;
+    }
+    if std::ptr::addr_eq(e, s as &dyn std::error::Error) { s.message().to_owned() } else { e.to_string() }
+}
+
 /// A lazily connecting [`endpoint`] channel.
 pub fn channel(addr: &str, tls: &Tls) -> Result<Channel, NetError> {
     Ok(endpoint(addr, tls)?.connect_lazy())
@@ -364,6 +377,6 @@ mod tests {
         let link = CoordinatorLink::new(&addrs, &Tls::none(), Duration::from_secs(2)).unwrap();
         let e = link.refresh().await.unwrap_err();
         assert_eq!(e.code(), tonic::Code::Unavailable);
-        assert!(e.message().starts_with(&format!("no coordinator answered at {addrs}")), "{}", e.message());
+        assert!(e.message().starts_with(&format!("cannot reach the coordinator at {addrs} (")), "{}", e.message());
     }
 }

@@ -28,6 +28,24 @@ pub mod metadata {
     pub const EPOCH: &str = "kvcache-epoch";
     /// Trailer of a follower coordinator's UNAVAILABLE: the leader's address.
     pub const LEADER: &str = "kvcache-leader";
+    /// Trailer of NOT_FOUND: what was not found ([`NOT_FOUND_NAMESPACE`], [`NOT_FOUND_SEQUENCE`]).
+    pub const NOT_FOUND: &str = "kvcache-not-found";
+    /// [`NOT_FOUND`] value: the namespace is unknown.
+    pub const NOT_FOUND_NAMESPACE: &str = "namespace";
+    /// [`NOT_FOUND`] value: the sequence is not held.
+    pub const NOT_FOUND_SEQUENCE: &str = "sequence";
+
+    /// A NOT_FOUND status whose trailer says what was not found.
+    pub fn not_found(what: &'static str, message: impl Into<String>) -> tonic::Status {
+        let mut s = tonic::Status::not_found(message);
+        s.metadata_mut().insert(NOT_FOUND, tonic::metadata::MetadataValue::from_static(what));
+        s
+    }
+
+    /// Whether `s` is NOT_FOUND for an unknown namespace.
+    pub fn is_unknown_namespace(s: &tonic::Status) -> bool {
+        s.code() == tonic::Code::NotFound && s.metadata().get(NOT_FOUND).is_some_and(|v| v == NOT_FOUND_NAMESPACE)
+    }
 }
 
 /// f32 vectors on the wire (`DecodeItem.query`, `DecodeResult.output`): little-endian IEEE-754,

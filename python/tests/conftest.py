@@ -21,7 +21,7 @@ def _binary() -> str:
 
 def start_dev(data_dir: str, *flags: str):
     """Start `kvcache dev` (with extra flags); returns (process, coordinator address)."""
-    proc = subprocess.Popen([_binary(), "dev", "--data-dir", data_dir, *flags],
+    proc = subprocess.Popen([_binary(), "dev", "--listen", "127.0.0.1:0", "--data-dir", data_dir, *flags],
                             stdout=subprocess.PIPE, text=True, env={**os.environ, "RUST_LOG": "warn"})
     addr = None
     for _ in range(200):

@@ -315,10 +315,12 @@ impl Worker {
     /// Answer one decode batch.
     pub async fn decode(self: &Arc<Self>, req: pb::DecodeRequest) -> Result<pb::DecodeResponse, Status> {
         let started = Instant::now();
-        let ns = self
-            .namespace(&req.namespace)
-            .await
-            .ok_or_else(|| Status::not_found(format!("unknown namespace {:?}", req.namespace)))?;
+        let ns = self.namespace(&req.namespace).await.ok_or_else(|| {
+            kvcache_proto::metadata::not_found(
+                kvcache_proto::metadata::NOT_FOUND_NAMESPACE,
+                format!("unknown namespace {:?}", req.namespace),
+            )
+        })?;
         kvcache_core::validate::layer(&ns, req.layer).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let layout = ns.layout();
         let mut shape = AttnShape::new(&ns.model, layout);

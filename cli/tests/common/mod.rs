@@ -42,8 +42,20 @@ pub fn spawn(args: &[&str]) -> Proc {
     spawn_env(args, &[])
 }
 
+/// `kvcache dev` on free loopback ports with its data in `dir`; the address is its coordinator's.
+pub fn spawn_dev(dir: &str) -> Proc {
+    spawn_until(&["dev", "--listen", "127.0.0.1:0", "--node-capacity", "64MiB", "--data-dir", dir], &[], |l| {
+        l.trim().strip_prefix("coordinator").map(|a| a.trim().to_owned())
+    })
+}
+
 /// [`spawn`] with extra environment variables.
 pub fn spawn_env(args: &[&str], envs: &[(&str, &str)]) -> Proc {
+    spawn_until(args, envs, |l| l.split("listening on ").nth(1).map(|a| a.trim().to_owned()))
+}
+
+/// Start `kvcache ARGS` and wait for the stdout line `addr_of` finds an address in.
+pub fn spawn_until(args: &[&str], envs: &[(&str, &str)], addr_of: impl Fn(&str) -> Option<String>) -> Proc {
     let mut child = Command::new(env!("CARGO_BIN_EXE_kvcache"))
         .args(args)
         .env("RUST_LOG", "warn")
@@ -56,8 +68,8 @@ pub fn spawn_env(args: &[&str], envs: &[(&str, &str)]) -> Proc {
     let mut lines = BufReader::new(out).lines();
     let addr = loop {
         let line = lines.next().expect("process exited before listening").expect("read stdout");
-        if let Some(a) = line.split("listening on ").nth(1) {
-            break a.trim().to_owned();
+        if let Some(a) = addr_of(&line) {
+            break a;
         }
     };
     // Keep draining stdout so the process never blocks on a full pipe.
