@@ -73,17 +73,15 @@ pub struct PassReport {
 /// Run handoff passes for `node_id` until the task is aborted. A pass runs when `link`'s
 /// watched shard map moves to a new epoch (the link must be watching), when failed copies are
 /// due for a retry, and every `full_interval`; between them the task sleeps on the watch.
-pub async fn run(store: Arc<PageStore>, node_id: String, link: CoordinatorLink, tls: Tls, cfg: HandoffConfig) {
+pub async fn run(
+    store: Arc<PageStore>,
+    node_id: String,
+    link: CoordinatorLink,
+    tls: Tls,
+    cfg: HandoffConfig,
+    metrics: Arc<crate::metrics::NodeMetrics>,
+) {
     let mut peers = Peers { tls, clients: HashMap::new() };
-    // Counters exist from the start (at 0), so dashboards and alerts see them before a handoff.
-    {
-        use kvcache_telemetry::names as n;
-        for outcome in ["copied", "current", "failed"] {
-            metrics::counter!(n::NODE_HANDOFF_SEQUENCES, "outcome" => outcome).increment(0);
-        }
-        metrics::counter!(n::NODE_HANDOFF_BYTES).increment(0);
-        metrics::counter!(n::NODE_HANDOFF_RELEASED).increment(0);
-    }
     let mut maps = link.subscribe();
     let mut done_epoch = 0u64;
     let mut last_pass = Instant::now();
@@ -120,6 +118,7 @@ pub async fn run(store: Arc<PageStore>, node_id: String, link: CoordinatorLink, 
         }
         let since = if full { None } else { prev.as_deref() };
         let report = pass(&store, &node_id, &routing, since, &mut retry, &mut peers, &cfg).await;
+        metrics.handoff(&report);
         if report.copied + report.failed + report.released > 0 {
             tracing::info!(?report, "handoff pass");
         }
@@ -172,7 +171,6 @@ pub async fn pass(
     peers: &mut Peers,
     cfg: &HandoffConfig,
 ) -> PassReport {
-    use kvcache_telemetry::names as n;
     let mut report = PassReport { epoch: routing.epoch, ..Default::default() };
     let ids = |v: Vec<NodeRef>| v.into_iter().map(|o| o.node_id).collect::<Vec<_>>();
     for key in store.sequence_keys() {
@@ -201,29 +199,23 @@ pub async fn pass(
             }
         }
         report.bytes += copied;
-        metrics::counter!(n::NODE_HANDOFF_BYTES).increment(copied);
         if ok {
             retry.remove(&key);
         } else {
             retry.insert(key.clone());
         }
-        let outcome = if !ok {
+        if !ok {
             report.failed += 1;
-            "failed"
         } else if copied > 0 {
             report.copied += 1;
-            "copied"
         } else {
             report.current += 1;
-            "current"
-        };
-        metrics::counter!(n::NODE_HANDOFF_SEQUENCES, "outcome" => outcome).increment(1);
+        }
         if ok && !owners.iter().any(|o| o.node_id == node_id) {
             let (s, k, epoch) = (store.clone(), key.clone(), routing.epoch);
             // Refused (FAILED_PRECONDITION) when the node already saw a newer map: next pass.
             if let Ok(Ok(_)) = tokio::task::spawn_blocking(move || s.delete(epoch, &k)).await {
                 report.released += 1;
-                metrics::counter!(n::NODE_HANDOFF_RELEASED).increment(1);
             } else {
                 retry.insert(key);
             }

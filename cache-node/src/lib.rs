@@ -11,6 +11,7 @@
 //!   become gRPC statuses.
 //! - [`zerocopy`]: GetPages with each mapped payload handed to HTTP/2 as is (no encoder copy),
 //!   PutPages decoded from the received frames (no reassembly copy).
+//! - [`metrics`]: the node's series, labelled by node id, registered once.
 //! - [`membership`]: registration and heartbeats with the coordinator (epoch, namespaces).
 //! - [`handoff`]: moving sequences to their owners after membership changes (drain, join,
 //!   re-replication after a node loss).
@@ -25,6 +26,7 @@
 
 pub mod handoff;
 pub mod membership;
+pub mod metrics;
 pub mod pool;
 pub mod service;
 pub mod store;
@@ -104,6 +106,7 @@ pub async fn run(
     health.set_serving::<CacheNodeServer<NodeService>>().await;
     let reflection = kvcache_net::reflection()?;
     let server = kvcache_net::server(&exposure.tls)?;
+    let metrics = Arc::new(metrics::NodeMetrics::new(&cfg.node_id));
     let mut cluster_tasks = Vec::new();
     if let Some(c) = &cfg.coordinator {
         let link = kvcache_net::CoordinatorLink::new(c, &cfg.tls, std::time::Duration::from_secs(5))?;
@@ -122,17 +125,18 @@ pub async fn run(
             link,
             cfg.tls.clone(),
             cfg.handoff.clone(),
+            metrics.clone(),
         )));
     }
     let probe = exposure.health_listener.map(|l| kvcache_net::serve_health(l, health_svc.clone()));
-    let node = Arc::new(NodeService::new(store.clone(), cfg.node_id));
+    let node = Arc::new(NodeService::new(store.clone(), cfg.node_id, metrics.clone()));
     let svc = zerocopy::ZeroCopyPages::new(
         node.clone(),
         CacheNodeServer::from_arc(node)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES),
     );
-    let gauges = tokio::spawn(export_gauges(store.clone()));
+    let gauges = tokio::spawn(export_gauges(store.clone(), metrics));
     let r = server
         .layer(kvcache_telemetry::GrpcMetricsLayer::new("node"))
         .add_service(health_svc)
@@ -162,28 +166,12 @@ pub async fn run(
 }
 
 /// Publish the store's gauges every two seconds (index memory is measured, so not per request).
-async fn export_gauges(store: Arc<PageStore>) {
-    use kvcache_telemetry::names as n;
-    // Counters exist from the start (at 0), so dashboards and alerts see them before traffic.
-    for c in [n::NODE_PAGE_HITS, n::NODE_PAGE_MISSES, n::NODE_BYTES_OUT, n::NODE_BYTES_IN] {
-        metrics::counter!(c).increment(0);
-    }
+async fn export_gauges(store: Arc<PageStore>, metrics: Arc<metrics::NodeMetrics>) {
     let mut iv = tokio::time::interval(std::time::Duration::from_secs(2));
     loop {
         iv.tick().await;
         let s = store.clone();
         let Ok(st) = tokio::task::spawn_blocking(move || s.stats()).await else { continue };
-        metrics::gauge!(n::NODE_STORED_BYTES).set(st.used_bytes as f64);
-        metrics::gauge!(n::NODE_CAPACITY_BYTES).set(st.capacity_bytes as f64);
-        metrics::gauge!(n::NODE_POOL_BYTES).set(st.pool_bytes as f64);
-        metrics::gauge!(n::NODE_PAGES).set(st.pages as f64);
-        metrics::gauge!(n::NODE_SEQUENCES).set(st.sequences as f64);
-        metrics::gauge!(n::NODE_LEASES).set(st.active_leases as f64);
-        metrics::gauge!(n::NODE_POOL_FILES_FAILED).set(st.pool_files_failed as f64);
-        metrics::gauge!(n::NODE_INDEX_BYTES).set(st.index_bytes as f64);
-        metrics::gauge!(n::NODE_RECOVERY_SECONDS).set(st.recovery_seconds);
-        metrics::gauge!(n::NODE_EPOCH).set(store.epoch() as f64);
-        metrics::counter!(n::NODE_EVICTIONS, "reason" => "capacity").absolute(st.evictions);
-        metrics::counter!(n::NODE_CORRUPT_PAGES).absolute(st.corrupt_pages_dropped);
+        metrics.publish(&st, store.epoch());
     }
 }

@@ -1,6 +1,7 @@
 //! The `CacheNode` gRPC service. Every store error becomes a status here, in [`status`], and
 //! nowhere else.
 
+use crate::metrics::NodeMetrics;
 use crate::store::{Durability, PageStore, StoreError};
 use kvcache_core::validate::{self, ValidationError};
 use kvcache_core::{Namespace, PageKey, SequenceKey};
@@ -14,8 +15,6 @@ use tonic::{Request, Response, Status, Streaming};
 
 /// Most page keys one GetPages may ask for.
 pub const MAX_GET_ITEMS: usize = 1 << 20;
-/// Payload bytes batched into one GetPages response message.
-const RESPONSE_BATCH_BYTES: usize = 2 << 20;
 /// Longest lease.
 const MAX_LEASE: Duration = Duration::from_secs(3600);
 
@@ -51,12 +50,13 @@ fn invalid(e: ValidationError) -> Status {
 pub struct NodeService {
     store: Arc<PageStore>,
     node_id: String,
+    pub(crate) metrics: Arc<NodeMetrics>,
 }
 
 impl NodeService {
-    /// Serve `store` as `node_id`.
-    pub fn new(store: Arc<PageStore>, node_id: String) -> Self {
-        Self { store, node_id }
+    /// Serve `store` as `node_id`, counting into `metrics`.
+    pub fn new(store: Arc<PageStore>, node_id: String, metrics: Arc<NodeMetrics>) -> Self {
+        Self { store, node_id, metrics }
     }
 }
 
@@ -185,7 +185,7 @@ type PageStream = Pin<Box<dyn Stream<Item = Result<pb::GetPagesResponse, Status>
 
 /// Read one requested item: the response item (its page's payload left empty) and the payload,
 /// a slice of the mapping that holds the slot. Counts hits, misses and bytes out.
-pub(crate) fn page_item(store: &PageStore, w: Wanted) -> (pb::PageItem, bytes::Bytes) {
+pub(crate) fn page_item(store: &PageStore, m: &NodeMetrics, w: Wanted) -> (pb::PageItem, bytes::Bytes) {
     let item = |k, status: pb::PageStatus, message: String| pb::PageItem {
         key: Some(k),
         status: status as i32,
@@ -196,8 +196,8 @@ pub(crate) fn page_item(store: &PageStore, w: Wanted) -> (pb::PageItem, bytes::B
         Wanted::Bad(k, msg) => (item(k, pb::PageStatus::Invalid, msg), bytes::Bytes::new()),
         Wanted::Key(k, key) => match store.get(&key) {
             Ok(Some(p)) => {
-                metrics::counter!(kvcache_telemetry::names::NODE_PAGE_HITS).increment(1);
-                metrics::counter!(kvcache_telemetry::names::NODE_BYTES_OUT).increment(p.payload.len() as u64);
+                m.page_hits.increment(1);
+                m.bytes_out.increment(p.payload.len() as u64);
                 let codec = store.namespace(&key.sequence.namespace).map_or(0, |n| validate::codec_to_wire(n.ns.codec));
                 let page = pb::Page {
                     key: Some(k.clone()),
@@ -211,7 +211,7 @@ pub(crate) fn page_item(store: &PageStore, w: Wanted) -> (pb::PageItem, bytes::B
                 (pb::PageItem { page: Some(page), ..item(k, pb::PageStatus::Ok, String::new()) }, p.payload)
             }
             Ok(None) => {
-                metrics::counter!(kvcache_telemetry::names::NODE_PAGE_MISSES).increment(1);
+                m.page_misses.increment(1);
                 (item(k, pb::PageStatus::Miss, String::new()), bytes::Bytes::new())
             }
             Err(e) => (item(k, pb::PageStatus::Invalid, e.to_string()), bytes::Bytes::new()),
@@ -239,7 +239,7 @@ impl NodeService {
             let store = self.store.clone();
             blocking(move || store.put_pages_with(msg.epoch, msg.pages, msg.handoff)).await?
         };
-        metrics::counter!(kvcache_telemetry::names::NODE_BYTES_IN).increment(b);
+        self.metrics.bytes_in.increment(b);
         resp.pages_written += n;
         resp.bytes_written += b;
         Ok(())
@@ -294,46 +294,20 @@ impl NodeService {
 
 #[tonic::async_trait]
 impl CacheNode for NodeService {
+    // PutPages and GetPages never reach these two: [`crate::zerocopy::ZeroCopyPages`] answers
+    // them from the HTTP/2 frames (no reassembly copy in, no encoder copy out) before tonic's
+    // router sees the request. They exist because the generated trait asks for them.
     async fn put_pages(
         &self,
-        request: Request<Streaming<pb::PutPagesRequest>>,
+        _request: Request<Streaming<pb::PutPagesRequest>>,
     ) -> Result<Response<pb::PutPagesResponse>, Status> {
-        let mut stream = request.into_inner();
-        let mut resp = pb::PutPagesResponse::default();
-        while let Some(msg) = stream.message().await? {
-            self.put_message(msg, &mut resp).await?;
-        }
-        Ok(Response::new(resp))
+        Err(Status::internal("PutPages is served by the zero-copy path; this server was built without it"))
     }
 
     type GetPagesStream = PageStream;
 
-    async fn get_pages(&self, request: Request<pb::GetPagesRequest>) -> Result<Response<PageStream>, Status> {
-        let wanted = self.expand(request.into_inner())?;
-        let store = self.store.clone();
-        let (tx, rx) = tokio::sync::mpsc::channel(4);
-        tokio::spawn(async move {
-            let mut batch = pb::GetPagesResponse::default();
-            let mut bytes = 0usize;
-            for w in wanted {
-                let (mut item, payload) = page_item(&store, w);
-                bytes += payload.len();
-                if let Some(p) = item.page.as_mut() {
-                    p.payload = payload;
-                }
-                batch.items.push(item);
-                if bytes >= RESPONSE_BATCH_BYTES || batch.items.len() >= 4096 {
-                    bytes = 0;
-                    if tx.send(Ok(std::mem::take(&mut batch))).await.is_err() {
-                        return; // client went away; holds drop with the batch
-                    }
-                }
-            }
-            if !batch.items.is_empty() {
-                let _ = tx.send(Ok(batch)).await;
-            }
-        });
-        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    async fn get_pages(&self, _request: Request<pb::GetPagesRequest>) -> Result<Response<PageStream>, Status> {
+        Err(Status::internal("GetPages is served by the zero-copy path; this server was built without it"))
     }
 
     async fn append_tokens(
@@ -341,7 +315,7 @@ impl CacheNode for NodeService {
         request: Request<pb::AppendTokensRequest>,
     ) -> Result<Response<pb::AppendTokensResponse>, Status> {
         let r = request.into_inner();
-        metrics::counter!(kvcache_telemetry::names::NODE_BYTES_IN).increment(r.payload.len() as u64);
+        self.metrics.bytes_in.increment(r.payload.len() as u64);
         let resp = if inline_append(&self.store, 1, r.payload.len()) {
             append_one(&self.store, r)?
         } else {
@@ -366,7 +340,7 @@ impl CacheNode for NodeService {
         }
         let bytes: usize = appends.iter().map(|a| a.payload.len()).sum();
         let appends_len = appends.len();
-        metrics::counter!(kvcache_telemetry::names::NODE_BYTES_IN).increment(bytes as u64);
+        self.metrics.bytes_in.increment(bytes as u64);
         let store = self.store.clone();
         let run = move || appends.into_iter().map(|r| append_result(append_one(&store, r))).collect();
         let results = if inline_append(&self.store, appends_len, bytes) {

@@ -145,11 +145,11 @@ async fn put_pages(node: Arc<NodeService>, req: http::Request<Body>) -> Result<h
 
 async fn get_pages(node: Arc<NodeService>, req: http::Request<Body>) -> Result<http::Response<Body>, Status> {
     let mut wanted = node.expand(request(req.into_body()).await?)?.into_iter();
-    let store = node.store().clone();
+    let (store, metrics) = (node.store().clone(), node.metrics.clone());
     // Most requests (a decode step's layer, a prefill's batch) fit one response message: answer
     // those from here, the chunks handed to hyper as they are, without a task and a channel
     // between the lookups and the connection. Larger ones stream, a message at a time.
-    let first = next_message_chunks(&store, &mut wanted);
+    let first = next_message_chunks(&store, &metrics, &mut wanted);
     if wanted.len() == 0 {
         let mut chunks: Vec<Chunk> = first.into_iter().map(|c| Ok(Frame::data(c))).collect();
         chunks.push(ok_trailers());
@@ -164,7 +164,7 @@ async fn get_pages(node: Arc<NodeService>, req: http::Request<Body>) -> Result<h
                     return; // client went away; slot holds drop with the chunks
                 }
             }
-            chunks = next_message_chunks(&store, &mut wanted);
+            chunks = next_message_chunks(&store, &metrics, &mut wanted);
         }
         let _ = tx.send(ok_trailers()).await;
     });
@@ -175,11 +175,12 @@ async fn get_pages(node: Arc<NodeService>, req: http::Request<Body>) -> Result<h
 /// full or they run out (none when no item is left).
 fn next_message_chunks(
     store: &crate::PageStore,
+    metrics: &crate::metrics::NodeMetrics,
     wanted: &mut impl Iterator<Item = crate::service::Wanted>,
 ) -> Vec<Bytes> {
     let mut msg = ResponseFrame::default();
     for w in wanted.by_ref() {
-        let (item, payload) = crate::service::page_item(store, w);
+        let (item, payload) = crate::service::page_item(store, metrics, w);
         msg.push(item, payload);
         if msg.is_full() {
             break;

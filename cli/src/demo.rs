@@ -234,18 +234,6 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     })
 }
 
-fn human(b: f64) -> String {
-    if b >= 1e9 {
-        format!("{:.2} GB", b / 1e9)
-    } else if b >= 1e6 {
-        format!("{:.1} MB", b / 1e6)
-    } else if b >= 1e3 {
-        format!("{:.1} KB", b / 1e3)
-    } else {
-        format!("{b:.0} B")
-    }
-}
-
 fn print_table(a: &Args, rs: &[ModelResult]) {
     println!(
         "\nkvcache demo: {} sequences × {} tokens × {} layers per model; {} decode steps through the worker (each step: every layer, one new token per sequence)\n",
@@ -275,8 +263,8 @@ fn print_table(a: &Args, rs: &[ModelResult]) {
             r.bytes_per_token_layer_stored,
             r.bytes_per_token_model,
             r.tokens_fit_in_cluster,
-            human(r.cold_bytes_pulled_per_step as f64),
-            human(r.warm_bytes_pulled_per_step),
+            crate::util::human_bytes(r.cold_bytes_pulled_per_step as f64),
+            crate::util::human_bytes(r.warm_bytes_pulled_per_step),
             r.decode_p50_ms,
             r.decode_p99_ms,
             r.tokens_per_s,

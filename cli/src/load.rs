@@ -92,9 +92,28 @@ pub struct Second {
     pub p99_ms: f64,
 }
 
+/// The run's parameters, as given (so a report is read without the command line).
+#[derive(Serialize)]
+pub struct Parameters {
+    scenario: Scenario,
+    preset: String,
+    codec: String,
+    context_tokens: usize,
+    sequences: usize,
+    replication: u32,
+    /// Closed loop: requests in flight (absent in open loop).
+    concurrency: Option<usize>,
+    /// Open loop: requests per second (absent in closed loop).
+    rate_per_s: Option<f64>,
+    duration_s: f64,
+    /// The request limit, if one was set.
+    max_requests: Option<u64>,
+}
+
 /// The load report.
 #[derive(Serialize)]
 pub struct Report {
+    parameters: Parameters,
     scenario: Scenario,
     mode: String,
     seconds: f64,
@@ -353,6 +372,18 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             })
             .collect();
         let report = Report {
+            parameters: Parameters {
+                scenario: a.scenario,
+                preset: a.preset.clone(),
+                codec: a.codec.clone(),
+                context_tokens: a.context,
+                sequences: a.sequences,
+                replication: a.replication,
+                concurrency: a.rate.is_none().then_some(a.concurrency),
+                rate_per_s: a.rate,
+                duration_s: a.duration,
+                max_requests: a.requests,
+            },
             scenario: a.scenario,
             mode,
             seconds: secs,
@@ -395,7 +426,22 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             std::fs::write(p, serde_json::to_string_pretty(&report)?)?;
         }
         if let Some(p) = &a.plot {
-            crate::plot::draw(&report.timeline, p)?;
+            let title = format!(
+                "kvcache load: {:?}, {} {}, {}",
+                a.scenario, a.preset, a.codec, report.mode
+            )
+            .to_lowercase();
+            let subtitle = format!(
+                "{} tokens of context, {} sequences; {} requests in {:.1} s, p50 {:.2} ms, p99 {:.2} ms, success {:.1}%",
+                a.context,
+                a.sequences,
+                report.requests,
+                report.seconds,
+                report.latency_ms["p50"],
+                report.latency_ms["p99"],
+                report.success_rate * 100.0
+            );
+            crate::plot::draw(&report.timeline, &title, &subtitle, p)?;
         }
         Ok(())
     })

@@ -53,6 +53,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     rt.block_on(async move {
         let _tracing = kvcache_telemetry::trace::init("kvcache-node");
         crate::util::init_metrics(args.metrics_listen)?;
+        crate::util::check_fits_disk("--capacity", args.capacity, &args.data_dir)?;
         let mut cfg = StoreConfig::new(&args.data_dir, args.capacity);
         cfg.durability = args.durability;
         let store = tokio::task::spawn_blocking(move || PageStore::open(cfg)).await??;

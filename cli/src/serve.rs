@@ -1,6 +1,6 @@
 //! `kvcache coordinator`, `kvcache worker`, `kvcache dev` and `kvcache status`.
 
-use crate::util::{parse_bytes, shutdown_signal};
+use crate::util::{human_bytes, parse_bytes, shutdown_signal};
 use kvcache_cli::cluster::{LocalCluster, LocalClusterConfig};
 use kvcache_coordinator::{ClusterState, CoordinatorConfig};
 use kvcache_proto::v1 as pb;
@@ -211,6 +211,8 @@ pub fn dev(a: DevArgs) -> anyhow::Result<()> {
     tokio::runtime::Runtime::new()?.block_on(async move {
         let _tracing = kvcache_telemetry::trace::init("kvcache-dev");
         crate::util::init_metrics(a.metrics_listen)?;
+        let total = a.node_capacity.saturating_mul(a.nodes as u64);
+        crate::util::check_fits_disk("--node-capacity × --nodes", total, &a.data_dir)?;
         let mut cfg = LocalClusterConfig::new(&a.data_dir);
         cfg.nodes = a.nodes;
         cfg.node_capacity = a.node_capacity;
@@ -272,7 +274,7 @@ pub fn status(a: StatusArgs) -> anyhow::Result<()> {
                     })
                 })
                 .collect();
-            let nss: Vec<_> = s.namespaces.iter().map(|n| serde_json::json!({"name": n.name, "tenant": n.tenant, "model": n.model.as_ref().map(|m| m.name.clone()), "page_tokens": n.page_tokens, "replication": n.replication})).collect();
+            let nss: Vec<_> = s.namespaces.iter().map(|n| serde_json::json!({"name": n.name, "tenant": n.tenant, "model": n.model.as_ref().map(|m| m.name.clone()), "codec": kvcache_core::validate::codec(n.codec).map_or("unknown", |c| c.as_str()), "page_tokens": n.page_tokens, "replication": n.replication})).collect();
             println!("{}", serde_json::to_string_pretty(&serde_json::json!({"epoch": s.epoch, "nodes": nodes, "namespaces": nss, "workers": s.workers.iter().map(|w| &w.address).collect::<Vec<_>>()}))?);
             return Ok(());
         }
@@ -281,13 +283,15 @@ pub fn status(a: StatusArgs) -> anyhow::Result<()> {
         for n in &s.nodes {
             let sn = n.node.clone().unwrap_or_default();
             let info = sn.node.unwrap_or_default();
-            let st = pb::NodeState::try_from(sn.state).map(|s| s.as_str_name().trim_start_matches("NODE_STATE_").to_string()).unwrap_or_default();
-            println!("{:<12} {:<22} {:<9} {:>12} {:>12} {:>8} {:>10}", info.node_id, info.address, st, info.capacity_bytes, n.used_bytes, n.pages, n.sequences);
+            let st = pb::NodeState::try_from(sn.state).map(|s| s.as_str_name().trim_start_matches("NODE_STATE_").to_lowercase()).unwrap_or_default();
+            let (cap, used) = (human_bytes(info.capacity_bytes as f64), human_bytes(n.used_bytes as f64));
+            println!("{:<12} {:<22} {:<9} {:>12} {:>12} {:>8} {:>10}", info.node_id, info.address, st, cap, used, n.pages, n.sequences);
         }
         println!("namespaces:");
         for n in &s.namespaces {
             let m = n.model.clone().unwrap_or_default();
-            println!("  {:<28} tenant {:<10} model {:<12} codec {:<3} page {:>4} R={}", n.name, n.tenant, m.name, n.codec, n.page_tokens, n.replication);
+            let codec = kvcache_core::validate::codec(n.codec).map_or("unknown", |c| c.as_str());
+            println!("  {:<28} tenant {:<10} model {:<12} codec {:<8} page {:>4} R={}", n.name, n.tenant, m.name, codec, n.page_tokens, n.replication);
         }
         println!("workers: {}", s.workers.iter().map(|w| w.address.as_str()).collect::<Vec<_>>().join(", "));
         Ok(())

@@ -45,6 +45,53 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
     Ok(bytes.round() as u64)
 }
 
+/// Check that `bytes` of pool files (`flag`) fit the filesystem that holds `dir` (or would
+/// hold it: the nearest existing ancestor): more than the filesystem's size is refused; more
+/// than its free space is allowed (pool files grow as pages arrive; a restart finds its own files
+/// already there) but said in a warning.
+pub fn check_fits_disk(flag: &str, bytes: u64, dir: &std::path::Path) -> anyhow::Result<()> {
+    let mut at = dir;
+    while !at.exists() {
+        match at.parent() {
+            Some(p) if !p.as_os_str().is_empty() => at = p,
+            _ => {
+                at = std::path::Path::new(".");
+                break;
+            }
+        }
+    }
+    let stats =
+        fs4::statvfs(at).map_err(|e| anyhow::anyhow!("{flag}: cannot read the filesystem of {}: {e}", at.display()))?;
+    let size = human_bytes(bytes as f64);
+    if bytes > stats.total_space() {
+        anyhow::bail!(
+            "{flag} {size} is larger than the filesystem that holds {} ({} in all): give at most that, or another --data-dir",
+            dir.display(),
+            human_bytes(stats.total_space() as f64)
+        );
+    }
+    if bytes > stats.available_space() {
+        tracing::warn!(
+            flag, capacity = %size, free = %human_bytes(stats.available_space() as f64), dir = %dir.display(),
+            "the capacity is more than the free space of its filesystem: writes fail (and become misses) when it fills"
+        );
+    }
+    Ok(())
+}
+
+/// A byte count for people, in the binary units the size flags take: `1.50 GiB`, `640.0 KiB`.
+pub fn human_bytes(b: f64) -> String {
+    const UNITS: [(&str, f64); 4] =
+        [("TiB", (1u64 << 40) as f64), ("GiB", (1u64 << 30) as f64), ("MiB", (1u64 << 20) as f64), ("KiB", 1024.0)];
+    for (unit, size) in UNITS {
+        if b >= size {
+            let v = b / size;
+            return if v >= 100.0 { format!("{v:.0} {unit}") } else { format!("{v:.2} {unit}") };
+        }
+    }
+    format!("{b:.0} B")
+}
+
 /// Serve Prometheus `/metrics` on `addr` when given.
 pub fn init_metrics(addr: Option<std::net::SocketAddr>) -> anyhow::Result<()> {
     if let Some(a) = addr {
@@ -90,6 +137,9 @@ mod tests {
         assert!(parse_bytes("12 parsecs").is_err());
         assert!(parse_bytes("GiB").is_err());
         assert_eq!(parse_bytes("1.5GiB").unwrap(), 3 << 29);
+        assert_eq!(super::human_bytes((3u64 << 29) as f64), "1.50 GiB");
+        assert_eq!(super::human_bytes(640.0 * 1024.0), "640 KiB");
+        assert_eq!(super::human_bytes(17.0), "17 B");
         assert_eq!(parse_bytes("2TB").unwrap(), 2_000_000_000_000);
         for (bad, says) in [
             ("0", "at least 1 byte"),

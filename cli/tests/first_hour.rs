@@ -65,6 +65,14 @@ fn wrong_invocations_print_one_line_that_says_what_and_where() {
         (vec!["node", "--capacity", "10G"], vec!["ambiguous: write 10GiB (binary) or 10GB (decimal)".into()]),
         (vec!["node", "--capacity", "1.5 parsecs"], vec!["unknown unit \"parsecs\"".into()]),
         (vec!["dev", "--node-capacity", "1.2.3GiB"], vec!["'--node-capacity <NODE_CAPACITY>'".into()]),
+        (
+            vec!["node", "--data-dir", data, "--capacity", "10000TiB"],
+            vec![format!("--capacity 10000 TiB is larger than the filesystem that holds {data}")],
+        ),
+        (
+            vec!["dev", "--data-dir", data, "--listen", "127.0.0.1:0", "--node-capacity", "5000TiB"],
+            vec!["--node-capacity × --nodes 15000 TiB is larger than the filesystem".into()],
+        ),
     ];
     for (args, wants) in cases {
         let line = one_line_error(&args);

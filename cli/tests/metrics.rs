@@ -63,9 +63,35 @@ async fn every_dashboard_metric_is_exported() {
             .await
             .unwrap();
     }
-    // Node gauges are published every two seconds.
-    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
-    let text = handle.render();
+    // Three nodes in one process: one kvcache_node_pages series per node (labelled by node id),
+    // summing to what the nodes report (what `kvcache status` shows). Gauges are published every
+    // two seconds: wait for them, bounded.
+    let stats = client.node_stats().await;
+    let want: u64 = stats.iter().map(|(_, s)| s.as_ref().unwrap().pages).sum();
+    assert!(want > 0);
+    let series = |text: &str| -> Vec<(String, f64)> {
+        text.lines()
+            .filter_map(|l| l.strip_prefix("kvcache_node_pages{"))
+            .map(|l| {
+                let (labels, value) = l.split_once("} ").unwrap();
+                (labels.to_owned(), value.trim().parse::<f64>().unwrap())
+            })
+            .collect()
+    };
+    let mut text = handle.render();
+    for _ in 0..100 {
+        let s = series(&text);
+        if s.len() == 3 && s.iter().map(|x| x.1).sum::<f64>() == want as f64 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        text = handle.render();
+    }
+    let s = series(&text);
+    let mut labels: Vec<&str> = s.iter().map(|x| x.0.as_str()).collect();
+    labels.sort();
+    assert_eq!(labels, vec!["node=\"node-0\"", "node=\"node-1\"", "node=\"node-2\""], "{text}");
+    assert_eq!(s.iter().map(|x| x.1).sum::<f64>(), want as f64, "exposition {s:?} vs the nodes' stats {want}");
     let exported: Vec<&str> = text
         .lines()
         .filter(|l| !l.starts_with('#') && !l.is_empty())
