@@ -19,7 +19,7 @@ use std::time::Instant;
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// Use a running cluster instead of starting one.
-    #[arg(long, env = "KVCACHE_COORDINATOR")]
+    #[arg(long, env = "KVCACHE_COORDINATOR", value_parser = crate::util::parse_addresses)]
     coordinator: Option<String>,
     /// Context length of each prefilled sequence, in tokens.
     #[arg(long, default_value_t = 8192)]

@@ -37,7 +37,7 @@ pub enum Scenario {
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// Coordinator address.
-    #[arg(long, env = "KVCACHE_COORDINATOR", default_value = "127.0.0.1:7000")]
+    #[arg(long, env = "KVCACHE_COORDINATOR", default_value = "127.0.0.1:7000", value_parser = crate::util::parse_addresses)]
     coordinator: String,
     #[command(flatten)]
     tls: kvcache_net::TlsArgs,

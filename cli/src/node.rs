@@ -23,10 +23,10 @@ pub struct Args {
     #[arg(long, env = "KVCACHE_NODE_ID")]
     pub node_id: Option<String>,
     /// Coordinator to register with (standalone when absent).
-    #[arg(long, env = "KVCACHE_COORDINATOR")]
+    #[arg(long, env = "KVCACHE_COORDINATOR", value_parser = crate::util::parse_addresses)]
     pub coordinator: Option<String>,
     /// Address clients reach this node at (default: the bound listen address).
-    #[arg(long, env = "KVCACHE_ADVERTISE")]
+    #[arg(long, env = "KVCACHE_ADVERTISE", value_parser = crate::util::parse_address)]
     pub advertise: Option<String>,
     /// Serve Prometheus /metrics on this address (off when absent).
     #[arg(long, env = "KVCACHE_METRICS_LISTEN")]

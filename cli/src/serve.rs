@@ -49,7 +49,7 @@ pub struct CoordinatorArgs {
     #[arg(long, env = "KVCACHE_ETCD_PREFIX", default_value = "/kvcache")]
     etcd_prefix: String,
     /// Address other processes reach this coordinator at (default: the bound listen address).
-    #[arg(long, env = "KVCACHE_ADVERTISE")]
+    #[arg(long, env = "KVCACHE_ADVERTISE", value_parser = crate::util::parse_address)]
     advertise: Option<String>,
     /// Also serve grpc.health.v1 alone, in plaintext, on this address (for Kubernetes probes,
     /// which cannot speak TLS).
@@ -121,10 +121,10 @@ pub struct WorkerArgs {
     #[arg(long, env = "KVCACHE_LISTEN", default_value = "127.0.0.1:7100")]
     listen: String,
     /// Coordinator address.
-    #[arg(long, env = "KVCACHE_COORDINATOR", default_value = "127.0.0.1:7000")]
+    #[arg(long, env = "KVCACHE_COORDINATOR", default_value = "127.0.0.1:7000", value_parser = crate::util::parse_addresses)]
     coordinator: String,
     /// Address other processes reach this worker at (default: the bound listen address).
-    #[arg(long, env = "KVCACHE_ADVERTISE")]
+    #[arg(long, env = "KVCACHE_ADVERTISE", value_parser = crate::util::parse_address)]
     advertise: Option<String>,
     /// Worker id (stable across restarts); default: the advertised address.
     #[arg(long, env = "KVCACHE_WORKER_ID")]
@@ -248,7 +248,7 @@ pub fn dev(a: DevArgs) -> anyhow::Result<()> {
 #[derive(clap::Args, Debug)]
 pub struct StatusArgs {
     /// Coordinator address.
-    #[arg(long, env = "KVCACHE_COORDINATOR", default_value = "127.0.0.1:7000")]
+    #[arg(long, env = "KVCACHE_COORDINATOR", default_value = "127.0.0.1:7000", value_parser = crate::util::parse_addresses)]
     coordinator: String,
     /// Print JSON.
     #[arg(long)]
@@ -302,7 +302,7 @@ pub fn status(a: StatusArgs) -> anyhow::Result<()> {
 #[derive(clap::Args, Debug)]
 pub struct DrainArgs {
     /// Coordinator address (replicas comma-separated).
-    #[arg(long, env = "KVCACHE_COORDINATOR", default_value = "127.0.0.1:7000")]
+    #[arg(long, env = "KVCACHE_COORDINATOR", default_value = "127.0.0.1:7000", value_parser = crate::util::parse_addresses)]
     coordinator: String,
     /// Id of the node to drain.
     node_id: String,

@@ -45,6 +45,23 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
     Ok(bytes.round() as u64)
 }
 
+/// A `host:port` flag value, checked as every channel checks it before dialing.
+pub fn parse_address(s: &str) -> Result<String, String> {
+    kvcache_net::check_address(s).map(|_| s.to_owned()).map_err(|e| e.to_string())
+}
+
+/// A comma-separated list of `host:port` (coordinator replicas), each checked.
+pub fn parse_addresses(s: &str) -> Result<String, String> {
+    let addrs: Vec<&str> = s.split(',').map(str::trim).filter(|a| !a.is_empty()).collect();
+    if addrs.is_empty() {
+        return Err("no address given: write host:port (several replicas: a:7000,b:7000)".into());
+    }
+    for a in addrs {
+        parse_address(a)?;
+    }
+    Ok(s.to_owned())
+}
+
 /// Check that `bytes` of pool files (`flag`) fit the filesystem that holds `dir` (or would
 /// hold it: the nearest existing ancestor): more than the filesystem's size is refused; more
 /// than its free space is allowed (pool files grow as pages arrive; a restart finds its own files

@@ -43,6 +43,11 @@ fn wrong_invocations_print_one_line_that_says_what_and_where() {
             vec![format!("error: cannot reach the coordinator at {closed} (Connection refused"), "kvcache dev".into()],
         ),
         (vec!["load", "--coordinator", &closed], vec![format!("cannot reach the coordinator at {closed}")]),
+        (
+            vec!["node", "--coordinator", "a:7000,b", "--data-dir", data],
+            vec!["'--coordinator <COORDINATOR>': bad address \"b\": no port".into()],
+        ),
+        (vec!["worker", "--advertise", "w:99999"], vec!["'--advertise <ADVERTISE>': bad address \"w:99999\"".into()]),
         (vec!["drain", "--coordinator", &closed, "node-0"], vec![format!("cannot reach the coordinator at {closed}")]),
         (
             vec!["demo", "--coordinator", &closed],
@@ -50,7 +55,7 @@ fn wrong_invocations_print_one_line_that_says_what_and_where() {
         ),
         (
             vec!["status", "--coordinator", "localhost"],
-            vec!["--coordinator: bad address \"localhost\": no port: write host:port".into()],
+            vec!["'--coordinator <COORDINATOR>': bad address \"localhost\": no port: write host:port".into()],
         ),
         (
             vec!["status", "--coordinator", "127.0.0.1:70000"],

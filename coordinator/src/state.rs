@@ -295,11 +295,15 @@ impl ClusterState {
         use std::io::Write;
         let dir = &self.cfg.data_dir;
         let tmp = dir.join(format!("{STATE_FILE}.tmp"));
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&map.encode_to_vec())?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, dir.join(STATE_FILE))?;
-        std::fs::File::open(dir)?.sync_all()?;
+        let path = dir.join(STATE_FILE);
+        // The error names the file: "state persistence failed" alone does not say where.
+        let at = |what: &str, p: &std::path::Path, e: io::Error| {
+            io::Error::new(e.kind(), format!("{what} {}: {e}", p.display()))
+        };
+        let mut f = std::fs::File::create(&tmp).map_err(|e| at("creating", &tmp, e))?;
+        f.write_all(&map.encode_to_vec()).and_then(|_| f.sync_all()).map_err(|e| at("writing", &tmp, e))?;
+        std::fs::rename(&tmp, &path).map_err(|e| at("renaming into", &path, e))?;
+        std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| at("syncing", dir, e))?;
         Ok(())
     }
 
