@@ -4,6 +4,8 @@
 //!   read through a shared memory mapping; the slot life cycle (free → owned → published →
 //!   retired → free) and reader holds that keep a slot from being reused while any response
 //!   refers to it.
+//! - [`powerloss`]: a simulated power cut for tests (unflushed writes lost, the last one torn at a
+//!   sector boundary), behind the observer pool files report their writes and flushes to.
 //! - [`store`]: the [`PageStore`] — namespaces, the index (sequences → layers → page entries),
 //!   write path, copy-on-write appends, LRU eviction of whole unleased sequences, leases with TTL,
 //!   async/sync durability, parallel recovery on start.
@@ -28,6 +30,7 @@ pub mod handoff;
 pub mod membership;
 pub mod metrics;
 pub mod pool;
+pub mod powerloss;
 pub mod service;
 pub mod store;
 pub mod zerocopy;

@@ -29,6 +29,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
+use crate::powerloss::StorageObserver;
 use kvcache_core::page::HEADER_BYTES;
 
 const RETIRED: u64 = 1 << 63;
@@ -52,6 +53,8 @@ pub struct PoolFile {
     removed: AtomicBool,
     inject_flush_failure: AtomicBool,
     inject_write_failure: AtomicBool,
+    /// Sees every write and flush (a power-loss simulation in tests); `None` in production.
+    observer: Option<Arc<dyn StorageObserver>>,
 }
 
 impl std::fmt::Debug for PoolFile {
@@ -74,28 +77,49 @@ pub fn parse_file_name(name: &str) -> Option<(usize, u32)> {
 
 impl PoolFile {
     /// Create a new zero-filled pool file (every slot free).
-    pub fn create(dir: &Path, id: u32, slot_bytes: usize, slots: u32) -> io::Result<PoolFile> {
+    pub fn create(
+        dir: &Path,
+        id: u32,
+        slot_bytes: usize,
+        slots: u32,
+        observer: Option<Arc<dyn StorageObserver>>,
+    ) -> io::Result<PoolFile> {
         let path = dir.join(file_name(slot_bytes, id));
         let file = OpenOptions::new().read(true).write(true).create_new(true).open(&path)?;
         file.set_len(slot_bytes as u64 * slots as u64)?;
-        let pf = Self::map(id, path, file, slot_bytes, slots)?;
+        let pf = Self::map(id, path, file, slot_bytes, slots, observer)?;
         *pf.free.lock() = (0..slots).rev().collect();
         Ok(pf)
     }
 
     /// Open an existing pool file; all slots start unaccounted (recovery decides what is free).
-    pub fn open(path: PathBuf, id: u32, slot_bytes: usize) -> io::Result<PoolFile> {
+    pub fn open(
+        path: PathBuf,
+        id: u32,
+        slot_bytes: usize,
+        observer: Option<Arc<dyn StorageObserver>>,
+    ) -> io::Result<PoolFile> {
         let file = OpenOptions::new().read(true).write(true).open(&path)?;
         let len = file.metadata()?.len();
         let slots = (len / slot_bytes as u64) as u32;
-        Self::map(id, path, file, slot_bytes, slots)
+        Self::map(id, path, file, slot_bytes, slots, observer)
     }
 
-    fn map(id: u32, path: PathBuf, file: File, slot_bytes: usize, slots: u32) -> io::Result<PoolFile> {
+    fn map(
+        id: u32,
+        path: PathBuf,
+        file: File,
+        slot_bytes: usize,
+        slots: u32,
+        observer: Option<Arc<dyn StorageObserver>>,
+    ) -> io::Result<PoolFile> {
         if slots == 0 {
             return Err(io::Error::other("pool file holds no slot"));
         }
         let map = MmapRaw::map_raw(&file)?;
+        if let Some(o) = &observer {
+            o.attached(&path);
+        }
         Ok(PoolFile {
             id,
             path,
@@ -110,6 +134,7 @@ impl PoolFile {
             removed: AtomicBool::new(false),
             inject_flush_failure: AtomicBool::new(false),
             inject_write_failure: AtomicBool::new(false),
+            observer,
         })
     }
 
@@ -138,9 +163,7 @@ impl PoolFile {
         let r = if self.inject_write_failure.load(Ordering::Acquire) {
             Err(io::Error::other("injected write failure"))
         } else {
-            self.file
-                .write_all_at(payload, base + HEADER_BYTES as u64)
-                .and_then(|()| self.file.write_all_at(header, base))
+            self.write_at(payload, base + HEADER_BYTES as u64).and_then(|()| self.write_at(header, base))
         };
         self.dirty.store(true, Ordering::Release);
         if r.is_err() {
@@ -149,12 +172,30 @@ impl PoolFile {
         r
     }
 
+    /// `pwrite` into the page cache (seen by the observer, if any).
+    fn write_at(&self, bytes: &[u8], offset: u64) -> io::Result<()> {
+        self.file.write_all_at(bytes, offset)?;
+        if let Some(o) = &self.observer {
+            o.wrote(&self.path, offset, bytes.len());
+        }
+        Ok(())
+    }
+
+    /// `msync` of `[offset, offset + len)` (seen by the observer once it completed).
+    fn sync_range(&self, offset: usize, len: usize) -> io::Result<()> {
+        self.map.flush_range(offset, len)?;
+        if let Some(o) = &self.observer {
+            o.flushed(&self.path, offset as u64, len);
+        }
+        Ok(())
+    }
+
     fn zero_header(&self, slot: u32) {
         let base = slot as u64 * self.slot_bytes as u64;
         // The header of a retired slot is no longer read by anyone (readers hold payload bytes
         // only, and index metadata carries the header fields). If it cannot be zeroed, a
         // restart could bring the page back: take the file out of service instead.
-        if let Err(e) = self.file.write_all_at(&[0u8; HEADER_BYTES], base) {
+        if let Err(e) = self.write_at(&[0u8; HEADER_BYTES], base) {
             tracing::error!(file = %self.path.display(), error = %e, "zeroing a header failed: pool file taken out of service");
             self.failed.store(true, Ordering::Release);
         }
@@ -248,7 +289,7 @@ impl PoolFile {
         let r = if self.inject_flush_failure.load(Ordering::Acquire) {
             Err(io::Error::other("injected flush failure"))
         } else {
-            self.map.flush()
+            self.sync_range(0, self.slot_bytes * self.slots as usize)
         };
         if r.is_err() {
             self.failed.store(true, Ordering::Release);
@@ -264,7 +305,7 @@ impl PoolFile {
         let r = if self.inject_flush_failure.load(Ordering::Acquire) {
             Err(io::Error::other("injected flush failure"))
         } else {
-            self.map.flush_range(slot as usize * self.slot_bytes, self.slot_bytes)
+            self.sync_range(slot as usize * self.slot_bytes, self.slot_bytes)
         };
         if r.is_err() {
             self.failed.store(true, Ordering::Release);
@@ -330,7 +371,7 @@ mod tests {
     #[test]
     fn a_held_slot_is_not_reused_until_the_last_reader_drops() {
         let dir = tempfile::tempdir().unwrap();
-        let f = Arc::new(PoolFile::create(dir.path(), 0, 4096, 1).unwrap());
+        let f = Arc::new(PoolFile::create(dir.path(), 0, 4096, 1, None).unwrap());
         let s = f.alloc().unwrap();
         f.write_page(s, &[1u8; HEADER_BYTES], &[9u8; 100]).unwrap();
         let payload = f.hold(s).into_payload(100);
@@ -347,7 +388,7 @@ mod tests {
     #[test]
     fn a_failed_flush_takes_the_file_out_of_service() {
         let dir = tempfile::tempdir().unwrap();
-        let f = PoolFile::create(dir.path(), 0, 4096, 4).unwrap();
+        let f = PoolFile::create(dir.path(), 0, 4096, 4, None).unwrap();
         f.inject_flush_failure();
         assert!(f.flush().is_err());
         assert!(f.is_failed());

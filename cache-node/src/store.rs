@@ -67,6 +67,9 @@ pub struct StoreConfig {
     pub segment_bytes: u64,
     /// Background flush period under async durability.
     pub flush_interval: Duration,
+    /// Sees every pool-file write and flush: a power-loss simulation in tests
+    /// ([`crate::powerloss::PowerLoss`]); `None` in production.
+    pub storage: Option<Arc<dyn crate::powerloss::StorageObserver>>,
 }
 
 impl StoreConfig {
@@ -78,6 +81,7 @@ impl StoreConfig {
             durability: Durability::Async,
             segment_bytes: 64 << 20,
             flush_interval: Duration::from_millis(100),
+            storage: None,
         }
     }
 }
@@ -577,7 +581,7 @@ impl PageStore {
             bytes = slots as u64 * slot_bytes as u64;
         }
         let id = pools.files.len() as u32;
-        let f = Arc::new(PoolFile::create(&self.cfg.data_dir, id, slot_bytes, slots)?);
+        let f = Arc::new(PoolFile::create(&self.cfg.data_dir, id, slot_bytes, slots, self.cfg.storage.clone())?);
         fsync_dir(&self.cfg.data_dir)?;
         pools.total_bytes += bytes;
         let s = f.alloc().expect("a new pool file has free slots");
@@ -1185,7 +1189,7 @@ impl PageStore {
             let entry = entry?;
             let name = entry.file_name();
             let Some((slot_bytes, id)) = name.to_str().and_then(pool::parse_file_name) else { continue };
-            match PoolFile::open(entry.path(), id, slot_bytes) {
+            match PoolFile::open(entry.path(), id, slot_bytes, self.cfg.storage.clone()) {
                 Ok(f) => found.push(Arc::new(f)),
                 Err(e) => {
                     // Shorter than one slot (a torn file extension): nothing in it can verify.

@@ -10,6 +10,9 @@ use std::fs::{File, OpenOptions, TryLockError};
 use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};
 
+/// How long a lock held by this same process is waited for before it is refused.
+const SAME_PROCESS_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Why a data directory could not be taken.
 #[derive(Debug, thiserror::Error)]
 pub enum DataDirError {
@@ -53,16 +56,28 @@ impl DataDirLock {
             .truncate(false)
             .open(dir.join("LOCK"))
             .map_err(io)?;
-        match f.try_lock() {
-            Ok(()) => {}
-            Err(TryLockError::WouldBlock) => {
-                let mut holder = String::new();
-                let _ = f.read_to_string(&mut holder);
-                let holder = holder.trim();
-                let holder = if holder.is_empty() { "holder unknown".to_owned() } else { holder.to_owned() };
-                return Err(DataDirError::Locked { dir: dir.to_owned(), holder });
+        // A holder in this very process is a store being dropped on another thread (a flush
+        // thread's last reference): wait for it, bounded. Another process is refused at once.
+        let me = format!("pid {}", std::process::id());
+        let mut waited = std::time::Duration::ZERO;
+        loop {
+            match f.try_lock() {
+                Ok(()) => break,
+                Err(TryLockError::WouldBlock) => {
+                    let mut holder = String::new();
+                    let _ = f.rewind();
+                    let _ = f.read_to_string(&mut holder);
+                    let holder = holder.trim();
+                    if holder == me && waited < SAME_PROCESS_WAIT {
+                        std::thread::sleep(std::time::Duration::from_millis(10));
+                        waited += std::time::Duration::from_millis(10);
+                        continue;
+                    }
+                    let holder = if holder.is_empty() { "holder unknown".to_owned() } else { holder.to_owned() };
+                    return Err(DataDirError::Locked { dir: dir.to_owned(), holder });
+                }
+                Err(TryLockError::Error(e)) => return Err(io(e)),
             }
-            Err(TryLockError::Error(e)) => return Err(io(e)),
         }
         f.set_len(0).and_then(|_| f.rewind()).and_then(|_| writeln!(f, "pid {}", std::process::id())).map_err(io)?;
         Ok(Self { _file: f, dir: dir.to_owned() })

@@ -44,6 +44,24 @@ pub fn open(dir: &Path, slots: u64) -> Arc<PageStore> {
     s
 }
 
+/// [`open`] through a power-loss simulator, with no background flush (flushes happen when the
+/// test says so, or per write under `sync`).
+pub fn open_watched(
+    dir: &Path,
+    slots: u64,
+    durability: kvcache_node::Durability,
+    power: &Arc<kvcache_node::powerloss::PowerLoss>,
+) -> Arc<PageStore> {
+    let mut cfg = StoreConfig::new(dir, slots * SLOT);
+    cfg.segment_bytes = slots * SLOT;
+    cfg.durability = durability;
+    cfg.flush_interval = std::time::Duration::from_secs(3600);
+    cfg.storage = Some(power.clone());
+    let s = PageStore::open(cfg).unwrap();
+    s.ensure_namespace(small_ns()).unwrap();
+    s
+}
+
 pub fn key(seq: &str, layer: u32, page: u32) -> PageKey {
     PageKey { sequence: SequenceKey::new("test.small", seq), layer, page_index: page }
 }
