@@ -214,7 +214,9 @@ pub async fn pass(
         if ok && !owners.iter().any(|o| o.node_id == node_id) {
             let (s, k, epoch) = (store.clone(), key.clone(), routing.epoch);
             // Refused (FAILED_PRECONDITION) when the node already saw a newer map: next pass.
-            if let Ok(Ok(_)) = tokio::task::spawn_blocking(move || s.delete(epoch, &k)).await {
+            if let Ok(Ok(_)) =
+                tokio::task::spawn_blocking(move || s.check_epoch(epoch).and_then(|_| s.delete(&k))).await
+            {
                 report.released += 1;
             } else {
                 retry.insert(key);

@@ -6,6 +6,7 @@
 //!   refers to it.
 //! - [`powerloss`]: a simulated power cut for tests (unflushed writes lost, the last one torn at a
 //!   sector boundary), behind the observer pool files report their writes and flushes to.
+//! - [`registry`]: the namespace registry file, in its own versioned format.
 //! - [`store`]: the [`PageStore`] — namespaces, the index (sequences → layers → page entries),
 //!   write path, copy-on-write appends, LRU eviction of whole unleased sequences, leases with TTL,
 //!   async/sync durability, parallel recovery on start.
@@ -31,12 +32,13 @@ pub mod membership;
 pub mod metrics;
 pub mod pool;
 pub mod powerloss;
+pub mod registry;
 pub mod service;
 pub mod store;
 pub mod zerocopy;
 
 pub use service::NodeService;
-pub use store::{Durability, PageStore, StoreConfig, StoreError};
+pub use store::{Durability, PageStore, PutMode, StoreConfig, StoreError};
 
 use std::future::Future;
 use std::sync::Arc;

@@ -2,7 +2,7 @@
 //! nowhere else.
 
 use crate::metrics::NodeMetrics;
-use crate::store::{Durability, PageStore, StoreError};
+use crate::store::{Durability, PageStore, PutMode, StoreError};
 use kvcache_core::validate::{self, ValidationError};
 use kvcache_core::{Namespace, PageKey, SequenceKey};
 use kvcache_proto::v1 as pb;
@@ -39,6 +39,7 @@ pub fn status(e: StoreError) -> Status {
         StoreError::Position { .. } => Status::failed_precondition(e.to_string()),
         StoreError::Full(_) => Status::resource_exhausted(e.to_string()),
         StoreError::Io(_) | StoreError::DataDir(_) => Status::unavailable(e.to_string()),
+        StoreError::PartialPageLost(_) => Status::data_loss(e.to_string()),
     }
 }
 
@@ -125,12 +126,17 @@ pub const MAX_BATCH_APPENDS: usize = 4096;
 /// One append as AppendTokens applies it, answered with the layer's extent when asked.
 fn append_one(store: &PageStore, r: pb::AppendTokensRequest) -> Result<pb::AppendTokensResponse, Status> {
     let seq = sequence(r.sequence)?;
+    store.check_epoch(r.epoch).map_err(status)?;
     let layer = if r.all_layers { None } else { Some(r.layer) };
-    let tokens = store.append(r.epoch, &seq, layer, r.token_count, &r.payload, r.expected_position).map_err(status)?;
+    let ns =
+        store.namespace(&seq.namespace).ok_or_else(|| status(StoreError::UnknownNamespace(seq.namespace.clone())))?;
+    let cmd = validate::append(&ns.ns, seq, layer, r.token_count, r.payload, r.expected_position).map_err(invalid)?;
+    let seq = &cmd.sequence;
+    let tokens = store.append(&cmd).map_err(status)?;
     // Read after the append, like a Lookup that follows it: a concurrent writer's newer pages
     // show up as newer write_seqs, never as stale ones.
     let extent = match layer {
-        Some(l) if r.return_extent => store.lookup(&seq, &[], Some(l)).map_err(status)?.1.into_iter().next(),
+        Some(l) if r.return_extent => store.lookup(seq, &[], Some(l)).map_err(status)?.1.into_iter().next(),
         _ => None,
     };
     Ok(pb::AppendTokensResponse {
@@ -233,11 +239,25 @@ impl NodeService {
         resp: &mut pb::PutPagesResponse,
     ) -> Result<(), Status> {
         let bytes: usize = msg.pages.iter().map(|p| p.payload.len()).sum();
+        self.store.check_epoch(msg.epoch).map_err(status)?;
+        // Every page is validated (key, codec, sizes, CRC) before any is written.
+        let nss = self.store.namespace_table();
+        let pages = msg
+            .pages
+            .into_iter()
+            .map(|p| {
+                validate::page(p, |n| nss.get(n).map(|e| &e.ns)).map(|(_, v)| v).map_err(|e| match e {
+                    validate::PageRejection::Invalid(v) => status(StoreError::Invalid(v)),
+                    validate::PageRejection::UnknownNamespace(n) => status(StoreError::UnknownNamespace(n)),
+                })
+            })
+            .collect::<Result<Vec<_>, Status>>()?;
+        let mode = if msg.handoff { PutMode::Handoff } else { PutMode::Write };
         let (n, b) = if inline_write(&self.store, bytes, INLINE_PUT_BYTES) {
-            self.store.put_pages_with(msg.epoch, msg.pages, msg.handoff).map_err(status)?
+            self.store.put_pages(pages, mode).map_err(status)?
         } else {
             let store = self.store.clone();
-            blocking(move || store.put_pages_with(msg.epoch, msg.pages, msg.handoff)).await?
+            blocking(move || store.put_pages(pages, mode)).await?
         };
         self.metrics.bytes_in.increment(b);
         resp.pages_written += n;
@@ -368,8 +388,9 @@ impl CacheNode for NodeService {
     ) -> Result<Response<pb::DeleteSequenceResponse>, Status> {
         let r = request.into_inner();
         let seq = sequence(r.sequence)?;
+        self.store.check_epoch(r.epoch).map_err(status)?;
         let store = self.store.clone();
-        let n = blocking(move || store.delete(r.epoch, &seq)).await?;
+        let n = blocking(move || store.delete(&seq)).await?;
         Ok(Response::new(pb::DeleteSequenceResponse { pages_deleted: n }))
     }
 

@@ -22,11 +22,9 @@ use crate::pool::{self, PoolFile};
 use bytes::Bytes;
 use dashmap::DashMap;
 use kvcache_core::page::{HEADER_BYTES, PageHeader};
-use kvcache_core::validate::{self, ValidPage, ValidationError};
+use kvcache_core::validate::{self, AppendCmd, ValidPage, ValidationError};
 use kvcache_core::{Namespace, PageKey, PageLayout, SequenceKey};
-use kvcache_proto::v1 as pb;
 use parking_lot::{Mutex, RwLock};
-use prost::Message;
 use std::collections::HashMap;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -52,6 +50,16 @@ impl std::str::FromStr for Durability {
             _ => Err(format!("unknown durability {s:?}: expected async or sync")),
         }
     }
+}
+
+/// How a put treats a page already held under the same key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PutMode {
+    /// Replace it (a client's write).
+    Write,
+    /// Keep a held page with at least as many tokens (a handoff copy from another node never
+    /// clobbers a newer append that reached this one).
+    Handoff,
 }
 
 /// Page store configuration.
@@ -125,6 +133,10 @@ pub enum StoreError {
     /// Disk or mapping failure.
     #[error("storage error: {0}")]
     Io(#[from] io::Error),
+    /// The partial last page an append extends failed verification and was dropped: the
+    /// sequence cannot be extended, only recomputed.
+    #[error("the partial last page {} of layer {} of sequence {:?} was lost (it failed verification); recompute the sequence", .0.page_index, .0.layer, .0.sequence.sequence_id)]
+    PartialPageLost(PageKey),
     /// The data directory is held by another process, or cannot be taken.
     #[error(transparent)]
     DataDir(#[from] kvcache_net::DataDirError),
@@ -314,7 +326,6 @@ pub struct PageStore {
 }
 
 const CLEAN_MARKER: &str = "CLEAN";
-const NAMESPACES_FILE: &str = "namespaces.pb";
 /// Slots are whole 4 KiB pages of the mapping.
 const SLOT_ALIGN: usize = 4096;
 
@@ -372,16 +383,7 @@ impl PageStore {
     // ---- namespaces ----
 
     fn load_namespaces(&self) -> Result<(), StoreError> {
-        let path = self.cfg.data_dir.join(NAMESPACES_FILE);
-        let bytes = match std::fs::read(&path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(e.into()),
-        };
-        let list = pb::ListNamespacesResponse::decode(bytes.as_slice())
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{}: {e}", path.display())))?;
-        for n in list.namespaces {
-            let ns = Namespace::try_from(n)?;
+        for ns in crate::registry::load(&self.cfg.data_dir)? {
             self.insert_namespace(ns);
         }
         Ok(())
@@ -396,20 +398,9 @@ impl PageStore {
     }
 
     fn save_namespaces(&self) -> Result<(), StoreError> {
-        let list = pb::ListNamespacesResponse {
-            namespaces: self.namespaces.read().values().map(|e| (&e.ns).into()).collect(),
-        };
-        let dir = &self.cfg.data_dir;
-        let tmp = dir.join(format!("{NAMESPACES_FILE}.tmp"));
-        {
-            use std::io::Write;
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(&list.encode_to_vec())?;
-            f.sync_all()?;
-        }
-        std::fs::rename(&tmp, dir.join(NAMESPACES_FILE))?;
-        fsync_dir(dir)?;
-        Ok(())
+        let mut all = self.namespaces();
+        all.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(crate::registry::save(&self.cfg.data_dir, &all)?)
     }
 
     /// Register a namespace (idempotent for an identical definition). Returns whether it was new.
@@ -757,27 +748,14 @@ impl PageStore {
         true
     }
 
-    /// Store validated pages. Every page is validated before any is written. Returns pages and
-    /// payload bytes stored.
-    pub fn put_pages(&self, epoch: u64, pages: Vec<pb::Page>) -> Result<(u64, u64), StoreError> {
-        self.put_pages_with(epoch, pages, false)
-    }
-
-    /// [`Self::put_pages`]; with `handoff`, a page is stored only where no page with at least as
-    /// many tokens is held (a copy from another node never clobbers a newer append).
-    pub fn put_pages_with(&self, epoch: u64, pages: Vec<pb::Page>, handoff: bool) -> Result<(u64, u64), StoreError> {
-        self.check_epoch(epoch)?;
-        let nss = self.namespaces.read().clone();
-        let mut valid: Vec<(Arc<NsEntry>, ValidPage)> = Vec::with_capacity(pages.len());
-        for p in pages {
-            let (ns, v) = validate::page(p, |n| nss.get(n).map(|e| &e.ns)).map_err(|e| match e {
-                validate::PageRejection::Invalid(v) => StoreError::Invalid(v),
-                validate::PageRejection::UnknownNamespace(n) => StoreError::UnknownNamespace(n),
-            })?;
-            valid.push((nss[&ns.name].clone(), v));
-        }
+    /// Store pages validated against their namespaces (`kvcache_core::validate::page`; the
+    /// service validates, and fences stale epochs, before calling). Returns pages and payload
+    /// bytes stored.
+    pub fn put_pages(&self, pages: Vec<ValidPage>, mode: PutMode) -> Result<(u64, u64), StoreError> {
         let (mut n, mut bytes) = (0, 0);
-        for (ns, v) in valid {
+        for v in pages {
+            let ns = self.ns_of(&v.key.sequence.namespace)?;
+            let handoff = mode == PutMode::Handoff;
             if handoff && self.holds_at_least(&v.key, v.token_count) {
                 continue; // skip the write; the check is repeated under the lock at publish
             }
@@ -788,6 +766,11 @@ impl PageStore {
             }
         }
         Ok((n, bytes))
+    }
+
+    /// The registered namespaces by name: what a caller validates pages against.
+    pub fn namespace_table(&self) -> HashMap<String, Arc<NsEntry>> {
+        self.namespaces.read().clone()
     }
 
     /// Whether the page at `key` is held with at least `tokens` tokens.
@@ -821,27 +804,12 @@ impl PageStore {
         self.sequences.iter().map(|e| e.key().clone()).collect()
     }
 
-    /// Append `tokens` tokens to one layer (or all, `layer = None`) of a sequence. `payload` holds
-    /// each appended layer's tokens in page layout, layer after layer.
-    pub fn append(
-        &self,
-        epoch: u64,
-        key: &SequenceKey,
-        layer: Option<u32>,
-        tokens: u32,
-        payload: &[u8],
-        expected_position: Option<u64>,
-    ) -> Result<Vec<Appended>, StoreError> {
-        self.check_epoch(epoch)?;
+    /// Apply a validated append (`kvcache_core::validate::append`): its tokens go to the end of
+    /// each of its layers, the partial last page copied on write.
+    pub fn append(&self, cmd: &AppendCmd) -> Result<Vec<Appended>, StoreError> {
+        let AppendCmd { sequence: key, layers, tokens, payload, expected_position } = cmd;
+        let (tokens, expected_position) = (*tokens, *expected_position);
         let ns = self.ns_of(&key.namespace)?;
-        let layers: Vec<u32> = match layer {
-            Some(l) => {
-                validate::layer(&ns.ns, l)?;
-                vec![l]
-            }
-            None => (0..ns.ns.model.num_layers).collect(),
-        };
-        validate::append_payload(&ns.ns, tokens, layers.len(), payload.len())?;
         let layout = ns.layout;
         let per_layer = layout.payload_bytes(tokens as usize);
         let pt = ns.ns.page_tokens;
@@ -852,7 +820,7 @@ impl PageStore {
                 continue;
             }
             if let Some(expected) = expected_position {
-                for &l in &layers {
+                for &l in layers {
                     let actual = inner.layer_tokens(l as usize, pt);
                     if actual != expected {
                         return Err(StoreError::Position { layer: l, expected, actual });
@@ -876,9 +844,9 @@ impl PageStore {
                     let body: &[u8] = if in_page > 0 {
                         // Copy-on-write: the partial page's tokens followed by the new ones.
                         let old = inner.layers[l as usize][page_index as usize].expect("partial page present");
-                        let held = self.hold_verified(&seq, &mut inner, &pkey, &old).ok_or_else(|| {
-                            StoreError::Io(io::Error::other("the partial last page was lost; recompute the sequence"))
-                        })?;
+                        let held = self
+                            .hold_verified(&seq, &mut inner, &pkey, &old)
+                            .ok_or_else(|| StoreError::PartialPageLost(pkey.clone()))?;
                         let mut m = vec![0u8; layout.payload_bytes((in_page + take) as usize)];
                         layout.concat(&held[..], in_page as usize, &chunk, take as usize, &mut m);
                         merged = m;
@@ -902,8 +870,7 @@ impl PageStore {
     }
 
     /// Delete a sequence. Returns pages deleted.
-    pub fn delete(&self, epoch: u64, key: &SequenceKey) -> Result<u64, StoreError> {
-        self.check_epoch(epoch)?;
+    pub fn delete(&self, key: &SequenceKey) -> Result<u64, StoreError> {
         let Some(seq) = self.sequences.get(key).map(|s| s.clone()) else { return Ok(0) };
         let mut inner = seq.inner.lock();
         if inner.removed {

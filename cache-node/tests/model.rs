@@ -124,7 +124,7 @@ proptest! {
                     let layers: Vec<u32> = layer.map_or((0..3).collect(), |l| vec![l]);
                     let body = payload(&ns, tokens * layers.len() as u32, seed);
                     let sk = SequenceKey::new("test.small", format!("s{seq}"));
-                    let got = store.append(0, &sk, layer, tokens, &body, None).unwrap();
+                    let got = append(&store, &sk, layer, tokens, &body, None).unwrap();
                     let per = l.payload_bytes(tokens as usize);
                     for (i, &ly) in layers.iter().enumerate() {
                         model_append(&mut model, seq, ly, &body[i * per..(i + 1) * per], tokens);
@@ -132,7 +132,7 @@ proptest! {
                     }
                 }
                 Op::Delete { seq } => {
-                    store.delete(0, &SequenceKey::new("test.small", format!("s{seq}"))).unwrap();
+                    store.delete(&SequenceKey::new("test.small", format!("s{seq}"))).unwrap();
                     model.retain(|k, _| k.0 != seq);
                 }
                 Op::Flush => {
@@ -169,7 +169,7 @@ proptest! {
                     // A sequence with a page gone has a hole: drop it whole, in both, durably.
                     if !missing.is_empty() {
                         for (seq, _, _) in missing {
-                            store.delete(0, &SequenceKey::new("test.small", format!("s{seq}"))).unwrap();
+                            store.delete(&SequenceKey::new("test.small", format!("s{seq}"))).unwrap();
                             model.retain(|k, _| k.0 != seq);
                         }
                         prop_assert!(store.flush().is_empty());
@@ -218,7 +218,7 @@ fn a_power_loss_never_loses_a_page_acknowledged_under_sync() {
             store = open_watched(dir.path(), 256, Durability::Sync, &power);
             check(&store, &model, &report);
         }
-        store.delete(0, &SequenceKey::new("test.small", "s2")).unwrap();
+        store.delete(&SequenceKey::new("test.small", "s2")).unwrap();
         model.retain(|k, _| k.0 != 2);
         drop(store);
         let report = power.crash(|sectors| tear.min(sectors)).unwrap();

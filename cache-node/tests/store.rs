@@ -5,7 +5,7 @@ mod common;
 
 use common::*;
 use kvcache_core::SequenceKey;
-use kvcache_node::StoreError;
+use kvcache_node::{PutMode, StoreError};
 use std::time::Duration;
 
 #[test]
@@ -49,7 +49,7 @@ fn leased_sequences_are_not_evicted_and_all_pinned_is_resource_exhausted() {
     let (la, _) = s.lease(&SequenceKey::new("test.small", "a"), Duration::from_secs(60)).unwrap();
     s.lease(&SequenceKey::new("test.small", "b"), Duration::from_secs(60)).unwrap();
     let err =
-        s.put_pages(0, vec![page(&key("c", 0, 0), 4, payload(&small_ns(), 4, 0))]).expect_err("everything is pinned");
+        put_wire(&s, vec![page(&key("c", 0, 0), 4, payload(&small_ns(), 4, 0))]).expect_err("everything is pinned");
     assert!(matches!(err, StoreError::Full(_)), "{err}");
     assert!(get(&s, &key("a", 0, 0)).is_some() && get(&s, &key("b", 0, 0)).is_some());
     // Releasing a's lease makes it the one to go.
@@ -78,10 +78,10 @@ fn a_slot_is_not_reused_while_a_reader_holds_its_page() {
     let s = open(dir.path(), 2);
     let v = put(&s, &key("a", 0, 0), 4, 7);
     let held = s.get(&key("a", 0, 0)).unwrap().unwrap().payload;
-    s.delete(0, &SequenceKey::new("test.small", "a")).unwrap();
+    s.delete(&SequenceKey::new("test.small", "a")).unwrap();
     // Fill the node: the held slot must not be handed out.
     put(&s, &key("b", 0, 0), 4, 9);
-    let err = s.put_pages(0, vec![page(&key("b", 0, 1), 4, payload(&small_ns(), 4, 9))]);
+    let err = put_wire(&s, vec![page(&key("b", 0, 1), 4, payload(&small_ns(), 4, 9))]);
     assert!(err.is_err(), "the held slot was reused");
     assert_eq!(&held[..], &v[..]);
     drop(held);
@@ -97,15 +97,15 @@ fn a_handoff_copy_never_replaces_a_page_with_as_many_tokens() {
     let newer = put(&s, &k, 3, 1);
     let copy = |tokens: u32, seed: u8| page(&k, tokens, payload(&ns, tokens, seed));
     // Fewer or as many tokens: the held page stays, nothing is counted as written.
-    assert_eq!(s.put_pages_with(0, vec![copy(2, 7)], true).unwrap(), (0, 0));
-    assert_eq!(s.put_pages_with(0, vec![copy(3, 8)], true).unwrap(), (0, 0));
+    assert_eq!(put_wire_with(&s, vec![copy(2, 7)], PutMode::Handoff).unwrap(), (0, 0));
+    assert_eq!(put_wire_with(&s, vec![copy(3, 8)], PutMode::Handoff).unwrap(), (0, 0));
     assert_eq!(get(&s, &k), Some(newer));
     // More tokens, or a page not held: stored.
     let longer = payload(&ns, 4, 9);
-    assert_eq!(s.put_pages_with(0, vec![page(&k, 4, longer.clone())], true).unwrap().0, 1);
+    assert_eq!(put_wire_with(&s, vec![page(&k, 4, longer.clone())], PutMode::Handoff).unwrap().0, 1);
     assert_eq!(get(&s, &k), Some(longer));
     let k2 = key("h", 1, 1);
-    assert_eq!(s.put_pages_with(0, vec![page(&k2, 1, payload(&ns, 1, 3))], true).unwrap().0, 1);
+    assert_eq!(put_wire_with(&s, vec![page(&k2, 1, payload(&ns, 1, 3))], PutMode::Handoff).unwrap().0, 1);
     let st = s.stats();
     assert_eq!((st.pages, st.sequences), (2, 1), "skipped copies are not counted");
     // An ordinary put still overwrites.
@@ -125,11 +125,11 @@ fn append_fills_the_partial_page_then_starts_new_ones() {
     let l = ns.layout();
     let seq = SequenceKey::new("test.small", "a");
     let first = payload(&ns, 3, 1);
-    assert_eq!(tokens(s.append(0, &seq, Some(2), 3, &first, Some(0)).unwrap()), vec![3]);
+    assert_eq!(tokens(append(&s, &seq, Some(2), 3, &first, Some(0)).unwrap()), vec![3]);
     let more = payload(&ns, 6, 2);
-    assert_eq!(tokens(s.append(0, &seq, Some(2), 6, &more, None).unwrap()), vec![9]);
+    assert_eq!(tokens(append(&s, &seq, Some(2), 6, &more, None).unwrap()), vec![9]);
     // A retried append at a stale position is refused.
-    assert!(matches!(s.append(0, &seq, Some(2), 6, &more, Some(3)), Err(StoreError::Position { actual: 9, .. })));
+    assert!(matches!(append(&s, &seq, Some(2), 6, &more, Some(3)), Err(StoreError::Position { actual: 9, .. })));
     let mut all = vec![0u8; l.payload_bytes(9)];
     l.concat(&first, 3, &more, 6, &mut all);
     for (pi, (start, n)) in [(0usize, 4usize), (4, 4), (8, 1)].into_iter().enumerate() {
@@ -140,8 +140,8 @@ fn append_fills_the_partial_page_then_starts_new_ones() {
     // All layers at once.
     // One token for each of the 3 layers.
     let every = payload(&ns, 3, 5);
-    assert_eq!(tokens(s.append(0, &seq, None, 1, &every, None).unwrap()), vec![1, 1, 10]);
-    assert!(matches!(s.append(0, &seq, Some(3), 1, &every[..32], None), Err(StoreError::Invalid(_))));
+    assert_eq!(tokens(append(&s, &seq, None, 1, &every, None).unwrap()), vec![1, 1, 10]);
+    assert!(matches!(append(&s, &seq, Some(3), 1, &every[..32], None), Err(StoreError::Invalid(_))));
 }
 
 #[test]
@@ -182,7 +182,7 @@ fn deleted_pages_do_not_come_back_after_restart() {
     let s = open(dir.path(), 8);
     put(&s, &key("a", 0, 0), 4, 1);
     put(&s, &key("b", 0, 0), 4, 2);
-    assert_eq!(s.delete(0, &SequenceKey::new("test.small", "a")).unwrap(), 1);
+    assert_eq!(s.delete(&SequenceKey::new("test.small", "a")).unwrap(), 1);
     drop(s);
     let s = open(dir.path(), 8);
     assert!(get(&s, &key("a", 0, 0)).is_none());
@@ -310,7 +310,7 @@ fn a_failed_write_is_an_error_and_never_a_half_page() {
     let a: Vec<_> = (0..40u32).map(|i| put(&s, &key("a", 0, i), 4, i as u8)).collect();
     s.inject_write_failure();
     let p = page(&key("b", 0, 0), 4, payload(&small_ns(), 4, 2));
-    assert!(matches!(s.put_pages(0, vec![p.clone()]), Err(StoreError::Io(_))));
+    assert!(matches!(put_wire(&s, vec![p.clone()]), Err(StoreError::Io(_))));
     // The file is out of service: its pages are misses, the failed page never appears, and
     // every page of the other files reads back.
     let mut lost = 0;
@@ -324,7 +324,7 @@ fn a_failed_write_is_an_error_and_never_a_half_page() {
     assert!(get(&s, &key("b", 0, 0)).is_none());
     assert_eq!(s.stats().pool_files_failed, 1);
     // A retry lands in a new pool file and reads back.
-    s.put_pages(0, vec![p]).unwrap();
+    put_wire(&s, vec![p]).unwrap();
     assert!(get(&s, &key("b", 0, 0)).is_some());
 }
 
@@ -340,7 +340,7 @@ fn index_memory_is_under_128_bytes_per_page() {
             .flat_map(|l| (0..10).map(move |p| (l, p)))
             .map(|(l, p)| page(&key(&format!("seq-{q:04}"), l, p), 4, body.clone()))
             .collect();
-        s.put_pages(0, pages).unwrap();
+        put_wire(&s, pages).unwrap();
     }
     let st = s.stats();
     assert_eq!(st.pages, 3000);
@@ -353,11 +353,11 @@ fn stale_epochs_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let s = open(dir.path(), 4);
     s.advance_epoch(5);
-    let p = page(&key("a", 0, 0), 4, payload(&small_ns(), 4, 0));
-    assert!(matches!(s.put_pages(4, vec![p.clone()]), Err(StoreError::StaleEpoch { got: 4, current: 5 })));
+    assert!(matches!(s.check_epoch(4), Err(StoreError::StaleEpoch { got: 4, current: 5 })));
     s.advance_epoch(3);
     assert_eq!(s.epoch(), 5, "epochs never go backwards");
-    s.put_pages(5, vec![p]).unwrap();
+    s.check_epoch(5).unwrap();
+    s.check_epoch(6).unwrap();
 }
 
 #[test]
@@ -377,7 +377,7 @@ fn stats_and_deletes_running_together_never_deadlock() {
     let s3 = s.clone();
     std::thread::spawn(move || {
         for i in 0..200 {
-            s3.delete(0, &SequenceKey::new("test.small", format!("s{i}"))).unwrap();
+            s3.delete(&SequenceKey::new("test.small", format!("s{i}"))).unwrap();
         }
         stats.join().unwrap();
         tx.send(()).unwrap();

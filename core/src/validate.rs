@@ -388,6 +388,42 @@ pub enum PageRejection {
     UnknownNamespace(String),
 }
 
+/// An append that passed every check against its namespace: layers in range, a token count in
+/// `1..=65536`, a payload of exactly `layers × tokens` tokens in page layout.
+#[derive(Debug, Clone)]
+pub struct AppendCmd {
+    /// The sequence extended.
+    pub sequence: SequenceKey,
+    /// Layers extended, ascending: one, or every layer of the model.
+    pub layers: Vec<u32>,
+    /// Tokens appended to each layer.
+    pub tokens: u32,
+    /// Each layer's tokens in page layout, layer after layer.
+    pub payload: Bytes,
+    /// Refuse the append unless every layer holds exactly this many tokens.
+    pub expected_position: Option<u64>,
+}
+
+/// Validate an append of `tokens` tokens to `layer` (or every layer, `None`) of `sequence`.
+pub fn append(
+    ns: &Namespace,
+    sequence: SequenceKey,
+    layer: Option<u32>,
+    tokens: u32,
+    payload: Bytes,
+    expected_position: Option<u64>,
+) -> Result<AppendCmd, ValidationError> {
+    let layers: Vec<u32> = match layer {
+        Some(l) => {
+            self::layer(ns, l)?;
+            vec![l]
+        }
+        None => (0..ns.model.num_layers).collect(),
+    };
+    append_payload(ns, tokens, layers.len(), payload.len())?;
+    Ok(AppendCmd { sequence, layers, tokens, payload, expected_position })
+}
+
 /// Validate an append payload: `layers` layers of `tokens` tokens each in page layout.
 pub fn append_payload(ns: &Namespace, tokens: u32, layers: usize, payload_len: usize) -> Result<(), ValidationError> {
     if tokens == 0 || tokens > 1 << 16 {

@@ -3,9 +3,9 @@
 #![allow(dead_code)]
 
 use bytes::Bytes;
-use kvcache_core::validate::codec_to_wire;
+use kvcache_core::validate::{self, ValidPage, codec_to_wire};
 use kvcache_core::{AttentionKind, Codec, ModelSpec, Namespace, PageKey, SequenceKey};
-use kvcache_node::{PageStore, StoreConfig};
+use kvcache_node::{PageStore, PutMode, StoreConfig, StoreError};
 use kvcache_proto::v1 as pb;
 use std::path::Path;
 use std::sync::Arc;
@@ -82,9 +82,40 @@ pub fn page(k: &PageKey, tokens: u32, body: Vec<u8>) -> pb::Page {
     }
 }
 
+/// A wire page validated as the service validates it before the store sees it.
+pub fn valid(s: &PageStore, p: pb::Page) -> ValidPage {
+    let nss = s.namespace_table();
+    validate::page(p, |n| nss.get(n).map(|e| &e.ns)).unwrap().1
+}
+
+/// Put wire pages through validation (as the service does), replacing held ones.
+pub fn put_wire(s: &PageStore, pages: Vec<pb::Page>) -> Result<(u64, u64), StoreError> {
+    put_wire_with(s, pages, PutMode::Write)
+}
+
+/// [`put_wire`] with a put mode.
+pub fn put_wire_with(s: &PageStore, pages: Vec<pb::Page>, mode: PutMode) -> Result<(u64, u64), StoreError> {
+    let pages = pages.into_iter().map(|p| valid(s, p)).collect();
+    s.put_pages(pages, mode)
+}
+
+/// Append through validation (as the service does).
+pub fn append(
+    s: &PageStore,
+    seq: &SequenceKey,
+    layer: Option<u32>,
+    tokens: u32,
+    body: &[u8],
+    expected: Option<u64>,
+) -> Result<Vec<kvcache_node::store::Appended>, StoreError> {
+    let ns = s.namespace(&seq.namespace).unwrap();
+    let cmd = validate::append(&ns.ns, seq.clone(), layer, tokens, Bytes::copy_from_slice(body), expected)?;
+    s.append(&cmd)
+}
+
 pub fn put(s: &PageStore, k: &PageKey, tokens: u32, seed: u8) -> Vec<u8> {
     let body = payload(&small_ns(), tokens, seed);
-    s.put_pages(0, vec![page(k, tokens, body.clone())]).unwrap();
+    put_wire(s, vec![page(k, tokens, body.clone())]).unwrap();
     body
 }
 
