@@ -40,6 +40,53 @@ fn full_node_evicts_the_least_recently_used_sequence() {
     assert!(st.pool_bytes <= st.capacity_bytes);
 }
 
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig { cases: 32, ..Default::default() })]
+    /// Against a reference recency list: after random reads of a full store, each new sequence
+    /// evicts exactly the least recently used one, and a leased one is never chosen.
+    #[test]
+    fn evictions_follow_exact_lru_order_and_skip_leased_sequences(
+        touches in proptest::collection::vec(0usize..8, 0..40),
+        leased in proptest::option::of(0usize..8),
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(dir.path(), 8);
+        let name = |i: usize| format!("s{i}");
+        let mut order: Vec<String> = Vec::new(); // least recently used first
+        let use_ = |order: &mut Vec<String>, n: String| {
+            order.retain(|x| *x != n);
+            order.push(n);
+        };
+        for i in 0..8 {
+            put(&s, &key(&name(i), 0, 0), 4, i as u8);
+            use_(&mut order, name(i));
+        }
+        for t in touches {
+            proptest::prop_assert!(get(&s, &key(&name(t), 0, 0)).is_some());
+            use_(&mut order, name(t));
+        }
+        if let Some(l) = leased {
+            s.lease(&kvcache_core::SequenceKey::new("test.small", name(l)), std::time::Duration::from_secs(60)).unwrap();
+        }
+        for j in 0..4 {
+            let fresh = format!("new{j}");
+            put(&s, &key(&fresh, 0, 0), 4, 1);
+            let victim = order.iter().position(|n| leased.is_none_or(|l| *n != name(l))).unwrap();
+            let gone = order.remove(victim);
+            proptest::prop_assert!(get(&s, &key(&gone, 0, 0)).is_none(), "{} should have been evicted", gone);
+            order.push(fresh);
+            for n in &order {
+                proptest::prop_assert!(get(&s, &key(n, 0, 0)).is_some(), "{} was evicted", n);
+            }
+            // Those checks were reads: the order is as it was, every resident read once in order.
+            let resident = order.clone();
+            for n in resident {
+                use_(&mut order, n);
+            }
+        }
+    }
+}
+
 #[test]
 fn leased_sequences_are_not_evicted_and_all_pinned_is_resource_exhausted() {
     let dir = tempfile::tempdir().unwrap();

@@ -1,0 +1,63 @@
+//! Eviction: making room when the pool is full, least recently used unleased sequence first.
+
+use super::*;
+
+impl PageStore {
+    /// Evict the least recently used sequence that is not leased, not locked and not
+    /// `exclude`. Returns false when there is none.
+    pub(super) fn evict_one(&self, exclude: &SequenceKey) -> bool {
+        let now = Instant::now();
+        // The oldest entries of the recency order first: the victim is found in O(log n) plus
+        // the leased (or busy) sequences older than it, which are skipped.
+        let victim = {
+            let lru = self.lru.lock();
+            lru.values()
+                .find(|s| {
+                    &s.key != exclude && s.inner.try_lock().is_some_and(|inner| !inner.removed && !inner.pinned(now))
+                })
+                .cloned()
+        };
+        let Some(v) = victim else { return false };
+        let Some(mut inner) = v.inner.try_lock() else { return true };
+        if inner.removed || inner.pinned(now) {
+            return true;
+        }
+        self.remove_sequence_locked(&v, &mut inner);
+        self.counters.evictions.fetch_add(1, Ordering::Relaxed);
+        true
+    }
+
+    /// Drop every page of a locked sequence and unlink it from the map.
+    pub(super) fn remove_sequence_locked(&self, seq: &Arc<Sequence>, inner: &mut SeqInner) -> u64 {
+        let mut n = 0;
+        for layer in std::mem::take(&mut inner.layers) {
+            for e in layer.into_iter().flatten() {
+                self.retire_entry(&seq.ns, &e, true);
+                n += 1;
+            }
+        }
+        inner.removed = true;
+        self.lru.lock().remove(&seq.last_use.load(Ordering::Relaxed));
+        for (id, _) in inner.leases.drain(..) {
+            self.leases.remove(&id);
+        }
+        self.sequences.remove_if(&seq.key, |_, v| Arc::ptr_eq(v, seq));
+        n
+    }
+
+    pub(super) fn retire_entry(&self, ns: &NsEntry, e: &PageEntry, layer0: bool) {
+        if let Some(f) = self.file(e.file) {
+            f.retire(e.slot);
+        }
+        self.counters.pages.fetch_sub(1, Ordering::Relaxed);
+        self.counters
+            .used_bytes
+            .fetch_sub((HEADER_BYTES + ns.layout.payload_bytes(e.tokens as usize)) as u64, Ordering::Relaxed);
+        if e.prefix_hash != 0 && layer0 {
+            self.prefixes.remove_if_mut(&(ns.ns.id(), e.prefix_hash), |_, c| {
+                *c -= 1;
+                *c == 0
+            });
+        }
+    }
+}

@@ -1,0 +1,109 @@
+//! Reads: pages by key (payload as a held slice of the mapping, CRC checked on first read after a
+//! clean restart), a sequence's extents (Lookup).
+
+use super::*;
+
+impl PageStore {
+    /// Take a hold on `e`'s payload, verifying its CRC first if that was deferred. Drops the
+    /// entry (a miss from now on) when its file failed or its bytes do not verify.
+    pub(super) fn hold_verified(
+        &self,
+        seq: &Sequence,
+        inner: &mut SeqInner,
+        key: &PageKey,
+        e: &PageEntry,
+    ) -> Option<Bytes> {
+        let ok_file = self.file(e.file).filter(|f| !f.is_failed());
+        let Some(file) = ok_file else {
+            self.drop_entry(seq, inner, key);
+            return None;
+        };
+        let len = seq.ns.layout.payload_bytes(e.tokens as usize);
+        let hold = file.hold(e.slot);
+        if !e.verified {
+            let bytes = &hold.bytes()[HEADER_BYTES..HEADER_BYTES + len];
+            if kvcache_core::checksum::crc32c(bytes) != e.crc {
+                drop(hold);
+                tracing::warn!(sequence = %key.sequence.sequence_id, layer = key.layer, page = key.page_index, "page failed its checksum on first read: dropped");
+                self.counters.corrupt.fetch_add(1, Ordering::Relaxed);
+                self.drop_entry(seq, inner, key);
+                return None;
+            }
+            if let Some(Some(p)) =
+                inner.layers.get_mut(key.layer as usize).and_then(|l| l.get_mut(key.page_index as usize))
+            {
+                p.verified = true;
+            }
+        }
+        Some(hold.into_payload(len))
+    }
+
+    pub(super) fn drop_entry(&self, seq: &Sequence, inner: &mut SeqInner, key: &PageKey) {
+        if let Some(e) = inner.layers.get_mut(key.layer as usize).and_then(|l| l.get_mut(key.page_index as usize))
+            && let Some(old) = e.take()
+        {
+            self.retire_entry(&seq.ns, &old, key.layer == 0);
+        }
+    }
+
+    /// Read one page: `Ok(None)` is a miss.
+    pub fn get(&self, key: &PageKey) -> Result<Option<StoredPage>, StoreError> {
+        let ns = self.ns_of(&key.sequence.namespace)?;
+        validate::page_key(&ns.ns, key)?;
+        let r = self.get_in(key);
+        let c = if r.is_some() { &self.counters.hits } else { &self.counters.misses };
+        c.fetch_add(1, Ordering::Relaxed);
+        Ok(r)
+    }
+
+    /// Read one page without counting it as a hit or miss (internal copies).
+    pub(crate) fn get_in(&self, key: &PageKey) -> Option<StoredPage> {
+        let seq = self.sequences.get(&key.sequence).map(|s| s.clone())?;
+        let mut inner = seq.inner.lock();
+        let e = (*inner.layers.get(key.layer as usize)?.get(key.page_index as usize)?)?;
+        let payload = self.hold_verified(&seq, &mut inner, key, &e)?;
+        drop(inner);
+        self.touch(&seq);
+        Some(StoredPage {
+            token_count: e.tokens,
+            write_seq: e.write_seq,
+            crc: e.crc,
+            prefix_hash: e.prefix_hash,
+            payload,
+        })
+    }
+
+    /// Page counts of a sequence's layers (`None` if the sequence is not held).
+    pub fn sequence_pages(&self, key: &SequenceKey) -> Option<Vec<u32>> {
+        let seq = self.sequences.get(key).map(|s| s.clone())?;
+        let inner = seq.inner.lock();
+        Some(inner.layers.iter().map(|l| l.len() as u32).collect())
+    }
+
+    /// Extents of every layer of a sequence, and how many leading `prefix_hashes` are cached in
+    /// the namespace.
+    pub fn lookup(
+        &self,
+        key: &SequenceKey,
+        prefix_hashes: &[u64],
+        only_layer: Option<u32>,
+    ) -> Result<(bool, Vec<LayerExtent>, u32), StoreError> {
+        let ns = self.ns_of(&key.namespace)?;
+        let cached = prefix_hashes.iter().take_while(|h| self.prefixes.contains_key(&(ns.ns.id(), **h))).count() as u32;
+        let Some(seq) = self.sequences.get(key).map(|s| s.clone()) else { return Ok((false, Vec::new(), cached)) };
+        let inner = seq.inner.lock();
+        let layers = inner
+            .layers
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| only_layer.is_none_or(|o| o as usize == *i))
+            .map(|(i, l)| LayerExtent {
+                layer: i as u32,
+                tokens: inner.layer_tokens(i, ns.ns.page_tokens),
+                pages: l.iter().filter(|p| p.is_some()).count() as u32,
+                write_seqs: l.iter().map(|p| p.map_or(0, |e| e.write_seq)).collect(),
+            })
+            .collect();
+        Ok((!inner.removed, layers, cached))
+    }
+}
