@@ -152,6 +152,7 @@ fn code(e: &ClientError) -> &'static str {
         ClientError::Unavailable { .. } => "UNAVAILABLE",
         ClientError::PermissionDenied(_) => "PERMISSION_DENIED",
         ClientError::NotFound(_) => "NOT_FOUND",
+        ClientError::BadPage { .. } => "BAD_PAGE",
         ClientError::Other(_) => "OTHER",
     }
 }

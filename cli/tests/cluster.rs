@@ -426,8 +426,8 @@ async fn a_batch_of_appends_is_answered_per_append_and_applied_once_per_owner() 
         let acks = r.as_ref().unwrap();
         assert_eq!(acks.len(), 2, "both owners of {}", k.sequence_id);
         for a in acks {
-            assert_eq!(a.response.layer_tokens, [11]);
-            assert_eq!(a.response.extent.as_ref().unwrap().tokens, 11);
+            assert_eq!(a.layer_tokens, [11]);
+            assert_eq!(a.extent.as_ref().unwrap().tokens, 11);
         }
         for o in stale.routing().owners(k, 2) {
             assert_eq!(

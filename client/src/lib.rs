@@ -20,7 +20,7 @@ pub use kvcache_core::routing::{NodeRef, Routing};
 pub use kvcache_net::CoordinatorLink;
 
 use bytes::Bytes;
-use kvcache_core::validate::codec_to_wire;
+use kvcache_core::validate::{self, ValidationError, codec_to_wire};
 use kvcache_core::{Namespace, PageKey, SequenceKey};
 use kvcache_proto::v1 as pb;
 use kvcache_proto::v1::attention_worker_client::AttentionWorkerClient;
@@ -59,6 +59,15 @@ pub enum ClientError {
     /// Unknown namespace or sequence.
     #[error("not found: {0}")]
     NotFound(String),
+    /// A node sent a page that does not check out (wrong key, codec, size): a node bug or a
+    /// corrupted stream. The read from that node is abandoned; other replicas may serve it.
+    #[error("node {node} sent a bad page: {reason}")]
+    BadPage {
+        /// The node.
+        node: String,
+        /// What was wrong.
+        reason: String,
+    },
     /// Any other status.
     #[error("{0}")]
     Other(String),
@@ -150,12 +159,84 @@ impl AppendItem {
 }
 
 /// A node's answer to an append.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AppendAck {
     /// The node.
     pub node_id: String,
-    /// Its answer.
-    pub response: pb::AppendTokensResponse,
+    /// Tokens each appended layer holds now, in the append's layer order.
+    pub layer_tokens: Vec<u64>,
+    /// write_seq of each appended layer's last page.
+    pub last_page_write_seqs: Vec<u64>,
+    /// The layer's extent after the append, when asked for (single-layer appends).
+    pub extent: Option<LayerExtent>,
+}
+
+impl AppendAck {
+    fn new(node_id: String, r: pb::AppendTokensResponse) -> Self {
+        Self {
+            node_id,
+            layer_tokens: r.layer_tokens,
+            last_page_write_seqs: r.last_page_write_seqs,
+            extent: r.extent.map(LayerExtent::from),
+        }
+    }
+}
+
+/// What a node holds of one layer of a sequence.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayerExtent {
+    /// The layer.
+    pub layer: u32,
+    /// Tokens held.
+    pub tokens: u64,
+    /// Pages held.
+    pub pages: u32,
+    /// write_seq of each page, by page index (0: missing).
+    pub page_write_seqs: Vec<u64>,
+}
+
+impl From<pb::LayerExtent> for LayerExtent {
+    fn from(l: pb::LayerExtent) -> Self {
+        Self { layer: l.layer, tokens: l.tokens, pages: l.pages, page_write_seqs: l.page_write_seqs }
+    }
+}
+
+/// A node's answer to a Lookup: what it holds of a sequence.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Holding {
+    /// Whether the node holds the sequence at all.
+    pub exists: bool,
+    /// Per layer asked for: its extent.
+    pub layers: Vec<LayerExtent>,
+    /// Leading prefix hashes cached on the node (in any sequence of the namespace).
+    pub prefix_pages_cached: u32,
+}
+
+impl From<pb::LookupResponse> for Holding {
+    fn from(r: pb::LookupResponse) -> Self {
+        Self {
+            exists: r.exists,
+            layers: r.layers.into_iter().map(LayerExtent::from).collect(),
+            prefix_pages_cached: r.prefix_pages_cached,
+        }
+    }
+}
+
+/// A page read from a node, checked as the node checks a write (the key asked for, its
+/// namespace's codec, a token count within the page size, a payload of exactly that many
+/// tokens, the CRC).
+#[derive(Debug, Clone)]
+pub struct FetchedPage {
+    /// Key.
+    pub key: PageKey,
+    /// Tokens in the page.
+    pub token_count: u32,
+    /// The node's write sequence number of the page (changes whenever the page does).
+    pub write_seq: u64,
+    /// Prefix hash (0 = none).
+    pub prefix_hash: u64,
+    /// Payload in the namespace's page layout.
+    pub payload: Bytes,
 }
 
 struct Inner {
@@ -531,7 +612,7 @@ impl Client {
                 results[i] = Some(Err(s.clone().into()));
             } else if refused.is_empty() && !ok.is_empty() {
                 results[i] =
-                    Some(Ok(ok.into_iter().map(|(node_id, response)| AppendAck { node_id, response }).collect()));
+                    Some(Ok(ok.into_iter().map(|(node_id, response)| AppendAck::new(node_id, response)).collect()));
             } else {
                 retries.push(async move {
                     let r = self.append_inner(&it, ok).await;
@@ -562,7 +643,7 @@ impl Client {
                 }
             })
             .await?;
-        Ok(acks.into_iter().map(|(node_id, response)| AppendAck { node_id, response }).collect())
+        Ok(acks.into_iter().map(|(node_id, response)| AppendAck::new(node_id, response)).collect())
     }
 
     /// Delete a sequence on every node that may hold it.
@@ -588,8 +669,8 @@ impl Client {
     }
 
     /// Read pages, in order: `None` is a miss. Fails over across owners per sequence.
-    pub async fn get_pages(&self, keys: &[PageKey]) -> Result<Vec<Option<pb::Page>>, ClientError> {
-        let mut out: Vec<Option<pb::Page>> = vec![None; keys.len()];
+    pub async fn get_pages(&self, keys: &[PageKey]) -> Result<Vec<Option<FetchedPage>>, ClientError> {
+        let mut out: Vec<Option<FetchedPage>> = vec![None; keys.len()];
         let mut by_seq: HashMap<&SequenceKey, Vec<usize>> = HashMap::new();
         for (i, k) in keys.iter().enumerate() {
             by_seq.entry(&k.sequence).or_default().push(i);
@@ -631,7 +712,7 @@ impl Client {
     }
 
     /// Read pages from one node: `None` is a miss (or a payload that failed its CRC).
-    pub async fn get_from(&self, node: &NodeRef, keys: &[PageKey]) -> Result<Vec<Option<pb::Page>>, ClientError> {
+    pub async fn get_from(&self, node: &NodeRef, keys: &[PageKey]) -> Result<Vec<Option<FetchedPage>>, ClientError> {
         self.get_from_into(node, keys, |b| b).await
     }
 
@@ -639,39 +720,73 @@ impl Client {
     /// message arrives, while the rest of the stream is still coming in (a worker copies pages
     /// into its cache memory there, so the copy overlaps the transfer and each received frame
     /// buffer is released early).
+    ///
+    /// Every page is validated with `kvcache_core::validate::page`, the check a node applies to
+    /// a write, and must carry the key asked for: a payload whose CRC fails is a miss; anything
+    /// else wrong is [`ClientError::BadPage`].
     pub async fn get_from_into(
         &self,
         node: &NodeRef,
         keys: &[PageKey],
         mut place: impl FnMut(Bytes) -> Bytes,
-    ) -> Result<Vec<Option<pb::Page>>, ClientError> {
+    ) -> Result<Vec<Option<FetchedPage>>, ClientError> {
+        let mut routing = self.routing();
+        if let Some(k) = keys.iter().find(|k| !routing.namespaces.contains_key(&k.sequence.namespace)) {
+            routing = self.refresh().await?;
+            if !routing.namespaces.contains_key(&k.sequence.namespace) {
+                return Err(ClientError::NotFound(format!("unknown namespace {:?}", k.sequence.namespace)));
+            }
+        }
         let ch = self.node_channel(&node.node_id, &node.address)?;
         let req = self.req(pb::GetPagesRequest { keys: keys.iter().map(|k| k.into()).collect(), ranges: vec![] });
-        let mut out = Vec::with_capacity(keys.len());
+        let mut out: Vec<Option<FetchedPage>> = Vec::with_capacity(keys.len());
+        let mut bad: Option<String> = None;
         let r = zerocopy::get_pages(ch, req, MAX_MESSAGE_BYTES, |m| {
             for item in m.items {
-                out.push(match (item.status, item.page) {
-                    (s, Some(mut p))
-                        if s == pb::PageStatus::Ok as i32
-                            && kvcache_core::checksum::crc32c(&p.payload) == p.payload_crc32c =>
-                    {
-                        p.payload = place(std::mem::take(&mut p.payload));
-                        Some(p)
+                let want = keys.get(out.len());
+                let page = match (item.status, item.page) {
+                    (s, Some(p)) if s == pb::PageStatus::Ok as i32 => {
+                        let write_seq = p.write_seq;
+                        match validate::page(p, |n| routing.namespaces.get(n)) {
+                            Ok((_, v)) if Some(&v.key) == want => Some(FetchedPage {
+                                key: v.key,
+                                token_count: v.token_count,
+                                write_seq,
+                                prefix_hash: v.prefix_hash,
+                                payload: place(v.payload),
+                            }),
+                            Ok((_, v)) => {
+                                bad.get_or_insert(format!("asked for {want:?}, got {:?}", v.key));
+                                None
+                            }
+                            // Corrupted in flight or at rest: a miss, as a node treats it.
+                            Err(validate::PageRejection::Invalid(ValidationError::Checksum { .. })) => None,
+                            Err(e) => {
+                                bad.get_or_insert(e.to_string());
+                                None
+                            }
+                        }
                     }
                     (s, _) if s == pb::PageStatus::Invalid as i32 => {
                         return Err(Status::invalid_argument(item.message));
                     }
                     _ => None,
-                });
+                };
+                out.push(page);
             }
             Ok(())
         })
         .await;
+        if let Some(reason) = bad {
+            tracing::warn!(node = %node.node_id, %reason, "a node sent a bad page");
+            return Err(ClientError::BadPage { node: node.node_id.clone(), reason });
+        }
         match r {
             Ok(()) if out.len() == keys.len() => Ok(out),
-            Ok(()) => {
-                Err(ClientError::Unavailable { tried: vec![node.node_id.clone()], last: "stream ended early".into() })
-            }
+            Ok(()) => Err(ClientError::Unavailable {
+                tried: vec![node.node_id.clone()],
+                last: format!("stream ended after {} of {} pages", out.len(), keys.len()),
+            }),
             Err(s) if retryable(&s) => {
                 Err(ClientError::Unavailable { tried: vec![node.node_id.clone()], last: s.message().to_owned() })
             }
@@ -686,14 +801,14 @@ impl Client {
         seq: &SequenceKey,
         prefix_hashes: Vec<u64>,
         layer: Option<u32>,
-    ) -> Result<pb::LookupResponse, ClientError> {
+    ) -> Result<Holding, ClientError> {
         let mut c = self.node(&node.node_id, &node.address)?;
         let req = pb::LookupRequest { sequence: Some(seq.into()), prefix_hashes, layer };
-        Ok(c.lookup(self.req(req)).await?.into_inner())
+        Ok(c.lookup(self.req(req)).await?.into_inner().into())
     }
 
     /// Lookup on the first owner that answers: which pages exist, and the longest cached prefix.
-    pub async fn lookup(&self, seq: &SequenceKey, prefix_hashes: Vec<u64>) -> Result<pb::LookupResponse, ClientError> {
+    pub async fn lookup(&self, seq: &SequenceKey, prefix_hashes: Vec<u64>) -> Result<Holding, ClientError> {
         let mut tried = Vec::new();
         let mut last = String::from("no live cache node");
         for n in self.read_candidates(seq) {

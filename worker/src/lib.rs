@@ -146,7 +146,7 @@ impl Worker {
         let ack = acks
             .iter()
             .find(|a| {
-                let tokens = a.response.layer_tokens.first().copied().unwrap_or(0);
+                let tokens = a.layer_tokens.first().copied().unwrap_or(0);
                 // The page the cache must already hold from this node: the last page's earlier
                 // tokens, or the previous page when the token starts a new one.
                 let held = if tokens <= 1 { None } else { Some((tokens - 2) / pt) };
@@ -154,8 +154,7 @@ impl Worker {
             })
             .or(acks.first());
         let Some(ack) = ack else { return };
-        let (Some(&tokens), Some(&ws)) = (ack.response.layer_tokens.first(), ack.response.last_page_write_seqs.first())
-        else {
+        let (Some(&tokens), Some(&ws)) = (ack.layer_tokens.first(), ack.last_page_write_seqs.first()) else {
             return;
         };
         if tokens == 0 {
@@ -195,7 +194,7 @@ impl Worker {
         let key = |i: usize| PageKey { sequence: seq.clone(), layer, page_index: i as u32 };
         // The owner the cached pages came from (with R > 1 every owner answers the append).
         let (node, ext) = acks.iter().find_map(|a| {
-            let e = a.response.extent.as_ref().filter(|e| e.layer == layer && e.tokens > 0)?;
+            let e = a.extent.as_ref().filter(|e| e.layer == layer && e.tokens > 0)?;
             self.cache.peek(&key(0)).is_some_and(|p| *p.node == *a.node_id).then_some((a.node_id.as_str(), e))
         })?;
         let pages = self.cache.whole_layer(seq, layer, node, &ext.page_write_seqs)?;
