@@ -44,8 +44,10 @@ use std::future::Future;
 use std::sync::Arc;
 use tokio::net::TcpListener;
 
-/// Largest gRPC message a node accepts or sends.
-pub const MAX_MESSAGE_BYTES: usize = 256 << 20;
+pub use kvcache_net::MAX_MESSAGE_BYTES;
+
+/// Longest a stopping server waits for the work it started (response streams, lease releases).
+pub const SHUTDOWN_WAIT: std::time::Duration = std::time::Duration::from_secs(20);
 
 /// Who a node is and how it joins a cluster: everything [`run`] needs beside the store.
 #[derive(Debug, Clone)]
@@ -81,18 +83,12 @@ impl NodeConfig {
 /// Why a node stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
-    /// Transport setup (TLS, addresses, reflection).
+    /// Serving failed (transport, TLS, a task).
     #[error(transparent)]
-    Net(#[from] kvcache_net::NetError),
-    /// The gRPC server failed.
-    #[error("gRPC server: {0}")]
-    Serve(#[from] tonic::transport::Error),
+    Serve(#[from] kvcache_net::ServeError),
     /// Closing the store (its final flush) failed.
     #[error("closing the page store: {0}")]
     Close(#[from] StoreError),
-    /// A task the node ran panicked.
-    #[error("node task failed: {0}")]
-    Task(#[from] tokio::task::JoinError),
 }
 
 /// Serve `store` on `listener` until `shutdown` resolves: the CacheNode service with health and
@@ -109,12 +105,13 @@ pub async fn run(
     use kvcache_proto::v1::cache_node_server::CacheNodeServer;
     let (health, health_svc) = tonic_health::server::health_reporter();
     health.set_serving::<CacheNodeServer<NodeService>>().await;
-    let reflection = kvcache_net::reflection()?;
-    let server = kvcache_net::server(&exposure.tls)?;
+    let reflection = kvcache_net::reflection().map_err(kvcache_net::ServeError::from)?;
+    let server = kvcache_net::server(&exposure.tls).map_err(kvcache_net::ServeError::from)?;
     let metrics = Arc::new(metrics::NodeMetrics::new(&cfg.node_id));
     let mut cluster_tasks = Vec::new();
     if let Some(c) = &cfg.coordinator {
-        let link = kvcache_net::CoordinatorLink::new(c, &cfg.tls, std::time::Duration::from_secs(5))?;
+        let link = kvcache_net::CoordinatorLink::new(c, &cfg.tls, std::time::Duration::from_secs(5))
+            .map_err(kvcache_net::ServeError::from)?;
         link.watch();
         let info = kvcache_proto::v1::NodeInfo {
             node_id: cfg.node_id.clone(),
@@ -135,6 +132,7 @@ pub async fn run(
     }
     let probe = exposure.health_listener.map(|l| kvcache_net::serve_health(l, health_svc.clone()));
     let node = Arc::new(NodeService::new(store.clone(), cfg.node_id, metrics.clone()));
+    let tasks = node.tasks.clone();
     let svc = zerocopy::ZeroCopyPages::new(
         node.clone(),
         CacheNodeServer::from_arc(node)
@@ -164,9 +162,15 @@ pub async fn run(
     if let Some(p) = probe {
         p.abort();
     }
+    // Streams the server spawned end with their connections; wait for them (bounded) so no
+    // response still holds a slot when the store closes.
+    tasks.close();
+    if tokio::time::timeout(SHUTDOWN_WAIT, tasks.wait()).await.is_err() {
+        tracing::warn!(left = tasks.len(), "response streams still running at shutdown");
+    }
     let closed = tokio::task::spawn_blocking(move || store.close()).await;
-    r?;
-    closed??;
+    r.map_err(kvcache_net::ServeError::from)?;
+    closed.map_err(kvcache_net::ServeError::from)??;
     Ok(())
 }
 

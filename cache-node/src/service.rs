@@ -52,12 +52,14 @@ pub struct NodeService {
     store: Arc<PageStore>,
     node_id: String,
     pub(crate) metrics: Arc<NodeMetrics>,
+    /// Every task a call spawns (streamed responses): shutdown waits for them.
+    pub(crate) tasks: tokio_util::task::TaskTracker,
 }
 
 impl NodeService {
     /// Serve `store` as `node_id`, counting into `metrics`.
     pub fn new(store: Arc<PageStore>, node_id: String, metrics: Arc<NodeMetrics>) -> Self {
-        Self { store, node_id, metrics }
+        Self { store, node_id, metrics, tasks: tokio_util::task::TaskTracker::new() }
     }
 }
 

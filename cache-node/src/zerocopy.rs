@@ -156,7 +156,7 @@ async fn get_pages(node: Arc<NodeService>, req: http::Request<Body>) -> Result<h
         return respond(Body::new(http_body_util::StreamBody::new(tokio_stream::iter(chunks))));
     }
     let (tx, rx) = tokio::sync::mpsc::channel::<Chunk>(16);
-    tokio::spawn(async move {
+    node.tasks.spawn(async move {
         let mut chunks = first;
         while !chunks.is_empty() {
             for c in chunks {

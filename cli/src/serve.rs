@@ -77,7 +77,7 @@ pub fn coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
         let ha = start_ha(&a, state.clone(), advertise)?;
         tracing::info!(%addr, epoch = state.epoch(), "coordinator serving");
         println!("kvcache coordinator listening on {addr}");
-        kvcache_coordinator::run(state, l, exposure, shutdown_signal()).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+        kvcache_coordinator::run(state, l, exposure, shutdown_signal()).await?;
         if let Some(h) = ha {
             h.abort();
         }
@@ -177,7 +177,7 @@ pub fn worker(a: WorkerArgs) -> anyhow::Result<()> {
         kvcache_worker::register(&client, &id, &addr).await?;
         tracing::info!(%addr, worker_id = %id, "worker serving");
         println!("kvcache worker {id} listening on {addr}");
-        kvcache_worker::run(w, l, exposure, shutdown_signal()).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+        kvcache_worker::run(w, l, exposure, shutdown_signal()).await?;
         Ok(())
     })
 }

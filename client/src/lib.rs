@@ -33,8 +33,7 @@ use std::time::Duration;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
-/// Largest message the client sends or accepts.
-pub const MAX_MESSAGE_BYTES: usize = 256 << 20;
+pub use kvcache_net::MAX_MESSAGE_BYTES;
 
 /// A failure that reached the caller.
 #[derive(Debug, Clone, thiserror::Error)]

@@ -33,7 +33,7 @@ pub async fn run(
     listener: TcpListener,
     exposure: kvcache_net::Exposure,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+) -> Result<(), kvcache_net::ServeError> {
     use kvcache_proto::v1::coordinator_server::CoordinatorServer;
     let (health, health_svc) = tonic_health::server::health_reporter();
     health.set_serving::<CoordinatorServer<CoordinatorService>>().await;
@@ -42,11 +42,13 @@ pub async fn run(
     let probe = exposure.health_listener.map(|l| kvcache_net::serve_health(l, health_svc.clone()));
     let ticker = tokio::spawn(service::maintenance(state.clone()));
     let (closing_tx, closing) = tokio::sync::watch::channel(false);
+    let service = CoordinatorService::new(state, closing);
+    let tasks = service.tasks.clone();
     let r = server
         .layer(kvcache_telemetry::GrpcMetricsLayer::new("coordinator"))
         .add_service(health_svc)
         .add_service(reflection)
-        .add_service(CoordinatorServer::new(CoordinatorService::new(state, closing)))
+        .add_service(CoordinatorServer::new(service))
         .serve_with_incoming_shutdown(kvcache_net::incoming(listener), async move {
             shutdown.await;
             let _ = closing_tx.send(true);
@@ -55,6 +57,11 @@ pub async fn run(
     ticker.abort();
     if let Some(p) = probe {
         p.abort();
+    }
+    // Watch streams end with "shutting down" once `closing` is set: wait for them (bounded).
+    tasks.close();
+    if tokio::time::timeout(std::time::Duration::from_secs(10), tasks.wait()).await.is_err() {
+        tracing::warn!(left = tasks.len(), "watch streams still running at shutdown");
     }
     r?;
     Ok(())

@@ -35,13 +35,15 @@ fn leader_only(state: &ClusterState) -> Result<(), Status> {
 pub struct CoordinatorService {
     state: Arc<ClusterState>,
     closing: tokio::sync::watch::Receiver<bool>,
+    /// The watch streams' tasks: shutdown waits for them.
+    pub(crate) tasks: tokio_util::task::TaskTracker,
 }
 
 impl CoordinatorService {
     /// Serve `state`; watch streams end when `closing` turns true (so a graceful shutdown does
     /// not wait forever on them).
     pub fn new(state: Arc<ClusterState>, closing: tokio::sync::watch::Receiver<bool>) -> Self {
-        Self { state, closing }
+        Self { state, closing, tasks: tokio_util::task::TaskTracker::new() }
     }
 }
 
@@ -132,7 +134,7 @@ impl Coordinator for CoordinatorService {
         let mut rx = self.state.subscribe();
         let mut closing = self.closing.clone();
         let (tx, out) = tokio::sync::mpsc::channel(4);
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             let mut last = after;
             loop {
                 let map = rx.borrow_and_update().clone();

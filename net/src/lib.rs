@@ -7,7 +7,8 @@
 //! - [`channel`] / [`endpoint`]: lazily connecting channels tuned for page streams (large HTTP/2
 //!   windows, TCP_NODELAY), over TLS when configured.
 //! - [`server`], [`incoming`], [`reflection`]: the tonic server every process runs, tuned the
-//!   same way, with TLS when configured.
+//!   same way, with TLS when configured; [`serve`]: the message limit, bounded connections and
+//!   streams, and [`ServeError`], the error of every server's `run`.
 //! - [`coordinator`]: the [`CoordinatorLink`] — leader redirects, replica failover and the
 //!   watched shard map, for every process that follows the cluster.
 //! - [`DataDirLock`]: the exclusive lock a process holds on each data directory it owns.
@@ -20,14 +21,15 @@
 pub mod coordinator;
 pub mod datadir;
 pub mod frames;
+pub mod serve;
 
 pub use coordinator::CoordinatorLink;
 pub use datadir::{DataDirError, DataDirLock};
+pub use serve::{MAX_MESSAGE_BYTES, ServeError, incoming};
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tokio::net::TcpListener;
-use tokio_stream::StreamExt;
 use tonic::codegen::http;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity, Server, ServerTlsConfig};
 
@@ -258,24 +260,12 @@ pub fn server(tls: &Tls) -> Result<Server<ServerLayers>, NetError> {
         .max_frame_size(Some((1 << 20) - 1))
         .http2_adaptive_window(Some(false))
         .tcp_nodelay(true)
+        .max_concurrent_streams(Some(serve::MAX_STREAMS_PER_CONNECTION))
         .layer(tower::util::MapResponseLayer::new(size_status));
     match &tls.server {
         Some(c) => s.tls_config(c.clone()).map_err(|e| NetError::Tls(e.to_string())),
         None => Ok(s),
     }
-}
-
-/// Connections accepted on `listener`, with TCP_NODELAY set (tonic sets it only on listeners it
-/// binds itself; without it every streamed response waits on the peer's delayed ACK).
-pub fn incoming(
-    listener: TcpListener,
-) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> + Send + 'static {
-    tokio_stream::wrappers::TcpListenerStream::new(listener).map(|s| {
-        if let Ok(s) = &s {
-            let _ = s.set_nodelay(true);
-        }
-        s
-    })
 }
 
 /// The gRPC reflection service over the kvcache contract.

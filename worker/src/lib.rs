@@ -88,6 +88,8 @@ pub struct Worker {
     cfg: WorkerConfig,
     /// Counters.
     pub counters: WorkerCounters,
+    /// Work a call leaves running (lease releases, next-layer prefetch): shutdown waits for it.
+    tasks: tokio_util::task::TaskTracker,
 }
 
 /// Why one sequence of a batch could not be answered.
@@ -121,6 +123,7 @@ impl Worker {
             client,
             cfg,
             counters: WorkerCounters::default(),
+            tasks: tokio_util::task::TaskTracker::new(),
         })
     }
 
@@ -261,7 +264,7 @@ impl Worker {
                 .await;
             if let Some(id) = lease {
                 let (client, node) = (self.client.clone(), node.clone());
-                tokio::spawn(async move {
+                self.tasks.spawn(async move {
                     if let Err(e) = client.release(&node, id).await {
                         tracing::debug!(error = %e, "lease release failed; it expires on its own");
                     }
@@ -499,7 +502,7 @@ impl Worker {
         // Pull the next layer's pages while the engine works on this one.
         if self.cfg.prefetch && layer + 1 < ns.model.num_layers {
             let me = self.clone();
-            tokio::spawn(async move {
+            self.tasks.spawn(async move {
                 for seq in seqs {
                     let _ = me.fetch_layer(&seq, layer + 1).await;
                 }
@@ -525,7 +528,7 @@ pub async fn run(
     listener: tokio::net::TcpListener,
     exposure: kvcache_net::Exposure,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+) -> Result<(), kvcache_net::ServeError> {
     use kvcache_proto::v1::attention_worker_server::AttentionWorkerServer;
     let (health, health_svc) = tonic_health::server::health_reporter();
     health.set_serving::<AttentionWorkerServer<WorkerService>>().await;
@@ -537,7 +540,7 @@ pub async fn run(
         .add_service(health_svc)
         .add_service(reflection)
         .add_service(
-            AttentionWorkerServer::new(WorkerService(worker))
+            AttentionWorkerServer::new(WorkerService(worker.clone()))
                 .max_decoding_message_size(kvcache_client::MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(kvcache_client::MAX_MESSAGE_BYTES),
         )
@@ -546,9 +549,18 @@ pub async fn run(
     if let Some(p) = probe {
         p.abort();
     }
+    // Lease releases and prefetches the last calls started: wait for them (bounded), so the
+    // nodes are not left with leases they only lose at expiry.
+    worker.tasks.close();
+    if tokio::time::timeout(SHUTDOWN_WAIT, worker.tasks.wait()).await.is_err() {
+        tracing::warn!(left = worker.tasks.len(), "worker tasks still running at shutdown");
+    }
     r?;
     Ok(())
 }
+
+/// Longest a stopping worker waits for the work its calls started.
+pub const SHUTDOWN_WAIT: std::time::Duration = std::time::Duration::from_secs(20);
 
 /// Register a worker with the coordinator (retrying until it succeeds or `attempts` run out).
 pub async fn register(client: &Client, worker_id: &str, address: &str) -> Result<u64, Status> {
