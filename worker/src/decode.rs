@@ -1,0 +1,293 @@
+//! One Decode call, in the order it runs: [`Worker::decode`] = parse (the whole request is
+//! checked before anything is written) → append (the step's new tokens, one AppendBatch per
+//! owning node) → fetch (each sequence's layer, one task per sequence) → compute (the batch's
+//! attention on a blocking thread, an answer per sequence) → respond (statuses, outputs,
+//! metrics, the next layer's prefetch).
+
+use crate::{Fetched, SeqFailure, Worker};
+use bytes::Bytes;
+use kvcache_attention::{AttentionError, AttnShape, BatchItem, KvPage, Options};
+use kvcache_client::{AppendAck, AppendItem, ClientError};
+use kvcache_core::{Namespace, SequenceKey};
+use kvcache_proto::v1 as pb;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+use tonic::Status;
+use tracing::Instrument;
+
+/// A Decode request checked whole.
+struct Parsed {
+    ns: Namespace,
+    layer: u32,
+    shape: AttnShape,
+    /// One per item, in request order.
+    seqs: Vec<SequenceKey>,
+    queries: Vec<Vec<f32>>,
+}
+
+/// What the kernel answered for one sequence (by its index in the request).
+struct Computed {
+    item: usize,
+    result: Result<(), AttentionError>,
+    output: Vec<f32>,
+    lse: Vec<f32>,
+}
+
+/// Each item's append outcome (`None`: the item appended nothing).
+type Appended = Vec<Option<Result<Vec<AppendAck>, ClientError>>>;
+
+impl Worker {
+    /// Answer one decode batch.
+    pub async fn decode(self: &Arc<Self>, req: pb::DecodeRequest) -> Result<pb::DecodeResponse, Status> {
+        let started = Instant::now();
+        let mut parsed = self.parse(&req).await?;
+        let appended = self.append(&parsed, &req.items).await;
+        let mut fetched = self.fetch(&parsed, &req.items, appended).await;
+        let mut stats = pb::DecodeStats { fetch_micros: started.elapsed().as_micros() as u64, ..Default::default() };
+        for f in fetched.iter().flatten() {
+            stats.bytes_pulled += f.bytes;
+            stats.pages_pulled += f.pulled;
+            stats.pages_cached += f.cached;
+        }
+        let t_compute = Instant::now();
+        let computed = self.compute(&mut parsed, &fetched).await?;
+        stats.compute_micros = t_compute.elapsed().as_micros() as u64;
+        let results = respond(&req.items, &mut fetched, computed);
+        self.counters.sequences.fetch_add(req.items.len() as u64, Ordering::Relaxed);
+        self.export_metrics(&results, stats.bytes_pulled);
+        // Pull the next layer's pages while the engine works on this one.
+        let Parsed { ns, layer, seqs, .. } = parsed;
+        if self.cfg.prefetch && layer + 1 < ns.model.num_layers {
+            let me = self.clone();
+            self.tasks.spawn(async move {
+                for seq in seqs {
+                    let _ = me.fetch_layer(&seq, layer + 1).await;
+                }
+            });
+        }
+        Ok(pb::DecodeResponse { results, stats: Some(stats) })
+    }
+
+    /// Check the whole request — namespace, layer, scale, and every item's id, query and new
+    /// K/V — before anything is written, so a refused call leaves no trace.
+    async fn parse(&self, req: &pb::DecodeRequest) -> Result<Parsed, Status> {
+        let ns = self.namespace(&req.namespace).await.ok_or_else(|| {
+            kvcache_proto::metadata::not_found(
+                kvcache_proto::metadata::NOT_FOUND_NAMESPACE,
+                format!("unknown namespace {:?}", req.namespace),
+            )
+        })?;
+        kvcache_core::validate::layer(&ns, req.layer).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let layout = ns.layout();
+        let mut shape = AttnShape::new(&ns.model, layout);
+        if req.softmax_scale != 0.0 {
+            if !(req.softmax_scale.is_finite() && req.softmax_scale > 0.0) {
+                return Err(Status::invalid_argument(format!(
+                    "softmax_scale {} must be finite and > 0",
+                    req.softmax_scale
+                )));
+            }
+            shape.scale = req.softmax_scale;
+        }
+        let mut seqs: Vec<SequenceKey> = Vec::with_capacity(req.items.len());
+        let mut queries: Vec<Vec<f32>> = Vec::with_capacity(req.items.len());
+        for (i, it) in req.items.iter().enumerate() {
+            let seq = SequenceKey::try_from(pb::SequenceKey {
+                namespace: req.namespace.clone(),
+                sequence_id: it.sequence_id.clone(),
+            })
+            .map_err(|e| Status::invalid_argument(format!("item {i}: {e}")))?;
+            if it.query.len() != shape.q_len() * 4 {
+                return Err(Status::invalid_argument(format!(
+                    "item {i}: query has {} bytes, expected {} ({} heads × {} f32, little-endian)",
+                    it.query.len(),
+                    shape.q_len() * 4,
+                    shape.q_heads,
+                    shape.qk_width
+                )));
+            }
+            let q = kvcache_proto::f32le::from_bytes(&it.query).unwrap_or_default();
+            if let Some(j) = q.iter().position(|x| !x.is_finite()) {
+                return Err(Status::invalid_argument(format!(
+                    "item {i} (sequence {:?}): query value {j} is {} (every value must be finite)",
+                    it.sequence_id, q[j]
+                )));
+            }
+            queries.push(q);
+            if !it.new_kv.is_empty() && it.new_kv.len() != layout.payload_bytes(1) {
+                return Err(Status::invalid_argument(format!(
+                    "item {i}: new_kv is {} bytes, one token of namespace {} is {} bytes ({} codec)",
+                    it.new_kv.len(),
+                    ns.name,
+                    layout.payload_bytes(1),
+                    ns.codec.as_str()
+                )));
+            }
+            if !it.new_kv.is_empty()
+                && let Some(j) = layout.decode(&it.new_kv, 1).iter().position(|x| !x.is_finite())
+            {
+                return Err(Status::invalid_argument(format!(
+                    "item {i} (sequence {:?}): new_kv value {j} is not finite (NaN or infinity, after decoding the {} codec)",
+                    it.sequence_id,
+                    ns.codec.as_str()
+                )));
+            }
+            if seqs.contains(&seq) {
+                return Err(Status::invalid_argument(format!(
+                    "item {i}: sequence {:?} appears twice in the batch",
+                    it.sequence_id
+                )));
+            }
+            seqs.push(seq);
+        }
+        Ok(Parsed { ns, layer: req.layer, shape, seqs, queries })
+    }
+
+    /// Write the step's new tokens through to every owner: one AppendBatch per owning node.
+    async fn append(&self, p: &Parsed, items: &[pb::DecodeItem]) -> Appended {
+        let appending: Vec<usize> = (0..items.len()).filter(|&i| !items[i].new_kv.is_empty()).collect();
+        let batch = appending
+            .iter()
+            .map(|&i| AppendItem {
+                sequence: p.seqs[i].clone(),
+                layer: Some(p.layer),
+                tokens: 1,
+                payload: items[i].new_kv.clone(),
+                token_ids: items[i].new_token_id.map(|t| vec![t]).unwrap_or_default(),
+                return_extent: true,
+            })
+            .collect();
+        let mut appended: Appended = (0..items.len()).map(|_| None).collect();
+        for (i, r) in appending.into_iter().zip(self.client.append_many(batch).await) {
+            appended[i] = Some(r);
+        }
+        appended
+    }
+
+    /// Each sequence's layer: from the cache when the append's answer names exactly what it
+    /// holds, else looked up and pulled. One task per sequence: responses are decoded and
+    /// cached on every runtime thread, not all on the thread polling this request.
+    async fn fetch(
+        self: &Arc<Self>,
+        p: &Parsed,
+        items: &[pb::DecodeItem],
+        appended: Appended,
+    ) -> Vec<Result<Fetched, SeqFailure>> {
+        let layer = p.layer;
+        let tasks: Vec<_> = appended
+            .into_iter()
+            .zip(items)
+            .zip(&p.seqs)
+            .map(|((acks, it), seq)| {
+                let (me, ns, seq) = (self.clone(), p.ns.clone(), seq.clone());
+                let new_kv = it.new_kv.clone();
+                tokio::spawn(
+                    async move {
+                        if let Some(acks) = acks {
+                            let acks = acks.map_err(|e| SeqFailure::WriteFailed(e.to_string()))?;
+                            me.apply_append(&ns, &seq, layer, &acks, &new_kv);
+                            if let Some(f) = me.cached_layer(&seq, layer, &acks) {
+                                return Ok(f);
+                            }
+                        }
+                        me.fetch_layer(&seq, layer).await
+                    }
+                    .in_current_span(),
+                )
+            })
+            .collect();
+        let mut fetched = Vec::with_capacity(tasks.len());
+        for t in tasks {
+            fetched.push(t.await.unwrap_or_else(|e| Err(SeqFailure::Miss(format!("fetch task failed: {e}")))));
+        }
+        fetched
+    }
+
+    /// Attention for every sequence whose pages are here, on a blocking thread: an answer per
+    /// sequence (cached data the kernel refuses is that sequence's alone).
+    async fn compute(&self, p: &mut Parsed, fetched: &[Result<Fetched, SeqFailure>]) -> Result<Vec<Computed>, Status> {
+        let ok: Vec<(usize, Vec<(Bytes, usize)>)> =
+            fetched.iter().enumerate().filter_map(|(i, f)| f.as_ref().ok().map(|f| (i, f.pages.clone()))).collect();
+        let queries: Vec<Vec<f32>> = ok.iter().map(|(i, _)| std::mem::take(&mut p.queries[*i])).collect();
+        let (shape, threads) = (p.shape, self.cfg.threads);
+        tokio::task::spawn_blocking(move || {
+            let kv: Vec<Vec<KvPage>> =
+                ok.iter().map(|(_, ps)| ps.iter().map(|(b, n)| KvPage { payload: b, tokens: *n }).collect()).collect();
+            let items: Vec<BatchItem> = queries.iter().zip(&kv).map(|(q, p)| BatchItem { q, pages: p }).collect();
+            let mut bufs: Vec<(Vec<f32>, Vec<f32>)> =
+                items.iter().map(|_| (vec![0f32; shape.out_len()], vec![0f32; shape.q_heads])).collect();
+            let mut outs: Vec<(&mut [f32], &mut [f32])> =
+                bufs.iter_mut().map(|(o, l)| (&mut o[..], &mut l[..])).collect();
+            let opts = Options { threads, ..Options::default() };
+            let each = kvcache_attention::decode_batch_each(&shape, &items, &opts, &mut outs);
+            ok.into_iter()
+                .zip(each)
+                .zip(bufs)
+                .map(|(((item, _), result), (output, lse))| Computed { item, result, output, lse })
+                .collect()
+        })
+        .await
+        .map_err(|e| Status::internal(format!("attention task failed: {e}")))
+    }
+
+    fn export_metrics(&self, results: &[pb::DecodeResult], bytes_pulled: u64) {
+        use kvcache_telemetry::names as n;
+        let (used, _, hits, misses) = self.cache.stats();
+        metrics::counter!(n::WORKER_CACHE_HITS).absolute(hits);
+        metrics::counter!(n::WORKER_CACHE_MISSES).absolute(misses);
+        metrics::gauge!(n::WORKER_CACHE_BYTES).set(used as f64);
+        metrics::counter!(n::WORKER_BYTES_PULLED).absolute(self.counters.bytes_pulled.load(Ordering::Relaxed));
+        metrics::histogram!(n::WORKER_BYTES_PER_STEP).record(bytes_pulled as f64);
+        for r in results {
+            let status = pb::SequenceStatus::try_from(r.status).map_or("unknown", |s| match s {
+                pb::SequenceStatus::Ok => "ok",
+                pb::SequenceStatus::Miss => "miss",
+                pb::SequenceStatus::WriteFailed => "write_failed",
+                pb::SequenceStatus::BadData => "bad_data",
+                pb::SequenceStatus::Unspecified => "unknown",
+            });
+            metrics::counter!(n::WORKER_SEQUENCES, "status" => status).increment(1);
+        }
+    }
+}
+
+/// One result per item, in request order: its status and message, and for the ones computed
+/// the output, LSE and context length.
+fn respond(
+    items: &[pb::DecodeItem],
+    fetched: &mut [Result<Fetched, SeqFailure>],
+    computed: Vec<Computed>,
+) -> Vec<pb::DecodeResult> {
+    // The query was checked at parse: what the kernel refuses now is that sequence's data.
+    for c in &computed {
+        if let Err(e) = &c.result {
+            fetched[c.item] = Err(SeqFailure::BadData(format!("attention refused the cached pages: {e}")));
+        }
+    }
+    let mut results: Vec<pb::DecodeResult> = items
+        .iter()
+        .zip(fetched.iter())
+        .map(|(it, f)| {
+            let (status, message) = match f {
+                Ok(_) => (pb::SequenceStatus::Ok, String::new()),
+                Err(SeqFailure::Miss(m)) => (pb::SequenceStatus::Miss, m.clone()),
+                Err(SeqFailure::WriteFailed(m)) => (pb::SequenceStatus::WriteFailed, m.clone()),
+                Err(SeqFailure::BadData(m)) => (pb::SequenceStatus::BadData, m.clone()),
+            };
+            pb::DecodeResult {
+                sequence_id: it.sequence_id.clone(),
+                status: status as i32,
+                message,
+                ..Default::default()
+            }
+        })
+        .collect();
+    for c in computed.into_iter().filter(|c| c.result.is_ok()) {
+        let r = &mut results[c.item];
+        r.context_tokens = fetched[c.item].as_ref().map_or(0, |f| f.pages.iter().map(|p| p.1 as u64).sum());
+        r.output = kvcache_proto::f32le::to_bytes(&c.output);
+        r.lse = c.lse;
+    }
+    results
+}
