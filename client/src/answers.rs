@@ -1,0 +1,121 @@
+//! The domain types the client takes and answers with: appends and their acknowledgements,
+//! extents and holdings (Lookup), fetched pages. No wire type leaves the client in an answer.
+
+use bytes::Bytes;
+use kvcache_core::{PageKey, SequenceKey};
+use kvcache_proto::v1 as pb;
+
+/// One append of [`Client::append_many`].
+#[derive(Debug, Clone)]
+pub struct AppendItem {
+    /// The sequence.
+    pub sequence: SequenceKey,
+    /// One layer, or every layer (`None`).
+    pub layer: Option<u32>,
+    /// Tokens appended.
+    pub tokens: u32,
+    /// Their K/V (or latents) in page layout, per layer.
+    pub payload: Bytes,
+    /// Optional token ids, extending the prefix-hash chain.
+    pub token_ids: Vec<u32>,
+    /// Ask each owner for the layer's extent after the append (single-layer appends).
+    pub return_extent: bool,
+}
+
+impl AppendItem {
+    /// The AppendTokens request of this item, routed with `epoch`.
+    pub(crate) fn request(&self, epoch: u64) -> pb::AppendTokensRequest {
+        pb::AppendTokensRequest {
+            epoch,
+            sequence: Some((&self.sequence).into()),
+            layer: self.layer.unwrap_or(0),
+            all_layers: self.layer.is_none(),
+            token_count: self.tokens,
+            expected_position: None,
+            payload: self.payload.clone(),
+            token_ids: self.token_ids.clone(),
+            return_extent: self.return_extent,
+        }
+    }
+}
+
+/// A node's answer to an append.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppendAck {
+    /// The node.
+    pub node_id: String,
+    /// Tokens each appended layer holds now, in the append's layer order.
+    pub layer_tokens: Vec<u64>,
+    /// write_seq of each appended layer's last page.
+    pub last_page_write_seqs: Vec<u64>,
+    /// The layer's extent after the append, when asked for (single-layer appends).
+    pub extent: Option<LayerExtent>,
+}
+
+impl AppendAck {
+    pub(crate) fn new(node_id: String, r: pb::AppendTokensResponse) -> Self {
+        Self {
+            node_id,
+            layer_tokens: r.layer_tokens,
+            last_page_write_seqs: r.last_page_write_seqs,
+            extent: r.extent.map(LayerExtent::from),
+        }
+    }
+}
+
+/// What a node holds of one layer of a sequence.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayerExtent {
+    /// The layer.
+    pub layer: u32,
+    /// Tokens held.
+    pub tokens: u64,
+    /// Pages held.
+    pub pages: u32,
+    /// write_seq of each page, by page index (0: missing).
+    pub page_write_seqs: Vec<u64>,
+}
+
+impl From<pb::LayerExtent> for LayerExtent {
+    fn from(l: pb::LayerExtent) -> Self {
+        Self { layer: l.layer, tokens: l.tokens, pages: l.pages, page_write_seqs: l.page_write_seqs }
+    }
+}
+
+/// A node's answer to a Lookup: what it holds of a sequence.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Holding {
+    /// Whether the node holds the sequence at all.
+    pub exists: bool,
+    /// Per layer asked for: its extent.
+    pub layers: Vec<LayerExtent>,
+    /// Leading prefix hashes cached on the node (in any sequence of the namespace).
+    pub prefix_pages_cached: u32,
+}
+
+impl From<pb::LookupResponse> for Holding {
+    fn from(r: pb::LookupResponse) -> Self {
+        Self {
+            exists: r.exists,
+            layers: r.layers.into_iter().map(LayerExtent::from).collect(),
+            prefix_pages_cached: r.prefix_pages_cached,
+        }
+    }
+}
+
+/// A page read from a node, checked as the node checks a write (the key asked for, its
+/// namespace's codec, a token count within the page size, a payload of exactly that many
+/// tokens, the CRC).
+#[derive(Debug, Clone)]
+pub struct FetchedPage {
+    /// Key.
+    pub key: PageKey,
+    /// Tokens in the page.
+    pub token_count: u32,
+    /// The node's write sequence number of the page (changes whenever the page does).
+    pub write_seq: u64,
+    /// Prefix hash (0 = none).
+    pub prefix_hash: u64,
+    /// Payload in the namespace's page layout.
+    pub payload: Bytes,
+}
