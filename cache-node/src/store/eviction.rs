@@ -7,15 +7,31 @@ impl PageStore {
     /// `exclude`. Returns false when there is none.
     pub(super) fn evict_one(&self, exclude: &SequenceKey) -> bool {
         let now = Instant::now();
-        // The oldest entries of the recency order first: the victim is found in O(log n) plus
-        // the leased (or busy) sequences older than it, which are skipped.
+        // The oldest entry first. One touched since it was filed moves to its last use and the
+        // search goes on; the first whose key is its last use is the least recently used. Leased
+        // or busy sequences are passed over and stay filed where they are.
         let victim = {
-            let lru = self.lru.lock();
-            lru.values()
-                .find(|s| {
-                    &s.key != exclude && s.inner.try_lock().is_some_and(|inner| !inner.removed && !inner.pinned(now))
-                })
-                .cloned()
+            let mut lru = self.lru.lock();
+            let mut passed = Vec::new();
+            let mut found = None;
+            while let Some((k, s)) = lru.pop_first() {
+                let used = s.last_use.load(Ordering::Relaxed);
+                if used > k {
+                    s.lru_key.store(used, Ordering::Relaxed);
+                    lru.insert(used, s);
+                    continue;
+                }
+                let eligible =
+                    &s.key != exclude && s.inner.try_lock().is_some_and(|inner| !inner.removed && !inner.pinned(now));
+                passed.push((k, s.clone()));
+                if eligible {
+                    found = Some(s);
+                    break;
+                }
+            }
+            // Put back what was passed over (and the victim: removal unfiles it under its lock).
+            lru.extend(passed);
+            found
         };
         let Some(v) = victim else { return false };
         let Some(mut inner) = v.inner.try_lock() else { return true };
@@ -37,7 +53,7 @@ impl PageStore {
             }
         }
         inner.removed = true;
-        self.lru.lock().remove(&seq.last_use.load(Ordering::Relaxed));
+        self.lru.lock().remove(&seq.lru_key.load(Ordering::Relaxed));
         for (id, _) in inner.leases.drain(..) {
             self.leases.remove(&id);
         }

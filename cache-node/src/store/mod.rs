@@ -9,8 +9,9 @@
 //! (→ msync the slot under `sync` durability) → publish under the sequence lock, keeping the
 //! newest write_seq → retire the replaced slot (freed when its last reader drops).
 //!
-//! Eviction: least-recently-used whole sequences, found in O(log n) in a recency order (a
-//! `BTreeMap` of last-use ticks) that every touch updates. LRU because KV-cache reuse is strongly recency-driven (a conversation's next turn, a
+//! Eviction: exactly the least-recently-used whole sequence, found in an ordered map of
+//! last-use ticks in O(log n) per entry examined: a touch is one atomic store, and eviction
+//! re-files entries touched since they were filed (each touch costs at most one re-filing). LRU because KV-cache reuse is strongly recency-driven (a conversation's next turn, a
 //! shared system prompt) and whole sequences because a partial sequence is useless to a decode.
 //! Leased sequences are skipped; if nothing can be evicted the write is RESOURCE_EXHAUSTED.
 //!
@@ -184,7 +185,11 @@ struct Sequence {
     key: SequenceKey,
     ns: Arc<NsEntry>,
     inner: Mutex<SeqInner>,
+    /// Tick of the last use (written lock-free by every read and write).
     last_use: AtomicU64,
+    /// The key this sequence is filed under in the eviction order (≤ `last_use`; changed only
+    /// under that order's lock).
+    lru_key: AtomicU64,
 }
 
 #[derive(Default)]
@@ -327,7 +332,9 @@ pub struct PageStore {
     leases: DashMap<u64, SequenceKey>,
     write_seq: AtomicU64,
     tick: AtomicU64,
-    /// Recency order for eviction: each live sequence under its `last_use` tick (unique).
+    /// Eviction order: each live sequence under a tick no later than its last use (`lru_key`).
+    /// Touches do not move entries; eviction re-files an entry it finds touched since, so the
+    /// first entry whose key is its last use is exactly the least recently used.
     lru: Mutex<std::collections::BTreeMap<u64, Arc<Sequence>>>,
     epoch: AtomicU64,
     lease_seq: AtomicU64,

@@ -4,15 +4,10 @@
 use super::*;
 
 impl PageStore {
-    /// Mark `seq` most recently used: it moves to the back of the eviction order (O(log n)
-    /// under the order's lock; a sequence already removed stays out of it).
-    pub(super) fn touch(&self, seq: &Arc<Sequence>) {
-        let mut lru = self.lru.lock();
-        let now = self.tick.fetch_add(1, Ordering::Relaxed);
-        let old = seq.last_use.swap(now, Ordering::Relaxed);
-        if lru.remove(&old).is_some() {
-            lru.insert(now, seq.clone());
-        }
+    /// Mark `seq` most recently used. Hot (every page read): one atomic store, no lock; the
+    /// eviction order catches up lazily (see `evict_one`).
+    pub(super) fn touch(&self, seq: &Sequence) {
+        seq.last_use.store(self.tick.fetch_add(1, Ordering::Relaxed), Ordering::Relaxed);
     }
 
     pub(super) fn sequence(&self, ns: &Arc<NsEntry>, key: &SequenceKey) -> Arc<Sequence> {
@@ -26,6 +21,7 @@ impl PageStore {
                     ns: ns.clone(),
                     inner: Mutex::new(SeqInner::default()),
                     last_use: AtomicU64::new(now),
+                    lru_key: AtomicU64::new(now),
                 });
                 lru.insert(now, seq.clone());
                 seq
