@@ -7,6 +7,12 @@ use kvcache_attention::{
 };
 use kvcache_core::{AttentionKind, Codec, ModelSpec, PageLayout};
 use rand::Rng;
+use rand::SeedableRng;
+
+/// A seeded generator whose seed the test prints (`KVCACHE_TEST_SEED` replays it).
+fn seeded() -> rand::rngs::StdRng {
+    rand::rngs::StdRng::seed_from_u64(kvcache_core::testing::test_seed())
+}
 
 fn gqa(q: u32, kv: u32, d: u32) -> ModelSpec {
     ModelSpec {
@@ -77,7 +83,7 @@ impl Case {
 
 #[test]
 fn every_backend_and_codec_matches_the_f64_reference_on_random_shapes() {
-    let mut rng = rand::rng();
+    let mut rng = seeded();
     let shapes = [
         gqa(32, 8, 128),
         gqa(4, 4, 64),
@@ -102,7 +108,7 @@ fn every_backend_and_codec_matches_the_f64_reference_on_random_shapes() {
 
 #[test]
 fn group_sizes_one_to_sixteen_and_partial_last_pages() {
-    let mut rng = rand::rng();
+    let mut rng = seeded();
     for group in 1..=16u32 {
         let kv = rng.random_range(1..4);
         let c = case(&gqa(group * kv, kv, 64), Codec::Bf16, 16, 16 * 3 + group as usize, &mut rng);
@@ -114,7 +120,7 @@ fn group_sizes_one_to_sixteen_and_partial_last_pages() {
 
 #[test]
 fn backends_agree_with_each_other() {
-    let mut rng = rand::rng();
+    let mut rng = seeded();
     let c = case(&mla(32), Codec::Fp8E4m3, 64, 333, &mut rng);
     let base = c.check(Backend::Portable, 1, 1e-5).0;
     for b in Backend::available() {
@@ -130,7 +136,7 @@ fn the_bf16_dot_product_path_is_taken_and_as_accurate_as_f32() {
         eprintln!("no AVX-512 BF16 on this CPU: nothing to test");
         return;
     }
-    let mut rng = rand::rng();
+    let mut rng = seeded();
     for (spec, pt, tokens) in [(gqa(32, 8, 128), 16, 4000), (gqa(16, 1, 256), 64, 333), (gqa(8, 8, 64), 256, 2)] {
         let c = case(&spec, Codec::Bf16, pt, tokens, &mut rng);
         let exact = c.check(Backend::Avx512, 1, 1e-5).0;
@@ -142,7 +148,7 @@ fn the_bf16_dot_product_path_is_taken_and_as_accurate_as_f32() {
 
 #[test]
 fn a_hundred_thousand_tokens_split_across_threads() {
-    let mut rng = rand::rng();
+    let mut rng = seeded();
     let c = case(&gqa(4, 2, 64), Codec::Bf16, 256, 100_000, &mut rng);
     let (one, _) = c.check(Backend::detect(), 1, 1e-5);
     let (four, _) = c.check(Backend::detect(), 4, 1e-5);
@@ -154,7 +160,7 @@ fn a_hundred_thousand_tokens_split_across_threads() {
 
 #[test]
 fn split_and_merge_at_arbitrary_points_equals_the_unsplit_result() {
-    let mut rng = rand::rng();
+    let mut rng = seeded();
     for spec in [gqa(8, 2, 128), mla(8)] {
         let c = case(&spec, Codec::Bf16, 16, 500, &mut rng);
         let kv = c.kv();
@@ -192,7 +198,7 @@ fn split_and_merge_at_arbitrary_points_equals_the_unsplit_result() {
 
 #[test]
 fn batches_of_different_lengths_match_one_by_one() {
-    let mut rng = rand::rng();
+    let mut rng = seeded();
     let spec = gqa(8, 2, 64);
     let cases: Vec<Case> = [1usize, 17, 300, 1000].iter().map(|&t| case(&spec, Codec::F16, 64, t, &mut rng)).collect();
     let kvs: Vec<Vec<KvPage>> = cases.iter().map(|c| c.kv()).collect();
@@ -211,7 +217,7 @@ fn batches_of_different_lengths_match_one_by_one() {
 
 #[test]
 fn nan_never_passes_and_bad_lengths_are_refused() {
-    let mut rng = rand::rng();
+    let mut rng = seeded();
     let c = case(&gqa(4, 2, 64), Codec::Bf16, 16, 40, &mut rng);
     let opts = Options::default();
     let mut out = vec![0f32; c.shape.out_len()];
@@ -254,7 +260,7 @@ fn kv_of(ps: &[(Vec<u8>, usize)]) -> Vec<KvPage<'_>> {
 
 #[test]
 fn a_batch_answers_each_item_and_refuses_only_the_ones_whose_pages_hold_nan_or_infinity() {
-    let mut rng = rand::rng();
+    let mut rng = seeded();
     let spec = gqa(8, 2, 64);
     let good = case(&spec, Codec::Bf16, 16, 300, &mut rng);
     let nan = case(&spec, Codec::Bf16, 16, 300, &mut rng);

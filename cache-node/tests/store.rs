@@ -304,8 +304,8 @@ fn a_truncated_pool_file_loses_only_the_cut_page() {
 
 #[test]
 fn flipped_bits_are_misses_after_clean_and_unclean_restarts() {
-    use rand::Rng;
-    let mut rng = rand::rng();
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(kvcache_core::testing::test_seed());
     for clean in [false, true] {
         for _ in 0..20 {
             let dir = tempfile::tempdir().unwrap();

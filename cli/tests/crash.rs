@@ -13,6 +13,12 @@ use bytes::Bytes;
 use kvcache_proto::v1 as pb;
 use kvcache_proto::v1::cache_node_client::CacheNodeClient;
 use rand::Rng;
+use rand::SeedableRng;
+
+/// A seeded generator whose seed the test prints (`KVCACHE_TEST_SEED` replays it).
+fn seeded() -> rand::rngs::StdRng {
+    rand::rngs::StdRng::seed_from_u64(kvcache_core::testing::test_seed())
+}
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -81,7 +87,7 @@ async fn crash_cycles(durability: &str, cycles: usize) {
     let dir = tempfile::tempdir().unwrap();
     let mut acked: BTreeMap<(usize, usize), Vec<u8>> = BTreeMap::new();
     let mut unacked: BTreeMap<(usize, usize), Vec<u8>> = BTreeMap::new();
-    let mut rng = rand::rng();
+    let mut rng = seeded();
     for cycle in 0..cycles {
         let mut node = spawn_node(dir.path(), durability);
         let mut c = connect(&format!("http://{}", node.addr)).await;

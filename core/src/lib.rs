@@ -13,6 +13,7 @@
 //! - [`placement`]: weighted rendezvous hashing (top-R owners, zone-diverse).
 //! - [`routing`]: the validated [`ShardMap`] and [`Routing`] over it (owners, read candidates,
 //!   sticky workers) — what every process that follows the cluster routes with.
+//! - [`testing`]: the printed, replayable seed of randomized tests.
 //! - [`validate`]: `TryFrom` of wire messages into domain types, with [`ValidationError`]s whose
 //!   messages say what was wrong and what was expected.
 //!
@@ -29,6 +30,7 @@ pub mod placement;
 pub mod prefix;
 pub mod routing;
 pub mod spec;
+pub mod testing;
 pub mod validate;
 
 pub use codec::Codec;
