@@ -47,6 +47,8 @@ struct ModelResult {
     bytes_per_token_layer_stored: f64,
     bytes_per_token_model: f64,
     tokens_fit_in_cluster: u64,
+    /// The cluster capacity `tokens_fit_in_cluster` divides, in bytes.
+    cluster_capacity_bytes: u64,
     cold_bytes_pulled_per_step: u64,
     warm_bytes_pulled_per_step: f64,
     decode_p50_ms: f64,
@@ -202,6 +204,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 bytes_per_token_layer_stored: per_layer,
                 bytes_per_token_model: per_token,
                 tokens_fit_in_cluster: (capacity as f64 / per_token) as u64,
+                cluster_capacity_bytes: capacity,
                 cold_bytes_pulled_per_step: cold,
                 warm_bytes_pulled_per_step: warm as f64
                     / ((a.steps.saturating_sub(1)) * a.layers as usize).max(1) as f64,
@@ -273,12 +276,13 @@ fn print_table(a: &Args, rs: &[ModelResult]) {
     }
     println!(
         "\nB/tok/layer is what the nodes report storing per token and layer (payload plus the 128-byte page header);\n\
-         B/tok model multiplies it by the model's layers, and tokens fit divides the cluster's capacity by that.\n\
+         B/tok model multiplies it by the model's layers, and tokens fit divides the cluster's capacity ({}) by that.\n\
          cold pull is what the worker pulled for the first Decode call (one layer of every sequence, empty cache);\n\
          warm pull is the mean per later call, when the worker's page cache holds the context and the appended\n\
          token was applied to its cached last page as it was written through.\n\
          p50/p99 are per Decode call (one layer, all sequences); tok/s counts one token per sequence per step over\n\
          {} layers. rel err is the worst relative L2 error of a checked output against a float64 reference.",
+        rs.first().map_or_else(|| "-".to_owned(), |r| crate::util::human_bytes(r.cluster_capacity_bytes as f64)),
         a.layers
     );
 }

@@ -1,134 +1,8 @@
-//! Weighted rendezvous (highest-random-weight) placement.
-//!
-//! Each (node, key) pair gets the score `-w / ln(u)` with `u ∈ (0,1)` a hash of both: the node
-//! with the highest score owns the key, and the probability of winning is proportional to `w`.
-//! A join or leave moves only the keys whose winner changed, ~`w_node / Σw` of them. Replicas are
-//! the next-highest scores, preferring nodes in zones not yet chosen.
+//! [`PlacementIndex`]: exact placement answers in one integer compare per node for most keys.
 
-/// A placement candidate.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Candidate {
-    /// Stable node id (hashed into every score).
-    pub node_id: String,
-    /// Weight, > 0 to be eligible (capacity, scaled by any join ramp).
-    pub weight: f64,
-    /// Failure zone ("" = none).
-    pub zone: String,
-    /// [`node_hash`] of `node_id`, computed once rather than on every lookup.
-    pub node_hash: u64,
-}
-
-impl Candidate {
-    /// A candidate with its node hash precomputed.
-    pub fn new(node_id: impl Into<String>, weight: f64, zone: impl Into<String>) -> Self {
-        let node_id = node_id.into();
-        Self { node_hash: node_hash(&node_id), node_id, weight, zone: zone.into() }
-    }
-}
-
-/// The per-(node, key) random draw: two 32×32→64-bit products of the halves of
-/// `node_hash ^ rotl32(key_hash)` (each xored with a constant), each folded to 32 bits
-/// (`lo ^ hi`, wyhash's mix); the first fold is the high half. Both hashes are xxh3 outputs, so
-/// one mixing round suffices: tested for uniformity, weight-proportional shares and independent
-/// replica pairs (`draws_are_uniform_and_independent`). Chosen over a splitmix64 finalizer
-/// because a 32-bit multiply is one vector µop where a 64-bit one is three: the lookup scans
-/// every node with it.
-#[inline]
-pub fn draw(node_hash: u64, key_hash: u64) -> u64 {
-    let x = node_hash ^ key_hash.rotate_left(32);
-    let (y, z) = (x ^ DRAW_HI, x ^ DRAW_LO);
-    let p = (y & 0xffff_ffff) * (y >> 32);
-    let q = (z & 0xffff_ffff) * (z >> 32);
-    ((p ^ (p >> 32)) << 32) | ((q ^ (q >> 32)) & 0xffff_ffff)
-}
-
-const DRAW_HI: u64 = 0x9e37_79b9_7f4a_7c15;
-const DRAW_LO: u64 = 0xbf58_476d_1ce4_e5b9;
-
-/// Score of a draw at `weight`: `-w / ln(u)`, `u` the draw's top 53 bits mapped into (0, 1).
-/// Monotonic in the draw for a fixed weight.
-#[inline]
-pub fn score_of(draw: u64, weight: f64) -> f64 {
-    -weight / unit(draw).ln()
-}
-
-/// Score of `node_hash` for `key_hash` at `weight`.
-pub fn score(node_hash: u64, key_hash: u64, weight: f64) -> f64 {
-    score_of(draw(node_hash, key_hash), weight)
-}
-
-/// Hash of a node id.
-pub fn node_hash(node_id: &str) -> u64 {
-    xxhash_rust::xxh3::xxh3_64(node_id.as_bytes())
-}
-
-/// Indices into `nodes` of the top-`r` owners of `key_hash`, best first; distinct zones are
-/// preferred while any remain.
-pub fn place(key_hash: u64, nodes: &[Candidate], r: usize) -> Vec<usize> {
-    let mut scored: Vec<(f64, usize)> = nodes
-        .iter()
-        .enumerate()
-        .filter(|(_, n)| n.weight > 0.0 && n.weight.is_finite())
-        .map(|(i, n)| (score(n.node_hash, key_hash, n.weight), i))
-        .collect();
-    select(&mut scored, nodes, r)
-}
-
-/// Sort `scored` best first (ties to the lower index) and pick `r`: first the best node of each
-/// zone not yet chosen (nodes without a zone always qualify), then the best remaining.
-fn select(scored: &mut [(f64, usize)], nodes: &[Candidate], r: usize) -> Vec<usize> {
-    scored.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
-    let mut out = Vec::with_capacity(r);
-    let mut zones: Vec<&str> = Vec::new();
-    for &(_, i) in scored.iter() {
-        if out.len() == r {
-            break;
-        }
-        let z = nodes[i].zone.as_str();
-        if z.is_empty() {
-            out.push(i);
-        } else if !zones.contains(&z) {
-            out.push(i);
-            zones.push(z);
-        }
-    }
-    for &(_, i) in scored.iter() {
-        if out.len() == r {
-            break;
-        }
-        if !out.contains(&i) {
-            out.push(i);
-        }
-    }
-    out
-}
-
-/// [`select`] over `(score, node index, zone id)` with zone ids in place of names (ids unique).
-fn select_ids(scored: &mut [(f64, u32, u16)], r: usize) -> Vec<usize> {
-    scored.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
-    let mut out = Vec::with_capacity(r);
-    let mut zones: Vec<u16> = Vec::new();
-    for &(_, i, z) in scored.iter() {
-        if out.len() == r {
-            break;
-        }
-        if z == NO_ZONE {
-            out.push(i as usize);
-        } else if !zones.contains(&z) {
-            out.push(i as usize);
-            zones.push(z);
-        }
-    }
-    for &(_, i, _) in scored.iter() {
-        if out.len() == r {
-            break;
-        }
-        if !out.contains(&(i as usize)) {
-            out.push(i as usize);
-        }
-    }
-    out
-}
+#[cfg(target_arch = "x86_64")]
+use super::avx512::*;
+use super::*;
 
 /// A placement index over a fixed candidate list that answers exactly like [`place`] without a
 /// logarithm per node. Built once per shard map.
@@ -167,15 +41,15 @@ pub struct PlacementIndex {
     avx512: bool,
 }
 
-const BLOCK: usize = 8;
+pub(super) const BLOCK: usize = 8;
 /// Replica counts with a guessed first pass; larger ones scan adaptively only.
-const GUESSED_R: usize = 4;
+pub(super) const GUESSED_R: usize = 4;
 /// Up to this many zones, a guessed pass checks the zone leaders' threshold
 /// ([`Leaders::s_threshold`]) rather than the general one.
-const S_ZONES: usize = 16;
-const NO_ZONE: u16 = u16::MAX;
+pub(super) const S_ZONES: usize = 16;
+pub(super) const NO_ZONE: u16 = u16::MAX;
 /// Prune only when a bound falls short by more than this relative margin.
-const MARGIN: f64 = 1.0 - 1e-9;
+pub(super) const MARGIN: f64 = 1.0 - 1e-9;
 
 impl PlacementIndex {
     /// Index `nodes` (weights ≤ 0 are never chosen).
@@ -437,56 +311,6 @@ impl PlacementIndex {
     }
 }
 
-/// The draws of eight nodes: [`draw`] in 64-bit lanes (`vpmuludq` multiplies the low halves;
-/// swapping the halves of each lane moves the high half down).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512dq")]
-#[inline]
-fn draws_avx512(hashes: &[u64; BLOCK], key_hash: u64) -> std::arch::x86_64::__m512i {
-    use std::arch::x86_64::*;
-    const SWAP: _MM_PERM_ENUM = 0xb1; // dwords (1, 0, 3, 2): the halves of each u64 swapped
-    // SAFETY: the array is exactly 64 bytes, read unaligned.
-    let h = unsafe { _mm512_loadu_si512(hashes.as_ptr().cast()) };
-    let k = key_hash.rotate_left(32);
-    let y = _mm512_xor_si512(h, _mm512_set1_epi64((k ^ DRAW_HI) as i64));
-    let z = _mm512_xor_si512(h, _mm512_set1_epi64((k ^ DRAW_LO) as i64));
-    let p = _mm512_mul_epu32(y, _mm512_shuffle_epi32::<SWAP>(y));
-    let q = _mm512_mul_epu32(z, _mm512_shuffle_epi32::<SWAP>(z));
-    // Each fold holds lo ^ hi in both halves; take p's in the high dword, q's in the low.
-    let fp = _mm512_xor_si512(p, _mm512_shuffle_epi32::<SWAP>(p));
-    let fq = _mm512_xor_si512(q, _mm512_shuffle_epi32::<SWAP>(q));
-    _mm512_mask_blend_epi32(0x5555, fp, fq)
-}
-
-/// Bit `l` set when lane `l`'s draw reaches its cutoff.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512dq")]
-#[inline]
-fn above_cutoff_avx512(draws: std::arch::x86_64::__m512i, cutoffs: &[u64; BLOCK]) -> u8 {
-    use std::arch::x86_64::*;
-    // SAFETY: the array is exactly 64 bytes, read unaligned.
-    let c = unsafe { _mm512_loadu_si512(cutoffs.as_ptr().cast()) };
-    _mm512_cmpge_epu64_mask(draws, c)
-}
-
-/// AVX-512 [`PlacementIndex::block_mask`]: `u` exactly as [`unit`] computes it (the 53-bit
-/// integer converts exactly; +0.5 and the power-of-two scale round the same way in vector lanes
-/// as in scalar code).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512dq")]
-#[inline]
-fn block_mask_avx512(hashes: &[u64; BLOCK], weights: &[f64; BLOCK], key_hash: u64, thr: f64) -> u8 {
-    use std::arch::x86_64::*;
-    // SAFETY: the array is exactly 64 bytes, read unaligned.
-    let w = unsafe { _mm512_loadu_pd(weights.as_ptr()) };
-    let x = draws_avx512(hashes, key_hash);
-    let m = _mm512_cvtepu64_pd(_mm512_srli_epi64::<11>(x));
-    // Multiplying by 2^-53 is exactly the scalar division by 2^53.
-    let u = _mm512_mul_pd(_mm512_add_pd(m, _mm512_set1_pd(0.5)), _mm512_set1_pd(1.0 / (1u64 << 53) as f64));
-    let one_minus_u = _mm512_sub_pd(_mm512_set1_pd(1.0), u);
-    _mm512_cmp_pd_mask::<_CMP_GE_OQ>(w, _mm512_mul_pd(_mm512_set1_pd(thr), one_minus_u))
-}
-
 /// A threshold that the leaders' bounds almost always end up above, for `r` owners out of a
 /// total weight `total`, with zones `(lightest zone's weight, weight without a zone if any)`;
 /// 0 where a pass with it would keep too many nodes to pay.
@@ -497,7 +321,7 @@ fn block_mask_avx512(hashes: &[u64; BLOCK], weights: &[f64; BLOCK], key_hash: u6
 /// 0.25%, 0.30%, 0.25%, 0.20%). A node survives a pass with it with probability ~`w / T`, about
 /// `W / T` survivors in all. When a guess fails the lookup scans again the adaptive way, so
 /// the answer never depends on it.
-fn guess(r: usize, total: f64, zones: Option<(f64, Option<f64>)>) -> f64 {
+pub(super) fn guess(r: usize, total: f64, zones: Option<(f64, Option<f64>)>) -> f64 {
     let q = |k: usize| 4.0 + 2.0 * k as f64;
     let mut t = total / q(r);
     if let Some((lightest, unzoned)) = zones {
@@ -516,7 +340,7 @@ fn guess(r: usize, total: f64, zones: Option<(f64, Option<f64>)>) -> f64 {
 /// count is Poisson-binomial, summed by dynamic programming, and `T` found by bisection. With
 /// three equal zones and r = 2 this is `W / 10.3` against `W / 18` for the general guess, so
 /// a pass keeps ~10 nodes instead of ~18.
-fn guess_leaders(r: usize, total: f64, zones: &[f64], unzoned: &[f64]) -> f64 {
+pub(super) fn guess_leaders(r: usize, total: f64, zones: &[f64], unzoned: &[f64]) -> f64 {
     let fail = |t: f64| {
         // p[k] = P(exactly k of the members so far reach t), k < r; the rest reached r.
         let mut p = vec![0.0f64; r];
@@ -546,7 +370,7 @@ fn guess_leaders(r: usize, total: f64, zones: &[f64], unzoned: &[f64]) -> f64 {
 /// with `w/t` raised by a relative 1e-12 and the cutoff lowered by 2^16 draws (`u` steps by
 /// 2^-53, 2^11 draws), so rounding can only keep a node, never drop one. Padding (`w < 0`)
 /// gets `u64::MAX`; the one draw that reaches it is dropped by its negative weight.
-fn cutoff(w: f64, t: f64) -> u64 {
+pub(super) fn cutoff(w: f64, t: f64) -> u64 {
     const TWO_64: f64 = 18_446_744_073_709_551_616.0;
     if w < 0.0 {
         return u64::MAX;
@@ -561,19 +385,19 @@ fn cutoff(w: f64, t: f64) -> u64 {
 
 /// `(1 - u, u)` of a draw, `u` exactly as [`score_of`] computes it.
 #[inline(always)]
-fn bounds(draw: u64) -> (f64, f64) {
+pub(super) fn bounds(draw: u64) -> (f64, f64) {
     let u = unit(draw);
     (1.0 - u, u)
 }
 
 /// `u ∈ (0, 1)` of a draw.
 #[inline(always)]
-fn unit(draw: u64) -> f64 {
+pub(super) fn unit(draw: u64) -> f64 {
     ((draw >> 11) as f64 + 0.5) / (1u64 << 53) as f64
 }
 
 /// Per-thread working vectors of [`PlacementIndex::place`].
-struct Work {
+pub(super) struct Work {
     leaders: Leaders,
     /// (slot = block · 8 + lane, draw) of the nodes that may matter.
     survivors: Vec<(u32, u64)>,
@@ -591,7 +415,7 @@ thread_local! {
 
 /// Lower bounds of the leading scores: the best `r` overall, the best `r` without a zone, the
 /// best one of each zone. A node whose upper bound is below all of these cannot be chosen.
-struct Leaders {
+pub(super) struct Leaders {
     r: usize,
     overall: Vec<f64>,
     /// Tracked only when zones matter and some node has none.
@@ -883,22 +707,4 @@ mod tests {
         }
         assert_eq!(place(1, &ns, 5).len(), 3);
     }
-}
-
-#[cfg(test)]
-mod vector {
-    use super::*;
-
-    /// Cross-language vector: the Python client (python/tests) asserts the same owners.
-    #[test]
-    fn owners_of_a_fixed_key_are_stable() {
-        let nodes: Vec<Candidate> =
-            (0..10).map(|i| Candidate::new(format!("node-{i}"), 1.0 + (i % 3) as f64, "")).collect();
-        let key = crate::SequenceKey::new("ns", "seq").placement_hash();
-        assert_eq!(draw(nodes[0].node_hash, key), 0xcd56_9956_e5ee_7e7e);
-        let got = place(key, &nodes, 3);
-        assert_eq!(got, PINNED);
-    }
-
-    const PINNED: [usize; 3] = [4, 3, 7];
 }
