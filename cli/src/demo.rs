@@ -162,13 +162,13 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                     hist.record(t.elapsed().as_micros().max(1) as u64)?;
                     for res in &r.results {
                         anyhow::ensure!(
-                            res.status == pb::SequenceStatus::Ok as i32,
+                            res.status == kvcache_client::SequenceStatus::Ok,
                             "{}: {}",
                             res.sequence_id,
                             res.message
                         );
                     }
-                    let pulled = r.stats.map_or(0, |s| s.bytes_pulled);
+                    let pulled = r.stats.bytes_pulled;
                     if step == 0 && layer == 0 {
                         // The first call finds an empty worker cache (later layers of step 0 may
                         // already be prefetched, so they are not counted as cold).

@@ -9,7 +9,7 @@ use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressStyle};
 use kvcache_attention::AttnShape;
 use kvcache_cli::synth::{Rng, prefill_pages, tokens_payload};
-use kvcache_client::{Client, ClientError};
+use kvcache_client::{Client, ClientError, SequenceStatus};
 use kvcache_core::{Namespace, SequenceKey};
 use kvcache_proto::v1 as pb;
 use serde::Serialize;
@@ -190,11 +190,12 @@ impl Shared {
                 .await
                 .map_err(|e| code(&e))?;
             let res = r.results.first().ok_or("EMPTY")?;
-            match pb::SequenceStatus::try_from(res.status) {
-                Ok(pb::SequenceStatus::Ok) => Ok(res.context_tokens * self.ns.layout().token_bytes() as u64),
-                Ok(pb::SequenceStatus::Miss) => Err("MISS"),
-                Ok(pb::SequenceStatus::BadData) => Err("BAD_DATA"),
-                _ => Err("WRITE_FAILED"),
+            match res.status {
+                SequenceStatus::Ok => Ok(res.context_tokens * self.ns.layout().token_bytes() as u64),
+                SequenceStatus::Miss => Err("MISS"),
+                SequenceStatus::BadData => Err("BAD_DATA"),
+                SequenceStatus::WriteFailed => Err("WRITE_FAILED"),
+                SequenceStatus::Unknown(_) => Err("UNKNOWN_STATUS"),
             }
         }
     }

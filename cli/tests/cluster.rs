@@ -67,13 +67,13 @@ async fn decode_through_the_worker_matches_the_reference_and_warm_steps_pull_o1_
                     .await
                     .unwrap();
                 for (i, res) in r.results.iter().enumerate() {
-                    assert_eq!(res.status, pb::SequenceStatus::Ok as i32, "{}", res.message);
+                    assert_eq!(res.status, kvcache_client::SequenceStatus::Ok, "{}", res.message);
                     let m = &mirrors[i][layer as usize];
                     assert_eq!(res.context_tokens, m.tokens());
                     let e = check_output(&shape, &qs[i], &m.pages, &res.output_f32());
                     assert!(e <= 1e-5, "{name} step {step} layer {layer} seq {i}: rel L2 {e:e}");
                 }
-                let stats = r.stats.unwrap();
+                let stats = r.stats;
                 if step > 0 {
                     assert!(
                         stats.bytes_pulled <= 2 * page_bytes,
@@ -115,8 +115,8 @@ async fn missing_sequences_are_misses_and_bad_input_is_invalid_argument() {
         })
         .await
         .unwrap();
-    assert_eq!(r.results[0].status, pb::SequenceStatus::Ok as i32);
-    assert_eq!(r.results[1].status, pb::SequenceStatus::Miss as i32);
+    assert_eq!(r.results[0].status, kvcache_client::SequenceStatus::Ok);
+    assert_eq!(r.results[1].status, kvcache_client::SequenceStatus::Miss);
     assert_eq!(r.results[0].output_f32().len(), shape.out_len());
     assert!(r.results[1].output.is_empty());
 
@@ -298,7 +298,7 @@ async fn every_malformed_decode_field_is_refused_before_anything_is_written_and_
     // Nothing was appended by any refused call: the context is still the prefill's 40 tokens.
     let probe = pb::DecodeItem { new_kv: Bytes::new(), ..item("a", &good_q) };
     let r = client.decode(req(vec![probe.clone()])).await.unwrap();
-    assert_eq!(r.results[0].status, pb::SequenceStatus::Ok as i32, "{}", r.results[0].message);
+    assert_eq!(r.results[0].status, kvcache_client::SequenceStatus::Ok, "{}", r.results[0].message);
     assert_eq!(r.results[0].context_tokens, 40);
 
     // Cached pages holding NaN (every value of one page) and +∞ (one value): BAD_DATA for those
@@ -320,8 +320,8 @@ async fn every_malformed_decode_field_is_refused_before_anything_is_written_and_
     client.put_pages(poison("inf", [0x80, 0x7f], false, &mut rng)).await.unwrap();
     let items = ["nan", "a", "inf"].map(|id| pb::DecodeItem { sequence_id: id.into(), ..probe.clone() }).to_vec();
     let r = client.decode(req(items)).await.unwrap();
-    let statuses: Vec<i32> = r.results.iter().map(|r| r.status).collect();
-    let (bad, ok) = (pb::SequenceStatus::BadData as i32, pb::SequenceStatus::Ok as i32);
+    let statuses: Vec<kvcache_client::SequenceStatus> = r.results.iter().map(|r| r.status).collect();
+    let (bad, ok) = (kvcache_client::SequenceStatus::BadData, kvcache_client::SequenceStatus::Ok);
     assert_eq!(statuses, vec![bad, ok, bad], "{:?}", r.results.iter().map(|r| &r.message).collect::<Vec<_>>());
     assert!(r.results[0].message.contains("NaN or infinite"), "{}", r.results[0].message);
     assert!(r.results[0].output.is_empty() && r.results[2].output.is_empty());
@@ -553,10 +553,10 @@ async fn a_page_rewritten_between_steps_is_read_again_not_served_from_the_worker
             .await
             .unwrap();
         let res = &r.results[0];
-        assert_eq!(res.status, pb::SequenceStatus::Ok as i32, "{}", res.message);
+        assert_eq!(res.status, kvcache_client::SequenceStatus::Ok, "{}", res.message);
         let e = check_output(&shape, &q, &mirror.pages, &res.output_f32());
         assert!(e <= 1e-5, "step {step}: rel L2 {e:e}");
-        let pulled = r.stats.unwrap().pages_pulled;
+        let pulled = r.stats.pages_pulled;
         match step {
             0 => assert!(pulled >= 3, "cold step pulled {pulled} pages"),
             2 => assert_eq!(pulled, 1, "the rewritten page is pulled again, only it"),

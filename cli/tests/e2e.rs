@@ -103,7 +103,7 @@ async fn step(client: &Client, ns: &Namespace, seqs: &mut [Seq], rng: &mut Rng, 
     let mut missed = Vec::new();
     for (k, &i) in active.iter().enumerate() {
         let res = &r.results[k];
-        if res.status == pb::SequenceStatus::Ok as i32 {
+        if res.status == kvcache_client::SequenceStatus::Ok {
             seqs[i].mirror.append(ns, &toks[k]);
             let e = check_output(&shape, &qs[k], &seqs[i].mirror.pages, &res.output_f32());
             assert!(

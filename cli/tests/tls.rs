@@ -134,7 +134,7 @@ async fn mtls_everywhere_and_plaintext_probes() {
         })
         .await
         .expect("decode over mTLS");
-    assert_eq!(r.results[0].status, pb::SequenceStatus::Ok as i32);
+    assert_eq!(r.results[0].status, kvcache_client::SequenceStatus::Ok);
     assert_eq!(r.results[0].context_tokens, 41);
 
     // Outsiders are refused: plaintext, TLS without a certificate, a certificate of another CA.

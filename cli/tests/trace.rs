@@ -105,7 +105,7 @@ async fn a_decode_step_is_one_connected_trace_across_client_worker_and_node() {
         .instrument(root)
         .await
         .unwrap();
-    assert_eq!(r.results[0].status, pb::SequenceStatus::Ok as i32);
+    assert_eq!(r.results[0].status, kvcache_client::SequenceStatus::Ok);
     drop(guard); // flushes the test's spans
     // Wait (bounded) for the worker's and the node's spans of this trace.
     let mut found = false;

@@ -119,3 +119,91 @@ pub struct FetchedPage {
     /// Payload in the namespace's page layout.
     pub payload: Bytes,
 }
+
+/// How one sequence of a decode batch came out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SequenceStatus {
+    /// Attention computed: `output` and `lse` hold it.
+    Ok,
+    /// The sequence's pages are not available (evicted, deleted, owner lost): recompute.
+    Miss,
+    /// Writing the new token through to the owners failed; attention was not computed.
+    WriteFailed,
+    /// The cached pages hold NaN or infinite values: recompute and overwrite the sequence.
+    BadData,
+    /// A status this client does not know (a newer worker), by its wire number.
+    Unknown(i32),
+}
+
+impl From<i32> for SequenceStatus {
+    fn from(v: i32) -> Self {
+        match pb::SequenceStatus::try_from(v) {
+            Ok(pb::SequenceStatus::Ok) => Self::Ok,
+            Ok(pb::SequenceStatus::Miss) => Self::Miss,
+            Ok(pb::SequenceStatus::WriteFailed) => Self::WriteFailed,
+            Ok(pb::SequenceStatus::BadData) => Self::BadData,
+            _ => Self::Unknown(v),
+        }
+    }
+}
+
+/// One sequence's answer to a decode step.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SequenceResult {
+    /// The sequence.
+    pub sequence_id: String,
+    /// How it came out.
+    pub status: SequenceStatus,
+    /// Why, when not OK.
+    pub message: String,
+    /// `[q_heads][v width]` f32 little-endian (empty unless OK); see [`Self::output_f32`].
+    pub output: Bytes,
+    /// Natural-log log-sum-exp of the scaled scores, per query head.
+    pub lse: Vec<f32>,
+    /// Tokens attended to.
+    pub context_tokens: u64,
+}
+
+impl SequenceResult {
+    /// The output as f32 values (empty unless OK, or when its length is no whole number of f32).
+    pub fn output_f32(&self) -> Vec<f32> {
+        kvcache_proto::f32le::from_bytes(&self.output).unwrap_or_default()
+    }
+}
+
+impl From<pb::DecodeResult> for SequenceResult {
+    fn from(r: pb::DecodeResult) -> Self {
+        Self {
+            status: r.status.into(),
+            sequence_id: r.sequence_id,
+            message: r.message,
+            output: r.output,
+            lse: r.lse,
+            context_tokens: r.context_tokens,
+        }
+    }
+}
+
+/// What a decode step cost, summed over the workers that answered it (times: the slowest).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DecodeStats {
+    /// Payload bytes pulled from the nodes.
+    pub bytes_pulled: u64,
+    /// Pages pulled.
+    pub pages_pulled: u64,
+    /// Pages served from the workers' caches.
+    pub pages_cached: u64,
+    /// Attention compute time.
+    pub compute_micros: u64,
+    /// Time to have every sequence's pages.
+    pub fetch_micros: u64,
+}
+
+/// A decode step's answer: one result per item, in request order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DecodeOutput {
+    /// Per sequence, in request order.
+    pub results: Vec<SequenceResult>,
+    /// Cost.
+    pub stats: DecodeStats,
+}

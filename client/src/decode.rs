@@ -10,7 +10,7 @@ impl Client {
     /// Send a decode batch, each sequence to its sticky worker (rendezvous over the registered
     /// workers), and reassemble the results in request order.
     #[tracing::instrument(target = "kvcache::client", name = "client.decode", skip_all, fields(namespace = %req.namespace, layer = req.layer, sequences = req.items.len()))]
-    pub async fn decode(&self, req: pb::DecodeRequest) -> Result<pb::DecodeResponse, ClientError> {
+    pub async fn decode(&self, req: pb::DecodeRequest) -> Result<DecodeOutput, ClientError> {
         let routing = self.routing();
         if routing.workers.is_empty() {
             return Err(ClientError::Unavailable { tried: vec![], last: "no worker registered".into() });
@@ -34,7 +34,7 @@ impl Client {
             futs.push(async move { (idx, info.worker_id, c.decode(r).await) });
         }
         let mut results: Vec<Option<pb::DecodeResult>> = vec![None; req.items.len()];
-        let mut stats = pb::DecodeStats::default();
+        let mut stats = DecodeStats::default();
         for (idx, worker, r) in futures::future::join_all(futs).await {
             let r = r.map_err(|s| match ClientError::from(s) {
                 ClientError::Unavailable { last, .. } => ClientError::Unavailable { tried: vec![worker.clone()], last },
@@ -52,9 +52,21 @@ impl Client {
                 results[i] = Some(res);
             }
         }
-        Ok(pb::DecodeResponse {
-            results: results.into_iter().map(|r| r.unwrap_or_default()).collect(),
-            stats: Some(stats),
+        let missing = |i: usize| SequenceResult {
+            sequence_id: req.items[i].sequence_id.clone(),
+            status: SequenceStatus::Unknown(0),
+            message: "no worker answered for this sequence".into(),
+            output: Bytes::new(),
+            lse: Vec::new(),
+            context_tokens: 0,
+        };
+        Ok(DecodeOutput {
+            results: results
+                .into_iter()
+                .enumerate()
+                .map(|(i, r)| r.map_or_else(|| missing(i), SequenceResult::from))
+                .collect(),
+            stats,
         })
     }
 

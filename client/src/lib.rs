@@ -13,7 +13,7 @@
 //!   leases.
 //! - `decode`: decode batches through the sticky attention workers.
 //! - `answers`: the domain types the client answers with ([`FetchedPage`], [`Holding`],
-//!   [`AppendAck`]); `error`: [`ClientError`] (miss, invalid argument, unavailable with the nodes
+//!   [`AppendAck`], [`DecodeOutput`]); `error`: [`ClientError`] (miss, invalid argument, unavailable with the nodes
 //!   tried, permission denied, not found, bad page).
 //! - [`zerocopy`]: GetPages decoded from the HTTP/2 frames as they arrived, so a page payload
 //!   is a slice of the frame that carried it (tonic's decoder would copy it once more).
@@ -25,7 +25,9 @@ mod reads;
 mod writes;
 pub mod zerocopy;
 
-pub use answers::{AppendAck, AppendItem, FetchedPage, Holding, LayerExtent};
+pub use answers::{
+    AppendAck, AppendItem, DecodeOutput, DecodeStats, FetchedPage, Holding, LayerExtent, SequenceResult, SequenceStatus,
+};
 pub use error::ClientError;
 pub(crate) use error::{retryable, stale_epoch, unknown_namespace};
 pub use kvcache_core::routing::{NodeRef, Routing};

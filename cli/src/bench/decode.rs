@@ -117,8 +117,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 let t = Instant::now();
                 let resp = client.decode(r).await?;
                 let ms = t.elapsed().as_secs_f64() * 1e3;
-                let st = resp.stats.unwrap_or_default();
-                anyhow::ensure!(resp.results.iter().all(|r| r.status == pb::SequenceStatus::Ok as i32), "cold step missed");
+                let st = resp.stats;
+                anyhow::ensure!(resp.results.iter().all(|r| r.status == kvcache_client::SequenceStatus::Ok), "cold step missed");
                 let cold = st.bytes_pulled as f64 / (st.fetch_micros.max(1) as f64 / 1e6);
                 let keys: Vec<PageKey> = g
                     .iter()
@@ -163,10 +163,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 let t = Instant::now();
                 let resp = client.decode(r).await?;
                 let w = t.elapsed().as_secs_f64() * 1e3;
-                let st = resp.stats.unwrap_or_default();
+                let st = resp.stats;
                 warm_fetch.push(st.fetch_micros as f64 / 1e3);
                 warm_compute.push(st.compute_micros as f64 / 1e3);
-                anyhow::ensure!(resp.results.iter().all(|r| r.status == pb::SequenceStatus::Ok as i32), "warm step missed");
+                anyhow::ensure!(resp.results.iter().all(|r| r.status == kvcache_client::SequenceStatus::Ok), "warm step missed");
                 let kv: Vec<Vec<KvPage>> = groups[0].iter().map(|(_, m)| m.pages.iter().map(|(p, n)| KvPage { payload: p, tokens: *n }).collect()).collect();
                 let qs: Vec<Vec<f32>> = (0..a.batch).map(|_| rng.vec(shape.q_len(), 1.0)).collect();
                 let items: Vec<BatchItem> = qs.iter().zip(&kv).map(|(q, p)| BatchItem { q, pages: p }).collect();
