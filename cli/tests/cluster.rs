@@ -25,6 +25,23 @@ async fn namespace(client: &Client, name: &str, preset: &str, codec: pb::Codec) 
         .unwrap()
 }
 
+/// A local cluster with nodes of `capacity` bytes, a client, and an R = 2 namespace `name`
+/// (page of 16 tokens) holding sequence "a" prefilled with 40 tokens of layer 0.
+async fn cluster_with_a(
+    dir: &std::path::Path,
+    capacity: u64,
+    name: &str,
+    rng: &mut Rng,
+) -> (LocalCluster, Client, Namespace) {
+    let mut cfg = LocalClusterConfig::new(dir);
+    cfg.node_capacity = capacity;
+    let cluster = LocalCluster::start(cfg).await.unwrap();
+    let client = Client::connect(&cluster.coordinator).await.unwrap();
+    let ns = namespace(&client, name, "qwen2.5-7b", pb::Codec::Bf16).await;
+    client.put_pages(prefill_pages(&ns, &SequenceKey::new(name, "a"), 1, 40, rng)).await.unwrap();
+    (cluster, client, ns)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn decode_through_the_worker_matches_the_reference_and_warm_steps_pull_o1_bytes() {
     let dir = tempfile::tempdir().unwrap();
@@ -90,15 +107,9 @@ async fn decode_through_the_worker_matches_the_reference_and_warm_steps_pull_o1_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn missing_sequences_are_misses_and_bad_input_is_invalid_argument() {
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = LocalClusterConfig::new(dir.path());
-    cfg.node_capacity = 128 << 20;
-    let cluster = LocalCluster::start(cfg).await.unwrap();
-    let client = Client::connect(&cluster.coordinator).await.unwrap();
-    let ns = namespace(&client, "t.bad", "qwen2.5-7b", pb::Codec::Bf16).await;
-    let shape = AttnShape::new(&ns.model, ns.layout());
     let mut rng = Rng::new(3);
-    let a = SequenceKey::new("t.bad", "a");
-    client.put_pages(prefill_pages(&ns, &a, 1, 40, &mut rng)).await.unwrap();
+    let (cluster, client, ns) = cluster_with_a(dir.path(), 128 << 20, "t.bad", &mut rng).await;
+    let shape = AttnShape::new(&ns.model, ns.layout());
     let item = |id: &str, q: Vec<f32>| pb::DecodeItem {
         sequence_id: id.into(),
         query: kvcache_proto::f32le::to_bytes(&q),
@@ -190,15 +201,9 @@ async fn missing_sequences_are_misses_and_bad_input_is_invalid_argument() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_malformed_decode_field_is_refused_before_anything_is_written_and_bad_cached_data_is_per_sequence() {
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = LocalClusterConfig::new(dir.path());
-    cfg.node_capacity = 128 << 20;
-    let cluster = LocalCluster::start(cfg).await.unwrap();
-    let client = Client::connect(&cluster.coordinator).await.unwrap();
-    let ns = namespace(&client, "t.edge", "qwen2.5-7b", pb::Codec::Bf16).await;
-    let shape = AttnShape::new(&ns.model, ns.layout());
     let mut rng = Rng::new(11);
-    let a = SequenceKey::new("t.edge", "a");
-    client.put_pages(prefill_pages(&ns, &a, 1, 40, &mut rng)).await.unwrap();
+    let (cluster, client, ns) = cluster_with_a(dir.path(), 128 << 20, "t.edge", &mut rng).await;
+    let shape = AttnShape::new(&ns.model, ns.layout());
     let good_q = rng.vec(shape.q_len(), 1.0);
     let tok = Bytes::from(tokens_payload(&ns, 1, &mut rng));
     let item = |id: &str, q: &[f32]| pb::DecodeItem {
