@@ -153,7 +153,10 @@ fn code(e: &ClientError) -> &'static str {
         ClientError::PermissionDenied(_) => "PERMISSION_DENIED",
         ClientError::NotFound(_) => "NOT_FOUND",
         ClientError::BadPage { .. } => "BAD_PAGE",
-        ClientError::Other(_) => "OTHER",
+        ClientError::ResourceExhausted(_) => "RESOURCE_EXHAUSTED",
+        ClientError::DataLoss(_) => "DATA_LOSS",
+        ClientError::FailedPrecondition(_) => "FAILED_PRECONDITION",
+        ClientError::Other { .. } => "OTHER",
     }
 }
 

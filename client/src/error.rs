@@ -35,9 +35,24 @@ pub enum ClientError {
         /// What was wrong.
         reason: String,
     },
-    /// Any other status.
-    #[error("{0}")]
-    Other(String),
+    /// The node is full and everything on it is pinned, a quota was hit, or a message was over
+    /// the size limit: retry later, smaller, or elsewhere.
+    #[error("resource exhausted: {0}")]
+    ResourceExhausted(String),
+    /// The sequence's partial last page was lost: it cannot be extended, only recomputed.
+    #[error("data lost: {0}")]
+    DataLoss(String),
+    /// A write the node refused because of its state (an append at an unexpected position).
+    #[error("failed precondition: {0}")]
+    FailedPrecondition(String),
+    /// Any other status, with its code.
+    #[error("{code:?}: {message}")]
+    Other {
+        /// The gRPC code.
+        code: Code,
+        /// The server's message.
+        message: String,
+    },
 }
 
 impl From<Status> for ClientError {
@@ -48,7 +63,10 @@ impl From<Status> for ClientError {
             Code::PermissionDenied | Code::Unauthenticated => Self::PermissionDenied(m),
             Code::NotFound => Self::NotFound(m),
             Code::Unavailable | Code::DeadlineExceeded => Self::Unavailable { tried: vec![], last: m },
-            _ => Self::Other(format!("{:?}: {m}", s.code())),
+            Code::ResourceExhausted => Self::ResourceExhausted(m),
+            Code::DataLoss => Self::DataLoss(m),
+            Code::FailedPrecondition => Self::FailedPrecondition(m),
+            code => Self::Other { code, message: m },
         }
     }
 }

@@ -45,8 +45,8 @@ use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
-use tonic::Status;
 use tonic::transport::Channel;
+use tonic::{Code, Status};
 
 pub use kvcache_net::MAX_MESSAGE_BYTES;
 
@@ -199,8 +199,10 @@ impl Client {
             })
             .await?
             .into_inner();
-        let ns = Namespace::try_from(ns)
-            .map_err(|e| ClientError::Other(format!("coordinator sent a bad namespace: {e}")))?;
+        let ns = Namespace::try_from(ns).map_err(|e| ClientError::Other {
+            code: Code::Internal,
+            message: format!("coordinator sent a bad namespace: {e}"),
+        })?;
         let routing = self.refresh().await?;
         for n in routing.live_nodes() {
             let mut c = self.node(&n.node_id, &n.address)?;
