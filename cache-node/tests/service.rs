@@ -166,7 +166,8 @@ async fn malformed_puts_are_invalid_argument_and_store_nothing() {
     }
     let mut unknown = good.clone();
     unknown.key.as_mut().unwrap().sequence.as_mut().unwrap().namespace = "nope".into();
-    assert_eq!(put(&mut c, 0, vec![unknown]).await.unwrap_err().code(), Code::NotFound);
+    let err = put(&mut c, 0, vec![unknown]).await.unwrap_err();
+    assert!(kvcache_proto::metadata::is_unknown_namespace(&err), "NOT_FOUND with the namespace trailer: {err:?}");
     assert_eq!(node.store.stats().pages, 0, "a rejected batch stored something");
     let append = pb::AppendTokensRequest {
         sequence: Some(pb::SequenceKey { namespace: "test.small".into(), sequence_id: "a".into() }),
@@ -363,6 +364,7 @@ async fn an_append_batch_answers_each_append_on_its_own() {
     assert_eq!(codes, [Code::Ok, Code::InvalidArgument, Code::NotFound, Code::FailedPrecondition, Code::Ok]);
     assert!(r[1].message.contains("payload is 31 bytes"), "{}", r[1].message);
     assert!(r[2].message.contains("unknown namespace"), "{}", r[2].message);
+    assert_eq!(r[2].not_found, "namespace", "the item says what was not found, as the trailer would");
     assert_eq!(r[3].node_epoch, Some(3), "a stale append carries the node's epoch");
     assert!(
         r[1..4]
