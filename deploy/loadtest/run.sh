@@ -9,7 +9,7 @@ mkdir -p "$out"
 cargo build --release --quiet -p kvcache
 bin=target/release/kvcache
 data=$(mktemp -d)
-"$bin" dev --data-dir "$data" > "$out/dev.log" 2>&1 &
+"$bin" dev --listen 127.0.0.1:0 --data-dir "$data" > "$out/dev.log" 2>&1 &
 dev=$!
 trap 'kill -TERM $dev 2>/dev/null; wait $dev 2>/dev/null; rm -rf "$data"' EXIT
 for _ in $(seq 100); do
