@@ -4,7 +4,7 @@
 use crate::metrics::NodeMetrics;
 use crate::store::{Durability, PageStore, PutMode, StoreError};
 use kvcache_core::validate::{self, ValidationError};
-use kvcache_core::{Namespace, PageKey, SequenceKey};
+use kvcache_core::{ContentKey, Namespace, PageKey, SequenceKey};
 use kvcache_proto::v1 as pb;
 use kvcache_proto::v1::cache_node_server::CacheNode;
 use std::pin::Pin;
@@ -17,6 +17,10 @@ use tonic::{Request, Response, Status, Streaming};
 pub const MAX_GET_ITEMS: usize = 1 << 20;
 /// Longest lease.
 const MAX_LEASE: Duration = Duration::from_secs(3600);
+/// Most keys one MatchPrefix may ask about (a 4M-token prompt of 64-token pages).
+pub const MAX_MATCH_KEYS: usize = 1 << 16;
+/// Longest pin a MatchPrefix may ask for.
+const MAX_MATCH_LEASE: Duration = Duration::from_secs(600);
 
 /// Map a store error to the status the contract defines (common.proto).
 pub fn status(e: StoreError) -> Status {
@@ -36,7 +40,7 @@ pub fn status(e: StoreError) -> Status {
             }
             s
         }
-        StoreError::Position { .. } => Status::failed_precondition(e.to_string()),
+        StoreError::Position { .. } | StoreError::ContentConflict { .. } => Status::failed_precondition(e.to_string()),
         StoreError::Full(_) => Status::resource_exhausted(e.to_string()),
         StoreError::Io(_) | StoreError::DataDir(_) => Status::unavailable(e.to_string()),
         StoreError::PartialPageLost(_) => Status::data_loss(e.to_string()),
@@ -255,15 +259,16 @@ impl NodeService {
             })
             .collect::<Result<Vec<_>, Status>>()?;
         let mode = if msg.handoff { PutMode::Handoff } else { PutMode::Write };
-        let (n, b) = if inline_write(&self.store, bytes, INLINE_PUT_BYTES) {
+        let out = if inline_write(&self.store, bytes, INLINE_PUT_BYTES) {
             self.store.put_pages(pages, mode).map_err(status)?
         } else {
             let store = self.store.clone();
             blocking(move || store.put_pages(pages, mode)).await?
         };
-        self.metrics.bytes_in.increment(b);
-        resp.pages_written += n;
-        resp.bytes_written += b;
+        self.metrics.bytes_in.increment(out.bytes);
+        resp.pages_written += out.written;
+        resp.bytes_written += out.bytes;
+        resp.pages_deduplicated += out.deduplicated;
         Ok(())
     }
 
@@ -384,6 +389,37 @@ impl CacheNode for NodeService {
         }))
     }
 
+    async fn match_prefix(
+        &self,
+        request: Request<pb::MatchPrefixRequest>,
+    ) -> Result<Response<pb::MatchPrefixResponse>, Status> {
+        let r = request.into_inner();
+        validate::namespace_name(&r.namespace).map_err(invalid)?;
+        if r.keys.len() > MAX_MATCH_KEYS {
+            return Err(Status::invalid_argument(format!(
+                "{} keys in one MatchPrefix; at most {MAX_MATCH_KEYS}",
+                r.keys.len()
+            )));
+        }
+        if Duration::from_millis(r.lease_ms as u64) > MAX_MATCH_LEASE {
+            return Err(Status::invalid_argument(format!("lease_ms {} out of range: at most 600000", r.lease_ms)));
+        }
+        let keys = r
+            .keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| {
+                ContentKey::from_bytes(k).ok_or_else(|| {
+                    Status::invalid_argument(format!("key {i} is {} bytes: a content key is 32 bytes", k.len()))
+                })
+            })
+            .collect::<Result<Vec<_>, Status>>()?;
+        let lease = (r.lease_ms > 0).then(|| Duration::from_millis(r.lease_ms as u64));
+        let store = self.store.clone();
+        let present = blocking(move || store.match_prefix(&r.namespace, &keys, lease)).await?;
+        Ok(Response::new(pb::MatchPrefixResponse { present }))
+    }
+
     async fn delete_sequence(
         &self,
         request: Request<pb::DeleteSequenceRequest>,
@@ -432,12 +468,20 @@ impl CacheNode for NodeService {
             namespaces: s
                 .namespaces
                 .into_iter()
-                .map(|(namespace, sequences, pages, bytes, tokens)| pb::NamespaceUsage {
-                    namespace,
-                    sequences,
-                    pages,
-                    bytes,
-                    tokens,
+                .map(|u| pb::NamespaceUsage {
+                    namespace: u.name,
+                    sequences: u.sequences,
+                    pages: u.pages,
+                    bytes: u.bytes,
+                    tokens: u.tokens,
+                    content_keys: u.content_keys,
+                    get_hits: u.get_hits,
+                    get_misses: u.get_misses,
+                    dedup_hits: u.dedup_hits,
+                    conflicts: u.conflicts,
+                    evictions: u.evictions,
+                    match_hits: u.match_hits,
+                    match_misses: u.match_misses,
                 })
                 .collect(),
             get_hits: s.get_hits,

@@ -171,6 +171,21 @@ impl LocalCluster {
         Ok(LocalCluster { coordinator, nodes, worker: waddr, worker_handle: worker, services })
     }
 
+    /// Stop cache node `i` (as a lost node: the coordinator notices when its heartbeats stop).
+    pub async fn stop_node(&mut self, i: usize) -> anyhow::Result<()> {
+        let name = format!("node-{i}");
+        let pos = self.services.iter().position(|s| s.name == name).ok_or_else(|| anyhow::anyhow!("no {name}"))?;
+        let mut s = self.services.remove(pos);
+        if let Some(tx) = s.stop.take() {
+            let _ = tx.send(());
+        }
+        tokio::time::timeout(Duration::from_secs(20), s.task)
+            .await
+            .map_err(|_| anyhow::anyhow!("{name} did not stop within 20 s"))?
+            .ok();
+        Ok(())
+    }
+
     /// Stop every service (worker first, coordinator last) and wait for clean shutdowns.
     pub async fn stop(mut self) -> anyhow::Result<()> {
         let mut order: Vec<Service> = self.services.drain(..).collect();

@@ -4,7 +4,7 @@
 use bytes::Bytes;
 use kvcache_attention::{AttnShape, KvPage, reference};
 use kvcache_client::wire_page;
-use kvcache_core::{Namespace, PageKey, SequenceKey};
+use kvcache_core::{ContentKey, Namespace, PageKey, SequenceKey};
 use kvcache_proto::v1 as pb;
 
 /// A small deterministic generator.
@@ -34,6 +34,19 @@ impl Rng {
 pub fn tokens_payload(ns: &Namespace, tokens: usize, rng: &mut Rng) -> Vec<u8> {
     let l = ns.layout();
     l.encode(&rng.vec(l.planes * tokens * l.shape.width, 1.0), tokens)
+}
+
+/// The content page of `key` at `layer`: its payload a function of the key, so every request
+/// that computes this key puts the same bytes (as an engine's prefill of the same prefix would).
+pub fn content_page(ns: &Namespace, key: &ContentKey, layer: u32) -> pb::Page {
+    let seed = u64::from_le_bytes(key.0[..8].try_into().expect("8 bytes")) ^ (layer as u64).wrapping_mul(0x2545_f491);
+    let payload = tokens_payload(ns, ns.page_tokens as usize, &mut Rng::new(seed));
+    kvcache_client::content_page(ns, key, layer, Bytes::from(payload))
+}
+
+/// The content pages of `keys`, every layer.
+pub fn content_pages(ns: &Namespace, keys: &[ContentKey]) -> Vec<pb::Page> {
+    keys.iter().flat_map(|k| (0..ns.model.num_layers).map(move |l| content_page(ns, k, l))).collect()
 }
 
 /// Wire pages of a prefill of `tokens` tokens for `layers` layers of one sequence.

@@ -11,6 +11,8 @@
 //!   failing over on UNAVAILABLE, deadline exceeded, a miss or a bad page; every page received is
 //!   checked with `kvcache_core::validate::page`, the check a node applies to a write. Lookup and
 //!   leases.
+//! - `content`: prefix reuse — match the longest cached prefix, put and get pages by content
+//!   key, each call one request per node placed on, all nodes at once.
 //! - `decode`: decode batches through the sticky attention workers.
 //! - `answers`: the domain types the client answers with ([`FetchedPage`], [`Holding`],
 //!   [`AppendAck`], [`DecodeOutput`]); `error`: [`ClientError`] (miss, invalid argument, unavailable with the nodes
@@ -19,6 +21,7 @@
 //!   is a slice of the frame that carried it (tonic's decoder would copy it once more).
 
 mod answers;
+mod content;
 mod decode;
 mod error;
 mod reads;
@@ -28,6 +31,7 @@ pub mod zerocopy;
 pub use answers::{
     AppendAck, AppendItem, DecodeOutput, DecodeStats, FetchedPage, Holding, LayerExtent, SequenceResult, SequenceStatus,
 };
+pub use content::{ContentPut, PrefixMatch, content_page};
 pub use error::ClientError;
 pub(crate) use error::{retryable, stale_epoch, unknown_namespace};
 pub use kvcache_core::routing::{NodeRef, Routing};

@@ -105,6 +105,13 @@ impl CacheNode for FakeNode {
         Err(fake())
     }
 
+    async fn match_prefix(
+        &self,
+        _: Request<pb::MatchPrefixRequest>,
+    ) -> Result<Response<pb::MatchPrefixResponse>, Status> {
+        Err(fake())
+    }
+
     async fn delete_sequence(
         &self,
         _: Request<pb::DeleteSequenceRequest>,

@@ -77,6 +77,21 @@ impl SequenceKey {
         Self { namespace: namespace.into(), sequence_id: sequence_id.into() }
     }
 
+    /// The reserved sequence a content page of `key` is stored under (see [`crate::content`]).
+    pub fn content(namespace: impl Into<String>, key: &crate::content::ContentKey) -> Self {
+        Self { namespace: namespace.into(), sequence_id: key.sequence_id() }
+    }
+
+    /// The content key, when this is a content page's sequence.
+    pub fn content_key(&self) -> Option<crate::content::ContentKey> {
+        crate::content::ContentKey::from_sequence_id(&self.sequence_id)
+    }
+
+    /// Whether this is a content page's sequence (immutable full pages, page index 0).
+    pub fn is_content(&self) -> bool {
+        crate::content::is_content_id(&self.sequence_id)
+    }
+
     /// Placement hash: what rendezvous hashing scores nodes against.
     pub fn placement_hash(&self) -> u64 {
         let mut buf = Vec::with_capacity(self.namespace.len() + 1 + self.sequence_id.len());

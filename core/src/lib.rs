@@ -8,6 +8,8 @@
 //!   the token-range copies appends need.
 //! - [`checksum`]: the CRC-32C every page payload and header carries.
 //! - [`page`]: the 128-byte self-describing [`PageHeader`] with its CRC-32C checks.
+//! - [`content`]: [`ContentKey`], the chained SHA-256 key of a full page's content, and the
+//!   reserved sequence ids content pages are stored under.
 //! - [`key`]: namespaces, sequence and page keys, and their compact hashed ids.
 //! - [`prefix`]: the per-namespace seeded prefix-hash chain.
 //! - [`placement`]: weighted rendezvous hashing (top-R owners, zone-diverse).
@@ -23,6 +25,7 @@
 
 pub mod checksum;
 pub mod codec;
+pub mod content;
 pub mod key;
 pub mod layout;
 pub mod page;
@@ -34,6 +37,7 @@ pub mod testing;
 pub mod validate;
 
 pub use codec::Codec;
+pub use content::ContentKey;
 pub use key::{Namespace, PageKey, SequenceKey};
 pub use layout::PageLayout;
 pub use page::{PageError, PageHeader};

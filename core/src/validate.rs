@@ -13,6 +13,9 @@ use kvcache_proto::v1 as pb;
 /// A malformed wire message.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum ValidationError {
+    /// A content page (page key) used as a sequence page, or not a full page.
+    #[error("content page: {0}")]
+    ContentPage(String),
     /// A required field is absent.
     #[error("missing field `{0}`")]
     Missing(&'static str),
@@ -128,6 +131,14 @@ impl TryFrom<pb::SequenceKey> for SequenceKey {
             return Err(ValidationError::SequenceId(format!(
                 "{} bytes, at most {MAX_SEQUENCE_ID_BYTES}",
                 k.sequence_id.len()
+            )));
+        }
+        if crate::content::is_content_id(&k.sequence_id)
+            && crate::content::ContentKey::from_sequence_id(&k.sequence_id).is_none()
+        {
+            return Err(ValidationError::SequenceId(format!(
+                "{:?} starts with '#', which is reserved for content page keys ('#' + 43 base64url characters)",
+                k.sequence_id
             )));
         }
         Ok(SequenceKey { namespace: k.namespace, sequence_id: k.sequence_id })
@@ -357,6 +368,13 @@ pub fn page<'a>(
     if p.token_count == 0 || p.token_count > ns.page_tokens {
         return Err(ValidationError::TokenCount { got: p.token_count, page_tokens: ns.page_tokens }.into());
     }
+    if key.sequence.is_content() && (key.page_index != 0 || p.token_count != ns.page_tokens) {
+        return Err(ValidationError::ContentPage(format!(
+            "a content page is one full page at index 0 ({} tokens); got page {} with {} tokens",
+            ns.page_tokens, key.page_index, p.token_count
+        ))
+        .into());
+    }
     let expected = ns.layout().payload_bytes(p.token_count as usize);
     if p.payload.len() != expected {
         return Err(ValidationError::PayloadLength { got: p.payload.len(), expected, tokens: p.token_count }.into());
@@ -413,6 +431,11 @@ pub fn append(
     payload: Bytes,
     expected_position: Option<u64>,
 ) -> Result<AppendCmd, ValidationError> {
+    if sequence.is_content() {
+        return Err(ValidationError::ContentPage(
+            "content pages are immutable: append to a sequence, not to a page key".into(),
+        ));
+    }
     let layers: Vec<u32> = match layer {
         Some(l) => {
             self::layer(ns, l)?;

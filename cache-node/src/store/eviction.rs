@@ -40,6 +40,7 @@ impl PageStore {
         }
         self.remove_sequence_locked(&v, &mut inner);
         self.counters.evictions.fetch_add(1, Ordering::Relaxed);
+        v.ns.counters.evictions.fetch_add(1, Ordering::Relaxed);
         true
     }
 

@@ -20,7 +20,7 @@
 //! read instead); the newest write of each page is kept, the rest freed.
 //!
 //! One room per concern: [`namespaces`] (the registry), [`slots`] (allocation, striping, pool
-//! growth), [`writes`] (puts, appends, publish, retire, deletes), [`reads`] (gets, extents),
+//! growth), [`writes`] (puts, appends, publish, retire, deletes), [`reads`] (gets, extents), [`content`] (content pages: dedup, conflicts, prefix matches),
 //! [`eviction`], [`leases`], [`stats`] (stats, flushes, shutdown), [`recovery`]. This file holds
 //! the types and the epoch.
 
@@ -38,6 +38,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
+mod content;
 mod eviction;
 mod leases;
 mod namespaces;
@@ -132,6 +133,21 @@ pub enum StoreError {
     /// No space and nothing evictable.
     #[error("node full: {0}")]
     Full(String),
+    /// A content page put with other bytes than the page held under its key: never
+    /// overwritten (it means a key collision or an engine that keys pages wrongly).
+    #[error(
+        "content page {key} layer {layer} is held with other bytes (CRC {held:#010x}, put {put:#010x}): refused, never overwritten"
+    )]
+    ContentConflict {
+        /// The key (hex).
+        key: String,
+        /// Layer.
+        layer: u32,
+        /// CRC of the held page.
+        held: u32,
+        /// CRC of the page put.
+        put: u32,
+    },
     /// An append's expected position did not match.
     #[error("append position mismatch: layer {layer} has {actual} tokens, request expected {expected}")]
     Position {
@@ -179,6 +195,69 @@ pub struct NsEntry {
     pub layout: PageLayout,
     /// Slot size class of its pages.
     pub slot_bytes: usize,
+    /// Prefix-reuse counters of this namespace on this node.
+    pub counters: NsCounters,
+}
+
+/// Per-namespace counters (Stats and metrics).
+#[derive(Debug, Default)]
+pub struct NsCounters {
+    /// Page reads served.
+    pub get_hits: AtomicU64,
+    /// Page reads missed.
+    pub get_misses: AtomicU64,
+    /// Content pages put again with the same bytes: acknowledged, nothing written.
+    pub dedup_hits: AtomicU64,
+    /// Content pages put again with other bytes: refused (a collision or a buggy engine).
+    pub conflicts: AtomicU64,
+    /// Sequences (a content key counts as one) evicted.
+    pub evictions: AtomicU64,
+    /// Keys a MatchPrefix found with every layer present.
+    pub match_hits: AtomicU64,
+    /// Keys a MatchPrefix asked for and did not find whole.
+    pub match_misses: AtomicU64,
+}
+
+/// What one namespace holds on this node and how its reads went.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct NamespaceStats {
+    /// Name.
+    pub name: String,
+    /// Sequences held (content keys not counted).
+    pub sequences: u64,
+    /// Content keys held (each with up to one page per layer).
+    pub content_keys: u64,
+    /// Pages held.
+    pub pages: u64,
+    /// Bytes of pages held (header + payload).
+    pub bytes: u64,
+    /// Tokens of layer 0 over the sequences (content pages included).
+    pub tokens: u64,
+    /// Counters, as in [`NsCounters`].
+    pub get_hits: u64,
+    /// Page reads missed.
+    pub get_misses: u64,
+    /// Dedup hits.
+    pub dedup_hits: u64,
+    /// Refused conflicting puts.
+    pub conflicts: u64,
+    /// Evictions.
+    pub evictions: u64,
+    /// Match hits (keys).
+    pub match_hits: u64,
+    /// Match misses (keys).
+    pub match_misses: u64,
+}
+
+/// What a put did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PutOutcome {
+    /// Pages written.
+    pub written: u64,
+    /// Payload bytes written.
+    pub bytes: u64,
+    /// Content pages already held with the same bytes (nothing written).
+    pub deduplicated: u64,
 }
 
 struct Sequence {
@@ -282,8 +361,8 @@ pub struct StoreStats {
     pub corrupt_pages_dropped: u64,
     /// Leases granted since start.
     pub leases_granted: u64,
-    /// Per namespace: (name, sequences, pages, bytes, tokens of layer 0).
-    pub namespaces: Vec<(String, u64, u64, u64, u64)>,
+    /// Per namespace.
+    pub namespaces: Vec<NamespaceStats>,
     /// Last recovery: seconds and bytes scanned.
     pub recovery_seconds: f64,
     /// Bytes of pool files scanned by the last recovery.

@@ -51,8 +51,13 @@ impl PageStore {
         let ns = self.ns_of(&key.sequence.namespace)?;
         validate::page_key(&ns.ns, key)?;
         let r = self.get_in(key);
-        let c = if r.is_some() { &self.counters.hits } else { &self.counters.misses };
+        let (c, nc) = if r.is_some() {
+            (&self.counters.hits, &ns.counters.get_hits)
+        } else {
+            (&self.counters.misses, &ns.counters.get_misses)
+        };
         c.fetch_add(1, Ordering::Relaxed);
+        nc.fetch_add(1, Ordering::Relaxed);
         Ok(r)
     }
 

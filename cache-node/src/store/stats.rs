@@ -9,7 +9,7 @@ impl PageStore {
         let now = Instant::now();
         let mut index = 0usize;
         let mut active_leases = 0u64;
-        let mut per_ns: HashMap<String, (u64, u64, u64, u64)> = HashMap::new();
+        let mut per_ns: HashMap<String, NamespaceStats> = HashMap::new();
         // Clone the handles first: a sequence lock must never be awaited while a map shard is
         // locked (delete and eviction take them in the other order).
         let seqs: Vec<Arc<Sequence>> = self.sequences.iter().map(|e| e.value().clone()).collect();
@@ -26,14 +26,18 @@ impl PageStore {
                 + inner.leases.capacity() * std::mem::size_of::<(u64, Instant)>();
             active_leases += inner.leases.iter().filter(|l| l.1 > now).count() as u64;
             let u = per_ns.entry(s.key.namespace.clone()).or_default();
-            u.0 += 1;
+            if s.key.is_content() {
+                u.content_keys += 1;
+            } else {
+                u.sequences += 1;
+            }
             for l in &inner.layers {
                 for p in l.iter().flatten() {
-                    u.1 += 1;
-                    u.2 += (HEADER_BYTES + s.ns.layout.payload_bytes(p.tokens as usize)) as u64;
+                    u.pages += 1;
+                    u.bytes += (HEADER_BYTES + s.ns.layout.payload_bytes(p.tokens as usize)) as u64;
                 }
             }
-            u.3 += inner.layer_tokens(0, s.ns.ns.page_tokens);
+            u.tokens += inner.layer_tokens(0, s.ns.ns.page_tokens);
         }
         index += self.prefixes.len() * (std::mem::size_of::<((u64, u64), u32)>() + 8);
         let pools = self.pools.read();
@@ -54,7 +58,24 @@ impl PageStore {
             get_misses: self.counters.misses.load(Ordering::Relaxed),
             corrupt_pages_dropped: self.counters.corrupt.load(Ordering::Relaxed),
             leases_granted: self.counters.leases.load(Ordering::Relaxed),
-            namespaces: per_ns.into_iter().map(|(n, u)| (n, u.0, u.1, u.2, u.3)).collect(),
+            namespaces: self
+                .namespaces()
+                .into_iter()
+                .filter_map(|ns| {
+                    let e = self.namespace(&ns.name)?;
+                    let c = &e.counters;
+                    let mut u = per_ns.remove(&ns.name).unwrap_or_default();
+                    u.name = ns.name;
+                    u.get_hits = c.get_hits.load(Ordering::Relaxed);
+                    u.get_misses = c.get_misses.load(Ordering::Relaxed);
+                    u.dedup_hits = c.dedup_hits.load(Ordering::Relaxed);
+                    u.conflicts = c.conflicts.load(Ordering::Relaxed);
+                    u.evictions = c.evictions.load(Ordering::Relaxed);
+                    u.match_hits = c.match_hits.load(Ordering::Relaxed);
+                    u.match_misses = c.match_misses.load(Ordering::Relaxed);
+                    Some(u)
+                })
+                .collect(),
             recovery_seconds: rs,
             recovery_bytes: rb,
         }

@@ -91,7 +91,9 @@ impl PageStore {
         let slot = &mut pages[key.page_index as usize];
         let layer0 = key.layer == 0;
         if let Some(o) = slot
-            && (o.write_seq > entry.write_seq || (handoff && o.tokens >= entry.tokens))
+            && (o.write_seq > entry.write_seq
+                || (handoff && o.tokens >= entry.tokens)
+                || (key.sequence.is_content() && o.tokens == seq.ns.ns.page_tokens))
         {
             // The held page wins: the new slot was never counted, only free it.
             if let Some(f) = self.file(entry.file) {
@@ -114,23 +116,30 @@ impl PageStore {
     }
 
     /// Store pages validated against their namespaces (`kvcache_core::validate::page`; the
-    /// service validates, and fences stale epochs, before calling). Returns pages and payload
-    /// bytes stored.
-    pub fn put_pages(&self, pages: Vec<ValidPage>, mode: PutMode) -> Result<(u64, u64), StoreError> {
-        let (mut n, mut bytes) = (0, 0);
+    /// service validates, and fences stale epochs, before calling). Content pages already held
+    /// with the same bytes are counted, not written; with other bytes the whole put is refused
+    /// before anything is written.
+    pub fn put_pages(&self, mut pages: Vec<ValidPage>, mode: PutMode) -> Result<PutOutcome, StoreError> {
+        let mut out = PutOutcome::default();
+        let handoff = mode == PutMode::Handoff;
+        if !handoff {
+            out.deduplicated = self.dedup_content(&mut pages)?;
+        }
+        let content: Vec<SequenceKey> =
+            pages.iter().filter(|v| v.key.sequence.is_content()).map(|v| v.key.sequence.clone()).collect();
         for v in pages {
             let ns = self.ns_of(&v.key.sequence.namespace)?;
-            let handoff = mode == PutMode::Handoff;
-            if handoff && self.holds_at_least(&v.key, v.token_count) {
+            if (handoff || v.key.sequence.is_content()) && self.holds_at_least(&v.key, v.token_count) {
                 continue; // skip the write; the check is repeated under the lock at publish
             }
             let entry = self.write_slot(&ns, &v.key, v.token_count, v.prefix_hash, &v.payload, v.payload_crc)?;
             if self.publish_retrying(&ns, &v.key, entry, handoff) {
-                n += 1;
-                bytes += v.payload.len() as u64;
+                out.written += 1;
+                out.bytes += v.payload.len() as u64;
             }
         }
-        Ok((n, bytes))
+        self.touch_chain(content.iter());
+        Ok(out)
     }
 
     /// The registered namespaces by name: what a caller validates pages against.

@@ -96,7 +96,7 @@ pub fn put_wire(s: &PageStore, pages: Vec<pb::Page>) -> Result<(u64, u64), Store
 /// [`put_wire`] with a put mode.
 pub fn put_wire_with(s: &PageStore, pages: Vec<pb::Page>, mode: PutMode) -> Result<(u64, u64), StoreError> {
     let pages = pages.into_iter().map(|p| valid(s, p)).collect();
-    s.put_pages(pages, mode)
+    s.put_pages(pages, mode).map(|o| (o.written, o.bytes))
 }
 
 /// Append through validation (as the service does).

@@ -1,0 +1,140 @@
+//! Content pages (see `kvcache_core::content`): full pages stored once under their content key,
+//! whatever number of sequences and requests use them.
+//!
+//! - A put of a key already held with the same bytes writes nothing and is counted as a dedup
+//!   hit; with other bytes it is refused ([`StoreError::ContentConflict`], counted) and the held
+//!   page stays. Content pages are never replaced, not even by a handoff copy.
+//! - [`PageStore::match_prefix`] answers which keys are held with every layer, touches them and
+//!   may lease them for the pull that follows.
+//! - Prefix-aware recency: a request that touches several keys touches them in reverse, so the
+//!   earlier pages of a chain are always more recent than the later ones they were used with, and
+//!   eviction (least recently used first) takes a chain from its end, never from its middle.
+
+use super::*;
+use kvcache_core::ContentKey;
+
+/// Whether a held content page equals a page put under the same key.
+enum Held {
+    No,
+    Same,
+    Other(u32),
+}
+
+impl PageStore {
+    fn content_held(&self, v: &ValidPage) -> Held {
+        let Some(seq) = self.sequences.get(&v.key.sequence).map(|s| s.clone()) else { return Held::No };
+        let mut inner = seq.inner.lock();
+        if inner.removed {
+            return Held::No;
+        }
+        let Some(Some(e)) =
+            inner.layers.get(v.key.layer as usize).and_then(|l| l.get(v.key.page_index as usize)).copied()
+        else {
+            return Held::No;
+        };
+        if e.tokens != v.token_count || e.crc != v.payload_crc {
+            return Held::Other(e.crc);
+        }
+        // Equal CRCs: compare the bytes, a CRC-32C is no proof of equality.
+        match self.hold_verified(&seq, &mut inner, &v.key, &e) {
+            Some(held) if held[..] == v.payload[..] => Held::Same,
+            Some(_) => Held::Other(e.crc),
+            None => Held::No, // it failed verification and was dropped: write it anew
+        }
+    }
+
+    /// Sort the content pages of a put into new, duplicate (counted, dropped from `pages`) or
+    /// conflicting (the whole put refused before anything is written).
+    pub(super) fn dedup_content(&self, pages: &mut Vec<ValidPage>) -> Result<u64, StoreError> {
+        let mut dup = vec![false; pages.len()];
+        let mut n = 0;
+        for (i, v) in pages.iter().enumerate() {
+            if !v.key.sequence.is_content() {
+                continue;
+            }
+            let ns = self.ns_of(&v.key.sequence.namespace)?;
+            match self.content_held(v) {
+                Held::No => {}
+                Held::Same => {
+                    dup[i] = true;
+                    n += 1;
+                }
+                Held::Other(held) => {
+                    ns.counters.conflicts.fetch_add(1, Ordering::Relaxed);
+                    let key = v.key.sequence.content_key().map_or_else(String::new, |k| k.hex());
+                    tracing::warn!(namespace = %ns.ns.name, key = %key, layer = v.key.layer, "content page put with other bytes than the held page: refused");
+                    return Err(StoreError::ContentConflict { key, layer: v.key.layer, held, put: v.payload_crc });
+                }
+            }
+        }
+        if n > 0 {
+            let mut i = 0;
+            pages.retain(|v| {
+                let keep = !dup[i];
+                if !keep && let Ok(ns) = self.ns_of(&v.key.sequence.namespace) {
+                    ns.counters.dedup_hits.fetch_add(1, Ordering::Relaxed);
+                }
+                i += 1;
+                keep
+            });
+        }
+        Ok(n)
+    }
+
+    /// Touch content sequences so the first of `keys` ends most recent (see the module comment).
+    pub(super) fn touch_chain<'a>(&self, keys: impl DoubleEndedIterator<Item = &'a SequenceKey>) {
+        let mut seen = std::collections::HashSet::new();
+        let ordered: Vec<&SequenceKey> = keys.filter(|k| k.is_content() && seen.insert(*k)).collect();
+        for k in ordered.into_iter().rev() {
+            if let Some(seq) = self.sequences.get(k).map(|s| s.clone()) {
+                self.touch(&seq);
+            }
+        }
+    }
+
+    /// Which of `keys` (content keys of namespace `ns`, in chain order) are held with every layer
+    /// present and full. Present keys up to the first absent one are touched (the first most
+    /// recent) and, with `lease`, pinned for that long: a pull that follows finds them.
+    pub fn match_prefix(
+        &self,
+        namespace: &str,
+        keys: &[ContentKey],
+        lease: Option<Duration>,
+    ) -> Result<Vec<bool>, StoreError> {
+        let ns = self.ns_of(namespace)?;
+        let layers = ns.ns.model.num_layers as usize;
+        let now = Instant::now();
+        let mut present = Vec::with_capacity(keys.len());
+        let mut held = Vec::new();
+        for k in keys {
+            let key = SequenceKey::content(namespace, k);
+            let seq = self.sequences.get(&key).map(|s| s.clone());
+            let whole = seq.as_ref().is_some_and(|seq| {
+                let mut inner = seq.inner.lock();
+                let ok = !inner.removed
+                    && inner.layers.len() == layers
+                    && inner.layers.iter().all(|l| {
+                        l.first().copied().flatten().is_some_and(|e| {
+                            e.tokens == ns.ns.page_tokens && self.file(e.file).is_some_and(|f| !f.is_failed())
+                        })
+                    });
+                if ok && let Some(ttl) = lease {
+                    inner.leases.retain(|&(_, t)| t > now);
+                    inner.leases.push((0, now + ttl));
+                }
+                ok
+            });
+            present.push(whole);
+            if whole && held.len() + 1 == present.len() {
+                held.push(seq.expect("present"));
+            }
+        }
+        for seq in held.iter().rev() {
+            self.touch(seq);
+        }
+        let hits = present.iter().filter(|p| **p).count() as u64;
+        ns.counters.match_hits.fetch_add(hits, Ordering::Relaxed);
+        ns.counters.match_misses.fetch_add(keys.len() as u64 - hits, Ordering::Relaxed);
+        Ok(present)
+    }
+}

@@ -1,0 +1,211 @@
+//! Prefix reuse on a local cluster: content pages stored once and found by any client, dedup and
+//! conflicts, namespaces that never share, a lost node that shortens a match instead of failing
+//! it, and the bad input of content keys.
+
+use kvcache_cli::cluster::{LocalCluster, LocalClusterConfig};
+use kvcache_cli::synth::{Rng, content_page, content_pages, tokens_payload};
+use kvcache_client::{Client, ClientError};
+use kvcache_core::{ContentKey, Namespace, SequenceKey};
+use kvcache_proto::v1 as pb;
+use std::time::Duration;
+
+/// A small GQA model (2 layers, 2 KV heads of 64) so pages stay a few KiB.
+async fn namespace(client: &Client, name: &str, replication: u32) -> Namespace {
+    client
+        .create_namespace(pb::CreateNamespaceRequest {
+            name: name.into(),
+            tenant: "test".into(),
+            model: Some(pb::ModelSpec {
+                name: "tiny".into(),
+                attention: pb::AttentionKind::Gqa as i32,
+                num_layers: 2,
+                num_q_heads: 4,
+                num_kv_heads: 2,
+                head_dim: 64,
+                ..Default::default()
+            }),
+            codec: pb::Codec::Bf16 as i32,
+            page_tokens: 16,
+            replication,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+}
+
+async fn start(dir: &std::path::Path) -> (LocalCluster, Client) {
+    let mut cfg = LocalClusterConfig::new(dir);
+    cfg.node_capacity = 64 << 20;
+    let cluster = LocalCluster::start(cfg).await.unwrap();
+    let client = Client::connect(&cluster.coordinator).await.unwrap();
+    (cluster, client)
+}
+
+fn prompt(len: usize, seed: u32) -> Vec<u32> {
+    (0..len as u32).map(|i| i.wrapping_mul(2_654_435_761) ^ seed).collect()
+}
+
+async fn usage(client: &Client, ns: &str) -> Vec<pb::NamespaceUsage> {
+    let mut out = Vec::new();
+    for (id, s) in client.node_stats().await {
+        let s = s.unwrap_or_else(|e| panic!("stats of {id}: {e}"));
+        out.extend(s.namespaces.into_iter().filter(|u| u.namespace == ns));
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn content_pages_are_stored_once_spread_over_the_nodes_and_found_by_any_client() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cluster, client) = start(dir.path()).await;
+    let ns = namespace(&client, "p.share", 1).await;
+    let tokens = prompt(24 * 16 + 5, 1);
+    let keys = client.content_keys(&ns.name, &tokens).unwrap();
+    assert_eq!(keys.len(), 24, "full pages only");
+
+    let m = client.match_prefix(&ns.name, &keys, None).await.unwrap();
+    assert_eq!(m.pages, 0);
+    let put = client.put_content(&ns.name, content_pages(&ns, &keys[..16])).await.unwrap();
+    assert_eq!(put, kvcache_client::ContentPut { written: 32, deduplicated: 0 });
+
+    // Another client (another engine) finds the same prefix where the first one put it.
+    let other = Client::connect(&cluster.coordinator).await.unwrap();
+    let m = other.match_prefix(&ns.name, &keys, None).await.unwrap();
+    assert_eq!(m.pages, 16);
+    assert_eq!(m.present.iter().filter(|p| **p).count(), 16);
+    let got = other.get_content(&ns.name, &keys[..16], 0..2).await.unwrap();
+    for (i, p) in got.iter().enumerate() {
+        let want = content_page(&ns, &keys[i / 2], (i % 2) as u32);
+        assert_eq!(p.as_ref().expect("present").payload, want.payload, "page {i}");
+    }
+    let miss = other.get_content(&ns.name, &keys[16..18], 0..2).await.unwrap();
+    assert!(miss.iter().all(Option::is_none));
+
+    // Putting the same prefix again writes nothing and says so.
+    let again = other.put_content(&ns.name, content_pages(&ns, &keys)).await.unwrap();
+    assert_eq!(again, kvcache_client::ContentPut { written: 16, deduplicated: 32 });
+    let u = usage(&client, &ns.name).await;
+    assert_eq!(u.iter().map(|u| u.content_keys).sum::<u64>(), 24, "each key stored once (R = 1)");
+    assert_eq!(u.iter().map(|u| u.dedup_hits).sum::<u64>(), 32);
+    assert!(u.iter().filter(|u| u.content_keys > 0).count() >= 2, "a long prefix spreads over the nodes: {u:?}");
+    assert_eq!(u.iter().map(|u| u.match_hits).sum::<u64>(), 16);
+
+    // A key with one layer missing does not count: all layers of a page must be there.
+    let more = client.content_keys(&ns.name, &prompt(26 * 16, 1)).unwrap();
+    client.put_content(&ns.name, vec![content_page(&ns, &more[24], 0)]).await.unwrap();
+    let m = client.match_prefix(&ns.name, &more, None).await.unwrap();
+    assert_eq!(m.pages, 24);
+    assert!(!m.present[24] && !m.present[25]);
+    cluster.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_put_with_other_bytes_is_refused_and_never_overwrites() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cluster, client) = start(dir.path()).await;
+    let ns = namespace(&client, "p.conflict", 2).await;
+    let keys = client.content_keys(&ns.name, &prompt(4 * 16, 2)).unwrap();
+    client.put_content(&ns.name, content_pages(&ns, &keys)).await.unwrap();
+    let payload = bytes::Bytes::from(tokens_payload(&ns, 16, &mut Rng::new(99)));
+    let bad = kvcache_client::content_page(&ns, &keys[2], 1, payload);
+    match client.put_content(&ns.name, vec![bad]).await {
+        Err(ClientError::FailedPrecondition(m)) => assert!(m.contains("other bytes"), "{m}"),
+        other => panic!("a conflicting put must be FAILED_PRECONDITION, got {other:?}"),
+    }
+    let got = client.get_content(&ns.name, &keys[2..3], 1..2).await.unwrap();
+    assert_eq!(got[0].as_ref().unwrap().payload, content_page(&ns, &keys[2], 1).payload, "the held page stays");
+    let u = usage(&client, &ns.name).await;
+    assert!(u.iter().map(|u| u.conflicts).sum::<u64>() >= 1, "{u:?}");
+    cluster.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn namespaces_never_share_pages() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cluster, client) = start(dir.path()).await;
+    let a = namespace(&client, "p.tenant-a", 1).await;
+    let b = namespace(&client, "p.tenant-b", 1).await;
+    let tokens = prompt(8 * 16, 3);
+    let ka = client.content_keys(&a.name, &tokens).unwrap();
+    let kb = client.content_keys(&b.name, &tokens).unwrap();
+    assert!(ka.iter().zip(&kb).all(|(x, y)| x != y), "seeds differ per namespace");
+    client.put_content(&a.name, content_pages(&a, &ka)).await.unwrap();
+    // Even with a's keys, b finds nothing: a page is (namespace, layer, key).
+    assert_eq!(client.match_prefix(&b.name, &ka, None).await.unwrap().pages, 0);
+    assert!(client.get_content(&b.name, &ka, 0..2).await.unwrap().iter().all(Option::is_none));
+    assert_eq!(client.match_prefix(&a.name, &ka, None).await.unwrap().pages, 8);
+    cluster.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_lost_mid_match_shortens_the_prefix_never_fails_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut cluster, client) = start(dir.path()).await;
+    let r2 = namespace(&client, "p.r2", 2).await;
+    let r1 = namespace(&client, "p.r1", 1).await;
+    let tokens = prompt(30 * 16, 4);
+    let k2 = client.content_keys(&r2.name, &tokens).unwrap();
+    let k1 = client.content_keys(&r1.name, &tokens).unwrap();
+    client.put_content(&r2.name, content_pages(&r2, &k2)).await.unwrap();
+    client.put_content(&r1.name, content_pages(&r1, &k1)).await.unwrap();
+    // The node is gone, but the map still lists it (its heartbeats have not timed out yet).
+    cluster.stop_node(1).await.unwrap();
+    assert_eq!(client.routing().live_nodes().len(), 3);
+    let m = client.match_prefix(&r2.name, &k2, Some(Duration::from_secs(5))).await.unwrap();
+    assert_eq!(m.pages, 30, "every key has a replica");
+    let pages = client.get_content(&r2.name, &k2, 0..2).await.unwrap();
+    assert!(pages.iter().all(Option::is_some), "pulled from the replicas");
+    let m = client.match_prefix(&r1.name, &k1, None).await.unwrap();
+    assert!(m.pages < 30, "the lost node's keys are absent");
+    let lost = m.present.iter().filter(|p| !**p).count();
+    assert!(lost > 0 && lost < 30, "only the lost node's share: {lost}");
+    cluster.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_content_keys_and_pages_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cluster, client) = start(dir.path()).await;
+    let ns = namespace(&client, "p.bad", 1).await;
+    let key = client.content_keys(&ns.name, &prompt(16, 5)).unwrap()[0];
+    let node = client.routing().live_nodes()[0].clone();
+    let mut c = kvcache_proto::v1::cache_node_client::CacheNodeClient::connect(format!("http://{}", node.address))
+        .await
+        .unwrap();
+    let code = |r: Result<tonic::Response<pb::MatchPrefixResponse>, tonic::Status>| r.unwrap_err().code();
+    let short = pb::MatchPrefixRequest { namespace: ns.name.clone(), keys: vec![vec![0u8; 31].into()], lease_ms: 0 };
+    assert_eq!(code(c.match_prefix(short).await), tonic::Code::InvalidArgument);
+    let long_lease =
+        pb::MatchPrefixRequest { namespace: ns.name.clone(), keys: vec![key.0.to_vec().into()], lease_ms: 700_000 };
+    assert_eq!(code(c.match_prefix(long_lease).await), tonic::Code::InvalidArgument);
+    let unknown = pb::MatchPrefixRequest { namespace: "p.nope".into(), keys: vec![key.0.to_vec().into()], lease_ms: 0 };
+    let s = c.match_prefix(unknown).await.unwrap_err();
+    assert!(kvcache_proto::metadata::is_unknown_namespace(&s), "{s:?}");
+
+    // A content page must be one full page at index 0.
+    let mut p = content_page(&ns, &key, 0);
+    p.key.as_mut().unwrap().page_index = 1;
+    let e = client.put_pages(vec![p]).await.unwrap_err();
+    assert!(matches!(e, ClientError::InvalidArgument(ref m) if m.contains("content page")), "{e:?}");
+    // '#' ids that are not content keys are refused; appends to content keys too.
+    let e = client
+        .put_pages(
+            vec![content_page(&ns, &key, 0)]
+                .into_iter()
+                .map(|mut p| {
+                    p.key.as_mut().unwrap().sequence.as_mut().unwrap().sequence_id = "#not-a-key".into();
+                    p
+                })
+                .collect(),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(e, ClientError::InvalidArgument(ref m) if m.contains("reserved")), "{e:?}");
+    client.put_content(&ns.name, content_pages(&ns, &[key])).await.unwrap();
+    let seq = SequenceKey::content(&ns.name, &key);
+    let payload = bytes::Bytes::from(tokens_payload(&ns, 1, &mut Rng::new(1)));
+    let e = client.append(&seq, Some(0), 1, payload, vec![]).await.unwrap_err();
+    assert!(matches!(e, ClientError::InvalidArgument(ref m) if m.contains("immutable")), "{e:?}");
+    assert_eq!(ContentKey::from_sequence_id(&seq.sequence_id), Some(key));
+    cluster.stop().await.unwrap();
+}
