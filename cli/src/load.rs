@@ -31,6 +31,8 @@ pub enum Scenario {
     Decode,
     /// One prefill per ten decodes.
     Mixed,
+    /// Replay a request trace (`--trace`): match, pull hits, put misses.
+    Trace,
 }
 
 /// Flags of `kvcache load`.
@@ -71,6 +73,25 @@ pub struct Args {
     /// Replication factor of the load namespace.
     #[arg(long, default_value_t = 1)]
     replication: u32,
+    /// Trace to replay with `--scenario trace`: JSON lines in Mooncake's format (timestamp,
+    /// input_length, output_length, hash_ids of 512-token blocks). `kvcache gen-trace` makes one.
+    #[arg(long)]
+    trace: Option<PathBuf>,
+    /// Trace replay: also append each request's output tokens to a sequence of its own.
+    #[arg(long)]
+    append_output: bool,
+    /// Explicit model dims instead of --preset (GQA): layers.
+    #[arg(long, requires_all = ["q_heads", "kv_heads", "head_dim"])]
+    layers: Option<u32>,
+    /// Explicit model dims: query heads.
+    #[arg(long)]
+    q_heads: Option<u32>,
+    /// Explicit model dims: K/V heads.
+    #[arg(long)]
+    kv_heads: Option<u32>,
+    /// Explicit model dims: head dimension.
+    #[arg(long)]
+    head_dim: Option<u32>,
     /// Write the full report as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -166,6 +187,7 @@ impl Shared {
             Scenario::Prefill => true,
             Scenario::Decode => false,
             Scenario::Mixed => i % 11 == 10,
+            Scenario::Trace => unreachable!("trace replays run in run_trace"),
         };
         let mut rng = Rng::new(i ^ (self.run << 32));
         if prefill {
@@ -222,8 +244,101 @@ impl Shared {
     }
 }
 
+/// The model of the load namespace: `--preset`, or the explicit dims (GQA) when given.
+fn model_request(a: &Args, name: &str, codec: kvcache_core::Codec, page_tokens: u32) -> pb::CreateNamespaceRequest {
+    let mut r = pb::CreateNamespaceRequest {
+        name: name.into(),
+        tenant: "load".into(),
+        codec: kvcache_core::validate::codec_to_wire(codec),
+        page_tokens,
+        replication: a.replication,
+        ..Default::default()
+    };
+    match (a.layers, a.q_heads, a.kv_heads, a.head_dim) {
+        (Some(l), Some(q), Some(kv), Some(d)) => {
+            r.name = format!("{name}.l{l}q{q}kv{kv}d{d}");
+            r.model = Some(pb::ModelSpec {
+                name: format!("gqa-l{l}-q{q}-kv{kv}-d{d}"),
+                attention: if kv == q {
+                    pb::AttentionKind::Mha
+                } else if kv == 1 {
+                    pb::AttentionKind::Mqa
+                } else {
+                    pb::AttentionKind::Gqa
+                } as i32,
+                num_layers: l,
+                num_q_heads: q,
+                num_kv_heads: kv,
+                head_dim: d,
+                ..Default::default()
+            });
+        }
+        _ => r.preset = a.preset.clone(),
+    }
+    r
+}
+
+/// `kvcache load --scenario trace`: replay a trace and compare its hit ratio with an exact LRU
+/// simulation at the cluster's capacity.
+fn run_trace(a: Args) -> anyhow::Result<()> {
+    use kvcache_cli::trace;
+    let path = a
+        .trace
+        .clone()
+        .ok_or_else(|| anyhow::anyhow!("--scenario trace needs --trace FILE (make one with `kvcache gen-trace`)"))?;
+    let text =
+        std::fs::read_to_string(&path).map_err(|e| anyhow::anyhow!("cannot read trace {}: {e}", path.display()))?;
+    let mut reqs = trace::parse(&text)?;
+    if let Some(n) = a.requests {
+        reqs.truncate(n as usize);
+    }
+    anyhow::ensure!(!reqs.is_empty(), "trace {} has no requests", path.display());
+    tokio::runtime::Runtime::new()?.block_on(async move {
+        let tls = kvcache_net::Tls::load(&a.tls)?;
+        let client =
+            kvcache_cli::cluster::connect(&a.coordinator, kvcache_client::ClientConfig { tls, ..Default::default() })
+                .await?;
+        let codec = kvcache_core::Codec::parse(&a.codec).ok_or_else(|| anyhow::anyhow!("unknown codec {}", a.codec))?;
+        let base = if a.layers.is_some() { "trace".to_owned() } else { format!("trace.{}", a.preset) };
+        let name = format!("{base}.{}.r{}", codec.as_str(), a.replication);
+        let ns = client.create_namespace(model_request(&a, &name, codec, trace::BLOCK_TOKENS)).await?;
+        let opts = trace::ReplayOptions { append_output: a.append_output, concurrency: 1 };
+        let r = trace::replay(&client, &ns, &reqs, &opts).await?;
+        println!(
+            "trace replay: {} requests, {} prompt tokens in {:.1} s; hit ratio {:.3} (exact LRU at {} blocks {:.3}, no eviction {:.3}; {:.3}x LRU)",
+            r.requests, r.prompt_tokens, r.seconds, r.hit_ratio, r.capacity_blocks, r.lru_hit_ratio, r.infinite_hit_ratio, r.vs_lru
+        );
+        println!(
+            "pulled {:.1} MB, put {:.1} MB, {} pages deduplicated; match ms p50 {:.2} p99 {:.2}; request ms p50 {:.2} p99 {:.2}",
+            r.bytes_pulled as f64 / 1e6,
+            r.bytes_put as f64 / 1e6,
+            r.pages_deduplicated,
+            r.match_ms["p50"],
+            r.match_ms["p99"],
+            r.request_ms["p50"],
+            r.request_ms["p99"]
+        );
+        if let Some(p) = &a.json {
+            let mut v = serde_json::to_value(&r)?;
+            v["parameters"] = serde_json::json!({
+                "trace": path.display().to_string(),
+                "namespace": ns.name,
+                "model": ns.model.name,
+                "codec": a.codec,
+                "replication": a.replication,
+                "append_output": a.append_output,
+            });
+            std::fs::write(p, serde_json::to_string_pretty(&v)?)?;
+        }
+        Ok(())
+    })
+}
+
 /// Run `kvcache load`.
 pub fn run(a: Args) -> anyhow::Result<()> {
+    if a.scenario == Scenario::Trace {
+        return run_trace(a);
+    }
     anyhow::ensure!(a.duration > 0.0 || a.requests.is_some(), "give --duration and/or --requests");
     anyhow::ensure!(a.rate.is_none_or(|r| r > 0.0 && r.is_finite()), "--rate must be > 0");
     tokio::runtime::Runtime::new()?.block_on(async move {
@@ -233,15 +348,12 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 .await?;
         let codec = kvcache_core::Codec::parse(&a.codec).ok_or_else(|| anyhow::anyhow!("unknown codec {}", a.codec))?;
         let ns = client
-            .create_namespace(pb::CreateNamespaceRequest {
-                name: format!("load.{}.{}.r{}", a.preset, codec.as_str(), a.replication),
-                tenant: "load".into(),
-                preset: a.preset.clone(),
-                codec: kvcache_core::validate::codec_to_wire(codec),
-                page_tokens: 64,
-                replication: a.replication,
-                ..Default::default()
-            })
+            .create_namespace(model_request(
+                &a,
+                &format!("load.{}.{}.r{}", if a.layers.is_some() { "dims" } else { &a.preset }, codec.as_str(), a.replication),
+                codec,
+                64,
+            ))
             .await?;
         let run = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
         let mut decode_seqs = Vec::new();

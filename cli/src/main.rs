@@ -37,6 +37,9 @@ enum Command {
     Demo(demo::Args),
     /// Load-test a running cluster (prefill, decode, mixed; closed or open loop).
     Load(load::Args),
+    /// Write a synthetic request trace (Mooncake's JSON-lines format) for `kvcache load
+    /// --scenario trace`: shared prompts of Zipf popularity and multi-turn conversations.
+    GenTrace(GenTraceArgs),
     /// Run a cache node.
     Node(node::Args),
     /// Run the coordinator.
@@ -52,6 +55,20 @@ enum Command {
     /// Benchmarks (ratios against baselines measured in the same run).
     #[command(subcommand)]
     Bench(bench::Bench),
+}
+
+/// Flags of `kvcache gen-trace`.
+#[derive(clap::Args, Debug)]
+struct GenTraceArgs {
+    /// Requests to generate.
+    #[arg(long, default_value_t = 10_000)]
+    requests: usize,
+    /// Seed (the same seed writes the same trace).
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Where to write the JSON lines.
+    #[arg(long)]
+    out: std::path::PathBuf,
 }
 
 fn main() -> std::process::ExitCode {
@@ -80,6 +97,14 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Node(a) => node::run(a),
         Command::Demo(a) => demo::run(a),
         Command::Load(a) => load::run(a),
+        Command::GenTrace(a) => {
+            let t = kvcache_cli::trace::generate(a.requests, a.seed);
+            std::fs::write(&a.out, kvcache_cli::trace::to_jsonl(&t))
+                .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", a.out.display()))?;
+            let blocks: usize = t.iter().map(|r| r.hash_ids.len()).sum();
+            println!("wrote {} requests ({blocks} blocks of 512 tokens) to {}", t.len(), a.out.display());
+            Ok(())
+        }
         Command::Coordinator(a) => serve::coordinator(a),
         Command::Worker(a) => serve::worker(a),
         Command::Dev(a) => serve::dev(a),

@@ -209,3 +209,51 @@ async fn bad_content_keys_and_pages_are_refused() {
     assert_eq!(ContentKey::from_sequence_id(&seq.sequence_id), Some(key));
     cluster.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trace_replay_hits_what_the_simulation_says_and_tracks_lru_when_evicting() {
+    use kvcache_cli::trace;
+    let dir = tempfile::tempdir().unwrap();
+    // 2 layers × 512-token pages of 1 KV head of 32: 64 KiB payload, a 68 KiB slot per layer.
+    let make = |name: &str| pb::CreateNamespaceRequest {
+        name: name.into(),
+        tenant: "test".into(),
+        model: Some(pb::ModelSpec {
+            name: "trace-tiny".into(),
+            attention: pb::AttentionKind::Mqa as i32,
+            num_layers: 2,
+            num_q_heads: 2,
+            num_kv_heads: 1,
+            head_dim: 32,
+            ..Default::default()
+        }),
+        codec: pb::Codec::Bf16 as i32,
+        page_tokens: trace::BLOCK_TOKENS,
+        replication: 1,
+        ..Default::default()
+    };
+    let reqs = trace::generate(300, 7);
+    let opts = trace::ReplayOptions { append_output: true, concurrency: 1 };
+
+    // Room for everything: the replay hits exactly what a cache without eviction would.
+    let (big, client) = start(&dir.path().join("big")).await;
+    let ns = client.create_namespace(make("trace.big")).await.unwrap();
+    let r = trace::replay(&client, &ns, &reqs, &opts).await.unwrap();
+    assert_eq!(r.hit_tokens, trace::simulate_lru(&reqs, None), "{r:?}");
+    assert!(r.hit_ratio > 0.3 && (r.hit_ratio - r.infinite_hit_ratio).abs() < 1e-12, "{r:?}");
+    assert_eq!(r.output_tokens_appended, reqs.iter().map(|q| q.output_length).sum::<u64>());
+    big.stop().await.unwrap();
+
+    // 3 nodes of 6 MiB: ~132 blocks for a trace of thousands: eviction all along.
+    let mut cfg = LocalClusterConfig::new(dir.path().join("small"));
+    cfg.node_capacity = 6 << 20;
+    let small = LocalCluster::start(cfg).await.unwrap();
+    let client = Client::connect(&small.coordinator).await.unwrap();
+    let ns = client.create_namespace(make("trace.small")).await.unwrap();
+    let opts = trace::ReplayOptions { append_output: false, concurrency: 1 };
+    let r = trace::replay(&client, &ns, &reqs, &opts).await.unwrap();
+    assert!(r.capacity_blocks < 200, "{r:?}");
+    assert!(r.lru_hit_ratio < r.infinite_hit_ratio, "the capacity must make the simulation evict: {r:?}");
+    assert!(r.hit_ratio >= 0.85 * r.lru_hit_ratio, "far below exact LRU at the same capacity: {r:?}");
+    small.stop().await.unwrap();
+}
