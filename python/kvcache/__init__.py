@@ -16,7 +16,10 @@ sticky worker. Page payloads use the namespace's layout: K then V as [kv_heads][
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import math
+import struct
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
 
@@ -33,7 +36,8 @@ from kvcache.v1 import coordinator_pb2_grpc as coord_grpc
 from kvcache.v1 import worker_pb2 as worker_pb
 from kvcache.v1 import worker_pb2_grpc as worker_grpc
 
-__all__ = ["place", "Client", "Tls", "Namespace", "DecodeResult", "KvcacheError", "to_bf16", "from_bf16"]
+__all__ = ["place", "Client", "Tls", "Namespace", "DecodeResult", "KvcacheError", "to_bf16", "from_bf16",
+           "content_keys", "engine_key", "content_sequence_id"]
 
 _MAX_MSG = 256 << 20
 # Accept 1 MiB HTTP/2 frames as the Rust clients do: pages then arrive in a frame or two
@@ -183,6 +187,51 @@ def place(key_hash: int, candidates: Sequence[tuple], r: int) -> list:
         if i not in out:
             out.append(i)
     return out
+
+
+_CHAIN_TAG = b"kvcache/page/v1"
+_ENGINE_TAG = b"kvcache/engine-key/v1"
+
+
+def content_keys(seed: int, tokens: Sequence[int], page_tokens: int) -> list:
+    """The 32-byte content keys of every full page of `tokens` (kvcache-core `content`):
+    k_i = SHA-256("kvcache/page/v1" || seed || k_{i-1} (zeros for the first) || token ids), all
+    little-endian. Use `Client.content_keys` to take the namespace's seed and page size."""
+    out, prev = [], bytes(32)
+    for start in range(0, len(tokens) - page_tokens + 1, page_tokens):
+        h = hashlib.sha256(_CHAIN_TAG + struct.pack("<Q", seed) + prev)
+        h.update(np.asarray(tokens[start:start + page_tokens], dtype="<u4").tobytes())
+        prev = h.digest()
+        out.append(prev)
+    return out
+
+
+def engine_key(key) -> bytes:
+    """An engine's own page key as a content key: 64 hex digits (SGLang's SHA-256 page keys) are
+    used as is, any other string or bytes are hashed (as the Rust client does)."""
+    if isinstance(key, bytes) and len(key) == 32:
+        return key
+    if isinstance(key, str) and len(key) == 64:
+        try:
+            return bytes.fromhex(key)
+        except ValueError:
+            pass
+    raw = key.encode() if isinstance(key, str) else bytes(key)
+    return hashlib.sha256(_ENGINE_TAG + raw).digest()
+
+
+def content_sequence_id(key: bytes) -> str:
+    """The reserved sequence id a content page is stored under: '#' + base64url(key)."""
+    return "#" + base64.urlsafe_b64encode(key).decode().rstrip("=")
+
+
+def _stale_epoch(e: grpc.RpcError) -> bool:
+    """A write refused for a stale shard-map epoch (the node's epoch rides in a trailer; a
+    FAILED_PRECONDITION without it is something else, e.g. a content conflict)."""
+    if e.code() != grpc.StatusCode.FAILED_PRECONDITION:
+        return False
+    md = e.trailing_metadata() if hasattr(e, "trailing_metadata") else None
+    return any(k == "kvcache-epoch" for k, _ in (md or ()))
 
 
 def _seq_hash(namespace: str, sequence_id: str) -> int:
@@ -339,6 +388,127 @@ class Client:
     def delete(self, namespace: str, sequence_id: str) -> int:
         req = lambda e: node_pb.DeleteSequenceRequest(epoch=e, sequence=pb.SequenceKey(namespace=namespace, sequence_id=sequence_id))  # noqa: E731
         return max(r.pages_deleted for r in self._write(namespace, sequence_id, lambda s, e: s.DeleteSequence(req(e), timeout=self.timeout)))
+
+    # ---- prefix reuse: content pages by key ----
+
+    def content_keys(self, namespace: str, tokens: Sequence[int]) -> list:
+        """Content keys of every full page of `tokens` in `namespace` (its seed and page size)."""
+        ns = self.namespace(namespace)
+        return content_keys(ns.proto.prefix_seed, tokens, ns.page_tokens)
+
+    def _by_owner(self, namespace: str, keys: Sequence[bytes], rank: int = 0, all_owners: bool = False) -> dict:
+        """Group key indices by the address of their rank-th owner (or every owner)."""
+        groups: dict = {}
+        for i, k in enumerate(keys):
+            owners = self.owners(namespace, content_sequence_id(k))
+            chosen = owners if all_owners else owners[rank:rank + 1]
+            for addr in chosen:
+                groups.setdefault(addr, []).append(i)
+        return groups
+
+    def match_prefix(self, namespace: str, keys: Sequence[bytes], lease_ms: int = 0) -> int:
+        """How many leading `keys` (content keys in chain order) the cluster holds with every
+        layer: one MatchPrefix per owner node. An unreachable node's keys are asked of their
+        next replica; without one they count as absent (a shorter prefix, not an error)."""
+        keys = [engine_key(k) for k in keys]
+        present = [False] * len(keys)
+        replicas = self.namespace(namespace).proto.replication or 1
+        pending = list(range(len(keys)))
+        for rank in range(replicas):
+            failed = []
+            for addr, idx in self._by_owner(namespace, [keys[i] for i in pending], rank).items():
+                idx = [pending[i] for i in idx]
+                req = node_pb.MatchPrefixRequest(namespace=namespace, keys=[keys[i] for i in idx], lease_ms=lease_ms)
+                try:
+                    r = self._stub(addr).MatchPrefix(req, timeout=self.timeout)
+                except grpc.RpcError as e:
+                    if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                        failed.extend(idx)
+                        continue
+                    if e.code() == grpc.StatusCode.NOT_FOUND:
+                        continue  # a node that does not know the namespace holds none of it
+                    raise KvcacheError(f"{e.code().name}: {e.details()}", e.code()) from None
+                for i, p in zip(idx, r.present):
+                    present[i] = present[i] or p
+            pending = sorted(failed)
+            if not pending:
+                break
+        n = 0
+        while n < len(present) and present[n]:
+            n += 1
+        return n
+
+    def put_content(self, namespace: str, pages: Sequence[tuple]) -> tuple:
+        """Store content pages: (key, layer, payload bytes) each, a full page in the namespace's
+        layout, on every live owner (one PutPages per node). Returns (pages written, pages already
+        held with the same bytes). A key held with other bytes is refused: KvcacheError with
+        FAILED_PRECONDITION."""
+        ns = self.namespace(namespace)
+        wire = []
+        for key, layer, payload in pages:
+            key = engine_key(key)
+            wire.append(pb.Page(key=self._key(namespace, content_sequence_id(key), layer, 0), codec=ns.proto.codec,
+                                token_count=ns.page_tokens, payload_crc32c=_crc32c.crc32c(payload), payload=payload))
+        written = dedup = 0
+        keys = [engine_key(p[0]) for p in pages]
+        for attempt in range(3):
+            stale = reached = False
+            for addr, idx in self._by_owner(namespace, keys, all_owners=True).items():
+                msgs, cur, size = [], [], 0
+                for i in idx:
+                    if cur and size + len(wire[i].payload) > (16 << 20):
+                        msgs.append(node_pb.PutPagesRequest(epoch=self.epoch, pages=cur))
+                        cur, size = [], 0
+                    cur.append(wire[i])
+                    size += len(wire[i].payload)
+                msgs.append(node_pb.PutPagesRequest(epoch=self.epoch, pages=cur))
+                try:
+                    r = self._stub(addr).PutPages(iter(msgs), timeout=self.timeout)
+                except grpc.RpcError as e:
+                    if _stale_epoch(e) and attempt < 2:
+                        stale = True
+                        continue
+                    if e.code() == grpc.StatusCode.UNAVAILABLE:
+                        continue
+                    raise KvcacheError(f"{e.code().name}: {e.details()}", e.code()) from None
+                reached = True
+                written += r.pages_written
+                dedup += r.pages_deduplicated
+            if stale:
+                self.refresh()
+                continue
+            if not reached and pages:
+                raise KvcacheError("no owner of the pages could be reached", grpc.StatusCode.UNAVAILABLE)
+            return written, dedup
+        raise KvcacheError("stale shard map after retries", grpc.StatusCode.UNAVAILABLE)
+
+    def get_content(self, namespace: str, keys: Sequence[bytes], layers: Sequence[int]) -> list:
+        """Content pages: for each key, each of `layers` (key-major), the payload bytes or None
+        for a miss on every replica. Every payload's CRC is checked."""
+        keys = [engine_key(k) for k in keys]
+        layers = list(layers)
+        out: list = [None] * (len(keys) * len(layers))
+        replicas = self.namespace(namespace).proto.replication or 1
+        for rank in range(replicas):
+            want_keys = sorted({i // len(layers) for i, p in enumerate(out) if p is None})
+            if not want_keys:
+                break
+            for addr, idx in self._by_owner(namespace, [keys[k] for k in want_keys], rank).items():
+                items = [(want_keys[j] * len(layers) + li) for j in idx for li in range(len(layers))]
+                items = [i for i in items if out[i] is None]
+                req = node_pb.GetPagesRequest(keys=[
+                    self._key(namespace, content_sequence_id(keys[i // len(layers)]), layers[i % len(layers)], 0)
+                    for i in items])
+                try:
+                    got = [it for m in self._stub(addr).GetPages(req, timeout=self.timeout) for it in m.items]
+                except grpc.RpcError as e:
+                    if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                        continue
+                    raise KvcacheError(f"{e.code().name}: {e.details()}", e.code()) from None
+                for i, it in zip(items, got):
+                    if it.status == pb.PAGE_STATUS_OK and _crc32c.crc32c(it.page.payload) == it.page.payload_crc32c:
+                        out[i] = bytes(it.page.payload)
+        return out
 
     def decode(self, namespace: str, layer: int, items: Sequence[tuple], softmax_scale: float = 0.0) -> list:
         """One decode step for one layer. items: (sequence_id, query [q_heads, qk_width] float32,

@@ -59,6 +59,11 @@ class CacheNodeStub:
                 request_serializer=kvcache_dot_v1_dot_cache__node__pb2.LookupRequest.SerializeToString,
                 response_deserializer=kvcache_dot_v1_dot_cache__node__pb2.LookupResponse.FromString,
                 _registered_method=True)
+        self.MatchPrefix = channel.unary_unary(
+                '/kvcache.v1.CacheNode/MatchPrefix',
+                request_serializer=kvcache_dot_v1_dot_cache__node__pb2.MatchPrefixRequest.SerializeToString,
+                response_deserializer=kvcache_dot_v1_dot_cache__node__pb2.MatchPrefixResponse.FromString,
+                _registered_method=True)
         self.DeleteSequence = channel.unary_unary(
                 '/kvcache.v1.CacheNode/DeleteSequence',
                 request_serializer=kvcache_dot_v1_dot_cache__node__pb2.DeleteSequenceRequest.SerializeToString,
@@ -130,6 +135,16 @@ class CacheNodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def MatchPrefix(self, request, context):
+        """Which of a prompt's content page keys this node holds with every layer: how a client finds
+        the longest cached prefix (one call per owner node, each with the keys placed on it, all at
+        once). Present keys up to the first absent one are touched, the earlier ones most recent, so
+        eviction takes a chain from its end; with lease_ms they are pinned for the pull that follows.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def DeleteSequence(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -189,6 +204,11 @@ def add_CacheNodeServicer_to_server(servicer, server):
                     servicer.Lookup,
                     request_deserializer=kvcache_dot_v1_dot_cache__node__pb2.LookupRequest.FromString,
                     response_serializer=kvcache_dot_v1_dot_cache__node__pb2.LookupResponse.SerializeToString,
+            ),
+            'MatchPrefix': grpc.unary_unary_rpc_method_handler(
+                    servicer.MatchPrefix,
+                    request_deserializer=kvcache_dot_v1_dot_cache__node__pb2.MatchPrefixRequest.FromString,
+                    response_serializer=kvcache_dot_v1_dot_cache__node__pb2.MatchPrefixResponse.SerializeToString,
             ),
             'DeleteSequence': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteSequence,
@@ -351,6 +371,33 @@ class CacheNode:
             '/kvcache.v1.CacheNode/Lookup',
             kvcache_dot_v1_dot_cache__node__pb2.LookupRequest.SerializeToString,
             kvcache_dot_v1_dot_cache__node__pb2.LookupResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MatchPrefix(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvcache.v1.CacheNode/MatchPrefix',
+            kvcache_dot_v1_dot_cache__node__pb2.MatchPrefixRequest.SerializeToString,
+            kvcache_dot_v1_dot_cache__node__pb2.MatchPrefixResponse.FromString,
             options,
             channel_credentials,
             insecure,

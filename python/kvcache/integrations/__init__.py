@@ -1,0 +1,1 @@
+"""Serving-engine integrations: `kvcache.integrations.sglang` (SGLang HiCache L3 storage)."""
