@@ -241,6 +241,17 @@ async fn copy_to(
         .lookup(pb::LookupRequest { sequence: Some(key.into()), prefix_hashes: Vec::new(), layer: None })
         .await?
         .into_inner();
+    // A sequence over a prefix carries its prefix first (its own pages start after it).
+    if let Some(prefix) = store.prefix_of(key)
+        && theirs.prefix.is_empty()
+    {
+        let req = pb::CreateSequenceRequest {
+            epoch,
+            sequence: Some(key.into()),
+            prefix: prefix.iter().map(|k| bytes::Bytes::copy_from_slice(&k.0)).collect(),
+        };
+        c.create_sequence(req).await?;
+    }
     let (s, k) = (store.clone(), key.clone());
     let pages = tokio::task::spawn_blocking(move || missing_pages(&s, &k, &theirs))
         .await

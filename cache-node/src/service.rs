@@ -40,7 +40,9 @@ pub fn status(e: StoreError) -> Status {
             }
             s
         }
-        StoreError::Position { .. } | StoreError::ContentConflict { .. } => Status::failed_precondition(e.to_string()),
+        StoreError::Position { .. } | StoreError::ContentConflict { .. } | StoreError::SequenceExists(_) => {
+            Status::failed_precondition(e.to_string())
+        }
         StoreError::Full(_) => Status::resource_exhausted(e.to_string()),
         StoreError::Io(_) | StoreError::DataDir(_) => Status::unavailable(e.to_string()),
         StoreError::PartialPageLost(_) => Status::data_loss(e.to_string()),
@@ -185,7 +187,13 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, StoreError> +
 
 impl From<crate::store::LayerExtent> for pb::LayerExtent {
     fn from(l: crate::store::LayerExtent) -> Self {
-        pb::LayerExtent { layer: l.layer, tokens: l.tokens, pages: l.pages, page_write_seqs: l.write_seqs }
+        pb::LayerExtent {
+            layer: l.layer,
+            tokens: l.tokens,
+            pages: l.pages,
+            page_write_seqs: l.write_seqs,
+            prefix_pages: l.prefix_pages,
+        }
     }
 }
 
@@ -382,7 +390,12 @@ impl CacheNode for NodeService {
         let r = request.into_inner();
         let seq = sequence(r.sequence)?;
         let (exists, layers, cached) = self.store.lookup(&seq, &r.prefix_hashes, r.layer).map_err(status)?;
+        let prefix = self
+            .store
+            .prefix_of(&seq)
+            .map_or_else(Vec::new, |p| p.iter().map(|k| bytes::Bytes::copy_from_slice(&k.0)).collect());
         Ok(Response::new(pb::LookupResponse {
+            prefix,
             exists,
             layers: layers.into_iter().map(pb::LayerExtent::from).collect(),
             prefix_pages_cached: cached,
@@ -418,6 +431,28 @@ impl CacheNode for NodeService {
         let store = self.store.clone();
         let present = blocking(move || store.match_prefix(&r.namespace, &keys, lease)).await?;
         Ok(Response::new(pb::MatchPrefixResponse { present }))
+    }
+
+    async fn create_sequence(
+        &self,
+        request: Request<pb::CreateSequenceRequest>,
+    ) -> Result<Response<pb::CreateSequenceResponse>, Status> {
+        let r = request.into_inner();
+        let seq = sequence(r.sequence)?;
+        self.store.check_epoch(r.epoch).map_err(status)?;
+        let prefix = r
+            .prefix
+            .iter()
+            .enumerate()
+            .map(|(i, k)| {
+                ContentKey::from_bytes(k).ok_or_else(|| {
+                    Status::invalid_argument(format!("prefix key {i} is {} bytes: a content key is 32 bytes", k.len()))
+                })
+            })
+            .collect::<Result<Vec<_>, Status>>()?;
+        let store = self.store.clone();
+        let created = blocking(move || store.create_sequence(&seq, &prefix)).await?;
+        Ok(Response::new(pb::CreateSequenceResponse { created }))
     }
 
     async fn delete_sequence(

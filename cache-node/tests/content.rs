@@ -129,3 +129,39 @@ fn content_pages_survive_a_restart_and_still_deduplicate() {
         .collect();
     assert_eq!(s.put_pages(pages, kvcache_node::PutMode::Write).unwrap().deduplicated, 9);
 }
+
+#[test]
+fn a_sequence_over_a_prefix_keeps_it_across_restarts_and_until_it_goes() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = chain(8, 3);
+    let seq = SequenceKey::new("test.small", "req");
+    {
+        let s = open(dir.path(), 64);
+        assert!(s.create_sequence(&seq, &keys).unwrap());
+        assert!(!s.create_sequence(&seq, &keys).unwrap(), "idempotent");
+        assert!(matches!(s.create_sequence(&seq, &keys[..1]), Err(StoreError::SequenceExists(_))));
+        // Appends land after the prefix: 12 prefix tokens, then 2 of its own (page index 3).
+        append(&s, &seq, Some(1), 2, &payload(&small_ns(), 2, 5), Some(12)).unwrap();
+        // Its own pages may not overlap the prefix.
+        let e = put_wire(
+            &s,
+            vec![page(&PageKey { sequence: seq.clone(), layer: 0, page_index: 1 }, 4, payload(&small_ns(), 4, 1))],
+        );
+        assert!(matches!(e, Err(StoreError::Invalid(_))), "{e:?}");
+        s.close().unwrap();
+    }
+    let s = open(dir.path(), 64);
+    assert_eq!(s.prefix_of(&seq).as_deref(), Some(&keys[..]));
+    let (exists, layers, _) = s.lookup(&seq, &[], None).unwrap();
+    assert!(exists);
+    assert_eq!(layers.iter().map(|l| (l.tokens, l.prefix_pages)).collect::<Vec<_>>(), [(12, 3), (14, 3), (12, 3)]);
+    assert_eq!(layers[1].write_seqs.len(), 4);
+    assert_eq!(s.get(&PageKey { sequence: seq.clone(), layer: 1, page_index: 3 }).unwrap().unwrap().token_count, 2);
+    // Deleted, it is gone for good (its chain file too).
+    s.delete(&seq).unwrap();
+    s.close().unwrap();
+    drop(s);
+    let s = open(dir.path(), 64);
+    assert_eq!(s.prefix_of(&seq), None);
+    assert_eq!(std::fs::read_dir(dir.path().join("chains")).unwrap().count(), 0);
+}

@@ -257,3 +257,72 @@ async fn a_trace_replay_hits_what_the_simulation_says_and_tracks_lru_when_evicti
     assert!(r.hit_ratio >= 0.85 * r.lru_hit_ratio, "far below exact LRU at the same capacity: {r:?}");
     small.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sequences_over_a_shared_prefix_decode_correctly_and_the_worker_pulls_it_once() {
+    use bytes::Bytes;
+    use kvcache_attention::AttnShape;
+    use kvcache_cli::synth::{Mirror, check_output};
+    let dir = tempfile::tempdir().unwrap();
+    let (cluster, client) = start(dir.path()).await;
+    let ns = namespace(&client, "p.decode", 1).await;
+    let shape = AttnShape::new(&ns.model, ns.layout());
+    let mut rng = Rng::new(11);
+    // A 4-page system prompt, stored once by content.
+    let keys = client.content_keys(&ns.name, &prompt(4 * 16, 9)).unwrap();
+    client.put_content(&ns.name, content_pages(&ns, &keys)).await.unwrap();
+    // Eight requests over it, each with 5 tokens of its own.
+    let n = 8;
+    let mut mirrors = Vec::new();
+    for i in 0..n {
+        let seq = SequenceKey::new(&ns.name, format!("req-{i}"));
+        client.create_sequence(&seq, &keys, Some(Duration::from_secs(60))).await.unwrap();
+        let own = tokens_payload(&ns, 5, &mut rng);
+        client.append(&seq, Some(0), 5, Bytes::from(own.clone()), vec![]).await.unwrap();
+        let mut m = Mirror { pages: keys.iter().map(|k| (content_page(&ns, k, 0).payload.to_vec(), 16)).collect() };
+        m.pages.push((own, 5));
+        mirrors.push(m);
+    }
+    // Creating it again is a no-op; over another prefix, or as a content key, it is refused.
+    let s0 = SequenceKey::new(&ns.name, "req-0");
+    client.create_sequence(&s0, &keys, None).await.unwrap();
+    let e = client.create_sequence(&s0, &keys[..2], None).await.unwrap_err();
+    assert!(matches!(e, ClientError::FailedPrecondition(_)), "{e:?}");
+    let h = client.lookup(&s0, vec![]).await.unwrap();
+    assert_eq!(h.prefix, keys);
+    assert_eq!((h.layers[0].tokens, h.layers[0].prefix_pages, h.layers[1].tokens), (69, 4, 64));
+
+    for step in 0..3 {
+        let mut items = Vec::new();
+        let mut qs = Vec::new();
+        for (i, m) in mirrors.iter_mut().enumerate() {
+            let q = rng.vec(shape.q_len(), 1.0);
+            let tok = tokens_payload(&ns, 1, &mut rng);
+            m.append(&ns, &tok);
+            items.push(pb::DecodeItem {
+                sequence_id: format!("req-{i}"),
+                query: kvcache_proto::f32le::to_bytes(&q),
+                new_kv: Bytes::from(tok),
+                new_token_id: None,
+            });
+            qs.push(q);
+        }
+        let r = client
+            .decode(pb::DecodeRequest { namespace: ns.name.clone(), layer: 0, items, softmax_scale: 0.0 })
+            .await
+            .unwrap();
+        for (i, res) in r.results.iter().enumerate() {
+            assert_eq!(res.status, kvcache_client::SequenceStatus::Ok, "{}", res.message);
+            assert_eq!(res.context_tokens, mirrors[i].tokens());
+            let e = check_output(&shape, &qs[i], &mirrors[i].pages, &res.output_f32());
+            assert!(e <= 1e-5, "step {step} seq {i}: rel L2 {e:e}");
+        }
+        if step == 0 {
+            // The prompt's 4 pages once for the whole batch, then each request's own page.
+            assert_eq!(r.stats.pages_pulled, 4 + n as u64, "{:?}", r.stats);
+        } else {
+            assert_eq!(r.stats.pages_pulled, 0, "a warm step pulls nothing: {:?}", r.stats);
+        }
+    }
+    cluster.stop().await.unwrap();
+}

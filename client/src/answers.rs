@@ -68,17 +68,25 @@ impl AppendAck {
 pub struct LayerExtent {
     /// The layer.
     pub layer: u32,
-    /// Tokens held.
+    /// Tokens of the layer, its prefix's included.
     pub tokens: u64,
-    /// Pages held.
+    /// Pages of the sequence's own held.
     pub pages: u32,
-    /// write_seq of each page, by page index (0: missing).
+    /// write_seq of each page, by page index (0: missing; the prefix's pages are 0).
     pub page_write_seqs: Vec<u64>,
+    /// Leading pages that are the sequence's prefix (content pages, [`Holding::prefix`]).
+    pub prefix_pages: u32,
 }
 
 impl From<pb::LayerExtent> for LayerExtent {
     fn from(l: pb::LayerExtent) -> Self {
-        Self { layer: l.layer, tokens: l.tokens, pages: l.pages, page_write_seqs: l.page_write_seqs }
+        Self {
+            layer: l.layer,
+            tokens: l.tokens,
+            pages: l.pages,
+            page_write_seqs: l.page_write_seqs,
+            prefix_pages: l.prefix_pages,
+        }
     }
 }
 
@@ -91,6 +99,10 @@ pub struct Holding {
     pub layers: Vec<LayerExtent>,
     /// Leading prefix hashes cached on the node (in any sequence of the namespace).
     pub prefix_pages_cached: u32,
+    /// The sequence's prefix: the content keys of its first pages (empty: none). A key of the
+    /// wrong length is left out, which makes the prefix shorter than its extents say: a reader
+    /// then finds the sequence incomplete (a miss), never misplaced.
+    pub prefix: Vec<kvcache_core::ContentKey>,
 }
 
 impl From<pb::LookupResponse> for Holding {
@@ -99,6 +111,7 @@ impl From<pb::LookupResponse> for Holding {
             exists: r.exists,
             layers: r.layers.into_iter().map(LayerExtent::from).collect(),
             prefix_pages_cached: r.prefix_pages_cached,
+            prefix: r.prefix.iter().filter_map(|k| kvcache_core::ContentKey::from_bytes(k)).collect(),
         }
     }
 }

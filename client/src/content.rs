@@ -150,6 +150,32 @@ impl Client {
         Ok(PrefixMatch { pages, present })
     }
 
+    /// Create `seq` over the content pages of `prefix` on every live owner of the sequence: its
+    /// first `prefix.len()` pages are those pages (referenced, never copied), its own pages and
+    /// appends follow. With `pin`, the prefix's pages are also pinned on their nodes for that
+    /// long (at most 10 minutes; a decode re-pins what it pulls). Idempotent.
+    pub async fn create_sequence(
+        &self,
+        seq: &SequenceKey,
+        prefix: &[ContentKey],
+        pin: Option<Duration>,
+    ) -> Result<(), ClientError> {
+        let ns = self.namespace_of(seq)?;
+        if pin.is_some() {
+            self.match_prefix(&seq.namespace, prefix, pin).await?;
+        }
+        let keys: Vec<Bytes> = prefix.iter().map(|k| Bytes::copy_from_slice(&k.0)).collect();
+        self.write_all_owners(seq, &ns, |c, epoch| {
+            let req = pb::CreateSequenceRequest { epoch, sequence: Some(seq.into()), prefix: keys.clone() };
+            async move {
+                let mut c = c;
+                c.create_sequence(req).await.map(|_| ())
+            }
+        })
+        .await
+        .map(|_| ())
+    }
+
     /// Store content pages ([`content_page`]) on every live owner of their keys: one PutPages
     /// stream per node. Fails only when some key reached none of its owners, or a node refused
     /// a page (a key held with other bytes: FAILED_PRECONDITION).

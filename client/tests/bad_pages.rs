@@ -105,6 +105,13 @@ impl CacheNode for FakeNode {
         Err(fake())
     }
 
+    async fn create_sequence(
+        &self,
+        _: Request<pb::CreateSequenceRequest>,
+    ) -> Result<Response<pb::CreateSequenceResponse>, Status> {
+        Err(fake())
+    }
+
     async fn match_prefix(
         &self,
         _: Request<pb::MatchPrefixRequest>,

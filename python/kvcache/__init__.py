@@ -482,6 +482,17 @@ class Client:
             return written, dedup
         raise KvcacheError("stale shard map after retries", grpc.StatusCode.UNAVAILABLE)
 
+    def create_sequence(self, namespace: str, sequence_id: str, prefix: Sequence[bytes], pin_ms: int = 0) -> None:
+        """Create a sequence over the content pages `prefix` (referenced, never copied): its own
+        pages and appends start after them. With `pin_ms`, the prefix's pages are pinned on
+        their nodes for that long. Idempotent; over another prefix: FAILED_PRECONDITION."""
+        prefix = [engine_key(k) for k in prefix]
+        if pin_ms:
+            self.match_prefix(namespace, prefix, lease_ms=pin_ms)
+        seq = pb.SequenceKey(namespace=namespace, sequence_id=sequence_id)
+        self._write(namespace, sequence_id, lambda s, e: s.CreateSequence(
+            node_pb.CreateSequenceRequest(epoch=e, sequence=seq, prefix=prefix), timeout=self.timeout))
+
     def get_content(self, namespace: str, keys: Sequence[bytes], layers: Sequence[int]) -> list:
         """Content pages: for each key, each of `layers` (key-major), the payload bytes or None
         for a miss on every replica. Every payload's CRC is checked."""

@@ -116,3 +116,36 @@ def test_misses_and_bad_input(client):
     with pytest.raises(kvcache.KvcacheError) as e:
         client.namespace("py.nope")
     assert e.value.code.name == "NOT_FOUND"
+
+
+def test_prefix_reuse_by_content_key(client):
+    ns = client.create_namespace("py.prefix", preset="qwen2.5-7b", page_tokens=16)
+    tokens = list(range(16 * 5 + 3))
+    keys = client.content_keys("py.prefix", tokens)
+    assert len(keys) == 5 and all(len(k) == 32 for k in keys)
+    # The same chain as the Rust side computes (SHA-256, seeded by the namespace).
+    assert keys == kvcache.content_keys(ns.proto.prefix_seed, tokens, 16)
+    assert kvcache.content_keys(ns.proto.prefix_seed + 1, tokens, 16)[0] != keys[0]
+    assert client.match_prefix("py.prefix", keys) == 0
+    rng = np.random.default_rng(5)
+    layers = ns.proto.model.num_layers
+    body = {(i, l): kvcache.to_bf16(rng.standard_normal((ns.planes, 16, ns.width)).astype(np.float32)).astype("<u2").tobytes()
+            for i in range(3) for l in range(layers)}
+    written, dedup = client.put_content("py.prefix", [(keys[i], l, body[(i, l)]) for (i, l) in body])
+    assert (written, dedup) == (3 * layers, 0)
+    assert client.match_prefix("py.prefix", keys) == 3
+    assert client.put_content("py.prefix", [(keys[0], 0, body[(0, 0)])]) == (0, 1)
+    got = client.get_content("py.prefix", keys[:4], [0, layers - 1])
+    assert got[0] == body[(0, 0)] and got[5] == body[(2, layers - 1)] and got[6] is None
+    # Another payload under a stored key is refused, never stored.
+    with pytest.raises(kvcache.KvcacheError) as e:
+        client.put_content("py.prefix", [(keys[0], 0, body[(1, 0)])])
+    assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    # A sequence over the cached prefix: its own tokens follow the prefix's.
+    client.create_sequence("py.prefix", "conv-1", keys[:3], pin_ms=10_000)
+    kv = kvcache.to_bf16(rng.standard_normal((ns.planes, 2, ns.width)).astype(np.float32))
+    assert client.append("py.prefix", "conv-1", 0, kv) == 3 * 16 + 2
+    assert list(client.lookup("py.prefix", "conv-1").prefix) == keys[:3]
+    # Engine keys (SGLang's hex digests) are used as they are.
+    assert kvcache.engine_key(keys[1].hex()) == keys[1]
+    assert kvcache.content_sequence_id(keys[0]).startswith("#") and len(kvcache.content_sequence_id(keys[0])) == 44

@@ -96,12 +96,27 @@ impl PageCache {
     /// others (a write_seq of 0 is never cached). Counts a hit or a miss per page and makes the
     /// layer the most recently used.
     pub fn layer(&self, seq: &SequenceKey, layer: u32, node: &str, write_seqs: &[u64]) -> Vec<Option<CachedPage>> {
+        self.layer_from(seq, layer, node, 0, write_seqs)
+    }
+
+    /// [`layer`](Self::layer) of the pages from index `start` on (`write_seqs[0]` is page
+    /// `start`'s): a sequence over a prefix holds its own pages after the prefix's.
+    pub fn layer_from(
+        &self,
+        seq: &SequenceKey,
+        layer: u32,
+        node: &str,
+        start: usize,
+        write_seqs: &[u64],
+    ) -> Vec<Option<CachedPage>> {
         let mut g = self.inner.lock();
         let got: Vec<Option<CachedPage>> = match g.layer_mut(seq, layer) {
             Some(l) => write_seqs
                 .iter()
                 .enumerate()
-                .map(|(i, &ws)| l.pages.get(i).and_then(|p| p.as_ref()).filter(|p| is_version(p, node, ws)).cloned())
+                .map(|(i, &ws)| {
+                    l.pages.get(start + i).and_then(|p| p.as_ref()).filter(|p| is_version(p, node, ws)).cloned()
+                })
                 .collect(),
             None => vec![None; write_seqs.len()],
         };
@@ -122,19 +137,51 @@ impl PageCache {
         node: &str,
         write_seqs: &[u64],
     ) -> Option<Vec<CachedPage>> {
+        self.whole_layer_from(seq, layer, node, 0, write_seqs)
+    }
+
+    /// [`whole_layer`](Self::whole_layer) of the pages from index `start` on.
+    pub fn whole_layer_from(
+        &self,
+        seq: &SequenceKey,
+        layer: u32,
+        node: &str,
+        start: usize,
+        write_seqs: &[u64],
+    ) -> Option<Vec<CachedPage>> {
         let mut g = self.inner.lock();
         let l = g.layer_mut(seq, layer)?;
-        if write_seqs.is_empty() || l.pages.len() < write_seqs.len() {
+        if write_seqs.is_empty() || l.pages.len() < start + write_seqs.len() {
             return None;
         }
         let got = write_seqs
             .iter()
-            .zip(&l.pages)
+            .zip(&l.pages[start..])
             .map(|(&ws, p)| p.as_ref().filter(|p| is_version(p, node, ws)).cloned())
             .collect::<Option<Vec<_>>>()?;
         g.hits += got.len() as u64;
         g.touch(seq, layer);
         Some(got)
+    }
+
+    /// Content pages (page 0 of a content key's layer), which are immutable: any cached copy is
+    /// the page, whichever node it came from. Counts hits and misses and makes each present one
+    /// the most recently used.
+    pub fn content(&self, keys: &[PageKey]) -> Vec<Option<CachedPage>> {
+        let mut g = self.inner.lock();
+        let got: Vec<Option<CachedPage>> = keys
+            .iter()
+            .map(|k| g.layer_mut(&k.sequence, k.layer).and_then(|l| l.pages.first().cloned().flatten()))
+            .collect();
+        for (k, p) in keys.iter().zip(&got) {
+            if p.is_some() {
+                g.touch(&k.sequence, k.layer);
+            }
+        }
+        let hits = got.iter().flatten().count() as u64;
+        g.hits += hits;
+        g.misses += keys.len() as u64 - hits;
+        got
     }
 
     /// The cached version of a page, whatever it is (for applying an append locally). Neither

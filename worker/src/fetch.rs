@@ -4,10 +4,10 @@
 //! when more than the last page is missing).
 
 use crate::cache::CachedPage;
-use crate::{Fetched, PULL_LEASE, SeqFailure, Worker};
+use crate::{CONTENT_STRIPES, Fetched, PULL_LEASE, SeqFailure, Worker};
 use bytes::Bytes;
 use kvcache_client::AppendAck;
-use kvcache_core::{Namespace, PageKey, SequenceKey};
+use kvcache_core::{ContentKey, Namespace, PageKey, SequenceKey};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -77,10 +77,25 @@ impl Worker {
         // The owner the cached pages came from (with R > 1 every owner answers the append).
         let (node, ext) = acks.iter().find_map(|a| {
             let e = a.extent.as_ref().filter(|e| e.layer == layer && e.tokens > 0)?;
-            self.cache.peek(&key(0)).is_some_and(|p| *p.node == *a.node_id).then_some((a.node_id.as_str(), e))
+            let first = e.prefix_pages as usize;
+            self.cache.peek(&key(first)).is_some_and(|p| *p.node == *a.node_id).then_some((a.node_id.as_str(), e))
         })?;
-        let pages = self.cache.whole_layer(seq, layer, node, &ext.page_write_seqs)?;
-        let pages: Vec<(Bytes, usize)> = pages.into_iter().map(|p| (p.bytes, p.tokens as usize)).collect();
+        let np = ext.prefix_pages as usize;
+        let mut pages: Vec<(Bytes, usize)> = Vec::new();
+        if np > 0 {
+            // The prefix's pages by content, all cached, or the slow path.
+            let prefix = self.prefixes.get(seq).map(|p| p.clone()).filter(|p| p.len() == np)?;
+            let keys: Vec<PageKey> = prefix
+                .iter()
+                .map(|k| PageKey { sequence: SequenceKey::content(&seq.namespace, k), layer, page_index: 0 })
+                .collect();
+            for p in self.cache.content(&keys) {
+                let p = p?;
+                pages.push((p.bytes, p.tokens as usize));
+            }
+        }
+        let own = self.cache.whole_layer_from(seq, layer, node, np, ext.page_write_seqs.get(np..)?)?;
+        pages.extend(own.into_iter().map(|p| (p.bytes, p.tokens as usize)));
         let cached = pages.len() as u64;
         (pages.iter().map(|p| p.1 as u64).sum::<u64>() == ext.tokens).then_some(Fetched {
             pages,
@@ -90,45 +105,59 @@ impl Worker {
         })
     }
 
-    /// Make sure the layer's pages are cached (from the freshest owner) and return them in order.
+    /// Make sure the layer's pages are cached (from the freshest owner) and return them in order:
+    /// a sequence over a prefix first gets the prefix's content pages (from their own owners, or
+    /// the cache, where every sequence sharing that prefix finds them), then its own.
     pub(crate) async fn fetch_layer(&self, seq: &SequenceKey, layer: u32) -> Result<Fetched, SeqFailure> {
         let ns_r = self.client.namespace(&seq.namespace).map_or(1, |n| n.replication as usize);
         let cands: Vec<_> = self.client.read_candidates(seq).into_iter().take(ns_r.max(1) + 1).collect();
         let lookups =
             futures::future::join_all(cands.iter().map(|n| self.client.lookup_on(n, seq, vec![], Some(layer)))).await;
-        let mut best: Option<(usize, u64, Vec<u64>)> = None;
+        let mut best: Option<(usize, u64, Vec<u64>, Vec<ContentKey>, usize)> = None;
         for (i, r) in lookups.into_iter().enumerate() {
             let Ok(r) = r else { continue };
             let Some(ext) = r.layers.into_iter().find(|l| l.layer == layer) else { continue };
             if ext.tokens > 0 && best.as_ref().is_none_or(|b| ext.tokens > b.1) {
-                best = Some((i, ext.tokens, ext.page_write_seqs));
+                best = Some((i, ext.tokens, ext.page_write_seqs, r.prefix, ext.prefix_pages as usize));
             }
         }
-        let Some((ni, _tokens, seqs)) = best else {
+        let Some((ni, tokens, seqs, prefix, np)) = best else {
             return Err(SeqFailure::Miss(format!("no live owner holds layer {layer} of {:?}", seq.sequence_id)));
         };
+        if prefix.len() != np {
+            return Err(SeqFailure::Miss(format!(
+                "the prefix of {:?} lists {} keys for {np} pages",
+                seq.sequence_id,
+                prefix.len()
+            )));
+        }
         let node = &cands[ni];
         let node_id: Arc<str> = node.node_id.as_str().into();
-        if let Some(i) = seqs.iter().position(|&ws| ws == 0) {
-            return Err(SeqFailure::Miss(format!("page {i} of layer {layer} is missing")));
+        let own = seqs.get(np..).unwrap_or_default();
+        if let Some(i) = own.iter().position(|&ws| ws == 0) {
+            return Err(SeqFailure::Miss(format!("page {} of layer {layer} is missing", np + i)));
         }
-        let mut pages: Vec<Option<(Bytes, usize)>> = Vec::with_capacity(seqs.len());
+        let (mut pages, mut bytes, mut pulled, mut cached) = if np > 0 {
+            self.remember_prefix(seq, &prefix);
+            self.content_layer(&seq.namespace, &prefix, layer).await?
+        } else {
+            (Vec::new(), 0, 0, 0)
+        };
+        let mut own_pages: Vec<Option<(Bytes, usize)>> = Vec::with_capacity(own.len());
         let mut missing = Vec::new();
-        let mut cached = 0;
-        for (i, p) in self.cache.layer(seq, layer, &node_id, &seqs).into_iter().enumerate() {
+        for (i, p) in self.cache.layer_from(seq, layer, &node_id, np, own).into_iter().enumerate() {
             match p {
                 Some(p) => {
                     cached += 1;
-                    pages.push(Some((p.bytes, p.tokens as usize)));
+                    own_pages.push(Some((p.bytes, p.tokens as usize)));
                 }
                 None => {
-                    missing.push(PageKey { sequence: seq.clone(), layer, page_index: i as u32 });
-                    pages.push(None);
+                    missing.push(PageKey { sequence: seq.clone(), layer, page_index: (np + i) as u32 });
+                    own_pages.push(None);
                 }
             }
         }
-        let mut bytes = 0;
-        let pulled = missing.len() as u64;
+        pulled += missing.len() as u64;
         if !missing.is_empty() {
             // A pull of more than the last page (a cold or evicted layer) runs under a lease, so
             // the node cannot evict the sequence halfway through the stream. The O(1) pull of a
@@ -155,8 +184,7 @@ impl Worker {
                     return Err(SeqFailure::Miss(format!("page {} of layer {layer} went missing", key.page_index)));
                 };
                 bytes += p.payload.len() as u64;
-                let i = key.page_index as usize;
-                pages[i] = Some((p.payload.clone(), p.token_count as usize));
+                own_pages[key.page_index as usize - np] = Some((p.payload.clone(), p.token_count as usize));
                 self.cache.insert(
                     key,
                     CachedPage {
@@ -168,8 +196,82 @@ impl Worker {
                 );
             }
         }
+        pages.extend(own_pages.into_iter().map(|p| p.expect("filled")));
+        if pages.iter().map(|p| p.1 as u64).sum::<u64>() != tokens {
+            return Err(SeqFailure::Miss(format!(
+                "layer {layer} of {:?} holds {tokens} tokens, its pages add up to another count",
+                seq.sequence_id
+            )));
+        }
         self.counters.bytes_pulled.fetch_add(bytes, Ordering::Relaxed);
         self.counters.pages_pulled.fetch_add(pulled, Ordering::Relaxed);
-        Ok(Fetched { pages: pages.into_iter().map(|p| p.expect("filled")).collect(), bytes, pulled, cached })
+        Ok(Fetched { pages, bytes, pulled, cached })
+    }
+
+    /// Keep a sequence's prefix for the warm path ([`Self::cached_layer`]); bounded: the map is
+    /// dropped whole when it grows past 2^16 sequences and relearned from lookups.
+    fn remember_prefix(&self, seq: &SequenceKey, prefix: &[ContentKey]) {
+        if self.prefixes.len() >= 1 << 16 {
+            self.prefixes.clear();
+        }
+        self.prefixes.insert(seq.clone(), prefix.into());
+    }
+
+    /// The layer's pages of a prefix: from the cache, the rest pulled from their owners (every
+    /// node at once) and cached by content. Concurrent fetches of one prefix wait for a single
+    /// pull: a batch of sequences sharing a prompt pulls it once. Returns (pages, bytes pulled,
+    /// pages pulled, pages from the cache).
+    pub(crate) async fn content_layer(
+        &self,
+        namespace: &str,
+        prefix: &[ContentKey],
+        layer: u32,
+    ) -> Result<(Vec<(Bytes, usize)>, u64, u64, u64), SeqFailure> {
+        let keys: Vec<PageKey> = prefix
+            .iter()
+            .map(|k| PageKey { sequence: SequenceKey::content(namespace, k), layer, page_index: 0 })
+            .collect();
+        let mut got = self.cache.content(&keys);
+        let (mut bytes, mut pulled) = (0, 0);
+        if let Some(first) = got.iter().position(Option::is_none) {
+            // One pull per prefix at a time: the stripe of the first missing page, which every
+            // sequence sharing this prompt (and missing the same pages) maps to.
+            let head = u64::from_le_bytes(prefix[first].0[..8].try_into().expect("8 bytes"));
+            let stripe = ((head ^ layer as u64) % CONTENT_STRIPES as u64) as usize;
+            let _one = self.content_locks[stripe].lock().await;
+            for (i, p) in self.cache.content(&keys).into_iter().enumerate() {
+                if got[i].is_none() {
+                    got[i] = p;
+                }
+            }
+            let want: Vec<usize> = (0..keys.len()).filter(|&i| got[i].is_none()).collect();
+            if !want.is_empty() {
+                let wk: Vec<ContentKey> = want.iter().map(|&i| prefix[i]).collect();
+                let pages = self
+                    .client
+                    .get_content(namespace, &wk, layer..layer + 1)
+                    .await
+                    .map_err(|e| SeqFailure::Miss(e.to_string()))?;
+                let content: Arc<str> = Arc::from("content");
+                for (&i, p) in want.iter().zip(pages) {
+                    let Some(p) = p else {
+                        return Err(SeqFailure::Miss(format!(
+                            "prefix page {i} ({}) of layer {layer} is not held by any of its owners",
+                            prefix[i]
+                        )));
+                    };
+                    let payload = self.arena.as_ref().and_then(|a| a.copy_in(&p.payload)).unwrap_or(p.payload);
+                    bytes += payload.len() as u64;
+                    pulled += 1;
+                    let page =
+                        CachedPage { node: content.clone(), write_seq: 1, tokens: p.token_count, bytes: payload };
+                    self.cache.insert(keys[i].clone(), page.clone());
+                    got[i] = Some(page);
+                }
+            }
+        }
+        let cached = keys.len() as u64 - pulled;
+        let pages = got.into_iter().map(|p| p.map(|p| (p.bytes, p.tokens as usize)).expect("filled")).collect();
+        Ok((pages, bytes, pulled, cached))
     }
 }

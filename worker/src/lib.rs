@@ -93,7 +93,14 @@ pub struct Worker {
     pub counters: WorkerCounters,
     /// Work a call leaves running (lease releases, next-layer prefetch): shutdown waits for it.
     tasks: tokio_util::task::TaskTracker,
+    /// The prefix of each sequence over one (learnt from lookups), for the warm path.
+    prefixes: dashmap::DashMap<kvcache_core::SequenceKey, Arc<[kvcache_core::ContentKey]>>,
+    /// Stripes that make concurrent pulls of one prefix a single pull.
+    content_locks: Vec<tokio::sync::Mutex<()>>,
 }
+
+/// Stripes of [`Worker::content_locks`].
+const CONTENT_STRIPES: usize = 64;
 
 /// Why one sequence of a batch could not be answered.
 enum SeqFailure {
@@ -126,6 +133,8 @@ impl Worker {
             client,
             cfg,
             counters: WorkerCounters::default(),
+            prefixes: dashmap::DashMap::new(),
+            content_locks: (0..CONTENT_STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
             tasks: tokio_util::task::TaskTracker::new(),
         })
     }

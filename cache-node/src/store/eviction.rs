@@ -54,6 +54,9 @@ impl PageStore {
             }
         }
         inner.removed = true;
+        if inner.prefix.take().is_some() {
+            self.remove_chain(&seq.key);
+        }
         self.lru.lock().remove(&seq.lru_key.load(Ordering::Relaxed));
         for (id, _) in inner.leases.drain(..) {
             self.leases.remove(&id);

@@ -20,7 +20,8 @@
 //! read instead); the newest write of each page is kept, the rest freed.
 //!
 //! One room per concern: [`namespaces`] (the registry), [`slots`] (allocation, striping, pool
-//! growth), [`writes`] (puts, appends, publish, retire, deletes), [`reads`] (gets, extents), [`content`] (content pages: dedup, conflicts, prefix matches),
+//! growth), [`writes`] (puts, appends, publish, retire, deletes), [`reads`] (gets, extents), [`content`] (content pages: dedup, conflicts, prefix matches), [`chains`] (sequences over a
+//! cached prefix),
 //! [`eviction`], [`leases`], [`stats`] (stats, flushes, shutdown), [`recovery`]. This file holds
 //! the types and the epoch.
 
@@ -38,6 +39,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
+mod chains;
 mod content;
 mod eviction;
 mod leases;
@@ -161,6 +163,9 @@ pub enum StoreError {
     /// The sequence is not held.
     #[error("sequence {0:?} not found")]
     NoSequence(String),
+    /// CreateSequence of a sequence that exists with another prefix (or with pages of its own).
+    #[error("sequence {0:?} already exists with another prefix or pages of its own; delete it first")]
+    SequenceExists(String),
     /// Disk or mapping failure.
     #[error("storage error: {0}")]
     Io(#[from] io::Error),
@@ -278,6 +283,8 @@ struct SeqInner {
     removed: bool,
     /// (lease id, expiry).
     leases: Vec<(u64, Instant)>,
+    /// The content pages this sequence starts with (see `chains`): its own pages follow them.
+    prefix: Option<Arc<[kvcache_core::ContentKey]>>,
 }
 
 impl SeqInner {
@@ -288,8 +295,12 @@ impl SeqInner {
     fn layer_tokens(&self, layer: usize, page_tokens: u32) -> u64 {
         match self.layers.get(layer).and_then(|l| l.iter().rposition(|p| p.is_some()).map(|i| (i, l[i]))) {
             Some((i, Some(e))) => i as u64 * page_tokens as u64 + e.tokens as u64,
-            _ => 0,
+            _ => self.prefix_pages() as u64 * page_tokens as u64,
         }
+    }
+
+    fn prefix_pages(&self) -> usize {
+        self.prefix.as_ref().map_or(0, |p| p.len())
     }
 }
 
@@ -326,8 +337,10 @@ pub struct LayerExtent {
     pub tokens: u64,
     /// Pages present.
     pub pages: u32,
-    /// write_seq per page index (0 = missing).
+    /// write_seq per page index (0 = missing; the prefix's pages are 0).
     pub write_seqs: Vec<u64>,
+    /// Leading pages that are the sequence's prefix (content pages held elsewhere).
+    pub prefix_pages: u32,
 }
 
 /// Store counters and gauges.

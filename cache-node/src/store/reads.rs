@@ -97,16 +97,21 @@ impl PageStore {
         let cached = prefix_hashes.iter().take_while(|h| self.prefixes.contains_key(&(ns.ns.id(), **h))).count() as u32;
         let Some(seq) = self.sequences.get(key).map(|s| s.clone()) else { return Ok((false, Vec::new(), cached)) };
         let inner = seq.inner.lock();
-        let layers = inner
-            .layers
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| only_layer.is_none_or(|o| o as usize == *i))
-            .map(|(i, l)| LayerExtent {
-                layer: i as u32,
-                tokens: inner.layer_tokens(i, ns.ns.page_tokens),
-                pages: l.iter().filter(|p| p.is_some()).count() as u32,
-                write_seqs: l.iter().map(|p| p.map_or(0, |e| e.write_seq)).collect(),
+        let prefix = inner.prefix_pages();
+        // A sequence over a prefix has every layer, if only the prefix's tokens.
+        let n_layers = if prefix > 0 { ns.ns.model.num_layers as usize } else { inner.layers.len() };
+        let empty = Vec::new();
+        let layers = (0..n_layers)
+            .filter(|i| only_layer.is_none_or(|o| o as usize == *i))
+            .map(|i| {
+                let l = inner.layers.get(i).unwrap_or(&empty);
+                LayerExtent {
+                    layer: i as u32,
+                    tokens: inner.layer_tokens(i, ns.ns.page_tokens),
+                    pages: l.iter().filter(|p| p.is_some()).count() as u32,
+                    write_seqs: l.iter().map(|p| p.map_or(0, |e| e.write_seq)).collect(),
+                    prefix_pages: prefix as u32,
+                }
             })
             .collect();
         Ok((!inner.removed, layers, cached))

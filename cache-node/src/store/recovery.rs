@@ -96,6 +96,7 @@ impl PageStore {
         }
         *self.pools.write() = pools;
         self.write_seq.store(max_seq + 1, Ordering::Release);
+        self.recover_chains()?;
         let secs = started.elapsed().as_secs_f64();
         *self.recovery.lock() = (secs, scanned_bytes);
         if scanned_bytes > 0 {

@@ -127,6 +127,19 @@ impl PageStore {
         }
         let content: Vec<SequenceKey> =
             pages.iter().filter(|v| v.key.sequence.is_content()).map(|v| v.key.sequence.clone()).collect();
+        for v in &pages {
+            if let Some(p) = self.prefix_of(&v.key.sequence)
+                && (v.key.page_index as usize) < p.len()
+            {
+                return Err(ValidationError::ContentPage(format!(
+                    "page {} of sequence {:?} is in its prefix ({} content pages): put the prefix by key",
+                    v.key.page_index,
+                    v.key.sequence.sequence_id,
+                    p.len()
+                ))
+                .into());
+            }
+        }
         for v in pages {
             let ns = self.ns_of(&v.key.sequence.namespace)?;
             if (handoff || v.key.sequence.is_content()) && self.holds_at_least(&v.key, v.token_count) {

@@ -69,6 +69,11 @@ class CacheNodeStub:
                 request_serializer=kvcache_dot_v1_dot_cache__node__pb2.DeleteSequenceRequest.SerializeToString,
                 response_deserializer=kvcache_dot_v1_dot_cache__node__pb2.DeleteSequenceResponse.FromString,
                 _registered_method=True)
+        self.CreateSequence = channel.unary_unary(
+                '/kvcache.v1.CacheNode/CreateSequence',
+                request_serializer=kvcache_dot_v1_dot_cache__node__pb2.CreateSequenceRequest.SerializeToString,
+                response_deserializer=kvcache_dot_v1_dot_cache__node__pb2.CreateSequenceResponse.FromString,
+                _registered_method=True)
         self.Lease = channel.unary_unary(
                 '/kvcache.v1.CacheNode/Lease',
                 request_serializer=kvcache_dot_v1_dot_cache__node__pb2.LeaseRequest.SerializeToString,
@@ -151,6 +156,16 @@ class CacheNodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateSequence(self, request, context):
+        """Create a sequence over a cached prefix: its first pages are the content pages of `prefix`
+        (referenced, never copied; they live on their own owners), its own pages and appends start
+        after them. Idempotent for the same prefix; a sequence that already exists otherwise is
+        FAILED_PRECONDITION. The prefix is kept with the sequence (restarts, handoff).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Lease(self, request, context):
         """Pin a sequence against eviction while a decode uses it; leases expire after their TTL.
         """
@@ -214,6 +229,11 @@ def add_CacheNodeServicer_to_server(servicer, server):
                     servicer.DeleteSequence,
                     request_deserializer=kvcache_dot_v1_dot_cache__node__pb2.DeleteSequenceRequest.FromString,
                     response_serializer=kvcache_dot_v1_dot_cache__node__pb2.DeleteSequenceResponse.SerializeToString,
+            ),
+            'CreateSequence': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateSequence,
+                    request_deserializer=kvcache_dot_v1_dot_cache__node__pb2.CreateSequenceRequest.FromString,
+                    response_serializer=kvcache_dot_v1_dot_cache__node__pb2.CreateSequenceResponse.SerializeToString,
             ),
             'Lease': grpc.unary_unary_rpc_method_handler(
                     servicer.Lease,
@@ -425,6 +445,33 @@ class CacheNode:
             '/kvcache.v1.CacheNode/DeleteSequence',
             kvcache_dot_v1_dot_cache__node__pb2.DeleteSequenceRequest.SerializeToString,
             kvcache_dot_v1_dot_cache__node__pb2.DeleteSequenceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateSequence(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvcache.v1.CacheNode/CreateSequence',
+            kvcache_dot_v1_dot_cache__node__pb2.CreateSequenceRequest.SerializeToString,
+            kvcache_dot_v1_dot_cache__node__pb2.CreateSequenceResponse.FromString,
             options,
             channel_credentials,
             insecure,
