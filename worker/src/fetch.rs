@@ -113,17 +113,19 @@ impl Worker {
         let cands: Vec<_> = self.client.read_candidates(seq).into_iter().take(ns_r.max(1) + 1).collect();
         let lookups =
             futures::future::join_all(cands.iter().map(|n| self.client.lookup_on(n, seq, vec![], Some(layer)))).await;
-        let mut best: Option<(usize, u64, Vec<u64>, Vec<ContentKey>, usize)> = None;
+        // The owner holding the most tokens of the layer: (candidate, its extent, the prefix).
+        let mut best: Option<(usize, kvcache_client::LayerExtent, Vec<ContentKey>)> = None;
         for (i, r) in lookups.into_iter().enumerate() {
             let Ok(r) = r else { continue };
             let Some(ext) = r.layers.into_iter().find(|l| l.layer == layer) else { continue };
-            if ext.tokens > 0 && best.as_ref().is_none_or(|b| ext.tokens > b.1) {
-                best = Some((i, ext.tokens, ext.page_write_seqs, r.prefix, ext.prefix_pages as usize));
+            if ext.tokens > 0 && best.as_ref().is_none_or(|b| ext.tokens > b.1.tokens) {
+                best = Some((i, ext, r.prefix));
             }
         }
-        let Some((ni, tokens, seqs, prefix, np)) = best else {
+        let Some((ni, ext, prefix)) = best else {
             return Err(SeqFailure::Miss(format!("no live owner holds layer {layer} of {:?}", seq.sequence_id)));
         };
+        let (tokens, seqs, np) = (ext.tokens, ext.page_write_seqs, ext.prefix_pages as usize);
         if prefix.len() != np {
             return Err(SeqFailure::Miss(format!(
                 "the prefix of {:?} lists {} keys for {np} pages",
