@@ -37,6 +37,7 @@ pub struct NodeMetrics {
     epoch: Gauge,
     evictions: Counter,
     corrupt_pages: Counter,
+    node_id: String,
 }
 
 impl NodeMetrics {
@@ -78,6 +79,7 @@ impl NodeMetrics {
             epoch: g(n::NODE_EPOCH),
             evictions,
             corrupt_pages: c(n::NODE_CORRUPT_PAGES),
+            node_id: node_id.to_owned(),
         }
     }
 
@@ -95,6 +97,24 @@ impl NodeMetrics {
         self.epoch.set(epoch as f64);
         self.evictions.absolute(st.evictions);
         self.corrupt_pages.absolute(st.corrupt_pages_dropped);
+        // Per namespace (bounded: namespaces are created by operators, not by traffic).
+        for u in &st.namespaces {
+            let ns = u.name.clone();
+            for (event, v) in [
+                ("get_hit", u.get_hits),
+                ("get_miss", u.get_misses),
+                ("dedup_hit", u.dedup_hits),
+                ("conflict", u.conflicts),
+                ("eviction", u.evictions),
+                ("match_hit", u.match_hits),
+                ("match_miss", u.match_misses),
+            ] {
+                metrics::counter!(n::NODE_NAMESPACE_EVENTS, "node" => self.node_id.clone(), "namespace" => ns.clone(), "event" => event)
+                    .absolute(v);
+            }
+            metrics::gauge!(n::NODE_NAMESPACE_BYTES, "node" => self.node_id.clone(), "namespace" => ns)
+                .set(u.bytes as f64);
+        }
     }
 
     /// Count what a handoff pass did.

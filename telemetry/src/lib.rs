@@ -55,6 +55,11 @@ pub mod names {
     pub const NODE_RECOVERY_SECONDS: &str = "kvcache_node_recovery_seconds";
     /// Pages dropped because they failed verification.
     pub const NODE_CORRUPT_PAGES: &str = "kvcache_node_corrupt_pages_total";
+    /// Per namespace: page reads, dedup hits, conflicts, evictions and match outcomes
+    /// (label `event`).
+    pub const NODE_NAMESPACE_EVENTS: &str = "kvcache_node_namespace_events_total";
+    /// Per namespace: bytes of pages held.
+    pub const NODE_NAMESPACE_BYTES: &str = "kvcache_node_namespace_bytes";
     /// The node's shard-map epoch.
     pub const NODE_EPOCH: &str = "kvcache_node_epoch";
     /// Sequences this node handed off to their owners, by outcome (`copied`, `current`, `failed`).
@@ -114,6 +119,11 @@ fn describe() {
         "Seconds the last start spent recovering pool files."
     );
     metrics::describe_counter!(names::NODE_CORRUPT_PAGES, "Pages dropped because they failed verification.");
+    metrics::describe_counter!(
+        names::NODE_NAMESPACE_EVENTS,
+        "Per namespace: get_hit, get_miss, dedup_hit, conflict, eviction, match_hit, match_miss."
+    );
+    metrics::describe_gauge!(names::NODE_NAMESPACE_BYTES, "Per namespace: bytes of pages held (headers included).");
     metrics::describe_gauge!(names::NODE_EPOCH, "The node's shard-map epoch.");
     metrics::describe_counter!(
         names::NODE_HANDOFF_SEQUENCES,

@@ -4,6 +4,7 @@ pub mod attention;
 pub mod decode;
 pub mod node;
 pub mod placement;
+pub mod prefix;
 
 /// Which benchmark.
 #[derive(clap::Subcommand, Debug)]
@@ -16,6 +17,9 @@ pub enum Bench {
     Decode(decode::Args),
     /// Cache-node put/get over gRPC vs Redis and loopback TCP; recovery rate; index bytes.
     Node(node::Args),
+    /// Prefix reuse: dedup of a shared prompt, longest-prefix match latency, cold pull of a
+    /// cached prefix vs node get.
+    Prefix(prefix::Args),
 }
 
 /// Run a benchmark.
@@ -25,6 +29,7 @@ pub fn run(b: Bench) -> anyhow::Result<()> {
         Bench::Node(a) => node::run(a),
         Bench::Decode(a) => decode::run(a),
         Bench::Placement(a) => placement::run(a),
+        Bench::Prefix(a) => prefix::run(a),
     }
 }
 
