@@ -19,6 +19,8 @@ pub const MAX_GET_ITEMS: usize = 1 << 20;
 const MAX_LEASE: Duration = Duration::from_secs(3600);
 /// Most keys one MatchPrefix may ask about (a 4M-token prompt of 64-token pages).
 pub const MAX_MATCH_KEYS: usize = 1 << 16;
+/// MatchPrefix calls of at most this many keys are answered without a blocking-pool hop.
+const INLINE_MATCH_KEYS: usize = 4096;
 /// Longest pin a MatchPrefix may ask for.
 const MAX_MATCH_LEASE: Duration = Duration::from_secs(600);
 
@@ -428,8 +430,14 @@ impl CacheNode for NodeService {
             })
             .collect::<Result<Vec<_>, Status>>()?;
         let lease = (r.lease_ms > 0).then(|| Duration::from_millis(r.lease_ms as u64));
-        let store = self.store.clone();
-        let present = blocking(move || store.match_prefix(&r.namespace, &keys, lease)).await?;
+        // In-memory lookups, no I/O: a node's share of a long prompt is answered on the
+        // runtime thread (a blocking-pool hop costs more than the work); larger ones off it.
+        let present = if keys.len() <= INLINE_MATCH_KEYS {
+            self.store.match_prefix(&r.namespace, &keys, lease).map_err(status)?
+        } else {
+            let store = self.store.clone();
+            blocking(move || store.match_prefix(&r.namespace, &keys, lease)).await?
+        };
         Ok(Response::new(pb::MatchPrefixResponse { present }))
     }
 

@@ -34,8 +34,12 @@ async fn namespace(client: &Client, name: &str, replication: u32) -> Namespace {
 }
 
 async fn start(dir: &std::path::Path) -> (LocalCluster, Client) {
+    start_with(dir, 64 << 20).await
+}
+
+async fn start_with(dir: &std::path::Path, node_capacity: u64) -> (LocalCluster, Client) {
     let mut cfg = LocalClusterConfig::new(dir);
-    cfg.node_capacity = 64 << 20;
+    cfg.node_capacity = node_capacity;
     let cluster = LocalCluster::start(cfg).await.unwrap();
     let client = Client::connect(&cluster.coordinator).await.unwrap();
     (cluster, client)
@@ -235,8 +239,9 @@ async fn a_trace_replay_hits_what_the_simulation_says_and_tracks_lru_when_evicti
     let reqs = trace::generate(300, 7);
     let opts = trace::ReplayOptions { append_output: true, concurrency: 1 };
 
-    // Room for everything: the replay hits exactly what a cache without eviction would.
-    let (big, client) = start(&dir.path().join("big")).await;
+    // Room for everything (the outputs too): the replay hits exactly what a cache without
+    // eviction would.
+    let (big, client) = start_with(&dir.path().join("big"), 1 << 30).await;
     let ns = client.create_namespace(make("trace.big")).await.unwrap();
     let r = trace::replay(&client, &ns, &reqs, &opts).await.unwrap();
     assert_eq!(r.hit_tokens, trace::simulate_lru(&reqs, None), "{r:?}");

@@ -79,10 +79,8 @@ impl Client {
     ) -> Result<PrefixMatch, ClientError> {
         let n = self.namespace(ns).ok_or_else(|| ClientError::NotFound(format!("namespace {ns:?}")))?;
         let routing = self.routing();
-        let cands: Vec<Vec<NodeRef>> = keys
-            .iter()
-            .map(|k| routing.read_candidates(&SequenceKey::content(ns, k), n.replication as usize))
-            .collect();
+        let cands: Vec<Vec<usize>> =
+            keys.iter().map(|k| routing.read_candidate_indices(k.placement_hash(ns), n.replication as usize)).collect();
         let mut present = vec![false; keys.len()];
         // Keys to ask (again): every key at first; then those whose node failed, and the absent
         // keys just past the matched run (a replica may hold what a new owner does not yet).
@@ -97,20 +95,21 @@ impl Client {
                     ask[i] |= !present[i];
                 }
             }
-            let mut by_node: HashMap<String, (NodeRef, Vec<usize>)> = HashMap::new();
+            let mut by_node: HashMap<usize, Vec<usize>> = HashMap::new();
             for i in 0..keys.len() {
                 if !std::mem::take(&mut ask[i]) || present[i] {
                     continue;
                 }
-                if let Some(node) = cands[i].get(next[i]) {
-                    by_node.entry(node.node_id.clone()).or_insert_with(|| (node.clone(), Vec::new())).1.push(i);
+                if let Some(&node) = cands[i].get(next[i]) {
+                    by_node.entry(node).or_default().push(i);
                     next[i] += 1;
                 }
             }
             if by_node.is_empty() {
                 break;
             }
-            let calls = by_node.into_values().map(|(node, idx)| {
+            let calls = by_node.into_iter().map(|(node, idx)| {
+                let node = routing.node_at(node).clone();
                 let req = pb::MatchPrefixRequest {
                     namespace: ns.to_owned(),
                     keys: idx.iter().map(|&i| Bytes::copy_from_slice(&keys[i].0)).collect(),
@@ -287,6 +286,20 @@ impl Client {
         keys: &[ContentKey],
         layers: Range<u32>,
     ) -> Result<Vec<Option<FetchedPage>>, ClientError> {
+        self.get_content_into(ns, keys, layers, |b| b).await
+    }
+
+    /// [`get_content`](Self::get_content) with each verified payload passed through `place` as
+    /// its message arrives (a worker copies pages into its cache memory there). Each node's share
+    /// is split over its connections, so a long prefix streams from every node on several
+    /// connections at once.
+    pub async fn get_content_into(
+        &self,
+        ns: &str,
+        keys: &[ContentKey],
+        layers: Range<u32>,
+        place: impl Fn(Bytes) -> Bytes + Sync,
+    ) -> Result<Vec<Option<FetchedPage>>, ClientError> {
         let n = self.namespace(ns).ok_or_else(|| ClientError::NotFound(format!("namespace {ns:?}")))?;
         if layers.end > n.model.num_layers || layers.is_empty() {
             return Err(ClientError::InvalidArgument(format!(
@@ -314,9 +327,19 @@ impl Client {
             if by_node.is_empty() {
                 break;
             }
-            let calls = by_node.into_values().map(|(node, ks)| {
+            // Each node's share split over its connections: one connection is one core's work
+            // on each end, and a node's pages then stream on several at once.
+            let lanes = self.connections_per_node();
+            let mut parts = Vec::new();
+            for (node, ks) in by_node.into_values() {
                 let items: Vec<usize> =
                     ks.iter().flat_map(|&k| (0..per).map(move |l| k * per + l)).filter(|&i| out[i].is_none()).collect();
+                for part in items.chunks(items.len().div_ceil(lanes).max(1)) {
+                    parts.push((node.clone(), part.to_vec()));
+                }
+            }
+            let place = &place;
+            let calls = parts.into_iter().map(|(node, items)| {
                 let want: Vec<PageKey> = items
                     .iter()
                     .map(|&i| PageKey {
@@ -325,7 +348,7 @@ impl Client {
                         page_index: 0,
                     })
                     .collect();
-                async move { (node.node_id.clone(), items, self.get_from(&node, &want).await) }
+                async move { (node.node_id.clone(), items, self.get_from_into(&node, &want, place).await) }
             });
             for (node, items, r) in futures::future::join_all(calls).await {
                 match r {

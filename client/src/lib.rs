@@ -152,6 +152,11 @@ impl Client {
     }
 
     /// A channel to a node: the next of its pooled connections, in turn.
+    /// HTTP/2 connections kept to each node (`ClientConfig::connections_per_node`).
+    pub fn connections_per_node(&self) -> usize {
+        self.inner.cfg.connections_per_node.max(1)
+    }
+
     pub(crate) fn node_channel(&self, node_id: &str, addr: &str) -> Result<Channel, ClientError> {
         let mut nodes = self.inner.nodes.lock();
         let key = format!("{node_id}@{addr}");

@@ -127,6 +127,22 @@ impl ContentKey {
         s
     }
 
+    /// Write [`sequence_id`](Self::sequence_id) into `out` (cleared first), reusing its buffer.
+    pub fn write_sequence_id(&self, out: &mut String) {
+        out.clear();
+        out.push(CONTENT_ID_PREFIX);
+        URL_SAFE_NO_PAD.encode_string(self.0, out);
+    }
+
+    /// The placement hash of this key's content sequence in namespace `ns` (what
+    /// `SequenceKey::content(ns, key).placement_hash()` is, without building the key).
+    pub fn placement_hash(&self, ns: &str) -> u64 {
+        let mut id = [0u8; CONTENT_ID_LEN];
+        id[0] = CONTENT_ID_PREFIX as u8;
+        let n = URL_SAFE_NO_PAD.encode_slice(self.0, &mut id[1..]).expect("43 bytes fit");
+        crate::key::placement_hash(ns, &id[..1 + n])
+    }
+
     /// The key a content sequence id names; `None` for any other id.
     pub fn from_sequence_id(id: &str) -> Option<ContentKey> {
         let rest = id.strip_prefix(CONTENT_ID_PREFIX)?;
@@ -196,6 +212,7 @@ mod tests {
         assert_eq!(id.len(), CONTENT_ID_LEN);
         assert_eq!(ContentKey::from_sequence_id(&id), Some(k));
         assert!(is_content_id(&id));
+        assert_eq!(k.placement_hash("ns.a"), crate::SequenceKey::content("ns.a", &k).placement_hash());
         for bad in ["#", "#abc", "plain", &id[1..], &format!("{id}A"), &format!("#{}", "!".repeat(43))] {
             assert_eq!(ContentKey::from_sequence_id(bad), None, "{bad:?}");
         }

@@ -14,6 +14,21 @@ pub const PAGE_TOKENS_RANGE: std::ops::RangeInclusive<u32> = 1..=4096;
 /// Default tokens per page.
 pub const DEFAULT_PAGE_TOKENS: u32 = 64;
 
+/// The placement hash of sequence `id` of namespace `ns` (xxh3 of `ns ‖ 0 ‖ id`).
+pub fn placement_hash(ns: &str, id: &[u8]) -> u64 {
+    let mut buf = [0u8; MAX_NAMESPACE_BYTES + 1 + MAX_SEQUENCE_ID_BYTES];
+    if ns.len() <= MAX_NAMESPACE_BYTES && id.len() <= MAX_SEQUENCE_ID_BYTES {
+        buf[..ns.len()].copy_from_slice(ns.as_bytes());
+        buf[ns.len() + 1..ns.len() + 1 + id.len()].copy_from_slice(id);
+        return xxh3_64(&buf[..ns.len() + 1 + id.len()]);
+    }
+    let mut v = Vec::with_capacity(ns.len() + 1 + id.len());
+    v.extend_from_slice(ns.as_bytes());
+    v.push(0);
+    v.extend_from_slice(id);
+    xxh3_64(&v)
+}
+
 /// Stable 64-bit id of a namespace name, stored in page headers.
 pub fn namespace_id(name: &str) -> u64 {
     xxh3_64(name.as_bytes())
@@ -94,11 +109,7 @@ impl SequenceKey {
 
     /// Placement hash: what rendezvous hashing scores nodes against.
     pub fn placement_hash(&self) -> u64 {
-        let mut buf = Vec::with_capacity(self.namespace.len() + 1 + self.sequence_id.len());
-        buf.extend_from_slice(self.namespace.as_bytes());
-        buf.push(0);
-        buf.extend_from_slice(self.sequence_id.as_bytes());
-        xxh3_64(&buf)
+        placement_hash(&self.namespace, self.sequence_id.as_bytes())
     }
 }
 

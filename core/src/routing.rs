@@ -207,17 +207,28 @@ impl Routing {
     /// Owners, then the draining nodes that would have owned it (they still serve reads), then
     /// one other live node (after membership changes the data may sit elsewhere).
     pub fn read_candidates(&self, seq: &SequenceKey, r: usize) -> Vec<NodeRef> {
-        let mut v = self.owners(seq, r);
-        for i in self.draining.place(seq.placement_hash(), r) {
-            v.push(self.draining_refs[i].clone());
-        }
-        for n in self.up_refs.iter().chain(&self.draining_refs) {
-            if !v.contains(n) {
-                v.push(n.clone());
+        self.read_candidate_indices(seq.placement_hash(), r).into_iter().map(|i| self.node_at(i).clone()).collect()
+    }
+
+    /// [`read_candidates`](Self::read_candidates) of the sequence whose placement hash is
+    /// `hash`, as indices for [`node_at`](Self::node_at): no node is cloned (a prefix match
+    /// places thousands of keys).
+    pub fn read_candidate_indices(&self, hash: u64, r: usize) -> Vec<usize> {
+        let ups = self.up_refs.len();
+        let mut v: Vec<usize> = self.up.place(hash, r);
+        v.extend(self.draining.place(hash, r).into_iter().map(|i| ups + i));
+        for i in 0..ups + self.draining_refs.len() {
+            if !v.contains(&i) {
+                v.push(i);
             }
         }
         v.truncate(r + self.draining_refs.len().min(r) + 1);
         v
+    }
+
+    /// The node a candidate index names (UP nodes, then draining ones).
+    pub fn node_at(&self, i: usize) -> &NodeRef {
+        if i < self.up_refs.len() { &self.up_refs[i] } else { &self.draining_refs[i - self.up_refs.len()] }
     }
 
     /// UP and draining nodes.

@@ -249,9 +249,13 @@ impl Worker {
             let want: Vec<usize> = (0..keys.len()).filter(|&i| got[i].is_none()).collect();
             if !want.is_empty() {
                 let wk: Vec<ContentKey> = want.iter().map(|&i| prefix[i]).collect();
+                // Into the arena as each message arrives, as for a sequence's own pages.
+                let arena = &self.arena;
                 let pages = self
                     .client
-                    .get_content(namespace, &wk, layer..layer + 1)
+                    .get_content_into(namespace, &wk, layer..layer + 1, |b| {
+                        arena.as_ref().and_then(|a| a.copy_in(&b)).unwrap_or(b)
+                    })
                     .await
                     .map_err(|e| SeqFailure::Miss(e.to_string()))?;
                 let content: Arc<str> = Arc::from("content");
@@ -262,7 +266,7 @@ impl Worker {
                             prefix[i]
                         )));
                     };
-                    let payload = self.arena.as_ref().and_then(|a| a.copy_in(&p.payload)).unwrap_or(p.payload);
+                    let payload = p.payload;
                     bytes += payload.len() as u64;
                     pulled += 1;
                     let page =

@@ -106,8 +106,10 @@ impl PageStore {
         let now = Instant::now();
         let mut present = Vec::with_capacity(keys.len());
         let mut held = Vec::new();
+        // One key value reused for every lookup: its id is rewritten in place, no allocation.
+        let mut key = SequenceKey::new(namespace, String::with_capacity(kvcache_core::content::CONTENT_ID_LEN));
         for k in keys {
-            let key = SequenceKey::content(namespace, k);
+            k.write_sequence_id(&mut key.sequence_id);
             let seq = self.sequences.get(&key).map(|s| s.clone());
             let whole = seq.as_ref().is_some_and(|seq| {
                 let mut inner = seq.inner.lock();
