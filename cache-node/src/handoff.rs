@@ -308,6 +308,7 @@ fn missing_pages(store: &PageStore, key: &SequenceKey, theirs: &pb::LookupRespon
                     payload_crc32c: p.crc,
                     prefix_hash: p.prefix_hash,
                     payload: p.payload,
+                    ..Default::default()
                 });
             }
         }

@@ -229,6 +229,7 @@ pub(crate) fn page_item(store: &PageStore, m: &NodeMetrics, w: Wanted) -> (pb::P
                     payload_crc32c: p.crc,
                     prefix_hash: p.prefix_hash,
                     payload: bytes::Bytes::new(),
+                    ..Default::default()
                 };
                 (pb::PageItem { page: Some(page), ..item(k, pb::PageStatus::Ok, String::new()) }, p.payload)
             }

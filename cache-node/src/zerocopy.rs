@@ -288,6 +288,7 @@ mod tests {
                 payload_crc32c: 0xdead_beef ^ i,
                 prefix_hash: u64::MAX - u64::from(i),
                 payload: Bytes::from((0..payload).map(|b| (b * 31 + i as usize) as u8).collect::<Vec<u8>>()),
+                ..Default::default()
             }),
             message: if payload == 0 { "miss".into() } else { String::new() },
         }

@@ -66,6 +66,7 @@ fn page(seq: &str, layer: u32, body: &[u8]) -> pb::Page {
         payload_crc32c: kvcache_core::checksum::crc32c(body),
         prefix_hash: 0,
         payload: Bytes::copy_from_slice(body),
+        ..Default::default()
     }
 }
 

@@ -206,6 +206,21 @@ async fn bad_content_keys_and_pages_are_refused() {
         .unwrap_err();
     assert!(matches!(e, ClientError::InvalidArgument(ref m) if m.contains("reserved")), "{e:?}");
     client.put_content(&ns.name, content_pages(&ns, &[key])).await.unwrap();
+    // A page carrying its chain record is stored only if its key is that chain's.
+    let toks = prompt(32, 5);
+    let body = || bytes::Bytes::from(tokens_payload(&ns, 16, &mut Rng::new(3)));
+    let (k0, first) = kvcache_client::content_page_chained(&ns, None, &toks[..16], 0, body());
+    assert_eq!(k0, key, "the same chain as content_keys");
+    let (_, second) = kvcache_client::content_page_chained(&ns, Some(&k0), &toks[16..], 0, body());
+    client.put_content(&ns.name, vec![second.clone()]).await.unwrap();
+    let mut forged = second;
+    forged.token_ids[3] ^= 1;
+    let e = client.put_content(&ns.name, vec![forged]).await.unwrap_err();
+    assert!(matches!(e, ClientError::InvalidArgument(ref m) if m.contains("does not match")), "{e:?}");
+    let mut orphan = first;
+    orphan.parent_key = bytes::Bytes::from_static(&[1; 32]);
+    let e = client.put_content(&ns.name, vec![orphan]).await.unwrap_err();
+    assert!(matches!(e, ClientError::InvalidArgument(_)), "{e:?}");
     let seq = SequenceKey::content(&ns.name, &key);
     let payload = bytes::Bytes::from(tokens_payload(&ns, 1, &mut Rng::new(1)));
     let e = client.append(&seq, Some(0), 1, payload, vec![]).await.unwrap_err();

@@ -57,7 +57,25 @@ pub fn content_page(ns: &Namespace, key: &ContentKey, layer: u32, payload: Bytes
         payload_crc32c: kvcache_core::checksum::crc32c(&payload),
         prefix_hash: 0,
         payload,
+        ..Default::default()
     }
+}
+
+/// A content page that carries its chain record (its token ids and the key before it): the
+/// node recomputes the key from them and refuses the page unless they match. Its key is
+/// computed here: `ContentKey::chain(seed, parent, tokens)`.
+pub fn content_page_chained(
+    ns: &Namespace,
+    parent: Option<&ContentKey>,
+    tokens: &[u32],
+    layer: u32,
+    payload: Bytes,
+) -> (ContentKey, pb::Page) {
+    let key = ContentKey::chain(ns.prefix_seed, parent, tokens);
+    let mut p = content_page(ns, &key, layer, payload);
+    p.token_ids = tokens.to_vec();
+    p.parent_key = parent.map_or_else(Bytes::new, |k| Bytes::copy_from_slice(&k.0));
+    (key, p)
 }
 
 impl Client {

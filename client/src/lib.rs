@@ -31,7 +31,7 @@ pub mod zerocopy;
 pub use answers::{
     AppendAck, AppendItem, DecodeOutput, DecodeStats, FetchedPage, Holding, LayerExtent, SequenceResult, SequenceStatus,
 };
-pub use content::{ContentPut, PrefixMatch, content_page};
+pub use content::{ContentPut, PrefixMatch, content_page, content_page_chained};
 pub use error::ClientError;
 pub(crate) use error::{retryable, stale_epoch, unknown_namespace};
 pub use kvcache_core::routing::{NodeRef, Routing};

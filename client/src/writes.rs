@@ -300,5 +300,6 @@ pub fn wire_page(ns: &Namespace, key: &PageKey, token_count: u32, prefix_hash: u
         payload_crc32c: kvcache_core::checksum::crc32c(&payload),
         prefix_hash,
         payload,
+        ..Default::default()
     }
 }

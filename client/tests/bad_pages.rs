@@ -79,6 +79,7 @@ impl CacheNode for FakeNode {
                         payload_crc32c: crc,
                         prefix_hash: 0,
                         payload: Bytes::from(body),
+                        ..Default::default()
                     }),
                 }
             })

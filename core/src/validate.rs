@@ -375,6 +375,9 @@ pub fn page<'a>(
         ))
         .into());
     }
+    if !p.token_ids.is_empty() || !p.parent_key.is_empty() {
+        content_chain(ns, &key, &p.token_ids, &p.parent_key)?;
+    }
     let expected = ns.layout().payload_bytes(p.token_count as usize);
     if p.payload.len() != expected {
         return Err(ValidationError::PayloadLength { got: p.payload.len(), expected, tokens: p.token_count }.into());
@@ -393,6 +396,33 @@ pub fn page<'a>(
             payload: p.payload,
         },
     ))
+}
+
+/// Check a content page's key against the chain its token ids and parent key record:
+/// `key == ContentKey::chain(seed, parent, token_ids)`.
+pub fn content_chain(ns: &Namespace, key: &PageKey, token_ids: &[u32], parent: &[u8]) -> Result<(), ValidationError> {
+    let Some(k) = key.sequence.content_key() else {
+        return Err(ValidationError::ContentPage("token_ids and parent_key are for content pages only".into()));
+    };
+    if token_ids.len() != ns.page_tokens as usize {
+        return Err(ValidationError::ContentPage(format!(
+            "{} token ids for a page of {} tokens",
+            token_ids.len(),
+            ns.page_tokens
+        )));
+    }
+    let parent = match parent.len() {
+        0 => None,
+        32 => crate::content::ContentKey::from_bytes(parent),
+        n => return Err(ValidationError::ContentPage(format!("parent_key is {n} bytes: a content key is 32"))),
+    };
+    let computed = crate::content::ContentKey::chain(ns.prefix_seed, parent.as_ref(), token_ids);
+    if computed != k {
+        return Err(ValidationError::ContentPage(format!(
+            "key {k} does not match its content's chain (its token ids and parent key give {computed})"
+        )));
+    }
+    Ok(())
 }
 
 /// Why a page was refused: malformed, or addressed to a namespace this side does not know.
@@ -489,6 +519,7 @@ mod tests {
             payload_crc32c: crate::checksum::crc32c(&payload),
             prefix_hash: 0,
             payload,
+            ..Default::default()
         }
     }
 

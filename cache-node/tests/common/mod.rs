@@ -79,6 +79,7 @@ pub fn page(k: &PageKey, tokens: u32, body: Vec<u8>) -> pb::Page {
         payload_crc32c: kvcache_core::checksum::crc32c(&body),
         prefix_hash: 0,
         payload: Bytes::from(body),
+        ..Default::default()
     }
 }
 

@@ -317,6 +317,7 @@ async fn one_size(a: &Args, size: usize) -> anyhow::Result<SizeResult> {
             payload_crc32c: *crc,
             prefix_hash: 0,
             payload: b.clone(),
+            ..Default::default()
         }
     };
     // Put, twice: into a fresh pool (every slot new, so every write also allocates page-cache
