@@ -81,7 +81,7 @@ def backend(coordinator, pool, tp_rank=0, model="test/tiny-llama", **extra):
         is_mla_model=pool.mla, enable_storage_metrics=False, is_page_first_layout=pool.layout != "layer_first",
         model_name=model,
         extra_config={"backend_name": "kvcache", "module_path": "kvcache.integrations.sglang",
-                      "class_name": "KvcacheStorage", "coordinator": coordinator, **extra})
+                      "class_name": "KvcacheStorage", "interface_v1": 1, "coordinator": coordinator, **extra})
     b = StorageBackendFactory.create_backend("dynamic", cfg, pool)
     assert isinstance(b, KvcacheStorage) and isinstance(b, hicache.HiCacheStorage)
     b.register_mem_pool_host(pool)
@@ -126,11 +126,14 @@ def test_two_servers_share_pages_through_the_zero_copy_interface(coordinator, wr
     assert (written, dedup) == (0, 3)
 
 
-def test_the_tensor_interface_and_misses(coordinator):
-    pool = HostPool("layer_first")
+@pytest.mark.parametrize("layout", ["layer_first", "page_first"])
+def test_the_tensor_interface_and_misses(coordinator, layout):
+    # SGLang's generic path: flat data pages in the host pool's own order (get_data_page), read
+    # back into dummy flat pages that set_from_flat_data_page reshapes by that layout.
+    pool = HostPool(layout)
     pool.fill_random(2)
-    s = backend(coordinator, pool, model="test/mha-tensor")
-    ks = keys(3, "tensor")
+    s = backend(coordinator, pool, model=f"test/mha-tensor-{layout}")
+    ks = keys(3, f"tensor-{layout}")
     assert s.batch_set(ks[:2], [pool.get_data_page(PAGE * i) for i in (2, 5)])
     assert s.exists(ks[0]) and s.exists(ks[1]) and not s.exists(ks[2])
     assert s.batch_exists(ks) == 2
@@ -139,6 +142,13 @@ def test_the_tensor_interface_and_misses(coordinator):
     assert out[2] is None
     assert s.get(ks[2], pool.get_dummy_flat_data_page()) is None
     assert s.batch_get_v1(ks[2:], torch.arange(PAGE)) == [False]
+    # The stored pages are kvcache's layout whatever the host's: a zero-copy reader of another
+    # layout sees the same tokens.
+    other = HostPool("page_head" if layout == "layer_first" else "layer_first")
+    o = backend(coordinator, other, model=f"test/mha-tensor-{layout}")
+    assert o.batch_get_v1(ks[:1], torch.arange(PAGE, 2 * PAGE)) == [True]
+    for layer in range(3):
+        assert torch.equal(other.tokens(PAGE, layer), pool.tokens(2 * PAGE, layer))
 
 
 def test_mla_pools_store_latent_pages(coordinator):
@@ -152,6 +162,11 @@ def test_mla_pools_store_latent_pages(coordinator):
         for layer in range(3):
             assert torch.equal(a.tokens(i * PAGE, layer), b.tokens((2 + i) * PAGE, layer))
     assert kvcache.Client(coordinator).namespace(sa.namespace).is_mla
+    # The generic path with MLA's flat pages ([P][L][1][W] for page_first).
+    more = keys(1, "mla-flat")
+    assert sa.batch_set(more, [a.get_data_page(3 * PAGE)])
+    (flat,) = sb.batch_get(more, [b.get_dummy_flat_data_page()])
+    assert torch.equal(flat.view(3, PAGE, 48).permute(1, 0, 2), a.get_data_page(3 * PAGE, flat=False)[:, :, 0])
 
 
 def test_tensor_parallel_shards_never_mix(coordinator):

@@ -8,7 +8,9 @@ Start SGLang with
         "coordinator": "kvcache-coordinator:7000"}'
 
 and every SGLang server pointed at the same cluster shares its cached prefixes: a page one server
-computed is a hit for the others.
+computed is a hit for the others. `"interface_v1": 1` makes SGLang use the zero-copy
+`batch_get_v1` / `batch_set_v1` over its host pool; without it SGLang passes flat data pages
+(`batch_get` / `batch_set`), which work too, with one more copy.
 
 How SGLang's pages become kvcache pages:
 
@@ -97,23 +99,37 @@ class _Geometry:
         src = torch.frombuffer(bytearray(payload), dtype=self.pool.dtype).reshape(v.shape)
         v.copy_(src)
 
-    def flat_to_pages(self, flat: torch.Tensor) -> List[bytes]:
-        """A flat data page (`get_data_page(flat=True)` of layer_first order) as per-layer pages."""
+    def _flat_layer(self, flat: torch.Tensor, layer: int) -> torch.Tensor:
+        """Layer `layer` of a flat data page as SGLang's host pool flattens one
+        (`get_data_page(flat=True)`, whose order follows the pool's layout), viewed in kvcache's
+        page layout."""
+        P, L, lay = self.page, self.layers, self.layout
         if self.is_mla:
-            t = flat.reshape(self.layers, self.page, self.width)
-            return [t[l].contiguous().view(torch.uint8).numpy().tobytes() for l in range(self.layers)]
-        t = flat.reshape(2, self.layers, self.page, self.heads, self.dim)
-        return [t[:, l].permute(0, 2, 1, 3).contiguous().view(torch.uint8).numpy().tobytes() for l in range(self.layers)]
+            if lay == "page_first":  # [P][L][1][W]
+                return flat.view(P, L, self.width)[:, layer]
+            return flat.view(L, P, self.width)[layer]  # layer_first, page_first_direct
+        H, D = self.heads, self.dim
+        if lay == "page_first":  # [2][P][L][H][D]
+            return flat.view(2, P, L, H, D)[:, :, layer].permute(0, 2, 1, 3)
+        if lay == "page_head":  # [2][1][H][P][L][D]
+            return flat.view(2, H, P, L, D)[:, :, :, layer]
+        return flat.view(2, L, P, H, D)[:, layer].permute(0, 2, 1, 3)  # layer_first, page_first_direct
+
+    def flat_to_pages(self, flat: torch.Tensor) -> List[bytes]:
+        """A flat data page (`get_data_page(flat=True)`) as one kvcache page per layer."""
+        flat = flat.contiguous()
+        return [self._flat_layer(flat, l).contiguous().view(torch.uint8).numpy().tobytes() for l in range(self.layers)]
 
     def pages_to_flat(self, pages: List[bytes], out: Optional[torch.Tensor]) -> torch.Tensor:
+        """kvcache pages (one per layer) as a flat data page in the host pool's order, written
+        into `out` (SGLang's dummy flat page) when given."""
         dt = self.pool.dtype
-        if self.is_mla:
-            t = torch.stack([torch.frombuffer(bytearray(p), dtype=dt).reshape(self.page, self.width) for p in pages])
-        else:
-            per = [torch.frombuffer(bytearray(p), dtype=dt).reshape(2, self.heads, self.page, self.dim) for p in pages]
-            t = torch.stack(per, dim=1).permute(0, 1, 3, 2, 4)  # [2][L][P][H][D]
-        flat = t.contiguous().flatten()
-        if out is not None:
+        n = len(pages[0]) // dt.itemsize * self.layers
+        flat = out if out is not None and out.is_contiguous() and out.numel() == n else torch.empty(n, dtype=dt)
+        for l, p in enumerate(pages):
+            v = self._flat_layer(flat, l)
+            v.copy_(torch.frombuffer(bytearray(p), dtype=dt).reshape(v.shape))
+        if out is not None and flat is not out:
             out.copy_(flat.reshape(out.shape))
             return out
         return flat
