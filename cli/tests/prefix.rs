@@ -346,3 +346,29 @@ async fn sequences_over_a_shared_prefix_decode_correctly_and_the_worker_pulls_it
     }
     cluster.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leased_sequence_keeps_its_prefix_pages_from_eviction() {
+    let dir = tempfile::tempdir().unwrap();
+    // One node of 2 MiB: 8 KiB pages in 12 KiB slots, ~170 slots, ~85 keys of 2 layers.
+    let mut cfg = LocalClusterConfig::new(dir.path());
+    cfg.nodes = 1;
+    cfg.node_capacity = 2 << 20;
+    let cluster = LocalCluster::start(cfg).await.unwrap();
+    let client = Client::connect(&cluster.coordinator).await.unwrap();
+    let ns = namespace(&client, "p.lease", 1).await;
+    let keys = client.content_keys(&ns.name, &prompt(4 * 16, 21)).unwrap();
+    client.put_content(&ns.name, content_pages(&ns, &keys)).await.unwrap();
+    let seq = SequenceKey::new(&ns.name, "leased");
+    client.create_sequence(&seq, &keys, None).await.unwrap();
+    client.lease(&seq, Duration::from_secs(60)).await.unwrap();
+    // Far more new pages than the node holds: everything unpinned is evicted.
+    for round in 0..4u32 {
+        let other = client.content_keys(&ns.name, &prompt(64 * 16, 100 + round)).unwrap();
+        client.put_content(&ns.name, content_pages(&ns, &other)).await.unwrap();
+    }
+    let evicted: u64 = usage(&client, &ns.name).await.iter().map(|u| u.evictions).sum();
+    assert!(evicted > 100, "the node must have evicted: {evicted}");
+    assert_eq!(client.match_prefix(&ns.name, &keys, None).await.unwrap().pages, 4, "the leased prefix was evicted");
+    cluster.stop().await.unwrap();
+}

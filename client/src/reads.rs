@@ -169,7 +169,9 @@ impl Client {
         Err(ClientError::Unavailable { tried, last })
     }
 
-    /// Pin a sequence on its first owner for `ttl`. Returns (node, lease id).
+    /// Pin a sequence on its first owner for `ttl`. Returns (node, lease id). A sequence over a
+    /// cached prefix has the prefix's pages pinned on their own nodes for as long (at most 10
+    /// minutes; those pins expire, they are not released).
     pub async fn lease(&self, seq: &SequenceKey, ttl: Duration) -> Result<(NodeRef, u64), ClientError> {
         let node = self
             .read_candidates(seq)
@@ -177,6 +179,10 @@ impl Client {
             .next()
             .ok_or_else(|| ClientError::Unavailable { tried: vec![], last: "no live cache node".into() })?;
         let id = self.lease_on(&node, seq, ttl).await?;
+        let held = self.lookup_on(&node, seq, vec![], Some(0)).await?;
+        if !held.prefix.is_empty() {
+            self.match_prefix(&seq.namespace, &held.prefix, Some(ttl)).await?;
+        }
         Ok((node, id))
     }
 
