@@ -7,7 +7,7 @@
 mod common;
 
 use common::Proc;
-use kvcache_cli::synth::{Rng, prefill_pages};
+use kvcache_cli::synth::{Rng, content_pages, prefill_pages, tokens_payload};
 use kvcache_client::Client;
 use kvcache_core::{PageKey, SequenceKey};
 use kvcache_proto::v1 as pb;
@@ -101,6 +101,7 @@ async fn drain_join_and_node_loss_move_sequences_to_their_owners() {
     .await;
     let mut rng = Rng::new(3);
     let mut all = Vec::new();
+    let mut prefixed: Vec<(SequenceKey, Vec<kvcache_core::ContentKey>)> = Vec::new();
     for r in [1u32, 2] {
         let name = format!("h.r{r}");
         let ns = client
@@ -121,6 +122,29 @@ async fn drain_join_and_node_loss_move_sequences_to_their_owners() {
             client.put_pages(pages.clone()).await.unwrap();
             all.push(Written { key, r: r as usize, pages });
         }
+        // Content pages (placed by key, each key a sequence of its own) and a sequence over
+        // them (its prefix travels with it) move like any sequence.
+        let tokens: Vec<u32> = (0..8 * 16).map(|t| t * 3 + r).collect();
+        let keys = client.content_keys(&name, &tokens).unwrap();
+        let cpages = content_pages(&ns, &keys);
+        client.put_content(&name, cpages.clone()).await.unwrap();
+        for k in &keys {
+            let key = SequenceKey::content(&name, k);
+            let pages = cpages
+                .iter()
+                .filter(|p| p.key.as_ref().unwrap().sequence.as_ref().unwrap().sequence_id == key.sequence_id)
+                .cloned()
+                .collect();
+            all.push(Written { key, r: r as usize, pages });
+        }
+        let over = SequenceKey::new(&name, "over");
+        client.create_sequence(&over, &keys, None).await.unwrap();
+        let tail = tokens_payload(&ns, 5, &mut rng);
+        client.append(&over, Some(0), 5, bytes::Bytes::from(tail.clone()), vec![]).await.unwrap();
+        let own = PageKey { sequence: over.clone(), layer: 0, page_index: 8 };
+        let page = kvcache_client::wire_page(&ns, &own, 5, 0, bytes::Bytes::from(tail));
+        all.push(Written { key: over.clone(), r: r as usize, pages: vec![page] });
+        prefixed.push((over, keys));
     }
     let mut live: HashMap<String, String> = (0..3).map(|i| addr_of(&procs, i)).collect();
     placed(&all, &live, &HashMap::new()).await.expect("initial placement");
@@ -143,6 +167,10 @@ async fn drain_join_and_node_loss_move_sequences_to_their_owners() {
     eventually("n1 drained into n0 and n2", || placed(&all, &live, &n1)).await;
     client.refresh().await.unwrap();
     reads_back(&client, &all).await.expect("reads after the drain");
+    for (seq, keys) in &prefixed {
+        assert_eq!(&client.lookup(seq, vec![]).await.unwrap().prefix, keys, "{} lost its prefix", seq.namespace);
+        assert_eq!(client.match_prefix(&seq.namespace, keys, None).await.unwrap().pages, keys.len());
+    }
 
     // Join n3: its share arrives, and the nodes that held it let go.
     procs.push(node(3, &coord.addr, dir.path()));
@@ -158,6 +186,9 @@ async fn drain_join_and_node_loss_move_sequences_to_their_owners() {
     .await;
     client.refresh().await.unwrap();
     reads_back(&client, &all).await.expect("reads after the join");
+    for (seq, keys) in &prefixed {
+        assert_eq!(&client.lookup(seq, vec![]).await.unwrap().prefix, keys, "{} lost its prefix", seq.namespace);
+    }
 
     // Kill n0: each R = 2 sequence it held is copied from its surviving replica to the next
     // owner (R = 1 sequences on n0 are lost: that is what R = 1 means).
