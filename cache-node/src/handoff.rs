@@ -249,6 +249,7 @@ async fn copy_to(
             epoch,
             sequence: Some(key.into()),
             prefix: prefix.iter().map(|k| bytes::Bytes::copy_from_slice(&k.0)).collect(),
+            seal: false,
         };
         c.create_sequence(req).await?;
     }

@@ -460,7 +460,8 @@ impl CacheNode for NodeService {
             })
             .collect::<Result<Vec<_>, Status>>()?;
         let store = self.store.clone();
-        let created = blocking(move || store.create_sequence(&seq, &prefix)).await?;
+        let seal = r.seal;
+        let created = blocking(move || store.create_sequence(&seq, &prefix, seal)).await?;
         Ok(Response::new(pb::CreateSequenceResponse { created }))
     }
 

@@ -137,9 +137,9 @@ fn a_sequence_over_a_prefix_keeps_it_across_restarts_and_until_it_goes() {
     let seq = SequenceKey::new("test.small", "req");
     {
         let s = open(dir.path(), 64);
-        assert!(s.create_sequence(&seq, &keys).unwrap());
-        assert!(!s.create_sequence(&seq, &keys).unwrap(), "idempotent");
-        assert!(matches!(s.create_sequence(&seq, &keys[..1]), Err(StoreError::SequenceExists(_))));
+        assert!(s.create_sequence(&seq, &keys, false).unwrap());
+        assert!(!s.create_sequence(&seq, &keys, false).unwrap(), "idempotent");
+        assert!(matches!(s.create_sequence(&seq, &keys[..1], false), Err(StoreError::SequenceExists(_))));
         // Appends land after the prefix: 12 prefix tokens, then 2 of its own (page index 3).
         append(&s, &seq, Some(1), 2, &payload(&small_ns(), 2, 5), Some(12)).unwrap();
         // Its own pages may not overlap the prefix.
@@ -148,6 +148,10 @@ fn a_sequence_over_a_prefix_keeps_it_across_restarts_and_until_it_goes() {
             vec![page(&PageKey { sequence: seq.clone(), layer: 0, page_index: 1 }, 4, payload(&small_ns(), 4, 1))],
         );
         assert!(matches!(e, Err(StoreError::Invalid(_))), "{e:?}");
+        // Sealing the open page (2 of 4 tokens, on one layer) is refused and changes nothing.
+        let more: Vec<_> = keys.iter().chain(&chain(9, 1)).copied().collect();
+        assert!(matches!(s.create_sequence(&seq, &more, true), Err(StoreError::Invalid(_))));
+        assert_eq!(s.prefix_of(&seq).as_deref(), Some(&keys[..]));
         s.close().unwrap();
     }
     let s = open(dir.path(), 64);

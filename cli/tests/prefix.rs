@@ -5,7 +5,7 @@
 use kvcache_cli::cluster::{LocalCluster, LocalClusterConfig};
 use kvcache_cli::synth::{Rng, content_page, content_pages, tokens_payload};
 use kvcache_client::{Client, ClientError};
-use kvcache_core::{ContentKey, Namespace, SequenceKey};
+use kvcache_core::{ContentKey, Namespace, PageKey, SequenceKey};
 use kvcache_proto::v1 as pb;
 use std::time::Duration;
 
@@ -370,5 +370,59 @@ async fn a_leased_sequence_keeps_its_prefix_pages_from_eviction() {
     let evicted: u64 = usage(&client, &ns.name).await.iter().map(|u| u.evictions).sum();
     assert!(evicted > 100, "the node must have evicted: {evicted}");
     assert_eq!(client.match_prefix(&ns.name, &keys, None).await.unwrap().pages, 4, "the leased prefix was evicted");
+    cluster.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sealed_turn_is_found_by_the_next_request_and_reads_the_same() {
+    use bytes::Bytes;
+    let dir = tempfile::tempdir().unwrap();
+    let (cluster, client) = start(dir.path()).await;
+    let ns = namespace(&client, "p.seal", 1).await;
+    let mut rng = Rng::new(17);
+    // A conversation: a 2-page system prompt by key, then 40 tokens of its own (the user's turn
+    // and the answer), appended with all layers.
+    let system = prompt(2 * 16, 30);
+    let keys = client.content_keys(&ns.name, &system).unwrap();
+    client.put_content(&ns.name, content_pages(&ns, &keys)).await.unwrap();
+    let seq = SequenceKey::new(&ns.name, "conv");
+    client.create_sequence(&seq, &keys, None).await.unwrap();
+    let turn = prompt(40, 31);
+    let own: Vec<Vec<u8>> = (0..2).map(|_| tokens_payload(&ns, 40, &mut rng)).collect();
+    client.append(&seq, None, 40, Bytes::from(own.concat()), vec![]).await.unwrap();
+    let before: Vec<_> = (0..2).map(|l| PageKey { sequence: seq.clone(), layer: l, page_index: 4 }).collect();
+    let open = client.get_pages(&before).await.unwrap();
+
+    // A page not full on every layer is refused: create over a longer prefix without seal.
+    let e = client
+        .create_sequence(&seq, &client.content_keys(&ns.name, &[system.clone(), turn.clone()].concat()).unwrap(), None)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, ClientError::FailedPrecondition(_)), "{e:?}");
+
+    // Sealing turns the two full pages of the turn into content pages; the partial third stays.
+    assert_eq!(client.seal(&seq, &turn).await.unwrap(), 2);
+    let h = client.lookup(&seq, vec![]).await.unwrap();
+    let next = client.content_keys(&ns.name, &[system.clone(), turn.clone()].concat()).unwrap();
+    assert_eq!(h.prefix, next[..4].to_vec(), "the prefix now covers the sealed pages");
+    assert_eq!(h.layers.iter().map(|l| l.tokens).collect::<Vec<_>>(), [72, 72], "no token moved");
+    let after = client.get_pages(&before).await.unwrap();
+    let bytes = |v: &[Option<kvcache_client::FetchedPage>]| {
+        v.iter().map(|p| p.as_ref().map(|p| p.payload.clone())).collect::<Vec<_>>()
+    };
+    assert!(bytes(&after) == bytes(&open) && after.iter().all(Option::is_some), "the open page is untouched");
+    // The next turn's prompt (the whole history) matches 4 pages, and their bytes are the turn's.
+    let m = client.match_prefix(&ns.name, &next, None).await.unwrap();
+    assert_eq!(m.pages, 4);
+    let sealed = client.get_content(&ns.name, &next[2..4], 0..2).await.unwrap();
+    let l = ns.layout();
+    for (i, p) in sealed.iter().enumerate() {
+        let (page, layer) = (i / 2, i % 2);
+        let mut want = vec![0u8; l.payload_bytes(16)];
+        l.slice_tokens(&own[layer], 40, page * 16, 16, &mut want);
+        assert_eq!(p.as_ref().unwrap().payload[..], want[..], "sealed page {page} layer {layer}");
+    }
+    // Sealing again finds nothing new to seal.
+    assert_eq!(client.seal(&seq, &turn[32..]).await.unwrap(), 0);
     cluster.stop().await.unwrap();
 }

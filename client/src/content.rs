@@ -183,7 +183,8 @@ impl Client {
         }
         let keys: Vec<Bytes> = prefix.iter().map(|k| Bytes::copy_from_slice(&k.0)).collect();
         self.write_all_owners(seq, &ns, |c, epoch| {
-            let req = pb::CreateSequenceRequest { epoch, sequence: Some(seq.into()), prefix: keys.clone() };
+            let req =
+                pb::CreateSequenceRequest { epoch, sequence: Some(seq.into()), prefix: keys.clone(), seal: false };
             async move {
                 let mut c = c;
                 c.create_sequence(req).await.map(|_| ())
@@ -191,6 +192,62 @@ impl Client {
         })
         .await
         .map(|_| ())
+    }
+
+    /// Seal the full pages `seq` holds after its prefix into content pages, so that the next
+    /// request whose prompt continues the same way (a conversation's next turn) finds them.
+    /// `token_ids` are the sequence's token ids from the end of its prefix on. Each page that is
+    /// full on every layer (and whose ids are given) is put under its chained key with its chain
+    /// record (the nodes check it), then the sequence's prefix is extended over those pages and
+    /// its own copies dropped. Pages without ids stay the sequence's own (correct, just not
+    /// shareable). Returns the pages sealed.
+    pub async fn seal(&self, seq: &SequenceKey, token_ids: &[u32]) -> Result<usize, ClientError> {
+        let ns = self.namespace_of(seq)?;
+        let held = self.lookup(seq, vec![]).await?;
+        let (pt, layers) = (ns.page_tokens as usize, ns.model.num_layers);
+        if !held.exists || held.layers.len() != layers as usize {
+            return Ok(0);
+        }
+        let p = held.prefix.len();
+        let tokens = held.layers.iter().map(|l| l.tokens).min().unwrap_or(0) as usize;
+        let n = (tokens / pt).saturating_sub(p).min(token_ids.len() / pt);
+        if n == 0 {
+            return Ok(0);
+        }
+        let want: Vec<PageKey> = (0..n)
+            .flat_map(|j| (0..layers).map(move |l| (j, l)))
+            .map(|(j, l)| PageKey { sequence: seq.clone(), layer: l, page_index: (p + j) as u32 })
+            .collect();
+        let got = self.get_pages(&want).await?;
+        let mut parent = held.prefix.last().copied();
+        let (mut keys, mut pages) = (Vec::with_capacity(n), Vec::with_capacity(want.len()));
+        for j in 0..n {
+            let toks = &token_ids[j * pt..(j + 1) * pt];
+            let mut key = None;
+            for l in 0..layers as usize {
+                let page = got[j * layers as usize + l]
+                    .as_ref()
+                    .filter(|g| g.token_count as usize == pt)
+                    .ok_or_else(|| ClientError::Miss(format!("page {} of layer {l} to seal", p + j)))?;
+                let (k, wire) = content_page_chained(&ns, parent.as_ref(), toks, l as u32, page.payload.clone());
+                key = Some(k);
+                pages.push(wire);
+            }
+            keys.push(key.expect("a layer"));
+            parent = keys.last().copied();
+        }
+        self.put_content(&ns.name, pages).await?;
+        let prefix: Vec<Bytes> = held.prefix.iter().chain(&keys).map(|k| Bytes::copy_from_slice(&k.0)).collect();
+        self.write_all_owners(seq, &ns, |c, epoch| {
+            let req =
+                pb::CreateSequenceRequest { epoch, sequence: Some(seq.into()), prefix: prefix.clone(), seal: true };
+            async move {
+                let mut c = c;
+                c.create_sequence(req).await.map(|_| ())
+            }
+        })
+        .await?;
+        Ok(n)
     }
 
     /// Store content pages ([`content_page`]) on every live owner of their keys: one PutPages

@@ -70,9 +70,11 @@ fn decode(b: &[u8]) -> Option<(u64, String, Vec<ContentKey>)> {
 
 impl PageStore {
     /// Create `key` over the content pages of `prefix`. Returns false when it already exists
-    /// with this prefix; a sequence that exists with another prefix, or with pages of its own
-    /// and no prefix, is refused (its pages would move to other token positions).
-    pub fn create_sequence(&self, key: &SequenceKey, prefix: &[ContentKey]) -> Result<bool, StoreError> {
+    /// with this prefix. With `seal`, a prefix that extends the sequence's own (or starts one)
+    /// over full pages the sequence holds seals those pages: they become references to the content pages
+    /// of the new keys and the sequence's copies are dropped. Anything else is refused: another
+    /// prefix, or an extension over pages that are not full on every layer.
+    pub fn create_sequence(&self, key: &SequenceKey, prefix: &[ContentKey], seal: bool) -> Result<bool, StoreError> {
         let ns = self.ns_of(&key.namespace)?;
         if key.is_content() {
             return Err(ValidationError::ContentPage("a content page key is not a sequence to create".into()).into());
@@ -91,15 +93,39 @@ impl PageStore {
             if inner.removed {
                 continue;
             }
-            if let Some(p) = &inner.prefix {
-                return if &p[..] == prefix {
-                    Ok(false)
-                } else {
-                    Err(StoreError::SequenceExists(key.sequence_id.clone()))
-                };
+            let cur: Vec<ContentKey> = inner.prefix.as_deref().map(<[ContentKey]>::to_vec).unwrap_or_default();
+            if inner.prefix.is_some() && cur[..] == *prefix {
+                return Ok(false);
             }
-            if inner.layers.iter().any(|l| l.iter().any(Option::is_some)) {
+            if !prefix.starts_with(&cur) {
                 return Err(StoreError::SequenceExists(key.sequence_id.clone()));
+            }
+            // Extending the prefix over pages the sequence holds itself seals them: each must be
+            // a full page on every layer; the sequence's copies go (the caller has put them by
+            // key, where every request finds them).
+            if inner.layers.iter().any(|l| l.iter().any(Option::is_some)) {
+                if !seal {
+                    return Err(StoreError::SequenceExists(key.sequence_id.clone()));
+                }
+                let pt = ns.ns.page_tokens;
+                for idx in cur.len()..prefix.len() {
+                    for l in 0..ns.ns.model.num_layers as usize {
+                        let e = inner.layers.get(l).and_then(|v| v.get(idx)).copied().flatten();
+                        if e.is_none_or(|e| e.tokens != pt) {
+                            return Err(ValidationError::ContentPage(format!(
+                                "page {idx} of layer {l} of {:?} is not a full page it holds: only full pages are sealed",
+                                key.sequence_id
+                            ))
+                            .into());
+                        }
+                    }
+                }
+                for idx in cur.len()..prefix.len() {
+                    for l in 0..ns.ns.model.num_layers {
+                        let pk = PageKey { sequence: key.clone(), layer: l, page_index: idx as u32 };
+                        self.drop_entry(&seq, &mut inner, &pk);
+                    }
+                }
             }
             self.write_chain(ns.ns.id(), key, prefix)?;
             inner.prefix = Some(prefix.into());
