@@ -220,6 +220,12 @@ def engine_key(key) -> bytes:
     return hashlib.sha256(_ENGINE_TAG + raw).digest()
 
 
+def _content_key_of(page) -> bytes:
+    """The content key of a content page on the wire (its sequence id is '#' + base64url)."""
+    sid = page.key.sequence.sequence_id[1:]
+    return base64.urlsafe_b64decode(sid + "=" * (-len(sid) % 4))
+
+
 def content_sequence_id(key: bytes) -> str:
     """The reserved sequence id a content page is stored under: '#' + base64url(key)."""
     return "#" + base64.urlsafe_b64encode(key).decode().rstrip("=")
@@ -449,8 +455,12 @@ class Client:
             key = engine_key(key)
             wire.append(pb.Page(key=self._key(namespace, content_sequence_id(key), layer, 0), codec=ns.proto.codec,
                                 token_count=ns.page_tokens, payload_crc32c=_crc32c.crc32c(payload), payload=payload))
+        return self._put_wire(namespace, wire)
+
+    def _put_wire(self, namespace: str, wire: list) -> tuple:
+        """PutPages of content pages (wire form) to every live owner of their keys."""
         written = dedup = 0
-        keys = [engine_key(p[0]) for p in pages]
+        keys = [engine_key(_content_key_of(p)) for p in wire]
         for attempt in range(3):
             stale = reached = False
             for addr, idx in self._by_owner(namespace, keys, all_owners=True).items():
@@ -477,7 +487,7 @@ class Client:
             if stale:
                 self.refresh()
                 continue
-            if not reached and pages:
+            if not reached and wire:
                 raise KvcacheError("no owner of the pages could be reached", grpc.StatusCode.UNAVAILABLE)
             return written, dedup
         raise KvcacheError("stale shard map after retries", grpc.StatusCode.UNAVAILABLE)
@@ -492,6 +502,44 @@ class Client:
         seq = pb.SequenceKey(namespace=namespace, sequence_id=sequence_id)
         self._write(namespace, sequence_id, lambda s, e: s.CreateSequence(
             node_pb.CreateSequenceRequest(epoch=e, sequence=seq, prefix=prefix), timeout=self.timeout))
+
+    def seal(self, namespace: str, sequence_id: str, token_ids: Sequence[int]) -> int:
+        """Seal the full pages a sequence holds after its prefix into content pages (the next
+        request whose prompt continues the same way finds them): `token_ids` are its token ids
+        from the end of its prefix on. Each page full on every layer is put under its chained key
+        with its chain record (the nodes check it), then the prefix is extended over those pages
+        and the sequence's own copies dropped. Returns the pages sealed."""
+        ns = self.namespace(namespace)
+        held = self.lookup(namespace, sequence_id)
+        layers, pt = ns.proto.model.num_layers, ns.page_tokens
+        if not held.exists or len(held.layers) != layers:
+            return 0
+        prefix = [bytes(k) for k in held.prefix]
+        n = min(min(l.tokens for l in held.layers) // pt - len(prefix), len(token_ids) // pt)
+        if n <= 0:
+            return 0
+        pages, keys, parent = [], [], prefix[-1] if prefix else None
+        for j in range(n):
+            index = len(prefix) + j
+            toks = list(token_ids[j * pt:(j + 1) * pt])
+            h = hashlib.sha256(_CHAIN_TAG + struct.pack("<Q", ns.proto.prefix_seed) + (parent or bytes(32)))
+            h.update(np.asarray(toks, dtype="<u4").tobytes())
+            key = h.digest()
+            for layer in range(layers):
+                (got,) = self.get_pages(namespace, sequence_id, layer, [index])
+                if got is None or got[0] != pt:
+                    raise KvcacheError(f"page {index} of layer {layer} is not a full page of {sequence_id!r}",
+                                       grpc.StatusCode.FAILED_PRECONDITION)
+                pages.append(pb.Page(key=self._key(namespace, content_sequence_id(key), layer, 0), codec=ns.proto.codec,
+                                     token_count=pt, payload_crc32c=_crc32c.crc32c(got[1]), payload=got[1],
+                                     token_ids=toks, parent_key=parent or b""))
+            keys.append(key)
+            parent = key
+        self._put_wire(namespace, pages)
+        seq = pb.SequenceKey(namespace=namespace, sequence_id=sequence_id)
+        self._write(namespace, sequence_id, lambda s, e: s.CreateSequence(
+            node_pb.CreateSequenceRequest(epoch=e, sequence=seq, prefix=prefix + keys, seal=True), timeout=self.timeout))
+        return n
 
     def get_content(self, namespace: str, keys: Sequence[bytes], layers: Sequence[int]) -> list:
         """Content pages: for each key, each of `layers` (key-major), the payload bytes or None

@@ -146,6 +146,18 @@ def test_prefix_reuse_by_content_key(client):
     kv = kvcache.to_bf16(rng.standard_normal((ns.planes, 2, ns.width)).astype(np.float32))
     assert client.append("py.prefix", "conv-1", 0, kv) == 3 * 16 + 2
     assert list(client.lookup("py.prefix", "conv-1").prefix) == keys[:3]
+    # Sealing the turn: its full page becomes a content page the next prompt hits.
+    turn = list(range(5000, 5016))
+    kv16 = kvcache.to_bf16(rng.standard_normal((ns.planes, 14, ns.width)).astype(np.float32))
+    for layer in range(layers):
+        if layer > 0:  # layer 0 already holds the turn's first 2 tokens
+            client.append("py.prefix", "conv-1", layer, kvcache.to_bf16(
+                rng.standard_normal((ns.planes, 2, ns.width)).astype(np.float32)))
+        client.append("py.prefix", "conv-1", layer, kv16)
+    assert client.seal("py.prefix", "conv-1", turn) == 1
+    nxt = client.content_keys("py.prefix", tokens[:3 * 16] + turn)
+    assert list(client.lookup("py.prefix", "conv-1").prefix) == nxt
+    assert client.match_prefix("py.prefix", nxt) == 4
     # Engine keys (SGLang's hex digests) are used as they are.
     assert kvcache.engine_key(keys[1].hex()) == keys[1]
     assert kvcache.content_sequence_id(keys[0]).startswith("#") and len(kvcache.content_sequence_id(keys[0])) == 44
