@@ -166,7 +166,7 @@ async fn drain_join_and_node_loss_move_sequences_to_their_owners() {
     assert!(said.contains("n1 holds no sequences"), "{said}");
     eventually("n1 drained into n0 and n2", || placed(&all, &live, &n1)).await;
     client.refresh().await.unwrap();
-    reads_back(&client, &all).await.expect("reads after the drain");
+    eventually("reads after the drain", || reads_back(&client, &all)).await;
     for (seq, keys) in &prefixed {
         assert_eq!(&client.lookup(seq, vec![]).await.unwrap().prefix, keys, "{} lost its prefix", seq.namespace);
         assert_eq!(client.match_prefix(&seq.namespace, keys, None).await.unwrap().pages, keys.len());
@@ -185,7 +185,9 @@ async fn drain_join_and_node_loss_move_sequences_to_their_owners() {
     })
     .await;
     client.refresh().await.unwrap();
-    reads_back(&client, &all).await.expect("reads after the join");
+    // Placement settles before every copy is readable through a fresh map (a holder may still be
+    // streaming its pages while the counts already agree): reads must come right, boundedly.
+    eventually("reads after the join", || reads_back(&client, &all)).await;
     for (seq, keys) in &prefixed {
         assert_eq!(&client.lookup(seq, vec![]).await.unwrap().prefix, keys, "{} lost its prefix", seq.namespace);
     }
@@ -197,5 +199,5 @@ async fn drain_join_and_node_loss_move_sequences_to_their_owners() {
     let r2: Vec<Written> = all.into_iter().filter(|w| w.r == 2).collect();
     eventually("R = 2 restored after losing n0", || placed(&r2, &live, &n1)).await;
     client.refresh().await.unwrap();
-    reads_back(&client, &r2).await.expect("R = 2 reads after losing n0");
+    eventually("R = 2 reads after losing n0", || reads_back(&client, &r2)).await;
 }
