@@ -278,6 +278,14 @@ fn model_request(a: &Args, name: &str, codec: kvcache_core::Codec, page_tokens: 
     r
 }
 
+/// The client of the cluster `--coordinator` names, and the `--codec` of the load namespace.
+async fn connect(a: &Args) -> anyhow::Result<(Client, kvcache_core::Codec)> {
+    let codec = kvcache_core::Codec::parse(&a.codec).ok_or_else(|| anyhow::anyhow!("unknown codec {}", a.codec))?;
+    let tls = kvcache_net::Tls::load(&a.tls)?;
+    let cfg = kvcache_client::ClientConfig { tls, ..Default::default() };
+    Ok((kvcache_cli::cluster::connect(&a.coordinator, cfg).await?, codec))
+}
+
 /// `kvcache load --scenario trace`: replay a trace and compare its hit ratio with an exact LRU
 /// simulation at the cluster's capacity.
 fn run_trace(a: Args) -> anyhow::Result<()> {
@@ -294,11 +302,7 @@ fn run_trace(a: Args) -> anyhow::Result<()> {
     }
     anyhow::ensure!(!reqs.is_empty(), "trace {} has no requests", path.display());
     tokio::runtime::Runtime::new()?.block_on(async move {
-        let tls = kvcache_net::Tls::load(&a.tls)?;
-        let client =
-            kvcache_cli::cluster::connect(&a.coordinator, kvcache_client::ClientConfig { tls, ..Default::default() })
-                .await?;
-        let codec = kvcache_core::Codec::parse(&a.codec).ok_or_else(|| anyhow::anyhow!("unknown codec {}", a.codec))?;
+        let (client, codec) = connect(&a).await?;
         let base = if a.layers.is_some() { "trace".to_owned() } else { format!("trace.{}", a.preset) };
         let name = format!("{base}.{}.r{}", codec.as_str(), a.replication);
         let ns = client.create_namespace(model_request(&a, &name, codec, trace::BLOCK_TOKENS)).await?;
@@ -342,11 +346,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     anyhow::ensure!(a.duration > 0.0 || a.requests.is_some(), "give --duration and/or --requests");
     anyhow::ensure!(a.rate.is_none_or(|r| r > 0.0 && r.is_finite()), "--rate must be > 0");
     tokio::runtime::Runtime::new()?.block_on(async move {
-        let tls = kvcache_net::Tls::load(&a.tls)?;
-        let client =
-            kvcache_cli::cluster::connect(&a.coordinator, kvcache_client::ClientConfig { tls, ..Default::default() })
-                .await?;
-        let codec = kvcache_core::Codec::parse(&a.codec).ok_or_else(|| anyhow::anyhow!("unknown codec {}", a.codec))?;
+        let (client, codec) = connect(&a).await?;
         let ns = client
             .create_namespace(model_request(
                 &a,

@@ -11,7 +11,7 @@
 //! - [`content`]: [`ContentKey`], the chained SHA-256 key of a full page's content, and the
 //!   reserved sequence ids content pages are stored under.
 //! - [`key`]: namespaces, sequence and page keys, and their compact hashed ids.
-//! - [`prefix`]: the per-namespace seeded prefix-hash chain.
+//! - [`prefix`]: the legacy 64-bit prefix-hash chain (read for old clients; [`content`] replaces it).
 //! - [`placement`]: weighted rendezvous hashing (top-R owners, zone-diverse).
 //! - [`routing`]: the validated [`ShardMap`] and [`Routing`] over it (owners, read candidates,
 //!   sticky workers) — what every process that follows the cluster routes with.

@@ -124,26 +124,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                     .iter()
                     .flat_map(|(k, m)| (0..m.pages.len()).map(move |i| PageKey { sequence: k.clone(), layer: 0, page_index: i as u32 }))
                     .collect();
-                let t = Instant::now();
-                let mut tasks = Vec::new();
-                for ch in keys.chunks(keys.len().div_ceil(8)) {
-                    let c = client.clone();
-                    let ch = ch.to_vec();
-                    tasks.push(tokio::spawn(async move {
-                        let mut n = 0u64;
-                        for sub in ch.chunks(16) {
-                            for p in c.get_pages(sub).await?.into_iter().flatten() {
-                                n += p.payload.len() as u64;
-                            }
-                        }
-                        Ok::<u64, kvcache_client::ClientError>(n)
-                    }));
-                }
-                let mut got = 0;
-                for t in tasks {
-                    got += t.await??;
-                }
-                let node = got as f64 / t.elapsed().as_secs_f64();
+                let node = super::node_get_rate(&client, &keys).await?;
                 cold_ms.push(ms);
                 cold_rate.push(cold);
                 node_rate.push(node);

@@ -33,6 +33,30 @@ pub fn run(b: Bench) -> anyhow::Result<()> {
     }
 }
 
+/// The node-get baseline of the decode and prefix benches: `keys` read straight from the nodes
+/// by 8 tasks of 16-page requests (as `bench node` reads). Returns bytes per second.
+pub async fn node_get_rate(client: &kvcache_client::Client, keys: &[kvcache_core::PageKey]) -> anyhow::Result<f64> {
+    let t = std::time::Instant::now();
+    let mut tasks = Vec::new();
+    for ch in keys.chunks(keys.len().div_ceil(8).max(1)) {
+        let (c, ch) = (client.clone(), ch.to_vec());
+        tasks.push(tokio::spawn(async move {
+            let mut n = 0u64;
+            for sub in ch.chunks(16) {
+                for p in c.get_pages(sub).await?.into_iter().flatten() {
+                    n += p.payload.len() as u64;
+                }
+            }
+            Ok::<u64, kvcache_client::ClientError>(n)
+        }));
+    }
+    let mut got = 0;
+    for t in tasks {
+        got += t.await??;
+    }
+    Ok(got as f64 / t.elapsed().as_secs_f64())
+}
+
 /// Last-level cache size from sysfs (index3, else the largest level found), in bytes.
 /// The median of non-empty samples (the upper one of an even count).
 pub fn median(mut v: Vec<f64>) -> f64 {

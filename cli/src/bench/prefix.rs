@@ -227,25 +227,7 @@ async fn pull(client: &Client, a: &Args) -> anyhow::Result<Pull> {
             .iter()
             .map(|k| PageKey { sequence: SequenceKey::content(&ns.name, k), layer: 0, page_index: 0 })
             .collect();
-        let t = Instant::now();
-        let mut tasks = Vec::new();
-        for ch in want.chunks(want.len().div_ceil(8)) {
-            let (cl, ch) = (client.clone(), ch.to_vec());
-            tasks.push(tokio::spawn(async move {
-                let mut n = 0u64;
-                for sub in ch.chunks(16) {
-                    for p in cl.get_pages(sub).await?.into_iter().flatten() {
-                        n += p.payload.len() as u64;
-                    }
-                }
-                Ok::<u64, kvcache_client::ClientError>(n)
-            }));
-        }
-        let mut got = 0;
-        for t in tasks {
-            got += t.await??;
-        }
-        let n = got as f64 / t.elapsed().as_secs_f64();
+        let n = super::node_get_rate(client, &want).await?;
         cold.push(c);
         node.push(n);
         ratio.push(c / n);
