@@ -181,17 +181,7 @@ impl Client {
         if pin.is_some() {
             self.match_prefix(&seq.namespace, prefix, pin).await?;
         }
-        let keys: Vec<Bytes> = prefix.iter().map(|k| Bytes::copy_from_slice(&k.0)).collect();
-        self.write_all_owners(seq, &ns, |c, epoch| {
-            let req =
-                pb::CreateSequenceRequest { epoch, sequence: Some(seq.into()), prefix: keys.clone(), seal: false };
-            async move {
-                let mut c = c;
-                c.create_sequence(req).await.map(|_| ())
-            }
-        })
-        .await
-        .map(|_| ())
+        self.create_on_owners(seq, &ns, prefix.to_vec(), false).await
     }
 
     /// Seal the full pages `seq` holds after its prefix into content pages, so that the next
@@ -237,17 +227,29 @@ impl Client {
             parent = keys.last().copied();
         }
         self.put_content(&ns.name, pages).await?;
-        let prefix: Vec<Bytes> = held.prefix.iter().chain(&keys).map(|k| Bytes::copy_from_slice(&k.0)).collect();
-        self.write_all_owners(seq, &ns, |c, epoch| {
-            let req =
-                pb::CreateSequenceRequest { epoch, sequence: Some(seq.into()), prefix: prefix.clone(), seal: true };
+        let prefix: Vec<ContentKey> = held.prefix.iter().chain(&keys).copied().collect();
+        self.create_on_owners(seq, &ns, prefix, true).await?;
+        Ok(n)
+    }
+
+    /// CreateSequence of `seq` over `prefix` (sealing with `seal`) on every live owner.
+    async fn create_on_owners(
+        &self,
+        seq: &SequenceKey,
+        ns: &Namespace,
+        prefix: Vec<ContentKey>,
+        seal: bool,
+    ) -> Result<(), ClientError> {
+        let prefix: Vec<Bytes> = prefix.iter().map(|k| Bytes::copy_from_slice(&k.0)).collect();
+        self.write_all_owners(seq, ns, |c, epoch| {
+            let req = pb::CreateSequenceRequest { epoch, sequence: Some(seq.into()), prefix: prefix.clone(), seal };
             async move {
                 let mut c = c;
                 c.create_sequence(req).await.map(|_| ())
             }
         })
-        .await?;
-        Ok(n)
+        .await
+        .map(|_| ())
     }
 
     /// Store content pages ([`content_page`]) on every live owner of their keys: one PutPages

@@ -373,19 +373,31 @@ class Client:
             want = [i for i, p in enumerate(out) if p is None]
             if not want:
                 break
-            req = node_pb.GetPagesRequest(keys=[self._key(namespace, sequence_id, layer, pages[i]) for i in want])
-            try:
-                items = [it for m in node_grpc.CacheNodeStub(self._node(addr)).GetPages(req, timeout=self.timeout) for it in m.items]
-            except grpc.RpcError as e:
-                if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                    continue
-                raise KvcacheError(f"{e.code().name}: {e.details()}", e.code()) from None
+            items = self._get_from(addr, [self._key(namespace, sequence_id, layer, pages[i]) for i in want])
+            if items is None:
+                continue
             for i, it in zip(want, items):
-                if it.status == pb.PAGE_STATUS_OK and _crc32c.crc32c(it.page.payload) == it.page.payload_crc32c:
+                if self._ok(it):
                     out[i] = (it.page.token_count, bytes(it.page.payload))
                 elif it.status == pb.PAGE_STATUS_INVALID:
                     raise KvcacheError(it.message, grpc.StatusCode.INVALID_ARGUMENT)
         return out
+
+    def _get_from(self, addr: str, keys: list):
+        """GetPages of `keys` from one node: its items in order, or None when it cannot be
+        reached (the caller tries the next replica)."""
+        try:
+            req = node_pb.GetPagesRequest(keys=keys)
+            return [it for m in self._stub(addr).GetPages(req, timeout=self.timeout) for it in m.items]
+        except grpc.RpcError as e:
+            if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                return None
+            raise KvcacheError(f"{e.code().name}: {e.details()}", e.code()) from None
+
+    @staticmethod
+    def _ok(it) -> bool:
+        """A served page whose payload matches its CRC."""
+        return it.status == pb.PAGE_STATUS_OK and _crc32c.crc32c(it.page.payload) == it.page.payload_crc32c
 
     def lookup(self, namespace: str, sequence_id: str) -> node_pb.LookupResponse:
         req = node_pb.LookupRequest(sequence=pb.SequenceKey(namespace=namespace, sequence_id=sequence_id))
@@ -555,17 +567,13 @@ class Client:
             for addr, idx in self._by_owner(namespace, [keys[k] for k in want_keys], rank).items():
                 items = [(want_keys[j] * len(layers) + li) for j in idx for li in range(len(layers))]
                 items = [i for i in items if out[i] is None]
-                req = node_pb.GetPagesRequest(keys=[
+                got = self._get_from(addr, [
                     self._key(namespace, content_sequence_id(keys[i // len(layers)]), layers[i % len(layers)], 0)
                     for i in items])
-                try:
-                    got = [it for m in self._stub(addr).GetPages(req, timeout=self.timeout) for it in m.items]
-                except grpc.RpcError as e:
-                    if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                        continue
-                    raise KvcacheError(f"{e.code().name}: {e.details()}", e.code()) from None
+                if got is None:
+                    continue
                 for i, it in zip(items, got):
-                    if it.status == pb.PAGE_STATUS_OK and _crc32c.crc32c(it.page.payload) == it.page.payload_crc32c:
+                    if self._ok(it):
                         out[i] = bytes(it.page.payload)
         return out
 

@@ -127,9 +127,17 @@ impl PageStore {
         }
         let content: Vec<SequenceKey> =
             pages.iter().filter(|v| v.key.sequence.is_content()).map(|v| v.key.sequence.clone()).collect();
-        for v in &pages {
+        // A sequence over a prefix takes no pages of its own inside the prefix: one look per
+        // run of pages of one sequence (content pages have none).
+        let mut seen: Option<&SequenceKey> = None;
+        for v in pages.iter().filter(|v| !v.key.sequence.is_content()) {
+            if seen == Some(&v.key.sequence) {
+                continue;
+            }
+            seen = Some(&v.key.sequence);
             if let Some(p) = self.prefix_of(&v.key.sequence)
-                && (v.key.page_index as usize) < p.len()
+                && let Some(v) =
+                    pages.iter().find(|w| w.key.sequence == v.key.sequence && (w.key.page_index as usize) < p.len())
             {
                 return Err(ValidationError::ContentPage(format!(
                     "page {} of sequence {:?} is in its prefix ({} content pages): put the prefix by key",

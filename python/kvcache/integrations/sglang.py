@@ -196,18 +196,23 @@ class KvcacheStorage(HiCacheStorage):
             logger.warning("kvcache match failed: %s", e)
             return 0
 
-    def batch_get_v1(self, keys: List[str], host_indices: torch.Tensor, extra_info=None) -> List[bool]:
+    def _fetch(self, keys: List[str]) -> List[Optional[List[bytes]]]:
+        """Every layer's page of each key, or None for a key missing any (a miss, as is a cluster
+        that cannot be reached: SGLang then computes the page)."""
         g = self._need()
-        layers = range(g.layers)
         try:
-            pages = self.client.get_content(self.namespace, keys, layers)
+            pages = self.client.get_content(self.namespace, keys, range(g.layers))
         except kvcache.KvcacheError as e:
             logger.warning("kvcache get failed: %s", e)
-            return [False] * len(keys)
+            return [None] * len(keys)
+        per_key = [pages[i * g.layers:(i + 1) * g.layers] for i in range(len(keys))]
+        return [p if all(x is not None for x in p) else None for p in per_key]
+
+    def batch_get_v1(self, keys: List[str], host_indices: torch.Tensor, extra_info=None) -> List[bool]:
+        g = self._need()
         out = []
-        for i, _ in enumerate(keys):
-            got = pages[i * g.layers:(i + 1) * g.layers]
-            ok = all(p is not None for p in got)
+        for i, got in enumerate(self._fetch(keys)):
+            ok = got is not None
             if ok:
                 index = int(host_indices[i * g.page])
                 for l, p in enumerate(got):
@@ -240,15 +245,9 @@ class KvcacheStorage(HiCacheStorage):
 
     def batch_get(self, keys: List[str], target_locations: Optional[Any] = None, target_sizes: Optional[Any] = None):
         g = self._need()
-        try:
-            pages = self.client.get_content(self.namespace, keys, range(g.layers))
-        except kvcache.KvcacheError as e:
-            logger.warning("kvcache get failed: %s", e)
-            return [None] * len(keys)
         out = []
-        for i, _ in enumerate(keys):
-            got = pages[i * g.layers:(i + 1) * g.layers]
-            if any(p is None for p in got):
+        for i, got in enumerate(self._fetch(keys)):
+            if got is None:
                 out.append(None)
                 continue
             dst = target_locations[i] if target_locations is not None else None
