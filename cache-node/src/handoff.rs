@@ -25,6 +25,7 @@ use crate::PageStore;
 use kvcache_core::validate;
 use kvcache_core::{NodeRef, Routing};
 use kvcache_core::{PageKey, SequenceKey};
+use kvcache_net::Channel;
 use kvcache_net::CoordinatorLink;
 use kvcache_net::Tls;
 use kvcache_proto::v1 as pb;
@@ -32,7 +33,6 @@ use kvcache_proto::v1::cache_node_client::CacheNodeClient;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tonic::transport::Channel;
 
 /// Settings of the handoff task.
 #[derive(Debug, Clone)]
@@ -151,7 +151,7 @@ impl Peers {
             .map_err(|e| tonic::Status::invalid_argument(e.to_string()))?
             .timeout(Duration::from_secs(30))
             .connect_lazy();
-        let c = CacheNodeClient::new(ch)
+        let c = CacheNodeClient::new(Channel::new(ch, &self.tls))
             .max_decoding_message_size(crate::MAX_MESSAGE_BYTES)
             .max_encoding_message_size(crate::MAX_MESSAGE_BYTES);
         self.clients.insert(addr.to_owned(), c.clone());

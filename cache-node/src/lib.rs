@@ -106,12 +106,17 @@ pub async fn run(
     let (health, health_svc) = tonic_health::server::health_reporter();
     health.set_serving::<CacheNodeServer<NodeService>>().await;
     let reflection = kvcache_net::reflection().map_err(kvcache_net::ServeError::from)?;
-    let server = kvcache_net::server(&exposure.tls).map_err(kvcache_net::ServeError::from)?;
+    let server = kvcache_net::server(&exposure).map_err(kvcache_net::ServeError::from)?;
     let metrics = Arc::new(metrics::NodeMetrics::new(&cfg.node_id));
     let mut cluster_tasks = Vec::new();
-    if let Some(c) = &cfg.coordinator {
-        let link = kvcache_net::CoordinatorLink::new(c, &cfg.tls, std::time::Duration::from_secs(5))
-            .map_err(kvcache_net::ServeError::from)?;
+    let link = match &cfg.coordinator {
+        Some(c) => Some(
+            kvcache_net::CoordinatorLink::new(c, &cfg.tls, std::time::Duration::from_secs(5))
+                .map_err(kvcache_net::ServeError::from)?,
+        ),
+        None => None,
+    };
+    if let Some(link) = link.clone() {
         link.watch();
         let info = kvcache_proto::v1::NodeInfo {
             node_id: cfg.node_id.clone(),
@@ -131,7 +136,9 @@ pub async fn run(
         )));
     }
     let probe = exposure.health_listener.map(|l| kvcache_net::serve_health(l, health_svc.clone()));
-    let node = Arc::new(NodeService::new(store.clone(), cfg.node_id, metrics.clone()));
+    let node = Arc::new(
+        NodeService::new(store.clone(), cfg.node_id, metrics.clone()).with_tenants(exposure.auth.clone(), link),
+    );
     let tasks = node.tasks.clone();
     let svc = zerocopy::ZeroCopyPages::new(
         node.clone(),

@@ -1,5 +1,6 @@
 //! A node's side of cluster membership: register with the coordinator, heartbeat with stats,
-//! learn the epoch (for write fencing) and the namespaces. Runs until aborted; survives
+//! learn the epoch (for write fencing), the namespaces and this node's share of each tenant's
+//! quota. Runs until aborted; survives
 //! coordinator restarts by re-registering. Reaches the coordinator through the node's one
 //! [`CoordinatorLink`] (shared with [`crate::handoff`]).
 
@@ -10,8 +11,17 @@ use kvcache_proto::v1 as pb;
 use std::sync::Arc;
 use std::time::Duration;
 
-fn apply(store: &PageStore, epoch: u64, namespaces: Vec<pb::Namespace>) {
+fn apply(store: &PageStore, epoch: u64, namespaces: Vec<pb::Namespace>, shares: Vec<pb::TenantShare>) {
     store.advance_epoch(epoch);
+    let shares: Vec<crate::store::TenantShare> = shares
+        .into_iter()
+        .map(|s| crate::store::TenantShare {
+            tenant: s.tenant,
+            quota: (s.quota_bytes > 0).then_some(s.quota_bytes),
+            reserved: s.reserved_bytes,
+        })
+        .collect();
+    store.set_tenant_shares(&shares);
     for n in namespaces {
         match Namespace::try_from(n) {
             Ok(ns) => {
@@ -41,8 +51,8 @@ pub async fn join_cluster(store: Arc<PageStore>, link: CoordinatorLink, info: pb
             Ok(r) => {
                 let r = r.into_inner();
                 let s = store.clone();
-                let (epoch, nss) = (r.epoch, r.namespaces);
-                let _ = tokio::task::spawn_blocking(move || apply(&s, epoch, nss)).await;
+                let (epoch, nss, shares) = (r.epoch, r.namespaces, r.tenant_shares);
+                let _ = tokio::task::spawn_blocking(move || apply(&s, epoch, nss, shares)).await;
                 tracing::info!(epoch = r.epoch, coordinator = %link.current(), "registered with the coordinator");
                 backoff = Duration::from_millis(100);
                 Duration::from_millis(r.heartbeat_interval_ms.clamp(50, 60_000) as u64)
@@ -82,7 +92,8 @@ pub async fn join_cluster(store: Arc<PageStore>, link: CoordinatorLink, info: pb
                         break; // the coordinator forgot us (restart, or we were marked down)
                     }
                     let s = store.clone();
-                    let _ = tokio::task::spawn_blocking(move || apply(&s, r.epoch, r.namespaces)).await;
+                    let _ =
+                        tokio::task::spawn_blocking(move || apply(&s, r.epoch, r.namespaces, r.tenant_shares)).await;
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "heartbeat failed; registering again");

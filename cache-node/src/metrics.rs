@@ -115,6 +115,15 @@ impl NodeMetrics {
             metrics::gauge!(n::NODE_NAMESPACE_BYTES, "node" => self.node_id.clone(), "namespace" => ns)
                 .set(u.bytes as f64);
         }
+        // Per tenant (bounded by the tenants file).
+        for t in &st.tenants {
+            metrics::gauge!(n::TENANT_STORED_BYTES, "node" => self.node_id.clone(), "tenant" => t.tenant.clone())
+                .set(t.bytes as f64);
+            if t.quota_bytes > 0 {
+                metrics::gauge!(n::TENANT_QUOTA_BYTES, "node" => self.node_id.clone(), "tenant" => t.tenant.clone())
+                    .set(t.quota_bytes as f64);
+            }
+        }
     }
 
     /// Count what a handoff pass did.

@@ -5,6 +5,7 @@ use crate::metrics::NodeMetrics;
 use crate::store::{Durability, PageStore, PutMode, StoreError};
 use kvcache_core::validate::{self, ValidationError};
 use kvcache_core::{ContentKey, Namespace, PageKey, SequenceKey};
+use kvcache_net::{Auth, Caller};
 use kvcache_proto::v1 as pb;
 use kvcache_proto::v1::cache_node_server::CacheNode;
 use std::pin::Pin;
@@ -45,7 +46,7 @@ pub fn status(e: StoreError) -> Status {
         StoreError::Position { .. } | StoreError::ContentConflict { .. } | StoreError::SequenceExists(_) => {
             Status::failed_precondition(e.to_string())
         }
-        StoreError::Full(_) => Status::resource_exhausted(e.to_string()),
+        StoreError::Full(_) | StoreError::Quota { .. } => Status::resource_exhausted(e.to_string()),
         StoreError::Io(_) | StoreError::DataDir(_) => Status::unavailable(e.to_string()),
         StoreError::PartialPageLost(_) => Status::data_loss(e.to_string()),
     }
@@ -62,12 +63,62 @@ pub struct NodeService {
     pub(crate) metrics: Arc<NodeMetrics>,
     /// Every task a call spawns (streamed responses): shutdown waits for them.
     pub(crate) tasks: tokio_util::task::TaskTracker,
+    /// The tenants (their byte rates; who the caller is comes from the server's layer).
+    pub(crate) auth: Auth,
+    /// The coordinator, when in a cluster: a tenant's EnsureNamespace must match its map.
+    link: Option<kvcache_net::CoordinatorLink>,
 }
 
 impl NodeService {
-    /// Serve `store` as `node_id`, counting into `metrics`.
+    /// Serve `store` as `node_id`, counting into `metrics`, open to every caller.
     pub fn new(store: Arc<PageStore>, node_id: String, metrics: Arc<NodeMetrics>) -> Self {
-        Self { store, node_id, metrics, tasks: tokio_util::task::TaskTracker::new() }
+        Self { store, node_id, metrics, tasks: tokio_util::task::TaskTracker::new(), auth: Auth::open(), link: None }
+    }
+
+    /// Enforce `auth`'s byte rates; check tenants' EnsureNamespace against `link`'s map.
+    pub fn with_tenants(mut self, auth: Auth, link: Option<kvcache_net::CoordinatorLink>) -> Self {
+        self.auth = auth;
+        self.link = link;
+        self
+    }
+
+    /// NOT_FOUND for an unknown namespace, PERMISSION_DENIED for another tenant's.
+    pub(crate) fn check_namespace(&self, caller: &Caller, namespace: &str) -> Result<(), Status> {
+        if caller.is_trusted() {
+            return Ok(());
+        }
+        let ns =
+            self.store.namespace(namespace).ok_or_else(|| status(StoreError::UnknownNamespace(namespace.into())))?;
+        caller.check_namespace(namespace, &ns.ns.tenant)
+    }
+
+    /// [`NodeService::check_namespace`] for each distinct namespace of `names` (in runs).
+    fn check_namespaces<'a>(&self, caller: &Caller, names: impl Iterator<Item = &'a str>) -> Result<(), Status> {
+        if caller.is_trusted() {
+            return Ok(());
+        }
+        let mut last: Option<&str> = None;
+        for n in names {
+            if last != Some(n) {
+                self.check_namespace(caller, n)?;
+                last = Some(n);
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the coordinator defines `ns` exactly so (refreshing its map once if it does not
+    /// know the name yet); true outside a cluster.
+    async fn coordinator_defines(&self, ns: &Namespace) -> bool {
+        let Some(link) = &self.link else { return true };
+        let same = |r: &kvcache_core::Routing| r.namespaces.get(&ns.name).is_some_and(|n| n.same_definition(ns));
+        if same(&link.routing()) {
+            return true;
+        }
+        match link.refresh().await {
+            Ok(r) => same(&r),
+            Err(_) => false,
+        }
     }
 }
 
@@ -252,10 +303,18 @@ impl NodeService {
     /// Store one `PutPagesRequest` message of a PutPages stream, adding to `resp`.
     pub(crate) async fn put_message(
         &self,
+        caller: &Caller,
         msg: pb::PutPagesRequest,
         resp: &mut pb::PutPagesResponse,
     ) -> Result<(), Status> {
         let bytes: usize = msg.pages.iter().map(|p| p.payload.len()).sum();
+        self.check_namespaces(
+            caller,
+            msg.pages
+                .iter()
+                .map(|p| p.key.as_ref().and_then(|k| k.sequence.as_ref()).map_or("", |s| s.namespace.as_str())),
+        )?;
+        self.auth.charge_bytes(caller, bytes as u64)?;
         self.store.check_epoch(msg.epoch).map_err(status)?;
         // Every page is validated (key, codec, sizes, CRC) before any is written.
         let nss = self.store.namespace_table();
@@ -289,7 +348,16 @@ impl NodeService {
     }
 
     /// The items of a GetPages request, in order (ranges expanded over the pages held).
-    pub(crate) fn expand(&self, req: pb::GetPagesRequest) -> Result<Vec<Wanted>, Status> {
+    pub(crate) fn expand(&self, caller: &Caller, req: pb::GetPagesRequest) -> Result<Vec<Wanted>, Status> {
+        self.check_namespaces(
+            caller,
+            req.keys
+                .iter()
+                .map(|k| k.sequence.as_ref().map_or("", |s| s.namespace.as_str()))
+                .chain(req.ranges.iter().map(|r| r.sequence.as_ref().map_or("", |s| s.namespace.as_str()))),
+        )?;
+        // Refused while the caller's byte budget is in debt; charged as the pages go out.
+        self.auth.charge_bytes(caller, 0)?;
         let mut out = Vec::with_capacity(req.keys.len());
         for k in req.keys {
             match PageKey::try_from(k.clone()) {
@@ -352,7 +420,10 @@ impl CacheNode for NodeService {
         &self,
         request: Request<pb::AppendTokensRequest>,
     ) -> Result<Response<pb::AppendTokensResponse>, Status> {
+        let caller = Caller::of(&request);
         let r = request.into_inner();
+        self.check_namespace(&caller, r.sequence.as_ref().map_or("", |s| s.namespace.as_str()))?;
+        self.auth.charge_bytes(&caller, r.payload.len() as u64)?;
         self.metrics.bytes_in.increment(r.payload.len() as u64);
         let resp = if inline_append(&self.store, 1, r.payload.len()) {
             append_one(&self.store, r)?
@@ -369,6 +440,7 @@ impl CacheNode for NodeService {
         &self,
         request: Request<pb::AppendBatchRequest>,
     ) -> Result<Response<pb::AppendBatchResponse>, Status> {
+        let caller = Caller::of(&request);
         let appends = request.into_inner().appends;
         if appends.len() > MAX_BATCH_APPENDS {
             return Err(Status::invalid_argument(format!(
@@ -377,10 +449,22 @@ impl CacheNode for NodeService {
             )));
         }
         let bytes: usize = appends.iter().map(|a| a.payload.len()).sum();
+        self.auth.charge_bytes(&caller, bytes as u64)?;
         let appends_len = appends.len();
         self.metrics.bytes_in.increment(bytes as u64);
+        // Each item is checked on its own: another tenant's is refused in its result.
+        let allowed: Vec<Result<(), Status>> = appends
+            .iter()
+            .map(|a| self.check_namespace(&caller, a.sequence.as_ref().map_or("", |s| s.namespace.as_str())))
+            .collect();
         let store = self.store.clone();
-        let run = move || appends.into_iter().map(|r| append_result(append_one(&store, r))).collect();
+        let run = move || {
+            appends
+                .into_iter()
+                .zip(allowed)
+                .map(|(r, ok)| append_result(ok.and_then(|()| append_one(&store, r))))
+                .collect()
+        };
         let results = if inline_append(&self.store, appends_len, bytes) {
             run()
         } else {
@@ -390,8 +474,10 @@ impl CacheNode for NodeService {
     }
 
     async fn lookup(&self, request: Request<pb::LookupRequest>) -> Result<Response<pb::LookupResponse>, Status> {
+        let caller = Caller::of(&request);
         let r = request.into_inner();
         let seq = sequence(r.sequence)?;
+        self.check_namespace(&caller, &seq.namespace)?;
         let (exists, layers, cached) = self.store.lookup(&seq, &r.prefix_hashes, r.layer).map_err(status)?;
         let prefix = self
             .store
@@ -409,8 +495,10 @@ impl CacheNode for NodeService {
         &self,
         request: Request<pb::MatchPrefixRequest>,
     ) -> Result<Response<pb::MatchPrefixResponse>, Status> {
+        let caller = Caller::of(&request);
         let r = request.into_inner();
         validate::namespace_name(&r.namespace).map_err(invalid)?;
+        self.check_namespace(&caller, &r.namespace)?;
         if r.keys.len() > MAX_MATCH_KEYS {
             return Err(Status::invalid_argument(format!(
                 "{} keys in one MatchPrefix; at most {MAX_MATCH_KEYS}",
@@ -446,8 +534,10 @@ impl CacheNode for NodeService {
         &self,
         request: Request<pb::CreateSequenceRequest>,
     ) -> Result<Response<pb::CreateSequenceResponse>, Status> {
+        let caller = Caller::of(&request);
         let r = request.into_inner();
         let seq = sequence(r.sequence)?;
+        self.check_namespace(&caller, &seq.namespace)?;
         self.store.check_epoch(r.epoch).map_err(status)?;
         let prefix = r
             .prefix
@@ -469,8 +559,10 @@ impl CacheNode for NodeService {
         &self,
         request: Request<pb::DeleteSequenceRequest>,
     ) -> Result<Response<pb::DeleteSequenceResponse>, Status> {
+        let caller = Caller::of(&request);
         let r = request.into_inner();
         let seq = sequence(r.sequence)?;
+        self.check_namespace(&caller, &seq.namespace)?;
         self.store.check_epoch(r.epoch).map_err(status)?;
         let store = self.store.clone();
         let n = blocking(move || store.delete(&seq)).await?;
@@ -478,8 +570,10 @@ impl CacheNode for NodeService {
     }
 
     async fn lease(&self, request: Request<pb::LeaseRequest>) -> Result<Response<pb::LeaseResponse>, Status> {
+        let caller = Caller::of(&request);
         let r = request.into_inner();
         let seq = sequence(r.sequence)?;
+        self.check_namespace(&caller, &seq.namespace)?;
         if r.ttl_ms == 0 || Duration::from_millis(r.ttl_ms as u64) > MAX_LEASE {
             return Err(Status::invalid_argument(format!("ttl_ms {} out of range: expected 1..=3600000", r.ttl_ms)));
         }
@@ -491,13 +585,38 @@ impl CacheNode for NodeService {
     }
 
     async fn release(&self, request: Request<pb::ReleaseRequest>) -> Result<Response<pb::ReleaseResponse>, Status> {
-        Ok(Response::new(pb::ReleaseResponse { released: self.store.release(request.into_inner().lease_id) }))
+        let caller = Caller::of(&request);
+        let id = request.into_inner().lease_id;
+        // Another tenant's lease is answered as an unknown one: ids say nothing across tenants.
+        let mine = caller.is_trusted()
+            || self.store.lease_namespace(id).is_some_and(|ns| self.check_namespace(&caller, &ns).is_ok());
+        Ok(Response::new(pb::ReleaseResponse { released: mine && self.store.release(id) }))
     }
 
-    async fn stats(&self, _request: Request<pb::StatsRequest>) -> Result<Response<pb::NodeStats>, Status> {
+    async fn stats(&self, request: Request<pb::StatsRequest>) -> Result<Response<pb::NodeStats>, Status> {
+        let caller = Caller::of(&request);
         let store = self.store.clone();
-        let s =
+        let mut s =
             tokio::task::spawn_blocking(move || store.stats()).await.map_err(|e| Status::internal(e.to_string()))?;
+        if !caller.is_operator() {
+            // A tenant sees its own namespaces and tenant entry, and node totals over them only.
+            let name = caller.tenant().map_or("", |t| t.name.as_str()).to_owned();
+            let owner = |ns: &str| self.store.namespace(ns).map(|e| e.ns.tenant.clone());
+            s.namespaces.retain(|u| owner(&u.name).as_deref() == Some(name.as_str()));
+            s.tenants.retain(|t| t.tenant == name);
+            s = crate::store::StoreStats {
+                capacity_bytes: s.capacity_bytes,
+                used_bytes: s.namespaces.iter().map(|u| u.bytes).sum(),
+                pages: s.namespaces.iter().map(|u| u.pages).sum(),
+                sequences: s.namespaces.iter().map(|u| u.sequences).sum(),
+                get_hits: s.namespaces.iter().map(|u| u.get_hits).sum(),
+                get_misses: s.namespaces.iter().map(|u| u.get_misses).sum(),
+                evictions: s.namespaces.iter().map(|u| u.evictions).sum(),
+                namespaces: s.namespaces,
+                tenants: s.tenants,
+                ..Default::default()
+            };
+        }
         Ok(Response::new(pb::NodeStats {
             node_id: self.node_id.clone(),
             capacity_bytes: s.capacity_bytes,
@@ -535,6 +654,18 @@ impl CacheNode for NodeService {
             leases_granted: s.leases_granted,
             recovery_seconds: s.recovery_seconds,
             recovery_bytes: s.recovery_bytes,
+            tenants: s
+                .tenants
+                .into_iter()
+                .map(|t| pb::TenantUsage {
+                    tenant: t.tenant,
+                    bytes: t.bytes,
+                    quota_bytes: t.quota_bytes,
+                    reserved_bytes: t.reserved_bytes,
+                    quota_evictions: t.quota_evictions,
+                    quota_refusals: t.quota_refusals,
+                })
+                .collect(),
         }))
     }
 
@@ -542,12 +673,24 @@ impl CacheNode for NodeService {
         &self,
         request: Request<pb::EnsureNamespaceRequest>,
     ) -> Result<Response<pb::EnsureNamespaceResponse>, Status> {
+        let caller = Caller::of(&request);
         let ns: Namespace = request
             .into_inner()
             .namespace
             .ok_or_else(|| invalid(ValidationError::Missing("namespace")))?
             .try_into()
             .map_err(invalid)?;
+        if !caller.is_trusted() {
+            // A tenant may only push its own namespace, as the coordinator defines it (no
+            // squatting a name another tenant is about to create).
+            caller.check_namespace(&ns.name, &ns.tenant)?;
+            if !self.coordinator_defines(&ns).await {
+                return Err(Status::failed_precondition(format!(
+                    "namespace {:?} is not defined so by the coordinator: create it there first",
+                    ns.name
+                )));
+            }
+        }
         let store = self.store.clone();
         let created = blocking(move || store.ensure_namespace(ns)).await?;
         Ok(Response::new(pb::EnsureNamespaceResponse { created }))

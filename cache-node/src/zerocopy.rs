@@ -121,6 +121,7 @@ fn ok_trailers() -> Chunk {
 type Chunk = Result<Frame<Bytes>, Status>;
 
 async fn put_pages(node: Arc<NodeService>, req: http::Request<Body>) -> Result<http::Response<Body>, Status> {
+    let caller = kvcache_net::Caller::from_extensions(req.extensions());
     let mut body = req.into_body();
     let mut rope = Rope::default();
     let mut resp = pb::PutPagesResponse::default();
@@ -130,7 +131,7 @@ async fn put_pages(node: Arc<NodeService>, req: http::Request<Body>) -> Result<h
         while let Some(mut m) = next_message(&mut rope, crate::MAX_MESSAGE_BYTES)? {
             let msg = pb::PutPagesRequest::decode(&mut m)
                 .map_err(|e| Status::invalid_argument(format!("PutPages request: {e}")))?;
-            node.put_message(msg, &mut resp).await?;
+            node.put_message(&caller, msg, &mut resp).await?;
         }
     }
     if rope.remaining() > 0 {
@@ -144,12 +145,15 @@ async fn put_pages(node: Arc<NodeService>, req: http::Request<Body>) -> Result<h
 }
 
 async fn get_pages(node: Arc<NodeService>, req: http::Request<Body>) -> Result<http::Response<Body>, Status> {
-    let mut wanted = node.expand(request(req.into_body()).await?)?.into_iter();
+    let caller = kvcache_net::Caller::from_extensions(req.extensions());
+    let mut wanted = node.expand(&caller, request(req.into_body()).await?)?.into_iter();
     let (store, metrics) = (node.store().clone(), node.metrics.clone());
+    let (auth, who) = (node.auth.clone(), caller);
     // Most requests (a decode step's layer, a prefill's batch) fit one response message: answer
     // those from here, the chunks handed to hyper as they are, without a task and a channel
     // between the lookups and the connection. Larger ones stream, a message at a time.
     let first = next_message_chunks(&store, &metrics, &mut wanted);
+    auth.debit(&who, first.iter().map(|c| c.len() as u64).sum());
     if wanted.len() == 0 {
         let mut chunks: Vec<Chunk> = first.into_iter().map(|c| Ok(Frame::data(c))).collect();
         chunks.push(ok_trailers());
@@ -165,6 +169,7 @@ async fn get_pages(node: Arc<NodeService>, req: http::Request<Body>) -> Result<h
                 }
             }
             chunks = next_message_chunks(&store, &metrics, &mut wanted);
+            auth.debit(&who, chunks.iter().map(|c| c.len() as u64).sum());
         }
         let _ = tx.send(ok_trailers()).await;
     });

@@ -36,6 +36,9 @@ pub struct LocalClusterConfig {
     /// Where the coordinator listens (`None`: a free port on `host`). The other services always
     /// take free ports: clients find them through the coordinator.
     pub coordinator_listen: Option<String>,
+    /// The tenants every service enforces (open by default). The cluster's own processes show
+    /// each other a service token made up at start, so the file needs no `[service]`.
+    pub auth: kvcache_net::Auth,
 }
 
 impl LocalClusterConfig {
@@ -52,6 +55,7 @@ impl LocalClusterConfig {
             worker_cache_prefault: false,
             tls: kvcache_net::Tls::none(),
             coordinator_listen: None,
+            auth: kvcache_net::Auth::open(),
         }
     }
 }
@@ -76,7 +80,7 @@ pub struct LocalCluster {
 }
 
 fn exposure(cfg: &LocalClusterConfig) -> kvcache_net::Exposure {
-    kvcache_net::Exposure { tls: cfg.tls.clone(), health_listener: None }
+    kvcache_net::Exposure { tls: cfg.tls.clone(), auth: cfg.auth.clone(), health_listener: None }
 }
 
 fn stop_pair() -> (oneshot::Sender<()>, impl std::future::Future<Output = ()> + Send + 'static) {
@@ -89,8 +93,14 @@ fn stop_pair() -> (oneshot::Sender<()>, impl std::future::Future<Output = ()> + 
 impl LocalCluster {
     /// Start everything; returns once the coordinator sees every node and the worker is
     /// registered.
-    pub async fn start(cfg: LocalClusterConfig) -> anyhow::Result<LocalCluster> {
+    pub async fn start(mut cfg: LocalClusterConfig) -> anyhow::Result<LocalCluster> {
         std::fs::create_dir_all(&cfg.data_dir)?;
+        if cfg.auth.enforced() {
+            // The services call each other with a token only they know.
+            let token = hex::encode(rand::random::<[u8; 32]>());
+            cfg.auth = cfg.auth.clone().with_service_token(&token)?;
+            cfg.tls = cfg.tls.clone().with_token(&token)?;
+        }
         let mut services = Vec::new();
         // Coordinator.
         let mut ccfg = CoordinatorConfig::new(cfg.data_dir.join("coordinator"));
@@ -235,6 +245,15 @@ pub fn coordinator_error(addr: &str, s: &tonic::Status) -> anyhow::Error {
              and prints its address; give another with --coordinator",
             s.message()
         ),
+        tonic::Code::Unauthenticated => anyhow::anyhow!(
+            "the coordinator at {addr} runs with tenants and refused the call: {} — give your token with --token \
+             or KVCACHE_TOKEN",
+            s.message()
+        ),
+        tonic::Code::PermissionDenied => anyhow::anyhow!(
+            "the coordinator at {addr} refused the call: {} — this needs an admin tenant's token",
+            s.message()
+        ),
         tonic::Code::Unimplemented => anyhow::anyhow!(
             "{addr} is not a coordinator (it does not serve kvcache.v1.Coordinator; a cache node or worker port?) — \
              give the coordinator's address with --coordinator"
@@ -255,6 +274,12 @@ pub async fn cluster_status(addr: &str, tls: &kvcache_net::Tls) -> anyhow::Resul
 
 /// A client of the cluster whose coordinator is at `addr`, with errors for people.
 pub async fn connect(addr: &str, cfg: kvcache_client::ClientConfig) -> anyhow::Result<Client> {
-    cluster_status(addr, &cfg.tls).await?;
+    let mut tls = cfg.tls.clone();
+    if let Some(t) = &cfg.token {
+        tls = tls.with_token(t).map_err(|e| anyhow::anyhow!("--token: {e}"))?;
+    }
+    let link = kvcache_net::CoordinatorLink::new(addr, &tls, Duration::from_secs(5))
+        .map_err(|e| anyhow::anyhow!("--coordinator: {e}"))?;
+    link.refresh().await.map_err(|s| coordinator_error(addr, &s))?;
     Ok(Client::connect_with(addr, cfg).await?)
 }

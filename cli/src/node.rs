@@ -45,6 +45,8 @@ pub struct Args {
     pub health_listen: Option<String>,
     #[command(flatten)]
     pub tls: kvcache_net::TlsArgs,
+    #[command(flatten)]
+    pub tenants: kvcache_net::TenantsArgs,
 }
 
 /// Run `kvcache node` until SIGTERM / Ctrl-C.
@@ -58,7 +60,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         cfg.durability = args.durability;
         let store = tokio::task::spawn_blocking(move || PageStore::open(cfg)).await??;
         let tls = kvcache_net::Tls::load(&args.tls)?;
-        let exposure = crate::util::exposure(&tls, args.health_listen.as_deref()).await?;
+        let auth = crate::util::tenants(&args.tenants, &tls, args.coordinator.is_some())?;
+        let exposure = crate::util::exposure(&tls, auth, args.health_listen.as_deref()).await?;
         let listener = kvcache_cli::cluster::bind(&args.listen, "--listen").await?;
         let addr = listener.local_addr()?;
         let advertise = args.advertise.unwrap_or_else(|| addr.to_string());

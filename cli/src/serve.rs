@@ -57,6 +57,8 @@ pub struct CoordinatorArgs {
     health_listen: Option<String>,
     #[command(flatten)]
     tls: kvcache_net::TlsArgs,
+    #[command(flatten)]
+    tenants: kvcache_net::TenantsArgs,
 }
 
 /// Run `kvcache coordinator`.
@@ -70,7 +72,8 @@ pub fn coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
         cfg.heartbeat_interval = a.heartbeat_interval;
         let state = ClusterState::open(cfg)?;
         let tls = kvcache_net::Tls::load(&a.tls)?;
-        let exposure = crate::util::exposure(&tls, a.health_listen.as_deref()).await?;
+        let auth = crate::util::tenants(&a.tenants, &tls, false)?;
+        let exposure = crate::util::exposure(&tls, auth, a.health_listen.as_deref()).await?;
         let l = kvcache_cli::cluster::bind(&a.listen, "--listen").await?;
         let addr = l.local_addr()?;
         let advertise = a.advertise.clone().unwrap_or_else(|| addr.to_string());
@@ -153,6 +156,8 @@ pub struct WorkerArgs {
     health_listen: Option<String>,
     #[command(flatten)]
     tls: kvcache_net::TlsArgs,
+    #[command(flatten)]
+    tenants: kvcache_net::TenantsArgs,
 }
 
 /// Run `kvcache worker`.
@@ -161,7 +166,8 @@ pub fn worker(a: WorkerArgs) -> anyhow::Result<()> {
         let _tracing = kvcache_telemetry::trace::init("kvcache-worker");
         crate::util::init_metrics(a.metrics_listen)?;
         let tls = kvcache_net::Tls::load(&a.tls)?;
-        let exposure = crate::util::exposure(&tls, a.health_listen.as_deref()).await?;
+        let auth = crate::util::tenants(&a.tenants, &tls, true)?;
+        let exposure = crate::util::exposure(&tls, auth, a.health_listen.as_deref()).await?;
         let ccfg =
             kvcache_client::ClientConfig { tls, connections_per_node: a.connections_per_node, ..Default::default() };
         let client = kvcache_cli::cluster::connect(&a.coordinator, ccfg).await?;
@@ -204,6 +210,10 @@ pub struct DevArgs {
     /// mTLS between the local services and for clients (all of them use the same identity).
     #[command(flatten)]
     tls: kvcache_net::TlsArgs,
+    /// Tenants every service enforces (the local services show each other a service token
+    /// made up at start: the file needs no [service]).
+    #[command(flatten)]
+    tenants: kvcache_net::TenantsArgs,
 }
 
 /// Run `kvcache dev`: a local cluster until Ctrl-C.
@@ -217,6 +227,7 @@ pub fn dev(a: DevArgs) -> anyhow::Result<()> {
         cfg.nodes = a.nodes;
         cfg.node_capacity = a.node_capacity;
         cfg.tls = kvcache_net::Tls::load(&a.tls)?;
+        cfg.auth = crate::util::tenants(&a.tenants, &cfg.tls, false)?;
         cfg.coordinator_listen = Some(a.listen.clone());
         // Before the services' logs: what is starting, and where.
         println!(
@@ -232,6 +243,9 @@ pub fn dev(a: DevArgs) -> anyhow::Result<()> {
             println!("  node-{i}       {n}");
         }
         println!("  worker       {}", c.worker);
+        if let Some(p) = &a.tenants.tenants {
+            println!("  tenants      {} (every call needs a tenant's token: --token / KVCACHE_TOKEN)", p.display());
+        }
         println!(
             "try: kvcache status --coordinator {}   |   kvcache demo --coordinator {}",
             c.coordinator, c.coordinator

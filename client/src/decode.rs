@@ -2,9 +2,9 @@
 //! registered workers), the results reassembled in request order.
 
 use crate::*;
+use kvcache_net::Channel;
 use kvcache_proto::v1::attention_worker_client::AttentionWorkerClient;
 use std::collections::HashMap;
-use tonic::transport::Channel;
 
 impl Client {
     /// Send a decode batch, each sequence to its sticky worker (rendezvous over the registered

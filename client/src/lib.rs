@@ -41,6 +41,7 @@ pub use writes::wire_page;
 use bytes::Bytes;
 use kvcache_core::validate::codec_to_wire;
 use kvcache_core::{Namespace, PageKey, SequenceKey};
+use kvcache_net::Channel;
 use kvcache_proto::v1 as pb;
 use kvcache_proto::v1::attention_worker_client::AttentionWorkerClient;
 use kvcache_proto::v1::cache_node_client::CacheNodeClient;
@@ -49,13 +50,12 @@ use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
-use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 pub use kvcache_net::MAX_MESSAGE_BYTES;
 
 /// Client settings.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ClientConfig {
     /// Deadline of each RPC.
     pub timeout: Duration,
@@ -70,15 +70,37 @@ pub struct ClientConfig {
     /// client's concurrent pulls and puts use the cores on both ends (docs/BENCHMARKS.md).
     /// Connections open lazily, on their first call.
     pub connections_per_node: usize,
+    /// The tenant's token, sent as `authorization: Bearer <token>` on every call (coordinator,
+    /// nodes, workers) when the cluster has tenants. `None`: no credential (an open cluster).
+    pub token: Option<String>,
 }
 
 impl Default for ClientConfig {
     fn default() -> Self {
-        Self { timeout: Duration::from_secs(10), watch: true, tls: kvcache_net::Tls::none(), connections_per_node: 4 }
+        Self {
+            timeout: Duration::from_secs(10),
+            watch: true,
+            tls: kvcache_net::Tls::none(),
+            connections_per_node: 4,
+            token: None,
+        }
+    }
+}
+
+impl std::fmt::Debug for ClientConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientConfig")
+            .field("timeout", &self.timeout)
+            .field("watch", &self.watch)
+            .field("tls", &self.tls)
+            .field("connections_per_node", &self.connections_per_node)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .finish()
     }
 }
 
 struct Inner {
+    /// Settings; the token, if any, already moved into `cfg.tls`.
     cfg: ClientConfig,
     /// Coordinator replicas and the watched shard map.
     link: CoordinatorLink,
@@ -110,7 +132,10 @@ impl Client {
     }
 
     /// [`Client::connect`] with settings.
-    pub async fn connect_with(addr: &str, cfg: ClientConfig) -> Result<Client, ClientError> {
+    pub async fn connect_with(addr: &str, mut cfg: ClientConfig) -> Result<Client, ClientError> {
+        if let Some(t) = cfg.token.take() {
+            cfg.tls = cfg.tls.with_token(&t).map_err(|e| ClientError::InvalidArgument(format!("token: {e}")))?;
+        }
         let link = CoordinatorLink::new(addr, &cfg.tls, cfg.timeout)
             .map_err(|e| ClientError::InvalidArgument(e.to_string()))?;
         let watch = cfg.watch;

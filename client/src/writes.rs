@@ -4,8 +4,8 @@
 //! not know the namespace yet is told it.
 
 use crate::*;
+use kvcache_net::Channel;
 use kvcache_proto::v1::cache_node_client::CacheNodeClient;
-use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 impl Client {

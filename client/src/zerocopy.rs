@@ -15,12 +15,12 @@
 
 use bytes::Buf;
 use http_body_util::BodyExt;
+use kvcache_net::Channel;
 use kvcache_net::frames::{self, Rope, next_message};
 use kvcache_proto::v1 as pb;
 use prost::Message;
 use tonic::Status;
 use tonic::body::Body;
-use tonic::transport::Channel;
 use tower::ServiceExt;
 
 /// The method answered here.

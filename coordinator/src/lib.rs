@@ -38,11 +38,11 @@ pub async fn run(
     let (health, health_svc) = tonic_health::server::health_reporter();
     health.set_serving::<CoordinatorServer<CoordinatorService>>().await;
     let reflection = kvcache_net::reflection()?;
-    let server = kvcache_net::server(&exposure.tls)?;
+    let server = kvcache_net::server(&exposure)?;
     let probe = exposure.health_listener.map(|l| kvcache_net::serve_health(l, health_svc.clone()));
     let ticker = tokio::spawn(service::maintenance(state.clone()));
     let (closing_tx, closing) = tokio::sync::watch::channel(false);
-    let service = CoordinatorService::new(state, closing);
+    let service = CoordinatorService::new(state, exposure.auth.clone(), closing);
     let tasks = service.tasks.clone();
     let r = server
         .layer(kvcache_telemetry::GrpcMetricsLayer::new("coordinator"))

@@ -1,6 +1,7 @@
 //! The `Coordinator` gRPC service; coordinator errors become statuses here and nowhere else.
 
 use crate::state::{ClusterState, CoordinatorError};
+use kvcache_net::{Auth, Caller};
 use kvcache_proto::v1 as pb;
 use kvcache_proto::v1::coordinator_server::Coordinator;
 use std::pin::Pin;
@@ -34,6 +35,8 @@ fn leader_only(state: &ClusterState) -> Result<(), Status> {
 /// The Coordinator service.
 pub struct CoordinatorService {
     state: Arc<ClusterState>,
+    /// The tenants: who sees which namespaces, and the quotas split into node shares.
+    auth: Auth,
     closing: tokio::sync::watch::Receiver<bool>,
     /// The watch streams' tasks: shutdown waits for them.
     pub(crate) tasks: tokio_util::task::TaskTracker,
@@ -42,9 +45,49 @@ pub struct CoordinatorService {
 impl CoordinatorService {
     /// Serve `state`; watch streams end when `closing` turns true (so a graceful shutdown does
     /// not wait forever on them).
-    pub fn new(state: Arc<ClusterState>, closing: tokio::sync::watch::Receiver<bool>) -> Self {
-        Self { state, closing, tasks: tokio_util::task::TaskTracker::new() }
+    pub fn new(state: Arc<ClusterState>, auth: Auth, closing: tokio::sync::watch::Receiver<bool>) -> Self {
+        Self { state, auth, closing, tasks: tokio_util::task::TaskTracker::new() }
     }
+
+    /// Node `node_id`'s share of every tenant's quota and reserved bytes.
+    fn shares(&self, node_id: &str) -> Vec<pb::TenantShare> {
+        tenant_shares(&self.auth.tenants(), &self.state.shard_map(), node_id)
+    }
+}
+
+/// Node `node_id`'s share of each tenant's quota and reserved bytes: split over the UP nodes by
+/// placement weight, as the pages are; a node not UP keeps what its weight would give it among
+/// them (a draining node still holds pages until they moved). Tenants with neither are left out.
+pub fn tenant_shares(t: &kvcache_net::auth::Tenants, map: &pb::ShardMap, node_id: &str) -> Vec<pb::TenantShare> {
+    let up = pb::NodeState::Up as i32;
+    let Some(me) = map.nodes.iter().find(|n| n.node.as_ref().is_some_and(|i| i.node_id == node_id)) else {
+        return Vec::new();
+    };
+    let mut total: f64 = map.nodes.iter().filter(|n| n.state == up).map(|n| n.weight.max(0.0)).sum();
+    if me.state != up {
+        total += me.weight.max(0.0);
+    }
+    let frac = if total > 0.0 { (me.weight.max(0.0) / total).min(1.0) } else { 0.0 };
+    t.tenants
+        .values()
+        .filter(|t| t.quota.is_some() || t.reserved > 0)
+        .map(|t| pb::TenantShare {
+            tenant: t.name.clone(),
+            // A quota never rounds down to "none" (0).
+            quota_bytes: t.quota.map_or(0, |q| ((q as f64 * frac) as u64).max(1)),
+            reserved_bytes: (t.reserved as f64 * frac) as u64,
+        })
+        .collect()
+}
+
+/// `map` with only the namespaces `caller` may see.
+fn visible(map: &pb::ShardMap, caller: &Caller) -> pb::ShardMap {
+    if caller.is_operator() {
+        return map.clone();
+    }
+    let mut m = map.clone();
+    m.namespaces.retain(|n| caller.sees(&n.tenant));
+    m
 }
 
 /// Mark silent nodes down and advance join ramps, forever (aborted by [`crate::run`]).
@@ -93,16 +136,19 @@ impl Coordinator for CoordinatorService {
             epoch,
             heartbeat_interval_ms: self.state.config().heartbeat_interval.as_millis() as u32,
             namespaces: self.state.namespaces().iter().map(|n| n.into()).collect(),
+            tenant_shares: self.shares(&id),
         }))
     }
 
     async fn heartbeat(&self, r: Request<pb::HeartbeatRequest>) -> Result<Response<pb::HeartbeatResponse>, Status> {
         leader_only(&self.state)?;
-        let (epoch, known) = self.state.heartbeat(&r.into_inner());
+        let r = r.into_inner();
+        let (epoch, known) = self.state.heartbeat(&r);
         Ok(Response::new(pb::HeartbeatResponse {
             epoch,
             known,
             namespaces: self.state.namespaces().iter().map(|n| n.into()).collect(),
+            tenant_shares: self.shares(&r.node_id),
         }))
     }
 
@@ -123,13 +169,14 @@ impl Coordinator for CoordinatorService {
         Ok(Response::new(pb::RegisterWorkerResponse { epoch }))
     }
 
-    async fn get_shard_map(&self, _r: Request<pb::GetShardMapRequest>) -> Result<Response<pb::ShardMap>, Status> {
-        Ok(Response::new((*self.state.shard_map()).clone()))
+    async fn get_shard_map(&self, r: Request<pb::GetShardMapRequest>) -> Result<Response<pb::ShardMap>, Status> {
+        Ok(Response::new(visible(&self.state.shard_map(), &Caller::of(&r))))
     }
 
     type WatchShardMapStream = MapStream;
 
     async fn watch_shard_map(&self, r: Request<pb::WatchShardMapRequest>) -> Result<Response<MapStream>, Status> {
+        let caller = Caller::of(&r);
         let after = r.into_inner().after_epoch;
         let mut rx = self.state.subscribe();
         let mut closing = self.closing.clone();
@@ -140,7 +187,7 @@ impl Coordinator for CoordinatorService {
                 let map = rx.borrow_and_update().clone();
                 if map.epoch > last || last == 0 {
                     last = map.epoch;
-                    if tx.send(Ok((*map).clone())).await.is_err() {
+                    if tx.send(Ok(visible(&map, &caller))).await.is_err() {
                         return;
                     }
                 }
@@ -166,21 +213,38 @@ impl Coordinator for CoordinatorService {
         &self,
         r: Request<pb::CreateNamespaceRequest>,
     ) -> Result<Response<pb::Namespace>, Status> {
-        let ns = self.state.create_namespace(r.into_inner()).map_err(status)?;
+        let caller = Caller::of(&r);
+        let mut req = r.into_inner();
+        if let Some(t) = caller.tenant() {
+            if req.tenant.is_empty() {
+                req.tenant = t.name.clone();
+            } else if req.tenant != t.name && !t.admin {
+                return Err(Status::permission_denied(format!(
+                    "tenant {:?} cannot create a namespace for tenant {:?}",
+                    t.name, req.tenant
+                )));
+            }
+        }
+        let ns = self.state.create_namespace(req).map_err(status)?;
         Ok(Response::new((&ns).into()))
     }
 
     async fn get_namespace(&self, r: Request<pb::GetNamespaceRequest>) -> Result<Response<pb::Namespace>, Status> {
+        let caller = Caller::of(&r);
         let ns = self.state.namespace(&r.into_inner().name).map_err(status)?;
+        if !caller.sees(&ns.tenant) {
+            caller.check_namespace(&ns.name, &ns.tenant)?;
+        }
         Ok(Response::new((&ns).into()))
     }
 
     async fn list_namespaces(
         &self,
-        _r: Request<pb::ListNamespacesRequest>,
+        r: Request<pb::ListNamespacesRequest>,
     ) -> Result<Response<pb::ListNamespacesResponse>, Status> {
+        let caller = Caller::of(&r);
         Ok(Response::new(pb::ListNamespacesResponse {
-            namespaces: self.state.namespaces().iter().map(|n| n.into()).collect(),
+            namespaces: self.state.namespaces().iter().filter(|n| caller.sees(&n.tenant)).map(|n| n.into()).collect(),
         }))
     }
 

@@ -15,6 +15,7 @@
 //! - [`placement`]: weighted rendezvous hashing (top-R owners, zone-diverse).
 //! - [`routing`]: the validated [`ShardMap`] and [`Routing`] over it (owners, read candidates,
 //!   sticky workers) — what every process that follows the cluster routes with.
+//! - [`size`]: byte sizes as flags and files write them (`1.5GiB`), and back for people.
 //! - [`testing`]: the printed, replayable seed of randomized tests.
 //! - [`validate`]: `TryFrom` of wire messages into domain types, with [`ValidationError`]s whose
 //!   messages say what was wrong and what was expected.
@@ -32,6 +33,7 @@ pub mod page;
 pub mod placement;
 pub mod prefix;
 pub mod routing;
+pub mod size;
 pub mod spec;
 pub mod testing;
 pub mod validate;

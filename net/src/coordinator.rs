@@ -13,6 +13,7 @@
 //!
 //! Invariant: the routing held only moves forward in epoch.
 
+use crate::Channel;
 use crate::{NetError, Tls};
 use kvcache_core::Routing;
 use kvcache_proto::v1 as pb;
@@ -22,7 +23,6 @@ use std::future::Future;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 use tokio::sync::watch;
-use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 /// A handle on the coordinator replicas and the shard map they serve. Cheap to clone.

@@ -11,6 +11,9 @@
 //!   streams, and [`ServeError`], the error of every server's `run`.
 //! - [`coordinator`]: the [`CoordinatorLink`] — leader redirects, replica failover and the
 //!   watched shard map, for every process that follows the cluster.
+//! - [`auth`]: tenants — who is calling (a bearer token or a client certificate), what every
+//!   method needs, per-tenant rate limits; the layer every server runs ([`server`]) and the
+//!   bearer token every [`Channel`] carries ([`Tls::with_token`]).
 //! - [`DataDirLock`]: the exclusive lock a process holds on each data directory it owns.
 //! - [`check_address`]: `host:port` checked before anything is dialed.
 //! - [`frames`]: gRPC messages decoded from the HTTP/2 frames as they arrived (no reassembly
@@ -18,11 +21,13 @@
 //! - [`serve_health`]: a plaintext listener with only `grpc.health.v1`, for Kubernetes' native
 //!   gRPC probes (which cannot speak TLS) when the main port requires it.
 
+pub mod auth;
 pub mod coordinator;
 pub mod datadir;
 pub mod frames;
 pub mod serve;
 
+pub use auth::{Auth, Caller};
 pub use coordinator::CoordinatorLink;
 pub use datadir::{DataDirError, DataDirLock};
 pub use serve::{MAX_MESSAGE_BYTES, ServeError, incoming};
@@ -31,7 +36,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tonic::codegen::http;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity, Server, ServerTlsConfig};
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity, Server, ServerTlsConfig};
 
 /// What can go wrong setting up transport.
 #[derive(Debug, thiserror::Error)]
@@ -62,8 +67,8 @@ pub enum NetError {
     Tls(String),
 }
 
-/// TLS flags shared by every `kvcache` command that serves or calls.
-#[derive(clap::Args, Debug, Clone, Default)]
+/// TLS and credential flags shared by every `kvcache` command that serves or calls.
+#[derive(clap::Args, Clone, Default)]
 pub struct TlsArgs {
     /// PEM certificate (chain) of this process: its servers speak TLS, and it shows the
     /// certificate when it calls others. Needs --tls-key.
@@ -79,18 +84,65 @@ pub struct TlsArgs {
     /// Name to verify servers' certificates against (default: the host of each address).
     #[arg(long, env = "KVCACHE_TLS_SERVER_NAME")]
     pub tls_server_name: Option<String>,
+    /// Bearer token every call carries, for clusters with tenants: a tenant's token for client
+    /// commands (status, load, demo, drain), kvcache's service token for nodes and workers.
+    #[arg(long, env = "KVCACHE_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
 }
 
-/// Loaded TLS settings; the default is plaintext both ways.
+impl std::fmt::Debug for TlsArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsArgs")
+            .field("tls_cert", &self.tls_cert)
+            .field("tls_key", &self.tls_key)
+            .field("tls_ca", &self.tls_ca)
+            .field("tls_server_name", &self.tls_server_name)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+/// The tenants flag of every `kvcache` server.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct TenantsArgs {
+    /// Tenants file (TOML: token hashes, quotas, admins; see README "Tenants"): every call must
+    /// then carry a tenant's token (or the service token), and each tenant sees only its own
+    /// namespaces. Reloaded when the file changes and on SIGHUP. Without it the server is open
+    /// to anyone who can reach its port.
+    #[arg(long, env = "KVCACHE_TENANTS")]
+    pub tenants: Option<PathBuf>,
+}
+
+impl TenantsArgs {
+    /// The tenants to enforce: the file's (kept current by a reload task), or open.
+    pub fn load(&self) -> Result<Auth, NetError> {
+        match &self.tenants {
+            None => Ok(Auth::open()),
+            Some(p) => {
+                let a = Auth::load(p)?;
+                a.spawn_reloader();
+                Ok(a)
+            }
+        }
+    }
+}
+
+/// How a process's connections are secured: loaded TLS settings (the default is plaintext both
+/// ways) and the bearer token its calls carry when the cluster has tenants ([`Tls::with_token`]).
 #[derive(Clone, Default)]
 pub struct Tls {
     server: Option<ServerTlsConfig>,
     client: Option<ClientTlsConfig>,
+    bearer: Option<http::HeaderValue>,
 }
 
 impl std::fmt::Debug for Tls {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Tls").field("server", &self.server.is_some()).field("client", &self.client.is_some()).finish()
+        f.debug_struct("Tls")
+            .field("server", &self.server.is_some())
+            .field("client", &self.client.is_some())
+            .field("token", &self.bearer.is_some())
+            .finish()
     }
 }
 
@@ -112,11 +164,15 @@ impl Tls {
             _ => return Err(NetError::Config("--tls-cert and --tls-key go together".into())),
         };
         let ca = args.tls_ca.as_deref().map(|p| read("--tls-ca", p)).transpose()?;
-        Self::from_pem(
+        let tls = Self::from_pem(
             identity.as_ref().map(|(c, k)| (c.as_slice(), k.as_slice())),
             ca.as_deref(),
             args.tls_server_name.clone(),
-        )
+        )?;
+        match &args.token {
+            Some(t) => tls.with_token(t).map_err(|e| NetError::Config(format!("--token: {e}"))),
+            None => Ok(tls),
+        }
     }
 
     /// From PEM bytes: `identity` = (certificate chain, key), `ca` = the CA bundle.
@@ -159,7 +215,27 @@ impl Tls {
                 Some(c)
             }
         };
-        Ok(Self { server, client })
+        Ok(Self { server, client, bearer: None })
+    }
+
+    /// These settings with every call carrying `authorization: Bearer <token>` (a tenant's
+    /// token, or the service token kvcache's processes show each other). The header value is
+    /// marked sensitive: it never appears in debug output.
+    pub fn with_token(mut self, token: &str) -> Result<Self, NetError> {
+        let token = token.trim();
+        if token.is_empty() {
+            return Err(NetError::Config("the token is empty".into()));
+        }
+        let mut v = http::HeaderValue::try_from(format!("Bearer {token}"))
+            .map_err(|_| NetError::Config("the token has characters a header cannot carry".into()))?;
+        v.set_sensitive(true);
+        self.bearer = Some(v);
+        Ok(self)
+    }
+
+    /// Whether calls carry a bearer token.
+    pub fn has_token(&self) -> bool {
+        self.bearer.is_some()
     }
 
     /// Whether this process's servers speak TLS.
@@ -226,15 +302,51 @@ pub fn root_cause(s: &tonic::Status) -> String {
     if std::ptr::addr_eq(e, s as &dyn std::error::Error) { s.message().to_owned() } else { e.to_string() }
 }
 
-/// A lazily connecting [`endpoint`] channel.
+/// A lazily connecting [`endpoint`] channel, its calls carrying the token of `tls`.
 pub fn channel(addr: &str, tls: &Tls) -> Result<Channel, NetError> {
-    Ok(endpoint(addr, tls)?.connect_lazy())
+    Ok(Channel::new(endpoint(addr, tls)?.connect_lazy(), tls))
+}
+
+/// A tonic channel whose calls carry this process's bearer token (when it has one): what every
+/// kvcache client stub is built on.
+#[derive(Clone, Debug)]
+pub struct Channel {
+    inner: tonic::transport::Channel,
+    bearer: Option<http::HeaderValue>,
+}
+
+impl Channel {
+    /// `inner` with the token of `tls`.
+    pub fn new(inner: tonic::transport::Channel, tls: &Tls) -> Self {
+        Self { inner, bearer: tls.bearer.clone() }
+    }
+}
+
+impl tower::Service<http::Request<tonic::body::Body>> for Channel {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = tonic::transport::Error;
+    type Future = tonic::transport::channel::ResponseFuture;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        tower::Service::poll_ready(&mut self.inner, cx)
+    }
+
+    fn call(&mut self, mut req: http::Request<tonic::body::Body>) -> Self::Future {
+        if let Some(b) = &self.bearer {
+            // A token the caller put on the request itself wins (a worker forwarding one).
+            req.headers_mut().entry(http::header::AUTHORIZATION).or_insert_with(|| b.clone());
+        }
+        self.inner.call(req)
+    }
 }
 
 /// The layers every kvcache server runs under (see [`server`]).
 pub type ServerLayers = tower::layer::util::Stack<
-    tower::util::MapResponseLayer<fn(http::Response<tonic::body::Body>) -> http::Response<tonic::body::Body>>,
-    tower::layer::util::Identity,
+    auth::AuthLayer,
+    tower::layer::util::Stack<
+        tower::util::MapResponseLayer<fn(http::Response<tonic::body::Body>) -> http::Response<tonic::body::Body>>,
+        tower::layer::util::Identity,
+    >,
 >;
 
 /// A message over the size limit is RESOURCE_EXHAUSTED, gRPC's convention (and what every
@@ -251,8 +363,10 @@ pub fn size_limit_status(mut r: http::Response<tonic::body::Body>) -> http::Resp
 }
 
 /// A tonic server tuned for large page streams (big HTTP/2 windows and frames, TCP_NODELAY), with
-/// TLS when `tls` serves it, and over-size messages answered RESOURCE_EXHAUSTED.
-pub fn server(tls: &Tls) -> Result<Server<ServerLayers>, NetError> {
+/// TLS when `exposure` serves it, every request authorized by its tenants ([`auth`]), and
+/// over-size messages answered RESOURCE_EXHAUSTED.
+pub fn server(exposure: &Exposure) -> Result<Server<ServerLayers>, NetError> {
+    let tls = &exposure.tls;
     let size_status: fn(http::Response<tonic::body::Body>) -> http::Response<tonic::body::Body> = size_limit_status;
     let s = Server::builder()
         .initial_stream_window_size(Some(8 << 20))
@@ -261,7 +375,8 @@ pub fn server(tls: &Tls) -> Result<Server<ServerLayers>, NetError> {
         .http2_adaptive_window(Some(false))
         .tcp_nodelay(true)
         .max_concurrent_streams(Some(serve::MAX_STREAMS_PER_CONNECTION))
-        .layer(tower::util::MapResponseLayer::new(size_status));
+        .layer(tower::util::MapResponseLayer::new(size_status))
+        .layer(auth::AuthLayer::new(exposure.auth.clone()));
     match &tls.server {
         Some(c) => s.tls_config(c.clone()).map_err(|e| NetError::Tls(e.to_string())),
         None => Ok(s),
@@ -279,11 +394,13 @@ pub fn reflection() -> Result<
         .map_err(|e| NetError::Config(e.to_string()))
 }
 
-/// How a server is exposed beyond its main listener.
+/// How a server is exposed: its listener's TLS, who may call it, its probe listener.
 #[derive(Default)]
 pub struct Exposure {
     /// TLS of the main listener.
     pub tls: Tls,
+    /// The tenants it enforces (open by default).
+    pub auth: Auth,
     /// A plaintext listener serving only `grpc.health.v1` (for probes).
     pub health_listener: Option<TcpListener>,
 }

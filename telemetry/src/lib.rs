@@ -86,6 +86,21 @@ pub mod names {
     pub const COORDINATOR_NODES: &str = "kvcache_coordinator_nodes";
     /// Namespaces.
     pub const COORDINATOR_NAMESPACES: &str = "kvcache_coordinator_namespaces";
+    /// Authenticated requests, by tenant ("service" for kvcache's own processes) and server.
+    pub const TENANT_REQUESTS: &str = "kvcache_tenant_requests_total";
+    /// Requests refused by authentication or authorization, by tenant ("unknown" when no
+    /// tenant could be named) and reason.
+    pub const TENANT_DENIED: &str = "kvcache_tenant_denied_total";
+    /// Requests refused by a rate limit, by tenant and limit (requests, bytes).
+    pub const TENANT_THROTTLED: &str = "kvcache_tenant_throttled_total";
+    /// Bytes a tenant's pages take on a node (headers included), by tenant.
+    pub const TENANT_STORED_BYTES: &str = "kvcache_tenant_stored_bytes";
+    /// A tenant's share of its quota on a node, by tenant (absent: no quota).
+    pub const TENANT_QUOTA_BYTES: &str = "kvcache_tenant_quota_bytes";
+    /// A tenant's sequences evicted on a node to keep it within its quota, by tenant.
+    pub const TENANT_QUOTA_EVICTIONS: &str = "kvcache_tenant_quota_evictions_total";
+    /// Reloads of the tenants file, by outcome (ok, error).
+    pub const TENANTS_RELOADS: &str = "kvcache_tenants_reloads_total";
 }
 
 /// Register the help text and unit of every metric (Prometheus `# HELP` lines).
@@ -134,6 +149,27 @@ fn describe() {
         names::NODE_HANDOFF_RELEASED,
         "Sequences dropped after handing them to their owners (drain, a join's share)."
     );
+    metrics::describe_counter!(names::TENANT_REQUESTS, "Authenticated requests, by tenant and server.");
+    metrics::describe_counter!(
+        names::TENANT_DENIED,
+        "Requests refused by authentication or authorization, by tenant and reason."
+    );
+    metrics::describe_counter!(names::TENANT_THROTTLED, "Requests refused by a rate limit, by tenant and limit.");
+    metrics::describe_gauge!(
+        names::TENANT_STORED_BYTES,
+        metrics::Unit::Bytes,
+        "Bytes of a tenant's pages on this node."
+    );
+    metrics::describe_gauge!(
+        names::TENANT_QUOTA_BYTES,
+        metrics::Unit::Bytes,
+        "A tenant's share of its quota on this node."
+    );
+    metrics::describe_counter!(
+        names::TENANT_QUOTA_EVICTIONS,
+        "A tenant's sequences evicted to keep it within its quota."
+    );
+    metrics::describe_counter!(names::TENANTS_RELOADS, "Reloads of the tenants file, by outcome.");
     metrics::describe_counter!(names::WORKER_CACHE_HITS, "Worker page-cache hits.");
     metrics::describe_counter!(names::WORKER_CACHE_MISSES, "Worker page-cache misses.");
     metrics::describe_gauge!(names::WORKER_CACHE_BYTES, metrics::Unit::Bytes, "Bytes the worker's page cache holds.");

@@ -144,7 +144,7 @@ impl Worker {
         &self.cache
     }
 
-    async fn namespace(&self, name: &str) -> Option<Namespace> {
+    pub(crate) async fn namespace(&self, name: &str) -> Option<Namespace> {
         if let Some(n) = self.client.namespace(name) {
             return Some(n);
         }

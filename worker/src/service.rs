@@ -14,7 +14,16 @@ pub struct WorkerService(pub Arc<Worker>);
 #[tonic::async_trait]
 impl AttentionWorker for WorkerService {
     async fn decode(&self, request: Request<pb::DecodeRequest>) -> Result<Response<pb::DecodeResponse>, Status> {
-        self.0.decode(request.into_inner()).await.map(Response::new)
+        let caller = kvcache_net::Caller::of(&request);
+        let req = request.into_inner();
+        // The worker pulls pages with the service credential: the tenant is checked here, once
+        // per call, against the namespace's owner (an unknown namespace is NOT_FOUND below).
+        if !caller.is_trusted()
+            && let Some(ns) = self.0.namespace(&req.namespace).await
+        {
+            caller.check_namespace(&ns.name, &ns.tenant)?;
+        }
+        self.0.decode(req).await.map(Response::new)
     }
 }
 
@@ -29,7 +38,7 @@ pub async fn run(
     let (health, health_svc) = tonic_health::server::health_reporter();
     health.set_serving::<AttentionWorkerServer<WorkerService>>().await;
     let reflection = kvcache_net::reflection()?;
-    let server = kvcache_net::server(&exposure.tls)?;
+    let server = kvcache_net::server(&exposure)?;
     let probe = exposure.health_listener.map(|l| kvcache_net::serve_health(l, health_svc.clone()));
     let r = server
         .layer(kvcache_telemetry::GrpcMetricsLayer::new("worker"))

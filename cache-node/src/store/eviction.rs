@@ -1,11 +1,23 @@
 //! Eviction: making room when the pool is full, least recently used unleased sequence first.
 
+use super::tenants::Victims;
 use super::*;
 
+/// Bytes a locked sequence's pages take (headers included).
+fn sequence_bytes(ns: &NsEntry, inner: &SeqInner) -> u64 {
+    inner
+        .layers
+        .iter()
+        .flatten()
+        .flatten()
+        .map(|e| (HEADER_BYTES + ns.layout.payload_bytes(e.tokens as usize)) as u64)
+        .sum()
+}
+
 impl PageStore {
-    /// Evict the least recently used sequence that is not leased, not locked and not
-    /// `exclude`. Returns false when there is none.
-    pub(super) fn evict_one(&self, exclude: &SequenceKey) -> bool {
+    /// Evict the least recently used sequence that is not leased, not locked, not `exclude`
+    /// and one of `victims` (see [`Victims`]). Returns false when there is none.
+    pub(super) fn evict_one(&self, exclude: &SequenceKey, victims: Victims<'_>) -> bool {
         let now = Instant::now();
         // The oldest entry first. One touched since it was filed moves to its last use and the
         // search goes on; the first whose key is its last use is the least recently used. Leased
@@ -21,8 +33,12 @@ impl PageStore {
                     lru.insert(used, s);
                     continue;
                 }
-                let eligible =
-                    &s.key != exclude && s.inner.try_lock().is_some_and(|inner| !inner.removed && !inner.pinned(now));
+                let eligible = &s.key != exclude
+                    && s.inner.try_lock().is_some_and(|inner| {
+                        !inner.removed
+                            && !inner.pinned(now)
+                            && victims.allows(&s.ns.tenant, || sequence_bytes(&s.ns, &inner))
+                    });
                 passed.push((k, s.clone()));
                 if eligible {
                     found = Some(s);
@@ -70,9 +86,9 @@ impl PageStore {
             f.retire(e.slot);
         }
         self.counters.pages.fetch_sub(1, Ordering::Relaxed);
-        self.counters
-            .used_bytes
-            .fetch_sub((HEADER_BYTES + ns.layout.payload_bytes(e.tokens as usize)) as u64, Ordering::Relaxed);
+        let bytes = (HEADER_BYTES + ns.layout.payload_bytes(e.tokens as usize)) as u64;
+        self.counters.used_bytes.fetch_sub(bytes, Ordering::Relaxed);
+        ns.tenant.release(bytes);
         if e.prefix_hash != 0 && layer0 {
             self.prefixes.remove_if_mut(&(ns.ns.id(), e.prefix_hash), |_, c| {
                 *c -= 1;

@@ -22,7 +22,8 @@
 //! One room per concern: [`namespaces`] (the registry), [`slots`] (allocation, striping, pool
 //! growth), [`writes`] (puts, appends, publish, retire, deletes), [`reads`] (gets, extents), [`content`] (content pages: dedup, conflicts, prefix matches), [`chains`] (sequences over a
 //! cached prefix),
-//! [`eviction`], [`leases`], [`stats`] (stats, flushes, shutdown), [`recovery`]. This file holds
+//! [`eviction`], [`leases`], [`tenants`] (per-tenant bytes, quota shares, reserved shares),
+//! [`stats`] (stats, flushes, shutdown), [`recovery`]. This file holds
 //! the types and the epoch.
 
 use crate::pool::{self, PoolFile};
@@ -48,7 +49,10 @@ mod reads;
 mod recovery;
 mod slots;
 mod stats;
+mod tenants;
 mod writes;
+
+pub use tenants::{TenantLedger, TenantShare, TenantStats};
 
 /// When a put is acknowledged relative to its flush.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -135,6 +139,19 @@ pub enum StoreError {
     /// No space and nothing evictable.
     #[error("node full: {0}")]
     Full(String),
+    /// The tenant is at its share of its quota on this node and nothing of its own is
+    /// evictable (all leased or in use).
+    #[error(
+        "tenant {tenant:?} is at its quota on this node ({held} of {share} bytes) and none of its own sequences can be evicted (leased or in use)"
+    )]
+    Quota {
+        /// The tenant.
+        tenant: String,
+        /// Its share here.
+        share: u64,
+        /// Bytes it holds here.
+        held: u64,
+    },
     /// A content page put with other bytes than the page held under its key: never
     /// overwritten (it means a key collision or an engine that keys pages wrongly).
     #[error(
@@ -202,6 +219,8 @@ pub struct NsEntry {
     pub slot_bytes: usize,
     /// Prefix-reuse counters of this namespace on this node.
     pub counters: NsCounters,
+    /// Its tenant's account on this node.
+    pub tenant: Arc<TenantLedger>,
 }
 
 /// Per-namespace counters (Stats and metrics).
@@ -376,6 +395,8 @@ pub struct StoreStats {
     pub leases_granted: u64,
     /// Per namespace.
     pub namespaces: Vec<NamespaceStats>,
+    /// Per tenant.
+    pub tenants: Vec<TenantStats>,
     /// Last recovery: seconds and bytes scanned.
     pub recovery_seconds: f64,
     /// Bytes of pool files scanned by the last recovery.
@@ -417,6 +438,7 @@ pub struct PageStore {
     _dir_lock: kvcache_net::DataDirLock,
     cfg: StoreConfig,
     namespaces: RwLock<HashMap<String, Arc<NsEntry>>>,
+    tenants: RwLock<HashMap<String, Arc<TenantLedger>>>,
     ns_by_id: RwLock<HashMap<u64, Arc<NsEntry>>>,
     pools: RwLock<Pools>,
     sequences: DashMap<SequenceKey, Arc<Sequence>>,
@@ -462,6 +484,7 @@ impl PageStore {
         let store = Arc::new(PageStore {
             _dir_lock: dir_lock,
             namespaces: RwLock::new(HashMap::new()),
+            tenants: RwLock::new(HashMap::new()),
             ns_by_id: RwLock::new(HashMap::new()),
             pools: RwLock::new(Pools::default()),
             sequences: DashMap::new(),

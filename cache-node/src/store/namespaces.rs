@@ -13,8 +13,13 @@ impl PageStore {
 
     pub(super) fn insert_namespace(&self, ns: Namespace) -> Arc<NsEntry> {
         let layout = ns.layout();
-        let entry =
-            Arc::new(NsEntry { slot_bytes: slot_bytes_for(&layout), layout, ns, counters: NsCounters::default() });
+        let entry = Arc::new(NsEntry {
+            slot_bytes: slot_bytes_for(&layout),
+            layout,
+            tenant: self.ledger(&ns.tenant),
+            ns,
+            counters: NsCounters::default(),
+        });
         self.ns_by_id.write().insert(entry.ns.id(), entry.clone());
         self.namespaces.write().insert(entry.ns.name.clone(), entry.clone());
         entry

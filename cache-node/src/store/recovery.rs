@@ -79,6 +79,7 @@ impl PageStore {
             let ns = ns_by_id[&namespace_id_of(&k)].clone();
             let seq = self.sequence(&ns, &k.sequence);
             let mut inner = seq.inner.lock();
+            ns.tenant.charge((HEADER_BYTES + ns.layout.payload_bytes(e.tokens as usize)) as u64);
             self.publish_locked(&seq, &mut inner, &k, e, false);
         }
         for (fi, f) in found.iter().enumerate() {

@@ -25,6 +25,7 @@ impl PageStore {
         &self,
         slot_bytes: usize,
         exclude: &SequenceKey,
+        writer: &Arc<super::TenantLedger>,
     ) -> Result<(Arc<PoolFile>, u32), StoreError> {
         let stripe = write_stripe() % WRITE_STRIPES;
         let mut may_stripe = true;
@@ -60,9 +61,9 @@ impl PageStore {
             if let Some(r) = self.grow(slot_bytes, None)? {
                 return Ok(r);
             }
-            if !self.evict_one(exclude) {
+            if !self.evict_one(exclude, super::tenants::Victims::For(writer)) {
                 return Err(StoreError::Full(format!(
-                    "no free {slot_bytes}-byte slot within the {}-byte capacity and every resident sequence is leased or in use",
+                    "no free {slot_bytes}-byte slot within the {}-byte capacity and every resident sequence is leased, in use, or another tenant's reserved share",
                     self.cfg.capacity
                 )));
             }

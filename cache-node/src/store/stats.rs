@@ -76,6 +76,7 @@ impl PageStore {
                     Some(u)
                 })
                 .collect(),
+            tenants: self.tenant_stats(),
             recovery_seconds: rs,
             recovery_bytes: rb,
         }

@@ -39,7 +39,17 @@ impl PageStore {
         payload: &[u8],
         crc: u32,
     ) -> Result<PageEntry, StoreError> {
-        let (file, slot) = self.alloc_slot(ns.slot_bytes, &key.sequence)?;
+        // Charged to the tenant from here until the page is retired (released below if it is
+        // never written, in `publish_locked` if it is never published).
+        let charge = (HEADER_BYTES + ns.layout.payload_bytes(tokens as usize)) as u64;
+        self.charge_tenant(ns, charge, &key.sequence)?;
+        let (file, slot) = match self.alloc_slot(ns.slot_bytes, &key.sequence, &ns.tenant) {
+            Ok(s) => s,
+            Err(e) => {
+                ns.tenant.release(charge);
+                return Err(e);
+            }
+        };
         let write_seq = self.write_seq.fetch_add(1, Ordering::AcqRel);
         let header = PageHeader {
             codec: ns.ns.codec,
@@ -55,11 +65,13 @@ impl PageStore {
         };
         if let Err(e) = file.write_page(slot, &header.encode(), payload) {
             tracing::error!(file = %file.path.display(), error = %e, "page write failed: pool file taken out of service");
+            ns.tenant.release(charge);
             return Err(e.into());
         }
         if self.cfg.durability == Durability::Sync {
             if let Err(e) = file.flush_slot(slot) {
                 tracing::error!(file = %file.path.display(), error = %e, "msync failed: pool file taken out of service");
+                ns.tenant.release(charge);
                 return Err(e.into());
             }
         } else {
@@ -99,6 +111,7 @@ impl PageStore {
             if let Some(f) = self.file(entry.file) {
                 f.retire(entry.slot);
             }
+            seq.ns.tenant.release((HEADER_BYTES + seq.ns.layout.payload_bytes(entry.tokens as usize)) as u64);
             return false;
         }
         let old = slot.replace(entry);
