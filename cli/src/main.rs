@@ -4,6 +4,7 @@
 //! - `models`: footprint table of the model presets.
 //! - `node`, `coordinator`, `worker`: the three services; `dev`: all of them in one process.
 //! - `status`: the cluster as the coordinator sees it; `drain`: empty a node before removing it.
+//! - `token`: a new random token and the tenants-file entry that admits it.
 //! - `bench`: benchmarks.
 
 mod bench;
@@ -52,6 +53,8 @@ enum Command {
     Status(serve::StatusArgs),
     /// Drain a cache node: out of placement; its sequences move to their new owners.
     Drain(serve::DrainArgs),
+    /// Make a random token and print it with the tenants-file entry (its SHA-256) that admits it.
+    Token(TokenArgs),
     /// Benchmarks (ratios against baselines measured in the same run).
     #[command(subcommand)]
     Bench(bench::Bench),
@@ -69,6 +72,14 @@ struct GenTraceArgs {
     /// Where to write the JSON lines.
     #[arg(long)]
     out: std::path::PathBuf,
+}
+
+/// Flags of `kvcache token`.
+#[derive(clap::Args, Debug)]
+struct TokenArgs {
+    /// The tenant the entry is for (`service`: the [service] entry kvcache's processes use).
+    #[arg(default_value = "service")]
+    tenant: String,
 }
 
 fn main() -> std::process::ExitCode {
@@ -110,6 +121,15 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Dev(a) => serve::dev(a),
         Command::Status(a) => serve::status(a),
         Command::Drain(a) => serve::drain(a),
+        Command::Token(a) => {
+            let token = hex::encode(rand::random::<[u8; 32]>());
+            let hash = hex::encode(kvcache_net::auth::token_sha256(&token));
+            let section =
+                if a.tenant == "service" { "[service]".to_owned() } else { format!("[tenants.{}]", a.tenant) };
+            println!("token (give it to the caller; it is not stored anywhere):\n  {token}");
+            println!("tenants file entry:\n  {section}\n  token_sha256 = \"{hash}\"");
+            Ok(())
+        }
         Command::Bench(b) => bench::run(b),
     }
 }

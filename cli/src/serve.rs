@@ -45,6 +45,15 @@ pub struct CoordinatorArgs {
     /// coordinator replicas (needs a build with `--features etcd`).
     #[arg(long, env = "KVCACHE_ETCD_ENDPOINTS", value_delimiter = ',')]
     etcd_endpoints: Vec<String>,
+    /// PEM CA that signed etcd's server certificate: talk to etcd over TLS.
+    #[arg(long, env = "KVCACHE_ETCD_CA")]
+    etcd_ca: Option<PathBuf>,
+    /// PEM client certificate for etcd (its --client-cert-auth); needs --etcd-key and --etcd-ca.
+    #[arg(long, env = "KVCACHE_ETCD_CERT")]
+    etcd_cert: Option<PathBuf>,
+    /// PEM key of --etcd-cert.
+    #[arg(long, env = "KVCACHE_ETCD_KEY")]
+    etcd_key: Option<PathBuf>,
     /// Key prefix of this cluster in etcd.
     #[arg(long, env = "KVCACHE_ETCD_PREFIX", default_value = "/kvcache")]
     etcd_prefix: String,
@@ -98,9 +107,30 @@ fn start_ha(
         return Ok(None);
     }
     let (endpoints, prefix) = (a.etcd_endpoints.clone(), a.etcd_prefix.clone());
+    // The same TLS stack as every other channel: the flags load like --tls-*.
+    let tls = match &a.etcd_ca {
+        None => {
+            anyhow::ensure!(
+                a.etcd_cert.is_none() && a.etcd_key.is_none(),
+                "--etcd-cert and --etcd-key need --etcd-ca (the CA etcd's certificate is verified against)"
+            );
+            None
+        }
+        Some(ca) => {
+            let args = kvcache_net::TlsArgs {
+                tls_cert: a.etcd_cert.clone(),
+                tls_key: a.etcd_key.clone(),
+                tls_ca: Some(ca.clone()),
+                ..Default::default()
+            };
+            let t = kvcache_net::Tls::load(&args)
+                .map_err(|e| anyhow::anyhow!("etcd TLS: {}", e.to_string().replace("--tls-", "--etcd-")))?;
+            t.client_config()
+        }
+    };
     state.follow(String::new());
     Ok(Some(tokio::spawn(async move {
-        if let Err(e) = kvcache_coordinator::etcd::run(state, endpoints, prefix, advertise).await {
+        if let Err(e) = kvcache_coordinator::etcd::run(state, endpoints, prefix, advertise, tls).await {
             tracing::error!(error = %e, "etcd HA failed");
             std::process::exit(2);
         }
@@ -113,7 +143,10 @@ fn start_ha(
     _state: std::sync::Arc<ClusterState>,
     _advertise: String,
 ) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
-    anyhow::ensure!(a.etcd_endpoints.is_empty(), "--etcd-endpoints needs a kvcache built with `--features etcd`");
+    anyhow::ensure!(
+        a.etcd_endpoints.is_empty() && a.etcd_ca.is_none(),
+        "--etcd-endpoints (and --etcd-ca) need a kvcache built with `--features etcd`"
+    );
     Ok(None)
 }
 

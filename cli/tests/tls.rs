@@ -8,41 +8,13 @@ mod common;
 
 use bytes::Bytes;
 use common::spawn;
+use common::{Pki, pki};
 use kvcache_cli::synth::{Rng, prefill_pages, tokens_payload};
 use kvcache_client::{Client, ClientConfig};
 use kvcache_core::SequenceKey;
 use kvcache_net::Tls;
 use kvcache_proto::v1 as pb;
-use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
-use std::path::{Path, PathBuf};
 use std::time::Duration;
-
-/// A CA and a leaf certificate (for localhost and 127.0.0.1) it signed, as PEM files.
-struct Pki {
-    ca: PathBuf,
-    cert: PathBuf,
-    key: PathBuf,
-}
-
-fn pki(dir: &Path, name: &str) -> Pki {
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params.distinguished_name.push(DnType::CommonName, format!("{name} CA"));
-    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
-    let mut leaf = CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()]).unwrap();
-    leaf.distinguished_name.push(DnType::CommonName, format!("{name} peer"));
-    let key = KeyPair::generate().unwrap();
-    let cert = leaf.signed_by(&key, &ca).unwrap();
-    let p = Pki {
-        ca: dir.join(format!("{name}-ca.pem")),
-        cert: dir.join(format!("{name}.pem")),
-        key: dir.join(format!("{name}-key.pem")),
-    };
-    std::fs::write(&p.ca, ca.pem()).unwrap();
-    std::fs::write(&p.cert, cert.pem()).unwrap();
-    std::fs::write(&p.key, key.serialize_pem()).unwrap();
-    p
-}
 
 fn tls_flags(p: &Pki) -> Vec<String> {
     ["--tls-cert", p.cert.to_str().unwrap(), "--tls-key", p.key.to_str().unwrap(), "--tls-ca", p.ca.to_str().unwrap()]
@@ -55,7 +27,11 @@ fn free_port() -> u16 {
 }
 
 fn tls(identity: Option<&Pki>, ca: &Pki) -> Tls {
-    let id = identity.map(|p| (std::fs::read(&p.cert).unwrap(), std::fs::read(&p.key).unwrap()));
+    tls_as(identity.map(|p| (&p.cert, &p.key)), ca)
+}
+
+fn tls_as(identity: Option<(&std::path::PathBuf, &std::path::PathBuf)>, ca: &Pki) -> Tls {
+    let id = identity.map(|(c, k)| (std::fs::read(c).unwrap(), std::fs::read(k).unwrap()));
     let ca = std::fs::read(&ca.ca).unwrap();
     Tls::from_pem(id.as_ref().map(|(c, k)| (c.as_slice(), k.as_slice())), Some(&ca), None).unwrap()
 }
@@ -163,4 +139,100 @@ async fn mtls_everywhere_and_plaintext_probes() {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_kvcache")).args(&args).output().unwrap();
     assert!(out.status.success(), "kvcache status over mTLS: {}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).contains("n0"));
+}
+
+/// Tenants on top of mTLS, with real processes: the services call each other with the service
+/// token; a client with the cluster's certificate still needs a tenant's token; a tenant whose
+/// client certificate the file lists needs none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenants_on_top_of_mtls_by_token_and_by_certificate() {
+    use kvcache_net::auth::{cert_sha256, token_sha256};
+    let dir = tempfile::tempdir().unwrap();
+    let good = pki(dir.path(), "cluster");
+    let file = dir.path().join("tenants.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[service]\ntoken_sha256 = \"{}\"\n[tenants.t]\ntoken_sha256 = \"{}\"\n[tenants.byc]\ncert_sha256 = [\"{}\"]\n",
+            hex::encode(token_sha256("svc-token")),
+            hex::encode(token_sha256("t-token")),
+            hex::encode(cert_sha256(&good.client_der)),
+        ),
+    )
+    .unwrap();
+    let mut flags = tls_flags(&good);
+    flags.extend(["--tenants".to_owned(), file.to_str().unwrap().to_owned()]);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let svc = [("KVCACHE_TOKEN", "svc-token")];
+    let coord = common::fast_coordinator(dir.path(), &flags);
+    let _node = common::node("n0", &coord.addr, dir.path(), "64MiB", &flags, &svc);
+    let mut args =
+        vec!["worker", "--listen", "127.0.0.1:0", "--coordinator", &coord.addr, "--worker-id", "w0", "--threads", "1"];
+    args.extend(&flags);
+    let _worker = common::spawn_env(&args, &svc);
+
+    // The tenant with a token, over the cluster's mTLS identity.
+    let t = connect(&coord.addr, tls(Some(&good), &good).with_token("t-token").unwrap()).await.expect("tenant t");
+    let mut ready = false;
+    for _ in 0..200 {
+        if let Ok(r) = t.refresh().await
+            && r.live_nodes().len() == 1
+            && r.workers.len() == 1
+        {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(ready, "the node and the worker did not register with the service token");
+    let ns = t
+        .create_namespace(pb::CreateNamespaceRequest {
+            name: "t.tls".into(),
+            preset: "qwen2.5-7b".into(),
+            page_tokens: 16,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(ns.tenant, "t");
+    let mut rng = Rng::new(9);
+    let key = SequenceKey::new("t.tls", "s0");
+    t.put_pages(prefill_pages(&ns, &key, 1, 20, &mut rng)).await.expect("put as t");
+    let shape = kvcache_attention::AttnShape::new(&ns.model, ns.layout());
+    let r = t
+        .decode(pb::DecodeRequest {
+            namespace: "t.tls".into(),
+            layer: 0,
+            items: vec![pb::DecodeItem {
+                sequence_id: "s0".into(),
+                query: kvcache_proto::f32le::to_bytes(&rng.vec(shape.q_len(), 1.0)),
+                new_kv: Bytes::from(tokens_payload(&ns, 1, &mut rng)),
+                new_token_id: None,
+            }],
+            softmax_scale: 0.0,
+        })
+        .await
+        .expect("decode as t: the worker pulls with the service token");
+    assert_eq!(r.results[0].status, kvcache_client::SequenceStatus::Ok);
+
+    // The cluster's certificate alone names no tenant.
+    let e = connect(&coord.addr, tls(Some(&good), &good)).await.err().expect("certificate without a token accepted");
+    assert!(matches!(e, kvcache_client::ClientError::PermissionDenied(_)), "{e}");
+    // A listed client certificate is its tenant, with no token.
+    let byc = connect(&coord.addr, tls_as(Some((&good.client_cert, &good.client_key)), &good)).await.expect("byc");
+    assert!(byc.namespace("t.tls").is_none(), "byc sees t's namespace");
+    let ns = byc
+        .create_namespace(pb::CreateNamespaceRequest {
+            name: "byc.m".into(),
+            preset: "qwen2.5-7b".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(ns.tenant, "byc");
+    let e = byc.lookup(&key, vec![]).await.unwrap_err();
+    assert!(
+        matches!(e, kvcache_client::ClientError::PermissionDenied(_) | kvcache_client::ClientError::NotFound(_)),
+        "{e}"
+    );
 }

@@ -4,9 +4,14 @@
 //! and the leader writes each commit in a transaction guarded by its election key, so a replica
 //! that lost its lease can never overwrite a newer leader's state. A new leader starts from the
 //! latest state in etcd, so the epoch never goes backwards.
+//!
+//! With TLS ([`EtcdTls`]: the `--etcd-ca`, `--etcd-cert`, `--etcd-key` flags) every connection to
+//! etcd goes over rustls, the stack every other kvcache channel uses: the CA verifies etcd's
+//! server certificate, the certificate and key are the client identity etcd's
+//! `--client-cert-auth` asks for.
 
 use crate::state::{ClusterState, StateSink};
-use etcd_client::{Client, Compare, CompareOp, Txn, TxnOp};
+use etcd_client::{Client, Compare, CompareOp, ConnectOptions, Txn, TxnOp};
 use kvcache_proto::v1 as pb;
 use prost::Message;
 use std::sync::Arc;
@@ -14,6 +19,14 @@ use std::time::Duration;
 
 /// Lease TTL in seconds: a dead leader is replaced within about this long.
 const LEASE_TTL: i64 = 3;
+
+/// TLS of the connections to etcd (`None`: plaintext).
+pub type EtcdTls = Option<tonic::transport::ClientTlsConfig>;
+
+async fn connect(endpoints: &[String], tls: &EtcdTls) -> Result<Client, String> {
+    let opts = tls.clone().map(|t| ConnectOptions::new().with_tls(t));
+    Client::connect(endpoints, opts).await.map_err(|e| format!("etcd {endpoints:?}: {e}"))
+}
 
 /// Writes commits to etcd from a thread with its own runtime and its own etcd connection.
 /// Commits run while the state lock is held; if the write needed the main runtime, handlers
@@ -26,7 +39,7 @@ struct EtcdSink {
 type WriteRequest = (Vec<u8>, std::sync::mpsc::Sender<Result<bool, String>>);
 
 impl EtcdSink {
-    fn start(endpoints: Vec<String>, state_key: String, leader_key: Vec<u8>) -> Result<EtcdSink, String> {
+    fn start(endpoints: Vec<String>, tls: EtcdTls, state_key: String, leader_key: Vec<u8>) -> Result<EtcdSink, String> {
         let (tx, rx) = std::sync::mpsc::channel::<WriteRequest>();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
         std::thread::Builder::new()
@@ -39,7 +52,7 @@ impl EtcdSink {
                         return;
                     }
                 };
-                let client = match rt.block_on(Client::connect(&endpoints, None)) {
+                let client = match rt.block_on(connect(&endpoints, &tls)) {
                     Ok(c) => c,
                     Err(e) => {
                         let _ = ready_tx.send(Err(e.to_string()));
@@ -102,8 +115,9 @@ pub async fn run(
     endpoints: Vec<String>,
     prefix: String,
     advertise: String,
+    tls: EtcdTls,
 ) -> Result<(), String> {
-    let mut client = Client::connect(&endpoints, None).await.map_err(|e| format!("etcd {endpoints:?}: {e}"))?;
+    let mut client = connect(&endpoints, &tls).await?;
     let state_key = format!("{prefix}/state");
     let election = format!("{prefix}/leader");
     load(&mut client, &state_key, &state).await?;
@@ -145,7 +159,7 @@ pub async fn run(
     load(&mut client, &state_key, &state).await?;
     let sink = tokio::task::spawn_blocking({
         let (endpoints, state_key) = (endpoints.clone(), state_key.clone());
-        move || EtcdSink::start(endpoints, state_key, leader_key)
+        move || EtcdSink::start(endpoints, tls, state_key, leader_key)
     })
     .await
     .map_err(|e| e.to_string())??;

@@ -243,6 +243,12 @@ impl Tls {
         self.server.is_some()
     }
 
+    /// The client side of these settings (CA, identity, server name), for channels built
+    /// elsewhere (the coordinator's etcd client); `None` when calls are plaintext.
+    pub fn client_config(&self) -> Option<ClientTlsConfig> {
+        self.client.clone()
+    }
+
     /// Whether calls go over TLS.
     pub fn calls_tls(&self) -> bool {
         self.client.is_some()

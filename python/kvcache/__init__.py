@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import collections
 import math
+import os
 import struct
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
@@ -76,6 +78,37 @@ class Tls:
         if self.server_name:
             opts.append(("grpc.ssl_target_name_override", self.server_name))
         return grpc.secure_channel(addr, creds, options=opts)
+
+
+class _CallDetails(collections.namedtuple("_CallDetails", ("method", "timeout", "metadata", "credentials",
+                                                          "wait_for_ready", "compression")),
+                   grpc.ClientCallDetails):
+    pass
+
+
+class _Bearer(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+              grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Adds `authorization: Bearer <token>` to every call of a channel."""
+
+    def __init__(self, token: str):
+        self._md = ("authorization", f"Bearer {token}")
+
+    def _details(self, d):
+        md = list(d.metadata or []) + [self._md]
+        return _CallDetails(d.method, d.timeout, md, d.credentials, getattr(d, "wait_for_ready", None),
+                            getattr(d, "compression", None))
+
+    def intercept_unary_unary(self, cont, d, req):
+        return cont(self._details(d), req)
+
+    def intercept_unary_stream(self, cont, d, req):
+        return cont(self._details(d), req)
+
+    def intercept_stream_unary(self, cont, d, reqs):
+        return cont(self._details(d), reqs)
+
+    def intercept_stream_stream(self, cont, d, reqs):
+        return cont(self._details(d), reqs)
 
 
 class KvcacheError(Exception):
@@ -245,11 +278,18 @@ def _seq_hash(namespace: str, sequence_id: str) -> int:
 
 
 class Client:
-    """A handle on a kvcache cluster."""
+    """A handle on a kvcache cluster.
 
-    def __init__(self, coordinator: str, timeout: float = 10.0, tls: Optional[Tls] = None):
+    `token`: the tenant's token, sent as `authorization: Bearer <token>` on every call when the
+    cluster runs with tenants (default: the KVCACHE_TOKEN environment variable; none on an open
+    cluster)."""
+
+    def __init__(self, coordinator: str, timeout: float = 10.0, tls: Optional[Tls] = None,
+                 token: Optional[str] = None):
         self.timeout = timeout
         self._tls = tls
+        token = token if token is not None else os.environ.get("KVCACHE_TOKEN") or None
+        self._bearer = _Bearer(token.strip()) if token else None
         self._coord = coord_grpc.CoordinatorStub(self._channel(coordinator))
         self._channels: dict = {}
         self.refresh()
@@ -269,7 +309,8 @@ class Client:
             raise KvcacheError(f"{e.code().name}: {e.details()}", e.code()) from None
 
     def _channel(self, addr: str):
-        return self._tls.channel(addr) if self._tls else grpc.insecure_channel(addr, options=_OPTS)
+        ch = self._tls.channel(addr) if self._tls else grpc.insecure_channel(addr, options=_OPTS)
+        return grpc.intercept_channel(ch, self._bearer) if self._bearer else ch
 
     def _node(self, addr: str):
         if addr not in self._channels:

@@ -104,3 +104,44 @@ pub fn fast_coordinator(dir: &std::path::Path, extra: &[&str]) -> Proc {
     args.extend(extra);
     spawn(&args)
 }
+
+/// A CA and a leaf certificate (for localhost and 127.0.0.1) it signed, as PEM files, and a
+/// second leaf of the same CA (a client's own identity) with its DER.
+pub struct Pki {
+    pub ca: std::path::PathBuf,
+    pub cert: std::path::PathBuf,
+    pub key: std::path::PathBuf,
+    pub client_cert: std::path::PathBuf,
+    pub client_key: std::path::PathBuf,
+    pub client_der: Vec<u8>,
+}
+
+pub fn pki(dir: &std::path::Path, name: &str) -> Pki {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.distinguished_name.push(DnType::CommonName, format!("{name} CA"));
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    let mut leaf = CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()]).unwrap();
+    leaf.distinguished_name.push(DnType::CommonName, format!("{name} peer"));
+    let key = KeyPair::generate().unwrap();
+    let cert = leaf.signed_by(&key, &ca).unwrap();
+    let mut other = CertificateParams::new(vec!["client".to_owned()]).unwrap();
+    other.distinguished_name.push(DnType::CommonName, format!("{name} client"));
+    let client_key = KeyPair::generate().unwrap();
+    let client = other.signed_by(&client_key, &ca).unwrap();
+    let p = Pki {
+        ca: dir.join(format!("{name}-ca.pem")),
+        cert: dir.join(format!("{name}.pem")),
+        key: dir.join(format!("{name}-key.pem")),
+        client_cert: dir.join(format!("{name}-client.pem")),
+        client_key: dir.join(format!("{name}-client-key.pem")),
+        client_der: client.der().to_vec(),
+    };
+    std::fs::write(&p.ca, ca.pem()).unwrap();
+    std::fs::write(&p.cert, cert.pem()).unwrap();
+    std::fs::write(&p.key, key.serialize_pem()).unwrap();
+    std::fs::write(&p.client_cert, client.pem()).unwrap();
+    std::fs::write(&p.client_key, client_key.serialize_pem()).unwrap();
+    p
+}

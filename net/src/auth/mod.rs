@@ -23,7 +23,7 @@
 pub mod limits;
 pub mod tenants;
 
-pub use tenants::{Tenant, Tenants, token_sha256};
+pub use tenants::{Tenant, Tenants, cert_sha256, token_sha256};
 
 use crate::NetError;
 use kvcache_telemetry::names;
@@ -196,7 +196,7 @@ struct Inner {
     text: Mutex<String>,
     tenants: RwLock<Arc<Tenants>>,
     /// Service token hashes added in memory (a dev cluster's own), kept across reloads.
-    extra_service: Vec<tenants::Digest32>,
+    extra_service: Mutex<Vec<tenants::Digest32>>,
     limits: limits::Limits,
     /// Last time a denial of each tenant (or "unknown") was logged.
     logged: Mutex<HashMap<String, Instant>>,
@@ -226,37 +226,38 @@ impl Auth {
     /// The tenants file at `path` (`--tenants`); [`Auth::spawn_reloader`] keeps it current.
     pub fn load(path: &Path) -> Result<Self, NetError> {
         let text = read_file(path)?;
-        Self::build(Some(path.to_owned()), text, Vec::new())
+        Self::build(Some(path.to_owned()), text)
     }
 
     /// Tenants from a file's text (tests, embedded use); never reloaded.
     pub fn from_toml(text: &str) -> Result<Self, NetError> {
-        Self::build(None, text.to_owned(), Vec::new())
+        Self::build(None, text.to_owned())
     }
 
-    fn build(path: Option<PathBuf>, text: String, extra_service: Vec<tenants::Digest32>) -> Result<Self, NetError> {
-        let mut t = parse(path.as_deref(), &text)?;
-        t.service_tokens.extend(&extra_service);
+    fn build(path: Option<PathBuf>, text: String) -> Result<Self, NetError> {
+        let t = parse(path.as_deref(), &text)?;
         Ok(Self {
             inner: Some(Arc::new(Inner {
                 path,
                 text: Mutex::new(text),
                 tenants: RwLock::new(Arc::new(t)),
-                extra_service,
+                extra_service: Mutex::new(Vec::new()),
                 limits: Default::default(),
                 logged: Mutex::new(HashMap::new()),
             })),
         })
     }
 
-    /// These tenants with `token` accepted as the service credential too (a dev cluster makes
-    /// one up for its own processes, so its file needs no `[service]`).
-    pub fn with_service_token(self, token: &str) -> Result<Self, NetError> {
-        let Some(i) = self.inner else { return Ok(self) };
-        let mut extra = i.extra_service.clone();
-        extra.push(token_sha256(token));
-        let text = i.text.lock().clone();
-        Self::build(i.path.clone(), text, extra)
+    /// Accept `token` as the service credential too, across reloads (a dev cluster makes one up
+    /// for its own processes, so its file needs no `[service]`). Every clone sees it.
+    pub fn add_service_token(&self, token: &str) {
+        let Some(i) = &self.inner else { return };
+        let h = token_sha256(token);
+        i.extra_service.lock().push(h);
+        let mut cur = i.tenants.write();
+        let mut t = (**cur).clone();
+        t.service_tokens.push(h);
+        *cur = Arc::new(t);
     }
 
     /// Whether tenants are enforced.
@@ -289,7 +290,7 @@ impl Auth {
         let mut t = parse(Some(path), &text).inspect_err(|_| {
             metrics::counter!(names::TENANTS_RELOADS, "outcome" => "error").increment(1);
         })?;
-        t.service_tokens.extend(&i.extra_service);
+        t.service_tokens.extend(i.extra_service.lock().iter());
         i.limits.retain(|name| t.tenants.contains_key(name));
         *i.tenants.write() = Arc::new(t);
         *i.text.lock() = text;
@@ -662,7 +663,8 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("tenants.toml");
         std::fs::write(&path, file()).unwrap();
-        let auth = Auth::load(&path).unwrap().with_service_token("dev").unwrap();
+        let auth = Auth::load(&path).unwrap();
+        auth.add_service_token("dev");
         let ext = http::Extensions::new();
         let p = "/kvcache.v1.Coordinator/ListNamespaces";
         assert!(auth.authorize(p, &headers(Some("tops")), &ext).is_ok());

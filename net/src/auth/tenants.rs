@@ -33,6 +33,11 @@ pub fn token_sha256(token: &str) -> Digest32 {
     Sha256::digest(token.as_bytes()).into()
 }
 
+/// SHA-256 of a certificate's DER, the form `cert_sha256` takes.
+pub fn cert_sha256(der: &[u8]) -> Digest32 {
+    Sha256::digest(der).into()
+}
+
 /// One tenant, as the file defines it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Tenant {

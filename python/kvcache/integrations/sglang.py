@@ -142,7 +142,9 @@ class KvcacheStorage(HiCacheStorage):
         self.config = storage_config
         extra = dict(storage_config.extra_config or {})
         self.coordinator = extra.get("coordinator") or os.environ.get("KVCACHE_COORDINATOR", "127.0.0.1:7000")
-        self.client = kvcache.Client(self.coordinator, timeout=float(extra.get("timeout", 10.0)))
+        # The tenant's token: extra config "token", else KVCACHE_TOKEN (clusters with tenants).
+        self.client = kvcache.Client(self.coordinator, timeout=float(extra.get("timeout", 10.0)),
+                                     token=extra.get("token"))
         self._extra = extra
         self._geo: Optional[_Geometry] = None
         self.namespace: Optional[str] = None
