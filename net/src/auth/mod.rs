@@ -6,8 +6,8 @@
 //!   process runs open — every caller is [`Caller::Open`] and may do everything, as a dev
 //!   cluster does.
 //! - With a file, every request names its caller: `authorization: Bearer <token>` (the token's
-//!   SHA-256 compared in constant time with every hash in the file) or, under mTLS, the SHA-256
-//!   of its client certificate. No credential, or one nobody has: UNAUTHENTICATED. kvcache's own
+//!   SHA-256 looked up among the file's hashes; see `Tenants::identify` on timing) or, under
+//!   mTLS, the SHA-256 of its client certificate. No credential, or one nobody has: UNAUTHENTICATED. kvcache's own
 //!   processes show the service credential (`[service]`): nodes to the coordinator and to each
 //!   other, workers to nodes on behalf of the tenant that called them.
 //! - [`ACCESS`]: every method of every kvcache service with what it needs — nothing (health
@@ -256,7 +256,7 @@ impl Auth {
         i.extra_service.lock().push(h);
         let mut cur = i.tenants.write();
         let mut t = (**cur).clone();
-        t.service_tokens.push(h);
+        t.add_service_token(h);
         *cur = Arc::new(t);
     }
 
@@ -290,7 +290,9 @@ impl Auth {
         let mut t = parse(Some(path), &text).inspect_err(|_| {
             metrics::counter!(names::TENANTS_RELOADS, "outcome" => "error").increment(1);
         })?;
-        t.service_tokens.extend(i.extra_service.lock().iter());
+        for h in i.extra_service.lock().iter() {
+            t.add_service_token(*h);
+        }
         i.limits.retain(|name| t.tenants.contains_key(name));
         *i.tenants.write() = Arc::new(t);
         *i.text.lock() = text;
@@ -444,13 +446,10 @@ fn identify(t: &Tenants, headers: &http::HeaderMap, ext: &http::Extensions) -> R
             .map(str::trim)
             .filter(|s| !s.is_empty())
             .ok_or("the authorization header is not \"Bearer <token>\"")?;
-        let hash = token_sha256(token);
-        let service = t.is_service_token(&hash);
-        let tenant = t.by_token(&hash);
-        return match (service, tenant) {
-            (true, _) => Ok(Caller::Service),
-            (false, Some(t)) => Ok(Caller::Tenant(t)),
-            (false, None) => Err("unknown token"),
+        return match t.identify(&token_sha256(token)) {
+            Some(None) => Ok(Caller::Service),
+            Some(Some(t)) => Ok(Caller::Tenant(t)),
+            None => Err("unknown token"),
         };
     }
     if let Some(certs) = ext
@@ -460,7 +459,7 @@ fn identify(t: &Tenants, headers: &http::HeaderMap, ext: &http::Extensions) -> R
     {
         use sha2::Digest;
         let hash: tenants::Digest32 = sha2::Sha256::digest(leaf.as_ref()).into();
-        return match t.by_cert(&hash) {
+        return match t.identify(&hash) {
             Some(None) => Ok(Caller::Service),
             Some(Some(t)) => Ok(Caller::Tenant(t)),
             None => Err("the client certificate is not a tenant's: send authorization: Bearer <token>"),

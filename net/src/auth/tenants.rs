@@ -22,7 +22,7 @@
 use kvcache_core::size::parse_bytes;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 /// A SHA-256 digest of a token or a certificate.
@@ -64,6 +64,8 @@ pub struct Tenants {
     pub tenants: BTreeMap<String, Arc<Tenant>>,
     pub(crate) service_tokens: Vec<Digest32>,
     pub(crate) service_certs: Vec<Digest32>,
+    /// Every credential digest: the tenant it names (`None`: the service).
+    by_digest: HashMap<Digest32, Option<Arc<Tenant>>>,
 }
 
 #[derive(Deserialize)]
@@ -200,58 +202,57 @@ impl Tenants {
             if bytes_per_second == Some(0) {
                 return Err(format!("{}: 0 would refuse every page", at("bytes_per_second")));
             }
-            out.tenants.insert(
-                name.clone(),
-                Arc::new(Tenant {
-                    name,
-                    admin: t.admin,
-                    quota,
-                    reserved,
-                    requests_per_second: t.requests_per_second,
-                    bytes_per_second,
-                    tokens,
-                    certs,
-                }),
-            );
+            let t = Arc::new(Tenant {
+                name,
+                admin: t.admin,
+                quota,
+                reserved,
+                requests_per_second: t.requests_per_second,
+                bytes_per_second,
+                tokens,
+                certs,
+            });
+            for d in t.tokens.iter().chain(&t.certs) {
+                out.by_digest.insert(*d, Some(t.clone()));
+            }
+            out.tenants.insert(t.name.clone(), t);
+        }
+        for d in out.service_tokens.iter().chain(&out.service_certs) {
+            out.by_digest.insert(*d, None);
         }
         Ok(out)
     }
 
-    /// Whether `token` is the service identity (its hash compared with every service hash in
-    /// constant time).
+    /// Accept `hash` as a service token too.
+    pub(crate) fn add_service_token(&mut self, hash: Digest32) {
+        self.service_tokens.push(hash);
+        self.by_digest.insert(hash, None);
+    }
+
+    /// Who a credential's SHA-256 names: `Some(None)` the service, `Some(Some(t))` a tenant.
+    ///
+    /// Timing: the token itself is never compared, only its SHA-256, and the table is keyed by
+    /// that digest, so how long a lookup takes depends on the digest of what the caller sent —
+    /// which it cannot steer toward a stored one without inverting SHA-256 — not on any stored
+    /// token. The digest found is then compared in constant time (a table hit is an exact match;
+    /// the check keeps the rule "secrets are compared in constant time" true by construction).
+    pub(crate) fn identify(&self, hash: &Digest32) -> Option<Option<Arc<Tenant>>> {
+        use subtle::ConstantTimeEq;
+        let (k, v) = self.by_digest.get_key_value(hash)?;
+        bool::from(k.ct_eq(hash)).then(|| v.clone())
+    }
+
+    /// Whether `hash` is a service token's.
+    #[cfg(test)]
     pub(crate) fn is_service_token(&self, hash: &Digest32) -> bool {
-        any_equal(&self.service_tokens, hash)
+        matches!(self.identify(hash), Some(None))
     }
 
-    /// The tenant whose token hashes to `hash`. Every stored hash is compared, each in constant
-    /// time: how long the search takes does not depend on which tenant (if any) matched.
+    /// The tenant whose credential hashes to `hash`.
+    #[cfg(test)]
     pub(crate) fn by_token(&self, hash: &Digest32) -> Option<Arc<Tenant>> {
-        let mut found = None;
-        for t in self.tenants.values() {
-            if any_equal(&t.tokens, hash) {
-                found = Some(t.clone());
-            }
-        }
-        found
+        self.identify(hash).flatten()
     }
-
-    /// The identity of a client certificate's SHA-256: `Some(None)` for the service, `Some(t)`
-    /// for a tenant.
-    pub(crate) fn by_cert(&self, hash: &Digest32) -> Option<Option<Arc<Tenant>>> {
-        if any_equal(&self.service_certs, hash) {
-            return Some(None);
-        }
-        self.tenants.values().find(|t| any_equal(&t.certs, hash)).map(|t| Some(t.clone()))
-    }
-}
-
-fn any_equal(set: &[Digest32], hash: &Digest32) -> bool {
-    use subtle::ConstantTimeEq;
-    let mut hit = subtle::Choice::from(0);
-    for d in set {
-        hit |= d.ct_eq(hash);
-    }
-    hit.into()
 }
 
 #[cfg(test)]
@@ -298,7 +299,7 @@ admin = true
         assert_eq!(t.by_token(&token_sha256("a2")).unwrap().name, "acme");
         assert!(t.by_token(&token_sha256("svc")).is_none() && t.is_service_token(&token_sha256("svc")));
         assert!(t.by_token(&token_sha256("nobody")).is_none());
-        assert_eq!(t.by_cert(&token_sha256("cert")).unwrap().unwrap().name, "ops");
+        assert_eq!(t.identify(&token_sha256("cert")).unwrap().unwrap().name, "ops");
         assert!(t.tenants["ops"].admin && !acme.admin);
     }
 
