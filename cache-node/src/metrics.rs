@@ -116,6 +116,18 @@ impl NodeMetrics {
                 .set(u.bytes as f64);
         }
         // Per tenant (bounded by the tenants file).
+        let mut reads: std::collections::BTreeMap<&str, (u64, u64)> = Default::default();
+        for u in &st.namespaces {
+            let r = reads.entry(u.tenant.as_str()).or_default();
+            r.0 += u.get_hits;
+            r.1 += u.get_misses;
+        }
+        for (tenant, (hits, misses)) in reads {
+            for (result, v) in [("hit", hits), ("miss", misses)] {
+                metrics::counter!(n::TENANT_PAGE_READS, "node" => self.node_id.clone(), "tenant" => tenant.to_owned(), "result" => result)
+                    .absolute(v);
+            }
+        }
         for t in &st.tenants {
             metrics::gauge!(n::TENANT_STORED_BYTES, "node" => self.node_id.clone(), "tenant" => t.tenant.clone())
                 .set(t.bytes as f64);

@@ -77,6 +77,8 @@ pub struct LocalCluster {
     /// The worker (for its counters).
     pub worker_handle: Arc<Worker>,
     services: Vec<Service>,
+    /// How the services call each other (with the cluster's service token under tenants).
+    service_tls: kvcache_net::Tls,
 }
 
 fn exposure(cfg: &LocalClusterConfig) -> kvcache_net::Exposure {
@@ -178,7 +180,13 @@ impl LocalCluster {
         });
         services.push(Service { name: "worker".into(), stop: Some(tx), task });
         kvcache_worker::register(&client, "worker-0", &waddr).await?;
-        Ok(LocalCluster { coordinator, nodes, worker: waddr, worker_handle: worker, services })
+        Ok(LocalCluster { coordinator, nodes, worker: waddr, worker_handle: worker, services, service_tls: cfg.tls })
+    }
+
+    /// The TLS settings (and, with tenants, the service token) the services call each other
+    /// with: a client built with them acts as kvcache's own processes do (every namespace).
+    pub fn service_tls(&self) -> kvcache_net::Tls {
+        self.service_tls.clone()
     }
 
     /// Stop cache node `i` (as a lost node: the coordinator notices when its heartbeats stop).

@@ -36,8 +36,21 @@ async fn every_dashboard_metric_is_exported() {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = LocalClusterConfig::new(dir.path());
     cfg.node_capacity = 64 << 20;
+    // With tenants, so the tenant series are exported too: m (the traffic below), small (a
+    // quota share per node of 120 KiB: one 80 KiB sequence fits, a second evicts the first),
+    // slow (one request per second).
+    let h = |t: &str| hex::encode(kvcache_net::auth::token_sha256(t));
+    cfg.auth = kvcache_net::Auth::from_toml(&format!(
+        "[tenants.m]\ntoken_sha256 = \"{}\"\n[tenants.small]\ntoken_sha256 = \"{}\"\nquota = {}\n[tenants.slow]\ntoken_sha256 = \"{}\"\nrequests_per_second = 1\n",
+        h("m-token"),
+        h("small-token"),
+        3 * (120 << 10),
+        h("slow-token"),
+    ))
+    .unwrap();
     let cluster = LocalCluster::start(cfg).await.unwrap();
-    let client = Client::connect(&cluster.coordinator).await.unwrap();
+    let as_tenant = |t: &str| kvcache_client::ClientConfig { token: Some(t.into()), ..Default::default() };
+    let client = Client::connect_with(&cluster.coordinator, as_tenant("m-token")).await.unwrap();
     let ns = client
         .create_namespace(pb::CreateNamespaceRequest {
             name: "m.gqa".into(),
@@ -63,10 +76,42 @@ async fn every_dashboard_metric_is_exported() {
             .await
             .unwrap();
     }
+    // A denial (no token), throttles (slow's second call in a second), quota evictions (small's
+    // sequences: with seven over three nodes, some node gets two).
+    let mut anon =
+        pb::coordinator_client::CoordinatorClient::new(kvcache_client::channel(&cluster.coordinator).unwrap());
+    assert_eq!(
+        anon.list_namespaces(pb::ListNamespacesRequest {}).await.unwrap_err().code(),
+        tonic::Code::Unauthenticated
+    );
+    let slow = Client::connect_with(&cluster.coordinator, as_tenant("slow-token")).await;
+    let slow_again = Client::connect_with(&cluster.coordinator, as_tenant("slow-token")).await;
+    assert!(slow.is_err() || slow_again.is_err(), "two connects within a second at 1 request/s");
+    let small = Client::connect_with(&cluster.coordinator, as_tenant("small-token")).await.unwrap();
+    let sns = small
+        .create_namespace(pb::CreateNamespaceRequest {
+            name: "small.ns".into(),
+            preset: "qwen2.5-7b".into(),
+            page_tokens: 16,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    for i in 0..7 {
+        let s = SequenceKey::new("small.ns", format!("s{i}"));
+        small.put_pages(prefill_pages(&sns, &s, 1, 40, &mut rng)).await.unwrap();
+    }
+    // The node stats below are the service's view (every namespace): read them as it.
+    let stats_client = Client::connect_with(
+        &cluster.coordinator,
+        kvcache_client::ClientConfig { tls: cluster.service_tls(), ..Default::default() },
+    )
+    .await
+    .unwrap();
     // Three nodes in one process: one kvcache_node_pages series per node (labelled by node id),
     // summing to what the nodes report (what `kvcache status` shows). Gauges are published every
     // two seconds: wait for them, bounded.
-    let stats = client.node_stats().await;
+    let stats = stats_client.node_stats().await;
     let want: u64 = stats.iter().map(|(_, s)| s.as_ref().unwrap().pages).sum();
     assert!(want > 0);
     let series = |text: &str| -> Vec<(String, f64)> {

@@ -24,7 +24,8 @@ fn hash(t: &str) -> String {
     hex::encode(token_sha256(t))
 }
 
-/// Tenants a (owner of NS), b (the other), ops (admin), q (a quota), r (a rate limit).
+/// Tenants a (owner of NS), b (the other), ops (admin), q (a quota), r (a rate limit), c (one
+/// call in flight at a time).
 fn tenants_file(q_quota: u64) -> String {
     format!(
         r#"
@@ -41,12 +42,16 @@ quota = {q_quota}
 [tenants.r]
 token_sha256 = "{}"
 requests_per_second = 5
+[tenants.c]
+token_sha256 = "{}"
+concurrent_requests = 1
 "#,
         hash("token-a"),
         hash("token-b"),
         hash("token-ops"),
         hash("token-q"),
         hash("token-r"),
+        hash("token-c"),
     )
 }
 
@@ -447,6 +452,33 @@ async fn a_rate_limited_tenant_is_told_when_to_retry_and_recovers() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(ok, "r never recovered");
+    cluster.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_holds_its_place_among_the_tenant_s_calls_until_it_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cluster, _file) = start(dir.path(), 1, 1 << 30).await;
+    let mut s = stubs(&cluster, Some("token-c"));
+    let mut watch = s.coord.watch_shard_map(pb::WatchShardMapRequest { after_epoch: 0 }).await.unwrap().into_inner();
+    watch.message().await.unwrap().expect("a first map");
+    // The watch is still open: c's one place is taken.
+    let e = s.coord.list_namespaces(pb::ListNamespacesRequest {}).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(e.message().contains("concurrent"), "{}", e.message());
+    assert!(e.metadata().get("kvcache-retry-after-ms").is_some());
+    // Other tenants are not counted with c.
+    stubs(&cluster, Some("token-a")).coord.list_namespaces(pb::ListNamespacesRequest {}).await.unwrap();
+    drop(watch);
+    let mut ok = false;
+    for _ in 0..100 {
+        if s.coord.list_namespaces(pb::ListNamespacesRequest {}).await.is_ok() {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(ok, "c's place was never given back after its stream ended");
     cluster.stop().await.unwrap();
 }
 

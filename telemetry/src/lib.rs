@@ -97,6 +97,8 @@ pub mod names {
     pub const TENANT_STORED_BYTES: &str = "kvcache_tenant_stored_bytes";
     /// A tenant's share of its quota on a node, by tenant (absent: no quota).
     pub const TENANT_QUOTA_BYTES: &str = "kvcache_tenant_quota_bytes";
+    /// Page reads of a tenant's namespaces on a node, by tenant and result (hit, miss).
+    pub const TENANT_PAGE_READS: &str = "kvcache_tenant_page_reads_total";
     /// A tenant's sequences evicted on a node to keep it within its quota, by tenant.
     pub const TENANT_QUOTA_EVICTIONS: &str = "kvcache_tenant_quota_evictions_total";
     /// Reloads of the tenants file, by outcome (ok, error).
@@ -155,6 +157,10 @@ fn describe() {
         "Requests refused by authentication or authorization, by tenant and reason."
     );
     metrics::describe_counter!(names::TENANT_THROTTLED, "Requests refused by a rate limit, by tenant and limit.");
+    metrics::describe_counter!(
+        names::TENANT_PAGE_READS,
+        "Page reads of a tenant's namespaces on a node, by result (hit, miss)."
+    );
     metrics::describe_gauge!(
         names::TENANT_STORED_BYTES,
         metrics::Unit::Bytes,

@@ -247,6 +247,8 @@ pub struct NsCounters {
 pub struct NamespaceStats {
     /// Name.
     pub name: String,
+    /// Its tenant.
+    pub tenant: String,
     /// Sequences held (content keys not counted).
     pub sequences: u64,
     /// Content keys held (each with up to one page per layer).

@@ -66,6 +66,7 @@ impl PageStore {
                     let c = &e.counters;
                     let mut u = per_ns.remove(&ns.name).unwrap_or_default();
                     u.name = ns.name;
+                    u.tenant = ns.tenant;
                     u.get_hits = c.get_hits.load(Ordering::Relaxed);
                     u.get_misses = c.get_misses.load(Ordering::Relaxed);
                     u.dedup_hits = c.dedup_hits.load(Ordering::Relaxed);

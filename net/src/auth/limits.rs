@@ -1,4 +1,5 @@
-//! Per-tenant rate limits: token buckets for requests per second and page bytes per second.
+//! Per-tenant rate limits: token buckets for requests per second and page bytes per second, and
+//! a count of calls in flight.
 //!
 //! A bucket holds one second's worth and refills continuously. A request takes one token and is
 //! refused while fewer than one is left; bytes are charged when known (a page stream's size is
@@ -8,6 +9,8 @@
 
 use parking_lot::Mutex;
 use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 #[derive(Debug)]
@@ -50,6 +53,17 @@ impl Bucket {
 pub(crate) struct Limits {
     requests: Mutex<HashMap<String, Bucket>>,
     bytes: Mutex<HashMap<String, Bucket>>,
+    inflight: Mutex<HashMap<String, Arc<AtomicU32>>>,
+}
+
+/// One call in flight; the count goes down when it is dropped.
+#[derive(Debug)]
+pub struct InFlight(Arc<AtomicU32>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl Limits {
@@ -77,10 +91,17 @@ impl Limits {
         }
     }
 
-    /// Forget tenants no longer in the file.
+    /// Count a call of `tenant` in flight, unless `max` are already.
+    pub(crate) fn enter(&self, tenant: &str, max: u32) -> Option<InFlight> {
+        let c = self.inflight.lock().entry(tenant.to_owned()).or_default().clone();
+        c.fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| (n < max).then_some(n + 1)).ok().map(|_| InFlight(c))
+    }
+
+    /// Forget tenants no longer in the file (calls in flight keep their own count alive).
     pub(crate) fn retain(&self, keep: impl Fn(&str) -> bool) {
         self.requests.lock().retain(|k, _| keep(k));
         self.bytes.lock().retain(|k, _| keep(k));
+        self.inflight.lock().retain(|k, _| keep(k));
     }
 }
 
@@ -106,6 +127,17 @@ mod tests {
         let t2 = t1 + Duration::from_secs(60);
         b.refill(10.0, t2);
         assert_eq!(b.tokens, 10.0);
+    }
+
+    #[test]
+    fn calls_in_flight_are_counted_until_dropped() {
+        let l = Limits::default();
+        let a = l.enter("t", 2).unwrap();
+        let _b = l.enter("t", 2).unwrap();
+        assert!(l.enter("t", 2).is_none());
+        assert!(l.enter("other", 2).is_some(), "another tenant has its own count");
+        drop(a);
+        assert!(l.enter("t", 2).is_some());
     }
 
     #[test]

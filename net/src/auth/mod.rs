@@ -341,14 +341,25 @@ impl Auth {
     /// Who sent a request with these headers and extensions: Ok(caller), or the status that
     /// refuses it (UNAUTHENTICATED, PERMISSION_DENIED, RESOURCE_EXHAUSTED).
     pub fn authorize(&self, path: &str, headers: &http::HeaderMap, ext: &http::Extensions) -> Result<Caller, Status> {
-        let Some(i) = &self.inner else { return Ok(Caller::Open) };
+        self.admit(path, headers, ext).map(|(c, _)| c)
+    }
+
+    /// [`Auth::authorize`], and the call's place among the tenant's calls in flight (held until
+    /// the call ends).
+    fn admit(
+        &self,
+        path: &str,
+        headers: &http::HeaderMap,
+        ext: &http::Extensions,
+    ) -> Result<(Caller, Option<limits::InFlight>), Status> {
+        let Some(i) = &self.inner else { return Ok((Caller::Open, None)) };
         let Some(need) = access(path) else {
             self.log_denial("unknown", path, "method without an access rule");
             metrics::counter!(names::TENANT_DENIED, "tenant" => "unknown", "reason" => "method").increment(1);
             return Err(Status::permission_denied(format!("{path} has no access rule on this server")));
         };
         if need == Access::Public {
-            return Ok(Caller::Anonymous);
+            return Ok((Caller::Anonymous, None));
         }
         let tenants = i.tenants.read().clone();
         let caller = match identify(&tenants, headers, ext) {
@@ -371,8 +382,24 @@ impl Auth {
             metrics::counter!(names::TENANT_THROTTLED, "tenant" => t.name.clone(), "limit" => "requests").increment(1);
             return Err(throttled(format!("tenant {:?} is over its {rate} requests per second", t.name), wait));
         }
+        let mut inflight = None;
+        if let Caller::Tenant(t) = &caller
+            && let Some(max) = t.concurrent_requests
+        {
+            match i.limits.enter(&t.name, max) {
+                Some(g) => inflight = Some(g),
+                None => {
+                    metrics::counter!(names::TENANT_THROTTLED, "tenant" => t.name.clone(), "limit" => "concurrency")
+                        .increment(1);
+                    return Err(throttled(
+                        format!("tenant {:?} has its {max} concurrent calls in flight", t.name),
+                        Duration::from_millis(10),
+                    ));
+                }
+            }
+        }
         metrics::counter!(names::TENANT_REQUESTS, "tenant" => caller.label()).increment(1);
-        Ok(caller)
+        Ok((caller, inflight))
     }
 
     /// Charge `n` page bytes to the caller's bytes-per-second limit: RESOURCE_EXHAUSTED (with
@@ -515,13 +542,48 @@ where
             req.extensions_mut().insert(Caller::Open);
             return Box::pin(self.inner.call(req));
         }
-        match self.auth.authorize(req.uri().path(), req.headers(), req.extensions()) {
-            Ok(caller) => {
+        match self.auth.admit(req.uri().path(), req.headers(), req.extensions()) {
+            Ok((caller, None)) => {
                 req.extensions_mut().insert(caller);
                 Box::pin(self.inner.call(req))
             }
+            Ok((caller, Some(inflight))) => {
+                req.extensions_mut().insert(caller);
+                let call = self.inner.call(req);
+                // The call counts until its response body ends (a stream, until its last message).
+                Box::pin(async move {
+                    let r = call.await?;
+                    Ok(r.map(|b| tonic::body::Body::new(Counted { inner: b, _inflight: inflight })))
+                })
+            }
             Err(s) => Box::pin(std::future::ready(Ok(s.into_http()))),
         }
+    }
+}
+
+/// A response body that holds its call's place among the tenant's calls in flight.
+struct Counted {
+    inner: tonic::body::Body,
+    _inflight: limits::InFlight,
+}
+
+impl http_body::Body for Counted {
+    type Data = bytes::Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 

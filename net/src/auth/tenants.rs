@@ -13,6 +13,7 @@
 //! admin = false                   # cluster operations: drain, register, status of all
 //! requests_per_second = 2000      # default: unlimited
 //! bytes_per_second = "4GiB"       # page bytes written and read; default: unlimited
+//! concurrent_requests = 256       # calls in flight at once, streams until they end; default: unlimited
 //! ```
 //!
 //! Only hashes are stored: a token never appears in the file, in memory past the hash of a
@@ -53,6 +54,8 @@ pub struct Tenant {
     pub requests_per_second: Option<f64>,
     /// Page bytes per second written and read.
     pub bytes_per_second: Option<u64>,
+    /// Calls in flight at once (a streamed response counts until it ends).
+    pub concurrent_requests: Option<u32>,
     pub(crate) tokens: Vec<Digest32>,
     pub(crate) certs: Vec<Digest32>,
 }
@@ -111,6 +114,7 @@ struct FileTenant {
     admin: bool,
     requests_per_second: Option<f64>,
     bytes_per_second: Option<Size>,
+    concurrent_requests: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -202,6 +206,9 @@ impl Tenants {
             if bytes_per_second == Some(0) {
                 return Err(format!("{}: 0 would refuse every page", at("bytes_per_second")));
             }
+            if t.concurrent_requests == Some(0) {
+                return Err(format!("{}: 0 would refuse every call", at("concurrent_requests")));
+            }
             let t = Arc::new(Tenant {
                 name,
                 admin: t.admin,
@@ -209,6 +216,7 @@ impl Tenants {
                 reserved,
                 requests_per_second: t.requests_per_second,
                 bytes_per_second,
+                concurrent_requests: t.concurrent_requests,
                 tokens,
                 certs,
             });
