@@ -120,3 +120,68 @@ fn a_second_process_on_a_data_directory_is_refused_and_told_who_holds_it() {
     let again = common::spawn(&["node", "--listen", "127.0.0.1:0", "--data-dir", data, "--capacity", "64MiB"]);
     drop(again);
 }
+
+#[test]
+fn a_cluster_with_tenants_says_which_token_a_command_lacks() {
+    use kvcache_net::auth::token_sha256;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("tenants.toml");
+    let h = |t: &str| hex::encode(token_sha256(t));
+    std::fs::write(
+        &file,
+        format!(
+            "[tenants.a]\ntoken_sha256 = \"{}\"\n[tenants.ops]\ntoken_sha256 = \"{}\"\nadmin = true\n",
+            h("ta"),
+            h("tops")
+        ),
+    )
+    .unwrap();
+    let f = file.to_str().unwrap();
+    let dev = dir.path().join("dev");
+    let mut d = common::spawn_until(
+        &[
+            "dev",
+            "--listen",
+            "127.0.0.1:0",
+            "--node-capacity",
+            "64MiB",
+            "--data-dir",
+            dev.to_str().unwrap(),
+            "--tenants",
+            f,
+        ],
+        &[],
+        |l| l.trim().strip_prefix("coordinator").map(|a| a.trim().to_owned()),
+    );
+    let line = one_line_error(&["status", "--coordinator", &d.addr]);
+    assert!(line.contains("runs with tenants") && line.contains("--token or KVCACHE_TOKEN"), "{line}");
+    let line = one_line_error(&["status", "--coordinator", &d.addr, "--token", "ta"]);
+    assert!(line.contains("needs an admin tenant"), "{line}");
+    let out = kvcache(&["status", "--coordinator", &d.addr, "--token", "tops"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // A node given the file but no service token would be refused by everyone: it says so.
+    let line = one_line_error(&[
+        "node",
+        "--tenants",
+        f,
+        "--coordinator",
+        &d.addr,
+        "--data-dir",
+        dir.path().join("n").to_str().unwrap(),
+    ]);
+    assert!(line.contains("--tenants without --token"), "{line}");
+    // A broken file is refused at start, naming the tenant and key.
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[tenants.a]\nqouta = \"1GiB\"\n").unwrap();
+    let line = one_line_error(&[
+        "coordinator",
+        "--listen",
+        "127.0.0.1:0",
+        "--tenants",
+        bad.to_str().unwrap(),
+        "--data-dir",
+        dir.path().join("c").to_str().unwrap(),
+    ]);
+    assert!(line.contains("bad.toml") && line.contains("qouta"), "{line}");
+    assert!(d.terminate(), "dev stops cleanly");
+}

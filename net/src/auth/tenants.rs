@@ -153,7 +153,11 @@ fn valid_name(n: &str) -> bool {
 impl Tenants {
     /// Parse the file's text; the error says which key of which tenant is wrong.
     pub fn parse(text: &str) -> Result<Tenants, String> {
-        let f: File = toml::from_str(text).map_err(|e| e.to_string())?;
+        let f: File = toml::from_str(text).map_err(|e| {
+            // One line (toml's own rendering quotes the source over several).
+            let line = e.span().map_or(0, |s| text[..s.start.min(text.len())].matches('\n').count() + 1);
+            format!("line {line}: {}", e.message().trim())
+        })?;
         let mut out = Tenants::default();
         if let Some(s) = f.service {
             for t in s.token_sha256.map(OneOrMany::into_vec).unwrap_or_default() {
