@@ -5,6 +5,7 @@ pub mod decode;
 pub mod node;
 pub mod placement;
 pub mod prefix;
+pub mod tenants;
 
 /// Which benchmark.
 #[derive(clap::Subcommand, Debug)]
@@ -20,6 +21,8 @@ pub enum Bench {
     /// Prefix reuse: dedup of a shared prompt, longest-prefix match latency, cold pull of a
     /// cached prefix vs node get.
     Prefix(prefix::Args),
+    /// What enforcing tenants costs: small calls and page reads with a tenants file vs open.
+    Tenants(tenants::Args),
 }
 
 /// Run a benchmark.
@@ -30,6 +33,7 @@ pub fn run(b: Bench) -> anyhow::Result<()> {
         Bench::Decode(a) => decode::run(a),
         Bench::Placement(a) => placement::run(a),
         Bench::Prefix(a) => prefix::run(a),
+        Bench::Tenants(a) => tenants::run(a),
     }
 }
 

@@ -398,7 +398,13 @@ impl Auth {
                 }
             }
         }
-        metrics::counter!(names::TENANT_REQUESTS, "tenant" => caller.label()).increment(1);
+        match &caller {
+            Caller::Tenant(t) => t
+                .requests
+                .get_or_init(|| metrics::counter!(names::TENANT_REQUESTS, "tenant" => t.name.clone()))
+                .increment(1),
+            _ => metrics::counter!(names::TENANT_REQUESTS, "tenant" => caller.label()).increment(1),
+        }
         Ok((caller, inflight))
     }
 

@@ -40,7 +40,7 @@ pub fn cert_sha256(der: &[u8]) -> Digest32 {
 }
 
 /// One tenant, as the file defines it.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Tenant {
     /// Its name (the `tenant` of the namespaces it creates).
     pub name: String,
@@ -58,6 +58,16 @@ pub struct Tenant {
     pub concurrent_requests: Option<u32>,
     pub(crate) tokens: Vec<Digest32>,
     pub(crate) certs: Vec<Digest32>,
+    /// Its requests counter, registered on first use (after the process installed its recorder).
+    pub(crate) requests: std::sync::OnceLock<metrics::Counter>,
+}
+
+impl PartialEq for Tenant {
+    fn eq(&self, o: &Self) -> bool {
+        (&self.name, self.admin, self.quota, self.reserved, self.requests_per_second, self.bytes_per_second)
+            == (&o.name, o.admin, o.quota, o.reserved, o.requests_per_second, o.bytes_per_second)
+            && (self.concurrent_requests, &self.tokens, &self.certs) == (o.concurrent_requests, &o.tokens, &o.certs)
+    }
 }
 
 /// A parsed tenants file.
@@ -223,6 +233,7 @@ impl Tenants {
                 concurrent_requests: t.concurrent_requests,
                 tokens,
                 certs,
+                requests: Default::default(),
             });
             for d in t.tokens.iter().chain(&t.certs) {
                 out.by_digest.insert(*d, Some(t.clone()));
