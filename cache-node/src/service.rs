@@ -600,9 +600,8 @@ impl CacheNode for NodeService {
             tokio::task::spawn_blocking(move || store.stats()).await.map_err(|e| Status::internal(e.to_string()))?;
         if !caller.is_operator() {
             // A tenant sees its own namespaces and tenant entry, and node totals over them only.
-            let name = caller.tenant().map_or("", |t| t.name.as_str()).to_owned();
-            let owner = |ns: &str| self.store.namespace(ns).map(|e| e.ns.tenant.clone());
-            s.namespaces.retain(|u| owner(&u.name).as_deref() == Some(name.as_str()));
+            let name = caller.tenant().map_or("", |t| t.name.as_str());
+            s.namespaces.retain(|u| u.tenant == name);
             s.tenants.retain(|t| t.tenant == name);
             s = crate::store::StoreStats {
                 capacity_bytes: s.capacity_bytes,

@@ -101,7 +101,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             let ns = client
                 .create_namespace(pb::CreateNamespaceRequest {
                     name: name.clone(),
-                    tenant: "demo".into(),
+                    // No tenant named: on a cluster with tenants the coordinator makes it the caller's.
                     preset: preset.into(),
                     codec: codec as i32,
                     page_tokens: 64,
@@ -276,7 +276,7 @@ async fn prefix_reuse(client: &kvcache_client::Client, run_id: u32) -> anyhow::R
     let ns = client
         .create_namespace(pb::CreateNamespaceRequest {
             name: name.clone(),
-            tenant: "demo".into(),
+            // No tenant named: on a cluster with tenants the coordinator makes it the caller's.
             preset: "llama-3-8b".into(),
             codec: pb::Codec::Bf16 as i32,
             page_tokens: 64,

@@ -248,7 +248,7 @@ impl Shared {
 fn model_request(a: &Args, name: &str, codec: kvcache_core::Codec, page_tokens: u32) -> pb::CreateNamespaceRequest {
     let mut r = pb::CreateNamespaceRequest {
         name: name.into(),
-        tenant: "load".into(),
+        // No tenant named: on a cluster with tenants the coordinator makes it the caller's.
         codec: kvcache_core::validate::codec_to_wire(codec),
         page_tokens,
         replication: a.replication,
