@@ -25,6 +25,35 @@ impl Drop for Etcd {
     }
 }
 
+/// A one-member etcd on free loopback ports with its data under `dir`, serving https with `tls`
+/// (and requiring client certificates of its CA) or plain http; returns it and its endpoint.
+fn etcd(dir: &std::path::Path, tls: Option<&common::Pki>) -> (Etcd, String) {
+    let (cp, pp) = (free_port(), free_port());
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let client_url = format!("{scheme}://127.0.0.1:{cp}");
+    let peer_url = format!("http://127.0.0.1:{pp}");
+    let mut cmd = Command::new("etcd");
+    cmd.args(["--name", "t", "--listen-client-urls", &client_url, "--advertise-client-urls", &client_url])
+        .args(["--listen-peer-urls", &peer_url, "--initial-advertise-peer-urls", &peer_url])
+        .args(["--initial-cluster", &format!("t={peer_url}")])
+        .arg("--data-dir")
+        .arg(dir.join("etcd"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    if let Some(p) = tls {
+        cmd.arg("--cert-file").arg(&p.cert).arg("--key-file").arg(&p.key).arg("--trusted-ca-file").arg(&p.ca);
+        cmd.arg("--client-cert-auth");
+    }
+    let e = Etcd(cmd.spawn().expect("etcd on PATH (Debian package etcd-server)"));
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(("127.0.0.1", cp)).is_ok() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (e, format!("127.0.0.1:{cp}"))
+}
+
 async fn status(addr: &str) -> Option<pb::ClusterStatusResponse> {
     let mut c = kvcache_proto::v1::coordinator_client::CoordinatorClient::new(kvcache_client::channel(addr).ok()?);
     c.cluster_status(pb::ClusterStatusRequest {}).await.ok().map(|r| r.into_inner())
@@ -33,34 +62,7 @@ async fn status(addr: &str) -> Option<pb::ClusterStatusResponse> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_leader_fails_over_with_state_intact_and_a_monotonic_epoch() {
     let dir = tempfile::tempdir().unwrap();
-    let (cp, pp) = (free_port(), free_port());
-    let client_url = format!("http://127.0.0.1:{cp}");
-    let peer_url = format!("http://127.0.0.1:{pp}");
-    let _etcd = Etcd(
-        Command::new("etcd")
-            .args(["--name", "t", "--listen-client-urls", &client_url, "--advertise-client-urls", &client_url])
-            .args([
-                "--listen-peer-urls",
-                &peer_url,
-                "--initial-advertise-peer-urls",
-                &peer_url,
-                "--initial-cluster",
-                &format!("t={peer_url}"),
-            ])
-            .arg("--data-dir")
-            .arg(dir.path().join("etcd"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("etcd on PATH (Debian package etcd-server)"),
-    );
-    for _ in 0..100 {
-        if std::net::TcpStream::connect(("127.0.0.1", cp)).is_ok() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let etcd_ep = format!("127.0.0.1:{cp}");
+    let (_etcd, etcd_ep) = etcd(dir.path(), None);
     let coordinator = |i: usize| {
         let d = dir.path().join(format!("c{i}"));
         spawn(&[
@@ -174,42 +176,8 @@ async fn the_leader_fails_over_with_state_intact_and_a_monotonic_epoch() {
 async fn the_etcd_connection_runs_over_mutual_tls() {
     let dir = tempfile::tempdir().unwrap();
     let p = common::pki(dir.path(), "etcd");
-    let (cp, pp) = (free_port(), free_port());
-    let client_url = format!("https://127.0.0.1:{cp}");
-    let peer_url = format!("http://127.0.0.1:{pp}");
-    let _etcd = Etcd(
-        Command::new("etcd")
-            .args(["--name", "t", "--listen-client-urls", &client_url, "--advertise-client-urls", &client_url])
-            .args([
-                "--listen-peer-urls",
-                &peer_url,
-                "--initial-advertise-peer-urls",
-                &peer_url,
-                "--initial-cluster",
-                &format!("t={peer_url}"),
-            ])
-            .arg("--cert-file")
-            .arg(&p.cert)
-            .arg("--key-file")
-            .arg(&p.key)
-            .arg("--trusted-ca-file")
-            .arg(&p.ca)
-            .arg("--client-cert-auth")
-            .arg("--data-dir")
-            .arg(dir.path().join("etcd"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("etcd on PATH (Debian package etcd-server)"),
-    );
-    for _ in 0..100 {
-        if std::net::TcpStream::connect(("127.0.0.1", cp)).is_ok() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let (_etcd, etcd_ep) = etcd(dir.path(), Some(&p));
     let d = dir.path().join("c0");
-    let etcd_ep = format!("127.0.0.1:{cp}");
     let c = spawn(&[
         "coordinator",
         "--listen",

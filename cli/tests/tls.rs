@@ -41,6 +41,43 @@ async fn connect(addr: &str, tls: Tls) -> Result<Client, kvcache_client::ClientE
     tokio::time::timeout(Duration::from_secs(20), Client::connect_with(addr, cfg)).await.expect("connect hung")
 }
 
+/// Whether the cluster's node and worker are in `client`'s map (bounded wait).
+async fn members_registered(client: &Client) -> bool {
+    for _ in 0..200 {
+        if let Ok(r) = client.refresh().await
+            && r.live_nodes().len() == 1
+            && r.workers.len() == 1
+        {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+/// One decode step of layer 0 of sequence `id` in `ns`, appending a token.
+async fn decode_one(
+    client: &Client,
+    ns: &kvcache_core::Namespace,
+    id: &str,
+    rng: &mut Rng,
+) -> Result<kvcache_client::DecodeOutput, kvcache_client::ClientError> {
+    let shape = kvcache_attention::AttnShape::new(&ns.model, ns.layout());
+    client
+        .decode(pb::DecodeRequest {
+            namespace: ns.name.clone(),
+            layer: 0,
+            items: vec![pb::DecodeItem {
+                sequence_id: id.into(),
+                query: kvcache_proto::f32le::to_bytes(&rng.vec(shape.q_len(), 1.0)),
+                new_kv: Bytes::from(tokens_payload(ns, 1, rng)),
+                new_token_id: None,
+            }],
+            softmax_scale: 0.0,
+        })
+        .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mtls_everywhere_and_plaintext_probes() {
     let dir = tempfile::tempdir().unwrap();
@@ -60,18 +97,7 @@ async fn mtls_everywhere_and_plaintext_probes() {
 
     // The member client: the node registered over mTLS, so the map lists it and the worker.
     let client = connect(&coord.addr, tls(Some(&good), &good)).await.expect("mTLS client connects");
-    let mut ready = false;
-    for _ in 0..200 {
-        if let Ok(r) = client.refresh().await
-            && r.live_nodes().len() == 1
-            && r.workers.len() == 1
-        {
-            ready = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(ready, "the node and the worker did not register over mTLS");
+    assert!(members_registered(&client).await, "the node and the worker did not register over mTLS");
     let ns = client
         .create_namespace(pb::CreateNamespaceRequest {
             name: "tls".into(),
@@ -95,21 +121,7 @@ async fn mtls_everywhere_and_plaintext_probes() {
     for (a, b) in got.iter().zip(&pages) {
         assert_eq!(a.as_ref().expect("page held").payload, b.payload, "page bytes changed on the way");
     }
-    let shape = kvcache_attention::AttnShape::new(&ns.model, ns.layout());
-    let r = client
-        .decode(pb::DecodeRequest {
-            namespace: "tls".into(),
-            layer: 0,
-            items: vec![pb::DecodeItem {
-                sequence_id: "s0".into(),
-                query: kvcache_proto::f32le::to_bytes(&rng.vec(shape.q_len(), 1.0)),
-                new_kv: Bytes::from(tokens_payload(&ns, 1, &mut rng)),
-                new_token_id: None,
-            }],
-            softmax_scale: 0.0,
-        })
-        .await
-        .expect("decode over mTLS");
+    let r = decode_one(&client, &ns, "s0", &mut rng).await.expect("decode over mTLS");
     assert_eq!(r.results[0].status, kvcache_client::SequenceStatus::Ok);
     assert_eq!(r.results[0].context_tokens, 41);
 
@@ -173,18 +185,7 @@ async fn tenants_on_top_of_mtls_by_token_and_by_certificate() {
 
     // The tenant with a token, over the cluster's mTLS identity.
     let t = connect(&coord.addr, tls(Some(&good), &good).with_token("t-token").unwrap()).await.expect("tenant t");
-    let mut ready = false;
-    for _ in 0..200 {
-        if let Ok(r) = t.refresh().await
-            && r.live_nodes().len() == 1
-            && r.workers.len() == 1
-        {
-            ready = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(ready, "the node and the worker did not register with the service token");
+    assert!(members_registered(&t).await, "the node and the worker did not register with the service token");
     let ns = t
         .create_namespace(pb::CreateNamespaceRequest {
             name: "t.tls".into(),
@@ -198,21 +199,7 @@ async fn tenants_on_top_of_mtls_by_token_and_by_certificate() {
     let mut rng = Rng::new(9);
     let key = SequenceKey::new("t.tls", "s0");
     t.put_pages(prefill_pages(&ns, &key, 1, 20, &mut rng)).await.expect("put as t");
-    let shape = kvcache_attention::AttnShape::new(&ns.model, ns.layout());
-    let r = t
-        .decode(pb::DecodeRequest {
-            namespace: "t.tls".into(),
-            layer: 0,
-            items: vec![pb::DecodeItem {
-                sequence_id: "s0".into(),
-                query: kvcache_proto::f32le::to_bytes(&rng.vec(shape.q_len(), 1.0)),
-                new_kv: Bytes::from(tokens_payload(&ns, 1, &mut rng)),
-                new_token_id: None,
-            }],
-            softmax_scale: 0.0,
-        })
-        .await
-        .expect("decode as t: the worker pulls with the service token");
+    let r = decode_one(&t, &ns, "s0", &mut rng).await.expect("decode as t: the worker pulls with the service token");
     assert_eq!(r.results[0].status, kvcache_client::SequenceStatus::Ok);
 
     // The cluster's certificate alone names no tenant.
