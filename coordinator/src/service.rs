@@ -55,16 +55,18 @@ impl CoordinatorService {
     }
 }
 
-/// Node `node_id`'s share of each tenant's quota and reserved bytes: split over the UP nodes by
-/// placement weight, as the pages are; a node not UP keeps what its weight would give it among
-/// them (a draining node still holds pages until they moved). Tenants with neither are left out.
+/// Node `node_id`'s share of each tenant's quota and reserved bytes: split by placement weight
+/// over the nodes that hold pages — UP and DRAINING (a draining node keeps its share until its
+/// pages moved and it left) — so the shares never add up to more than the quota. A DOWN node
+/// (heard from again only when it registers) is counted as if it held its weight's share.
+/// Tenants with neither a quota nor a reserve are left out.
 pub fn tenant_shares(t: &kvcache_net::auth::Tenants, map: &pb::ShardMap, node_id: &str) -> Vec<pb::TenantShare> {
-    let up = pb::NodeState::Up as i32;
+    let holds = |s: i32| s == pb::NodeState::Up as i32 || s == pb::NodeState::Draining as i32;
     let Some(me) = map.nodes.iter().find(|n| n.node.as_ref().is_some_and(|i| i.node_id == node_id)) else {
         return Vec::new();
     };
-    let mut total: f64 = map.nodes.iter().filter(|n| n.state == up).map(|n| n.weight.max(0.0)).sum();
-    if me.state != up {
+    let mut total: f64 = map.nodes.iter().filter(|n| holds(n.state)).map(|n| n.weight.max(0.0)).sum();
+    if !holds(me.state) {
         total += me.weight.max(0.0);
     }
     let frac = if total > 0.0 { (me.weight.max(0.0) / total).min(1.0) } else { 0.0 };
@@ -254,5 +256,49 @@ impl Coordinator for CoordinatorService {
     ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
         let l = self.state.leadership();
         Ok(Response::new(self.state.status(if l.leader.is_empty() { "self".into() } else { l.leader })))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(id: &str, state: pb::NodeState, weight: f64) -> pb::ShardNode {
+        pb::ShardNode {
+            node: Some(pb::NodeInfo { node_id: id.into(), ..Default::default() }),
+            state: state as i32,
+            weight,
+        }
+    }
+
+    #[test]
+    fn quotas_split_over_the_up_nodes_by_weight_and_rebalance_when_one_drains() {
+        let t = kvcache_net::auth::Tenants::parse(&format!(
+            "[tenants.a]\ntoken_sha256 = \"{}\"\nquota = 4000\nreserved = 400\n[tenants.free]\ntoken_sha256 = \"{}\"\n",
+            "11".repeat(32),
+            "22".repeat(32)
+        ))
+        .unwrap();
+        let up = pb::NodeState::Up;
+        let mut map = pb::ShardMap {
+            nodes: vec![node("n0", up, 1.0), node("n1", up, 1.0), node("n2", up, 2.0)],
+            ..Default::default()
+        };
+        let share = |m: &pb::ShardMap, id: &str| tenant_shares(&t, m, id);
+        // A tenant without quota or reserve gets no entry (no limit).
+        assert_eq!(share(&map, "n0").len(), 1);
+        let q = |m: &pb::ShardMap, id: &str| share(m, id)[0].quota_bytes;
+        assert_eq!((q(&map, "n0"), q(&map, "n1"), q(&map, "n2")), (1000, 1000, 2000));
+        assert_eq!(share(&map, "n2")[0].reserved_bytes, 200);
+        // n2 drains: it keeps its share until it leaves, so the shares never add up to more than
+        // the quota; once it is gone (down, then out of the map) the others split it.
+        map.nodes[2].state = pb::NodeState::Draining as i32;
+        assert_eq!((q(&map, "n0"), q(&map, "n1"), q(&map, "n2")), (1000, 1000, 2000));
+        map.nodes[2].state = pb::NodeState::Down as i32;
+        assert_eq!((q(&map, "n0"), q(&map, "n1")), (2000, 2000));
+        map.nodes.pop();
+        assert_eq!((q(&map, "n0"), q(&map, "n1")), (2000, 2000));
+        // A node the map does not know gets nothing.
+        assert!(share(&map, "n9").is_empty());
     }
 }
