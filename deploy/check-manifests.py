@@ -29,7 +29,7 @@ def help_of(sub):
     if sub not in helps:
         out = subprocess.run([binary, sub, "--help"], capture_output=True, text=True, check=True).stdout
         flags = set(re.findall(r"(--[a-z0-9-]+)", out))
-        envs = set(re.findall(r"\[env: (KVCACHE_[A-Z0-9_]+)=", out))
+        envs = set(re.findall(r"\[env: (KVCACHE_[A-Z0-9_]+)[=\]]", out))
         helps[sub] = (flags, envs)
     return helps[sub]
 
