@@ -25,6 +25,9 @@ fn gqa(q: u32, kv: u32, d: u32) -> ModelSpec {
         kv_lora_rank: 0,
         rope_dim: 0,
         softmax_scale: 1.0 / (d as f32).sqrt(),
+        layers: Vec::new(),
+        sinks: false,
+        indexer: None,
     }
 }
 

@@ -13,12 +13,17 @@
 //!              "softmax_scale": 0.088388346}}]}
 //! ```
 //!
+//! A hybrid model adds `"layers": [{"type": "sliding", "window": 128}, {"type": "full"}, ...]`,
+//! `"sinks": true` and `"indexer": {"num_heads": 64, "head_dim": 128, "topk": 2048}` as it has
+//! them; files without these fields (every file before hybrid models) read as dense models.
+//!
 //! Every record is validated as a namespace from the network is (the one validator in
 //! `kvcache_core::validate`); a record that does not validate fails the start with the file and
 //! the reason, rather than silently dropping the pages it would describe. Written atomically
 //! (temporary file, fsync, rename, fsync of the directory). A node upgraded from the protobuf
 //! registry (`namespaces.pb`) reads that once and writes this format.
 
+use kvcache_core::spec::{IndexerSpec, LayerKind};
 use kvcache_core::{AttentionKind, Codec, ModelSpec, Namespace};
 use kvcache_proto::v1 as pb;
 use serde::{Deserialize, Serialize};
@@ -61,6 +66,12 @@ struct ModelRecord {
     kv_lora_rank: u32,
     rope_dim: u32,
     softmax_scale: f32,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    layers: Vec<LayerKind>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    sinks: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    indexer: Option<IndexerSpec>,
 }
 
 fn invalid(path: &Path, why: impl std::fmt::Display) -> io::Error {
@@ -87,6 +98,9 @@ impl From<&Namespace> for NamespaceRecord {
                 kv_lora_rank: m.kv_lora_rank,
                 rope_dim: m.rope_dim,
                 softmax_scale: m.softmax_scale,
+                layers: m.layers.clone(),
+                sinks: m.sinks,
+                indexer: m.indexer,
             },
         }
     }
@@ -115,6 +129,9 @@ impl NamespaceRecord {
             kv_lora_rank: m.kv_lora_rank,
             rope_dim: m.rope_dim,
             softmax_scale: m.softmax_scale,
+            layers: m.layers,
+            sinks: m.sinks,
+            indexer: m.indexer,
         };
         let ns = Namespace {
             name: self.name,
@@ -206,6 +223,17 @@ mod tests {
         let all = vec![ns("a.llama", "llama-3-8b", Codec::Bf16), ns("b.dsv3", "deepseek-v3", Codec::Fp8E4m3)];
         save(dir.path(), &all).unwrap();
         assert_eq!(load(dir.path()).unwrap(), all);
+        // Hybrid models keep their layer kinds, sinks and indexer across a restart.
+        let hybrid: Vec<Namespace> = ["gpt-oss-20b", "qwen3-next-80b-a3b", "deepseek-v3.2", "nemotron-h-8b"]
+            .iter()
+            .enumerate()
+            .map(|(i, p)| ns(&format!("h{i}"), p, Codec::Bf16))
+            .collect();
+        let hdir = tempfile::tempdir().unwrap();
+        save(hdir.path(), &hybrid).unwrap();
+        assert_eq!(load(hdir.path()).unwrap(), hybrid);
+        let text = std::fs::read_to_string(hdir.path().join(FILE)).unwrap();
+        assert!(text.contains("\"type\": \"sliding\"") && text.contains("\"window\": 128"), "{text}");
         // Names, not enum numbers, in the file.
         let text = std::fs::read_to_string(dir.path().join(FILE)).unwrap();
         assert!(text.contains("\"attention\": \"mla\"") && text.contains("\"codec\": \"fp8-e4m3\""), "{text}");

@@ -1,7 +1,14 @@
-//! Model attention geometry and presets exact to the published configs.
+//! Model attention geometry, per-layer kinds, and presets exact to the published configs.
+//!
+//! A model is its attention geometry (the shape of one K/V or MLA row) plus a list of layer kinds
+//! ([`LayerKind`]): full attention, a sliding window, chunked local attention, a linear-attention
+//! or Mamba2 layer with a fixed-size recurrent state, or a layer that keeps nothing. An empty list
+//! means every layer is full attention (the dense models). What one sequence keeps in each kind
+//! is [`ModelSpec::bytes_per_sequence`].
 
 use crate::codec::{Codec, RowShape};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
+use std::ops::Range;
 
 /// How a model's attention keeps K/V per token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
@@ -26,6 +33,187 @@ impl AttentionKind {
             Self::Mqa => "MQA",
             Self::Mla => "MLA",
         }
+    }
+}
+
+/// Linear-attention flavours with a delta-rule recurrent state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LinearKind {
+    /// Gated DeltaNet (Qwen3-Next): one decay gate per value head.
+    GatedDeltaNet,
+    /// Kimi Delta Attention (Kimi-Linear): one decay gate per head and key channel.
+    Kda,
+}
+
+/// A gated-delta-rule linear-attention layer (Gated DeltaNet, KDA).
+///
+/// Its state per sequence: the recurrent state `S[num_v_heads][head_k_dim][head_v_dim]` in f32,
+/// then the short-convolution state `[conv_dim][conv_kernel - 1]` in bf16, where `conv_dim` is
+/// the q, k and v channels (`2·num_k_heads·head_k_dim + num_v_heads·head_v_dim`) — the layouts
+/// SGLang's and vLLM's mamba pools keep.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct LinearSpec {
+    /// Which gating.
+    pub kind: LinearKind,
+    /// Query/key heads.
+    pub num_k_heads: u32,
+    /// Value heads (a multiple of `num_k_heads`; each key head serves a group of value heads).
+    pub num_v_heads: u32,
+    /// Query/key head width.
+    pub head_k_dim: u32,
+    /// Value head width.
+    pub head_v_dim: u32,
+    /// Short-convolution kernel width.
+    pub conv_kernel: u32,
+}
+
+impl LinearSpec {
+    /// Channels of the short convolution (q, k and v).
+    pub fn conv_dim(&self) -> usize {
+        (2 * self.num_k_heads * self.head_k_dim + self.num_v_heads * self.head_v_dim) as usize
+    }
+
+    /// f32 elements of the recurrent state.
+    pub fn recurrent_elems(&self) -> usize {
+        (self.num_v_heads * self.head_k_dim * self.head_v_dim) as usize
+    }
+
+    /// Bytes of one sequence's state: f32 recurrent state then bf16 conv state.
+    pub fn state_bytes(&self) -> usize {
+        self.recurrent_elems() * 4 + self.conv_dim() * (self.conv_kernel as usize).saturating_sub(1) * 2
+    }
+}
+
+/// A Mamba2 layer.
+///
+/// Its state per sequence: the SSM state `[num_heads][head_dim][state_size]` in f32, then the conv
+/// state `[conv_dim][conv_kernel - 1]` in bf16 with `conv_dim = num_heads·head_dim +
+/// 2·n_groups·state_size` (x, B and C).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Mamba2Spec {
+    /// SSM heads.
+    pub num_heads: u32,
+    /// Channels per head.
+    pub head_dim: u32,
+    /// SSM state width (d_state).
+    pub state_size: u32,
+    /// B/C groups.
+    pub n_groups: u32,
+    /// Convolution kernel width.
+    pub conv_kernel: u32,
+}
+
+impl Mamba2Spec {
+    /// Channels of the convolution (x, B, C).
+    pub fn conv_dim(&self) -> usize {
+        (self.num_heads * self.head_dim + 2 * self.n_groups * self.state_size) as usize
+    }
+
+    /// Bytes of one sequence's state: f32 SSM state then bf16 conv state.
+    pub fn state_bytes(&self) -> usize {
+        (self.num_heads * self.head_dim * self.state_size) as usize * 4
+            + self.conv_dim() * (self.conv_kernel as usize).saturating_sub(1) * 2
+    }
+}
+
+/// What one layer keeps per sequence and how its attention reads it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "type")]
+pub enum LayerKind {
+    /// Attention over every earlier token (the model's MHA/GQA/MQA/MLA geometry).
+    Full,
+    /// Attention over the last `window` tokens, the query's own included (gpt-oss, Gemma 3).
+    Sliding {
+        /// Tokens attended to, ≥ 1.
+        window: u32,
+    },
+    /// Attention within aligned chunks of `chunk` tokens (Llama 4's local layers).
+    Chunked {
+        /// Chunk length, ≥ 1.
+        chunk: u32,
+    },
+    /// Gated-delta-rule linear attention: a fixed-size state per sequence.
+    Linear(LinearSpec),
+    /// Mamba2: a fixed-size state per sequence.
+    Mamba2(Mamba2Spec),
+    /// A layer without sequence state (an MLP-only layer of Nemotron-H).
+    None,
+}
+
+impl LayerKind {
+    /// Short name for tables and errors.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Full => "full",
+            Self::Sliding { .. } => "sliding",
+            Self::Chunked { .. } => "chunked",
+            Self::Linear(l) if l.kind == LinearKind::Kda => "kda",
+            Self::Linear(_) => "gdn",
+            Self::Mamba2(_) => "mamba2",
+            Self::None => "none",
+        }
+    }
+
+    /// Whether the layer keeps K/V (or latent) rows per token in pages.
+    pub fn keeps_tokens(&self) -> bool {
+        matches!(self, Self::Full | Self::Sliding { .. } | Self::Chunked { .. })
+    }
+
+    /// Whether the layer keeps a fixed-size state per sequence.
+    pub fn keeps_state(&self) -> bool {
+        matches!(self, Self::Linear(_) | Self::Mamba2(_))
+    }
+
+    /// Bytes of one sequence's state (0 for layers without one).
+    pub fn state_bytes(&self) -> usize {
+        match self {
+            Self::Linear(l) => l.state_bytes(),
+            Self::Mamba2(m) => m.state_bytes(),
+            _ => 0,
+        }
+    }
+
+    /// The tokens the query of the last of `n` stored tokens attends to: every token, the last
+    /// `window`, or the current chunk. Empty for layers without tokens.
+    pub fn read_range(&self, n: u64) -> Range<u64> {
+        match *self {
+            Self::Full => 0..n,
+            Self::Sliding { window } => n.saturating_sub(window as u64)..n,
+            Self::Chunked { chunk } if n > 0 => (n - 1) / chunk as u64 * chunk as u64..n,
+            _ => 0..0,
+        }
+    }
+
+    /// The first page of a sequence of `n` tokens that attention can still read: pages before
+    /// it lie wholly outside the window (or in past chunks) and are released.
+    pub fn first_live_page(&self, n: u64, page_tokens: u32) -> u32 {
+        if !self.keeps_tokens() {
+            return 0;
+        }
+        (self.read_range(n).start / page_tokens as u64) as u32
+    }
+}
+
+/// DeepSeek Sparse Attention's lightning indexer: a small key per token and layer that scores
+/// every cached token, so attention reads only the `topk` best.
+///
+/// Its key is kept as `head_dim` fp8-e4m3 values then one f32 scale per 128 of them (132 bytes per
+/// token for DeepSeek-V3.2), beside the MLA latents.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct IndexerSpec {
+    /// Indexer query heads (their weights come with each decode request).
+    pub num_heads: u32,
+    /// Key and query width.
+    pub head_dim: u32,
+    /// Tokens selected per query.
+    pub topk: u32,
+}
+
+impl IndexerSpec {
+    /// Bytes of one token's indexer key: fp8 values and an f32 scale per 128.
+    pub fn bytes_per_token(&self) -> usize {
+        self.head_dim as usize + 4 * (self.head_dim as usize).div_ceil(128)
     }
 }
 
@@ -54,6 +242,13 @@ pub struct ModelSpec {
     pub rope_dim: u32,
     /// Softmax scale applied to q·k.
     pub softmax_scale: f32,
+    /// Kind of every layer; empty means every layer is [`LayerKind::Full`].
+    pub layers: Vec<LayerKind>,
+    /// Attention sinks (gpt-oss): one learned logit per query head joins each softmax; the
+    /// logits are model weights, sent with each decode request.
+    pub sinks: bool,
+    /// DeepSeek Sparse Attention indexer (MLA models only).
+    pub indexer: Option<IndexerSpec>,
 }
 
 /// DeepSeek's YaRN attention-scale correction: `0.1 * mscale * ln(factor) + 1`.
@@ -80,7 +275,21 @@ impl ModelSpec {
             kv_lora_rank: 0,
             rope_dim: 0,
             softmax_scale: 1.0 / (d as f32).sqrt(),
+            layers: Vec::new(),
+            sinks: false,
+            indexer: None,
         }
+    }
+
+    fn with_layers(mut self, layers: Vec<LayerKind>) -> Self {
+        assert_eq!(layers.len(), self.num_layers as usize, "{}: one kind per layer", self.name);
+        self.layers = layers;
+        self
+    }
+
+    fn with_scale(mut self, scale: f64) -> Self {
+        self.softmax_scale = scale as f32;
+        self
     }
 
     /// DeepSeek-style MLA. `qk_nope` is the no-rope query/key head dim; the softmax scale is
@@ -99,6 +308,9 @@ impl ModelSpec {
             kv_lora_rank: rank,
             rope_dim: rope,
             softmax_scale: scale as f32,
+            layers: Vec::new(),
+            sinks: false,
+            indexer: None,
         }
     }
 
@@ -120,7 +332,147 @@ impl ModelSpec {
             Self::gqa("llama-2-7b", 32, 32, 32, 128),
             // MQA reference shape.
             Self::gqa("falcon-7b", 32, 71, 1, 64),
+            // Hybrid and long-context models. Numbers from each model's config.json on Hugging Face.
+            gpt_oss("gpt-oss-120b", 36),
+            gpt_oss("gpt-oss-20b", 24),
+            // google/gemma-3-27b-it text_config: 62 layers, 32 q / 16 kv heads, head_dim 128,
+            // sliding_window 1024, sliding_window_pattern 6 (every 6th layer global),
+            // query_pre_attn_scalar 168 (the softmax scale is 168^-1/2, not head_dim^-1/2).
+            Self::gqa("gemma-3-27b", 62, 32, 16, 128)
+                .with_layers(every_nth(62, 6, LayerKind::Sliding { window: 1024 }))
+                .with_scale(1.0 / 168f64.sqrt()),
+            // google/gemma-3-12b-it text_config: 48 layers, 16 q / 8 kv heads, head_dim 256
+            // (query_pre_attn_scalar 256), sliding_window 1024, pattern 6.
+            Self::gqa("gemma-3-12b", 48, 16, 8, 256).with_layers(every_nth(48, 6, LayerKind::Sliding { window: 1024 })),
+            // meta-llama/Llama-4-Scout-17B-16E text_config: 48 layers, 40 q / 8 kv heads, head_dim
+            // 128, attention_chunk_size 8192; no_rope_layers makes every 4th layer a global (NoPE)
+            // full-attention layer, the others attend within their 8,192-token chunk.
+            Self::gqa("llama-4-scout", 48, 40, 8, 128).with_layers(every_nth(
+                48,
+                4,
+                LayerKind::Chunked { chunk: 8192 },
+            )),
+            // Qwen/Qwen3-Next-80B-A3B-Instruct: 48 layers, full_attention_interval 4 (gated
+            // attention, 16 q / 2 kv heads, head_dim 256); the others Gated DeltaNet with
+            // linear_num_key_heads 16, linear_num_value_heads 32, key/value head dim 128,
+            // linear_conv_kernel_dim 4.
+            Self::gqa("qwen3-next-80b-a3b", 48, 16, 2, 256).with_layers(every_nth(
+                48,
+                4,
+                LayerKind::Linear(LinearSpec {
+                    kind: LinearKind::GatedDeltaNet,
+                    num_k_heads: 16,
+                    num_v_heads: 32,
+                    head_k_dim: 128,
+                    head_v_dim: 128,
+                    conv_kernel: 4,
+                }),
+            )),
+            // deepseek-ai/DeepSeek-V3.2-Exp: DeepSeek-V3's MLA (61 layers, 128 heads, kv_lora_rank
+            // 512, rope 64, qk_nope 128, YaRN factor 40) plus the indexer: index_n_heads 64,
+            // index_head_dim 128, index_topk 2048, on every layer.
+            {
+                let mut m = Self::mla("deepseek-v3.2", 61, 128, 512, 64, 128, (40.0, 1.0));
+                m.indexer = Some(IndexerSpec { num_heads: 64, head_dim: 128, topk: 2048 });
+                m
+            },
+            // nvidia/Nemotron-H-8B-Base-8K: 52 layers by hybrid_override_pattern (M Mamba2,
+            // * attention, - MLP); attention 32 q / 8 kv heads, head_dim 128; Mamba2
+            // mamba_num_heads 128, mamba_head_dim 64, ssm_state_size 128, n_groups 8, conv_kernel 4.
+            Self::gqa("nemotron-h-8b", 52, 32, 8, 128).with_layers(pattern(
+                "M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M-",
+                LayerKind::Mamba2(Mamba2Spec {
+                    num_heads: 128,
+                    head_dim: 64,
+                    state_size: 128,
+                    n_groups: 8,
+                    conv_kernel: 4,
+                }),
+            )),
+            // moonshotai/Kimi-Linear-48B-A3B-Instruct: 27 layers; linear_attn_config
+            // full_attn_layers (1-based) [4, 8, 12, 16, 20, 24, 27] are MLA (32 heads,
+            // kv_lora_rank 512, qk_rope 64, qk_nope 128, no rope scaling); the others KDA with
+            // num_heads 32, head_dim 128, short_conv_kernel_size 4.
+            Self::mla("kimi-linear-48b-a3b", 27, 32, 512, 64, 128, (1.0, 1.0)).with_layers(
+                (1..=27)
+                    .map(|l| match l {
+                        4 | 8 | 12 | 16 | 20 | 24 | 27 => LayerKind::Full,
+                        _ => LayerKind::Linear(LinearSpec {
+                            kind: LinearKind::Kda,
+                            num_k_heads: 32,
+                            num_v_heads: 32,
+                            head_k_dim: 128,
+                            head_v_dim: 128,
+                            conv_kernel: 4,
+                        }),
+                    })
+                    .collect(),
+            ),
         ]
+    }
+
+    /// The kind of `layer` (full attention when the model lists no kinds).
+    pub fn layer(&self, layer: u32) -> LayerKind {
+        self.layers.get(layer as usize).copied().unwrap_or(LayerKind::Full)
+    }
+
+    /// Every layer's kind, in order.
+    pub fn layer_kinds(&self) -> impl Iterator<Item = LayerKind> + '_ {
+        (0..self.num_layers).map(|l| self.layer(l))
+    }
+
+    /// Whether layers differ in kind, or the model has sinks or an indexer.
+    pub fn is_hybrid(&self) -> bool {
+        self.layers.iter().any(|k| *k != LayerKind::Full) || self.sinks || self.indexer.is_some()
+    }
+
+    /// Layers that keep per-token rows (full, sliding, chunked).
+    pub fn token_layers(&self) -> usize {
+        self.layer_kinds().filter(|k| k.keeps_tokens()).count()
+    }
+
+    /// Short description of the layer mix ("18 sliding(128) + 18 full").
+    pub fn layer_summary(&self) -> String {
+        let mut parts: Vec<(String, usize)> = Vec::new();
+        for k in self.layer_kinds() {
+            let name = match k {
+                LayerKind::Sliding { window } => format!("sliding({window})"),
+                LayerKind::Chunked { chunk } => format!("chunked({chunk})"),
+                k => k.as_str().to_owned(),
+            };
+            match parts.iter_mut().find(|(n, _)| *n == name) {
+                Some((_, c)) => *c += 1,
+                None => parts.push((name, 1)),
+            }
+        }
+        let mut s = parts.iter().map(|(n, c)| format!("{c} {n}")).collect::<Vec<_>>().join(" + ");
+        if self.sinks {
+            s.push_str(", sinks");
+        }
+        if let Some(i) = self.indexer {
+            s.push_str(&format!(", indexer top-{}", i.topk));
+        }
+        s
+    }
+
+    /// Bytes of one token's indexer key in one layer (0 without an indexer).
+    pub fn indexer_bytes_per_token_layer(&self) -> usize {
+        self.indexer.map_or(0, |i| i.bytes_per_token())
+    }
+
+    /// Payload bytes (no page headers) one sequence of `tokens` tokens keeps over all layers
+    /// under `codec`: every token of a full layer, the window of a sliding one, the current chunk
+    /// of a chunked one (what its last token's attention reads), indexer keys beside them, and
+    /// the fixed-size state of a linear or Mamba2 layer (f32 recurrent state and bf16 conv state).
+    pub fn bytes_per_sequence(&self, tokens: u64, codec: Codec) -> u64 {
+        let per_token = (self.bytes_per_token_layer(codec) + self.indexer_bytes_per_token_layer()) as u64;
+        self.layer_kinds()
+            .map(|k| {
+                let r = k.read_range(tokens);
+                let state = if tokens > 0 { k.state_bytes() as u64 } else { 0 };
+                (r.end - r.start) * per_token + state
+            })
+            .sum()
     }
 
     /// The preset called `name`, if any.
@@ -173,9 +525,10 @@ impl ModelSpec {
         self.rows_per_token() * codec.row_bytes(self.row_shape())
     }
 
-    /// Bytes one token keeps over all layers under `codec`.
+    /// Bytes one token keeps over all layers that keep tokens under `codec` (indexer keys
+    /// included) — while it is inside every window.
     pub fn bytes_per_token(&self, codec: Codec) -> usize {
-        self.bytes_per_token_layer(codec) * self.num_layers as usize
+        (self.bytes_per_token_layer(codec) + self.indexer_bytes_per_token_layer()) * self.token_layers()
     }
 
     /// Bytes per token and layer of the same model with full multi-head attention in bf16
@@ -187,6 +540,33 @@ impl ModelSpec {
             _ => 2 * h * self.head_dim as usize * 2,
         }
     }
+}
+
+/// gpt-oss (openai/gpt-oss-120b and -20b config.json): 64 q / 8 kv heads, head_dim 64,
+/// layer_types alternating sliding_attention (window 128) and full_attention from layer 0, and
+/// attention sinks on every layer.
+fn gpt_oss(name: &str, layers: u32) -> ModelSpec {
+    let mut m = ModelSpec::gqa(name, layers, 64, 8, 64).with_layers(
+        (0..layers).map(|l| if l % 2 == 0 { LayerKind::Sliding { window: 128 } } else { LayerKind::Full }).collect(),
+    );
+    m.sinks = true;
+    m
+}
+
+/// `n` layers of `local`, every `period`-th (1-based) full attention.
+fn every_nth(n: u32, period: u32, local: LayerKind) -> Vec<LayerKind> {
+    (1..=n).map(|l| if l % period == 0 { LayerKind::Full } else { local }).collect()
+}
+
+/// Nemotron-H's `hybrid_override_pattern`: `M` Mamba2, `*` attention, `-` MLP only.
+fn pattern(p: &str, mamba: LayerKind) -> Vec<LayerKind> {
+    p.chars()
+        .map(|c| match c {
+            'M' => mamba,
+            '*' => LayerKind::Full,
+            _ => LayerKind::None,
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -221,6 +601,58 @@ mod tests {
         let want = m * m / 192f64.sqrt();
         assert!((v3.softmax_scale as f64 - want).abs() < 1e-6, "{}", v3.softmax_scale);
         assert!((v3.softmax_scale - 0.135_234).abs() < 1e-5);
+    }
+
+    #[test]
+    fn hybrid_presets_keep_what_their_layers_read() {
+        let n = 131_072u64;
+        let seq = |name: &str, n: u64| ModelSpec::preset(name).unwrap().bytes_per_sequence(n, Codec::Bf16);
+        // gpt-oss: 18 full layers keep every token, 18 sliding ones the last 128; 2,048 B/token/layer.
+        assert_eq!(seq("gpt-oss-120b", n), 18 * n * 2048 + 18 * 128 * 2048);
+        assert_eq!(seq("gpt-oss-20b", n), 12 * n * 2048 + 12 * 128 * 2048);
+        // Gemma 3 27B: 10 global + 52 sliding(1024) layers at 16·2·128·2 = 8,192 B/token/layer.
+        assert_eq!(seq("gemma-3-27b", n), 10 * n * 8192 + 52 * 1024 * 8192);
+        assert_eq!(seq("gemma-3-12b", n), 8 * n * 8192 + 40 * 1024 * 8192);
+        // Llama 4 Scout: 12 global layers, 36 within the current 8,192-token chunk.
+        assert_eq!(seq("llama-4-scout", n), 12 * n * 4096 + 36 * 8192 * 4096);
+        assert_eq!(seq("llama-4-scout", 8193), 12 * 8193 * 4096 + 36 * 4096);
+        // Qwen3-Next: 12 attention layers (2·2·256·2 = 2,048 B) + 36 GDN states of
+        // 32·128·128·4 + (2·16·128 + 32·128)·3·2 bytes.
+        let gdn = 32 * 128 * 128 * 4 + 8192 * 3 * 2;
+        assert_eq!(gdn, 2_146_304);
+        assert_eq!(seq("qwen3-next-80b-a3b", n), 12 * n * 2048 + 36 * gdn);
+        // DeepSeek-V3.2: the V3 latent plus a 132-byte indexer key per token and layer.
+        let v32 = ModelSpec::preset("deepseek-v3.2").unwrap();
+        assert_eq!(v32.bytes_per_token(Codec::Bf16), 61 * (1152 + 132));
+        assert_eq!(seq("deepseek-v3.2", n), 61 * n * 1284);
+        // Nemotron-H 8B: 4 attention, 24 Mamba2 (128·64·128·4 + (8192 + 2·8·128)·3·2), 24 MLP.
+        let m = ModelSpec::preset("nemotron-h-8b").unwrap();
+        assert_eq!(m.layer_kinds().filter(|k| matches!(k, LayerKind::Mamba2(_))).count(), 24);
+        assert_eq!(m.layer_kinds().filter(|k| *k == LayerKind::None).count(), 24);
+        assert_eq!(seq("nemotron-h-8b", n), 4 * n * 4096 + 24 * (4_194_304 + 61_440));
+        // Kimi-Linear: 7 MLA layers, 20 KDA states of 32·128·128·4 + 3·4096·3·2 bytes.
+        assert_eq!(seq("kimi-linear-48b-a3b", n), 7 * n * 1152 + 20 * (2_097_152 + 73_728));
+        // A dense model is tokens × bytes per token.
+        assert_eq!(seq("llama-3-8b", n), n * 131_072);
+        assert_eq!(seq("llama-3-8b", 0), 0);
+        assert_eq!(seq("qwen3-next-80b-a3b", 0), 0);
+    }
+
+    #[test]
+    fn windows_and_chunks_read_what_the_models_attend_to() {
+        let s = LayerKind::Sliding { window: 128 };
+        assert_eq!(s.read_range(100), 0..100);
+        assert_eq!(s.read_range(1000), 872..1000);
+        let c = LayerKind::Chunked { chunk: 8 };
+        assert_eq!(c.read_range(8), 0..8);
+        assert_eq!(c.read_range(9), 8..9);
+        assert_eq!(c.read_range(16), 8..16);
+        assert_eq!(c.read_range(0), 0..0);
+        // Pages wholly before the window are released: 64-token pages, 1,000 tokens, window 128
+        // → the window starts at token 872, in page 13.
+        assert_eq!(s.first_live_page(1000, 64), 13);
+        assert_eq!(LayerKind::Full.first_live_page(1000, 64), 0);
+        assert_eq!(c.first_live_page(17, 4), 4);
     }
 
     #[test]

@@ -6,7 +6,7 @@
 
 use crate::codec::Codec;
 use crate::key::{MAX_NAMESPACE_BYTES, MAX_SEQUENCE_ID_BYTES, Namespace, PAGE_TOKENS_RANGE, PageKey, SequenceKey};
-use crate::spec::{AttentionKind, ModelSpec};
+use crate::spec::{AttentionKind, IndexerSpec, LayerKind, LinearKind, LinearSpec, Mamba2Spec, ModelSpec};
 use bytes::Bytes;
 use kvcache_proto::v1 as pb;
 
@@ -223,6 +223,29 @@ impl TryFrom<pb::ModelSpec> for ModelSpec {
         if !(m.softmax_scale.is_finite() && m.softmax_scale >= 0.0) {
             return bad(format!("softmax_scale {} must be finite and ≥ 0", m.softmax_scale));
         }
+        if !m.layers.is_empty() && m.layers.len() != m.num_layers as usize {
+            return bad(format!("layers lists {} kinds for a model of {} layers", m.layers.len(), m.num_layers));
+        }
+        let layers = m.layers.into_iter().enumerate().map(|(i, l)| layer_kind(i, l)).collect::<Result<Vec<_>, _>>()?;
+        let indexer = match m.indexer {
+            None => None,
+            Some(_) if kind != AttentionKind::Mla => return bad("an indexer needs MLA attention".into()),
+            Some(i) => {
+                if i.num_heads == 0 || i.num_heads > 1024 || i.head_dim == 0 || i.head_dim > 1024 || i.topk == 0 {
+                    return bad(format!(
+                        "indexer needs num_heads and head_dim in 1..=1024 and topk ≥ 1, got {}, {} and {}",
+                        i.num_heads, i.head_dim, i.topk
+                    ));
+                }
+                Some(IndexerSpec { num_heads: i.num_heads, head_dim: i.head_dim, topk: i.topk })
+            }
+        };
+        if layers.iter().any(|l| matches!(l, LayerKind::Sliding { .. } | LayerKind::Chunked { .. }))
+            && kind == AttentionKind::Mla
+            && indexer.is_some()
+        {
+            return bad("sparse MLA layers cannot also be windowed".into());
+        }
         let mut spec = ModelSpec {
             name: m.name,
             attention: kind,
@@ -233,11 +256,131 @@ impl TryFrom<pb::ModelSpec> for ModelSpec {
             kv_lora_rank: if kind == AttentionKind::Mla { m.kv_lora_rank } else { 0 },
             rope_dim: if kind == AttentionKind::Mla { m.rope_dim } else { 0 },
             softmax_scale: m.softmax_scale,
+            // Every layer full is written as no list, so both spellings are one definition.
+            layers: if layers.iter().all(|l| *l == LayerKind::Full) { Vec::new() } else { layers },
+            sinks: m.attention_sinks,
+            indexer,
         };
         if spec.softmax_scale == 0.0 {
             spec.softmax_scale = 1.0 / (spec.qk_width() as f32).sqrt();
         }
         Ok(spec)
+    }
+}
+
+/// Dims of a state layer: each in 1..=`max`.
+fn dims(layer: usize, what: &str, fields: &[(&str, u32, u32)]) -> Result<(), ValidationError> {
+    for &(name, v, max) in fields {
+        if v == 0 || v > max {
+            return Err(ValidationError::Model(format!("layer {layer} ({what}): {name} {v} out of range 1..={max}")));
+        }
+    }
+    Ok(())
+}
+
+fn layer_kind(i: usize, l: pb::LayerSpec) -> Result<LayerKind, ValidationError> {
+    use pb::layer_spec::Kind;
+    let bad = |s: String| Err(ValidationError::Model(format!("layer {i}: {s}")));
+    match l.kind {
+        None => bad("no kind set: expected full, sliding, chunked, linear, mamba2 or none".into()),
+        Some(Kind::Full(_)) => Ok(LayerKind::Full),
+        Some(Kind::None(_)) => Ok(LayerKind::None),
+        Some(Kind::Sliding(s)) if s.window == 0 => bad("sliding window 0: expected ≥ 1 token".into()),
+        Some(Kind::Sliding(s)) => Ok(LayerKind::Sliding { window: s.window }),
+        Some(Kind::Chunked(c)) if c.chunk == 0 => bad("chunk 0: expected ≥ 1 token".into()),
+        Some(Kind::Chunked(c)) => Ok(LayerKind::Chunked { chunk: c.chunk }),
+        Some(Kind::Linear(x)) => {
+            let kind = match pb::LinearKind::try_from(x.kind) {
+                Ok(pb::LinearKind::GatedDeltaNet) => LinearKind::GatedDeltaNet,
+                Ok(pb::LinearKind::Kda) => LinearKind::Kda,
+                _ => return bad(format!("unknown linear kind {}: expected GATED_DELTA_NET or KDA", x.kind)),
+            };
+            dims(
+                i,
+                "linear",
+                &[
+                    ("num_k_heads", x.num_k_heads, 1024),
+                    ("num_v_heads", x.num_v_heads, 1024),
+                    ("head_k_dim", x.head_k_dim, 1024),
+                    ("head_v_dim", x.head_v_dim, 1024),
+                    ("conv_kernel", x.conv_kernel, 64),
+                ],
+            )?;
+            if !x.num_v_heads.is_multiple_of(x.num_k_heads) {
+                return bad(format!(
+                    "num_v_heads {} is not a multiple of num_k_heads {}",
+                    x.num_v_heads, x.num_k_heads
+                ));
+            }
+            if kind == LinearKind::Kda && x.num_v_heads != x.num_k_heads {
+                return bad(format!(
+                    "KDA has one head count, got {} key and {} value heads",
+                    x.num_k_heads, x.num_v_heads
+                ));
+            }
+            Ok(LayerKind::Linear(LinearSpec {
+                kind,
+                num_k_heads: x.num_k_heads,
+                num_v_heads: x.num_v_heads,
+                head_k_dim: x.head_k_dim,
+                head_v_dim: x.head_v_dim,
+                conv_kernel: x.conv_kernel,
+            }))
+        }
+        Some(Kind::Mamba2(x)) => {
+            dims(
+                i,
+                "mamba2",
+                &[
+                    ("num_heads", x.num_heads, 1024),
+                    ("head_dim", x.head_dim, 1024),
+                    ("state_size", x.state_size, 1024),
+                    ("n_groups", x.n_groups, 1024),
+                    ("conv_kernel", x.conv_kernel, 64),
+                ],
+            )?;
+            if !x.num_heads.is_multiple_of(x.n_groups) {
+                return bad(format!("mamba2 num_heads {} is not a multiple of n_groups {}", x.num_heads, x.n_groups));
+            }
+            Ok(LayerKind::Mamba2(Mamba2Spec {
+                num_heads: x.num_heads,
+                head_dim: x.head_dim,
+                state_size: x.state_size,
+                n_groups: x.n_groups,
+                conv_kernel: x.conv_kernel,
+            }))
+        }
+    }
+}
+
+impl From<&LayerKind> for pb::LayerSpec {
+    fn from(k: &LayerKind) -> Self {
+        use pb::layer_spec::Kind;
+        let kind = match *k {
+            LayerKind::Full => Kind::Full(pb::FullAttention {}),
+            LayerKind::None => Kind::None(pb::NoCache {}),
+            LayerKind::Sliding { window } => Kind::Sliding(pb::SlidingWindow { window }),
+            LayerKind::Chunked { chunk } => Kind::Chunked(pb::ChunkedAttention { chunk }),
+            LayerKind::Linear(l) => Kind::Linear(pb::LinearAttention {
+                kind: match l.kind {
+                    LinearKind::GatedDeltaNet => pb::LinearKind::GatedDeltaNet,
+                    LinearKind::Kda => pb::LinearKind::Kda,
+                } as i32,
+                num_k_heads: l.num_k_heads,
+                num_v_heads: l.num_v_heads,
+                head_k_dim: l.head_k_dim,
+                head_v_dim: l.head_v_dim,
+                conv_kernel: l.conv_kernel,
+            }),
+            LayerKind::Mamba2(m) => Kind::Mamba2(pb::Mamba2 {
+                num_heads: m.num_heads,
+                head_dim: m.head_dim,
+                state_size: m.state_size,
+                n_groups: m.n_groups,
+                conv_kernel: m.conv_kernel,
+            }),
+        };
+        pb::LayerSpec { kind: Some(kind) }
     }
 }
 
@@ -259,6 +402,9 @@ impl From<&ModelSpec> for pb::ModelSpec {
             kv_lora_rank: m.kv_lora_rank,
             rope_dim: m.rope_dim,
             softmax_scale: m.softmax_scale,
+            layers: m.layers.iter().map(Into::into).collect(),
+            attention_sinks: m.sinks,
+            indexer: m.indexer.map(|i| pb::IndexerSpec { num_heads: i.num_heads, head_dim: i.head_dim, topk: i.topk }),
         }
     }
 }
@@ -577,6 +723,48 @@ mod tests {
 
         let p = wire_page(&n, 5);
         assert!(matches!(page(p, |_| None), Err(PageRejection::UnknownNamespace(_))));
+    }
+
+    #[test]
+    fn hybrid_specs_round_trip_and_bad_layers_are_named() {
+        for p in ModelSpec::presets() {
+            let wire: pb::ModelSpec = (&p).into();
+            assert_eq!(ModelSpec::try_from(wire).unwrap(), p, "{}", p.name);
+        }
+        let err = |f: &dyn Fn(&mut pb::ModelSpec)| {
+            let mut m: pb::ModelSpec = (&ModelSpec::preset("gpt-oss-20b").unwrap()).into();
+            f(&mut m);
+            ModelSpec::try_from(m).unwrap_err().to_string()
+        };
+        use pb::layer_spec::Kind;
+        let e = err(&|m| m.layers[4].kind = Some(Kind::Sliding(pb::SlidingWindow { window: 0 })));
+        assert!(e.contains("layer 4") && e.contains("window 0"), "{e}");
+        let e = err(&|m| m.layers[3].kind = Some(Kind::Chunked(pb::ChunkedAttention { chunk: 0 })));
+        assert!(e.contains("layer 3") && e.contains("chunk 0"), "{e}");
+        let e = err(&|m| m.layers[2].kind = None);
+        assert!(e.contains("layer 2") && e.contains("no kind"), "{e}");
+        let e = err(&|m| {
+            m.layers.pop();
+        });
+        assert!(e.contains("23 kinds for a model of 24 layers"), "{e}");
+        let e = err(&|m| m.indexer = Some(pb::IndexerSpec { num_heads: 64, head_dim: 128, topk: 2048 }));
+        assert!(e.contains("indexer needs MLA"), "{e}");
+        let mut q: pb::ModelSpec = (&ModelSpec::preset("qwen3-next-80b-a3b").unwrap()).into();
+        if let Some(Kind::Linear(l)) = &mut q.layers[0].kind {
+            l.num_v_heads = 17;
+        }
+        let e = ModelSpec::try_from(q).unwrap_err().to_string();
+        assert!(e.contains("layer 0") && e.contains("num_v_heads 17"), "{e}");
+        let mut n: pb::ModelSpec = (&ModelSpec::preset("nemotron-h-8b").unwrap()).into();
+        if let Some(Kind::Mamba2(x)) = &mut n.layers[0].kind {
+            x.state_size = 0;
+        }
+        let e = ModelSpec::try_from(n).unwrap_err().to_string();
+        assert!(e.contains("layer 0 (mamba2): state_size 0"), "{e}");
+        // Every layer full, listed, is the dense model.
+        let mut d: pb::ModelSpec = (&ModelSpec::preset("llama-3-8b").unwrap()).into();
+        d.layers = (0..32).map(|_| (&LayerKind::Full).into()).collect();
+        assert_eq!(ModelSpec::try_from(d).unwrap(), ModelSpec::preset("llama-3-8b").unwrap());
     }
 
     #[test]

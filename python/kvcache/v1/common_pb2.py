@@ -24,27 +24,45 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17kvcache/v1/common.proto\x12\nkvcache.v1\"\xd7\x01\n\tModelSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12,\n\tattention\x18\x02 \x01(\x0e\x32\x19.kvcache.v1.AttentionKind\x12\x12\n\nnum_layers\x18\x03 \x01(\r\x12\x13\n\x0bnum_q_heads\x18\x04 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x05 \x01(\r\x12\x10\n\x08head_dim\x18\x06 \x01(\r\x12\x14\n\x0ckv_lora_rank\x18\x07 \x01(\r\x12\x10\n\x08rope_dim\x18\x08 \x01(\r\x12\x15\n\rsoftmax_scale\x18\t \x01(\x02\"\xb0\x01\n\tNamespace\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12$\n\x05model\x18\x03 \x01(\x0b\x32\x15.kvcache.v1.ModelSpec\x12 \n\x05\x63odec\x18\x04 \x01(\x0e\x32\x11.kvcache.v1.Codec\x12\x13\n\x0bpage_tokens\x18\x05 \x01(\r\x12\x13\n\x0breplication\x18\x06 \x01(\r\x12\x13\n\x0bprefix_seed\x18\x07 \x01(\x06\"5\n\x0bSequenceKey\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x13\n\x0bsequence_id\x18\x02 \x01(\t\"W\n\x07PageKey\x12)\n\x08sequence\x18\x01 \x01(\x0b\x32\x17.kvcache.v1.SequenceKey\x12\r\n\x05layer\x18\x02 \x01(\r\x12\x12\n\npage_index\x18\x03 \x01(\r\"\xd7\x01\n\x04Page\x12 \n\x03key\x18\x01 \x01(\x0b\x32\x13.kvcache.v1.PageKey\x12 \n\x05\x63odec\x18\x02 \x01(\x0e\x32\x11.kvcache.v1.Codec\x12\x13\n\x0btoken_count\x18\x03 \x01(\r\x12\x11\n\twrite_seq\x18\x04 \x01(\x04\x12\x16\n\x0epayload_crc32c\x18\x05 \x01(\x07\x12\x13\n\x0bprefix_hash\x18\x06 \x01(\x06\x12\x0f\n\x07payload\x18\x07 \x01(\x0c\x12\x11\n\ttoken_ids\x18\x08 \x03(\r\x12\x12\n\nparent_key\x18\t \x01(\x0c*\x8f\x01\n\rAttentionKind\x12\x1e\n\x1a\x41TTENTION_KIND_UNSPECIFIED\x10\x00\x12\x16\n\x12\x41TTENTION_KIND_MHA\x10\x01\x12\x16\n\x12\x41TTENTION_KIND_GQA\x10\x02\x12\x16\n\x12\x41TTENTION_KIND_MQA\x10\x03\x12\x16\n\x12\x41TTENTION_KIND_MLA\x10\x04*a\n\x05\x43odec\x12\x15\n\x11\x43ODEC_UNSPECIFIED\x10\x00\x12\x0e\n\nCODEC_BF16\x10\x01\x12\r\n\tCODEC_F16\x10\x02\x12\x12\n\x0e\x43ODEC_FP8_E4M3\x10\x03\x12\x0e\n\nCODEC_INT8\x10\x04*l\n\nPageStatus\x12\x1b\n\x17PAGE_STATUS_UNSPECIFIED\x10\x00\x12\x12\n\x0ePAGE_STATUS_OK\x10\x01\x12\x14\n\x10PAGE_STATUS_MISS\x10\x02\x12\x17\n\x13PAGE_STATUS_INVALID\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17kvcache/v1/common.proto\x12\nkvcache.v1\"\xc1\x02\n\tModelSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12,\n\tattention\x18\x02 \x01(\x0e\x32\x19.kvcache.v1.AttentionKind\x12\x12\n\nnum_layers\x18\x03 \x01(\r\x12\x13\n\x0bnum_q_heads\x18\x04 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x05 \x01(\r\x12\x10\n\x08head_dim\x18\x06 \x01(\r\x12\x14\n\x0ckv_lora_rank\x18\x07 \x01(\r\x12\x10\n\x08rope_dim\x18\x08 \x01(\r\x12\x15\n\rsoftmax_scale\x18\t \x01(\x02\x12%\n\x06layers\x18\n \x03(\x0b\x32\x15.kvcache.v1.LayerSpec\x12\x17\n\x0f\x61ttention_sinks\x18\x0b \x01(\x08\x12(\n\x07indexer\x18\x0c \x01(\x0b\x32\x17.kvcache.v1.IndexerSpec\"\x97\x02\n\tLayerSpec\x12)\n\x04\x66ull\x18\x01 \x01(\x0b\x32\x19.kvcache.v1.FullAttentionH\x00\x12,\n\x07sliding\x18\x02 \x01(\x0b\x32\x19.kvcache.v1.SlidingWindowH\x00\x12/\n\x07\x63hunked\x18\x03 \x01(\x0b\x32\x1c.kvcache.v1.ChunkedAttentionH\x00\x12-\n\x06linear\x18\x04 \x01(\x0b\x32\x1b.kvcache.v1.LinearAttentionH\x00\x12$\n\x06mamba2\x18\x05 \x01(\x0b\x32\x12.kvcache.v1.Mamba2H\x00\x12#\n\x04none\x18\x06 \x01(\x0b\x32\x13.kvcache.v1.NoCacheH\x00\x42\x06\n\x04kind\"\x0f\n\rFullAttention\"\t\n\x07NoCache\"\x1f\n\rSlidingWindow\x12\x0e\n\x06window\x18\x01 \x01(\r\"!\n\x10\x43hunkedAttention\x12\r\n\x05\x63hunk\x18\x01 \x01(\r\"\x9e\x01\n\x0fLinearAttention\x12$\n\x04kind\x18\x01 \x01(\x0e\x32\x16.kvcache.v1.LinearKind\x12\x13\n\x0bnum_k_heads\x18\x02 \x01(\r\x12\x13\n\x0bnum_v_heads\x18\x03 \x01(\r\x12\x12\n\nhead_k_dim\x18\x04 \x01(\r\x12\x12\n\nhead_v_dim\x18\x05 \x01(\r\x12\x13\n\x0b\x63onv_kernel\x18\x06 \x01(\r\"h\n\x06Mamba2\x12\x11\n\tnum_heads\x18\x01 \x01(\r\x12\x10\n\x08head_dim\x18\x02 \x01(\r\x12\x12\n\nstate_size\x18\x03 \x01(\r\x12\x10\n\x08n_groups\x18\x04 \x01(\r\x12\x13\n\x0b\x63onv_kernel\x18\x05 \x01(\r\"@\n\x0bIndexerSpec\x12\x11\n\tnum_heads\x18\x01 \x01(\r\x12\x10\n\x08head_dim\x18\x02 \x01(\r\x12\x0c\n\x04topk\x18\x03 \x01(\r\"\xb0\x01\n\tNamespace\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12$\n\x05model\x18\x03 \x01(\x0b\x32\x15.kvcache.v1.ModelSpec\x12 \n\x05\x63odec\x18\x04 \x01(\x0e\x32\x11.kvcache.v1.Codec\x12\x13\n\x0bpage_tokens\x18\x05 \x01(\r\x12\x13\n\x0breplication\x18\x06 \x01(\r\x12\x13\n\x0bprefix_seed\x18\x07 \x01(\x06\"5\n\x0bSequenceKey\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x13\n\x0bsequence_id\x18\x02 \x01(\t\"W\n\x07PageKey\x12)\n\x08sequence\x18\x01 \x01(\x0b\x32\x17.kvcache.v1.SequenceKey\x12\r\n\x05layer\x18\x02 \x01(\r\x12\x12\n\npage_index\x18\x03 \x01(\r\"\xd7\x01\n\x04Page\x12 \n\x03key\x18\x01 \x01(\x0b\x32\x13.kvcache.v1.PageKey\x12 \n\x05\x63odec\x18\x02 \x01(\x0e\x32\x11.kvcache.v1.Codec\x12\x13\n\x0btoken_count\x18\x03 \x01(\r\x12\x11\n\twrite_seq\x18\x04 \x01(\x04\x12\x16\n\x0epayload_crc32c\x18\x05 \x01(\x07\x12\x13\n\x0bprefix_hash\x18\x06 \x01(\x06\x12\x0f\n\x07payload\x18\x07 \x01(\x0c\x12\x11\n\ttoken_ids\x18\x08 \x03(\r\x12\x12\n\nparent_key\x18\t \x01(\x0c*\x8f\x01\n\rAttentionKind\x12\x1e\n\x1a\x41TTENTION_KIND_UNSPECIFIED\x10\x00\x12\x16\n\x12\x41TTENTION_KIND_MHA\x10\x01\x12\x16\n\x12\x41TTENTION_KIND_GQA\x10\x02\x12\x16\n\x12\x41TTENTION_KIND_MQA\x10\x03\x12\x16\n\x12\x41TTENTION_KIND_MLA\x10\x04*a\n\x05\x43odec\x12\x15\n\x11\x43ODEC_UNSPECIFIED\x10\x00\x12\x0e\n\nCODEC_BF16\x10\x01\x12\r\n\tCODEC_F16\x10\x02\x12\x12\n\x0e\x43ODEC_FP8_E4M3\x10\x03\x12\x0e\n\nCODEC_INT8\x10\x04*_\n\nLinearKind\x12\x1b\n\x17LINEAR_KIND_UNSPECIFIED\x10\x00\x12\x1f\n\x1bLINEAR_KIND_GATED_DELTA_NET\x10\x01\x12\x13\n\x0fLINEAR_KIND_KDA\x10\x02*l\n\nPageStatus\x12\x1b\n\x17PAGE_STATUS_UNSPECIFIED\x10\x00\x12\x12\n\x0ePAGE_STATUS_OK\x10\x01\x12\x14\n\x10PAGE_STATUS_MISS\x10\x02\x12\x17\n\x13PAGE_STATUS_INVALID\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kvcache.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ATTENTIONKIND']._serialized_start=799
-  _globals['_ATTENTIONKIND']._serialized_end=942
-  _globals['_CODEC']._serialized_start=944
-  _globals['_CODEC']._serialized_end=1041
-  _globals['_PAGESTATUS']._serialized_start=1043
-  _globals['_PAGESTATUS']._serialized_end=1151
+  _globals['_ATTENTIONKIND']._serialized_start=1616
+  _globals['_ATTENTIONKIND']._serialized_end=1759
+  _globals['_CODEC']._serialized_start=1761
+  _globals['_CODEC']._serialized_end=1858
+  _globals['_LINEARKIND']._serialized_start=1860
+  _globals['_LINEARKIND']._serialized_end=1955
+  _globals['_PAGESTATUS']._serialized_start=1957
+  _globals['_PAGESTATUS']._serialized_end=2065
   _globals['_MODELSPEC']._serialized_start=40
-  _globals['_MODELSPEC']._serialized_end=255
-  _globals['_NAMESPACE']._serialized_start=258
-  _globals['_NAMESPACE']._serialized_end=434
-  _globals['_SEQUENCEKEY']._serialized_start=436
-  _globals['_SEQUENCEKEY']._serialized_end=489
-  _globals['_PAGEKEY']._serialized_start=491
-  _globals['_PAGEKEY']._serialized_end=578
-  _globals['_PAGE']._serialized_start=581
-  _globals['_PAGE']._serialized_end=796
+  _globals['_MODELSPEC']._serialized_end=361
+  _globals['_LAYERSPEC']._serialized_start=364
+  _globals['_LAYERSPEC']._serialized_end=643
+  _globals['_FULLATTENTION']._serialized_start=645
+  _globals['_FULLATTENTION']._serialized_end=660
+  _globals['_NOCACHE']._serialized_start=662
+  _globals['_NOCACHE']._serialized_end=671
+  _globals['_SLIDINGWINDOW']._serialized_start=673
+  _globals['_SLIDINGWINDOW']._serialized_end=704
+  _globals['_CHUNKEDATTENTION']._serialized_start=706
+  _globals['_CHUNKEDATTENTION']._serialized_end=739
+  _globals['_LINEARATTENTION']._serialized_start=742
+  _globals['_LINEARATTENTION']._serialized_end=900
+  _globals['_MAMBA2']._serialized_start=902
+  _globals['_MAMBA2']._serialized_end=1006
+  _globals['_INDEXERSPEC']._serialized_start=1008
+  _globals['_INDEXERSPEC']._serialized_end=1072
+  _globals['_NAMESPACE']._serialized_start=1075
+  _globals['_NAMESPACE']._serialized_end=1251
+  _globals['_SEQUENCEKEY']._serialized_start=1253
+  _globals['_SEQUENCEKEY']._serialized_end=1306
+  _globals['_PAGEKEY']._serialized_start=1308
+  _globals['_PAGEKEY']._serialized_end=1395
+  _globals['_PAGE']._serialized_start=1398
+  _globals['_PAGE']._serialized_end=1613
 # @@protoc_insertion_point(module_scope)
