@@ -831,6 +831,16 @@ pub struct BatchItem<'a> {
     pub q: &'a [f32],
     /// Pages in order; all but the last must be full.
     pub pages: &'a [KvPage<'a>],
+    /// Tokens at the start of the pages the query does not attend to: a sliding window or a
+    /// chunk that begins inside the first page (0 for full attention).
+    pub skip: usize,
+}
+
+impl<'a> BatchItem<'a> {
+    /// A query over every token of `pages`.
+    pub fn new(q: &'a [f32], pages: &'a [KvPage<'a>]) -> Self {
+        Self { q, pages, skip: 0 }
+    }
 }
 
 fn check(shape: &AttnShape, item: &BatchItem) -> Result<Vec<usize>, AttentionError> {
@@ -861,6 +871,9 @@ fn check(shape: &AttnShape, item: &BatchItem) -> Result<Vec<usize>, AttentionErr
         starts.push(t);
         t += p.tokens;
     }
+    if item.skip > t {
+        return Err(AttentionError::Shape(format!("window skips {} of {t} tokens", item.skip)));
+    }
     Ok(starts)
 }
 
@@ -873,7 +886,7 @@ pub fn decode(
     out: &mut [f32],
     lse: &mut [f32],
 ) -> Result<(), AttentionError> {
-    let item = BatchItem { q, pages };
+    let item = BatchItem::new(q, pages);
     let mut outs = [(out, lse)];
     decode_batch(shape, &[item], opts, &mut outs)
 }
@@ -936,9 +949,10 @@ pub fn decode_batch_each(
             continue;
         }
         let total: usize = item.pages.iter().map(|p| p.tokens).sum();
-        let splits = if threads > 1 { (total / opts.min_split_tokens.max(1)).clamp(1, threads) } else { 1 };
-        let per = total.div_ceil(splits).max(1);
-        let mut t0 = 0;
+        let span = total - item.skip;
+        let splits = if threads > 1 { (span / opts.min_split_tokens.max(1)).clamp(1, threads) } else { 1 };
+        let per = span.div_ceil(splits).max(1);
+        let mut t0 = item.skip;
         loop {
             let t1 = (t0 + per).min(total);
             tasks.push((i, t0, t1));

@@ -14,6 +14,9 @@
 //! - [`simd`]: the kernels are written once, generic over an ISA ([`simd::Isa`]), and
 //!   instantiated for AVX-512, AVX2+FMA+F16C and a portable fallback, chosen at run time
 //!   ([`Backend::detect`]). All `unsafe` lives there.
+//! - [`hybrid`]: decode by layer kind — windows and chunks (a suffix of the pages), attention
+//!   sinks, DeepSeek sparse attention's indexer and top-k gather, and the gated-delta-rule step of
+//!   linear-attention layers.
 //! - [`reference`]: the float64 reference every kernel is tested against.
 //!
 //! Precision: every path accumulates in f32 from f32 operands (bf16/f16 widen exactly; fp8 and
@@ -23,6 +26,7 @@
 //! log-sum-exp of the scaled scores per head. Inputs are checked: a non-finite query or a page
 //! that yields a non-finite result is an error, never a NaN output.
 
+pub mod hybrid;
 mod kernel;
 pub mod peak;
 pub mod reference;

@@ -205,7 +205,7 @@ fn batches_of_different_lengths_match_one_by_one() {
     let spec = gqa(8, 2, 64);
     let cases: Vec<Case> = [1usize, 17, 300, 1000].iter().map(|&t| case(&spec, Codec::F16, 64, t, &mut rng)).collect();
     let kvs: Vec<Vec<KvPage>> = cases.iter().map(|c| c.kv()).collect();
-    let items: Vec<BatchItem> = cases.iter().zip(&kvs).map(|(c, kv)| BatchItem { q: &c.q, pages: kv }).collect();
+    let items: Vec<BatchItem> = cases.iter().zip(&kvs).map(|(c, kv)| BatchItem::new(&c.q, kv)).collect();
     let shape = cases[0].shape;
     let mut bufs: Vec<(Vec<f32>, Vec<f32>)> =
         (0..items.len()).map(|_| (vec![f32::NAN; shape.out_len()], vec![f32::NAN; shape.q_heads])).collect();
@@ -274,11 +274,7 @@ fn a_batch_answers_each_item_and_refuses_only_the_ones_whose_pages_hold_nan_or_i
     let nan_pages = poisoned(&nan, 9, 0x7fc0);
     let inf_pages = poisoned(&inf, inf.pages.len() - 1, 0x7f80);
     let (kv_good, kv_nan, kv_inf) = (good.kv(), kv_of(&nan_pages), kv_of(&inf_pages));
-    let items = [
-        BatchItem { q: &nan.q, pages: &kv_nan },
-        BatchItem { q: &good.q, pages: &kv_good },
-        BatchItem { q: &inf.q, pages: &kv_inf },
-    ];
+    let items = [BatchItem::new(&nan.q, &kv_nan), BatchItem::new(&good.q, &kv_good), BatchItem::new(&inf.q, &kv_inf)];
     let shape = good.shape;
     // One thread, and split-K over two (the NaN page then sits in one split of several).
     for opts in [Options::default(), Options { threads: 2, min_split_tokens: 64, ..Options::default() }] {

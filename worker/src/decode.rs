@@ -214,7 +214,7 @@ impl Worker {
         tokio::task::spawn_blocking(move || {
             let kv: Vec<Vec<KvPage>> =
                 ok.iter().map(|(_, ps)| ps.iter().map(|(b, n)| KvPage { payload: b, tokens: *n }).collect()).collect();
-            let items: Vec<BatchItem> = queries.iter().zip(&kv).map(|(q, p)| BatchItem { q, pages: p }).collect();
+            let items: Vec<BatchItem> = queries.iter().zip(&kv).map(|(q, p)| BatchItem::new(q, p)).collect();
             let mut bufs: Vec<(Vec<f32>, Vec<f32>)> =
                 items.iter().map(|_| (vec![0f32; shape.out_len()], vec![0f32; shape.q_heads])).collect();
             let mut outs: Vec<(&mut [f32], &mut [f32])> =

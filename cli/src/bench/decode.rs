@@ -150,7 +150,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 anyhow::ensure!(resp.results.iter().all(|r| r.status == kvcache_client::SequenceStatus::Ok), "warm step missed");
                 let kv: Vec<Vec<KvPage>> = groups[0].iter().map(|(_, m)| m.pages.iter().map(|(p, n)| KvPage { payload: p, tokens: *n }).collect()).collect();
                 let qs: Vec<Vec<f32>> = (0..a.batch).map(|_| rng.vec(shape.q_len(), 1.0)).collect();
-                let items: Vec<BatchItem> = qs.iter().zip(&kv).map(|(q, p)| BatchItem { q, pages: p }).collect();
+                let items: Vec<BatchItem> = qs.iter().zip(&kv).map(|(q, p)| BatchItem::new(q, p)).collect();
                 let mut outs: Vec<(&mut [f32], &mut [f32])> = bufs.iter_mut().map(|(o, l)| (&mut o[..], &mut l[..])).collect();
                 let t = Instant::now();
                 decode_batch(&shape, &items, &opts, &mut outs)?;
