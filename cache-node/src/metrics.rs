@@ -108,6 +108,7 @@ impl NodeMetrics {
                 ("eviction", u.evictions),
                 ("match_hit", u.match_hits),
                 ("match_miss", u.match_misses),
+                ("window_release", u.window_releases),
             ] {
                 metrics::counter!(n::NODE_NAMESPACE_EVENTS, "node" => self.node_id.clone(), "namespace" => ns.clone(), "event" => event)
                     .absolute(v);

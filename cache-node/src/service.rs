@@ -653,6 +653,7 @@ impl CacheNode for NodeService {
                     evictions: u.evictions,
                     match_hits: u.match_hits,
                     match_misses: u.match_misses,
+                    window_releases: u.window_releases,
                 })
                 .collect(),
             get_hits: s.get_hits,

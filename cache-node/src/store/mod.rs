@@ -30,6 +30,7 @@ use crate::pool::{self, PoolFile};
 use bytes::Bytes;
 use dashmap::DashMap;
 use kvcache_core::page::{HEADER_BYTES, PageHeader};
+use kvcache_core::spec::LayerKind;
 use kvcache_core::validate::{self, AppendCmd, ValidPage, ValidationError};
 use kvcache_core::{Namespace, PageKey, PageLayout, SequenceKey};
 use parking_lot::{Mutex, RwLock};
@@ -240,6 +241,8 @@ pub struct NsCounters {
     pub match_hits: AtomicU64,
     /// Keys a MatchPrefix asked for and did not find whole.
     pub match_misses: AtomicU64,
+    /// Pages of sliding-window and chunked layers released once outside what attention reads.
+    pub window_releases: AtomicU64,
 }
 
 /// What one namespace holds on this node and how its reads went.
@@ -273,6 +276,8 @@ pub struct NamespaceStats {
     pub match_hits: u64,
     /// Match misses (keys).
     pub match_misses: u64,
+    /// Window pages released.
+    pub window_releases: u64,
 }
 
 /// What a put did.

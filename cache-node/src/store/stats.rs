@@ -74,6 +74,7 @@ impl PageStore {
                     u.evictions = c.evictions.load(Ordering::Relaxed);
                     u.match_hits = c.match_hits.load(Ordering::Relaxed);
                     u.match_misses = c.match_misses.load(Ordering::Relaxed);
+                    u.window_releases = c.window_releases.load(Ordering::Relaxed);
                     Some(u)
                 })
                 .collect(),

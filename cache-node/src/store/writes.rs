@@ -125,7 +125,30 @@ impl PageStore {
         if let Some(o) = old {
             self.retire_entry(&seq.ns, &o, layer0);
         }
+        let kind = seq.ns.ns.model.layer(key.layer);
+        if matches!(kind, LayerKind::Sliding { .. } | LayerKind::Chunked { .. }) && !key.sequence.is_content() {
+            self.release_outside_window(seq, inner, key.layer, kind);
+        }
         true
+    }
+
+    /// Release the pages of a sliding-window or chunked layer that lie wholly before what its
+    /// attention can still read (the window of the last token, or its chunk): a long sequence
+    /// keeps a window's worth of pages, however long it grows. Released pages read as missing.
+    fn release_outside_window(&self, seq: &Sequence, inner: &mut SeqInner, layer: u32, kind: LayerKind) {
+        let pt = seq.ns.ns.page_tokens;
+        let first = kind.first_live_page(inner.layer_tokens(layer as usize, pt), pt) as usize;
+        let Some(pages) = inner.layers.get_mut(layer as usize) else { return };
+        let mut released = 0;
+        for p in pages.iter_mut().take(first) {
+            if let Some(o) = p.take() {
+                self.retire_entry(&seq.ns, &o, layer == 0);
+                released += 1;
+            }
+        }
+        if released > 0 {
+            seq.ns.counters.window_releases.fetch_add(released, Ordering::Relaxed);
+        }
     }
 
     /// Store pages validated against their namespaces (`kvcache_core::validate::page`; the
