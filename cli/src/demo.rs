@@ -153,11 +153,18 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                             query: kvcache_proto::f32le::to_bytes(&q),
                             new_kv: Bytes::from(tok),
                             new_token_id: None,
+                            ..Default::default()
                         });
                     }
                     let t = Instant::now();
                     let r = client
-                        .decode(pb::DecodeRequest { namespace: name.clone(), layer, items, softmax_scale: 0.0 })
+                        .decode(pb::DecodeRequest {
+                            namespace: name.clone(),
+                            layer,
+                            items,
+                            softmax_scale: 0.0,
+                            ..Default::default()
+                        })
                         .await?;
                     hist.record(t.elapsed().as_micros().max(1) as u64)?;
                     for res in &r.results {
@@ -332,10 +339,19 @@ async fn prefix_reuse(client: &kvcache_client::Client, run_id: u32) -> anyhow::R
             query: kvcache_proto::f32le::to_bytes(&q),
             new_kv: Bytes::from(tok),
             new_token_id: None,
+            ..Default::default()
         });
         qs.push(q);
     }
-    let r = client.decode(pb::DecodeRequest { namespace: name.clone(), layer: 0, items, softmax_scale: 0.0 }).await?;
+    let r = client
+        .decode(pb::DecodeRequest {
+            namespace: name.clone(),
+            layer: 0,
+            items,
+            softmax_scale: 0.0,
+            ..Default::default()
+        })
+        .await?;
     let mut max_err: f64 = 0.0;
     for (i, res) in r.results.iter().enumerate() {
         anyhow::ensure!(res.status == kvcache_client::SequenceStatus::Ok, "{}: {}", res.sequence_id, res.message);

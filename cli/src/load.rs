@@ -203,6 +203,7 @@ impl Shared {
                 query: kvcache_proto::f32le::to_bytes(&rng.vec(self.shape.q_len(), 1.0)),
                 new_kv: Bytes::from(tokens_payload(&self.ns, 1, &mut rng)),
                 new_token_id: None,
+                ..Default::default()
             };
             let r = self
                 .client
@@ -211,6 +212,7 @@ impl Shared {
                     layer: 0,
                     items: vec![item],
                     softmax_scale: 0.0,
+                    ..Default::default()
                 })
                 .await
                 .map_err(|e| code(&e))?;

@@ -76,11 +76,18 @@ async fn decode_through_the_worker_matches_the_reference_and_warm_steps_pull_o1_
                         query: kvcache_proto::f32le::to_bytes(&q),
                         new_kv: Bytes::from(tok),
                         new_token_id: None,
+                        ..Default::default()
                     });
                     qs.push(q);
                 }
                 let r = client
-                    .decode(pb::DecodeRequest { namespace: name.into(), layer, items, softmax_scale: 0.0 })
+                    .decode(pb::DecodeRequest {
+                        namespace: name.into(),
+                        layer,
+                        items,
+                        softmax_scale: 0.0,
+                        ..Default::default()
+                    })
                     .await
                     .unwrap();
                 for (i, res) in r.results.iter().enumerate() {
@@ -115,6 +122,7 @@ async fn missing_sequences_are_misses_and_bad_input_is_invalid_argument() {
         query: kvcache_proto::f32le::to_bytes(&q),
         new_kv: Bytes::new(),
         new_token_id: None,
+        ..Default::default()
     };
     let good_q = rng.vec(shape.q_len(), 1.0);
     let r = client
@@ -123,6 +131,7 @@ async fn missing_sequences_are_misses_and_bad_input_is_invalid_argument() {
             layer: 0,
             items: vec![item("a", good_q.clone()), item("gone", good_q.clone())],
             softmax_scale: 0.0,
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -141,6 +150,7 @@ async fn missing_sequences_are_misses_and_bad_input_is_invalid_argument() {
                 layer: 0,
                 items: vec![item("a", good_q[1..].to_vec())],
                 softmax_scale: 0.0,
+                ..Default::default()
             },
             "query has",
         ),
@@ -154,6 +164,7 @@ async fn missing_sequences_are_misses_and_bad_input_is_invalid_argument() {
                     ..item("a", good_q.clone())
                 }],
                 softmax_scale: 0.0,
+                ..Default::default()
             },
             "query has",
         ),
@@ -163,6 +174,7 @@ async fn missing_sequences_are_misses_and_bad_input_is_invalid_argument() {
                 layer: 0,
                 items: vec![item("a", good_q.clone())],
                 softmax_scale: 0.0,
+                ..Default::default()
             },
             "unknown namespace",
         ),
@@ -172,6 +184,7 @@ async fn missing_sequences_are_misses_and_bad_input_is_invalid_argument() {
                 layer: 28,
                 items: vec![item("a", good_q.clone())],
                 softmax_scale: 0.0,
+                ..Default::default()
             },
             "layer 28 out of range: model has 28 layers",
         ),
@@ -181,6 +194,7 @@ async fn missing_sequences_are_misses_and_bad_input_is_invalid_argument() {
                 layer: 0,
                 items: vec![pb::DecodeItem { new_kv: Bytes::from(vec![0u8; 7]), ..item("a", good_q.clone()) }],
                 softmax_scale: 0.0,
+                ..Default::default()
             },
             "new_kv is 7 bytes",
         ),
@@ -211,12 +225,14 @@ async fn every_malformed_decode_field_is_refused_before_anything_is_written_and_
         query: kvcache_proto::f32le::to_bytes(q),
         new_kv: tok.clone(),
         new_token_id: None,
+        ..Default::default()
     };
     let req = |items: Vec<pb::DecodeItem>| pb::DecodeRequest {
         namespace: "t.edge".into(),
         layer: 0,
         items,
         softmax_scale: 0.0,
+        ..Default::default()
     };
     let with_q = |j: usize, v: f32| {
         let mut q = good_q.clone();
@@ -554,6 +570,7 @@ async fn a_page_rewritten_between_steps_is_read_again_not_served_from_the_worker
                 layer: 0,
                 items: vec![pb::DecodeItem { new_kv: Bytes::from(tok), ..pb::DecodeItem::with_query("a", &q) }],
                 softmax_scale: 0.0,
+                ..Default::default()
             })
             .await
             .unwrap();

@@ -92,12 +92,19 @@ async fn step(client: &Client, ns: &Namespace, seqs: &mut [Seq], rng: &mut Rng, 
             query: kvcache_proto::f32le::to_bytes(&q),
             new_kv: Bytes::from(tok.clone()),
             new_token_id: None,
+            ..Default::default()
         });
         qs.push(q);
         toks.push(tok);
     }
     let r = client
-        .decode(pb::DecodeRequest { namespace: ns.name.clone(), layer: 0, items, softmax_scale: 0.0 })
+        .decode(pb::DecodeRequest {
+            namespace: ns.name.clone(),
+            layer: 0,
+            items,
+            softmax_scale: 0.0,
+            ..Default::default()
+        })
         .await
         .expect("decode call");
     let mut missed = Vec::new();

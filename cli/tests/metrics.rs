@@ -70,9 +70,16 @@ async fn every_dashboard_metric_is_exported() {
             query: kvcache_proto::f32le::to_bytes(&rng.vec(shape.q_len(), 1.0)),
             new_kv: Bytes::from(tokens_payload(&ns, 1, &mut rng)),
             new_token_id: None,
+            ..Default::default()
         };
         client
-            .decode(pb::DecodeRequest { namespace: "m.gqa".into(), layer: 0, items: vec![item], softmax_scale: 0.0 })
+            .decode(pb::DecodeRequest {
+                namespace: "m.gqa".into(),
+                layer: 0,
+                items: vec![item],
+                softmax_scale: 0.0,
+                ..Default::default()
+            })
             .await
             .unwrap();
     }

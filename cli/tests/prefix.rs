@@ -324,11 +324,18 @@ async fn sequences_over_a_shared_prefix_decode_correctly_and_the_worker_pulls_it
                 query: kvcache_proto::f32le::to_bytes(&q),
                 new_kv: Bytes::from(tok),
                 new_token_id: None,
+                ..Default::default()
             });
             qs.push(q);
         }
         let r = client
-            .decode(pb::DecodeRequest { namespace: ns.name.clone(), layer: 0, items, softmax_scale: 0.0 })
+            .decode(pb::DecodeRequest {
+                namespace: ns.name.clone(),
+                layer: 0,
+                items,
+                softmax_scale: 0.0,
+                ..Default::default()
+            })
             .await
             .unwrap();
         for (i, res) in r.results.iter().enumerate() {

@@ -259,7 +259,13 @@ async fn call(path: &str, s: &mut Stubs, c: &Ctx) -> Result<bool, tonic::Status>
         }
         "/kvcache.v1.AttentionWorker/Decode" => s
             .worker
-            .decode(pb::DecodeRequest { namespace: nsname(), layer: 0, items: vec![], softmax_scale: 0.0 })
+            .decode(pb::DecodeRequest {
+                namespace: nsname(),
+                layer: 0,
+                items: vec![],
+                softmax_scale: 0.0,
+                ..Default::default()
+            })
             .await
             .map(|_| true)
             .or_else(past_auth)?,

@@ -72,8 +72,10 @@ async fn decode_one(
                 query: kvcache_proto::f32le::to_bytes(&rng.vec(shape.q_len(), 1.0)),
                 new_kv: Bytes::from(tokens_payload(ns, 1, rng)),
                 new_token_id: None,
+                ..Default::default()
             }],
             softmax_scale: 0.0,
+            ..Default::default()
         })
         .await
 }

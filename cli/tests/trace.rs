@@ -98,10 +98,17 @@ async fn a_decode_step_is_one_connected_trace_across_client_worker_and_node() {
         query: kvcache_proto::f32le::to_bytes(&rng.vec(shape.q_len(), 1.0)),
         new_kv: Bytes::from(tokens_payload(&ns, 1, &mut rng)),
         new_token_id: None,
+        ..Default::default()
     };
     let root = tracing::info_span!(target: "kvcache::test", "decode.step");
     let r = client
-        .decode(pb::DecodeRequest { namespace: "t.trace".into(), layer: 0, items: vec![item], softmax_scale: 0.0 })
+        .decode(pb::DecodeRequest {
+            namespace: "t.trace".into(),
+            layer: 0,
+            items: vec![item],
+            softmax_scale: 0.0,
+            ..Default::default()
+        })
         .instrument(root)
         .await
         .unwrap();

@@ -227,6 +227,24 @@ impl PageCache {
         g.touch(seq, layer);
     }
 
+    /// Drop the cached pages of a layer before page `first`: a sliding window or chunk moved
+    /// past them, and the node released them.
+    pub fn drop_before(&self, seq: &SequenceKey, layer: u32, first: usize) {
+        let mut g = self.inner.lock();
+        let g = &mut *g;
+        let Some(l) = g.layer_mut(seq, layer) else { return };
+        let (mut bytes, mut pages) = (0, 0);
+        for p in l.pages.iter_mut().take(first) {
+            if let Some(p) = p.take() {
+                bytes += p.bytes.len() as u64;
+                pages += 1;
+            }
+        }
+        l.bytes -= bytes;
+        g.used -= bytes;
+        g.pages -= pages;
+    }
+
     /// (bytes used, pages, hits, misses).
     pub fn stats(&self) -> (u64, u64, u64, u64) {
         let g = self.inner.lock();

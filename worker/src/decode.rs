@@ -8,6 +8,7 @@ use crate::{Fetched, SeqFailure, Worker};
 use bytes::Bytes;
 use kvcache_attention::{AttentionError, AttnShape, BatchItem, KvPage, Options};
 use kvcache_client::{AppendAck, AppendItem, ClientError};
+use kvcache_core::spec::LayerKind;
 use kvcache_core::{Namespace, SequenceKey};
 use kvcache_proto::v1 as pb;
 use std::sync::Arc;
@@ -21,6 +22,8 @@ struct Parsed {
     ns: Namespace,
     layer: u32,
     shape: AttnShape,
+    /// The layer's sink logit per query head (models with attention sinks).
+    sinks: Option<Vec<f32>>,
     /// One per item, in request order.
     seqs: Vec<SequenceKey>,
     queries: Vec<Vec<f32>>,
@@ -79,6 +82,54 @@ impl Worker {
             )
         })?;
         kvcache_core::validate::layer(&ns, req.layer).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let kind = ns.model.layer(req.layer);
+        match kind {
+            LayerKind::None => {
+                return Err(Status::invalid_argument(format!(
+                    "layer {} of {} is an MLP-only layer: it keeps no cache to decode from",
+                    req.layer, ns.model.name
+                )));
+            }
+            LayerKind::Mamba2(_) => {
+                return Err(Status::invalid_argument(format!(
+                    "layer {} of {} is a Mamba2 layer: its state is stored and served (put_state/get_state), \
+                     but the worker computes attention and gated-delta-rule layers only",
+                    req.layer, ns.model.name
+                )));
+            }
+            _ => {}
+        }
+        let sinks = match (ns.model.sinks, req.sinks.is_empty()) {
+            (true, true) => {
+                return Err(Status::invalid_argument(format!(
+                    "layer {}: {} has attention sinks: sinks must carry {} f32 (one logit per query head)",
+                    req.layer, ns.model.name, ns.model.num_q_heads
+                )));
+            }
+            (false, false) => {
+                return Err(Status::invalid_argument(format!(
+                    "layer {}: sinks given, but {} has no attention sinks",
+                    req.layer, ns.model.name
+                )));
+            }
+            (true, false) => {
+                let s = kvcache_proto::f32le::from_bytes(&req.sinks).unwrap_or_default();
+                if s.len() != ns.model.num_q_heads as usize || s.len() * 4 != req.sinks.len() {
+                    return Err(Status::invalid_argument(format!(
+                        "layer {}: sinks has {} bytes, expected {} ({} heads × f32)",
+                        req.layer,
+                        req.sinks.len(),
+                        ns.model.num_q_heads * 4,
+                        ns.model.num_q_heads
+                    )));
+                }
+                if s.iter().any(|x| !x.is_finite()) {
+                    return Err(Status::invalid_argument(format!("layer {}: a sink logit is not finite", req.layer)));
+                }
+                Some(s)
+            }
+            (false, true) => None,
+        };
         let layout = ns.layout();
         let mut shape = AttnShape::new(&ns.model, layout);
         if req.softmax_scale != 0.0 {
@@ -98,6 +149,21 @@ impl Worker {
                 sequence_id: it.sequence_id.clone(),
             })
             .map_err(|e| Status::invalid_argument(format!("item {i}: {e}")))?;
+            if it.linear.is_some() {
+                return Err(Status::invalid_argument(format!(
+                    "item {i}: layer {} is a {} attention layer: linear inputs do not apply",
+                    req.layer,
+                    kind.as_str()
+                )));
+            }
+            if ns.model.indexer.is_none()
+                && !(it.index_query.is_empty() && it.index_weights.is_empty() && it.new_index_key.is_empty())
+            {
+                return Err(Status::invalid_argument(format!(
+                    "item {i}: index_query, index_weights and new_index_key apply to sparse MLA layers; {} has no indexer",
+                    ns.model.name
+                )));
+            }
             if it.query.len() != shape.q_len() * 4 {
                 return Err(Status::invalid_argument(format!(
                     "item {i}: query has {} bytes, expected {} ({} heads × {} f32, little-endian)",
@@ -141,7 +207,7 @@ impl Worker {
             }
             seqs.push(seq);
         }
-        Ok(Parsed { ns, layer: req.layer, shape, seqs, queries })
+        Ok(Parsed { ns, layer: req.layer, shape, sinks, seqs, queries })
     }
 
     /// Write the step's new tokens through to every owner: one AppendBatch per owning node.
@@ -187,7 +253,7 @@ impl Worker {
                         if let Some(acks) = acks {
                             let acks = acks.map_err(|e| SeqFailure::WriteFailed(e.to_string()))?;
                             me.apply_append(&ns, &seq, layer, &acks, &new_kv);
-                            if let Some(f) = me.cached_layer(&seq, layer, &acks) {
+                            if let Some(f) = me.cached_layer(&ns, &seq, layer, &acks) {
                                 return Ok(f);
                             }
                         }
@@ -207,24 +273,41 @@ impl Worker {
     /// Attention for every sequence whose pages are here, on a blocking thread: an answer per
     /// sequence (cached data the kernel refuses is that sequence's alone).
     async fn compute(&self, p: &mut Parsed, fetched: &[Result<Fetched, SeqFailure>]) -> Result<Vec<Computed>, Status> {
-        let ok: Vec<(usize, Vec<(Bytes, usize)>)> =
-            fetched.iter().enumerate().filter_map(|(i, f)| f.as_ref().ok().map(|f| (i, f.pages.clone()))).collect();
-        let queries: Vec<Vec<f32>> = ok.iter().map(|(i, _)| std::mem::take(&mut p.queries[*i])).collect();
-        let (shape, threads) = (p.shape, self.cfg.threads);
+        let ok: Vec<(usize, Vec<(Bytes, usize)>, usize)> = fetched
+            .iter()
+            .enumerate()
+            .filter_map(|(i, f)| f.as_ref().ok().map(|f| (i, f.pages.clone(), f.skip)))
+            .collect();
+        let queries: Vec<Vec<f32>> = ok.iter().map(|(i, _, _)| std::mem::take(&mut p.queries[*i])).collect();
+        let (shape, threads, sinks) = (p.shape, self.cfg.threads, p.sinks.take());
         tokio::task::spawn_blocking(move || {
-            let kv: Vec<Vec<KvPage>> =
-                ok.iter().map(|(_, ps)| ps.iter().map(|(b, n)| KvPage { payload: b, tokens: *n }).collect()).collect();
-            let items: Vec<BatchItem> = queries.iter().zip(&kv).map(|(q, p)| BatchItem::new(q, p)).collect();
+            let kv: Vec<Vec<KvPage>> = ok
+                .iter()
+                .map(|(_, ps, _)| ps.iter().map(|(b, n)| KvPage { payload: b, tokens: *n }).collect())
+                .collect();
+            let items: Vec<BatchItem> = queries
+                .iter()
+                .zip(&kv)
+                .zip(&ok)
+                .map(|((q, p), (_, _, skip))| BatchItem { skip: *skip, ..BatchItem::new(q, p) })
+                .collect();
             let mut bufs: Vec<(Vec<f32>, Vec<f32>)> =
                 items.iter().map(|_| (vec![0f32; shape.out_len()], vec![0f32; shape.q_heads])).collect();
             let mut outs: Vec<(&mut [f32], &mut [f32])> =
                 bufs.iter_mut().map(|(o, l)| (&mut o[..], &mut l[..])).collect();
             let opts = Options { threads, ..Options::default() };
-            let each = kvcache_attention::decode_batch_each(&shape, &items, &opts, &mut outs);
+            let mut each = kvcache_attention::decode_batch_each(&shape, &items, &opts, &mut outs);
+            if let Some(s) = &sinks {
+                for (r, (o, l)) in each.iter_mut().zip(outs.iter_mut()) {
+                    if r.is_ok() {
+                        *r = kvcache_attention::hybrid::apply_sinks(s, shape.v_width, o, l);
+                    }
+                }
+            }
             ok.into_iter()
                 .zip(each)
                 .zip(bufs)
-                .map(|(((item, _), result), (output, lse))| Computed { item, result, output, lse })
+                .map(|(((item, _, _), result), (output, lse))| Computed { item, result, output, lse })
                 .collect()
         })
         .await
@@ -285,7 +368,8 @@ fn respond(
         .collect();
     for c in computed.into_iter().filter(|c| c.result.is_ok()) {
         let r = &mut results[c.item];
-        r.context_tokens = fetched[c.item].as_ref().map_or(0, |f| f.pages.iter().map(|p| p.1 as u64).sum());
+        r.context_tokens =
+            fetched[c.item].as_ref().map_or(0, |f| f.pages.iter().map(|p| p.1 as u64).sum::<u64>() - f.skip as u64);
         r.output = kvcache_proto::f32le::to_bytes(&c.output);
         r.lse = c.lse;
     }

@@ -1,12 +1,14 @@
 //! Getting a layer's pages for a step: the append's answer applied to the cached last page,
 //! the layer served from the page cache when the append's extent names exactly what it holds,
 //! otherwise a Lookup at the owners and a pull of the pages not already cached (under a lease
-//! when more than the last page is missing).
+//! when more than the last page is missing). A sliding-window or chunked layer gets only the
+//! pages its attention reads: those before the window are neither pulled nor kept.
 
 use crate::cache::CachedPage;
 use crate::{CONTENT_STRIPES, Fetched, PULL_LEASE, SeqFailure, Worker};
 use bytes::Bytes;
 use kvcache_client::AppendAck;
+use kvcache_core::spec::LayerKind;
 use kvcache_core::{ContentKey, Namespace, PageKey, SequenceKey};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -72,20 +74,29 @@ impl Worker {
     /// names exactly the pages the cache holds from that owner: the Lookup round trip is then
     /// redundant. Any page missing, stale or cached from another node: `None`, and the caller
     /// looks the layer up as usual.
-    pub(crate) fn cached_layer(&self, seq: &SequenceKey, layer: u32, acks: &[AppendAck]) -> Option<Fetched> {
+    pub(crate) fn cached_layer(
+        &self,
+        ns: &Namespace,
+        seq: &SequenceKey,
+        layer: u32,
+        acks: &[AppendAck],
+    ) -> Option<Fetched> {
         let key = |i: usize| PageKey { sequence: seq.clone(), layer, page_index: i as u32 };
+        let (kind, pt) = (ns.model.layer(layer), ns.page_tokens);
         // The owner the cached pages came from (with R > 1 every owner answers the append).
         let (node, ext) = acks.iter().find_map(|a| {
             let e = a.extent.as_ref().filter(|e| e.layer == layer && e.tokens > 0)?;
-            let first = e.prefix_pages as usize;
-            self.cache.peek(&key(first)).is_some_and(|p| *p.node == *a.node_id).then_some((a.node_id.as_str(), e))
+            let own_start = (e.prefix_pages as usize).max(kind.first_live_page(e.tokens, pt) as usize);
+            self.cache.peek(&key(own_start)).is_some_and(|p| *p.node == *a.node_id).then_some((a.node_id.as_str(), e))
         })?;
         let np = ext.prefix_pages as usize;
+        let first = kind.first_live_page(ext.tokens, pt) as usize;
+        let own_start = np.max(first);
         let mut pages: Vec<(Bytes, usize)> = Vec::new();
-        if np > 0 {
+        if np > first {
             // The prefix's pages by content, all cached, or the slow path.
             let prefix = self.prefixes.get(seq).map(|p| p.clone()).filter(|p| p.len() == np)?;
-            let keys: Vec<PageKey> = prefix
+            let keys: Vec<PageKey> = prefix[first..]
                 .iter()
                 .map(|k| PageKey { sequence: SequenceKey::content(&seq.namespace, k), layer, page_index: 0 })
                 .collect();
@@ -94,11 +105,16 @@ impl Worker {
                 pages.push((p.bytes, p.tokens as usize));
             }
         }
-        let own = self.cache.whole_layer_from(seq, layer, node, np, ext.page_write_seqs.get(np..)?)?;
+        let own = self.cache.whole_layer_from(seq, layer, node, own_start, ext.page_write_seqs.get(own_start..)?)?;
         pages.extend(own.into_iter().map(|p| (p.bytes, p.tokens as usize)));
         let cached = pages.len() as u64;
-        (pages.iter().map(|p| p.1 as u64).sum::<u64>() == ext.tokens).then_some(Fetched {
+        let skip = (kind.read_range(ext.tokens).start - (first as u64 * pt as u64)) as usize;
+        if first > 0 {
+            self.cache.drop_before(seq, layer, first);
+        }
+        (pages.iter().map(|p| p.1 as u64).sum::<u64>() == ext.tokens - first as u64 * pt as u64).then_some(Fetched {
             pages,
+            skip,
             bytes: 0,
             pulled: 0,
             cached,
@@ -109,7 +125,9 @@ impl Worker {
     /// a sequence over a prefix first gets the prefix's content pages (from their own owners, or
     /// the cache, where every sequence sharing that prefix finds them), then its own.
     pub(crate) async fn fetch_layer(&self, seq: &SequenceKey, layer: u32) -> Result<Fetched, SeqFailure> {
-        let ns_r = self.client.namespace(&seq.namespace).map_or(1, |n| n.replication as usize);
+        let ns = self.client.namespace(&seq.namespace);
+        let ns_r = ns.as_ref().map_or(1, |n| n.replication as usize);
+        let (kind, pt) = ns.as_ref().map_or((LayerKind::Full, 1), |n| (n.model.layer(layer), n.page_tokens));
         let cands: Vec<_> = self.client.read_candidates(seq).into_iter().take(ns_r.max(1) + 1).collect();
         let lookups =
             futures::future::join_all(cands.iter().map(|n| self.client.lookup_on(n, seq, vec![], Some(layer)))).await;
@@ -135,26 +153,34 @@ impl Worker {
         }
         let node = &cands[ni];
         let node_id: Arc<str> = node.node_id.as_str().into();
-        let own = seqs.get(np..).unwrap_or_default();
+        // A window or chunk reads from `first` on: earlier pages are released on the node.
+        let first = kind.first_live_page(tokens, pt) as usize;
+        let own_start = np.max(first);
+        let own = seqs.get(own_start..).unwrap_or_default();
         if let Some(i) = own.iter().position(|&ws| ws == 0) {
-            return Err(SeqFailure::Miss(format!("page {} of layer {layer} is missing", np + i)));
+            return Err(SeqFailure::Miss(format!("page {} of layer {layer} is missing", own_start + i)));
         }
-        let (mut pages, mut bytes, mut pulled, mut cached) = if np > 0 {
+        if np > 0 {
             self.remember_prefix(seq, &prefix);
-            self.content_layer(&seq.namespace, &prefix, layer).await?
+        }
+        let (mut pages, mut bytes, mut pulled, mut cached) = if np > first {
+            self.content_layer(&seq.namespace, &prefix[first..], layer).await?
         } else {
             (Vec::new(), 0, 0, 0)
         };
+        if first > 0 {
+            self.cache.drop_before(seq, layer, first);
+        }
         let mut own_pages: Vec<Option<(Bytes, usize)>> = Vec::with_capacity(own.len());
         let mut missing = Vec::new();
-        for (i, p) in self.cache.layer_from(seq, layer, &node_id, np, own).into_iter().enumerate() {
+        for (i, p) in self.cache.layer_from(seq, layer, &node_id, own_start, own).into_iter().enumerate() {
             match p {
                 Some(p) => {
                     cached += 1;
                     own_pages.push(Some((p.bytes, p.tokens as usize)));
                 }
                 None => {
-                    missing.push(PageKey { sequence: seq.clone(), layer, page_index: (np + i) as u32 });
+                    missing.push(PageKey { sequence: seq.clone(), layer, page_index: (own_start + i) as u32 });
                     own_pages.push(None);
                 }
             }
@@ -186,7 +212,7 @@ impl Worker {
                     return Err(SeqFailure::Miss(format!("page {} of layer {layer} went missing", key.page_index)));
                 };
                 bytes += p.payload.len() as u64;
-                own_pages[key.page_index as usize - np] = Some((p.payload.clone(), p.token_count as usize));
+                own_pages[key.page_index as usize - own_start] = Some((p.payload.clone(), p.token_count as usize));
                 self.cache.insert(
                     key,
                     CachedPage {
@@ -199,7 +225,8 @@ impl Worker {
             }
         }
         pages.extend(own_pages.into_iter().map(|p| p.expect("filled")));
-        if pages.iter().map(|p| p.1 as u64).sum::<u64>() != tokens {
+        let from = first as u64 * pt as u64;
+        if pages.iter().map(|p| p.1 as u64).sum::<u64>() != tokens - from {
             return Err(SeqFailure::Miss(format!(
                 "layer {layer} of {:?} holds {tokens} tokens, its pages add up to another count",
                 seq.sequence_id
@@ -207,7 +234,8 @@ impl Worker {
         }
         self.counters.bytes_pulled.fetch_add(bytes, Ordering::Relaxed);
         self.counters.pages_pulled.fetch_add(pulled, Ordering::Relaxed);
-        Ok(Fetched { pages, bytes, pulled, cached })
+        let skip = (kind.read_range(tokens).start - from) as usize;
+        Ok(Fetched { pages, skip, bytes, pulled, cached })
     }
 
     /// Keep a sequence's prefix for the warm path ([`Self::cached_layer`]); bounded: the map is

@@ -111,7 +111,10 @@ enum SeqFailure {
 }
 
 struct Fetched {
+    /// The pages attention reads, from the first one its window or chunk touches.
     pages: Vec<(Bytes, usize)>,
+    /// Tokens of the first page before the window (0 for full attention).
+    skip: usize,
     bytes: u64,
     pulled: u64,
     cached: u64,

@@ -104,10 +104,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                         if append {
                             m.append(&ns, &tok);
                         }
-                        pb::DecodeItem { sequence_id: k.sequence_id.clone(), query: kvcache_proto::f32le::to_bytes(&rng.vec(shape.q_len(), 1.0)), new_kv: Bytes::from(tok), new_token_id: None }
+                        pb::DecodeItem { sequence_id: k.sequence_id.clone(), query: kvcache_proto::f32le::to_bytes(&rng.vec(shape.q_len(), 1.0)), new_kv: Bytes::from(tok), new_token_id: None, ..Default::default() }
                     })
                     .collect();
-                pb::DecodeRequest { namespace: name.clone(), layer: 0, items, softmax_scale: 0.0 }
+                pb::DecodeRequest { namespace: name.clone(), layer: 0, items, softmax_scale: 0.0, ..Default::default() }
             };
             // Cold: the first call on a batch nobody has read, then the node-get baseline on the
             // same pages straight from the nodes (8 tasks of 16-page requests, as `bench node`).

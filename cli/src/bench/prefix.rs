@@ -214,9 +214,16 @@ async fn pull(client: &Client, a: &Args) -> anyhow::Result<Pull> {
             query: kvcache_proto::f32le::to_bytes(&rng.vec(shape.q_len(), 1.0)),
             new_kv: Bytes::new(),
             new_token_id: None,
+            ..Default::default()
         };
         let r = client
-            .decode(pb::DecodeRequest { namespace: ns.name.clone(), layer: 0, items: vec![item], softmax_scale: 0.0 })
+            .decode(pb::DecodeRequest {
+                namespace: ns.name.clone(),
+                layer: 0,
+                items: vec![item],
+                softmax_scale: 0.0,
+                ..Default::default()
+            })
             .await?;
         anyhow::ensure!(r.results.iter().all(|r| r.status == kvcache_client::SequenceStatus::Ok), "cold pull missed");
         let st = r.stats;
