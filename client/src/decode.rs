@@ -29,7 +29,6 @@ impl Client {
                 items: idx.iter().map(|&i| req.items[i].clone()).collect(),
                 softmax_scale: req.softmax_scale,
                 sinks: req.sinks.clone(),
-                ..Default::default()
             };
             let mut c = self.worker(&info)?;
             let r = self.req(sub);
