@@ -273,7 +273,9 @@ impl Worker {
     /// Attention for every sequence whose pages are here, on a blocking thread: an answer per
     /// sequence (cached data the kernel refuses is that sequence's alone).
     async fn compute(&self, p: &mut Parsed, fetched: &[Result<Fetched, SeqFailure>]) -> Result<Vec<Computed>, Status> {
-        let ok: Vec<(usize, Vec<(Bytes, usize)>, usize)> = fetched
+        // (item, its pages, tokens of the first page before the window)
+        type Ready = (usize, Vec<(Bytes, usize)>, usize);
+        let ok: Vec<Ready> = fetched
             .iter()
             .enumerate()
             .filter_map(|(i, f)| f.as_ref().ok().map(|f| (i, f.pages.clone(), f.skip)))
