@@ -529,13 +529,14 @@ impl CacheNode for NodeService {
         let lease = (r.lease_ms > 0).then(|| Duration::from_millis(r.lease_ms as u64));
         // In-memory lookups, no I/O: a node's share of a long prompt is answered on the
         // runtime thread (a blocking-pool hop costs more than the work); larger ones off it.
-        let present = if keys.len() <= INLINE_MATCH_KEYS {
-            self.store.match_prefix(&r.namespace, &keys, lease).map_err(status)?
+        let got = if keys.len() <= INLINE_MATCH_KEYS {
+            self.store.match_prefix_held(&r.namespace, &keys, lease).map_err(status)?
         } else {
             let store = self.store.clone();
-            blocking(move || store.match_prefix(&r.namespace, &keys, lease)).await?
+            blocking(move || store.match_prefix_held(&r.namespace, &keys, lease)).await?
         };
-        Ok(Response::new(pb::MatchPrefixResponse { present }))
+        let (present, held) = got.into_iter().unzip();
+        Ok(Response::new(pb::MatchPrefixResponse { present, held }))
     }
 
     async fn create_sequence(

@@ -22,10 +22,15 @@ use std::time::Duration;
 /// The answer of [`Client::match_prefix`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PrefixMatch {
-    /// Leading keys held with every layer: the prefix a request can pull instead of computing.
+    /// The longest prefix every layer can be restored from: the leading keys held with every
+    /// layer, or for a hybrid model by each layer kind's rule
+    /// (`kvcache_core::ModelSpec::restorable_prefix`). What a request can pull instead of
+    /// computing.
     pub pages: usize,
     /// Per key: held with every layer on one of its owners.
     pub present: Vec<bool>,
+    /// Per key: the layer groups held on one of its owners (bits of `kvcache_core::spec::held`).
+    pub held: Vec<u32>,
 }
 
 /// The answer of [`Client::put_content`], summed over the owners written.
@@ -100,6 +105,8 @@ impl Client {
         let cands: Vec<Vec<usize>> =
             keys.iter().map(|k| routing.read_candidate_indices(k.placement_hash(ns), n.replication as usize)).collect();
         let mut present = vec![false; keys.len()];
+        let mut held = vec![0u32; keys.len()];
+        let groups = n.model.held_groups();
         // Keys to ask (again): every key at first; then those whose node failed, and the absent
         // keys just past the matched run (a replica may hold what a new owner does not yet).
         let mut ask = vec![true; keys.len()];
@@ -135,7 +142,17 @@ impl Client {
                 };
                 async move {
                     let r = match self.node(&node.node_id, &node.address) {
-                        Ok(mut c) => c.match_prefix(self.req(req)).await.map(|r| r.into_inner().present),
+                        Ok(mut c) => c.match_prefix(self.req(req)).await.map(|r| {
+                            let r = r.into_inner();
+                            // A node that answers no groups (an older node) holds what it
+                            // says is present whole.
+                            let h = if r.held.len() == r.present.len() {
+                                r.held
+                            } else {
+                                r.present.iter().map(|&p| if p { groups } else { 0 }).collect()
+                            };
+                            r.present.into_iter().zip(h).collect::<Vec<(bool, u32)>>()
+                        }),
                         Err(e) => Err(Status::unavailable(e.to_string())),
                     };
                     (node, idx, r)
@@ -144,8 +161,9 @@ impl Client {
             for (node, idx, r) in futures::future::join_all(calls).await {
                 match r {
                     Ok(p) if p.len() == idx.len() => {
-                        for (i, p) in idx.into_iter().zip(p) {
+                        for (i, (p, h)) in idx.into_iter().zip(p) {
                             present[i] |= p;
+                            held[i] |= h;
                         }
                     }
                     Ok(p) => {
@@ -163,8 +181,12 @@ impl Client {
                 }
             }
         }
-        let pages = present.iter().take_while(|p| **p).count();
-        Ok(PrefixMatch { pages, present })
+        let pages = if n.model.is_hybrid() {
+            n.model.restorable_prefix(&held, n.page_tokens)
+        } else {
+            present.iter().take_while(|p| **p).count()
+        };
+        Ok(PrefixMatch { pages, present, held })
     }
 
     /// Create `seq` over the content pages of `prefix` on every live owner of the sequence: its

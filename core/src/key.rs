@@ -65,6 +65,46 @@ impl Namespace {
         PageLayout::new(&self.model, self.codec, self.page_tokens as usize)
     }
 
+    /// Layers a sequence stores pages in: the model's layers, then with a DSA indexer one
+    /// indexer-key layer per model layer (`num_layers + l` holds layer `l`'s indexer keys).
+    pub fn stored_layers(&self) -> u32 {
+        self.model.num_layers * if self.model.indexer.is_some() { 2 } else { 1 }
+    }
+
+    /// Whether `layer` is an indexer-key layer (`num_layers + l`).
+    pub fn is_indexer_layer(&self, layer: u32) -> bool {
+        self.model.indexer.is_some() && layer >= self.model.num_layers && layer < 2 * self.model.num_layers
+    }
+
+    /// The indexer-key layer of model layer `layer`, when the model has an indexer.
+    pub fn indexer_layer(&self, layer: u32) -> Option<u32> {
+        self.model.indexer.is_some().then_some(self.model.num_layers + layer)
+    }
+
+    /// The page layout of `layer`: the model's rows, or indexer keys for an indexer layer.
+    pub fn layout_for(&self, layer: u32) -> PageLayout {
+        match self.model.indexer {
+            Some(i) if self.is_indexer_layer(layer) => PageLayout::indexer(&i, self.codec, self.page_tokens as usize),
+            _ => self.layout(),
+        }
+    }
+
+    /// Kind of stored layer `layer` (an indexer layer is the kind of its model layer).
+    pub fn layer_kind(&self, layer: u32) -> crate::spec::LayerKind {
+        if self.is_indexer_layer(layer) {
+            self.model.layer(layer - self.model.num_layers)
+        } else {
+            self.model.layer(layer)
+        }
+    }
+
+    /// Pages one sequence's state takes in a state layer (linear attention, Mamba2): the state
+    /// bytes in full pages, the last one zero-padded. 0 for other layers.
+    pub fn state_pages(&self, layer: u32) -> u32 {
+        let b = self.model.layer(layer).state_bytes();
+        if b == 0 || self.is_indexer_layer(layer) { 0 } else { b.div_ceil(self.layout().page_bytes()) as u32 }
+    }
+
     /// Whether `other` describes the same namespace (everything but the seed, which the creator
     /// picks, must agree).
     pub fn same_definition(&self, other: &Namespace) -> bool {

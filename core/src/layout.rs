@@ -43,6 +43,18 @@ impl PageLayout {
         }
     }
 
+    /// The layout of DeepSeek sparse attention's indexer keys: one `[tokens][row_bytes]` plane of
+    /// opaque rows (fp8 values and their scales, `IndexerSpec::bytes_per_token`).
+    pub fn indexer(spec: &crate::spec::IndexerSpec, codec: Codec, page_tokens: usize) -> Self {
+        Self {
+            shape: RowShape { width: spec.head_dim as usize, tail: 0 },
+            codec,
+            row_bytes: spec.bytes_per_token(),
+            planes: 1,
+            page_tokens,
+        }
+    }
+
     /// Whether the payload is a single `[tokens][row]` plane (MLA).
     pub fn is_latent(&self) -> bool {
         self.planes == 1

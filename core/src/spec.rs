@@ -195,6 +195,16 @@ impl LayerKind {
     }
 }
 
+/// What a content key holds, by layer group: bits of `MatchPrefixResponse.held`.
+pub mod held {
+    /// Every full-attention layer's page (and its indexer keys).
+    pub const FULL: u32 = 1;
+    /// Every sliding-window and chunked layer's page.
+    pub const WINDOW: u32 = 2;
+    /// Every linear-attention and Mamba2 layer's state snapshot at the end of the page.
+    pub const STATE: u32 = 4;
+}
+
 /// DeepSeek Sparse Attention's lightning indexer: a small key per token and layer that scores
 /// every cached token, so attention reads only the `topk` best.
 ///
@@ -455,6 +465,52 @@ impl ModelSpec {
         s
     }
 
+    /// The groups of [`held`] this model has layers in: what a content key must hold to be
+    /// whole.
+    pub fn held_groups(&self) -> u32 {
+        self.layer_kinds().fold(0, |g, k| {
+            g | match k {
+                LayerKind::Full => held::FULL,
+                LayerKind::Sliding { .. } | LayerKind::Chunked { .. } => held::WINDOW,
+                LayerKind::Linear(_) | LayerKind::Mamba2(_) => held::STATE,
+                LayerKind::None => 0,
+            }
+        })
+    }
+
+    /// The longest prefix (in pages) of a chain whose keys hold `held[i]` (bits of [`held`]) that
+    /// every layer can be restored from — SGLang HiCache's rules: every page of a full layer, the
+    /// pages of a sliding or chunked layer its last token's attention reads (the trailing window,
+    /// the current chunk), and a state layer's snapshot at the prefix's last page.
+    pub fn restorable_prefix(&self, held: &[u32], page_tokens: u32) -> usize {
+        let groups = self.held_groups();
+        let lead = if groups & held::FULL != 0 {
+            held.iter().take_while(|h| *h & held::FULL != 0).count()
+        } else {
+            held.len()
+        };
+        // Windowed pages held before each index, for O(1) range checks.
+        let mut windowed = Vec::with_capacity(held.len() + 1);
+        windowed.push(0usize);
+        for h in held {
+            windowed.push(windowed.last().unwrap() + usize::from(h & held::WINDOW != 0));
+        }
+        let kinds: Vec<LayerKind> =
+            self.layer_kinds().filter(|k| matches!(k, LayerKind::Sliding { .. } | LayerKind::Chunked { .. })).collect();
+        (1..=lead)
+            .rev()
+            .find(|&p| {
+                let tokens = p as u64 * page_tokens as u64;
+                let window_ok = kinds.iter().all(|k| {
+                    let first = k.first_live_page(tokens, page_tokens) as usize;
+                    windowed[p] - windowed[first] == p - first
+                });
+                let state_ok = groups & held::STATE == 0 || held[p - 1] & held::STATE != 0;
+                window_ok && state_ok
+            })
+            .unwrap_or(0)
+    }
+
     /// Bytes of one token's indexer key in one layer (0 without an indexer).
     pub fn indexer_bytes_per_token_layer(&self) -> usize {
         self.indexer.map_or(0, |i| i.bytes_per_token())
@@ -636,6 +692,35 @@ mod tests {
         assert_eq!(seq("llama-3-8b", n), n * 131_072);
         assert_eq!(seq("llama-3-8b", 0), 0);
         assert_eq!(seq("qwen3-next-80b-a3b", 0), 0);
+    }
+
+    #[test]
+    fn a_prefix_is_restorable_when_every_layer_kind_has_what_it_reads() {
+        use held::*;
+        let dense = ModelSpec::preset("llama-3-8b").unwrap();
+        assert_eq!(dense.restorable_prefix(&[FULL, FULL, 0, FULL], 64), 2);
+        // gpt-oss, 64-token pages, window 128: the last two pages of the prefix need their
+        // sliding pages, the others only the full layers'.
+        let oss = ModelSpec::preset("gpt-oss-20b").unwrap();
+        let h = [FULL, FULL, FULL | WINDOW, FULL | WINDOW, FULL];
+        assert_eq!(oss.restorable_prefix(&h, 64), 4);
+        // A hole in the window of every length: nothing restorable.
+        assert_eq!(oss.restorable_prefix(&[FULL, FULL | WINDOW, FULL, FULL | WINDOW], 64), 0);
+        assert_eq!(oss.restorable_prefix(&[FULL | WINDOW, FULL | WINDOW, FULL, FULL], 64), 2);
+        // A window that starts inside a page needs that page too: window 128 over 3 pages of 50.
+        assert_eq!(oss.restorable_prefix(&[FULL, FULL, FULL | WINDOW, FULL | WINDOW], 50), 0);
+        assert_eq!(oss.restorable_prefix(&[FULL, FULL | WINDOW, FULL | WINDOW, FULL | WINDOW], 50), 4);
+        // Qwen3-Next: full layers on every page, the GDN state snapshot at the last one.
+        let q = ModelSpec::preset("qwen3-next-80b-a3b").unwrap();
+        assert_eq!(q.restorable_prefix(&[FULL | STATE, FULL, FULL | STATE, FULL], 64), 3);
+        assert_eq!(q.restorable_prefix(&[FULL, FULL, FULL], 64), 0);
+        // Llama 4: chunked layers need the current chunk's pages (8,192 tokens = 128 pages).
+        let l4 = ModelSpec::preset("llama-4-scout").unwrap();
+        let mut h = vec![FULL; 200];
+        for x in &mut h[128..190] {
+            *x |= WINDOW;
+        }
+        assert_eq!(l4.restorable_prefix(&h, 64), 190);
     }
 
     #[test]

@@ -38,6 +38,14 @@ pub enum ValidationError {
     /// Sequence id invalid.
     #[error("invalid sequence id: {0}")]
     SequenceId(String),
+    /// A request that does not fit the kind of the layer it names.
+    #[error("layer {layer}: {why}")]
+    LayerKind {
+        /// The layer.
+        layer: u32,
+        /// What does not fit.
+        why: String,
+    },
     /// Layer out of range.
     #[error("layer {layer} out of range: model has {layers} layers")]
     LayerOutOfRange {
@@ -455,7 +463,7 @@ impl From<&Namespace> for pb::Namespace {
 
 /// Check that `layer` exists in `ns`'s model.
 pub fn layer(ns: &Namespace, layer: u32) -> Result<(), ValidationError> {
-    if layer >= ns.model.num_layers {
+    if layer >= ns.model.num_layers && !ns.is_indexer_layer(layer) {
         return Err(ValidationError::LayerOutOfRange { layer, layers: ns.model.num_layers });
     }
     Ok(())
@@ -467,6 +475,25 @@ pub const MAX_PAGE_INDEX: u32 = 1 << 24;
 /// Check a page key against its namespace.
 pub fn page_key(ns: &Namespace, key: &PageKey) -> Result<(), ValidationError> {
     layer(ns, key.layer)?;
+    let kind = ns.layer_kind(key.layer);
+    if kind == LayerKind::None {
+        return Err(ValidationError::LayerKind {
+            layer: key.layer,
+            why: format!("an MLP-only layer of {}: it keeps no cache", ns.model.name),
+        });
+    }
+    let states = ns.state_pages(key.layer);
+    if kind.keeps_state() && key.page_index >= states {
+        return Err(ValidationError::LayerKind {
+            layer: key.layer,
+            why: format!(
+                "a {} layer keeps one state of {} bytes in {states} pages: page_index {} out of range",
+                kind.as_str(),
+                kind.state_bytes(),
+                key.page_index
+            ),
+        });
+    }
     if key.page_index >= MAX_PAGE_INDEX {
         return Err(ValidationError::Count {
             what: "page_index",
@@ -514,7 +541,18 @@ pub fn page<'a>(
     if p.token_count == 0 || p.token_count > ns.page_tokens {
         return Err(ValidationError::TokenCount { got: p.token_count, page_tokens: ns.page_tokens }.into());
     }
-    if key.sequence.is_content() && (key.page_index != 0 || p.token_count != ns.page_tokens) {
+    let state = ns.layer_kind(key.layer).keeps_state();
+    if state && p.token_count != ns.page_tokens {
+        return Err(ValidationError::LayerKind {
+            layer: key.layer,
+            why: format!(
+                "a state page is a full page ({} tokens' worth of bytes); got token_count {}",
+                ns.page_tokens, p.token_count
+            ),
+        }
+        .into());
+    }
+    if key.sequence.is_content() && ((key.page_index != 0 && !state) || p.token_count != ns.page_tokens) {
         return Err(ValidationError::ContentPage(format!(
             "a content page is one full page at index 0 ({} tokens); got page {} with {} tokens",
             ns.page_tokens, key.page_index, p.token_count
@@ -524,7 +562,7 @@ pub fn page<'a>(
     if !p.token_ids.is_empty() || !p.parent_key.is_empty() {
         content_chain(ns, &key, &p.token_ids, &p.parent_key)?;
     }
-    let expected = ns.layout().payload_bytes(p.token_count as usize);
+    let expected = ns.layout_for(key.layer).payload_bytes(p.token_count as usize);
     if p.payload.len() != expected {
         return Err(ValidationError::PayloadLength { got: p.payload.len(), expected, tokens: p.token_count }.into());
     }
@@ -615,20 +653,46 @@ pub fn append(
     let layers: Vec<u32> = match layer {
         Some(l) => {
             self::layer(ns, l)?;
+            let kind = ns.layer_kind(l);
+            if !kind.keeps_tokens() {
+                return Err(ValidationError::LayerKind {
+                    layer: l,
+                    why: if kind.keeps_state() {
+                        format!(
+                            "a {} layer keeps one state per sequence: put it whole, tokens are not appended",
+                            kind.as_str()
+                        )
+                    } else {
+                        format!("an MLP-only layer of {}: it keeps no cache", ns.model.name)
+                    },
+                });
+            }
             vec![l]
         }
-        None => (0..ns.model.num_layers).collect(),
+        // Every layer that keeps tokens (indexer keys go by their own layer).
+        None => (0..ns.model.num_layers).filter(|&l| ns.model.layer(l).keeps_tokens()).collect(),
     };
-    append_payload(ns, tokens, layers.len(), payload.len())?;
+    let rows = layers.first().map_or(ns.layout(), |&l| ns.layout_for(l));
+    append_payload_with(&rows, tokens, layers.len(), payload.len())?;
     Ok(AppendCmd { sequence, layers, tokens, payload, expected_position })
 }
 
 /// Validate an append payload: `layers` layers of `tokens` tokens each in page layout.
 pub fn append_payload(ns: &Namespace, tokens: u32, layers: usize, payload_len: usize) -> Result<(), ValidationError> {
+    append_payload_with(&ns.layout(), tokens, layers, payload_len)
+}
+
+/// [`append_payload`] for pages of `layout`.
+pub fn append_payload_with(
+    layout: &crate::PageLayout,
+    tokens: u32,
+    layers: usize,
+    payload_len: usize,
+) -> Result<(), ValidationError> {
     if tokens == 0 || tokens > 1 << 16 {
         return Err(ValidationError::Count { what: "token_count", got: tokens as u64, expected: "1..=65536".into() });
     }
-    let expected = layers * ns.layout().payload_bytes(tokens as usize);
+    let expected = layers * layout.payload_bytes(tokens as usize);
     if payload_len != expected {
         return Err(ValidationError::PayloadLength { got: payload_len, expected, tokens });
     }

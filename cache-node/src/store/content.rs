@@ -101,40 +101,78 @@ impl PageStore {
         keys: &[ContentKey],
         lease: Option<Duration>,
     ) -> Result<Vec<bool>, StoreError> {
+        Ok(self.match_prefix_held(namespace, keys, lease)?.into_iter().map(|(p, _)| p).collect())
+    }
+
+    /// [`Self::match_prefix`] with, per key, the layer groups held (bits of
+    /// `kvcache_core::spec::held`): a hybrid model's prefix may be restorable from keys that do
+    /// not hold every layer (windowed pages only near its end, a state snapshot only at it).
+    pub fn match_prefix_held(
+        &self,
+        namespace: &str,
+        keys: &[ContentKey],
+        lease: Option<Duration>,
+    ) -> Result<Vec<(bool, u32)>, StoreError> {
+        use kvcache_core::spec::held;
         let ns = self.ns_of(namespace)?;
-        let layers = ns.ns.model.num_layers as usize;
+        let groups = ns.ns.model.held_groups();
+        // Per stored layer: its group and the pages it needs (1, or a state's pages).
+        let plan: Vec<(u32, u32, usize)> = (0..ns.ns.stored_layers())
+            .filter_map(|l| match ns.ns.layer_kind(l) {
+                LayerKind::Full => Some((l, held::FULL, 1)),
+                LayerKind::Sliding { .. } | LayerKind::Chunked { .. } => Some((l, held::WINDOW, 1)),
+                LayerKind::Linear(_) | LayerKind::Mamba2(_) => Some((l, held::STATE, ns.ns.state_pages(l) as usize)),
+                LayerKind::None => None,
+            })
+            .collect();
         let now = Instant::now();
         let mut present = Vec::with_capacity(keys.len());
-        let mut held = Vec::new();
+        let mut held_seqs = Vec::new();
         // One key value reused for every lookup: its id is rewritten in place, no allocation.
         let mut key = SequenceKey::new(namespace, String::with_capacity(kvcache_core::content::CONTENT_ID_LEN));
         for k in keys {
             k.write_sequence_id(&mut key.sequence_id);
             let seq = self.sequences.get(&key).map(|s| s.clone());
-            let whole = seq.as_ref().is_some_and(|seq| {
+            let got = seq.as_ref().map_or(0, |seq| {
                 let mut inner = seq.inner.lock();
-                let ok = !inner.removed
-                    && inner.layers.len() == layers
-                    && inner.layers.iter().all(|l| {
-                        l.first().copied().flatten().is_some_and(|e| {
-                            e.tokens == ns.ns.page_tokens && self.file(e.file).is_some_and(|f| !f.is_failed())
-                        })
+                if inner.removed {
+                    return 0;
+                }
+                // A group is held when every one of its layers has all its pages, full and on
+                // a file in service.
+                let mut missing = 0u32;
+                for &(l, group, pages) in &plan {
+                    let ok = inner.layers.get(l as usize).is_some_and(|ps| {
+                        ps.len() >= pages
+                            && ps[..pages].iter().all(|e| {
+                                e.is_some_and(|e| {
+                                    e.tokens == ns.ns.page_tokens && self.file(e.file).is_some_and(|f| !f.is_failed())
+                                })
+                            })
                     });
-                if ok && let Some(ttl) = lease {
+                    if !ok {
+                        missing |= group;
+                    }
+                }
+                let got = groups & !missing;
+                if got != 0
+                    && let Some(ttl) = lease
+                {
                     inner.leases.retain(|&(_, t)| t > now);
                     inner.leases.push((0, now + ttl));
                 }
-                ok
+                got
             });
-            present.push(whole);
-            if whole && held.len() + 1 == present.len() {
-                held.push(seq.expect("present"));
+            let whole = groups != 0 && got == groups;
+            present.push((whole, got));
+            if got != 0 && held_seqs.len() + 1 == present.len() {
+                held_seqs.push(seq.expect("present"));
             }
         }
-        for seq in held.iter().rev() {
+        for seq in held_seqs.iter().rev() {
             self.touch(seq);
         }
-        let hits = present.iter().filter(|p| **p).count() as u64;
+        let hits = present.iter().filter(|p| p.0).count() as u64;
         ns.counters.match_hits.fetch_add(hits, Ordering::Relaxed);
         ns.counters.match_misses.fetch_add(keys.len() as u64 - hits, Ordering::Relaxed);
         Ok(present)

@@ -4,14 +4,8 @@ use super::tenants::Victims;
 use super::*;
 
 /// Bytes a locked sequence's pages take (headers included).
-fn sequence_bytes(ns: &NsEntry, inner: &SeqInner) -> u64 {
-    inner
-        .layers
-        .iter()
-        .flatten()
-        .flatten()
-        .map(|e| (HEADER_BYTES + ns.layout.payload_bytes(e.tokens as usize)) as u64)
-        .sum()
+fn sequence_bytes(inner: &SeqInner) -> u64 {
+    inner.layers.iter().flatten().flatten().map(|e| (HEADER_BYTES + e.len as usize) as u64).sum()
 }
 
 impl PageStore {
@@ -35,9 +29,7 @@ impl PageStore {
                 }
                 let eligible = &s.key != exclude
                     && s.inner.try_lock().is_some_and(|inner| {
-                        !inner.removed
-                            && !inner.pinned(now)
-                            && victims.allows(&s.ns.tenant, || sequence_bytes(&s.ns, &inner))
+                        !inner.removed && !inner.pinned(now) && victims.allows(&s.ns.tenant, || sequence_bytes(&inner))
                     });
                 passed.push((k, s.clone()));
                 if eligible {
@@ -86,7 +78,7 @@ impl PageStore {
             f.retire(e.slot);
         }
         self.counters.pages.fetch_sub(1, Ordering::Relaxed);
-        let bytes = (HEADER_BYTES + ns.layout.payload_bytes(e.tokens as usize)) as u64;
+        let bytes = (HEADER_BYTES + e.len as usize) as u64;
         self.counters.used_bytes.fetch_sub(bytes, Ordering::Relaxed);
         ns.tenant.release(bytes);
         if e.prefix_hash != 0 && layer0 {

@@ -202,6 +202,8 @@ struct PageEntry {
     file: u32,
     slot: u32,
     tokens: u32,
+    /// Payload bytes (the layer's layout: model rows, indexer keys or a state page).
+    len: u32,
     crc: u32,
     write_seq: u64,
     prefix_hash: u64,

@@ -18,7 +18,7 @@ impl PageStore {
             self.drop_entry(seq, inner, key);
             return None;
         };
-        let len = seq.ns.layout.payload_bytes(e.tokens as usize);
+        let len = e.len as usize;
         let hold = file.hold(e.slot);
         if !e.verified {
             let bytes = &hold.bytes()[HEADER_BYTES..HEADER_BYTES + len];

@@ -79,7 +79,7 @@ impl PageStore {
             let ns = ns_by_id[&namespace_id_of(&k)].clone();
             let seq = self.sequence(&ns, &k.sequence);
             let mut inner = seq.inner.lock();
-            ns.tenant.charge((HEADER_BYTES + ns.layout.payload_bytes(e.tokens as usize)) as u64);
+            ns.tenant.charge((HEADER_BYTES + e.len as usize) as u64);
             self.publish_locked(&seq, &mut inner, &k, e, false);
         }
         for (fi, f) in found.iter().enumerate() {
@@ -129,8 +129,16 @@ fn scan_slot(
     if h.codec != ns.ns.codec
         || h.token_count == 0
         || h.token_count > ns.ns.page_tokens
-        || h.layer >= ns.ns.model.num_layers
-        || plen != ns.layout.payload_bytes(h.token_count as usize)
+        || kvcache_core::validate::page_key(
+            &ns.ns,
+            &PageKey {
+                sequence: SequenceKey::new(ns.ns.name.clone(), h.sequence_id.clone()),
+                layer: h.layer,
+                page_index: h.page_index,
+            },
+        )
+        .is_err()
+        || plen != ns.ns.layout_for(h.layer).payload_bytes(h.token_count as usize)
         || HEADER_BYTES + plen > f.slot_bytes
     {
         return None;
@@ -149,6 +157,7 @@ fn scan_slot(
             file: f.id,
             slot,
             tokens: h.token_count,
+            len: plen as u32,
             crc: h.payload_crc,
             write_seq: h.write_seq,
             prefix_hash: h.prefix_hash,

@@ -34,7 +34,7 @@ impl PageStore {
             for l in &inner.layers {
                 for p in l.iter().flatten() {
                     u.pages += 1;
-                    u.bytes += (HEADER_BYTES + s.ns.layout.payload_bytes(p.tokens as usize)) as u64;
+                    u.bytes += (HEADER_BYTES + p.len as usize) as u64;
                 }
             }
             u.tokens += inner.layer_tokens(0, s.ns.ns.page_tokens);

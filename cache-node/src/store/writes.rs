@@ -41,7 +41,7 @@ impl PageStore {
     ) -> Result<PageEntry, StoreError> {
         // Charged to the tenant from here until the page is retired (released below if it is
         // never written, in `publish_locked` if it is never published).
-        let charge = (HEADER_BYTES + ns.layout.payload_bytes(tokens as usize)) as u64;
+        let charge = (HEADER_BYTES + payload.len()) as u64;
         self.charge_tenant(ns, charge, &key.sequence)?;
         let (file, slot) = match self.alloc_slot(ns.slot_bytes, &key.sequence, &ns.tenant) {
             Ok(s) => s,
@@ -78,7 +78,16 @@ impl PageStore {
             // Flushed later, in the background: counted in the writeback backlog until then.
             self.bytes_written.fetch_add(payload.len() as u64, Ordering::AcqRel);
         }
-        Ok(PageEntry { file: file.id, slot, tokens, crc, write_seq, prefix_hash, verified: true })
+        Ok(PageEntry {
+            file: file.id,
+            slot,
+            tokens,
+            len: payload.len() as u32,
+            crc,
+            write_seq,
+            prefix_hash,
+            verified: true,
+        })
     }
 
     /// Publish `entry` at `key` in a locked sequence, keeping the newest write (and, for a
@@ -111,14 +120,12 @@ impl PageStore {
             if let Some(f) = self.file(entry.file) {
                 f.retire(entry.slot);
             }
-            seq.ns.tenant.release((HEADER_BYTES + seq.ns.layout.payload_bytes(entry.tokens as usize)) as u64);
+            seq.ns.tenant.release((HEADER_BYTES + entry.len as usize) as u64);
             return false;
         }
         let old = slot.replace(entry);
         self.counters.pages.fetch_add(1, Ordering::Relaxed);
-        self.counters
-            .used_bytes
-            .fetch_add((HEADER_BYTES + seq.ns.layout.payload_bytes(entry.tokens as usize)) as u64, Ordering::Relaxed);
+        self.counters.used_bytes.fetch_add((HEADER_BYTES + entry.len as usize) as u64, Ordering::Relaxed);
         if entry.prefix_hash != 0 && layer0 {
             *self.prefixes.entry((seq.ns.ns.id(), entry.prefix_hash)).or_insert(0) += 1;
         }
@@ -241,7 +248,8 @@ impl PageStore {
         let AppendCmd { sequence: key, layers, tokens, payload, expected_position } = cmd;
         let (tokens, expected_position) = (*tokens, *expected_position);
         let ns = self.ns_of(&key.namespace)?;
-        let layout = ns.layout;
+        // Every layer of one append has one layout (validated): model rows or indexer keys.
+        let layout = layers.first().map_or(ns.layout, |&l| ns.ns.layout_for(l));
         let per_layer = layout.payload_bytes(tokens as usize);
         let pt = ns.ns.page_tokens;
         loop {
