@@ -150,3 +150,193 @@ async fn windows_chunks_and_sinks_decode_through_the_worker_and_pull_only_the_wi
 async fn pages_held(client: &Client) -> u64 {
     client.node_stats().await.into_iter().map(|(_, s)| s.unwrap().pages).sum()
 }
+
+/// 4 query heads over 2 KV heads of 32 in layer 1; layer 0 a Gated DeltaNet layer with 2 key
+/// heads and 8 value heads of 32 (a 35,072-byte state: 9 pages of 4,096 bytes).
+fn gdn_model() -> ModelSpec {
+    let mut m = ModelSpec::preset("llama-3-8b").unwrap();
+    m.name = "tiny-gdn".into();
+    m.num_layers = 2;
+    m.num_q_heads = 4;
+    m.num_kv_heads = 2;
+    m.head_dim = 32;
+    m.softmax_scale = 1.0 / 32f32.sqrt();
+    m.layers = vec![
+        LayerKind::Linear(kvcache_core::spec::LinearSpec {
+            kind: kvcache_core::spec::LinearKind::GatedDeltaNet,
+            num_k_heads: 2,
+            num_v_heads: 8,
+            head_k_dim: 32,
+            head_v_dim: 32,
+            conv_kernel: 4,
+        }),
+        LayerKind::Full,
+    ];
+    m
+}
+
+fn unit(rng: &mut Rng, n: usize, d: usize) -> Vec<f32> {
+    let mut v = rng.vec(n, 1.0);
+    for h in v.chunks_exact_mut(d) {
+        let norm = h.iter().map(|x| x * x).sum::<f32>().sqrt();
+        h.iter_mut().for_each(|x| *x /= norm);
+    }
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn linear_layers_keep_a_state_that_decode_steps_and_prefix_hits_restore() {
+    use kvcache_attention::hybrid::LinearInputs;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = LocalClusterConfig::new(dir.path());
+    cfg.node_capacity = 64 << 20;
+    let cluster = LocalCluster::start(cfg).await.unwrap();
+    let client = Client::connect(&cluster.coordinator).await.unwrap();
+    let mut rng = Rng::new(5);
+    let ns = client
+        .create_namespace(pb::CreateNamespaceRequest {
+            name: "t.gdn".into(),
+            model: Some((&gdn_model()).into()),
+            codec: pb::Codec::Bf16 as i32,
+            page_tokens: 16,
+            replication: 2,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let LayerKind::Linear(spec) = ns.model.layer(0) else { panic!() };
+    assert_eq!(ns.state_pages(0), 9);
+    let (rec, conv_len) = (spec.recurrent_elems(), spec.conv_dim() * 3 * 2);
+    let seq = SequenceKey::new("t.gdn", "s");
+    // A state as prefill leaves it: small values, and a zero conv state.
+    let mut state: Vec<f32> = rng.vec(rec, 0.1);
+    let to_bytes = |s: &[f32], conv: &[u8]| {
+        let mut b = kvcache_proto::f32le::to_bytes(s).to_vec();
+        b.extend_from_slice(conv);
+        b
+    };
+    client.put_state(&seq, 0, &to_bytes(&state, &vec![0u8; conv_len])).await.unwrap();
+    let mut convs: Vec<Vec<f32>> = Vec::new();
+    let scale = 1.0 / 32f32.sqrt();
+    for step in 0..6 {
+        let (q, k) = (unit(&mut rng, 64, 32), unit(&mut rng, 64, 32));
+        let v = rng.vec(256, 1.0);
+        let g: Vec<f32> = rng.vec(8, 1.0).iter().map(|x| -x.abs()).collect();
+        let beta: Vec<f32> = rng.vec(8, 1.0).iter().map(|x| x.abs()).collect();
+        let conv = rng.vec(spec.conv_dim(), 1.0);
+        let x = LinearInputs { q: &q, k: &k, v: &v, g: &g, beta: &beta };
+        let (want_state, want) = reference::linear_step(&spec, &state, &x, scale);
+        let b = |v: &[f32]| kvcache_proto::f32le::to_bytes(v);
+        let r = client
+            .decode(pb::DecodeRequest {
+                namespace: "t.gdn".into(),
+                layer: 0,
+                items: vec![pb::DecodeItem {
+                    sequence_id: "s".into(),
+                    linear: Some(pb::LinearStep {
+                        q: b(&q),
+                        k: b(&k),
+                        v: b(&v),
+                        g: b(&g),
+                        beta: b(&beta),
+                        conv_input: b(&conv),
+                    }),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let res = &r.results[0];
+        assert_eq!(res.status, SequenceStatus::Ok, "{}", res.message);
+        let e = reference::rel_l2(&res.output_f32(), &want);
+        assert!(e <= 1e-5, "step {step}: rel L2 {e:e}");
+        state = want_state.iter().map(|v| *v as f32).collect();
+        convs.push(conv);
+    }
+    // The stored state is the stepped one; its conv state holds the last three conv inputs.
+    let stored = client.get_state(&seq, 0).await.unwrap().unwrap();
+    let got: Vec<f32> = kvcache_proto::f32le::from_bytes(&stored[..rec * 4]).unwrap();
+    assert!(reference::rel_l2(&got, &state.iter().map(|v| *v as f64).collect::<Vec<_>>()) < 1e-5);
+    let conv_state: Vec<f32> =
+        stored[rec * 4..].chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect();
+    for ch in [0, 17, spec.conv_dim() - 1] {
+        for t in 0..3 {
+            let want = half::bf16::from_f32(convs[3 + t][ch]).to_f32();
+            assert_eq!(conv_state[ch * 3 + t], want, "channel {ch} slot {t}");
+        }
+    }
+
+    // A sequence without a state is a miss; bad inputs are refused by field, with nothing written.
+    let b = |v: Vec<f32>| kvcache_proto::f32le::to_bytes(&v);
+    let good = pb::LinearStep {
+        q: b(unit(&mut rng, 64, 32)),
+        k: b(unit(&mut rng, 64, 32)),
+        v: b(vec![0.5; 256]),
+        g: b(vec![-0.1; 8]),
+        beta: b(vec![0.5; 8]),
+        conv_input: Bytes::new(),
+    };
+    let one = |id: &str, linear: Option<pb::LinearStep>| pb::DecodeRequest {
+        namespace: "t.gdn".into(),
+        layer: 0,
+        items: vec![pb::DecodeItem { sequence_id: id.into(), linear, ..Default::default() }],
+        ..Default::default()
+    };
+    let r = client.decode(one("nobody", Some(good.clone()))).await.unwrap();
+    assert_eq!(r.results[0].status, SequenceStatus::Miss, "{}", r.results[0].message);
+    let mut w = kvcache_proto::v1::attention_worker_client::AttentionWorkerClient::new(
+        kvcache_client::channel(&cluster.worker).unwrap(),
+    );
+    for (req, says) in [
+        (one("s", None), "linear (q, k, v, g, beta) is required"),
+        (one("s", Some(pb::LinearStep { q: b(vec![0.0; 63]), ..good.clone() })), "linear.q has 63 values, expected 64"),
+        (one("s", Some(pb::LinearStep { g: b(vec![0.5; 8]), ..good.clone() })), "log decay"),
+        (one("s", Some(pb::LinearStep { beta: b(vec![0.5; 9]), ..good.clone() })), "linear.beta has 9 values"),
+        (
+            one("s", Some(pb::LinearStep { conv_input: b(vec![0.0; 3]), ..good.clone() })),
+            "conv_input has 3 values, expected 384",
+        ),
+        (
+            pb::DecodeRequest {
+                items: vec![pb::DecodeItem {
+                    linear: Some(good.clone()),
+                    ..pb::DecodeItem::with_query("s", &[0.0; 4])
+                }],
+                ..one("s", None)
+            },
+            "query does not apply",
+        ),
+    ] {
+        let e = w.decode(req).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message());
+        assert!(e.message().contains(says), "{says}: {}", e.message());
+    }
+    assert_eq!(client.get_state(&seq, 0).await.unwrap().unwrap(), stored, "refused calls wrote nothing");
+    // A state of the wrong size, and a state put to a full-attention layer.
+    assert!(client.put_state(&seq, 0, &stored[1..]).await.unwrap_err().to_string().contains("a state is 35072 bytes"));
+    assert!(client.put_state(&seq, 1, &stored).await.unwrap_err().to_string().contains("layer 1 is a full layer"));
+
+    // Prefix reuse: three cached pages (layer 1 by content), the state snapshot only after page 2.
+    let tokens: Vec<u32> = (0..48).collect();
+    let keys = client.content_keys("t.gdn", &tokens).unwrap();
+    let pages: Vec<pb::Page> = keys
+        .iter()
+        .map(|k| kvcache_client::content_page(&ns, k, 1, Bytes::from(tokens_payload(&ns, 16, &mut rng))))
+        .collect();
+    client.put_content("t.gdn", pages).await.unwrap();
+    let m = client.match_prefix("t.gdn", &keys, None).await.unwrap();
+    assert_eq!(m.pages, 0, "no state snapshot anywhere: nothing restorable ({:?})", m.held);
+    client.put_state_snapshot("t.gdn", &keys[1], 0, &stored).await.unwrap();
+    let m = client.match_prefix("t.gdn", &keys, None).await.unwrap();
+    assert_eq!(m.pages, 2, "the snapshot after page 2: a 2-page prefix ({:?})", m.held);
+    // A new sequence over that prefix starts from the snapshot and decodes from it.
+    let seq2 = SequenceKey::new("t.gdn", "s2");
+    client.create_sequence(&seq2, &keys[..m.pages], None).await.unwrap();
+    assert_eq!(client.get_state(&seq2, 0).await.unwrap().unwrap(), stored);
+    let r = client.decode(one("s2", Some(good.clone()))).await.unwrap();
+    assert_eq!(r.results[0].status, SequenceStatus::Ok, "{}", r.results[0].message);
+    // The snapshot is a content page: the sequence's steps never change it.
+    assert_eq!(client.get_state_snapshot("t.gdn", &keys[1], 0).await.unwrap().unwrap(), stored);
+    cluster.stop().await.unwrap();
+}

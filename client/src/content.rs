@@ -203,7 +203,24 @@ impl Client {
         if pin.is_some() {
             self.match_prefix(&seq.namespace, prefix, pin).await?;
         }
-        self.create_on_owners(seq, &ns, prefix.to_vec(), false).await
+        // A state layer starts from the snapshot at the prefix's end: copied (decode overwrites
+        // a sequence's state), where token layers reference the prefix's pages.
+        let mut states = Vec::new();
+        if let Some(last) = prefix.last() {
+            for layer in (0..ns.model.num_layers).filter(|&l| ns.model.layer(l).keeps_state()) {
+                let Some(st) = self.get_state_snapshot(&ns.name, last, layer).await? else {
+                    return Err(ClientError::Miss(format!(
+                        "no state snapshot of layer {layer} at the prefix's end ({last}): match the prefix again"
+                    )));
+                };
+                states.push((layer, st));
+            }
+        }
+        self.create_on_owners(seq, &ns, prefix.to_vec(), false).await?;
+        for (layer, st) in states {
+            self.put_state(seq, layer, &st).await?;
+        }
+        Ok(())
     }
 
     /// Seal the full pages `seq` holds after its prefix into content pages, so that the next

@@ -13,6 +13,8 @@
 //!   leases.
 //! - `content`: prefix reuse — match the longest cached prefix, put and get pages by content
 //!   key, each call one request per node placed on, all nodes at once.
+//! - `state`: states of linear-attention and Mamba2 layers, put and read whole (a torn read is a
+//!   miss), and their snapshots at page boundaries under content keys.
 //! - `decode`: decode batches through the sticky attention workers.
 //! - `answers`: the domain types the client answers with ([`FetchedPage`], [`Holding`],
 //!   [`AppendAck`], [`DecodeOutput`]); `error`: [`ClientError`] (miss, invalid argument, unavailable with the nodes
@@ -25,6 +27,7 @@ mod content;
 mod decode;
 mod error;
 mod reads;
+mod state;
 mod writes;
 pub mod zerocopy;
 

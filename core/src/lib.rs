@@ -16,6 +16,7 @@
 //! - [`routing`]: the validated [`ShardMap`] and [`Routing`] over it (owners, read candidates,
 //!   sticky workers) — what every process that follows the cluster routes with.
 //! - [`size`]: byte sizes as flags and files write them (`1.5GiB`), and back for people.
+//! - [`state`]: recurrent states of linear-attention and Mamba2 layers as stamped full pages.
 //! - [`testing`]: the printed, replayable seed of randomized tests.
 //! - [`validate`]: `TryFrom` of wire messages into domain types, with [`ValidationError`]s whose
 //!   messages say what was wrong and what was expected.
@@ -35,6 +36,7 @@ pub mod prefix;
 pub mod routing;
 pub mod size;
 pub mod spec;
+pub mod state;
 pub mod testing;
 pub mod validate;
 

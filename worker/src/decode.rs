@@ -44,6 +44,12 @@ impl Worker {
     /// Answer one decode batch.
     pub async fn decode(self: &Arc<Self>, req: pb::DecodeRequest) -> Result<pb::DecodeResponse, Status> {
         let started = Instant::now();
+        if let Some(ns) = self.namespace(&req.namespace).await
+            && req.layer < ns.model.num_layers
+            && let LayerKind::Linear(spec) = ns.model.layer(req.layer)
+        {
+            return self.decode_linear(&req, ns, spec).await;
+        }
         let mut parsed = self.parse(&req).await?;
         let appended = self.append(&parsed, &req.items).await;
         let mut fetched = self.fetch(&parsed, &req.items, appended).await;

@@ -1,8 +1,10 @@
 //! kvcache-worker: the AttentionWorker service.
 //!
 //! Rooms: [`service`] (the gRPC face, `run`, registration), `decode` (one call in steps: parse,
-//! append, fetch, compute, respond), `fetch` (a layer's pages: the append applied to the cache,
-//! the cache as is, or a lookup and pull), [`cache`] (the page cache), [`arena`].
+//! append, fetch, compute, respond; by layer kind: windows, chunks, sinks, sparse MLA), `fetch`
+//! (a layer's pages: the append applied to the cache, the cache as is, or a lookup and pull —
+//! only the window's pages for sliding and chunked layers), `linear` (gated-delta-rule layers:
+//! the state read, stepped and written back), [`cache`] (the page cache), [`arena`].
 //!
 //! One `Decode` call is one layer for a batch of sequences. Per sequence the worker
 //! 1. appends the new token's K/V (or latent) through the client to every owner (write-through;
@@ -33,6 +35,7 @@ pub mod arena;
 pub mod cache;
 mod decode;
 mod fetch;
+mod linear;
 pub mod service;
 
 pub use service::{SHUTDOWN_WAIT, WorkerService, register, run};

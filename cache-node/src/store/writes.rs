@@ -178,9 +178,14 @@ impl PageStore {
                 continue;
             }
             seen = Some(&v.key.sequence);
+            // A state layer's pages are the sequence's own state, whatever its prefix.
+            let ns = self.ns_of(&v.key.sequence.namespace)?;
             if let Some(p) = self.prefix_of(&v.key.sequence)
-                && let Some(v) =
-                    pages.iter().find(|w| w.key.sequence == v.key.sequence && (w.key.page_index as usize) < p.len())
+                && let Some(v) = pages.iter().find(|w| {
+                    w.key.sequence == v.key.sequence
+                        && (w.key.page_index as usize) < p.len()
+                        && !ns.ns.layer_kind(w.key.layer).keeps_state()
+                })
             {
                 return Err(ValidationError::ContentPage(format!(
                     "page {} of sequence {:?} is in its prefix ({} content pages): put the prefix by key",
