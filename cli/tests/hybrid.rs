@@ -340,3 +340,141 @@ async fn linear_layers_keep_a_state_that_decode_steps_and_prefix_hits_restore() 
     assert_eq!(client.get_state_snapshot("t.gdn", &keys[1], 0).await.unwrap().unwrap(), stored);
     cluster.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sparse_mla_attends_to_the_indexers_choice_and_pulls_only_the_pages_holding_it() {
+    use kvcache_attention::hybrid::{encode_indexer_key, indexer_scores, top_k};
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = LocalClusterConfig::new(dir.path());
+    cfg.node_capacity = 256 << 20;
+    let cluster = LocalCluster::start(cfg).await.unwrap();
+    let client = Client::connect(&cluster.coordinator).await.unwrap();
+    let mut rng = Rng::new(9);
+    // DeepSeek-V3.2's layer geometry with 8 heads, an indexer of 4 heads choosing 32 tokens.
+    let mut m = ModelSpec::preset("deepseek-v3.2").unwrap();
+    m.num_layers = 2;
+    m.num_q_heads = 8;
+    m.indexer = Some(kvcache_core::spec::IndexerSpec { num_heads: 4, head_dim: 128, topk: 32 });
+    let ns = client
+        .create_namespace(pb::CreateNamespaceRequest {
+            name: "t.dsa".into(),
+            model: Some((&m).into()),
+            codec: pb::Codec::Bf16 as i32,
+            page_tokens: 16,
+            replication: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let ix = ns.model.indexer.unwrap();
+    let shape = AttnShape::new(&ns.model, ns.layout());
+    let seq = SequenceKey::new("t.dsa", "s");
+    let n = 600;
+    // Latents of layer 1, and their indexer keys in layer 2 + 1 = 3; a few tokens' keys point
+    // where the query will look, so the choice clusters in some pages.
+    let lat = prefill_pages(&ns, &seq, 2, n, &mut rng).into_iter().filter(|p| p.key.as_ref().unwrap().layer == 1);
+    let lat: Vec<pb::Page> = lat.collect();
+    client.put_pages(lat.clone()).await.unwrap();
+    let mut mirror = Mirror::from_wire(&lat, 1);
+    let iq = rng.vec(4 * 128, 1.0);
+    let mut keys: Vec<u8> = Vec::new();
+    for t in 0..n {
+        let mut k = rng.vec(128, 0.2);
+        if (200..240).contains(&t) || t % 97 == 0 {
+            for (x, q) in k.iter_mut().zip(&iq[..128]) {
+                *x += q;
+            }
+        }
+        let mut b = vec![0u8; ix.bytes_per_token()];
+        encode_indexer_key(&ix, &k, &mut b);
+        keys.extend_from_slice(&b);
+    }
+    let il = ns.indexer_layer(1).unwrap();
+    assert_eq!(il, 3);
+    let key_pages: Vec<pb::Page> = keys
+        .chunks(16 * ix.bytes_per_token())
+        .enumerate()
+        .map(|(i, c)| {
+            let key = kvcache_core::PageKey { sequence: seq.clone(), layer: il, page_index: i as u32 };
+            kvcache_client::wire_page(&ns, &key, (c.len() / ix.bytes_per_token()) as u32, 0, Bytes::copy_from_slice(c))
+        })
+        .collect();
+    client.put_pages(key_pages).await.unwrap();
+    let w = vec![1.0f32, 0.5, 0.25, 0.125];
+    let b = |v: &[f32]| kvcache_proto::f32le::to_bytes(v);
+    let latent_page = ns.layout().payload_bytes(16) as u64;
+    for step in 0..3 {
+        let q = rng.vec(shape.q_len(), 1.0);
+        let tok = tokens_payload(&ns, 1, &mut rng);
+        let mut newkey = vec![0u8; ix.bytes_per_token()];
+        encode_indexer_key(&ix, &rng.vec(128, 0.2), &mut newkey);
+        mirror.append(&ns, &tok);
+        keys.extend_from_slice(&newkey);
+        let r = client
+            .decode(pb::DecodeRequest {
+                namespace: "t.dsa".into(),
+                layer: 1,
+                items: vec![pb::DecodeItem {
+                    new_kv: Bytes::from(tok),
+                    new_index_key: Bytes::from(newkey),
+                    index_query: b(&iq),
+                    index_weights: b(&w),
+                    ..pb::DecodeItem::with_query("s", &q)
+                }],
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let res = &r.results[0];
+        assert_eq!(res.status, SequenceStatus::Ok, "{}", res.message);
+        assert_eq!(res.context_tokens, 32);
+        // The same choice here, from the same stored keys; the output against the float64
+        // reference over exactly those rows.
+        let mut scores = Vec::new();
+        indexer_scores(&ix, &iq, &w, &keys, &mut scores).unwrap();
+        let chosen = top_k(&scores, 32);
+        let src: Vec<(&[u8], usize)> = mirror.pages.iter().map(|(p, t)| (&p[..], *t)).collect();
+        let rows = kvcache_attention::hybrid::gather_rows(&src, ns.layout().token_bytes(), &chosen).unwrap();
+        let (want, _) = reference::attention(&shape, &q, &[KvPage { payload: &rows, tokens: 32 }]);
+        let e = reference::rel_l2(&res.output_f32(), &want);
+        assert!(e <= 1e-5, "step {step}: rel L2 {e:e}");
+        // The first step pulls the indexer keys and the chosen pages only, not all 38 pages.
+        let pages_with_choice = {
+            let mut p: Vec<u32> = chosen.iter().map(|t| t / 16).collect();
+            p.dedup();
+            p.len() as u64
+        };
+        if step == 0 {
+            let key_bytes = (n as u64 + 1) * ix.bytes_per_token() as u64;
+            assert!(
+                r.stats.bytes_pulled <= key_bytes + pages_with_choice * latent_page,
+                "pulled {} > keys {key_bytes} + {pages_with_choice} pages",
+                r.stats.bytes_pulled
+            );
+            assert!(pages_with_choice < 38, "the test's choice must cluster");
+        }
+    }
+    // Bad input: the indexer query missing or of the wrong size, a latent without its key.
+    let mut wc = kvcache_proto::v1::attention_worker_client::AttentionWorkerClient::new(
+        kvcache_client::channel(&cluster.worker).unwrap(),
+    );
+    let q = rng.vec(shape.q_len(), 1.0);
+    let item = || pb::DecodeItem { index_query: b(&iq), index_weights: b(&w), ..pb::DecodeItem::with_query("s", &q) };
+    for (it, says) in [
+        (pb::DecodeItem { index_query: Bytes::new(), ..item() }, "index_query has 0 bytes, expected 2048"),
+        (pb::DecodeItem { index_weights: b(&[1.0; 3]), ..item() }, "index_weights has 12 bytes, expected 16"),
+        (
+            pb::DecodeItem { new_kv: Bytes::from(tokens_payload(&ns, 1, &mut rng)), ..item() },
+            "new_kv and new_index_key go together",
+        ),
+        (pb::DecodeItem { index_query: b(&vec![f32::NAN; 512]), ..item() }, "must be finite"),
+    ] {
+        let e = wc
+            .decode(pb::DecodeRequest { namespace: "t.dsa".into(), layer: 1, items: vec![it], ..Default::default() })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message());
+        assert!(e.message().contains(says), "{says}: {}", e.message());
+    }
+    cluster.stop().await.unwrap();
+}

@@ -18,15 +18,17 @@ use tonic::Status;
 use tracing::Instrument;
 
 /// A Decode request checked whole.
-struct Parsed {
-    ns: Namespace,
-    layer: u32,
-    shape: AttnShape,
+pub(crate) struct Parsed {
+    pub(crate) ns: Namespace,
+    pub(crate) layer: u32,
+    pub(crate) shape: AttnShape,
     /// The layer's sink logit per query head (models with attention sinks).
-    sinks: Option<Vec<f32>>,
+    pub(crate) sinks: Option<Vec<f32>>,
+    /// Sparse MLA: each item's indexer query and per-head weights.
+    pub(crate) index: Vec<Arc<(Vec<f32>, Vec<f32>)>>,
     /// One per item, in request order.
-    seqs: Vec<SequenceKey>,
-    queries: Vec<Vec<f32>>,
+    pub(crate) seqs: Vec<SequenceKey>,
+    pub(crate) queries: Vec<Vec<f32>>,
 }
 
 /// What the kernel answered for one sequence (by its index in the request).
@@ -38,7 +40,7 @@ struct Computed {
 }
 
 /// Each item's append outcome (`None`: the item appended nothing).
-type Appended = Vec<Option<Result<Vec<AppendAck>, ClientError>>>;
+pub(crate) type Appended = Vec<Option<Result<Vec<AppendAck>, ClientError>>>;
 
 impl Worker {
     /// Answer one decode batch.
@@ -51,8 +53,12 @@ impl Worker {
             return self.decode_linear(&req, ns, spec).await;
         }
         let mut parsed = self.parse(&req).await?;
-        let appended = self.append(&parsed, &req.items).await;
-        let mut fetched = self.fetch(&parsed, &req.items, appended).await;
+        let (appended, index_appended) = self.append(&parsed, &req.items).await;
+        let mut fetched = if parsed.ns.model.indexer.is_some() {
+            self.fetch_sparse(&parsed, &req.items, appended, index_appended).await
+        } else {
+            self.fetch(&parsed, &req.items, appended).await
+        };
         let mut stats = pb::DecodeStats { fetch_micros: started.elapsed().as_micros() as u64, ..Default::default() };
         for f in fetched.iter().flatten() {
             stats.bytes_pulled += f.bytes;
@@ -67,11 +73,13 @@ impl Worker {
         self.export_metrics(&results, stats.bytes_pulled);
         // Pull the next layer's pages while the engine works on this one.
         let Parsed { ns, layer, seqs, .. } = parsed;
-        if self.cfg.prefetch && layer + 1 < ns.model.num_layers {
+        if self.cfg.prefetch && layer + 1 < ns.model.num_layers && ns.model.layer(layer + 1).keeps_tokens() {
             let me = self.clone();
+            // A sparse layer reads all of its indexer keys, and only the chosen latent pages.
+            let next = ns.indexer_layer(layer + 1).unwrap_or(layer + 1);
             self.tasks.spawn(async move {
                 for seq in seqs {
-                    let _ = me.fetch_layer(&seq, layer + 1).await;
+                    let _ = me.fetch_layer(&seq, next).await;
                 }
             });
         }
@@ -149,6 +157,7 @@ impl Worker {
         }
         let mut seqs: Vec<SequenceKey> = Vec::with_capacity(req.items.len());
         let mut queries: Vec<Vec<f32>> = Vec::with_capacity(req.items.len());
+        let mut index = Vec::new();
         for (i, it) in req.items.iter().enumerate() {
             let seq = SequenceKey::try_from(pb::SequenceKey {
                 namespace: req.namespace.clone(),
@@ -169,6 +178,9 @@ impl Worker {
                     "item {i}: index_query, index_weights and new_index_key apply to sparse MLA layers; {} has no indexer",
                     ns.model.name
                 )));
+            }
+            if let Some(ix) = ns.model.indexer {
+                index.push(Arc::new(sparse_inputs(i, req.layer, &ix, it)?));
             }
             if it.query.len() != shape.q_len() * 4 {
                 return Err(Status::invalid_argument(format!(
@@ -213,28 +225,46 @@ impl Worker {
             }
             seqs.push(seq);
         }
-        Ok(Parsed { ns, layer: req.layer, shape, sinks, seqs, queries })
+        Ok(Parsed { ns, layer: req.layer, shape, sinks, index, seqs, queries })
     }
 
     /// Write the step's new tokens through to every owner: one AppendBatch per owning node.
-    async fn append(&self, p: &Parsed, items: &[pb::DecodeItem]) -> Appended {
+    /// A sparse MLA layer appends the token's indexer key to its indexer layer in the same
+    /// batch; the second answer is that append's.
+    async fn append(&self, p: &Parsed, items: &[pb::DecodeItem]) -> (Appended, Appended) {
         let appending: Vec<usize> = (0..items.len()).filter(|&i| !items[i].new_kv.is_empty()).collect();
-        let batch = appending
-            .iter()
-            .map(|&i| AppendItem {
+        let il = p.ns.indexer_layer(p.layer);
+        let mut batch = Vec::with_capacity(appending.len() * 2);
+        for &i in &appending {
+            batch.push(AppendItem {
                 sequence: p.seqs[i].clone(),
                 layer: Some(p.layer),
                 tokens: 1,
                 payload: items[i].new_kv.clone(),
                 token_ids: items[i].new_token_id.map(|t| vec![t]).unwrap_or_default(),
                 return_extent: true,
-            })
-            .collect();
-        let mut appended: Appended = (0..items.len()).map(|_| None).collect();
-        for (i, r) in appending.into_iter().zip(self.client.append_many(batch).await) {
-            appended[i] = Some(r);
+            });
+            if let Some(il) = il {
+                batch.push(AppendItem {
+                    sequence: p.seqs[i].clone(),
+                    layer: Some(il),
+                    tokens: 1,
+                    payload: items[i].new_index_key.clone(),
+                    token_ids: Vec::new(),
+                    return_extent: true,
+                });
+            }
         }
-        appended
+        let mut appended: Appended = (0..items.len()).map(|_| None).collect();
+        let mut index: Appended = (0..items.len()).map(|_| None).collect();
+        let mut answers = self.client.append_many(batch).await.into_iter();
+        for i in appending {
+            appended[i] = answers.next();
+            if il.is_some() {
+                index[i] = answers.next();
+            }
+        }
+        (appended, index)
     }
 
     /// Each sequence's layer: from the cache when the append's answer names exactly what it
@@ -382,4 +412,42 @@ fn respond(
         r.lse = c.lse;
     }
     results
+}
+
+/// A sparse MLA item's indexer query and weights, checked; and its new indexer key beside its
+/// new latent.
+fn sparse_inputs(
+    i: usize,
+    layer: u32,
+    ix: &kvcache_core::spec::IndexerSpec,
+    it: &pb::DecodeItem,
+) -> Result<(Vec<f32>, Vec<f32>), Status> {
+    let (h, d) = (ix.num_heads as usize, ix.head_dim as usize);
+    let bad = |m: String| Err(Status::invalid_argument(format!("item {i} (layer {layer}, sparse MLA): {m}")));
+    if it.index_query.len() != h * d * 4 {
+        return bad(format!(
+            "index_query has {} bytes, expected {} ({h} indexer heads × {d} f32)",
+            it.index_query.len(),
+            h * d * 4
+        ));
+    }
+    if it.index_weights.len() != h * 4 {
+        return bad(format!("index_weights has {} bytes, expected {} ({h} f32)", it.index_weights.len(), h * 4));
+    }
+    let q = kvcache_proto::f32le::from_bytes(&it.index_query).unwrap_or_default();
+    let w = kvcache_proto::f32le::from_bytes(&it.index_weights).unwrap_or_default();
+    if q.iter().chain(&w).any(|x| !x.is_finite()) {
+        return bad("index_query and index_weights must be finite".into());
+    }
+    if it.new_kv.is_empty() != it.new_index_key.is_empty() {
+        return bad("new_kv and new_index_key go together: a token's latent and its indexer key".into());
+    }
+    if !it.new_index_key.is_empty() && it.new_index_key.len() != ix.bytes_per_token() {
+        return bad(format!(
+            "new_index_key is {} bytes, expected {} ({d} fp8-e4m3 values and an f32 scale per 128)",
+            it.new_index_key.len(),
+            ix.bytes_per_token()
+        ));
+    }
+    Ok((q, w))
 }

@@ -50,7 +50,7 @@ impl Worker {
         let bytes = if in_page == 1 {
             new_kv.clone()
         } else {
-            let l = ns.layout();
+            let l = ns.layout_for(layer);
             match self.cache.peek(&key(idx)) {
                 // Lengths are checked here, not trusted: a cached page of the wrong size is
                 // dropped and pulled again, never concatenated.
@@ -125,9 +125,22 @@ impl Worker {
     /// a sequence over a prefix first gets the prefix's content pages (from their own owners, or
     /// the cache, where every sequence sharing that prefix finds them), then its own.
     pub(crate) async fn fetch_layer(&self, seq: &SequenceKey, layer: u32) -> Result<Fetched, SeqFailure> {
+        self.fetch_layer_pages(seq, layer, None).await
+    }
+
+    /// [`Self::fetch_layer`] pulling only the pages `want` accepts (by page index); the others
+    /// come back as empty payloads with their token counts, so positions stay where they are
+    /// (sparse attention reads the pages holding its chosen tokens only).
+    pub(crate) async fn fetch_layer_pages(
+        &self,
+        seq: &SequenceKey,
+        layer: u32,
+        want: Option<&(dyn Fn(usize) -> bool + Sync)>,
+    ) -> Result<Fetched, SeqFailure> {
+        let wanted = |i: usize| want.is_none_or(|w| w(i));
         let ns = self.client.namespace(&seq.namespace);
         let ns_r = ns.as_ref().map_or(1, |n| n.replication as usize);
-        let (kind, pt) = ns.as_ref().map_or((LayerKind::Full, 1), |n| (n.model.layer(layer), n.page_tokens));
+        let (kind, pt) = ns.as_ref().map_or((LayerKind::Full, 1), |n| (n.layer_kind(layer), n.page_tokens));
         let cands: Vec<_> = self.client.read_candidates(seq).into_iter().take(ns_r.max(1) + 1).collect();
         let lookups =
             futures::future::join_all(cands.iter().map(|n| self.client.lookup_on(n, seq, vec![], Some(layer)))).await;
@@ -163,8 +176,16 @@ impl Worker {
         if np > 0 {
             self.remember_prefix(seq, &prefix);
         }
+        // The token count of page `i` (all full but the last).
+        let page_len = |i: usize| (tokens - i as u64 * pt as u64).min(pt as u64) as usize;
         let (mut pages, mut bytes, mut pulled, mut cached) = if np > first {
-            self.content_layer(&seq.namespace, &prefix[first..], layer).await?
+            let idx: Vec<usize> = (first..np).filter(|&i| wanted(i)).collect();
+            let keys: Vec<ContentKey> = idx.iter().map(|&i| prefix[i]).collect();
+            let (got, b, p, c) = self.content_layer(&seq.namespace, &keys, layer).await?;
+            let mut got = got.into_iter();
+            let pages = (first..np)
+                .map(|i| if wanted(i) { got.next().expect("one per key") } else { (Bytes::new(), pt as usize) });
+            (pages.collect(), b, p, c)
         } else {
             (Vec::new(), 0, 0, 0)
         };
@@ -174,6 +195,10 @@ impl Worker {
         let mut own_pages: Vec<Option<(Bytes, usize)>> = Vec::with_capacity(own.len());
         let mut missing = Vec::new();
         for (i, p) in self.cache.layer_from(seq, layer, &node_id, own_start, own).into_iter().enumerate() {
+            if !wanted(own_start + i) {
+                own_pages.push(Some((Bytes::new(), page_len(own_start + i))));
+                continue;
+            }
             match p {
                 Some(p) => {
                     cached += 1;

@@ -37,6 +37,7 @@ mod decode;
 mod fetch;
 mod linear;
 pub mod service;
+mod sparse;
 
 pub use service::{SHUTDOWN_WAIT, WorkerService, register, run};
 
