@@ -4,18 +4,21 @@
 //! recurrent/SSM state, then the bf16 conv state), cut into full pages of the namespace's page
 //! size (`Namespace::state_pages` of them, the last zero-padded) at page indices `0..k` of that
 //! layer. A state is replaced whole: a writer puts all its pages, each stamped (in the page's
-//! `prefix_hash` field) with the xxh3 of the whole state. A reader joins the pages and checks the
+//! `prefix_hash` field) with the first 8 bytes (little-endian) of the SHA-256 of the whole state
+//! (a hash every client language has). A reader joins the pages and checks the
 //! stamp against what it joined, so a read that meets pages of two writes (a torn read while a
 //! state is replaced) or damaged bytes is a miss, never a mixed state. A snapshot of the state at
 //! the end of a content page is the same pages under that content key (immutable, like every
 //! content page; equal states give equal pages).
 
 use crate::Namespace;
-use xxhash_rust::xxh3::xxh3_64;
+use sha2::{Digest, Sha256};
 
-/// The stamp of a state: xxh3 of its bytes, never 0 (0 is "no hash" in a page header).
+/// The stamp of a state: the first 8 bytes of its SHA-256, little-endian, never 0 (0 is "no
+/// hash" in a page header).
 pub fn stamp(state: &[u8]) -> u64 {
-    xxh3_64(state).max(1)
+    let d = Sha256::digest(state);
+    u64::from_le_bytes(d[..8].try_into().expect("8 bytes")).max(1)
 }
 
 /// Why a state does not fit its layer, or its pages do not make one.

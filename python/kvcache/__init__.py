@@ -168,6 +168,108 @@ class Namespace:
         m = self.proto.model
         return m.kv_lora_rank if self.is_mla else m.head_dim
 
+    @property
+    def num_layers(self) -> int:
+        return self.proto.model.num_layers
+
+    def layer_kind(self, layer: int) -> str:
+        """The kind of a layer: full, sliding, chunked, linear, mamba2 or none (model layers;
+        an indexer layer num_layers + l is the kind of layer l)."""
+        m = self.proto.model
+        if m.HasField("indexer") and m.num_layers <= layer < 2 * m.num_layers:
+            layer -= m.num_layers
+        if not m.layers:
+            return "full"
+        return m.layers[layer].WhichOneof("kind")
+
+    def window(self, layer: int, tokens: int) -> tuple:
+        """The token range [start, end) the query of the last of `tokens` tokens attends to."""
+        if not self.proto.model.layers:
+            return 0, tokens
+        spec = self.proto.model.layers[layer]
+        kind = spec.WhichOneof("kind")
+        if kind == "sliding":
+            return max(0, tokens - spec.sliding.window), tokens
+        if kind == "chunked":
+            return ((tokens - 1) // spec.chunked.chunk * spec.chunked.chunk if tokens else 0), tokens
+        return (0, tokens) if kind == "full" else (0, 0)
+
+    def state_bytes(self, layer: int) -> int:
+        """Bytes of one sequence's state in a linear-attention or Mamba2 layer (0 otherwise):
+        the f32 recurrent state, then the bf16 conv state [conv_dim][conv_kernel - 1]."""
+        if not self.proto.model.layers or layer >= self.num_layers:
+            return 0
+        spec = self.proto.model.layers[layer]
+        kind = spec.WhichOneof("kind")
+        if kind == "linear":
+            x = spec.linear
+            conv = 2 * x.num_k_heads * x.head_k_dim + x.num_v_heads * x.head_v_dim
+            return x.num_v_heads * x.head_k_dim * x.head_v_dim * 4 + conv * (x.conv_kernel - 1) * 2
+        if kind == "mamba2":
+            x = spec.mamba2
+            conv = x.num_heads * x.head_dim + 2 * x.n_groups * x.state_size
+            return x.num_heads * x.head_dim * x.state_size * 4 + conv * (x.conv_kernel - 1) * 2
+        return 0
+
+    @property
+    def page_bytes(self) -> int:
+        """Payload bytes of a full page of model rows."""
+        m = self.proto.model
+        row = _row_bytes(self.proto.codec, self.width, m.rope_dim if self.is_mla else 0)
+        return self.planes * row * self.page_tokens
+
+    def state_pages(self, layer: int) -> int:
+        b = self.state_bytes(layer)
+        return -(-b // self.page_bytes) if b else 0
+
+    def held_groups(self) -> int:
+        """The layer groups a content key of this model holds when whole (MatchPrefix bits)."""
+        g = 0
+        for layer in range(self.num_layers):
+            g |= _GROUP[self.layer_kind(layer)]
+        return g
+
+    def restorable_prefix(self, held: Sequence[int]) -> int:
+        """The longest prefix every layer can be restored from (see ModelSpec::restorable_prefix
+        in kvcache-core): every page of a full layer, the pages a sliding or chunked layer's last
+        token reads, the state snapshot at the prefix's end."""
+        groups, pt = self.held_groups(), self.page_tokens
+        lead = len(held)
+        if groups & HELD_FULL:
+            lead = next((i for i, h in enumerate(held) if not h & HELD_FULL), len(held))
+        windowed = [0]
+        for h in held:
+            windowed.append(windowed[-1] + (1 if h & HELD_WINDOW else 0))
+        kinds = [layer for layer in range(self.num_layers) if self.layer_kind(layer) in ("sliding", "chunked")]
+        for p in range(lead, 0, -1):
+            ok = all(windowed[p] - windowed[self.window(layer, p * pt)[0] // pt] == p - self.window(layer, p * pt)[0] // pt
+                     for layer in kinds)
+            if ok and (not groups & HELD_STATE or held[p - 1] & HELD_STATE):
+                return p
+        return 0
+
+
+# MatchPrefixResponse.held bits.
+HELD_FULL, HELD_WINDOW, HELD_STATE = 1, 2, 4
+_GROUP = {"full": HELD_FULL, "sliding": HELD_WINDOW, "chunked": HELD_WINDOW, "linear": HELD_STATE,
+          "mamba2": HELD_STATE, "none": 0}
+
+
+def _row_bytes(codec: int, width: int, tail: int) -> int:
+    """Encoded bytes of one row (kvcache-core Codec::row_bytes)."""
+    if codec in (pb.CODEC_BF16, pb.CODEC_F16):
+        return 2 * width
+    main = width - tail
+    if codec == pb.CODEC_FP8_E4M3:
+        return main + 4 * -(-main // 128) + 2 * tail
+    return main + 4 + 2 * tail  # int8: one f32 scale per row
+
+
+def state_stamp(state: bytes) -> int:
+    """The stamp every page of a state carries (prefix_hash): the first 8 bytes of its
+    SHA-256, little-endian, never 0."""
+    return int.from_bytes(hashlib.sha256(state).digest()[:8], "little") or 1
+
 
 @dataclass
 class DecodeResult:
@@ -471,7 +573,9 @@ class Client:
         next replica; without one they count as absent (a shorter prefix, not an error)."""
         keys = [engine_key(k) for k in keys]
         present = [False] * len(keys)
-        replicas = self.namespace(namespace).proto.replication or 1
+        held = [0] * len(keys)
+        ns = self.namespace(namespace)
+        replicas = ns.proto.replication or 1
         pending = list(range(len(keys)))
         for rank in range(replicas):
             failed = []
@@ -487,11 +591,16 @@ class Client:
                     if e.code() == grpc.StatusCode.NOT_FOUND:
                         continue  # a node that does not know the namespace holds none of it
                     raise KvcacheError(f"{e.code().name}: {e.details()}", e.code()) from None
-                for i, p in zip(idx, r.present):
+                hs = list(r.held) if len(r.held) == len(r.present) else [ns.held_groups() if p else 0 for p in r.present]
+                for i, p, h in zip(idx, r.present, hs):
                     present[i] = present[i] or p
+                    held[i] |= h
             pending = sorted(failed)
             if not pending:
                 break
+        if ns.proto.model.layers:
+            # A hybrid model: the longest prefix every layer kind can restore.
+            return ns.restorable_prefix(held)
         n = 0
         while n < len(present) and present[n]:
             n += 1
@@ -552,9 +661,20 @@ class Client:
         prefix = [engine_key(k) for k in prefix]
         if pin_ms:
             self.match_prefix(namespace, prefix, lease_ms=pin_ms)
+        # A state layer starts from the snapshot at the prefix's end, copied (decode overwrites it).
+        ns = self.namespace(namespace)
+        states = []
+        for layer in range(ns.num_layers if prefix else 0):
+            if ns.state_bytes(layer):
+                st = self.get_state_snapshot(namespace, prefix[-1], layer)
+                if st is None:
+                    raise KvcacheError(f"no state snapshot of layer {layer} at the prefix's end", grpc.StatusCode.NOT_FOUND)
+                states.append((layer, st))
         seq = pb.SequenceKey(namespace=namespace, sequence_id=sequence_id)
         self._write(namespace, sequence_id, lambda s, e: s.CreateSequence(
             node_pb.CreateSequenceRequest(epoch=e, sequence=seq, prefix=prefix), timeout=self.timeout))
+        for layer, st in states:
+            self.put_state(namespace, sequence_id, layer, st)
 
     def seal(self, namespace: str, sequence_id: str, token_ids: Sequence[int]) -> int:
         """Seal the full pages a sequence holds after its prefix into content pages (the next
@@ -618,31 +738,126 @@ class Client:
                         out[i] = bytes(it.page.payload)
         return out
 
-    def decode(self, namespace: str, layer: int, items: Sequence[tuple], softmax_scale: float = 0.0) -> list:
-        """One decode step for one layer. items: (sequence_id, query [q_heads, qk_width] float32,
-        optional new token kv [planes, 1, width] uint16)."""
+    # ---- states of linear-attention and Mamba2 layers ----
+
+    def _state_pages(self, ns: Namespace, sequence_id: str, layer: int, state: bytes) -> list:
+        size = ns.state_bytes(layer)
+        if not size:
+            raise KvcacheError(f"layer {layer} is a {ns.layer_kind(layer)} layer: it keeps no state",
+                               grpc.StatusCode.INVALID_ARGUMENT)
+        if len(state) != size:
+            raise KvcacheError(f"layer {layer}: a state is {size} bytes, got {len(state)}", grpc.StatusCode.INVALID_ARGUMENT)
+        stamp, pb_ = state_stamp(state), ns.page_bytes
+        pages = []
+        for i in range(ns.state_pages(layer)):
+            body = state[i * pb_:(i + 1) * pb_].ljust(pb_, b"\0")
+            pages.append(pb.Page(key=self._key(ns.name, sequence_id, layer, i), codec=ns.proto.codec,
+                                 token_count=ns.page_tokens, prefix_hash=stamp, payload_crc32c=_crc32c.crc32c(body),
+                                 payload=body))
+        return pages
+
+    def _join_state(self, ns: Namespace, layer: int, items: list) -> Optional[bytes]:
+        if any(it is None for it in items):
+            return None
+        size = ns.state_bytes(layer)
+        body = b"".join(bytes(it.payload) for it in items)
+        state = body[:size]
+        if any(body[size:]) or any(it.prefix_hash != state_stamp(state) for it in items):
+            return None  # pages of two writes (a torn read) or damaged: a miss
+        return state
+
+    def put_state(self, namespace: str, sequence_id: str, layer: int, state: bytes) -> None:
+        """Replace the state of a linear-attention or Mamba2 layer on every owner: the f32
+        recurrent state then the bf16 conv state ([conv_dim][conv_kernel - 1])."""
+        pages = self._state_pages(self.namespace(namespace), sequence_id, layer, bytes(state))
+        self._write(namespace, sequence_id, lambda s, e: s.PutPages(iter([node_pb.PutPagesRequest(epoch=e, pages=pages)]), timeout=self.timeout))
+
+    def get_state(self, namespace: str, sequence_id: str, layer: int) -> Optional[bytes]:
+        """The state of a state layer, or None (never put, evicted, or a read that met a write)."""
         ns = self.namespace(namespace)
+        if not ns.state_bytes(layer):
+            raise KvcacheError(f"layer {layer} keeps no state", grpc.StatusCode.INVALID_ARGUMENT)
+        for addr in self.owners(namespace, sequence_id):
+            got = self._get_from(addr, [self._key(namespace, sequence_id, layer, i) for i in range(ns.state_pages(layer))])
+            if got is None:
+                continue
+            st = self._join_state(ns, layer, [it.page if self._ok(it) else None for it in got])
+            if st is not None:
+                return st
+        return None
+
+    def put_state_snapshot(self, namespace: str, key: bytes, layer: int, state: bytes) -> tuple:
+        """Store a state layer's snapshot at the end of content page `key` (what a prefix hit
+        that ends there restores). Returns (written, deduplicated)."""
+        ns = self.namespace(namespace)
+        return self._put_wire(namespace, self._state_pages(ns, content_sequence_id(engine_key(key)), layer, bytes(state)))
+
+    def get_state_snapshot(self, namespace: str, key: bytes, layer: int) -> Optional[bytes]:
+        return self.get_state(namespace, content_sequence_id(engine_key(key)), layer)
+
+    def decode_linear(self, namespace: str, layer: int, items: Sequence[tuple], scale: float = 0.0) -> list:
+        """One decode step of a linear-attention layer (Gated DeltaNet, KDA) on each sequence's
+        stored state. items: (sequence_id, q, k, v, g, beta[, conv_input]) float32 arrays —
+        q, k [num_k_heads, head_k_dim] L2-normalized, v [num_v_heads, head_v_dim], g the log
+        decay [num_v_heads] (KDA: [num_v_heads, head_k_dim]), beta [num_v_heads]. The state is
+        advanced and written back; output is [num_v_heads, head_v_dim]."""
+        ns = self.namespace(namespace)
+        f = lambda a: np.ascontiguousarray(a, dtype=np.float32).ravel().astype("<f4").tobytes()  # noqa: E731
+        spec = ns.proto.model.layers[layer].linear if ns.layer_kind(layer) == "linear" else None
+        wire = []
+        for it in items:
+            conv = f(it[6]) if len(it) > 6 and it[6] is not None else b""
+            step = worker_pb.LinearStep(q=f(it[1]), k=f(it[2]), v=f(it[3]), g=f(it[4]), beta=f(it[5]), conv_input=conv)
+            wire.append(worker_pb.DecodeItem(sequence_id=it[0], linear=step))
+        shape = (spec.num_v_heads, spec.head_v_dim) if spec else None
+        return self._decode(ns, layer, wire, worker_pb.DecodeRequest(softmax_scale=scale), shape)
+
+    def decode(self, namespace: str, layer: int, items: Sequence[tuple], softmax_scale: float = 0.0,
+               sinks: Optional[np.ndarray] = None) -> list:
+        """One decode step for one layer. items: (sequence_id, query [q_heads, qk_width] float32,
+        optional new token kv [planes, 1, width] uint16[, indexer query [heads, dim] float32,
+        indexer weights [heads] float32, new indexer key bytes]) — the last three for sparse MLA
+        (DeepSeek-V3.2) layers. `sinks`: the layer's sink logit per query head, for models with
+        attention sinks (gpt-oss). A sliding-window or chunked layer attends to its window."""
+        ns = self.namespace(namespace)
+        f = lambda a: np.ascontiguousarray(a, dtype=np.float32).ravel().astype("<f4").tobytes()  # noqa: E731
+        wire = []
+        for it in items:
+            new_kv = self._payload(ns, it[2]) if len(it) > 2 and it[2] is not None else b""
+            d = worker_pb.DecodeItem(sequence_id=it[0], query=f(it[1]), new_kv=new_kv)
+            if len(it) > 4:
+                d.index_query, d.index_weights = f(it[3]), f(it[4])
+            if len(it) > 5 and it[5] is not None:
+                d.new_index_key = bytes(it[5])
+            wire.append(d)
+        req = worker_pb.DecodeRequest(softmax_scale=softmax_scale, sinks=f(sinks) if sinks is not None else b"")
+        return self._decode(ns, layer, wire, req, (ns.q_heads, ns.v_width))
+
+    def _decode(self, ns: Namespace, layer: int, wire: list, base, shape) -> list:
+        namespace = ns.name
         if not self._workers:
             self.refresh()
         if not self._workers:
             raise KvcacheError("no worker registered", grpc.StatusCode.UNAVAILABLE)
         groups: dict = {}
-        for idx, it in enumerate(items):
-            sid, q = it[0], np.ascontiguousarray(it[1], dtype=np.float32).ravel()
-            new_kv = self._payload(ns, it[2]) if len(it) > 2 and it[2] is not None else b""
-            w = place(_seq_hash(namespace, sid), [(a, b, c) for a, b, c, _ in self._workers], 1)[0]
-            # Queries travel as little-endian f32 bytes (see worker.proto).
-            groups.setdefault(w, []).append((idx, worker_pb.DecodeItem(sequence_id=sid, query=q.astype("<f4").tobytes(), new_kv=new_kv)))
-        results: list = [None] * len(items)
+        for idx, d in enumerate(wire):
+            w = place(_seq_hash(namespace, d.sequence_id), [(a, b, c) for a, b, c, _ in self._workers], 1)[0]
+            # Vectors travel as little-endian f32 bytes (see worker.proto).
+            groups.setdefault(w, []).append((idx, d))
+        results: list = [None] * len(wire)
         for w, group in groups.items():
             stub = worker_grpc.AttentionWorkerStub(self._node(self._workers[w][3]))
-            req = worker_pb.DecodeRequest(namespace=namespace, layer=layer, items=[g[1] for g in group], softmax_scale=softmax_scale)
+            req = worker_pb.DecodeRequest()
+            req.CopyFrom(base)
+            req.namespace, req.layer = namespace, layer
+            req.items.extend([g[1] for g in group])
             resp = self._call(stub.Decode, req)
             for (idx, _), r in zip(group, resp.results):
                 ok = r.status == worker_pb.SEQUENCE_STATUS_OK
+                out = np.frombuffer(r.output, dtype="<f4").astype(np.float32) if ok else None
                 results[idx] = DecodeResult(
                     sequence_id=r.sequence_id, ok=ok, status=worker_pb.SequenceStatus.Name(r.status),
-                    output=np.frombuffer(r.output, dtype="<f4").astype(np.float32).reshape(ns.q_heads, ns.v_width) if ok else None,
+                    output=out.reshape(shape) if ok and shape else out,
                     lse=np.array(r.lse, dtype=np.float32) if ok else None,
                     context_tokens=r.context_tokens, message=r.message)
         return results
