@@ -184,6 +184,9 @@ fn inline_append(store: &PageStore, appends: usize, payload_bytes: usize) -> boo
 /// Most appends one AppendBatch may carry.
 pub const MAX_BATCH_APPENDS: usize = 4096;
 
+/// Tokens one GetRows may ask for.
+pub const MAX_ROWS: usize = 65_536;
+
 /// One append as AppendTokens applies it, answered with the layer's extent when asked.
 fn append_one(store: &PageStore, r: pb::AppendTokensRequest) -> Result<pb::AppendTokensResponse, Status> {
     let seq = sequence(r.sequence)?;
@@ -479,6 +482,34 @@ impl CacheNode for NodeService {
             tokio::task::spawn_blocking(run).await.map_err(|e| Status::internal(format!("store task failed: {e}")))?
         };
         Ok(Response::new(pb::AppendBatchResponse { results }))
+    }
+
+    async fn get_rows(&self, request: Request<pb::GetRowsRequest>) -> Result<Response<pb::GetRowsResponse>, Status> {
+        let caller = Caller::of(&request);
+        let r = request.into_inner();
+        let seq = sequence(r.sequence)?;
+        self.check_namespace(&caller, &seq.namespace)?;
+        if r.tokens.len() > MAX_ROWS {
+            return Err(Status::invalid_argument(format!(
+                "{} tokens in one GetRows; at most {MAX_ROWS}",
+                r.tokens.len()
+            )));
+        }
+        if let Some(i) = r.tokens.windows(2).position(|w| w[1] <= w[0]) {
+            return Err(Status::invalid_argument(format!(
+                "tokens must be strictly ascending: token {} is {} after {}",
+                i + 1,
+                r.tokens[i + 1],
+                r.tokens[i]
+            )));
+        }
+        let store = self.store.clone();
+        let (layer, tokens) = (r.layer, r.tokens);
+        let rows = blocking(move || store.get_rows(&seq, layer, &tokens)).await?;
+        let rows = rows.unwrap_or_default();
+        self.auth.charge_bytes(&caller, rows.len() as u64)?;
+        self.metrics.bytes_out.increment(rows.len() as u64);
+        Ok(Response::new(pb::GetRowsResponse { found: !rows.is_empty(), rows: rows.into() }))
     }
 
     async fn lookup(&self, request: Request<pb::LookupRequest>) -> Result<Response<pb::LookupResponse>, Status> {

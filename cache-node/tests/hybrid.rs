@@ -96,3 +96,29 @@ fn a_put_of_a_whole_prompt_keeps_only_the_window() {
     assert_eq!(held(&s, "p", 0), vec![8, 9], "40 tokens, window 6: tokens 34..40");
     assert_eq!(held(&s, "p", 1), vec![8, 9], "40 tokens, chunk 8: tokens 32..40");
 }
+
+#[test]
+fn get_rows_cuts_the_chosen_tokens_out_of_their_pages() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path(), 64);
+    let ns = windowed();
+    s.ensure_namespace(ns.clone()).unwrap();
+    let layout = ns.layout();
+    // Layer 2 (full): 10 tokens in pages of 4, token t's rows filled with t.
+    let body = |t: u32| vec![t as u8; layout.payload_bytes(1)];
+    let seq = SequenceKey::new("test.window", "r");
+    for t in 0..10u32 {
+        append(&s, &seq, Some(2), 1, &body(t), Some(t as u64)).unwrap();
+    }
+    let rows = s.get_rows(&seq, 2, &[1, 4, 9]).unwrap().unwrap();
+    assert_eq!(rows.len(), layout.payload_bytes(3));
+    // [planes][3 tokens][row]: every row of token t is t.
+    for plane in 0..layout.planes {
+        for (j, t) in [1u8, 4, 9].iter().enumerate() {
+            let r = &rows[(plane * 3 + j) * layout.row_bytes..(plane * 3 + j + 1) * layout.row_bytes];
+            assert!(r.iter().all(|b| b == t), "plane {plane} token {t}");
+        }
+    }
+    assert_eq!(s.get_rows(&seq, 2, &[10]).unwrap(), None, "token 10 is not stored");
+    assert_eq!(s.get_rows(&seq, 0, &[0]).unwrap(), None, "layer 0 holds nothing");
+}

@@ -210,6 +210,10 @@ async fn call(path: &str, s: &mut Stubs, c: &Ctx) -> Result<bool, tonic::Status>
             }
             true
         }
+        "/kvcache.v1.CacheNode/GetRows" => {
+            s.node.get_rows(pb::GetRowsRequest { sequence: seq(), layer: 0, tokens: vec![0] }).await?;
+            true
+        }
         "/kvcache.v1.CacheNode/Lookup" => {
             s.node.lookup(pb::LookupRequest { sequence: seq(), ..Default::default() }).await?;
             true

@@ -141,6 +141,34 @@ impl Client {
         }
     }
 
+    /// The rows of `tokens` (strictly ascending) of one layer of `seq` from one node, as one
+    /// compact payload of `tokens.len()` tokens in the layer's layout; `None` when a page holding
+    /// one of them is not there. Its length is checked against the layout.
+    pub async fn get_rows_from(
+        &self,
+        node: &NodeRef,
+        seq: &SequenceKey,
+        layer: u32,
+        tokens: Vec<u32>,
+    ) -> Result<Option<Bytes>, ClientError> {
+        let ns = self.namespace_of(seq)?;
+        let n = tokens.len();
+        let mut c = self.node(&node.node_id, &node.address)?;
+        let req = pb::GetRowsRequest { sequence: Some(seq.into()), layer, tokens };
+        let r = c.get_rows(self.req(req)).await?.into_inner();
+        if !r.found {
+            return Ok(None);
+        }
+        let want = ns.layout_for(layer).payload_bytes(n);
+        if r.rows.len() != want {
+            return Err(ClientError::BadPage {
+                node: node.node_id.clone(),
+                reason: format!("GetRows answered {} bytes for {n} rows of {want}", r.rows.len()),
+            });
+        }
+        Ok(Some(r.rows))
+    }
+
     /// Lookup on one node.
     pub async fn lookup_on(
         &self,

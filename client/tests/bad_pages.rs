@@ -106,6 +106,10 @@ impl CacheNode for FakeNode {
         Err(fake())
     }
 
+    async fn get_rows(&self, _: Request<pb::GetRowsRequest>) -> Result<Response<pb::GetRowsResponse>, Status> {
+        Err(fake())
+    }
+
     async fn create_sequence(
         &self,
         _: Request<pb::CreateSequenceRequest>,

@@ -115,9 +115,8 @@ impl Worker {
         (pages.iter().map(|p| p.1 as u64).sum::<u64>() == ext.tokens - first as u64 * pt as u64).then_some(Fetched {
             pages,
             skip,
-            bytes: 0,
-            pulled: 0,
             cached,
+            ..Default::default()
         })
     }
 
@@ -125,17 +124,20 @@ impl Worker {
     /// a sequence over a prefix first gets the prefix's content pages (from their own owners, or
     /// the cache, where every sequence sharing that prefix finds them), then its own.
     pub(crate) async fn fetch_layer(&self, seq: &SequenceKey, layer: u32) -> Result<Fetched, SeqFailure> {
-        self.fetch_layer_pages(seq, layer, None).await
+        self.fetch_layer_pages(seq, layer, None, false).await
     }
 
     /// [`Self::fetch_layer`] pulling only the pages `want` accepts (by page index); the others
     /// come back as empty payloads with their token counts, so positions stay where they are
-    /// (sparse attention reads the pages holding its chosen tokens only).
+    /// (sparse attention reads the pages holding its chosen tokens only). With `leave_own`, the
+    /// sequence's own wanted pages that are not cached are not pulled either: they are listed in
+    /// `unpulled`, for the caller to read just the rows it needs.
     pub(crate) async fn fetch_layer_pages(
         &self,
         seq: &SequenceKey,
         layer: u32,
         want: Option<&(dyn Fn(usize) -> bool + Sync)>,
+        leave_own: bool,
     ) -> Result<Fetched, SeqFailure> {
         let wanted = |i: usize| want.is_none_or(|w| w(i));
         let ns = self.client.namespace(&seq.namespace);
@@ -210,6 +212,14 @@ impl Worker {
                 }
             }
         }
+        let mut unpulled = Vec::new();
+        if leave_own {
+            for k in missing.drain(..) {
+                let i = k.page_index as usize;
+                own_pages[i - own_start] = Some((Bytes::new(), page_len(i)));
+                unpulled.push(i - first);
+            }
+        }
         pulled += missing.len() as u64;
         if !missing.is_empty() {
             // A pull of more than the last page (a cold or evicted layer) runs under a lease, so
@@ -260,7 +270,7 @@ impl Worker {
         self.counters.bytes_pulled.fetch_add(bytes, Ordering::Relaxed);
         self.counters.pages_pulled.fetch_add(pulled, Ordering::Relaxed);
         let skip = (kind.read_range(tokens).start - from) as usize;
-        Ok(Fetched { pages, skip, bytes, pulled, cached })
+        Ok(Fetched { pages, skip, bytes, pulled, cached, unpulled, from: Some(node.clone()) })
     }
 
     /// Keep a sequence's prefix for the warm path ([`Self::cached_layer`]); bounded: the map is

@@ -114,11 +114,17 @@ enum SeqFailure {
     BadData(String),
 }
 
+#[derive(Default)]
 struct Fetched {
     /// The pages attention reads, from the first one its window or chunk touches.
     pages: Vec<(Bytes, usize)>,
     /// Tokens of the first page before the window (0 for full attention).
     skip: usize,
+    /// Pages (indices into `pages`, which holds an empty payload there) a sparse read left for
+    /// [`Self::from`] to serve by rows.
+    unpulled: Vec<usize>,
+    /// The owner the layer was read from.
+    from: Option<kvcache_client::NodeRef>,
     bytes: u64,
     pulled: u64,
     cached: u64,

@@ -1,15 +1,16 @@
 //! DeepSeek sparse attention (DSA) layers: each sequence's indexer keys (its indexer layer, a
 //! small key per token) are read whole — from the cache after the first step, the new token's
 //! applied locally — and scored with the request's indexer query; the top `topk` tokens are
-//! chosen, only the latent pages holding them are pulled, and their rows gathered into one
-//! compact page the MLA kernel attends to. At 128K tokens a cold step reads 17 MB of indexer keys
-//! and the pages holding the chosen tokens, instead of 151 MB of latents per layer; what that
-//! saves depends on how the choice clusters (docs/BENCHMARKS.md measures it).
+//! chosen and only their latent rows are read: from pages the worker already caches (the
+//! prefix's content pages, the page the step appended to), the rest with one `GetRows` from the
+//! owner, which cuts just those rows out of its pages. The rows are gathered into one compact
+//! page the MLA kernel attends to. At 128K tokens a cold step reads 17 MB of indexer keys and
+//! 2.4 MB of rows (2,048 × 1,152 bytes) instead of 151 MB of latents per layer.
 
 use crate::decode::{Appended, Parsed};
 use crate::{Fetched, SeqFailure, Worker};
 use bytes::Bytes;
-use kvcache_attention::hybrid::{gather_rows, indexer_scores, top_k};
+use kvcache_attention::hybrid::{indexer_scores, top_k};
 use kvcache_proto::v1 as pb;
 use std::sync::Arc;
 use tracing::Instrument;
@@ -73,24 +74,54 @@ impl Worker {
                         for &t in &chosen {
                             want[t as usize / pt] = true;
                         }
-                        let lat = me
-                            .fetch_layer_pages(&seq, layer, Some(&|i: usize| want.get(i).copied().unwrap_or(false)))
-                            .await?;
+                        let wanted = |i: usize| want.get(i).copied().unwrap_or(false);
+                        let lat = me.fetch_layer_pages(&seq, layer, Some(&wanted), true).await?;
                         let m: usize = lat.pages.iter().map(|p| p.1).sum();
-                        if m != n {
+                        // An indexer layer is full attention: its pages start at page 0.
+                        let ragged = lat.pages.iter().take(lat.pages.len().saturating_sub(1)).any(|p| p.1 != pt);
+                        if m != n || lat.skip != 0 || ragged {
                             return Err(SeqFailure::Miss(format!(
                                 "layer {layer} holds {m} latents but {n} indexer keys: recompute the sequence"
                             )));
                         }
-                        let src: Vec<(&[u8], usize)> = lat.pages.iter().map(|(b, t)| (&b[..], *t)).collect();
-                        let rows = gather_rows(&src, ns.layout().token_bytes(), &chosen)
-                            .map_err(|e| SeqFailure::Miss(e.to_string()))?;
+                        // The chosen tokens in pages not here: their rows from the owner.
+                        let mut remote = vec![false; lat.pages.len()];
+                        for &i in &lat.unpulled {
+                            remote[i] = true;
+                        }
+                        let far: Vec<u32> = chosen.iter().copied().filter(|t| remote[*t as usize / pt]).collect();
+                        let rb = ns.layout().token_bytes();
+                        let rows = match (&lat.from, far.is_empty()) {
+                            (_, true) => Bytes::new(),
+                            (None, false) => return Err(SeqFailure::Miss("no owner to read rows from".into())),
+                            (Some(node), false) => me
+                                .client
+                                .get_rows_from(node, &seq, layer, far)
+                                .await
+                                .map_err(|e| SeqFailure::Miss(e.to_string()))?
+                                .ok_or_else(|| SeqFailure::Miss(format!("rows of layer {layer} went missing")))?,
+                        };
+                        let mut packed = Vec::with_capacity(chosen.len() * rb);
+                        let mut r = 0;
+                        for &t in &chosen {
+                            let (p, off) = (t as usize / pt, t as usize % pt);
+                            if remote[p] {
+                                packed.extend_from_slice(&rows[r * rb..(r + 1) * rb]);
+                                r += 1;
+                            } else {
+                                let page = &lat.pages[p].0;
+                                if page.len() < (off + 1) * rb {
+                                    return Err(SeqFailure::Miss(format!("page {p} of layer {layer} is short")));
+                                }
+                                packed.extend_from_slice(&page[off * rb..(off + 1) * rb]);
+                            }
+                        }
                         Ok(Fetched {
-                            pages: vec![(Bytes::from(rows), chosen.len())],
-                            skip: 0,
-                            bytes: lat.bytes + kb,
+                            pages: vec![(Bytes::from(packed), chosen.len())],
+                            bytes: lat.bytes + kb + rows.len() as u64,
                             pulled: lat.pulled + kp,
                             cached: lat.cached + kc,
+                            ..Default::default()
                         })
                     }
                     .in_current_span(),

@@ -61,6 +61,43 @@ impl PageStore {
         Ok(r)
     }
 
+    /// The rows of `tokens` (strictly ascending positions) of `layer` of `key` as one compact
+    /// payload of `tokens.len()` tokens in the layer's layout; `None` when a page holding one of
+    /// them is not held (or holds fewer tokens). Pages are read as [`Self::get`] reads them
+    /// (verified, counted, the sequence touched).
+    pub fn get_rows(&self, key: &SequenceKey, layer: u32, tokens: &[u32]) -> Result<Option<Vec<u8>>, StoreError> {
+        let ns = self.ns_of(&key.namespace)?;
+        validate::layer(&ns.ns, layer)?;
+        if !ns.ns.layer_kind(layer).keeps_tokens() {
+            return Err(
+                ValidationError::LayerKind { layer, why: "rows are read from layers that keep tokens".into() }.into()
+            );
+        }
+        let layout = ns.ns.layout_for(layer);
+        let (pt, rb, k) = (ns.ns.page_tokens, layout.row_bytes, tokens.len());
+        let mut out = vec![0u8; layout.payload_bytes(k)];
+        let mut j = 0;
+        while j < k {
+            let page_index = tokens[j] / pt;
+            let end = j + tokens[j..].iter().take_while(|t| **t / pt == page_index).count();
+            let Some(p) = self.get(&PageKey { sequence: key.clone(), layer, page_index })? else { return Ok(None) };
+            let n = p.token_count as usize;
+            for (jj, &t) in tokens[j..end].iter().enumerate() {
+                let off = (t % pt) as usize;
+                if off >= n {
+                    return Ok(None);
+                }
+                for plane in 0..layout.planes {
+                    let src = layout.row_range(n, plane, off);
+                    let at = (plane * k + j + jj) * rb;
+                    out[at..at + rb].copy_from_slice(&p.payload[src]);
+                }
+            }
+            j = end;
+        }
+        Ok(Some(out))
+    }
+
     /// Read one page without counting it as a hit or miss (internal copies).
     pub(crate) fn get_in(&self, key: &PageKey) -> Option<StoredPage> {
         let seq = self.sequences.get(&key.sequence).map(|s| s.clone())?;

@@ -74,6 +74,7 @@ pub const ACCESS: &[(&str, Access)] = &[
     ("/kvcache.v1.Coordinator/ListNamespaces", Access::Caller),
     ("/kvcache.v1.CacheNode/PutPages", Access::Caller),
     ("/kvcache.v1.CacheNode/GetPages", Access::Caller),
+    ("/kvcache.v1.CacheNode/GetRows", Access::Caller),
     ("/kvcache.v1.CacheNode/AppendTokens", Access::Caller),
     ("/kvcache.v1.CacheNode/AppendBatch", Access::Caller),
     ("/kvcache.v1.CacheNode/Lookup", Access::Caller),

@@ -44,6 +44,11 @@ class CacheNodeStub:
                 request_serializer=kvcache_dot_v1_dot_cache__node__pb2.GetPagesRequest.SerializeToString,
                 response_deserializer=kvcache_dot_v1_dot_cache__node__pb2.GetPagesResponse.FromString,
                 _registered_method=True)
+        self.GetRows = channel.unary_unary(
+                '/kvcache.v1.CacheNode/GetRows',
+                request_serializer=kvcache_dot_v1_dot_cache__node__pb2.GetRowsRequest.SerializeToString,
+                response_deserializer=kvcache_dot_v1_dot_cache__node__pb2.GetRowsResponse.FromString,
+                _registered_method=True)
         self.AppendTokens = channel.unary_unary(
                 '/kvcache.v1.CacheNode/AppendTokens',
                 request_serializer=kvcache_dot_v1_dot_cache__node__pb2.AppendTokensRequest.SerializeToString,
@@ -110,6 +115,14 @@ class CacheNodeServicer:
 
     def GetPages(self, request, context):
         """Read pages. One item per requested page, in request order, each with its own status.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetRows(self, request, context):
+        """Read the rows of chosen tokens of one layer of a sequence, as one compact payload: what
+        sparse attention (DeepSeek-V3.2's top-2,048 of a long context) reads instead of whole pages.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -204,6 +217,11 @@ def add_CacheNodeServicer_to_server(servicer, server):
                     servicer.GetPages,
                     request_deserializer=kvcache_dot_v1_dot_cache__node__pb2.GetPagesRequest.FromString,
                     response_serializer=kvcache_dot_v1_dot_cache__node__pb2.GetPagesResponse.SerializeToString,
+            ),
+            'GetRows': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRows,
+                    request_deserializer=kvcache_dot_v1_dot_cache__node__pb2.GetRowsRequest.FromString,
+                    response_serializer=kvcache_dot_v1_dot_cache__node__pb2.GetRowsResponse.SerializeToString,
             ),
             'AppendTokens': grpc.unary_unary_rpc_method_handler(
                     servicer.AppendTokens,
@@ -310,6 +328,33 @@ class CacheNode:
             '/kvcache.v1.CacheNode/GetPages',
             kvcache_dot_v1_dot_cache__node__pb2.GetPagesRequest.SerializeToString,
             kvcache_dot_v1_dot_cache__node__pb2.GetPagesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRows(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvcache.v1.CacheNode/GetRows',
+            kvcache_dot_v1_dot_cache__node__pb2.GetRowsRequest.SerializeToString,
+            kvcache_dot_v1_dot_cache__node__pb2.GetRowsResponse.FromString,
             options,
             channel_credentials,
             insecure,
