@@ -15,7 +15,7 @@
 //!   [`roll_conv_state`], which appends the step's conv input to the short-convolution state.
 
 use crate::AttentionError;
-use kvcache_core::codec::{e4m3_to_f32, f32_to_e4m3, fp8_tile_scale};
+use kvcache_core::codec::{f32_to_e4m3, fp8_lut, fp8_tile_scale};
 use kvcache_core::spec::{IndexerSpec, LinearKind, LinearSpec};
 
 /// Fold one sink logit per head into a softmax result: `lse' = ln(e^lse + e^sink)`,
@@ -59,10 +59,11 @@ pub fn encode_indexer_key(spec: &IndexerSpec, key: &[f32], dst: &mut [u8]) {
 pub fn decode_indexer_key(spec: &IndexerSpec, src: &[u8], out: &mut [f32]) {
     let d = spec.head_dim as usize;
     let (vals, scales) = src.split_at(d);
+    let lut = fp8_lut();
     for (b, sc) in scales.chunks_exact(4).enumerate() {
         let s = f32::from_le_bytes(sc.try_into().expect("4 bytes"));
         for i in b * 128..((b + 1) * 128).min(d) {
-            out[i] = e4m3_to_f32(vals[i]) * s;
+            out[i] = lut[vals[i] as usize] * s;
         }
     }
 }
@@ -91,13 +92,13 @@ pub fn indexer_scores(
         return Err(AttentionError::Shape(format!("indexer keys of {} bytes are not whole {b}-byte keys", keys.len())));
     }
     scores.clear();
+    scores.reserve(keys.len() / b);
     let mut k = vec![0f32; d];
     for key in keys.chunks_exact(b) {
         decode_indexer_key(spec, key, &mut k);
         let mut s = 0f32;
         for (qh, w) in q.chunks_exact(d).zip(weights) {
-            let dot: f32 = qh.iter().zip(&k).map(|(a, b)| a * b).sum();
-            s += w * dot.max(0.0);
+            s += w * dot(qh, &k).max(0.0);
         }
         if !s.is_finite() {
             return Err(AttentionError::NonFiniteResult);
@@ -105,6 +106,19 @@ pub fn indexer_scores(
         scores.push(s);
     }
     Ok(())
+}
+
+/// `a · b` over eight running sums (so the compiler keeps them in one vector register).
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
 }
 
 /// Indices of the `k` highest scores (all of them when there are ≤ `k`), ascending; ties keep

@@ -1,7 +1,8 @@
 //! `kvcache demo`: the main job. Starts a local cluster (or uses `--coordinator`), creates
 //! namespaces for a GQA model, an MLA model in bf16 and fp8 and an MHA reference shape, prefills
 //! sequences, decodes through the worker, checks outputs against float64, and prints what each
-//! attention design costs — every number measured.
+//! attention design costs — every number measured. Then prefix reuse, and hybrid models: a
+//! gpt-oss sliding-window layer with sinks, and DeepSeek-V3.2's sparse MLA against dense MLA.
 
 use bytes::Bytes;
 use hdrhistogram::Histogram;
@@ -225,18 +226,33 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             }
         }
         let reuse = prefix_reuse(&client, run_id).await?;
+        let sliding =
+            crate::bench::hybrid::sliding(&client, &format!("demo.gpt-oss.{run_id}"), a.context as u64, 4).await?;
+        let sparse = crate::bench::hybrid::sparse(&client, &format!("demo.{run_id}"), a.context, 3).await?;
         if let Some(c) = cluster {
             c.stop().await?;
         }
         if a.json {
             println!(
                 "{}",
-                serde_json::to_string_pretty(&serde_json::json!({ "models": results, "prefix_reuse": reuse }))?
+                serde_json::to_string_pretty(&serde_json::json!({
+                    "models": results,
+                    "prefix_reuse": reuse,
+                    "hybrid": { "sliding": sliding, "sparse": sparse },
+                }))?
             );
         } else {
             print_table(&a, &results);
             print_reuse(&reuse);
+            crate::bench::hybrid::print_sliding(std::slice::from_ref(&sliding));
+            crate::bench::hybrid::print_sparse(&sparse);
         }
+        anyhow::ensure!(
+            sliding.max_rel_error <= 1e-5 && sparse.max_rel_error <= 1e-5,
+            "hybrid: output differs from the float64 reference (sliding {:e}, sparse {:e})",
+            sliding.max_rel_error,
+            sparse.max_rel_error
+        );
         anyhow::ensure!(
             reuse.max_rel_error <= 1e-5,
             "prefix reuse: output differs from the float64 reference (rel L2 {:e})",

@@ -2,6 +2,7 @@
 
 pub mod attention;
 pub mod decode;
+pub mod hybrid;
 pub mod node;
 pub mod placement;
 pub mod prefix;
@@ -23,6 +24,9 @@ pub enum Bench {
     Prefix(prefix::Args),
     /// What enforcing tenants costs: small calls and page reads with a tenants file vs open.
     Tenants(tenants::Args),
+    /// Hybrid layer kinds: a sliding-window layer from 8K to 1M tokens vs a full layer; sparse
+    /// MLA (DeepSeek-V3.2) vs dense MLA at 128K.
+    Hybrid(hybrid::Args),
 }
 
 /// Run a benchmark.
@@ -34,6 +38,7 @@ pub fn run(b: Bench) -> anyhow::Result<()> {
         Bench::Placement(a) => placement::run(a),
         Bench::Prefix(a) => prefix::run(a),
         Bench::Tenants(a) => tenants::run(a),
+        Bench::Hybrid(a) => hybrid::run(a),
     }
 }
 
