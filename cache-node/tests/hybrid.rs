@@ -119,6 +119,12 @@ fn get_rows_cuts_the_chosen_tokens_out_of_their_pages() {
             assert!(r.iter().all(|b| b == t), "plane {plane} token {t}");
         }
     }
-    assert_eq!(s.get_rows(&seq, 2, &[10]).unwrap(), None, "token 10 is not stored");
-    assert_eq!(s.get_rows(&seq, 0, &[0]).unwrap(), None, "layer 0 holds nothing");
+    let e = s.get_rows(&seq, 2, &[3, 10]).unwrap_err().to_string();
+    assert!(e.contains("sparse index) is 10") && e.contains("< 10, the tokens layer 2 holds"), "{e}");
+    assert!(s.get_rows(&seq, 0, &[0]).is_err(), "layer 0 holds nothing");
+    assert_eq!(
+        s.get_rows(&SequenceKey::new("test.window", "gone"), 2, &[0]).unwrap(),
+        None,
+        "no such sequence: a miss"
+    );
 }

@@ -481,3 +481,61 @@ async fn sparse_mla_attends_to_the_indexers_choice_and_pulls_only_the_pages_hold
     }
     cluster.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hybrid_sequence_seals_into_a_restorable_prefix_and_mamba2_states_are_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = LocalCluster::start(LocalClusterConfig::new(dir.path())).await.unwrap();
+    let client = Client::connect(&cluster.coordinator).await.unwrap();
+    let mut rng = Rng::new(21);
+    let ns = namespace(&client, "t.seal").await;
+    let seq = SequenceKey::new("t.seal", "s");
+    // 100 tokens: the sliding layer (window 40) keeps pages 3..6, the chunked one (32) page 6.
+    client.put_pages(prefill_pages(&ns, &seq, 3, 100, &mut rng)).await.unwrap();
+    let tokens: Vec<u32> = (0..100).collect();
+    assert_eq!(client.seal(&seq, &tokens).await.unwrap(), 6, "six full pages sealed");
+    let keys = client.content_keys("t.seal", &tokens).unwrap();
+    let m = client.match_prefix("t.seal", &keys, None).await.unwrap();
+    // The full layer on every key, the sliding layer's pages 3..5 (the chunked layer had moved
+    // to the chunk at 96 and released pages before it): 6 pages are restorable, since the next
+    // token (96) reads tokens 57..96 of the window (pages 3..5) and starts a new chunk.
+    assert_eq!(m.pages, 6, "{:?}", m.held);
+    use kvcache_core::spec::held::{FULL, WINDOW};
+    assert_eq!(m.held[0], FULL);
+    assert_eq!(m.held[5], FULL | WINDOW);
+    // A shorter prefix whose window falls on released pages is not restorable by itself.
+    let short = client.match_prefix("t.seal", &keys[..3], None).await.unwrap();
+    assert_eq!(short.pages, 0, "{:?}", short.held);
+
+    // Mamba2 (Nemotron-H's geometry): a state put, served back byte for byte, refused at the
+    // wrong size, and refused on an MLP-only layer.
+    let mut m = ModelSpec::preset("nemotron-h-8b").unwrap();
+    m.num_layers = 3;
+    m.layers.truncate(3);
+    assert_eq!(m.layers, vec![m.layers[0], LayerKind::None, m.layers[0]]);
+    let nh = client
+        .create_namespace(pb::CreateNamespaceRequest {
+            name: "t.mamba".into(),
+            model: Some((&m).into()),
+            codec: pb::Codec::Bf16 as i32,
+            page_tokens: 64,
+            replication: 2,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let size = nh.model.layer(0).state_bytes();
+    assert_eq!(size, 128 * 64 * 128 * 4 + (128 * 64 + 2 * 8 * 128) * 3 * 2);
+    let st: Vec<u8> = (0..size).map(|i| (i * 7 % 251) as u8).collect();
+    let s = SequenceKey::new("t.mamba", "m");
+    client.put_state(&s, 2, &st).await.unwrap();
+    assert_eq!(client.get_state(&s, 2).await.unwrap().unwrap(), st);
+    assert_eq!(client.get_state(&s, 0).await.unwrap(), None, "layer 0 was never put");
+    assert!(client.put_state(&s, 1, &st).await.unwrap_err().to_string().contains("layer 1 is a none layer"));
+    let pages = prefill_pages(&nh, &s, 2, 10, &mut rng);
+    let e = client.put_pages(vec![pages[0].clone()]).await.unwrap_err().to_string();
+    assert!(e.contains("layer 0: a state page is a full page"), "{e}");
+    let e = client.put_pages(vec![pages[1].clone()]).await.unwrap_err().to_string();
+    assert!(e.contains("layer 1: an MLP-only layer"), "{e}");
+    cluster.stop().await.unwrap();
+}

@@ -233,18 +233,22 @@ impl Client {
     pub async fn seal(&self, seq: &SequenceKey, token_ids: &[u32]) -> Result<usize, ClientError> {
         let ns = self.namespace_of(seq)?;
         let held = self.lookup(seq, vec![]).await?;
-        let (pt, layers) = (ns.page_tokens as usize, ns.model.num_layers);
-        if !held.exists || held.layers.len() != layers as usize {
-            return Ok(0);
-        }
+        let pt = ns.page_tokens as usize;
+        // The layers that keep tokens (a hybrid model's state and MLP-only layers have none to
+        // seal: an engine stores state snapshots itself, `put_state_snapshot`).
+        let layers: Vec<u32> = (0..ns.stored_layers()).filter(|&l| ns.layer_kind(l).keeps_tokens()).collect();
+        let extents: Option<Vec<u64>> =
+            layers.iter().map(|&l| held.layers.iter().find(|e| e.layer == l).map(|e| e.tokens)).collect();
+        let Some(extents) = extents.filter(|_| held.exists) else { return Ok(0) };
         let p = held.prefix.len();
-        let tokens = held.layers.iter().map(|l| l.tokens).min().unwrap_or(0) as usize;
+        let tokens = extents.into_iter().min().unwrap_or(0) as usize;
         let n = (tokens / pt).saturating_sub(p).min(token_ids.len() / pt);
-        if n == 0 {
+        if n == 0 || layers.is_empty() {
             return Ok(0);
         }
+        let nl = layers.len();
         let want: Vec<PageKey> = (0..n)
-            .flat_map(|j| (0..layers).map(move |l| (j, l)))
+            .flat_map(|j| layers.iter().map(move |&l| (j, l)))
             .map(|(j, l)| PageKey { sequence: seq.clone(), layer: l, page_index: (p + j) as u32 })
             .collect();
         let got = self.get_pages(&want).await?;
@@ -253,16 +257,23 @@ impl Client {
         for j in 0..n {
             let toks = &token_ids[j * pt..(j + 1) * pt];
             let mut key = None;
-            for l in 0..layers as usize {
-                let page = got[j * layers as usize + l]
-                    .as_ref()
-                    .filter(|g| g.token_count as usize == pt)
-                    .ok_or_else(|| ClientError::Miss(format!("page {} of layer {l} to seal", p + j)))?;
-                let (k, wire) = content_page_chained(&ns, parent.as_ref(), toks, l as u32, page.payload.clone());
+            for (li, &l) in layers.iter().enumerate() {
+                let page = got[j * nl + li].as_ref().filter(|g| g.token_count as usize == pt);
+                let page = match page {
+                    Some(page) => page,
+                    // A sliding or chunked layer released its pages before its window: the key
+                    // is sealed without them (a prefix needs them only near its end).
+                    None if ns.layer_kind(l) != kvcache_core::spec::LayerKind::Full => continue,
+                    None => return Err(ClientError::Miss(format!("page {} of layer {l} to seal", p + j))),
+                };
+                let (k, wire) = content_page_chained(&ns, parent.as_ref(), toks, l, page.payload.clone());
                 key = Some(k);
                 pages.push(wire);
             }
-            keys.push(key.expect("a layer"));
+            let Some(key) = key else {
+                return Err(ClientError::Miss(format!("page {} to seal is held by no layer", p + j)));
+            };
+            keys.push(key);
             parent = keys.last().copied();
         }
         self.put_content(&ns.name, pages).await?;

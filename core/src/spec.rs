@@ -185,6 +185,16 @@ impl LayerKind {
         }
     }
 
+    /// The first token the next token (position `n`) attends to among the `n` before it: the
+    /// start of its window, or of its chunk (`n` itself at a chunk boundary: nothing before it).
+    pub fn next_read_start(&self, n: u64) -> u64 {
+        match *self {
+            Self::Sliding { window } => (n + 1).saturating_sub(window as u64),
+            Self::Chunked { chunk } => n / chunk as u64 * chunk as u64,
+            _ => 0,
+        }
+    }
+
     /// The first page of a sequence of `n` tokens that attention can still read: pages before
     /// it lie wholly outside the window (or in past chunks) and are released.
     pub fn first_live_page(&self, n: u64, page_tokens: u32) -> u32 {
@@ -199,10 +209,12 @@ impl LayerKind {
 pub mod held {
     /// Every full-attention layer's page (and its indexer keys).
     pub const FULL: u32 = 1;
-    /// Every sliding-window and chunked layer's page.
+    /// Every sliding-window layer's page.
     pub const WINDOW: u32 = 2;
     /// Every linear-attention and Mamba2 layer's state snapshot at the end of the page.
     pub const STATE: u32 = 4;
+    /// Every chunked layer's page.
+    pub const CHUNK: u32 = 8;
 }
 
 /// DeepSeek Sparse Attention's lightning indexer: a small key per token and layer that scores
@@ -471,7 +483,8 @@ impl ModelSpec {
         self.layer_kinds().fold(0, |g, k| {
             g | match k {
                 LayerKind::Full => held::FULL,
-                LayerKind::Sliding { .. } | LayerKind::Chunked { .. } => held::WINDOW,
+                LayerKind::Sliding { .. } => held::WINDOW,
+                LayerKind::Chunked { .. } => held::CHUNK,
                 LayerKind::Linear(_) | LayerKind::Mamba2(_) => held::STATE,
                 LayerKind::None => 0,
             }
@@ -480,8 +493,9 @@ impl ModelSpec {
 
     /// The longest prefix (in pages) of a chain whose keys hold `held[i]` (bits of [`held`]) that
     /// every layer can be restored from — SGLang HiCache's rules: every page of a full layer, the
-    /// pages of a sliding or chunked layer its last token's attention reads (the trailing window,
-    /// the current chunk), and a state layer's snapshot at the prefix's last page.
+    /// pages of a sliding or chunked layer that the first token after the prefix reads (the
+    /// trailing window; the current chunk, nothing at a chunk boundary), and a state layer's
+    /// snapshot at the prefix's last page.
     pub fn restorable_prefix(&self, held: &[u32], page_tokens: u32) -> usize {
         let groups = self.held_groups();
         let lead = if groups & held::FULL != 0 {
@@ -489,12 +503,16 @@ impl ModelSpec {
         } else {
             held.len()
         };
-        // Windowed pages held before each index, for O(1) range checks.
-        let mut windowed = Vec::with_capacity(held.len() + 1);
-        windowed.push(0usize);
-        for h in held {
-            windowed.push(windowed.last().unwrap() + usize::from(h & held::WINDOW != 0));
-        }
+        // Keys holding each windowed group before each index, for O(1) range checks.
+        let count = |bit: u32| {
+            let mut c = Vec::with_capacity(held.len() + 1);
+            c.push(0usize);
+            for h in held {
+                c.push(c.last().unwrap() + usize::from(h & bit != 0));
+            }
+            c
+        };
+        let (sliding, chunked) = (count(held::WINDOW), count(held::CHUNK));
         let kinds: Vec<LayerKind> =
             self.layer_kinds().filter(|k| matches!(k, LayerKind::Sliding { .. } | LayerKind::Chunked { .. })).collect();
         (1..=lead)
@@ -502,8 +520,9 @@ impl ModelSpec {
             .find(|&p| {
                 let tokens = p as u64 * page_tokens as u64;
                 let window_ok = kinds.iter().all(|k| {
-                    let first = k.first_live_page(tokens, page_tokens) as usize;
-                    windowed[p] - windowed[first] == p - first
+                    let first = (k.next_read_start(tokens) / page_tokens as u64) as usize;
+                    let c = if matches!(k, LayerKind::Sliding { .. }) { &sliding } else { &chunked };
+                    first >= p || c[p] - c[first] == p - first
                 });
                 let state_ok = groups & held::STATE == 0 || held[p - 1] & held::STATE != 0;
                 window_ok && state_ok
@@ -707,7 +726,8 @@ mod tests {
         // A hole in the window of every length: nothing restorable.
         assert_eq!(oss.restorable_prefix(&[FULL, FULL | WINDOW, FULL, FULL | WINDOW], 64), 0);
         assert_eq!(oss.restorable_prefix(&[FULL | WINDOW, FULL | WINDOW, FULL, FULL], 64), 2);
-        // A window that starts inside a page needs that page too: window 128 over 3 pages of 50.
+        // A window that starts inside a page needs that page too: window 128 over 4 pages of 50
+        // (the next token, 200, reads 73..200: pages 1..3).
         assert_eq!(oss.restorable_prefix(&[FULL, FULL, FULL | WINDOW, FULL | WINDOW], 50), 0);
         assert_eq!(oss.restorable_prefix(&[FULL, FULL | WINDOW, FULL | WINDOW, FULL | WINDOW], 50), 4);
         // Qwen3-Next: full layers on every page, the GDN state snapshot at the last one.
@@ -718,9 +738,11 @@ mod tests {
         let l4 = ModelSpec::preset("llama-4-scout").unwrap();
         let mut h = vec![FULL; 200];
         for x in &mut h[128..190] {
-            *x |= WINDOW;
+            *x |= CHUNK;
         }
         assert_eq!(l4.restorable_prefix(&h, 64), 190);
+        // At a chunk boundary the next token starts a chunk: no chunked pages needed.
+        assert_eq!(l4.restorable_prefix(&vec![FULL; 256], 64), 256);
     }
 
     #[test]

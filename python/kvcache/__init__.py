@@ -237,21 +237,35 @@ class Namespace:
         lead = len(held)
         if groups & HELD_FULL:
             lead = next((i for i, h in enumerate(held) if not h & HELD_FULL), len(held))
-        windowed = [0]
-        for h in held:
-            windowed.append(windowed[-1] + (1 if h & HELD_WINDOW else 0))
+        counts = {}
+        for bit in (HELD_WINDOW, HELD_CHUNK):
+            c = [0]
+            for h in held:
+                c.append(c[-1] + (1 if h & bit else 0))
+            counts[bit] = c
         kinds = [layer for layer in range(self.num_layers) if self.layer_kind(layer) in ("sliding", "chunked")]
+
+        def next_start(layer: int, n: int) -> int:
+            # The first token the next token (position n) reads: its window's or chunk's start.
+            spec = self.proto.model.layers[layer]
+            if spec.WhichOneof("kind") == "sliding":
+                return max(0, n + 1 - spec.sliding.window)
+            return n // spec.chunked.chunk * spec.chunked.chunk
+
         for p in range(lead, 0, -1):
-            ok = all(windowed[p] - windowed[self.window(layer, p * pt)[0] // pt] == p - self.window(layer, p * pt)[0] // pt
-                     for layer in kinds)
+            ok = True
+            for layer in kinds:
+                first = next_start(layer, p * pt) // pt
+                c = counts[_GROUP[self.layer_kind(layer)]]
+                ok = ok and (first >= p or c[p] - c[first] == p - first)
             if ok and (not groups & HELD_STATE or held[p - 1] & HELD_STATE):
                 return p
         return 0
 
 
 # MatchPrefixResponse.held bits.
-HELD_FULL, HELD_WINDOW, HELD_STATE = 1, 2, 4
-_GROUP = {"full": HELD_FULL, "sliding": HELD_WINDOW, "chunked": HELD_WINDOW, "linear": HELD_STATE,
+HELD_FULL, HELD_WINDOW, HELD_STATE, HELD_CHUNK = 1, 2, 4, 8
+_GROUP = {"full": HELD_FULL, "sliding": HELD_WINDOW, "chunked": HELD_CHUNK, "linear": HELD_STATE,
           "mamba2": HELD_STATE, "none": 0}
 
 

@@ -108,9 +108,20 @@ impl PageStore {
                     return Err(StoreError::SequenceExists(key.sequence_id.clone()));
                 }
                 let pt = ns.ns.page_tokens;
+                // Layers that keep tokens: a full layer must hold the page; a sliding or
+                // chunked one may have released it (a prefix needs it only near its end); a
+                // state layer's pages are its state, not tokens, and stay.
+                let token_layers: Vec<(usize, bool)> = (0..ns.ns.stored_layers())
+                    .map(|l| (l as usize, ns.ns.layer_kind(l)))
+                    .filter(|(_, k)| k.keeps_tokens())
+                    .map(|(l, k)| (l, k == LayerKind::Full))
+                    .collect();
                 for idx in cur.len()..prefix.len() {
-                    for l in 0..ns.ns.model.num_layers as usize {
+                    for &(l, required) in &token_layers {
                         let e = inner.layers.get(l).and_then(|v| v.get(idx)).copied().flatten();
+                        if e.is_none() && !required {
+                            continue;
+                        }
                         if e.is_none_or(|e| e.tokens != pt) {
                             return Err(ValidationError::ContentPage(format!(
                                 "page {idx} of layer {l} of {:?} is not a full page it holds: only full pages are sealed",
@@ -121,8 +132,8 @@ impl PageStore {
                     }
                 }
                 for idx in cur.len()..prefix.len() {
-                    for l in 0..ns.ns.model.num_layers {
-                        let pk = PageKey { sequence: key.clone(), layer: l, page_index: idx as u32 };
+                    for &(l, _) in &token_layers {
+                        let pk = PageKey { sequence: key.clone(), layer: l as u32, page_index: idx as u32 };
                         self.drop_entry(&seq, &mut inner, &pk);
                     }
                 }

@@ -120,7 +120,8 @@ impl PageStore {
         let plan: Vec<(u32, u32, usize)> = (0..ns.ns.stored_layers())
             .filter_map(|l| match ns.ns.layer_kind(l) {
                 LayerKind::Full => Some((l, held::FULL, 1)),
-                LayerKind::Sliding { .. } | LayerKind::Chunked { .. } => Some((l, held::WINDOW, 1)),
+                LayerKind::Sliding { .. } => Some((l, held::WINDOW, 1)),
+                LayerKind::Chunked { .. } => Some((l, held::CHUNK, 1)),
                 LayerKind::Linear(_) | LayerKind::Mamba2(_) => Some((l, held::STATE, ns.ns.state_pages(l) as usize)),
                 LayerKind::None => None,
             })

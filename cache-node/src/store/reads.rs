@@ -73,6 +73,20 @@ impl PageStore {
                 ValidationError::LayerKind { layer, why: "rows are read from layers that keep tokens".into() }.into()
             );
         }
+        // A token past what the layer holds is a bad index, not a miss.
+        if let Some(&last) = tokens.last()
+            && let Some(seq) = self.sequences.get(key).map(|s| s.clone())
+        {
+            let held = seq.inner.lock().layer_tokens(layer as usize, ns.ns.page_tokens);
+            if last as u64 >= held {
+                return Err(ValidationError::Count {
+                    what: "tokens (a sparse index)",
+                    got: last as u64,
+                    expected: format!("< {held}, the tokens layer {layer} holds"),
+                }
+                .into());
+            }
+        }
         let layout = ns.ns.layout_for(layer);
         let (pt, rb, k) = (ns.ns.page_tokens, layout.row_bytes, tokens.len());
         let mut out = vec![0u8; layout.payload_bytes(k)];
