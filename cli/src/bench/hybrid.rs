@@ -70,6 +70,11 @@ pub struct Sparse {
     pub sparse_warm_step_ms: f64,
     pub dense_warm_step_ms: f64,
     pub sparse_warm_pull_bytes: f64,
+    /// Of a warm step (worker's own accounting, medians): the sparse step's fetch part (the
+    /// indexer's scoring and the rows read) and its attention; the dense step's attention.
+    pub sparse_warm_fetch_ms: f64,
+    pub sparse_warm_attention_ms: f64,
+    pub dense_warm_attention_ms: f64,
     pub max_rel_error: f64,
 }
 
@@ -234,6 +239,7 @@ pub async fn sparse(client: &Client, prefix: &str, context: usize, steps: usize)
     let w = rng.vec(ix.num_heads as usize, 1.0);
     let (mut out, mut max_err) = (Sparse::default_for(context, ix.topk), 0f64);
     let (mut st, mut dt, mut sw) = (Vec::new(), Vec::new(), 0u64);
+    let (mut sf, mut sa, mut da) = (Vec::new(), Vec::new(), Vec::new());
     for step in 0..=steps {
         let q = rng.vec(shape.q_len(), 1.0);
         let tok = tokens_payload(&sp, 1, &mut rng);
@@ -292,11 +298,17 @@ pub async fn sparse(client: &Client, prefix: &str, context: usize, steps: usize)
             st.push(s_ms);
             dt.push(d_ms);
             sw += r.stats.bytes_pulled;
+            sf.push(r.stats.fetch_micros as f64 / 1e3);
+            sa.push(r.stats.compute_micros as f64 / 1e3);
+            da.push(rd.stats.compute_micros as f64 / 1e3);
         }
     }
     out.sparse_warm_step_ms = median(st);
     out.dense_warm_step_ms = median(dt);
     out.sparse_warm_pull_bytes = sw as f64 / steps.max(1) as f64;
+    out.sparse_warm_fetch_ms = median(sf);
+    out.sparse_warm_attention_ms = median(sa);
+    out.dense_warm_attention_ms = median(da);
     out.max_rel_error = max_err;
     let _ = client.delete(&s_seq).await;
     let _ = client.delete(&d_seq).await;
@@ -315,6 +327,9 @@ impl Sparse {
             sparse_warm_step_ms: 0.0,
             dense_warm_step_ms: 0.0,
             sparse_warm_pull_bytes: 0.0,
+            sparse_warm_fetch_ms: 0.0,
+            sparse_warm_attention_ms: 0.0,
+            dense_warm_attention_ms: 0.0,
             max_rel_error: 0.0,
         }
     }
@@ -381,7 +396,8 @@ pub fn print_sparse(r: &Sparse) {
     println!(
         "\nSparse MLA (DeepSeek-V3.2 indexer, top-{}) vs dense MLA over the same {} latents, one layer, 128 heads:\n\
          cold step pulled {} sparse (indexer keys + chosen rows) vs {} dense ({:.1}x less); cold step {:.1} ms vs {:.1} ms;\n\
-         warm step {:.2} ms sparse (pulls {}) vs {:.2} ms dense ({:.2}x); output vs float64 over the same choice: rel err {:.1e}.",
+         warm step {:.2} ms sparse (pulls {}) vs {:.2} ms dense ({:.2}x); output vs float64 over the same choice: rel err {:.1e}.\n\
+         of a warm step: sparse fetch (indexer scoring, rows) {:.1} ms + attention {:.1} ms; dense attention {:.1} ms.",
         r.topk,
         r.context,
         h(r.sparse_cold_pull_bytes as f64),
@@ -393,6 +409,9 @@ pub fn print_sparse(r: &Sparse) {
         h(r.sparse_warm_pull_bytes),
         r.dense_warm_step_ms,
         r.dense_warm_step_ms / r.sparse_warm_step_ms.max(1e-9),
-        r.max_rel_error
+        r.max_rel_error,
+        r.sparse_warm_fetch_ms,
+        r.sparse_warm_attention_ms,
+        r.dense_warm_attention_ms
     );
 }
