@@ -1,4 +1,6 @@
-//! Decode by layer kind, beyond full attention over every token.
+//! Decode by layer kind, beyond full attention over every token. (The indexer's scoring loop is
+//! plain Rust compiled per ISA with `#[target_feature]`; calling it is this module's only
+//! `unsafe`, after `Backend::detect` has checked the CPU.)
 //!
 //! - Sliding-window and chunked layers attend to a suffix of the cached tokens: the worker passes
 //!   only the pages that hold them and [`crate::BatchItem::skip`] for a window that starts inside
@@ -78,6 +80,18 @@ pub fn indexer_scores(
     keys: &[u8],
     scores: &mut Vec<f32>,
 ) -> Result<(), AttentionError> {
+    indexer_scores_threads(spec, q, weights, keys, scores, 1)
+}
+
+/// [`indexer_scores`] over `threads` threads (split by tokens).
+pub fn indexer_scores_threads(
+    spec: &IndexerSpec,
+    q: &[f32],
+    weights: &[f32],
+    keys: &[u8],
+    scores: &mut Vec<f32>,
+    threads: usize,
+) -> Result<(), AttentionError> {
     let (h, d, b) = (spec.num_heads as usize, spec.head_dim as usize, spec.bytes_per_token());
     if q.len() != h * d {
         return Err(AttentionError::QueryLength { got: q.len(), expected: h * d, heads: h, width: d });
@@ -92,30 +106,81 @@ pub fn indexer_scores(
         return Err(AttentionError::Shape(format!("indexer keys of {} bytes are not whole {b}-byte keys", keys.len())));
     }
     scores.clear();
-    scores.reserve(keys.len() / b);
-    let mut k = vec![0f32; d];
-    for key in keys.chunks_exact(b) {
-        decode_indexer_key(spec, key, &mut k);
-        let mut s = 0f32;
-        for (qh, w) in q.chunks_exact(d).zip(weights) {
-            s += w * dot(qh, &k).max(0.0);
-        }
-        if !s.is_finite() {
-            return Err(AttentionError::NonFiniteResult);
-        }
-        scores.push(s);
+    scores.resize(keys.len() / b, 0.0);
+    // Split over threads by tokens; each part runs the loop compiled for the CPU's ISA.
+    let threads = threads.clamp(1, 64).min(scores.len().div_ceil(4096).max(1));
+    let per = scores.len().div_ceil(threads).max(1);
+    let backend = crate::Backend::detect();
+    let run = |keys: &[u8], out: &mut [f32]| match backend {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `detect` chose AVX-512, so the CPU has AVX-512F/VL, AVX2 and FMA.
+        crate::Backend::Avx512 | crate::Backend::Avx512Bf16 => unsafe {
+            score_keys_avx512(spec, q, weights, keys, out)
+        },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `detect` chose AVX2, which it does only with FMA present.
+        crate::Backend::Avx2 => unsafe { score_keys_avx2(spec, q, weights, keys, out) },
+        _ => score_keys::<false>(spec, q, weights, keys, out),
+    };
+    let ok = if threads == 1 {
+        run(keys, scores)
+    } else {
+        std::thread::scope(|s| {
+            let parts: Vec<_> =
+                keys.chunks(per * b).zip(scores.chunks_mut(per)).map(|(k, o)| s.spawn(move || run(k, o))).collect();
+            parts.into_iter().all(|p| p.join().unwrap_or(false))
+        })
+    };
+    if !ok {
+        return Err(AttentionError::NonFiniteResult);
     }
     Ok(())
 }
 
-/// `a · b` over eight running sums (so the compiler keeps them in one vector register).
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+/// [`score_keys`] compiled for AVX-512 with fused multiply-adds.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+fn score_keys_avx512(spec: &IndexerSpec, q: &[f32], weights: &[f32], keys: &[u8], out: &mut [f32]) -> bool {
+    score_keys::<true>(spec, q, weights, keys, out)
+}
+
+/// [`score_keys`] compiled for AVX2 with fused multiply-adds.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn score_keys_avx2(spec: &IndexerSpec, q: &[f32], weights: &[f32], keys: &[u8], out: &mut [f32]) -> bool {
+    score_keys::<true>(spec, q, weights, keys, out)
+}
+
+/// The scoring loop of [`indexer_scores`] over whole keys; false when a score is not finite.
+#[inline(always)]
+fn score_keys<const FMA: bool>(spec: &IndexerSpec, q: &[f32], weights: &[f32], keys: &[u8], out: &mut [f32]) -> bool {
+    let (d, b) = (spec.head_dim as usize, spec.bytes_per_token());
+    let mut k = vec![0f32; d];
+    for (key, o) in keys.chunks_exact(b).zip(out.iter_mut()) {
+        decode_indexer_key(spec, key, &mut k);
+        let mut s = 0f32;
+        for (qh, w) in q.chunks_exact(d).zip(weights) {
+            s += w * dot::<FMA>(qh, &k).max(0.0);
+        }
+        if !s.is_finite() {
+            return false;
+        }
+        *o = s;
+    }
+    true
+}
+
+/// `a · b` over sixteen running sums (one AVX-512 or two AVX2 registers), with fused
+/// multiply-adds when `FMA` (only inlined into the FMA-enabled `score_keys_*`: elsewhere
+/// `mul_add` would be a library call).
+#[inline(always)]
+fn dot<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
     let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
     for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
+        for i in 0..16 {
+            acc[i] = if FMA { x[i].mul_add(y[i], acc[i]) } else { acc[i] + x[i] * y[i] };
         }
     }
     acc.iter().sum::<f32>() + tail

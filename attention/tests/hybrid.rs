@@ -145,6 +145,10 @@ fn sparse_mla_attends_to_the_indexers_top_k() {
         let want = reference::indexer_scores(&idx, &iq, &w, &decoded);
         let e = rel_l2(&scores, &want);
         assert!(e < 1e-5, "indexer scores rel L2 {e:e}");
+        // Split over threads (5,600 keys: two parts): the same scores.
+        let mut split = Vec::new();
+        kvcache_attention::hybrid::indexer_scores_threads(&idx, &iq, &w, &keys.repeat(8), &mut split, 3).unwrap();
+        assert_eq!(split, scores.repeat(8));
         let chosen = top_k(&scores, idx.topk as usize);
         assert_eq!(chosen.len(), 64);
         // The choice is the reference's top 64 up to f32 rounding of near-ties.

@@ -10,7 +10,7 @@
 use crate::decode::{Appended, Parsed};
 use crate::{Fetched, SeqFailure, Worker};
 use bytes::Bytes;
-use kvcache_attention::hybrid::{indexer_scores, top_k};
+use kvcache_attention::hybrid::{indexer_scores_threads, top_k};
 use kvcache_proto::v1 as pb;
 use std::sync::Arc;
 use tracing::Instrument;
@@ -36,6 +36,7 @@ impl Worker {
             .map(|(i, ((acks, iacks), it))| {
                 let (me, ns, seq, inputs) = (self.clone(), p.ns.clone(), p.seqs[i].clone(), p.index[i].clone());
                 let (new_kv, new_key) = (it.new_kv.clone(), it.new_index_key.clone());
+                let threads = self.cfg.threads;
                 tokio::spawn(
                     async move {
                         // The latent layer's cached last page follows the append; the indexer
@@ -62,7 +63,7 @@ impl Worker {
                                 flat.extend_from_slice(b);
                             }
                             let mut scores = Vec::with_capacity(n);
-                            indexer_scores(&ix, &inputs.0, &inputs.1, &flat, &mut scores)
+                            indexer_scores_threads(&ix, &inputs.0, &inputs.1, &flat, &mut scores, threads)
                                 .map(|()| (top_k(&scores, ix.topk as usize), keys.bytes, keys.pulled, keys.cached))
                         })
                         .await
