@@ -374,8 +374,9 @@ impl NodeService {
                 .store
                 .namespace(&seq.namespace)
                 .ok_or_else(|| status(StoreError::UnknownNamespace(seq.namespace.clone())))?;
-            let layers = ns.ns.model.num_layers;
-            let layer_end = if r.layer_end == 0 { layers } else { r.layer_end };
+            // The model's layers by default; a DSA model's indexer layers on request.
+            let layers = ns.ns.stored_layers();
+            let layer_end = if r.layer_end == 0 { ns.ns.model.num_layers } else { r.layer_end };
             if r.layer_start >= layer_end || layer_end > layers {
                 return Err(Status::invalid_argument(format!(
                     "layer range {}..{} invalid: model has {layers} layers",

@@ -457,6 +457,64 @@ async fn sparse_mla_attends_to_the_indexers_choice_and_pulls_only_the_pages_hold
             assert!(pages_with_choice < 38, "the test's choice must cluster");
         }
     }
+    // A sequence over a cached prefix: three content pages of latents (layer 1) and indexer keys
+    // (layer 3); the decode chooses among prefix and own tokens alike.
+    let toks: Vec<u32> = (0..48).map(|t| t + 7_000).collect();
+    let ck = client.content_keys("t.dsa", &toks).unwrap();
+    let (mut pl, mut pk) = (Vec::new(), Vec::new());
+    let mut content = Vec::new();
+    for k in &ck {
+        let lat = tokens_payload(&ns, 16, &mut rng);
+        let mut kk = Vec::new();
+        for _ in 0..16 {
+            let mut b = vec![0u8; ix.bytes_per_token()];
+            encode_indexer_key(&ix, &rng.vec(128, 0.5), &mut b);
+            kk.extend_from_slice(&b);
+        }
+        content.push(kvcache_client::content_page(&ns, k, 1, Bytes::from(lat.clone())));
+        content.push(kvcache_client::content_page(&ns, k, 3, Bytes::from(kk.clone())));
+        pl.push((lat, 16usize));
+        pk.extend_from_slice(&kk);
+    }
+    client.put_content("t.dsa", content).await.unwrap();
+    let s2 = SequenceKey::new("t.dsa", "p");
+    client.create_sequence(&s2, &ck, None).await.unwrap();
+    let mut m2 = Mirror { pages: pl };
+    for step in 0..2 {
+        let q = rng.vec(shape.q_len(), 1.0);
+        let tok = tokens_payload(&ns, 1, &mut rng);
+        let mut newkey = vec![0u8; ix.bytes_per_token()];
+        encode_indexer_key(&ix, &rng.vec(128, 0.5), &mut newkey);
+        m2.append(&ns, &tok);
+        pk.extend_from_slice(&newkey);
+        let r = client
+            .decode(pb::DecodeRequest {
+                namespace: "t.dsa".into(),
+                layer: 1,
+                items: vec![pb::DecodeItem {
+                    new_kv: Bytes::from(tok),
+                    new_index_key: Bytes::from(newkey),
+                    index_query: b(&iq),
+                    index_weights: b(&w),
+                    ..pb::DecodeItem::with_query("p", &q)
+                }],
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let res = &r.results[0];
+        assert_eq!(res.status, SequenceStatus::Ok, "{}", res.message);
+        assert_eq!(res.context_tokens, 32.min(49 + step));
+        let mut scores = Vec::new();
+        indexer_scores(&ix, &iq, &w, &pk, &mut scores).unwrap();
+        let chosen = top_k(&scores, 32);
+        let src: Vec<(&[u8], usize)> = m2.pages.iter().map(|(p, t)| (&p[..], *t)).collect();
+        let rows = kvcache_attention::hybrid::gather_rows(&src, ns.layout().token_bytes(), &chosen).unwrap();
+        let (want, _) = reference::attention(&shape, &q, &[KvPage { payload: &rows, tokens: 32 }]);
+        let e = reference::rel_l2(&res.output_f32(), &want);
+        assert!(e <= 1e-5, "over a prefix, step {step}: rel L2 {e:e}");
+    }
+
     // Bad input: the indexer query missing or of the wrong size, a latent without its key.
     let mut wc = kvcache_proto::v1::attention_worker_client::AttentionWorkerClient::new(
         kvcache_client::channel(&cluster.worker).unwrap(),

@@ -428,10 +428,13 @@ impl Client {
         place: impl Fn(Bytes) -> Bytes + Sync,
     ) -> Result<Vec<Option<FetchedPage>>, ClientError> {
         let n = self.namespace(ns).ok_or_else(|| ClientError::NotFound(format!("namespace {ns:?}")))?;
-        if layers.end > n.model.num_layers || layers.is_empty() {
+        if layers.end > n.stored_layers() || layers.is_empty() {
             return Err(ClientError::InvalidArgument(format!(
-                "layers {}..{} out of range: the model has {} layers",
-                layers.start, layers.end, n.model.num_layers
+                "layers {}..{} out of range: the model has {} layers{}",
+                layers.start,
+                layers.end,
+                n.model.num_layers,
+                if n.model.indexer.is_some() { " (and as many indexer layers after them)" } else { "" }
             )));
         }
         let per = layers.len();

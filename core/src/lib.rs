@@ -1,7 +1,9 @@
 //! kvcache-core: the domain model of the KV-cache service. No I/O.
 //!
-//! - [`spec`]: [`ModelSpec`] (MHA/GQA/MQA/MLA geometry) and presets exact to published configs,
-//!   with bytes per token for every codec.
+//! - [`spec`]: [`ModelSpec`] (MHA/GQA/MQA/MLA geometry, and per-layer kinds: full, sliding,
+//!   chunked, linear attention, Mamba2, MLP-only; sinks; the DSA indexer) and presets exact to
+//!   published configs, with bytes per token for every codec and bytes per sequence; which
+//!   prefix every layer kind can restore.
 //! - [`codec`]: row codecs (bf16, f16, fp8-e4m3 with power-of-two tile scales, int8 with a row
 //!   scale). Encode from f32, decode to f32; error bounds stated on each.
 //! - [`layout`]: [`PageLayout`], where each token's K/V (or MLA latent) sits in a page payload, and

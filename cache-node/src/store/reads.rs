@@ -150,7 +150,7 @@ impl PageStore {
         let inner = seq.inner.lock();
         let prefix = inner.prefix_pages();
         // A sequence over a prefix has every layer, if only the prefix's tokens.
-        let n_layers = if prefix > 0 { ns.ns.model.num_layers as usize } else { inner.layers.len() };
+        let n_layers = if prefix > 0 { ns.ns.stored_layers() as usize } else { inner.layers.len() };
         let empty = Vec::new();
         let layers = (0..n_layers)
             .filter(|i| only_layer.is_none_or(|o| o as usize == *i))
