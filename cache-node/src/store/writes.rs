@@ -134,7 +134,7 @@ impl PageStore {
         }
         let kind = seq.ns.ns.model.layer(key.layer);
         if matches!(kind, LayerKind::Sliding { .. } | LayerKind::Chunked { .. }) && !key.sequence.is_content() {
-            self.release_outside_window(seq, inner, key.layer, kind);
+            self.release_outside_window(seq, inner, key, kind);
         }
         true
     }
@@ -142,16 +142,32 @@ impl PageStore {
     /// Release the pages of a sliding-window or chunked layer that lie wholly before what its
     /// attention can still read (the window of the last token, or its chunk): a long sequence
     /// keeps a window's worth of pages, however long it grows. Released pages read as missing.
-    fn release_outside_window(&self, seq: &Sequence, inner: &mut SeqInner, layer: u32, kind: LayerKind) {
-        let pt = seq.ns.ns.page_tokens;
+    ///
+    /// O(pages released), not O(length): everything before the last page released is already
+    /// gone, so the scan goes back from the window's start to the first hole; a page published
+    /// out of order (a put, a recovery) behind the window is released by its own publish.
+    fn release_outside_window(&self, seq: &Sequence, inner: &mut SeqInner, key: &PageKey, kind: LayerKind) {
+        let (pt, layer) = (seq.ns.ns.page_tokens, key.layer);
         let first = kind.first_live_page(inner.layer_tokens(layer as usize, pt), pt) as usize;
         let Some(pages) = inner.layers.get_mut(layer as usize) else { return };
         let mut released = 0;
-        for p in pages.iter_mut().take(first) {
+        let mut release = |p: &mut Option<PageEntry>| {
             if let Some(o) = p.take() {
                 self.retire_entry(&seq.ns, &o, layer == 0);
                 released += 1;
             }
+        };
+        let own = key.page_index as usize;
+        if own < first
+            && let Some(p) = pages.get_mut(own)
+        {
+            release(p);
+        }
+        for i in (0..first.min(pages.len())).rev() {
+            if pages[i].is_none() {
+                break;
+            }
+            release(&mut pages[i]);
         }
         if released > 0 {
             seq.ns.counters.window_releases.fetch_add(released, Ordering::Relaxed);
