@@ -80,15 +80,16 @@ pub fn indexer_scores(
     keys: &[u8],
     scores: &mut Vec<f32>,
 ) -> Result<(), AttentionError> {
-    indexer_scores_threads(spec, q, weights, keys, scores, 1)
+    indexer_scores_threads(spec, q, weights, &[keys], scores, 1)
 }
 
-/// [`indexer_scores`] over `threads` threads (split by tokens).
+/// [`indexer_scores`] over keys held in several buffers (a layer's pages, in token order, read
+/// where they are), on `threads` threads (split by pages).
 pub fn indexer_scores_threads(
     spec: &IndexerSpec,
     q: &[f32],
     weights: &[f32],
-    keys: &[u8],
+    pages: &[&[u8]],
     scores: &mut Vec<f32>,
     threads: usize,
 ) -> Result<(), AttentionError> {
@@ -102,14 +103,16 @@ pub fn indexer_scores_threads(
     if q.iter().chain(weights).any(|x| !x.is_finite()) {
         return Err(AttentionError::NonFiniteQuery);
     }
-    if !keys.len().is_multiple_of(b) {
-        return Err(AttentionError::Shape(format!("indexer keys of {} bytes are not whole {b}-byte keys", keys.len())));
+    if let Some(p) = pages.iter().find(|p| !p.len().is_multiple_of(b)) {
+        return Err(AttentionError::Shape(format!("indexer keys of {} bytes are not whole {b}-byte keys", p.len())));
     }
+    let total: usize = pages.iter().map(|p| p.len() / b).sum();
     scores.clear();
-    scores.resize(keys.len() / b, 0.0);
-    // Split over threads by tokens; each part runs the loop compiled for the CPU's ISA.
-    let threads = threads.clamp(1, 64).min(scores.len().div_ceil(4096).max(1));
-    let per = scores.len().div_ceil(threads).max(1);
+    scores.resize(total, 0.0);
+    // Split over threads by whole pages of about equal tokens; each part runs the loop compiled
+    // for the CPU's ISA.
+    let threads = threads.clamp(1, 64).min(total.div_ceil(4096).max(1));
+    let per = total.div_ceil(threads).max(1);
     let backend = crate::Backend::detect();
     let run = |keys: &[u8], out: &mut [f32]| match backend {
         #[cfg(target_arch = "x86_64")]
@@ -122,12 +125,32 @@ pub fn indexer_scores_threads(
         crate::Backend::Avx2 => unsafe { score_keys_avx2(spec, q, weights, keys, out) },
         _ => score_keys::<false>(spec, q, weights, keys, out),
     };
+    let run_pages = |pages: &[&[u8]], mut out: &mut [f32]| {
+        pages.iter().all(|p| {
+            let (o, rest) = std::mem::take(&mut out).split_at_mut(p.len() / b);
+            out = rest;
+            run(p, o)
+        })
+    };
     let ok = if threads == 1 {
-        run(keys, scores)
+        run_pages(pages, scores)
     } else {
+        // Groups of consecutive pages holding about `per` tokens each, and their score slices.
+        let mut groups: Vec<(&[&[u8]], &mut [f32])> = Vec::with_capacity(threads);
+        let (mut rest_pages, mut rest_out) = (pages, &mut scores[..]);
+        while !rest_pages.is_empty() {
+            let (mut n, mut t) = (0, 0);
+            while n < rest_pages.len() && (t < per || n == 0) {
+                t += rest_pages[n].len() / b;
+                n += 1;
+            }
+            let (gp, rp) = rest_pages.split_at(n);
+            let (go, ro) = std::mem::take(&mut rest_out).split_at_mut(t);
+            groups.push((gp, go));
+            (rest_pages, rest_out) = (rp, ro);
+        }
         std::thread::scope(|s| {
-            let parts: Vec<_> =
-                keys.chunks(per * b).zip(scores.chunks_mut(per)).map(|(k, o)| s.spawn(move || run(k, o))).collect();
+            let parts: Vec<_> = groups.into_iter().map(|(p, o)| s.spawn(move || run_pages(p, o))).collect();
             parts.into_iter().all(|p| p.join().unwrap_or(false))
         })
     };

@@ -145,9 +145,12 @@ fn sparse_mla_attends_to_the_indexers_top_k() {
         let want = reference::indexer_scores(&idx, &iq, &w, &decoded);
         let e = rel_l2(&scores, &want);
         assert!(e < 1e-5, "indexer scores rel L2 {e:e}");
-        // Split over threads (5,600 keys: two parts): the same scores.
+        // Read from 56 pages of 100 keys, split over threads (5,600 keys: two parts): the same
+        // scores.
         let mut split = Vec::new();
-        kvcache_attention::hybrid::indexer_scores_threads(&idx, &iq, &w, &keys.repeat(8), &mut split, 3).unwrap();
+        let many = keys.repeat(8);
+        let pages: Vec<&[u8]> = many.chunks(100 * idx.bytes_per_token()).collect();
+        kvcache_attention::hybrid::indexer_scores_threads(&idx, &iq, &w, &pages, &mut split, 3).unwrap();
         assert_eq!(split, scores.repeat(8));
         let chosen = top_k(&scores, idx.topk as usize);
         assert_eq!(chosen.len(), 64);

@@ -234,11 +234,13 @@ impl PageCache {
         let g = &mut *g;
         let Some(l) = g.layer_mut(seq, layer) else { return };
         let (mut bytes, mut pages) = (0, 0);
-        for p in l.pages.iter_mut().take(first) {
-            if let Some(p) = p.take() {
-                bytes += p.bytes.len() as u64;
-                pages += 1;
-            }
+        // Back from the window's start to the first hole: earlier pages went at earlier steps,
+        // so a step costs the pages it drops, not the layer's length.
+        let end = first.min(l.pages.len());
+        for p in l.pages[..end].iter_mut().rev() {
+            let Some(p) = p.take() else { break };
+            bytes += p.bytes.len() as u64;
+            pages += 1;
         }
         l.bytes -= bytes;
         g.used -= bytes;

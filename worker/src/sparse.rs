@@ -58,12 +58,10 @@ impl Worker {
                         let n: usize = keys.pages.iter().map(|p| p.1).sum();
                         // Score every token (off the runtime: O(context · heads · dim)).
                         let chosen = tokio::task::spawn_blocking(move || {
-                            let mut flat = Vec::with_capacity(n * ix.bytes_per_token());
-                            for (b, _) in &keys.pages {
-                                flat.extend_from_slice(b);
-                            }
+                            // Scored where the pages are (the cache's buffers), not copied together.
+                            let pages: Vec<&[u8]> = keys.pages.iter().map(|(b, _)| &b[..]).collect();
                             let mut scores = Vec::with_capacity(n);
-                            indexer_scores_threads(&ix, &inputs.0, &inputs.1, &flat, &mut scores, threads)
+                            indexer_scores_threads(&ix, &inputs.0, &inputs.1, &pages, &mut scores, threads)
                                 .map(|()| (top_k(&scores, ix.topk as usize), keys.bytes, keys.pulled, keys.cached))
                         })
                         .await

@@ -59,7 +59,7 @@ pub struct Sliding {
 }
 
 /// The sparse-vs-dense run.
-#[derive(Serialize, Debug)]
+#[derive(Serialize, Debug, Default)]
 pub struct Sparse {
     pub context: usize,
     pub topk: u32,
@@ -237,7 +237,7 @@ pub async fn sparse(client: &Client, prefix: &str, context: usize, steps: usize)
     client.put_pages(db).await?;
     let iq = rng.vec((ix.num_heads * ix.head_dim) as usize, 1.0);
     let w = rng.vec(ix.num_heads as usize, 1.0);
-    let (mut out, mut max_err) = (Sparse::default_for(context, ix.topk), 0f64);
+    let (mut out, mut max_err) = (Sparse { context, topk: ix.topk, ..Default::default() }, 0f64);
     let (mut st, mut dt, mut sw) = (Vec::new(), Vec::new(), 0u64);
     let (mut sf, mut sa, mut da) = (Vec::new(), Vec::new(), Vec::new());
     for step in 0..=steps {
@@ -313,26 +313,6 @@ pub async fn sparse(client: &Client, prefix: &str, context: usize, steps: usize)
     let _ = client.delete(&s_seq).await;
     let _ = client.delete(&d_seq).await;
     Ok(out)
-}
-
-impl Sparse {
-    fn default_for(context: usize, topk: u32) -> Self {
-        Sparse {
-            context,
-            topk,
-            sparse_cold_pull_bytes: 0,
-            dense_cold_pull_bytes: 0,
-            sparse_cold_step_ms: 0.0,
-            dense_cold_step_ms: 0.0,
-            sparse_warm_step_ms: 0.0,
-            dense_warm_step_ms: 0.0,
-            sparse_warm_pull_bytes: 0.0,
-            sparse_warm_fetch_ms: 0.0,
-            sparse_warm_attention_ms: 0.0,
-            dense_warm_attention_ms: 0.0,
-            max_rel_error: 0.0,
-        }
-    }
 }
 
 /// Run `kvcache bench hybrid`.
