@@ -27,9 +27,26 @@ pub struct Args {
     /// Backend (avx512, avx512-bf16, avx2, portable); default: avx512 where present.
     #[arg(long)]
     backend: Option<String>,
+    /// Where the kernels run: `cpu`, or `cuda` / `cuda:N` for the GPU backend (its own shapes:
+    /// batch × tokens of 1 × 128K, 8 × 32K, 64 × 4K, 128 × 8K; `--tokens` is for the CPU).
+    #[arg(long, default_value = "cpu")]
+    device: String,
     /// Print JSON.
     #[arg(long)]
     json: bool,
+}
+
+/// `cpu` → None, `cuda` → Some(0), `cuda:N` → Some(N).
+pub fn parse_device(s: &str) -> anyhow::Result<Option<usize>> {
+    match s {
+        "cpu" => Ok(None),
+        "cuda" | "gpu" => Ok(Some(0)),
+        _ => s
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse().ok())
+            .map(Some)
+            .ok_or_else(|| anyhow::anyhow!("unknown device {s:?}: expected cpu, cuda or cuda:N")),
+    }
 }
 
 #[derive(Serialize)]
@@ -101,6 +118,14 @@ fn make_layers(layout: &PageLayout, tokens: usize, copies: usize) -> Vec<Vec<(Ve
 
 /// Run `kvcache bench attention`.
 pub fn run(args: Args) -> anyhow::Result<()> {
+    if let Some(ordinal) = parse_device(&args.device)? {
+        let codecs = args
+            .codecs
+            .iter()
+            .map(|c| Codec::parse(c).ok_or_else(|| anyhow::anyhow!("unknown codec {c}")))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        return super::attention_gpu::run(ordinal, &codecs, args.seconds, args.json);
+    }
     let backend = match &args.backend {
         Some(b) => Backend::parse(b).ok_or_else(|| anyhow::anyhow!("unknown backend {b}"))?,
         None => Backend::detect(),

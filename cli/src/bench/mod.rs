@@ -1,6 +1,7 @@
 //! `kvcache bench`: benchmarks that print ratios against baselines measured in the same run.
 
 pub mod attention;
+mod attention_gpu;
 pub mod decode;
 pub mod hybrid;
 pub mod node;

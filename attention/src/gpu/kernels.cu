@@ -1,0 +1,623 @@
+// kvcache decode-attention kernels for NVIDIA GPUs, compiled at first use by NVRTC for the
+// device's architecture (see gpu/mod.rs). They read the page payloads exactly as the cache nodes
+// store them (core/src/layout.rs), through a table of device pointers, one per page:
+//   GQA/MHA/MQA: K[kv_heads][n][row] then V[kv_heads][n][row], n = the page's tokens;
+//   MLA:         [n][row], row = latent (KV_DL) then rope key (KV_DR).
+// Every page of a sequence holds KV_PT tokens except its last.
+//
+// Macros set by the host for each compiled variant:
+//   KV_CODEC  0 bf16, 1 f16, 2 fp8-e4m3 (f32 power-of-two scale per 128 elements), 3 int8 (f32
+//             scale per row); quantized rows are [main][scales][bf16 tail]
+//   KV_ROW    bytes of one row;  KV_PT  tokens in a full page
+//   GQA:      KV_D head dim, KV_KV kv heads, KV_G query heads per kv head, KV_GC heads per block
+//   MLA:      KV_DL latent width, KV_DR rope width
+//
+// Softmax runs in the log2 domain: the host folds log2(e) into the query scale, partial results
+// carry lse2 = m + log2(l), and the merge kernel turns the final one back into a natural log.
+// Nothing here hides a NaN: a non-finite page yields a non-finite output, which the host refuses.
+
+typedef unsigned char u8;
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef unsigned long long u64;
+
+#define NEG_INF (__int_as_float(0xff800000))
+
+__device__ __forceinline__ float bf16_lo(u32 w) { return __uint_as_float(w << 16); }
+__device__ __forceinline__ float bf16_hi(u32 w) { return __uint_as_float(w & 0xffff0000u); }
+
+__device__ __forceinline__ void f16x2_to_f32(u32 w, float& a, float& b) {
+    asm("{.reg .f16 l, h;\n mov.b32 {l, h}, %2;\n cvt.f32.f16 %0, l;\n cvt.f32.f16 %1, h;}"
+        : "=f"(a), "=f"(b) : "r"(w));
+}
+
+// Four e4m3fn bytes (little-endian in w) to floats, unscaled.
+__device__ __forceinline__ void e4m3x4_to_f32(u32 w, float* x) {
+#if __CUDA_ARCH__ >= 890
+    u32 lo, hi;
+    u16 wl = (u16)(w & 0xffff), wh = (u16)(w >> 16);
+    asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(lo) : "h"(wl));
+    asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(hi) : "h"(wh));
+    f16x2_to_f32(lo, x[0], x[1]);
+    f16x2_to_f32(hi, x[2], x[3]);
+#else
+    #pragma unroll
+    for (int i = 0; i < 4; i++) {
+        u32 b = (w >> (8 * i)) & 0xff;
+        float v = __uint_as_float(((b & 0x80u) << 24) | ((b & 0x7fu) << 20)) * 1.329228e36f;  // 2^120
+        x[i] = ((b & 0x7fu) == 0x7fu) ? __int_as_float(0x7fc00000) : v;
+    }
+#endif
+}
+
+__device__ __forceinline__ u32 pack_bf16x2(float lo, float hi) {
+    u32 r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
+// Words of raw row data one lane loads for E elements.
+#if KV_CODEC <= 1
+#define ELEM_BYTES 2
+#else
+#define ELEM_BYTES 1
+#endif
+
+// Decode `nw` words holding consecutive elements into floats (unscaled).
+template <int NW>
+__device__ __forceinline__ void decode_words(const u32* w, float* x) {
+    #pragma unroll
+    for (int i = 0; i < NW; i++) {
+#if KV_CODEC == 0
+        x[2 * i] = bf16_lo(w[i]);
+        x[2 * i + 1] = bf16_hi(w[i]);
+#elif KV_CODEC == 1
+        f16x2_to_f32(w[i], x[2 * i], x[2 * i + 1]);
+#elif KV_CODEC == 2
+        e4m3x4_to_f32(w[i], x + 4 * i);
+#else
+        #pragma unroll
+        for (int j = 0; j < 4; j++) x[4 * i + j] = (float)(signed char)((w[i] >> (8 * j)) & 0xff);
+#endif
+    }
+}
+
+// The scale of the quantized elements starting at e0 of a row of `main` quantized elements.
+__device__ __forceinline__ float row_scale(const u8* row, int e0, int main) {
+#if KV_CODEC == 2
+    return __ldg((const float*)(row + main) + e0 / 128);
+#elif KV_CODEC == 3
+    return __ldg((const float*)(row + main));
+#else
+    return 1.0f;
+#endif
+}
+
+// ------------------------------------------------------------------------------------------
+// GQA / MHA / MQA: one block per (work item, kv head, chunk of KV_GC query heads). Each group of
+// L lanes holds one token's row (E elements per lane); a warp takes TPW tokens per slot and U
+// slots per iteration, so every lane has 2·U row chunks in flight before it computes. Each
+// (warp, token slot) keeps its own online softmax; the block merges them at the end.
+#ifdef KV_D
+#define NWARP 4
+#define L ((KV_D / 8) < 32 ? (KV_D / 8) : 32)
+#define E (KV_D / L)
+#define TPW (32 / L)
+#define U 4
+#define NSTATE (NWARP * TPW)
+#define RAWN (E * ELEM_BYTES / 4)
+
+extern "C" __global__ void __launch_bounds__(128) gqa_decode(
+    const u64* __restrict__ page_ptrs, const int* __restrict__ seq_page0,
+    const int* __restrict__ seq_tokens, const int4* __restrict__ work,
+    const float* __restrict__ q, float qscale, float* __restrict__ part_o,
+    float* __restrict__ part_lse) {
+    extern __shared__ float smem[];
+    const int wi = blockIdx.x, h = blockIdx.y, hc = blockIdx.z;
+    const int4 wk = work[wi];
+    const int b = wk.x, t0 = wk.y, t1 = wk.z;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int sub = lane / L, li = lane % L, e0 = li * E;
+    const int QH = KV_KV * KV_G;
+    const int head0 = h * KV_G + hc * KV_GC;
+
+    float qr[KV_GC][E];
+    #pragma unroll
+    for (int g = 0; g < KV_GC; g++) {
+        const float* qp = q + ((size_t)b * QH + head0 + g) * KV_D + e0;
+        #pragma unroll
+        for (int e = 0; e < E; e++) qr[g][e] = qp[e] * qscale;
+    }
+    float o[KV_GC][E];
+    float m[KV_GC], l[KV_GC];
+    #pragma unroll
+    for (int g = 0; g < KV_GC; g++) {
+        m[g] = NEG_INF;
+        l[g] = 0.f;
+        #pragma unroll
+        for (int e = 0; e < E; e++) o[g][e] = 0.f;
+    }
+
+    const int total = seq_tokens[b];
+    const u64* pages = page_ptrs + seq_page0[b];
+    const int last_page = total > 0 ? (total - 1) / KV_PT : 0;
+    const int last_n = total - last_page * KV_PT;
+
+    for (int base = t0 + warp * TPW * U; base < t1; base += NWARP * TPW * U) {
+        u32 kr[U][RAWN], vr[U][RAWN];
+        float ks[U], vs[U];
+        bool valid[U];
+        #pragma unroll
+        for (int u = 0; u < U; u++) {
+            const int t = base + u * TPW + sub;
+            valid[u] = t < t1;
+            ks[u] = 0.f;
+            vs[u] = 0.f;
+            #pragma unroll
+            for (int i = 0; i < RAWN; i++) kr[u][i] = vr[u][i] = 0u;
+            if (valid[u]) {
+                const int p = t / KV_PT, off = t - p * KV_PT;
+                const int n = p == last_page ? last_n : KV_PT;
+                const u8* pg = (const u8*)pages[p];
+                const u8* krow = pg + ((size_t)h * n + off) * KV_ROW;
+                const u8* vrow = pg + ((size_t)(KV_KV + h) * n + off) * KV_ROW;
+#if ELEM_BYTES == 2
+                #pragma unroll
+                for (int i = 0; i < RAWN / 4; i++) {
+                    uint4 a = __ldg((const uint4*)(krow + e0 * 2) + i);
+                    uint4 c = __ldg((const uint4*)(vrow + e0 * 2) + i);
+                    kr[u][4 * i] = a.x; kr[u][4 * i + 1] = a.y; kr[u][4 * i + 2] = a.z; kr[u][4 * i + 3] = a.w;
+                    vr[u][4 * i] = c.x; vr[u][4 * i + 1] = c.y; vr[u][4 * i + 2] = c.z; vr[u][4 * i + 3] = c.w;
+                }
+#else
+                #pragma unroll
+                for (int i = 0; i < RAWN; i++) {
+                    kr[u][i] = __ldg((const u32*)(krow + e0) + i);
+                    vr[u][i] = __ldg((const u32*)(vrow + e0) + i);
+                }
+#endif
+                ks[u] = row_scale(krow, e0, KV_D);
+                vs[u] = row_scale(vrow, e0, KV_D);
+            }
+        }
+        float s[U][KV_GC];
+        #pragma unroll
+        for (int u = 0; u < U; u++) {
+            float x[E];
+            decode_words<RAWN>(kr[u], x);
+            #pragma unroll
+            for (int g = 0; g < KV_GC; g++) {
+                float acc = 0.f;
+                #pragma unroll
+                for (int e = 0; e < E; e++) acc = fmaf(qr[g][e], x[e], acc);
+                s[u][g] = acc * ks[u];
+            }
+        }
+        #pragma unroll
+        for (int u = 0; u < U; u++) {
+            #pragma unroll
+            for (int g = 0; g < KV_GC; g++) {
+                #pragma unroll
+                for (int off = L / 2; off > 0; off >>= 1) s[u][g] += __shfl_xor_sync(0xffffffffu, s[u][g], off);
+                if (!valid[u]) s[u][g] = NEG_INF;
+            }
+        }
+        float pw[U][KV_GC];
+        #pragma unroll
+        for (int g = 0; g < KV_GC; g++) {
+            float mx = s[0][g];
+            #pragma unroll
+            for (int u = 1; u < U; u++) mx = fmaxf(mx, s[u][g]);
+            const float mn = fmaxf(m[g], mx);
+            if (mn == NEG_INF) {
+                #pragma unroll
+                for (int u = 0; u < U; u++) pw[u][g] = 0.f;
+                continue;
+            }
+            const float alpha = exp2f(m[g] - mn);
+            m[g] = mn;
+            l[g] *= alpha;
+            #pragma unroll
+            for (int e = 0; e < E; e++) o[g][e] *= alpha;
+            #pragma unroll
+            for (int u = 0; u < U; u++) {
+                const float p = exp2f(s[u][g] - mn);
+                l[g] += p;
+                pw[u][g] = p * vs[u];
+            }
+        }
+        #pragma unroll
+        for (int u = 0; u < U; u++) {
+            float x[E];
+            decode_words<RAWN>(vr[u], x);
+            #pragma unroll
+            for (int g = 0; g < KV_GC; g++) {
+                #pragma unroll
+                for (int e = 0; e < E; e++) o[g][e] = fmaf(pw[u][g], x[e], o[g][e]);
+            }
+        }
+    }
+
+    // Merge the NSTATE online-softmax states of the block.
+    float* sm_m = smem;                       // [NSTATE][KV_GC]
+    float* sm_l = sm_m + NSTATE * KV_GC;      // [NSTATE][KV_GC]
+    float* sm_o = sm_l + NSTATE * KV_GC;      // [NSTATE][KV_GC][KV_D]
+    const int st = warp * TPW + sub;
+    #pragma unroll
+    for (int g = 0; g < KV_GC; g++) {
+        if (li == 0) {
+            sm_m[st * KV_GC + g] = m[g];
+            sm_l[st * KV_GC + g] = l[g];
+        }
+        #pragma unroll
+        for (int e = 0; e < E; e++) sm_o[(st * KV_GC + g) * KV_D + e0 + e] = o[g][e];
+    }
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < KV_GC * KV_D; idx += blockDim.x) {
+        const int g = idx / KV_D, d = idx - g * KV_D;
+        float M = NEG_INF;
+        for (int s2 = 0; s2 < NSTATE; s2++) M = fmaxf(M, sm_m[s2 * KV_GC + g]);
+        const size_t ho = (size_t)wi * QH + head0 + g;
+        if (M == NEG_INF) {
+            part_o[ho * KV_D + d] = 0.f;
+            if (d == 0) part_lse[ho] = NEG_INF;
+            continue;
+        }
+        float sl = 0.f, so = 0.f;
+        for (int s2 = 0; s2 < NSTATE; s2++) {
+            const float w = exp2f(sm_m[s2 * KV_GC + g] - M);
+            sl += w * sm_l[s2 * KV_GC + g];
+            so += w * sm_o[(s2 * KV_GC + g) * KV_D + d];
+        }
+        part_o[ho * KV_D + d] = so / sl;
+        if (d == 0) part_lse[ho] = M + log2f(sl);
+    }
+}
+#endif
+
+// ------------------------------------------------------------------------------------------
+// Absorbed MLA on tensor cores (mma.sync m16n8k16, bf16 in, f32 accumulate). One block of 8
+// warps per (work item, 64 query heads); tiles of 32 tokens. Warp w owns heads 16·(w&3)..+16:
+// it scores them against tokens 16·(w>>2)..+16 of the tile (S = Q·Kᵀ over the 576-wide row),
+// the pair of warps sharing those heads agrees on the running max through shared memory, writes
+// P (bf16) there, and then each accumulates O over the whole tile for its half of the 512 latent
+// dims (O += P·V, V = the latent part of the same rows). bf16 pages are copied into shared
+// memory with cp.async one tile ahead; quantized pages are copied raw the same way and widened
+// to bf16 (scales applied, exactly) in shared memory.
+#ifdef KV_DL
+#define HB 64
+#define BN 32
+#define MW (KV_DL + KV_DR)
+#define SROW (MW + 8)
+#define PROW (BN + 8)
+#define NTHREADS 256
+#if KV_ROW % 16 == 0
+#define CPB 16
+#else
+#define CPB 4
+#endif
+#define RAWROW (((KV_ROW + 15) / 16) * 16)
+
+__device__ __forceinline__ void cp_async(void* smem_dst, const void* gsrc, int bytes_valid) {
+    u32 d = (u32)__cvta_generic_to_shared(smem_dst);
+#if CPB == 16
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(gsrc), "r"(bytes_valid));
+#else
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(d), "l"(gsrc), "r"(bytes_valid));
+#endif
+}
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_wait0() { asm volatile("cp.async.wait_group 0;\n" ::); }
+
+__device__ __forceinline__ void ldsm_x4(u32& r0, u32& r1, u32& r2, u32& r3, const void* p) {
+    u32 a = (u32)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(a));
+}
+__device__ __forceinline__ void ldsm_x4_t(u32& r0, u32& r1, u32& r2, u32& r3, const void* p) {
+    u32 a = (u32)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(a));
+}
+__device__ __forceinline__ void mma16816(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// Start copying tile `tt0..tt0+BN` (clipped to t1) into `dst` (bf16 rows of SROW elements when
+// the codec is bf16, raw rows of RAWROW bytes otherwise); rows past t1 are zero-filled.
+__device__ __forceinline__ void mla_issue_tile(u8* dst, const u64* pages, int total, int tt0, int t1) {
+    const int last_page = (total - 1) / KV_PT;
+    const int last_n = total - last_page * KV_PT;
+    (void)last_n;
+    constexpr int chunks = KV_ROW / CPB;
+#if KV_CODEC == 0
+    constexpr int dst_row = SROW * 2;
+#else
+    constexpr int dst_row = RAWROW;
+#endif
+    for (int c = threadIdx.x; c < BN * chunks; c += NTHREADS) {
+        const int r = c / chunks, k = c - r * chunks;
+        const int t = tt0 + r;
+        u8* d = dst + r * dst_row + k * CPB;
+        if (t < t1) {
+            const int p = t / KV_PT, off = t - p * KV_PT;
+            const u8* src = (const u8*)pages[p] + (size_t)off * KV_ROW + k * CPB;
+            cp_async(d, src, CPB);
+        } else {
+            cp_async(d, pages[0] ? (const void*)pages[0] : (const void*)d, 0);
+        }
+    }
+}
+
+#if KV_CODEC != 0
+// Widen raw rows to bf16 rows of SROW elements, scales applied.
+__device__ __forceinline__ void mla_widen(u16* ks, const u8* raw) {
+    constexpr int groups = KV_DL / 4 + KV_DR / 2;  // 4 quantized elements or 2 bf16 per word
+    for (int c = threadIdx.x; c < BN * groups; c += NTHREADS) {
+        const int r = c / groups, k = c - r * groups;
+        const u8* row = raw + r * RAWROW;
+        u32* out = (u32*)(ks + r * SROW);
+        if (k < KV_DL / 4) {
+            const u32 w = *(const u32*)(row + 4 * k);
+#if KV_CODEC == 2
+            const float sc = *((const float*)(row + KV_DL) + (4 * k) / 128);
+            float x[4];
+            e4m3x4_to_f32(w, x);
+#else
+            const float sc = *(const float*)(row + KV_DL);
+            float x[4];
+            #pragma unroll
+            for (int j = 0; j < 4; j++) x[j] = (float)(signed char)((w >> (8 * j)) & 0xff);
+#endif
+            out[2 * k] = pack_bf16x2(x[0] * sc, x[1] * sc);
+            out[2 * k + 1] = pack_bf16x2(x[2] * sc, x[3] * sc);
+        } else {
+            const int kk = k - KV_DL / 4;
+#if KV_CODEC == 2
+            constexpr int tail = KV_DL + 4 * ((KV_DL + 127) / 128);
+#else
+            constexpr int tail = KV_DL + 4;
+#endif
+            out[KV_DL / 2 + kk] = *(const u32*)(row + tail + 4 * kk);
+        }
+    }
+}
+#endif
+
+extern "C" __global__ void __launch_bounds__(NTHREADS, 1) mla_decode(
+    const u64* __restrict__ page_ptrs, const int* __restrict__ seq_page0,
+    const int* __restrict__ seq_tokens, const int4* __restrict__ work,
+    const float* __restrict__ q, float qscale, int q_heads, float* __restrict__ part_o,
+    float* __restrict__ part_lse) {
+    extern __shared__ __align__(16) u8 smem_raw[];
+    u16* Qs = (u16*)smem_raw;                       // [HB][SROW]
+    u16* Ks = Qs + HB * SROW;                       // [2][BN][SROW] (bf16) or [BN][SROW]
+#if KV_CODEC == 0
+    u16* Ps = Ks + 2 * BN * SROW;                   // [HB][PROW]
+#else
+    u16* Ps = Ks + BN * SROW;
+#endif
+    float* red_m = (float*)(Ps + HB * PROW);        // [2][HB]
+    float* red_l = red_m + 2 * HB;                  // [2][HB]
+#if KV_CODEC != 0
+    u8* raw = (u8*)(red_l + 2 * HB);                // [2][BN][RAWROW]
+#endif
+
+    const int wi = blockIdx.x, hb = blockIdx.y;
+    const int4 wk = work[wi];
+    const int b = wk.x, t0 = wk.y, t1 = wk.z;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int hg = warp & 3, half = warp >> 2;
+    const int g = lane >> 2, tq = lane & 3;
+    const int total = seq_tokens[b];
+    const u64* pages = page_ptrs + seq_page0[b];
+    const int ntiles = (t1 - t0 + BN - 1) / BN;
+
+    if (ntiles > 0) {
+#if KV_CODEC == 0
+        mla_issue_tile((u8*)Ks, pages, total, t0, t1);
+#else
+        mla_issue_tile(raw, pages, total, t0, t1);
+#endif
+    }
+    cp_commit();
+
+    // Query rows (scaled, rounded to bf16); heads past q_heads are zero.
+    for (int i = tid; i < HB * (MW / 2); i += NTHREADS) {
+        const int r = i / (MW / 2), c = i - r * (MW / 2);
+        const int head = hb * HB + r;
+        float a = 0.f, bb = 0.f;
+        if (head < q_heads) {
+            const float* qp = q + ((size_t)b * q_heads + head) * MW + 2 * c;
+            a = qp[0] * qscale;
+            bb = qp[1] * qscale;
+        }
+        ((u32*)(Qs + r * SROW))[c] = pack_bf16x2(a, bb);
+    }
+
+    float oacc[32][4];
+    #pragma unroll
+    for (int i = 0; i < 32; i++) oacc[i][0] = oacc[i][1] = oacc[i][2] = oacc[i][3] = 0.f;
+    float m0 = NEG_INF, m1 = NEG_INF, l0 = 0.f, l1 = 0.f;
+
+    for (int j = 0; j < ntiles; j++) {
+        const int tt0 = t0 + j * BN;
+        cp_wait0();
+        __syncthreads();
+#if KV_CODEC == 0
+        const u16* Kt = Ks + (j & 1) * BN * SROW;
+        if (j + 1 < ntiles) mla_issue_tile((u8*)(Ks + ((j + 1) & 1) * BN * SROW), pages, total, tt0 + BN, t1);
+        cp_commit();
+#else
+        mla_widen(Ks, raw + (j & 1) * BN * RAWROW);
+        if (j + 1 < ntiles) mla_issue_tile(raw + ((j + 1) & 1) * BN * RAWROW, pages, total, tt0 + BN, t1);
+        cp_commit();
+        __syncthreads();
+        const u16* Kt = Ks;
+#endif
+        // S = Q·Kᵀ for 16 heads × 16 tokens.
+        float sacc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+        const u16* qa = Qs + (hg * 16 + (lane & 15)) * SROW + (lane >> 4) * 8;
+        const u16* kb = Kt + (half * 16 + (lane & 7) + ((lane >> 4) << 3)) * SROW + ((lane >> 3) & 1) * 8;
+        #pragma unroll 4
+        for (int ks = 0; ks < MW / 16; ks++) {
+            u32 a0, a1, a2, a3, b0, b1, b2, b3;
+            ldsm_x4(a0, a1, a2, a3, qa + ks * 16);
+            ldsm_x4(b0, b1, b2, b3, kb + ks * 16);
+            mma16816(sacc[0], a0, a1, a2, a3, b0, b1);
+            mma16816(sacc[1], a0, a1, a2, a3, b2, b3);
+        }
+        // Mask tokens past the range, take row maxima over this warp's 16 tokens.
+        float mx0 = NEG_INF, mx1 = NEG_INF;
+        #pragma unroll
+        for (int nt = 0; nt < 2; nt++) {
+            const int col = tt0 + half * 16 + nt * 8 + 2 * tq;
+            if (col >= t1) { sacc[nt][0] = NEG_INF; sacc[nt][2] = NEG_INF; }
+            if (col + 1 >= t1) { sacc[nt][1] = NEG_INF; sacc[nt][3] = NEG_INF; }
+            mx0 = fmaxf(mx0, fmaxf(sacc[nt][0], sacc[nt][1]));
+            mx1 = fmaxf(mx1, fmaxf(sacc[nt][2], sacc[nt][3]));
+        }
+        #pragma unroll
+        for (int off = 1; off <= 2; off <<= 1) {
+            mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, off));
+            mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, off));
+        }
+        const int r0 = hg * 16 + g, r1 = r0 + 8;
+        if (tq == 0) {
+            red_m[half * HB + r0] = mx0;
+            red_m[half * HB + r1] = mx1;
+        }
+        __syncthreads();
+        const float n0 = fmaxf(m0, fmaxf(red_m[r0], red_m[HB + r0]));
+        const float n1 = fmaxf(m1, fmaxf(red_m[r1], red_m[HB + r1]));
+        const float al0 = n0 == NEG_INF ? 1.f : exp2f(m0 - n0);
+        const float al1 = n1 == NEG_INF ? 1.f : exp2f(m1 - n1);
+        m0 = n0;
+        m1 = n1;
+        float rs0 = 0.f, rs1 = 0.f;
+        #pragma unroll
+        for (int nt = 0; nt < 2; nt++) {
+            const float p0 = n0 == NEG_INF ? 0.f : exp2f(sacc[nt][0] - n0);
+            const float p1 = n0 == NEG_INF ? 0.f : exp2f(sacc[nt][1] - n0);
+            const float p2 = n1 == NEG_INF ? 0.f : exp2f(sacc[nt][2] - n1);
+            const float p3 = n1 == NEG_INF ? 0.f : exp2f(sacc[nt][3] - n1);
+            rs0 += p0 + p1;
+            rs1 += p2 + p3;
+            const int col = half * 16 + nt * 8 + 2 * tq;
+            *(u32*)(Ps + r0 * PROW + col) = pack_bf16x2(p0, p1);
+            *(u32*)(Ps + r1 * PROW + col) = pack_bf16x2(p2, p3);
+        }
+        rs0 += __shfl_xor_sync(0xffffffffu, rs0, 1);
+        rs0 += __shfl_xor_sync(0xffffffffu, rs0, 2);
+        rs1 += __shfl_xor_sync(0xffffffffu, rs1, 1);
+        rs1 += __shfl_xor_sync(0xffffffffu, rs1, 2);
+        l0 = l0 * al0 + rs0;
+        l1 = l1 * al1 + rs1;
+        #pragma unroll
+        for (int i = 0; i < 32; i++) {
+            oacc[i][0] *= al0;
+            oacc[i][1] *= al0;
+            oacc[i][2] *= al1;
+            oacc[i][3] *= al1;
+        }
+        __syncthreads();
+        // O += P·V for 16 heads × 256 latent dims (this warp's half).
+        #pragma unroll
+        for (int kk = 0; kk < BN / 16; kk++) {
+            u32 a0, a1, a2, a3;
+            ldsm_x4(a0, a1, a2, a3, Ps + (hg * 16 + (lane & 15)) * PROW + kk * 16 + (lane >> 4) * 8);
+            const u16* vb = Kt + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * SROW + half * (KV_DL / 2) + (lane >> 4) * 8;
+            #pragma unroll
+            for (int np = 0; np < 16; np++) {
+                u32 b0, b1, b2, b3;
+                ldsm_x4_t(b0, b1, b2, b3, vb + np * 16);
+                mma16816(oacc[2 * np], a0, a1, a2, a3, b0, b1);
+                mma16816(oacc[2 * np + 1], a0, a1, a2, a3, b2, b3);
+            }
+        }
+        __syncthreads();
+    }
+    cp_wait0();
+
+    // The pair of warps sharing these heads each summed P over its own half of every tile.
+    const int r0 = hg * 16 + g, r1 = r0 + 8;
+    if (tq == 0) {
+        red_l[half * HB + r0] = l0;
+        red_l[half * HB + r1] = l1;
+    }
+    __syncthreads();
+    const float lt0 = red_l[r0] + red_l[HB + r0];
+    const float lt1 = red_l[r1] + red_l[HB + r1];
+    const int h0 = hb * HB + r0, h1 = hb * HB + r1;
+    const float i0 = lt0 > 0.f ? 1.f / lt0 : 0.f;
+    const float i1 = lt1 > 0.f ? 1.f / lt1 : 0.f;
+    #pragma unroll
+    for (int i = 0; i < 32; i++) {
+        const int col = half * (KV_DL / 2) + i * 8 + 2 * tq;
+        if (h0 < q_heads) {
+            float2 v = make_float2(oacc[i][0] * i0, oacc[i][1] * i0);
+            *(float2*)(part_o + ((size_t)wi * q_heads + h0) * KV_DL + col) = v;
+        }
+        if (h1 < q_heads) {
+            float2 v = make_float2(oacc[i][2] * i1, oacc[i][3] * i1);
+            *(float2*)(part_o + ((size_t)wi * q_heads + h1) * KV_DL + col) = v;
+        }
+    }
+    if (half == 0 && tq == 0) {
+        if (h0 < q_heads) part_lse[(size_t)wi * q_heads + h0] = lt0 > 0.f ? m0 + log2f(lt0) : NEG_INF;
+        if (h1 < q_heads) part_lse[(size_t)wi * q_heads + h1] = lt1 > 0.f ? m1 + log2f(lt1) : NEG_INF;
+    }
+}
+#endif
+
+// ------------------------------------------------------------------------------------------
+// Merge the partial results of a sequence's work items (split-K) into its output: exact
+// log-sum-exp weighting. One block per (sequence, head).
+#ifdef KV_MERGE
+extern "C" __global__ void merge_partials(const float* __restrict__ part_o,
+                                          const float* __restrict__ part_lse,
+                                          const int* __restrict__ seq_work0, int heads, int dv,
+                                          float* __restrict__ out, float* __restrict__ lse) {
+    const int b = blockIdx.x, h = blockIdx.y;
+    const int w0 = seq_work0[b], w1 = seq_work0[b + 1];
+    float M = NEG_INF;
+    bool nan = false;
+    for (int w = w0; w < w1; w++) {
+        const float x = part_lse[(size_t)w * heads + h];
+        nan |= x != x;
+        M = fmaxf(M, x);
+    }
+    float sum = 0.f;
+    if (M != NEG_INF) {
+        for (int w = w0; w < w1; w++) sum += exp2f(part_lse[(size_t)w * heads + h] - M);
+    }
+    if (nan) sum = __int_as_float(0x7fc00000);
+    for (int d = threadIdx.x; d < dv; d += blockDim.x) {
+        float acc = 0.f;
+        if (M != NEG_INF) {
+            for (int w = w0; w < w1; w++) {
+                const float wt = exp2f(part_lse[(size_t)w * heads + h] - M);
+                acc += wt * part_o[((size_t)w * heads + h) * dv + d];
+            }
+            acc /= sum;
+        }
+        if (nan) acc = sum;
+        out[((size_t)b * heads + h) * dv + d] = acc;
+    }
+    if (threadIdx.x == 0) lse[(size_t)b * heads + h] = M == NEG_INF && !nan ? NEG_INF : (M + log2f(sum)) * 0.6931471805599453f;
+}
+
+// Streaming read of `n` 16-byte words: the HBM read-bandwidth baseline of the bench.
+extern "C" __global__ void read_bandwidth(const uint4* __restrict__ src, size_t n, u32* __restrict__ sink) {
+    u32 acc = 0;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        const uint4 v = __ldg(src + i);
+        acc ^= v.x ^ v.y ^ v.z ^ v.w;
+    }
+    if (acc == 0x9e3779b9u) sink[0] = acc;
+}
+#endif

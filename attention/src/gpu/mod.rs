@@ -1,0 +1,759 @@
+//! The CUDA backend: paged decode attention on an NVIDIA GPU.
+//!
+//! - [`Gpu::open`] loads the driver (`libcuda`) at run time through `cudarc`'s dynamic loading, so
+//!   the binary builds and runs on machines without CUDA and says plainly why when there is no
+//!   driver or no device ([`GpuError`]).
+//! - Kernels are CUDA C (`kernels.cu`), compiled by NVRTC for the device's architecture at first
+//!   use, one variant per shape, codec and page size, and cached on disk ([`cache_dir`]): the
+//!   second process to use a shape loads its PTX instead of compiling it.
+//! - Pages live in device memory ([`DevicePages`]) in exactly the byte layout the cache nodes
+//!   store (`core/src/layout.rs`); a decode takes, per sequence, the query, its pages in order
+//!   (all but the last full) and the tokens to skip (a window), like [`crate::BatchItem`].
+//! - GQA/MHA/MQA (`gqa_decode`, CUDA cores, every codec) is memory-bound: each block streams one
+//!   KV head's rows of one range of tokens once for all the query heads of its group. MLA
+//!   (`mla_decode`) is compute-bound at 128 heads and runs on tensor cores (`mma.sync` bf16, f32
+//!   accumulation; fp8/int8 latents widened to bf16 in shared memory, exactly). Long contexts are
+//!   split over blocks (split-K) and merged by `merge_partials` with the exact log-sum-exp rule
+//!   of [`crate::merge`].
+//!
+//! Precision, per path (checked against the float64 reference in `tests/gpu.rs`): GQA accumulates
+//! in f32 from f32 operands, like the CPU (≤ 1e-5 relative L2); MLA rounds the scaled query and
+//! the softmax probabilities to bf16 for the tensor cores (≤ 2e-3 relative L2). A page holding
+//! NaN or infinity yields `NonFiniteResult` for its sequence, as on the CPU.
+
+use crate::{AttentionError, AttnShape};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg, sys,
+};
+use kvcache_core::Codec;
+use std::collections::HashMap;
+use std::marker::PhantomData;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+const SOURCE: &str = include_str!("kernels.cu");
+const LOG2E: f32 = std::f32::consts::LOG2_E;
+
+/// Why the GPU backend could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum GpuError {
+    /// No NVIDIA driver library on this machine.
+    #[error("no CUDA driver: libcuda could not be loaded (is the NVIDIA driver installed and on the library path?)")]
+    NoDriver,
+    /// The driver loaded but reports no device with this ordinal.
+    #[error("no CUDA device {ordinal}: the driver reports {count} device(s)")]
+    NoDevice {
+        /// Asked for.
+        ordinal: usize,
+        /// Present.
+        count: i32,
+    },
+    /// NVRTC is needed to compile a kernel that is not in the disk cache.
+    #[error("NVRTC (libnvrtc) could not be loaded to compile a kernel: install the CUDA runtime compiler or put it on LD_LIBRARY_PATH")]
+    NoCompiler,
+    /// A kernel failed to compile (a bug: the log says where).
+    #[error("kernel compilation failed: {0}")]
+    Compile(String),
+    /// A driver call failed.
+    #[error("CUDA driver: {0}")]
+    Driver(#[from] cudarc::driver::DriverError),
+    /// The shape or codec has no GPU kernel.
+    #[error("not supported on the GPU: {0}")]
+    Unsupported(String),
+    /// The request itself is wrong (as on the CPU).
+    #[error(transparent)]
+    Attention(#[from] AttentionError),
+}
+
+/// Where compiled kernels are cached: `$KVCACHE_CUDA_CACHE`, else `$XDG_CACHE_HOME/kvcache/cuda`,
+/// else `$HOME/.cache/kvcache/cuda`.
+pub fn cache_dir() -> Option<PathBuf> {
+    if let Some(d) = std::env::var_os("KVCACHE_CUDA_CACHE") {
+        return Some(PathBuf::from(d));
+    }
+    if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
+        return Some(PathBuf::from(d).join("kvcache/cuda"));
+    }
+    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/kvcache/cuda"))
+}
+
+fn fnv64(parts: &[&[u8]]) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    for p in parts {
+        for &b in *p {
+            h ^= b as u64;
+            h = h.wrapping_mul(0x100_0000_01b3);
+        }
+        h ^= 0xff;
+        h = h.wrapping_mul(0x100_0000_01b3);
+    }
+    h
+}
+
+/// One GPU, its stream and its compiled kernels.
+pub struct Gpu {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    name: String,
+    cc: (i32, i32),
+    sms: usize,
+    smem_optin: usize,
+    modules: Mutex<HashMap<String, Arc<CudaModule>>>,
+}
+
+impl std::fmt::Debug for Gpu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Gpu({})", self.describe())
+    }
+}
+
+impl Gpu {
+    /// Open device `ordinal` (`cuda:N`). Fails with [`GpuError::NoDriver`] or
+    /// [`GpuError::NoDevice`] on a machine without one, never by panicking.
+    pub fn open(ordinal: usize) -> Result<Arc<Gpu>, GpuError> {
+        // SAFETY: only probes whether the shared library can be loaded.
+        if !unsafe { sys::is_culib_present() } {
+            return Err(GpuError::NoDriver);
+        }
+        cudarc::driver::result::init()?;
+        let count = CudaContext::device_count()?;
+        if ordinal >= count.max(0) as usize {
+            return Err(GpuError::NoDevice { ordinal, count });
+        }
+        let ctx = CudaContext::new(ordinal)?;
+        let stream = ctx.default_stream();
+        let name = ctx.name()?;
+        let cc = ctx.compute_capability()?;
+        let sms = ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as usize;
+        let smem_optin =
+            ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)? as usize;
+        Ok(Arc::new(Gpu { ctx, stream, name, cc, sms, smem_optin, modules: Mutex::new(HashMap::new()) }))
+    }
+
+    /// "NVIDIA H200 (sm_90, 132 SMs, 139.8 GiB)".
+    pub fn describe(&self) -> String {
+        let mem = self.ctx.total_mem().unwrap_or(0) as f64 / (1u64 << 30) as f64;
+        format!("{} (sm_{}{}, {} SMs, {mem:.1} GiB)", self.name, self.cc.0, self.cc.1, self.sms)
+    }
+
+    /// The device's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Streaming multiprocessors.
+    pub fn sms(&self) -> usize {
+        self.sms
+    }
+
+    /// The stream every call of this backend runs on.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// The module compiled with `defines`, from memory, the disk cache or NVRTC.
+    fn module(&self, defines: &[(&str, i64)]) -> Result<Arc<CudaModule>, GpuError> {
+        let arch = format!("sm_{}{}", self.cc.0, self.cc.1);
+        let mut opts: Vec<String> = defines.iter().map(|(k, v)| format!("-D{k}={v}")).collect();
+        opts.push(format!("--gpu-architecture={arch}"));
+        opts.push("--std=c++17".into());
+        opts.push("-lineinfo".into());
+        let key = opts.join(" ");
+        if let Some(m) = self.modules.lock().expect("module map").get(&key) {
+            return Ok(m.clone());
+        }
+        let header = format!("// kvcache kernel: {key}\n");
+        let file = cache_dir().map(|d| d.join(format!("{:016x}.ptx", fnv64(&[SOURCE.as_bytes(), key.as_bytes()]))));
+        let cached = file.as_ref().and_then(|f| std::fs::read_to_string(f).ok()).filter(|s| s.starts_with(&header));
+        let ptx = match cached {
+            Some(s) => s,
+            None => {
+                // SAFETY: only probes whether the shared library can be loaded.
+                if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+                    return Err(GpuError::NoCompiler);
+                }
+                let ptx = cudarc::nvrtc::compile_ptx_with_opts(
+                    SOURCE,
+                    cudarc::nvrtc::CompileOptions { options: opts.clone(), ..Default::default() },
+                )
+                .map_err(|e| match e {
+                    cudarc::nvrtc::CompileError::CompileError { log, .. } => {
+                        GpuError::Compile(format!("{key}: {}", log.to_string_lossy()))
+                    }
+                    other => GpuError::Compile(format!("{key}: {other:?}")),
+                })?;
+                let text = format!("{header}{}", ptx.to_src());
+                if let Some(f) = &file {
+                    // A cache that cannot be written only costs the next process a compile.
+                    let _ = f.parent().map(std::fs::create_dir_all);
+                    let tmp = f.with_extension(format!("tmp{}", std::process::id()));
+                    if std::fs::write(&tmp, &text).is_ok() {
+                        let _ = std::fs::rename(&tmp, f);
+                    }
+                }
+                text
+            }
+        };
+        let m = self.ctx.load_module(cudarc::nvrtc::Ptx::from_src(ptx))?;
+        self.modules.lock().expect("module map").insert(key, m.clone());
+        Ok(m)
+    }
+
+    fn function(&self, defines: &[(&str, i64)], name: &str) -> Result<CudaFunction, GpuError> {
+        Ok(self.module(defines)?.load_function(name)?)
+    }
+
+    /// Copy pages to the device: one allocation, each page at a 256-byte boundary.
+    pub fn upload_pages(&self, pages: &[crate::KvPage]) -> Result<DevicePages, GpuError> {
+        let mut offsets = Vec::with_capacity(pages.len());
+        let mut size = 0usize;
+        for p in pages {
+            offsets.push(size);
+            size += p.payload.len().next_multiple_of(256);
+        }
+        let mut host = vec![0u8; size.max(256)];
+        for (p, &o) in pages.iter().zip(&offsets) {
+            host[o..o + p.payload.len()].copy_from_slice(p.payload);
+        }
+        let buf = self.stream.clone_htod(&host)?;
+        let base = {
+            let (ptr, _sync) = buf.device_ptr(&self.stream);
+            ptr
+        };
+        let pages = pages
+            .iter()
+            .zip(&offsets)
+            .map(|(p, &o)| PageRef { ptr: base + o as u64, len: p.payload.len(), tokens: p.tokens })
+            .collect();
+        Ok(DevicePages { _buf: buf, pages })
+    }
+
+    /// Allocate `count` pages of `bytes` each on the device, filled from `fill` (repeated), for
+    /// benchmarks that need a working set far larger than what the host should build.
+    pub fn alloc_pages(&self, count: usize, bytes: usize, tokens: usize, fill: &[u8]) -> Result<DevicePages, GpuError> {
+        if fill.len() != bytes {
+            return Err(GpuError::Unsupported(format!("fill page is {} bytes, expected {bytes}", fill.len())));
+        }
+        let stride = bytes.next_multiple_of(256);
+        let mut buf = self.stream.alloc_zeros::<u8>((count * stride).max(256))?;
+        // Fill in chunks of up to 64 MiB from one host pattern.
+        let per_chunk = ((64usize << 20) / stride).max(1).min(count.max(1));
+        let mut pattern = vec![0u8; per_chunk * stride];
+        for i in 0..per_chunk {
+            pattern[i * stride..i * stride + bytes].copy_from_slice(fill);
+        }
+        let mut done = 0;
+        while done < count {
+            let n = per_chunk.min(count - done);
+            let mut dst = buf.slice_mut(done * stride..(done + n) * stride);
+            self.stream.memcpy_htod(&pattern[..n * stride], &mut dst)?;
+            done += n;
+        }
+        let base = {
+            let (ptr, _sync) = buf.device_ptr(&self.stream);
+            ptr
+        };
+        let pages = (0..count).map(|i| PageRef { ptr: base + (i * stride) as u64, len: bytes, tokens }).collect();
+        self.stream.synchronize()?;
+        Ok(DevicePages { _buf: buf, pages })
+    }
+
+    /// Plan a batch: check it, upload queries and page tables, size the split-K work. The plan
+    /// can be launched many times ([`Gpu::launch`]) and read back ([`Gpu::results`]).
+    pub fn plan<'p>(&self, shape: &AttnShape, items: &[GpuItem<'p>]) -> Result<Plan<'p>, GpuError> {
+        let kernel = Kernel::for_shape(self, shape)?;
+        let mut page_ptrs = Vec::new();
+        let (mut seq_page0, mut seq_tokens, mut q) = (Vec::new(), Vec::new(), Vec::with_capacity(items.len() * shape.q_len()));
+        let mut ranges = Vec::with_capacity(items.len());
+        let pt = shape.layout.page_tokens;
+        for item in items {
+            check_item(shape, item)?;
+            let total: usize = item.pages.iter().map(|p| p.tokens).sum();
+            seq_page0.push(i32::try_from(page_ptrs.len()).map_err(|_| GpuError::Unsupported("too many pages".into()))?);
+            seq_tokens.push(i32::try_from(total).map_err(|_| GpuError::Unsupported("sequence too long".into()))?);
+            page_ptrs.extend(item.pages.iter().map(|p| p.ptr));
+            q.extend_from_slice(item.q);
+            ranges.push((item.skip, total));
+            let _ = pt;
+        }
+        if page_ptrs.is_empty() {
+            page_ptrs.push(0);
+        }
+        let (work, seq_work0) = split_work(&ranges, kernel.blocks_per_item, self.sms * kernel.blocks_per_sm, kernel.min_chunk, kernel.align);
+        let n_work = seq_work0.last().copied().unwrap_or(0) as usize;
+        let s = &self.stream;
+        Ok(Plan {
+            kernel,
+            batch: items.len(),
+            heads: shape.q_heads,
+            dv: shape.v_width,
+            n_work,
+            qscale: shape.scale * LOG2E,
+            page_ptrs: s.clone_htod(&page_ptrs)?,
+            seq_page0: s.clone_htod(&seq_page0)?,
+            seq_tokens: s.clone_htod(&seq_tokens)?,
+            work: s.clone_htod(&work)?,
+            seq_work0: s.clone_htod(&seq_work0)?,
+            q: s.clone_htod(&q)?,
+            part_o: s.alloc_zeros::<f32>((n_work * shape.q_heads * shape.v_width).max(1))?,
+            part_lse: s.alloc_zeros::<f32>((n_work * shape.q_heads).max(1))?,
+            out: s.alloc_zeros::<f32>((items.len() * shape.out_len()).max(1))?,
+            lse: s.alloc_zeros::<f32>((items.len() * shape.q_heads).max(1))?,
+            _pages: PhantomData,
+        })
+    }
+
+    /// Enqueue a planned batch (the decode and the merge kernels) on the stream.
+    pub fn launch(&self, plan: &mut Plan) -> Result<(), GpuError> {
+        if plan.batch == 0 {
+            return Ok(());
+        }
+        let k = &plan.kernel;
+        let n_work = plan.n_work as u32;
+        {
+            let mut b = self.stream.launch_builder(&k.decode);
+            b.arg(&plan.page_ptrs).arg(&plan.seq_page0).arg(&plan.seq_tokens).arg(&plan.work).arg(&plan.q).arg(&plan.qscale);
+            let heads = plan.heads as i32;
+            if k.mla {
+                b.arg(&heads);
+            }
+            b.arg(&mut plan.part_o).arg(&mut plan.part_lse);
+            let cfg = LaunchConfig {
+                grid_dim: (n_work, k.grid_y, k.grid_z),
+                block_dim: (k.threads, 1, 1),
+                shared_mem_bytes: k.smem as u32,
+            };
+            // SAFETY: the arguments match the kernel's signature; every page pointer comes from
+            // a live `DevicePages` whose pages were checked against the layout in `plan`, and the
+            // work items stay inside each sequence's tokens.
+            unsafe { b.launch(cfg) }?;
+        }
+        let heads = plan.heads as i32;
+        let dv = plan.dv as i32;
+        let mut b = self.stream.launch_builder(&k.merge);
+        b.arg(&plan.part_o).arg(&plan.part_lse).arg(&plan.seq_work0).arg(&heads).arg(&dv).arg(&mut plan.out).arg(&mut plan.lse);
+        let cfg = LaunchConfig { grid_dim: (plan.batch as u32, plan.heads as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: as above; partial buffers are sized n_work × heads × dv.
+        unsafe { b.launch(cfg) }?;
+        Ok(())
+    }
+
+    /// Wait for the stream and copy a plan's outputs back: `out [batch][q_heads][v_width]`, `lse
+    /// [batch][q_heads]`, and per sequence `Ok` or `NonFiniteResult`.
+    pub fn results(&self, plan: &Plan) -> Result<GpuOutput, GpuError> {
+        let out = self.stream.clone_dtoh(&plan.out)?;
+        let lse = self.stream.clone_dtoh(&plan.lse)?;
+        let (ol, hl) = (plan.heads * plan.dv, plan.heads);
+        let status = (0..plan.batch)
+            .map(|i| {
+                let o = &out[i * ol..(i + 1) * ol];
+                let l = &lse[i * hl..(i + 1) * hl];
+                if o.iter().all(|x| x.is_finite()) && l.iter().all(|x| x.is_finite() || *x == f32::NEG_INFINITY) {
+                    Ok(())
+                } else {
+                    Err(AttentionError::NonFiniteResult)
+                }
+            })
+            .collect();
+        Ok(GpuOutput { out: out[..plan.batch * ol].to_vec(), lse: lse[..plan.batch * hl].to_vec(), status })
+    }
+
+    /// Plan, launch and read back one batch.
+    pub fn decode_batch(&self, shape: &AttnShape, items: &[GpuItem]) -> Result<GpuOutput, GpuError> {
+        let mut plan = self.plan(shape, items)?;
+        self.launch(&mut plan)?;
+        self.results(&plan)
+    }
+
+    /// Wait for everything enqueued on the stream.
+    pub fn synchronize(&self) -> Result<(), GpuError> {
+        Ok(self.stream.synchronize()?)
+    }
+
+    /// Measured HBM read bandwidth (bytes/s): a streaming read of `bytes` (several times the L2),
+    /// best of `reps` timed passes.
+    pub fn read_bandwidth(&self, bytes: usize, reps: usize) -> Result<f64, GpuError> {
+        let f = self.function(&[("KV_MERGE", 1)], "read_bandwidth")?;
+        let n = bytes / 16;
+        let src = self.stream.alloc_zeros::<u8>(n * 16)?;
+        let mut sink = self.stream.alloc_zeros::<u32>(1)?;
+        let n64 = n as u64;
+        let mut best = 0f64;
+        for r in 0..reps + 1 {
+            let t = std::time::Instant::now();
+            let mut b = self.stream.launch_builder(&f);
+            b.arg(&src).arg(&n64).arg(&mut sink);
+            let cfg = LaunchConfig { grid_dim: (self.sms as u32 * 8, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+            // SAFETY: `src` holds n 16-byte words, `sink` one word.
+            unsafe { b.launch(cfg) }?;
+            self.stream.synchronize()?;
+            if r > 0 {
+                best = best.max((n * 16) as f64 / t.elapsed().as_secs_f64());
+            }
+        }
+        Ok(best)
+    }
+}
+
+impl Gpu {
+    /// Measured bf16 tensor-core rate (flop/s): a cuBLAS `n×n×n` bf16 GEMM with f32
+    /// accumulation on random data, best of `reps` timed products after a warm-up. The MLA
+    /// kernel's peak fraction is against this.
+    pub fn gemm_peak(&self, n: usize, reps: usize) -> Result<f64, GpuError> {
+        use cudarc::cublas::{CudaBlas, Gemm, GemmConfig, sys::cublasOperation_t};
+        // SAFETY: only probes whether the shared library can be loaded.
+        if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+            return Err(GpuError::Unsupported("cuBLAS (libcublas) could not be loaded: no tensor-core baseline".into()));
+        }
+        let blas = CudaBlas::new(self.stream.clone()).map_err(|e| GpuError::Unsupported(format!("cuBLAS: {e:?}")))?;
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let host: Vec<half::bf16> = (0..n * n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                half::bf16::from_f32((x >> 40) as f32 / (1u64 << 24) as f32 - 0.5)
+            })
+            .collect();
+        let a = self.stream.clone_htod(&host)?;
+        let b = self.stream.clone_htod(&host)?;
+        let mut c = self.stream.alloc_zeros::<half::bf16>(n * n)?;
+        let ni = n as i32;
+        let cfg = GemmConfig {
+            transa: cublasOperation_t::CUBLAS_OP_N,
+            transb: cublasOperation_t::CUBLAS_OP_N,
+            m: ni,
+            n: ni,
+            k: ni,
+            alpha: half::bf16::ONE,
+            lda: ni,
+            ldb: ni,
+            beta: half::bf16::ZERO,
+            ldc: ni,
+        };
+        let mut best = 0f64;
+        for r in 0..reps + 2 {
+            let t = std::time::Instant::now();
+            // SAFETY: a, b and c hold n×n elements each.
+            unsafe { blas.gemm(cfg, &a, &b, &mut c) }.map_err(|e| GpuError::Unsupported(format!("cuBLAS gemm: {e:?}")))?;
+            self.stream.synchronize()?;
+            if r >= 2 {
+                best = best.max(2.0 * (n as f64).powi(3) / t.elapsed().as_secs_f64());
+            }
+        }
+        Ok(best)
+    }
+}
+
+/// Device memory holding pages; the [`DeviceRef`]s it hands out live no longer than it does.
+pub struct DevicePages {
+    _buf: CudaSlice<u8>,
+    pages: Vec<PageRef>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct PageRef {
+    ptr: u64,
+    len: usize,
+    tokens: usize,
+}
+
+impl DevicePages {
+    /// Pages in upload order.
+    pub fn pages(&self) -> Vec<DeviceRef<'_>> {
+        self.pages.iter().map(|&p| DeviceRef { ptr: p.ptr, len: p.len, tokens: p.tokens, _pages: PhantomData }).collect()
+    }
+
+    /// Pages held.
+    pub fn len(&self) -> usize {
+        self.pages.len()
+    }
+
+    /// Whether it holds no page.
+    pub fn is_empty(&self) -> bool {
+        self.pages.is_empty()
+    }
+}
+
+/// One page in device memory: its address, payload bytes and tokens.
+#[derive(Debug, Clone, Copy)]
+pub struct DeviceRef<'a> {
+    ptr: u64,
+    len: usize,
+    /// Tokens in the payload.
+    pub tokens: usize,
+    _pages: PhantomData<&'a DevicePages>,
+}
+
+/// One sequence of a GPU batch, as [`crate::BatchItem`].
+#[derive(Debug, Clone, Copy)]
+pub struct GpuItem<'a> {
+    /// Query `[q_heads][qk_width]`.
+    pub q: &'a [f32],
+    /// Pages in order; all but the last hold `page_tokens` tokens.
+    pub pages: &'a [DeviceRef<'a>],
+    /// Tokens at the start the query does not attend to (a window).
+    pub skip: usize,
+}
+
+/// What a batch answered.
+#[derive(Debug, Clone)]
+pub struct GpuOutput {
+    /// `[batch][q_heads][v_width]`.
+    pub out: Vec<f32>,
+    /// `[batch][q_heads]`, natural log.
+    pub lse: Vec<f32>,
+    /// Per sequence: `Ok`, or `NonFiniteResult` (its slot is then not meaningful).
+    pub status: Vec<Result<(), AttentionError>>,
+}
+
+/// A checked, uploaded batch ready to launch.
+pub struct Plan<'p> {
+    kernel: Kernel,
+    batch: usize,
+    heads: usize,
+    dv: usize,
+    n_work: usize,
+    qscale: f32,
+    page_ptrs: CudaSlice<u64>,
+    seq_page0: CudaSlice<i32>,
+    seq_tokens: CudaSlice<i32>,
+    work: CudaSlice<i32>,
+    seq_work0: CudaSlice<i32>,
+    q: CudaSlice<f32>,
+    part_o: CudaSlice<f32>,
+    part_lse: CudaSlice<f32>,
+    out: CudaSlice<f32>,
+    lse: CudaSlice<f32>,
+    _pages: PhantomData<&'p DevicePages>,
+}
+
+impl Plan<'_> {
+    /// Work items (blocks along the grid's x axis).
+    pub fn work_items(&self) -> usize {
+        self.n_work
+    }
+
+    /// Which kernel runs: "gqa" or "mla-mma".
+    pub fn kernel_name(&self) -> &'static str {
+        if self.kernel.mla { "mla-mma" } else { "gqa" }
+    }
+}
+
+struct Kernel {
+    decode: CudaFunction,
+    merge: CudaFunction,
+    mla: bool,
+    grid_y: u32,
+    grid_z: u32,
+    threads: u32,
+    smem: usize,
+    blocks_per_item: usize,
+    blocks_per_sm: usize,
+    min_chunk: usize,
+    align: usize,
+}
+
+fn codec_id(c: Codec) -> i64 {
+    match c {
+        Codec::Bf16 => 0,
+        Codec::F16 => 1,
+        Codec::Fp8E4m3 => 2,
+        Codec::Int8 => 3,
+    }
+}
+
+impl Kernel {
+    fn for_shape(gpu: &Gpu, shape: &AttnShape) -> Result<Kernel, GpuError> {
+        let l = &shape.layout;
+        if shape.kv_groups == 0 || !shape.q_heads.is_multiple_of(shape.kv_groups) {
+            return Err(AttentionError::Shape(format!("{} query heads over {} KV groups", shape.q_heads, shape.kv_groups)).into());
+        }
+        if l.shape.width != shape.qk_width {
+            return Err(AttentionError::Shape("layout row width does not match the query width".into()).into());
+        }
+        let merge = gpu.function(&[("KV_MERGE", 1)], "merge_partials")?;
+        let common = [("KV_CODEC", codec_id(l.codec)), ("KV_ROW", l.row_bytes as i64), ("KV_PT", l.page_tokens as i64)];
+        if shape.latent {
+            let (dl, dr) = (shape.v_width, shape.qk_width - shape.v_width);
+            if dl != 512 || !dr.is_multiple_of(16) || dr == 0 {
+                return Err(GpuError::Unsupported(format!(
+                    "MLA with a {dl}-wide latent and {dr}-wide rope key (the tensor-core kernel takes 512 + a multiple of 16)"
+                )));
+            }
+            let mut defs = common.to_vec();
+            defs.push(("KV_DL", dl as i64));
+            defs.push(("KV_DR", dr as i64));
+            let decode = gpu.function(&defs, "mla_decode")?;
+            let (hb, bn, srow, prow) = (64usize, 32usize, dl + dr + 8, 40usize);
+            let k_tiles = if l.codec == Codec::Bf16 { 2 } else { 1 };
+            let raw = if l.codec == Codec::Bf16 { 0 } else { 2 * bn * l.row_bytes.next_multiple_of(16) };
+            let smem = 2 * (hb * srow + k_tiles * bn * srow + hb * prow) + 4 * 4 * hb + raw;
+            if smem > gpu.smem_optin {
+                return Err(GpuError::Unsupported(format!(
+                    "MLA kernel needs {smem} B of shared memory per block, the device allows {}",
+                    gpu.smem_optin
+                )));
+            }
+            decode.set_attribute(
+                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                smem as i32,
+            )?;
+            let grid_y = shape.q_heads.div_ceil(hb) as u32;
+            return Ok(Kernel {
+                decode,
+                merge,
+                mla: true,
+                grid_y,
+                grid_z: 1,
+                threads: 256,
+                smem,
+                blocks_per_item: grid_y as usize,
+                blocks_per_sm: 1,
+                min_chunk: 128,
+                align: bn,
+            });
+        }
+        let d = shape.qk_width;
+        if shape.v_width != d || l.shape.tail != 0 {
+            return Err(GpuError::Unsupported("GQA with different K and V widths".into()));
+        }
+        let lanes_ok = d.is_multiple_of(8) && ((d / 8).is_power_of_two() && d / 8 <= 32 || d.is_multiple_of(256));
+        if !lanes_ok {
+            return Err(GpuError::Unsupported(format!(
+                "head dim {d} (the GPU kernel takes 8, 16, 32, 64, 128 or a multiple of 256)"
+            )));
+        }
+        let lanes = (d / 8).min(32);
+        let e = d / lanes;
+        let tpw = 32 / lanes;
+        let g = shape.group();
+        let gc = (1..=g).rev().find(|c| g.is_multiple_of(*c) && c * e <= 64).unwrap_or(1);
+        let mut defs = common.to_vec();
+        defs.push(("KV_D", d as i64));
+        defs.push(("KV_KV", shape.kv_groups as i64));
+        defs.push(("KV_G", g as i64));
+        defs.push(("KV_GC", gc as i64));
+        let decode = gpu.function(&defs, "gqa_decode")?;
+        let nstate = 4 * tpw;
+        let smem = 4 * (2 * nstate * gc + nstate * gc * d);
+        if smem > 48 << 10 {
+            if smem > gpu.smem_optin {
+                return Err(GpuError::Unsupported(format!("GQA merge needs {smem} B of shared memory")));
+            }
+            decode.set_attribute(
+                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                smem as i32,
+            )?;
+        }
+        let grid_z = (g / gc) as u32;
+        Ok(Kernel {
+            decode,
+            merge,
+            mla: false,
+            grid_y: shape.kv_groups as u32,
+            grid_z,
+            threads: 128,
+            smem,
+            blocks_per_item: shape.kv_groups * grid_z as usize,
+            blocks_per_sm: 4,
+            min_chunk: 256,
+            align: 4 * tpw * 4,
+        })
+    }
+}
+
+fn check_item(shape: &AttnShape, item: &GpuItem) -> Result<(), AttentionError> {
+    if item.q.len() != shape.q_len() {
+        return Err(AttentionError::QueryLength {
+            got: item.q.len(),
+            expected: shape.q_len(),
+            heads: shape.q_heads,
+            width: shape.qk_width,
+        });
+    }
+    if item.q.iter().any(|x| !x.is_finite()) {
+        return Err(AttentionError::NonFiniteQuery);
+    }
+    let pt = shape.layout.page_tokens;
+    let mut total = 0;
+    for (index, p) in item.pages.iter().enumerate() {
+        let expected = shape.layout.payload_bytes(p.tokens);
+        if p.len != expected || p.tokens == 0 {
+            return Err(AttentionError::PageLength { index, got: p.len, expected, tokens: p.tokens });
+        }
+        let last = index + 1 == item.pages.len();
+        if p.tokens > pt || (!last && p.tokens != pt) {
+            return Err(AttentionError::Shape(format!(
+                "page {index} holds {} tokens: every page but the last must hold {pt}",
+                p.tokens
+            )));
+        }
+        total += p.tokens;
+    }
+    if item.skip > total {
+        return Err(AttentionError::Shape(format!("window skips {} of {total} tokens", item.skip)));
+    }
+    Ok(())
+}
+
+/// Split each sequence's attended range `[skip, total)` into work items so that the grid holds
+/// about `target_blocks` blocks: `(work as [b, t0, t1, 0] quads, first item of each sequence
+/// plus the end)`. Every sequence gets at least one item (an empty one when it attends to
+/// nothing, which answers zeros and an LSE of −∞).
+fn split_work(
+    ranges: &[(usize, usize)],
+    blocks_per_item: usize,
+    target_blocks: usize,
+    min_chunk: usize,
+    align: usize,
+) -> (Vec<i32>, Vec<i32>) {
+    let tokens: usize = ranges.iter().map(|(s, t)| t - s).sum();
+    let wanted = (target_blocks / blocks_per_item.max(1)).max(1);
+    let chunk = tokens.div_ceil(wanted).max(min_chunk).next_multiple_of(align);
+    let mut work = Vec::new();
+    let mut starts = Vec::with_capacity(ranges.len() + 1);
+    for (b, &(skip, total)) in ranges.iter().enumerate() {
+        starts.push((work.len() / 4) as i32);
+        let n = total - skip;
+        let k = n.div_ceil(chunk).max(1);
+        let per = n.div_ceil(k).next_multiple_of(align).max(align);
+        let mut t = skip;
+        loop {
+            let end = (t + per).min(total);
+            work.extend_from_slice(&[b as i32, t as i32, end as i32, 0]);
+            t = end;
+            if t >= total {
+                break;
+            }
+        }
+    }
+    starts.push((work.len() / 4) as i32);
+    (work, starts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_work;
+
+    #[test]
+    fn split_covers_every_token_once() {
+        let ranges = [(0, 131072), (100, 4096), (5, 5), (0, 1), (37, 70000)];
+        for (bpi, target) in [(8, 528), (2, 132), (64, 64), (1, 100000)] {
+            let (work, starts) = split_work(&ranges, bpi, target, 256, 32);
+            assert_eq!(starts.len(), ranges.len() + 1);
+            for (b, &(skip, total)) in ranges.iter().enumerate() {
+                let items: Vec<&[i32]> = work.chunks(4).skip(starts[b] as usize).take((starts[b + 1] - starts[b]) as usize).collect();
+                assert!(!items.is_empty());
+                let mut t = skip as i32;
+                for it in items {
+                    assert_eq!(it[0], b as i32);
+                    assert_eq!(it[1], t);
+                    assert!(it[2] >= it[1] && it[2] <= total as i32);
+                    t = it[2];
+                }
+                assert_eq!(t, total as i32);
+            }
+        }
+    }
+}

@@ -1,0 +1,266 @@
+//! The CUDA backend against the float64 reference. These tests need an NVIDIA GPU and its driver:
+//! they are `#[ignore]`d with that reason, so `cargo test` lists them as ignored (never as passed)
+//! on a machine without one. On a GPU machine: `cargo test -p kvcache-attention --test gpu --
+//! --include-ignored`. The one test that runs everywhere checks that a missing driver or device is
+//! a clear error, not a panic.
+
+use kvcache_attention::gpu::{DeviceRef, Gpu, GpuError, GpuItem};
+use kvcache_attention::reference::{attention_window, rel_l2};
+use kvcache_attention::{AttentionError, AttnShape, KvPage};
+use kvcache_core::{AttentionKind, Codec, ModelSpec, PageLayout};
+use rand::{Rng, SeedableRng};
+use std::sync::Arc;
+
+fn seeded() -> rand::rngs::StdRng {
+    rand::rngs::StdRng::seed_from_u64(kvcache_core::testing::test_seed())
+}
+
+fn gpu() -> Arc<Gpu> {
+    match Gpu::open(0) {
+        Ok(g) => {
+            eprintln!("device: {}", g.describe());
+            g
+        }
+        Err(e) => panic!("this test needs a GPU: {e}"),
+    }
+}
+
+fn gqa(q: u32, kv: u32, d: u32) -> ModelSpec {
+    ModelSpec {
+        name: "t".into(),
+        attention: if q == kv { AttentionKind::Mha } else { AttentionKind::Gqa },
+        num_layers: 1,
+        num_q_heads: q,
+        num_kv_heads: kv,
+        head_dim: d,
+        kv_lora_rank: 0,
+        rope_dim: 0,
+        softmax_scale: 1.0 / (d as f32).sqrt(),
+        layers: Vec::new(),
+        sinks: false,
+        indexer: None,
+    }
+}
+
+fn mla(heads: u32) -> ModelSpec {
+    let mut m = ModelSpec::preset("deepseek-v3").unwrap();
+    m.num_q_heads = heads;
+    m
+}
+
+struct Seq {
+    q: Vec<f32>,
+    pages: Vec<(Vec<u8>, usize)>,
+    skip: usize,
+}
+
+impl Seq {
+    fn kv(&self) -> Vec<KvPage<'_>> {
+        self.pages.iter().map(|(p, n)| KvPage { payload: p, tokens: *n }).collect()
+    }
+}
+
+fn seq(shape: &AttnShape, tokens: usize, skip: usize, rng: &mut impl Rng) -> Seq {
+    let layout = shape.layout;
+    let q: Vec<f32> = (0..shape.q_len()).map(|_| rng.random_range(-2.0..2.0)).collect();
+    let mut pages = Vec::new();
+    let mut left = tokens;
+    while left > 0 {
+        let n = left.min(layout.page_tokens);
+        let w = layout.shape.width;
+        // Tiles of different magnitude, so a wrong fp8 tile scale shows.
+        let vals: Vec<f32> = (0..layout.planes * n * w)
+            .map(|i| rng.random_range(-3.0..3.0) * [1.0, 0.0625, 0.25, 0.015625][(i % w) / 128 % 4])
+            .collect();
+        pages.push((layout.encode(&vals, n), n));
+        left -= n;
+    }
+    Seq { q, pages, skip }
+}
+
+/// Run `seqs` as one batch on the GPU and check every sequence against the reference.
+fn check_batch(g: &Gpu, shape: &AttnShape, seqs: &[Seq], tol: f64) -> f64 {
+    let uploads: Vec<_> = seqs.iter().map(|s| g.upload_pages(&s.kv()).unwrap()).collect();
+    let refs: Vec<Vec<DeviceRef>> = uploads.iter().map(|u| u.pages()).collect();
+    let items: Vec<GpuItem> =
+        seqs.iter().zip(&refs).map(|(s, r)| GpuItem { q: &s.q, pages: r, skip: s.skip }).collect();
+    let res = g.decode_batch(shape, &items).unwrap();
+    let (ol, hl) = (shape.out_len(), shape.q_heads);
+    let mut worst = 0f64;
+    for (i, s) in seqs.iter().enumerate() {
+        res.status[i].clone().unwrap();
+        let (ro, rl) = attention_window(shape, &s.q, &s.kv(), s.skip, None);
+        let out = &res.out[i * ol..(i + 1) * ol];
+        let lse = &res.lse[i * hl..(i + 1) * hl];
+        let tokens: usize = s.pages.iter().map(|p| p.1).sum::<usize>() - s.skip;
+        if tokens == 0 {
+            assert!(out.iter().all(|x| *x == 0.0) && lse.iter().all(|x| *x == f32::NEG_INFINITY));
+            continue;
+        }
+        let e = rel_l2(out, &ro);
+        assert!(e <= tol, "{:?} item {i} ({tokens} tokens): rel L2 {e:e} > {tol:e}", shape.layout.codec);
+        for (a, b) in lse.iter().zip(&rl) {
+            assert!((*a as f64 - b).abs() <= 1e-3 * b.abs().max(1.0), "lse {a} vs {b}");
+        }
+        worst = worst.max(e);
+    }
+    worst
+}
+
+#[test]
+fn a_machine_without_a_driver_or_device_gets_a_clear_error() {
+    // Runs everywhere: on a machine without CUDA the error names what is missing; with a GPU,
+    // device 0 opens and a device past the last is refused by number.
+    match Gpu::open(0) {
+        Ok(g) => {
+            assert!(!g.describe().is_empty());
+            match Gpu::open(1 << 20) {
+                Err(GpuError::NoDevice { ordinal, count }) => assert!(ordinal == 1 << 20 && count >= 1),
+                other => panic!("expected NoDevice, got {other:?}"),
+            }
+        }
+        Err(e) => {
+            let msg = e.to_string();
+            eprintln!("no GPU here: {msg}");
+            assert!(matches!(e, GpuError::NoDriver | GpuError::NoDevice { .. } | GpuError::Driver(_)), "{msg}");
+            assert!(msg.contains("CUDA"), "{msg}");
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU and driver: run with --include-ignored on a GPU machine"]
+fn gqa_every_codec_and_shape_matches_the_f64_reference() {
+    let g = gpu();
+    let mut rng = seeded();
+    // Llama-3-8B, MHA, MQA (a group of 16: two head chunks), head dims 64 and 256.
+    let shapes = [gqa(32, 8, 128), gqa(8, 8, 64), gqa(16, 1, 128), gqa(8, 4, 256), gqa(12, 4, 64)];
+    for spec in &shapes {
+        for codec in Codec::ALL {
+            for pt in [16, 64] {
+                let shape = AttnShape::new(spec, PageLayout::new(spec, codec, pt));
+                let seqs = vec![
+                    seq(&shape, 1, 0, &mut rng),
+                    seq(&shape, 17, 0, &mut rng),
+                    seq(&shape, 300, 0, &mut rng),
+                    seq(&shape, 5000, 0, &mut rng),
+                    seq(&shape, 700, 650, &mut rng),
+                    seq(&shape, 40, 40, &mut rng),
+                ];
+                let e = check_batch(&g, &shape, &seqs, 1e-5);
+                eprintln!(
+                    "gqa {}q/{}kv×{} {:<8} page {pt:>2}: worst rel L2 {e:.2e}",
+                    spec.num_q_heads,
+                    spec.num_kv_heads,
+                    spec.head_dim,
+                    codec.as_str()
+                );
+            }
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU and driver: run with --include-ignored on a GPU machine"]
+fn mla_on_tensor_cores_matches_the_f64_reference_within_bf16_rounding() {
+    let g = gpu();
+    let mut rng = seeded();
+    // 128 heads (two head blocks) and 16 (one block, padded).
+    for heads in [128, 16] {
+        let spec = mla(heads);
+        for codec in Codec::ALL {
+            let shape = AttnShape::new(&spec, PageLayout::new(&spec, codec, 64));
+            let seqs = vec![
+                seq(&shape, 1, 0, &mut rng),
+                seq(&shape, 33, 0, &mut rng),
+                seq(&shape, 1000, 0, &mut rng),
+                seq(&shape, 9000, 0, &mut rng),
+                seq(&shape, 600, 500, &mut rng),
+            ];
+            let e = check_batch(&g, &shape, &seqs, 2e-3);
+            eprintln!("mla {heads} heads {:<8}: worst rel L2 {e:.2e} (bf16 query and P)", codec.as_str());
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU and driver: run with --include-ignored on a GPU machine"]
+fn long_contexts_split_over_blocks_and_merge_exactly() {
+    let g = gpu();
+    let mut rng = seeded();
+    let spec = gqa(32, 8, 128);
+    let shape = AttnShape::new(&spec, PageLayout::new(&spec, Codec::Bf16, 64));
+    let seqs = vec![seq(&shape, 131_072, 0, &mut rng)];
+    let e = check_batch(&g, &shape, &seqs, 1e-5);
+    eprintln!("gqa 128K tokens: rel L2 {e:.2e}");
+    let spec = mla(128);
+    let shape = AttnShape::new(&spec, PageLayout::new(&spec, Codec::Bf16, 64));
+    let seqs = vec![seq(&shape, 65_536, 0, &mut rng)];
+    let e = check_batch(&g, &shape, &seqs, 2e-3);
+    eprintln!("mla 64K tokens: rel L2 {e:.2e}");
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU and driver: run with --include-ignored on a GPU machine"]
+fn nan_and_infinity_in_a_page_fail_only_their_sequence() {
+    let g = gpu();
+    let mut rng = seeded();
+    for spec in [gqa(32, 8, 128), mla(128)] {
+        for (codec, poison) in [(Codec::Bf16, 0x7fc0u16), (Codec::F16, 0x7c00u16)] {
+            let shape = AttnShape::new(&spec, PageLayout::new(&spec, codec, 16));
+            let mut seqs = [seq(&shape, 100, 0, &mut rng), seq(&shape, 100, 0, &mut rng), seq(&shape, 50, 0, &mut rng)];
+            for v in seqs[1].pages[2].0.chunks_exact_mut(2) {
+                v.copy_from_slice(&poison.to_le_bytes());
+            }
+            let uploads: Vec<_> = seqs.iter().map(|s| g.upload_pages(&s.kv()).unwrap()).collect();
+            let refs: Vec<Vec<DeviceRef>> = uploads.iter().map(|u| u.pages()).collect();
+            let items: Vec<GpuItem> =
+                seqs.iter().zip(&refs).map(|(s, r)| GpuItem { q: &s.q, pages: r, skip: 0 }).collect();
+            let res = g.decode_batch(&shape, &items).unwrap();
+            assert!(res.status[0].is_ok() && res.status[2].is_ok());
+            assert_eq!(res.status[1], Err(AttentionError::NonFiniteResult), "{:?} {codec:?}", spec.attention);
+        }
+        // An fp8 NaN byte (0x7f) in a latent or K row.
+        let shape = AttnShape::new(&spec, PageLayout::new(&spec, Codec::Fp8E4m3, 16));
+        let mut s = seq(&shape, 40, 0, &mut rng);
+        s.pages[1].0[3] = 0x7f;
+        let up = g.upload_pages(&s.kv()).unwrap();
+        let r = up.pages();
+        let res = g.decode_batch(&shape, &[GpuItem { q: &s.q, pages: &r, skip: 0 }]).unwrap();
+        assert_eq!(res.status[0], Err(AttentionError::NonFiniteResult));
+    }
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU and driver: run with --include-ignored on a GPU machine"]
+fn bad_requests_are_refused_before_anything_runs() {
+    let g = gpu();
+    let mut rng = seeded();
+    let spec = gqa(32, 8, 128);
+    let shape = AttnShape::new(&spec, PageLayout::new(&spec, Codec::Bf16, 16));
+    let s = seq(&shape, 40, 0, &mut rng);
+    let up = g.upload_pages(&s.kv()).unwrap();
+    let r = up.pages();
+    let short = &s.q[..10];
+    let e = g.plan(&shape, &[GpuItem { q: short, pages: &r, skip: 0 }]).err().unwrap();
+    assert!(matches!(e, GpuError::Attention(AttentionError::QueryLength { .. })), "{e}");
+    let mut nanq = s.q.clone();
+    nanq[5] = f32::NAN;
+    let e = g.plan(&shape, &[GpuItem { q: &nanq, pages: &r, skip: 0 }]).err().unwrap();
+    assert!(matches!(e, GpuError::Attention(AttentionError::NonFiniteQuery)), "{e}");
+    let e = g.plan(&shape, &[GpuItem { q: &s.q, pages: &r, skip: 41 }]).err().unwrap();
+    assert!(e.to_string().contains("skips 41 of 40"), "{e}");
+    // A partial page in the middle.
+    let mid = [r[2], r[0]];
+    let e = g.plan(&shape, &[GpuItem { q: &s.q, pages: &mid, skip: 0 }]).err().unwrap();
+    assert!(e.to_string().contains("every page but the last"), "{e}");
+    // Pages of another layout.
+    let other = AttnShape::new(&spec, PageLayout::new(&spec, Codec::Fp8E4m3, 16));
+    let e = g.plan(&other, &[GpuItem { q: &s.q, pages: &r, skip: 0 }]).err().unwrap();
+    assert!(matches!(e, GpuError::Attention(AttentionError::PageLength { .. })), "{e}");
+    // Head dims without a kernel say so.
+    let odd = gqa(8, 8, 96);
+    let shape96 = AttnShape::new(&odd, PageLayout::new(&odd, Codec::Bf16, 16));
+    let e = g.plan(&shape96, &[]).err().unwrap();
+    assert!(matches!(e, GpuError::Unsupported(_)), "{e}");
+}
