@@ -1,9 +1,12 @@
 // kvcache decode-attention kernels for NVIDIA GPUs, compiled at first use by NVRTC for the
-// device's architecture (see gpu/mod.rs). They read the page payloads exactly as the cache nodes
-// store them (core/src/layout.rs), through a table of device pointers, one per page:
-//   GQA/MHA/MQA: K[kv_heads][n][row] then V[kv_heads][n][row], n = the page's tokens;
-//   MLA:         [n][row], row = latent (KV_DL) then rope key (KV_DR).
-// Every page of a sequence holds KV_PT tokens except its last.
+// device's architecture (see gpu/mod.rs). They read pages in the byte layout the cache nodes
+// store (core/src/layout.rs) in device slots of a full page each, through a table of device
+// pointers, one per page:
+//   GQA/MHA/MQA: K[kv_heads][KV_PT][row] then V[kv_heads][KV_PT][row];
+//   MLA:         [KV_PT][row], row = latent (KV_DL) then rope key (KV_DR).
+// A stored payload of n < KV_PT tokens is compact (planes n rows apart); the upload spreads its
+// planes KV_PT rows apart (a no-op for MLA), so appending a token to a device page writes its
+// rows in place. Every page of a sequence holds KV_PT tokens except its last.
 //
 // Macros set by the host for each compiled variant:
 //   KV_CODEC  0 bf16, 1 f16, 2 fp8-e4m3 (f32 power-of-two scale per 128 elements), 3 int8 (f32
@@ -107,6 +110,43 @@ __device__ __forceinline__ float row_scale(const u8* row, int e0, int main) {
 #define NSTATE (NWARP * TPW)
 #define RAWN (E * ELEM_BYTES / 4)
 
+struct Slot {
+    u32 k[RAWN], v[RAWN];
+    float ks, vs;
+    bool valid;
+};
+
+// Start loading this lane's part of token t's K and V rows (nothing past t1).
+__device__ __forceinline__ void gqa_load(Slot& sl, const u64* pages, int h, int t, int t1, int e0) {
+    sl.valid = t < t1;
+    sl.ks = 0.f;
+    sl.vs = 0.f;
+    #pragma unroll
+    for (int i = 0; i < RAWN; i++) sl.k[i] = sl.v[i] = 0u;
+    if (!sl.valid) return;
+    const int p = t / KV_PT, off = t - p * KV_PT;
+    const u8* pg = (const u8*)pages[p];
+    const u8* krow = pg + ((size_t)h * KV_PT + off) * KV_ROW;
+    const u8* vrow = pg + ((size_t)(KV_KV + h) * KV_PT + off) * KV_ROW;
+#if ELEM_BYTES == 2
+    #pragma unroll
+    for (int i = 0; i < RAWN / 4; i++) {
+        uint4 a = __ldg((const uint4*)(krow + e0 * 2) + i);
+        uint4 c = __ldg((const uint4*)(vrow + e0 * 2) + i);
+        sl.k[4 * i] = a.x; sl.k[4 * i + 1] = a.y; sl.k[4 * i + 2] = a.z; sl.k[4 * i + 3] = a.w;
+        sl.v[4 * i] = c.x; sl.v[4 * i + 1] = c.y; sl.v[4 * i + 2] = c.z; sl.v[4 * i + 3] = c.w;
+    }
+#else
+    #pragma unroll
+    for (int i = 0; i < RAWN; i++) {
+        sl.k[i] = __ldg((const u32*)(krow + e0) + i);
+        sl.v[i] = __ldg((const u32*)(vrow + e0) + i);
+    }
+#endif
+    sl.ks = row_scale(krow, e0, KV_D);
+    sl.vs = row_scale(vrow, e0, KV_D);
+}
+
 extern "C" __global__ void __launch_bounds__(128) gqa_decode(
     const u64* __restrict__ page_ptrs, const int* __restrict__ seq_page0,
     const int* __restrict__ seq_tokens, const int4* __restrict__ work,
@@ -138,47 +178,30 @@ extern "C" __global__ void __launch_bounds__(128) gqa_decode(
         for (int e = 0; e < E; e++) o[g][e] = 0.f;
     }
 
-    const int total = seq_tokens[b];
     const u64* pages = page_ptrs + seq_page0[b];
-    const int last_page = total > 0 ? (total - 1) / KV_PT : 0;
-    const int last_n = total - last_page * KV_PT;
 
-    for (int base = t0 + warp * TPW * U; base < t1; base += NWARP * TPW * U) {
+    // Software-pipelined: the rows of the next iteration are in flight while this one computes.
+    Slot cur[U], nxt[U];
+    int base = t0 + warp * TPW * U;
+    #pragma unroll
+    for (int u = 0; u < U; u++) gqa_load(cur[u], pages, h, base + u * TPW + sub, t1, e0);
+    for (; base < t1; base += NWARP * TPW * U) {
+        #pragma unroll
+        for (int u = 0; u < U; u++) gqa_load(nxt[u], pages, h, base + NWARP * TPW * U + u * TPW + sub, t1, e0);
         u32 kr[U][RAWN], vr[U][RAWN];
         float ks[U], vs[U];
         bool valid[U];
         #pragma unroll
         for (int u = 0; u < U; u++) {
-            const int t = base + u * TPW + sub;
-            valid[u] = t < t1;
-            ks[u] = 0.f;
-            vs[u] = 0.f;
+            valid[u] = cur[u].valid;
+            ks[u] = cur[u].ks;
+            vs[u] = cur[u].vs;
             #pragma unroll
-            for (int i = 0; i < RAWN; i++) kr[u][i] = vr[u][i] = 0u;
-            if (valid[u]) {
-                const int p = t / KV_PT, off = t - p * KV_PT;
-                const int n = p == last_page ? last_n : KV_PT;
-                const u8* pg = (const u8*)pages[p];
-                const u8* krow = pg + ((size_t)h * n + off) * KV_ROW;
-                const u8* vrow = pg + ((size_t)(KV_KV + h) * n + off) * KV_ROW;
-#if ELEM_BYTES == 2
-                #pragma unroll
-                for (int i = 0; i < RAWN / 4; i++) {
-                    uint4 a = __ldg((const uint4*)(krow + e0 * 2) + i);
-                    uint4 c = __ldg((const uint4*)(vrow + e0 * 2) + i);
-                    kr[u][4 * i] = a.x; kr[u][4 * i + 1] = a.y; kr[u][4 * i + 2] = a.z; kr[u][4 * i + 3] = a.w;
-                    vr[u][4 * i] = c.x; vr[u][4 * i + 1] = c.y; vr[u][4 * i + 2] = c.z; vr[u][4 * i + 3] = c.w;
-                }
-#else
-                #pragma unroll
-                for (int i = 0; i < RAWN; i++) {
-                    kr[u][i] = __ldg((const u32*)(krow + e0) + i);
-                    vr[u][i] = __ldg((const u32*)(vrow + e0) + i);
-                }
-#endif
-                ks[u] = row_scale(krow, e0, KV_D);
-                vs[u] = row_scale(vrow, e0, KV_D);
+            for (int i = 0; i < RAWN; i++) {
+                kr[u][i] = cur[u].k[i];
+                vr[u][i] = cur[u].v[i];
             }
+            cur[u] = nxt[u];
         }
         float s[U][KV_GC];
         #pragma unroll
@@ -329,10 +352,7 @@ __device__ __forceinline__ void mma16816(float* c, u32 a0, u32 a1, u32 a2, u32 a
 
 // Start copying tile `tt0..tt0+BN` (clipped to t1) into `dst` (bf16 rows of SROW elements when
 // the codec is bf16, raw rows of RAWROW bytes otherwise); rows past t1 are zero-filled.
-__device__ __forceinline__ void mla_issue_tile(u8* dst, const u64* pages, int total, int tt0, int t1) {
-    const int last_page = (total - 1) / KV_PT;
-    const int last_n = total - last_page * KV_PT;
-    (void)last_n;
+__device__ __forceinline__ void mla_issue_tile(u8* dst, const u64* pages, int tt0, int t1) {
     constexpr int chunks = KV_ROW / CPB;
 #if KV_CODEC == 0
     constexpr int dst_row = SROW * 2;
@@ -348,7 +368,7 @@ __device__ __forceinline__ void mla_issue_tile(u8* dst, const u64* pages, int to
             const u8* src = (const u8*)pages[p] + (size_t)off * KV_ROW + k * CPB;
             cp_async(d, src, CPB);
         } else {
-            cp_async(d, pages[0] ? (const void*)pages[0] : (const void*)d, 0);
+            cp_async(d, (const void*)pages[0], 0);
         }
     }
 }
@@ -413,15 +433,14 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) mla_decode(
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int hg = warp & 3, half = warp >> 2;
     const int g = lane >> 2, tq = lane & 3;
-    const int total = seq_tokens[b];
     const u64* pages = page_ptrs + seq_page0[b];
     const int ntiles = (t1 - t0 + BN - 1) / BN;
 
     if (ntiles > 0) {
 #if KV_CODEC == 0
-        mla_issue_tile((u8*)Ks, pages, total, t0, t1);
+        mla_issue_tile((u8*)Ks, pages, t0, t1);
 #else
-        mla_issue_tile(raw, pages, total, t0, t1);
+        mla_issue_tile(raw, pages, t0, t1);
 #endif
     }
     cp_commit();
@@ -433,8 +452,8 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) mla_decode(
         float a = 0.f, bb = 0.f;
         if (head < q_heads) {
             const float* qp = q + ((size_t)b * q_heads + head) * MW + 2 * c;
-            a = qp[0] * qscale;
-            bb = qp[1] * qscale;
+            a = qp[0];
+            bb = qp[1];
         }
         ((u32*)(Qs + r * SROW))[c] = pack_bf16x2(a, bb);
     }
@@ -450,11 +469,11 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) mla_decode(
         __syncthreads();
 #if KV_CODEC == 0
         const u16* Kt = Ks + (j & 1) * BN * SROW;
-        if (j + 1 < ntiles) mla_issue_tile((u8*)(Ks + ((j + 1) & 1) * BN * SROW), pages, total, tt0 + BN, t1);
+        if (j + 1 < ntiles) mla_issue_tile((u8*)(Ks + ((j + 1) & 1) * BN * SROW), pages, tt0 + BN, t1);
         cp_commit();
 #else
         mla_widen(Ks, raw + (j & 1) * BN * RAWROW);
-        if (j + 1 < ntiles) mla_issue_tile(raw + ((j + 1) & 1) * BN * RAWROW, pages, total, tt0 + BN, t1);
+        if (j + 1 < ntiles) mla_issue_tile(raw + ((j + 1) & 1) * BN * RAWROW, pages, tt0 + BN, t1);
         cp_commit();
         __syncthreads();
         const u16* Kt = Ks;
@@ -471,10 +490,13 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) mla_decode(
             mma16816(sacc[0], a0, a1, a2, a3, b0, b1);
             mma16816(sacc[1], a0, a1, a2, a3, b2, b3);
         }
-        // Mask tokens past the range, take row maxima over this warp's 16 tokens.
+        // Scale (after the product: a bf16 query goes in exactly), mask tokens past the range,
+        // take row maxima over this warp's 16 tokens.
         float mx0 = NEG_INF, mx1 = NEG_INF;
         #pragma unroll
         for (int nt = 0; nt < 2; nt++) {
+            #pragma unroll
+            for (int c = 0; c < 4; c++) sacc[nt][c] *= qscale;
             const int col = tt0 + half * 16 + nt * 8 + 2 * tq;
             if (col >= t1) { sacc[nt][0] = NEG_INF; sacc[nt][2] = NEG_INF; }
             if (col + 1 >= t1) { sacc[nt][1] = NEG_INF; sacc[nt][3] = NEG_INF; }
@@ -553,8 +575,9 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) mla_decode(
     const float lt0 = red_l[r0] + red_l[HB + r0];
     const float lt1 = red_l[r1] + red_l[HB + r1];
     const int h0 = hb * HB + r0, h1 = hb * HB + r1;
-    const float i0 = lt0 > 0.f ? 1.f / lt0 : 0.f;
-    const float i1 = lt1 > 0.f ? 1.f / lt1 : 0.f;
+    // A NaN sum stays NaN (the host refuses it); only an empty range answers zeros.
+    const float i0 = lt0 == 0.f ? 0.f : 1.f / lt0;
+    const float i1 = lt1 == 0.f ? 0.f : 1.f / lt1;
     #pragma unroll
     for (int i = 0; i < 32; i++) {
         const int col = half * (KV_DL / 2) + i * 8 + 2 * tq;
@@ -568,8 +591,8 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) mla_decode(
         }
     }
     if (half == 0 && tq == 0) {
-        if (h0 < q_heads) part_lse[(size_t)wi * q_heads + h0] = lt0 > 0.f ? m0 + log2f(lt0) : NEG_INF;
-        if (h1 < q_heads) part_lse[(size_t)wi * q_heads + h1] = lt1 > 0.f ? m1 + log2f(lt1) : NEG_INF;
+        if (h0 < q_heads) part_lse[(size_t)wi * q_heads + h0] = lt0 == 0.f ? NEG_INF : m0 + log2f(lt0);
+        if (h1 < q_heads) part_lse[(size_t)wi * q_heads + h1] = lt1 == 0.f ? NEG_INF : m1 + log2f(lt1);
     }
 }
 #endif

@@ -25,7 +25,7 @@ use crate::{AttentionError, AttnShape};
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg, sys,
 };
-use kvcache_core::Codec;
+use kvcache_core::{Codec, PageLayout};
 use std::collections::HashMap;
 use std::marker::PhantomData;
 use std::path::PathBuf;
@@ -49,7 +49,9 @@ pub enum GpuError {
         count: i32,
     },
     /// NVRTC is needed to compile a kernel that is not in the disk cache.
-    #[error("NVRTC (libnvrtc) could not be loaded to compile a kernel: install the CUDA runtime compiler or put it on LD_LIBRARY_PATH")]
+    #[error(
+        "NVRTC (libnvrtc) could not be loaded to compile a kernel: install the CUDA runtime compiler or put it on LD_LIBRARY_PATH"
+    )]
     NoCompiler,
     /// A kernel failed to compile (a bug: the log says where).
     #[error("kernel compilation failed: {0}")]
@@ -203,59 +205,94 @@ impl Gpu {
         Ok(self.module(defines)?.load_function(name)?)
     }
 
-    /// Copy pages to the device: one allocation, each page at a 256-byte boundary.
-    pub fn upload_pages(&self, pages: &[crate::KvPage]) -> Result<DevicePages, GpuError> {
-        let mut offsets = Vec::with_capacity(pages.len());
-        let mut size = 0usize;
-        for p in pages {
-            offsets.push(size);
-            size += p.payload.len().next_multiple_of(256);
-        }
-        let mut host = vec![0u8; size.max(256)];
-        for (p, &o) in pages.iter().zip(&offsets) {
-            host[o..o + p.payload.len()].copy_from_slice(p.payload);
-        }
-        let buf = self.stream.clone_htod(&host)?;
+    /// `count` zeroed page slots of one full page of `layout` each (256-byte aligned).
+    pub fn alloc_slots(&self, layout: &PageLayout, count: usize) -> Result<DevicePages, GpuError> {
+        let slot = layout.page_bytes().next_multiple_of(256);
+        let buf = self.stream.alloc_zeros::<u8>((count * slot).max(256))?;
         let base = {
             let (ptr, _sync) = buf.device_ptr(&self.stream);
             ptr
         };
-        let pages = pages
-            .iter()
-            .zip(&offsets)
-            .map(|(p, &o)| PageRef { ptr: base + o as u64, len: p.payload.len(), tokens: p.tokens })
-            .collect();
-        Ok(DevicePages { _buf: buf, pages })
+        let pages = (0..count).map(|i| PageRef { ptr: base + (i * slot) as u64, len: 0, tokens: 0 }).collect();
+        Ok(DevicePages { buf, pages, layout: *layout, slot })
     }
 
-    /// Allocate `count` pages of `bytes` each on the device, filled from `fill` (repeated), for
-    /// benchmarks that need a working set far larger than what the host should build.
-    pub fn alloc_pages(&self, count: usize, bytes: usize, tokens: usize, fill: &[u8]) -> Result<DevicePages, GpuError> {
-        if fill.len() != bytes {
-            return Err(GpuError::Unsupported(format!("fill page is {} bytes, expected {bytes}", fill.len())));
+    /// Write a stored payload of `tokens` tokens into slot `index` (its planes spread a full page
+    /// apart, see [`spread`]).
+    pub fn write_page(
+        &self,
+        pages: &mut DevicePages,
+        index: usize,
+        payload: &[u8],
+        tokens: usize,
+    ) -> Result<(), GpuError> {
+        let l = pages.layout;
+        let expected = l.payload_bytes(tokens);
+        if payload.len() != expected || tokens > l.page_tokens || index >= pages.pages.len() {
+            return Err(AttentionError::PageLength { index, got: payload.len(), expected, tokens }.into());
         }
-        let stride = bytes.next_multiple_of(256);
-        let mut buf = self.stream.alloc_zeros::<u8>((count * stride).max(256))?;
-        // Fill in chunks of up to 64 MiB from one host pattern.
-        let per_chunk = ((64usize << 20) / stride).max(1).min(count.max(1));
+        let mut host = vec![0u8; l.page_bytes()];
+        spread(&l, payload, tokens, &mut host);
+        let at = index * pages.slot;
+        let mut dst = pages.buf.slice_mut(at..at + host.len());
+        self.stream.memcpy_htod(&host, &mut dst)?;
+        pages.pages[index].len = payload.len();
+        pages.pages[index].tokens = tokens;
+        Ok(())
+    }
+
+    /// Copy pages to the device: one allocation, one slot per page.
+    pub fn upload_pages(&self, layout: &PageLayout, pages: &[crate::KvPage]) -> Result<DevicePages, GpuError> {
+        let mut dp = self.alloc_slots(layout, pages.len())?;
+        let mut host = vec![0u8; pages.len() * dp.slot];
+        for (i, p) in pages.iter().enumerate() {
+            let expected = layout.payload_bytes(p.tokens);
+            if p.payload.len() != expected || p.tokens > layout.page_tokens {
+                return Err(
+                    AttentionError::PageLength { index: i, got: p.payload.len(), expected, tokens: p.tokens }.into()
+                );
+            }
+            spread(layout, p.payload, p.tokens, &mut host[i * dp.slot..i * dp.slot + layout.page_bytes()]);
+            dp.pages[i].len = p.payload.len();
+            dp.pages[i].tokens = p.tokens;
+        }
+        if !host.is_empty() {
+            let mut dst = dp.buf.slice_mut(..host.len());
+            self.stream.memcpy_htod(&host, &mut dst)?;
+        }
+        Ok(dp)
+    }
+
+    /// `count` full pages, each a copy of `fill` (one full page's payload), for benchmarks whose
+    /// working set is far larger than what the host should build.
+    pub fn alloc_pages(&self, layout: &PageLayout, count: usize, fill: &[u8]) -> Result<DevicePages, GpuError> {
+        let mut dp = self.alloc_slots(layout, count)?;
+        if fill.len() != layout.page_bytes() {
+            return Err(GpuError::Unsupported(format!(
+                "fill page is {} bytes, expected {}",
+                fill.len(),
+                layout.page_bytes()
+            )));
+        }
+        let stride = dp.slot;
+        let per_chunk = ((64usize << 20) / stride).clamp(1, count.max(1));
         let mut pattern = vec![0u8; per_chunk * stride];
         for i in 0..per_chunk {
-            pattern[i * stride..i * stride + bytes].copy_from_slice(fill);
+            pattern[i * stride..i * stride + fill.len()].copy_from_slice(fill);
         }
         let mut done = 0;
         while done < count {
             let n = per_chunk.min(count - done);
-            let mut dst = buf.slice_mut(done * stride..(done + n) * stride);
+            let mut dst = dp.buf.slice_mut(done * stride..(done + n) * stride);
             self.stream.memcpy_htod(&pattern[..n * stride], &mut dst)?;
             done += n;
         }
-        let base = {
-            let (ptr, _sync) = buf.device_ptr(&self.stream);
-            ptr
-        };
-        let pages = (0..count).map(|i| PageRef { ptr: base + (i * stride) as u64, len: bytes, tokens }).collect();
+        for p in &mut dp.pages {
+            p.len = fill.len();
+            p.tokens = layout.page_tokens;
+        }
         self.stream.synchronize()?;
-        Ok(DevicePages { _buf: buf, pages })
+        Ok(dp)
     }
 
     /// Plan a batch: check it, upload queries and page tables, size the split-K work. The plan
@@ -263,9 +300,9 @@ impl Gpu {
     pub fn plan<'p>(&self, shape: &AttnShape, items: &[GpuItem<'p>]) -> Result<Plan<'p>, GpuError> {
         let kernel = Kernel::for_shape(self, shape)?;
         let mut page_ptrs = Vec::new();
-        let (mut seq_page0, mut seq_tokens, mut q) = (Vec::new(), Vec::new(), Vec::with_capacity(items.len() * shape.q_len()));
+        let (mut seq_page0, mut seq_tokens, mut q) =
+            (Vec::new(), Vec::new(), Vec::with_capacity(items.len() * shape.q_len()));
         let mut ranges = Vec::with_capacity(items.len());
-        let pt = shape.layout.page_tokens;
         for item in items {
             check_item(shape, item)?;
             let total: usize = item.pages.iter().map(|p| p.tokens).sum();
@@ -274,16 +311,17 @@ impl Gpu {
             page_ptrs.extend(item.pages.iter().map(|p| p.ptr));
             q.extend_from_slice(item.q);
             ranges.push((item.skip, total));
-            let _ = pt;
         }
         if page_ptrs.is_empty() {
             page_ptrs.push(0);
         }
-        let (work, seq_work0) = split_work(&ranges, kernel.blocks_per_item, self.sms * kernel.blocks_per_sm, kernel.min_chunk, kernel.align);
+        let slots = self.sms * kernel.blocks_per_sm;
+        let (work, seq_work0) = split_work(&ranges, kernel.blocks_per_item, slots, kernel.min_chunk, kernel.align);
         let n_work = seq_work0.last().copied().unwrap_or(0) as usize;
         let s = &self.stream;
         Ok(Plan {
             kernel,
+            attended: ranges.iter().map(|(s, t)| t - s).collect(),
             batch: items.len(),
             heads: shape.q_heads,
             dv: shape.v_width,
@@ -312,7 +350,12 @@ impl Gpu {
         let n_work = plan.n_work as u32;
         {
             let mut b = self.stream.launch_builder(&k.decode);
-            b.arg(&plan.page_ptrs).arg(&plan.seq_page0).arg(&plan.seq_tokens).arg(&plan.work).arg(&plan.q).arg(&plan.qscale);
+            b.arg(&plan.page_ptrs)
+                .arg(&plan.seq_page0)
+                .arg(&plan.seq_tokens)
+                .arg(&plan.work)
+                .arg(&plan.q)
+                .arg(&plan.qscale);
             let heads = plan.heads as i32;
             if k.mla {
                 b.arg(&heads);
@@ -331,8 +374,18 @@ impl Gpu {
         let heads = plan.heads as i32;
         let dv = plan.dv as i32;
         let mut b = self.stream.launch_builder(&k.merge);
-        b.arg(&plan.part_o).arg(&plan.part_lse).arg(&plan.seq_work0).arg(&heads).arg(&dv).arg(&mut plan.out).arg(&mut plan.lse);
-        let cfg = LaunchConfig { grid_dim: (plan.batch as u32, plan.heads as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+        b.arg(&plan.part_o)
+            .arg(&plan.part_lse)
+            .arg(&plan.seq_work0)
+            .arg(&heads)
+            .arg(&dv)
+            .arg(&mut plan.out)
+            .arg(&mut plan.lse);
+        let cfg = LaunchConfig {
+            grid_dim: (plan.batch as u32, plan.heads as u32, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
         // SAFETY: as above; partial buffers are sized n_work × heads × dv.
         unsafe { b.launch(cfg) }?;
         Ok(())
@@ -348,7 +401,11 @@ impl Gpu {
             .map(|i| {
                 let o = &out[i * ol..(i + 1) * ol];
                 let l = &lse[i * hl..(i + 1) * hl];
-                if o.iter().all(|x| x.is_finite()) && l.iter().all(|x| x.is_finite() || *x == f32::NEG_INFINITY) {
+                // −∞ is the LSE of attending to nothing, and only of that.
+                let empty = plan.attended[i] == 0;
+                if o.iter().all(|x| x.is_finite())
+                    && l.iter().all(|x| x.is_finite() || empty && *x == f32::NEG_INFINITY)
+                {
                     Ok(())
                 } else {
                     Err(AttentionError::NonFiniteResult)
@@ -383,7 +440,8 @@ impl Gpu {
             let t = std::time::Instant::now();
             let mut b = self.stream.launch_builder(&f);
             b.arg(&src).arg(&n64).arg(&mut sink);
-            let cfg = LaunchConfig { grid_dim: (self.sms as u32 * 8, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+            let cfg =
+                LaunchConfig { grid_dim: (self.sms as u32 * 8, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
             // SAFETY: `src` holds n 16-byte words, `sink` one word.
             unsafe { b.launch(cfg) }?;
             self.stream.synchronize()?;
@@ -403,7 +461,9 @@ impl Gpu {
         use cudarc::cublas::{CudaBlas, Gemm, GemmConfig, sys::cublasOperation_t};
         // SAFETY: only probes whether the shared library can be loaded.
         if !unsafe { cudarc::cublas::sys::is_culib_present() } {
-            return Err(GpuError::Unsupported("cuBLAS (libcublas) could not be loaded: no tensor-core baseline".into()));
+            return Err(GpuError::Unsupported(
+                "cuBLAS (libcublas) could not be loaded: no tensor-core baseline".into(),
+            ));
         }
         let blas = CudaBlas::new(self.stream.clone()).map_err(|e| GpuError::Unsupported(format!("cuBLAS: {e:?}")))?;
         let mut x = 0x9e37_79b9_7f4a_7c15u64;
@@ -435,7 +495,8 @@ impl Gpu {
         for r in 0..reps + 2 {
             let t = std::time::Instant::now();
             // SAFETY: a, b and c hold n×n elements each.
-            unsafe { blas.gemm(cfg, &a, &b, &mut c) }.map_err(|e| GpuError::Unsupported(format!("cuBLAS gemm: {e:?}")))?;
+            unsafe { blas.gemm(cfg, &a, &b, &mut c) }
+                .map_err(|e| GpuError::Unsupported(format!("cuBLAS gemm: {e:?}")))?;
             self.stream.synchronize()?;
             if r >= 2 {
                 best = best.max(2.0 * (n as f64).powi(3) / t.elapsed().as_secs_f64());
@@ -445,10 +506,24 @@ impl Gpu {
     }
 }
 
-/// Device memory holding pages; the [`DeviceRef`]s it hands out live no longer than it does.
+/// Device memory holding page slots of one layout; the [`DeviceRef`]s it hands out live no
+/// longer than it does.
 pub struct DevicePages {
-    _buf: CudaSlice<u8>,
+    buf: CudaSlice<u8>,
     pages: Vec<PageRef>,
+    layout: PageLayout,
+    slot: usize,
+}
+
+/// Spread a stored payload of `tokens` tokens (planes `tokens` rows apart) into a full page's
+/// bytes `dst` (planes `page_tokens` rows apart), the layout of device slots: appending a token
+/// then writes its rows in place. For MLA (one plane) it is a copy.
+pub fn spread(layout: &PageLayout, payload: &[u8], tokens: usize, dst: &mut [u8]) {
+    let plane = tokens * layout.row_bytes;
+    let full = layout.page_tokens * layout.row_bytes;
+    for i in 0..layout.planes {
+        dst[i * full..i * full + plane].copy_from_slice(&payload[i * plane..(i + 1) * plane]);
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -461,7 +536,10 @@ struct PageRef {
 impl DevicePages {
     /// Pages in upload order.
     pub fn pages(&self) -> Vec<DeviceRef<'_>> {
-        self.pages.iter().map(|&p| DeviceRef { ptr: p.ptr, len: p.len, tokens: p.tokens, _pages: PhantomData }).collect()
+        self.pages
+            .iter()
+            .map(|&p| DeviceRef { ptr: p.ptr, len: p.len, tokens: p.tokens, layout: self.layout, _pages: PhantomData })
+            .collect()
     }
 
     /// Pages held.
@@ -482,6 +560,7 @@ pub struct DeviceRef<'a> {
     len: usize,
     /// Tokens in the payload.
     pub tokens: usize,
+    layout: PageLayout,
     _pages: PhantomData<&'a DevicePages>,
 }
 
@@ -510,6 +589,7 @@ pub struct GpuOutput {
 /// A checked, uploaded batch ready to launch.
 pub struct Plan<'p> {
     kernel: Kernel,
+    attended: Vec<usize>,
     batch: usize,
     heads: usize,
     dv: usize,
@@ -567,7 +647,11 @@ impl Kernel {
     fn for_shape(gpu: &Gpu, shape: &AttnShape) -> Result<Kernel, GpuError> {
         let l = &shape.layout;
         if shape.kv_groups == 0 || !shape.q_heads.is_multiple_of(shape.kv_groups) {
-            return Err(AttentionError::Shape(format!("{} query heads over {} KV groups", shape.q_heads, shape.kv_groups)).into());
+            return Err(AttentionError::Shape(format!(
+                "{} query heads over {} KV groups",
+                shape.q_heads, shape.kv_groups
+            ))
+            .into());
         }
         if l.shape.width != shape.qk_width {
             return Err(AttentionError::Shape("layout row width does not match the query width".into()).into());
@@ -600,6 +684,7 @@ impl Kernel {
                 smem as i32,
             )?;
             let grid_y = shape.q_heads.div_ceil(hb) as u32;
+            let blocks_per_sm = decode.occupancy_max_active_blocks_per_multiprocessor(256, smem, None)?.max(1) as usize;
             return Ok(Kernel {
                 decode,
                 merge,
@@ -609,7 +694,7 @@ impl Kernel {
                 threads: 256,
                 smem,
                 blocks_per_item: grid_y as usize,
-                blocks_per_sm: 1,
+                blocks_per_sm,
                 min_chunk: 128,
                 align: bn,
             });
@@ -628,7 +713,7 @@ impl Kernel {
         let e = d / lanes;
         let tpw = 32 / lanes;
         let g = shape.group();
-        let gc = (1..=g).rev().find(|c| g.is_multiple_of(*c) && c * e <= 64).unwrap_or(1);
+        let gc = (1..=g).rev().find(|c| g.is_multiple_of(*c) && c * e <= 32).unwrap_or(1);
         let mut defs = common.to_vec();
         defs.push(("KV_D", d as i64));
         defs.push(("KV_KV", shape.kv_groups as i64));
@@ -647,6 +732,7 @@ impl Kernel {
             )?;
         }
         let grid_z = (g / gc) as u32;
+        let blocks_per_sm = decode.occupancy_max_active_blocks_per_multiprocessor(128, smem, None)?.max(1) as usize;
         Ok(Kernel {
             decode,
             merge,
@@ -656,7 +742,7 @@ impl Kernel {
             threads: 128,
             smem,
             blocks_per_item: shape.kv_groups * grid_z as usize,
-            blocks_per_sm: 4,
+            blocks_per_sm,
             min_chunk: 256,
             align: 4 * tpw * 4,
         })
@@ -679,6 +765,9 @@ fn check_item(shape: &AttnShape, item: &GpuItem) -> Result<(), AttentionError> {
     let mut total = 0;
     for (index, p) in item.pages.iter().enumerate() {
         let expected = shape.layout.payload_bytes(p.tokens);
+        if p.layout != shape.layout && p.len == expected {
+            return Err(AttentionError::Shape(format!("page {index} is in another page layout than the query's")));
+        }
         if p.len != expected || p.tokens == 0 {
             return Err(AttentionError::PageLength { index, got: p.len, expected, tokens: p.tokens });
         }
@@ -697,26 +786,51 @@ fn check_item(shape: &AttnShape, item: &GpuItem) -> Result<(), AttentionError> {
     Ok(())
 }
 
-/// Split each sequence's attended range `[skip, total)` into work items so that the grid holds
-/// about `target_blocks` blocks: `(work as [b, t0, t1, 0] quads, first item of each sequence
-/// plus the end)`. Every sequence gets at least one item (an empty one when it attends to
-/// nothing, which answers zeros and an LSE of −∞).
+/// Split each sequence's attended range `[skip, total)` into work items of whole multiples of
+/// `align` tokens (at least `min_chunk` where the sequence is longer), sized so that the grid
+/// fills the device's `slots` (resident blocks) in nearly whole waves: the fewest waves whose
+/// last one is at least 90% full. Returns `(work as [b, t0, t1, 0] quads, first item of each
+/// sequence plus the end)`. Every sequence gets at least one item (an empty one when it attends
+/// to nothing, which answers zeros and an LSE of −∞).
 fn split_work(
     ranges: &[(usize, usize)],
     blocks_per_item: usize,
-    target_blocks: usize,
+    slots: usize,
     min_chunk: usize,
     align: usize,
 ) -> (Vec<i32>, Vec<i32>) {
-    let tokens: usize = ranges.iter().map(|(s, t)| t - s).sum();
-    let wanted = (target_blocks / blocks_per_item.max(1)).max(1);
-    let chunk = tokens.div_ceil(wanted).max(min_chunk).next_multiple_of(align);
+    let tokens: usize = ranges.iter().map(|(s, t)| t - s).sum::<usize>().max(1);
+    let bpi = blocks_per_item.max(1);
+    let slots = slots.max(1);
+    let per_seq = |wanted: usize| -> Vec<usize> {
+        ranges
+            .iter()
+            .map(|&(skip, total)| {
+                let n = total - skip;
+                let k = (n * wanted / tokens).clamp(1, (n / min_chunk.max(1)).max(1));
+                let per = n.div_ceil(k).next_multiple_of(align).max(align);
+                n.div_ceil(per).max(1)
+            })
+            .collect()
+    };
+    let mut best: Option<(f64, Vec<usize>)> = None;
+    for waves in 1..=8 {
+        let ks = per_seq(waves * slots / bpi);
+        let blocks = ks.iter().sum::<usize>() * bpi;
+        let fill = blocks as f64 / (blocks.div_ceil(slots) * slots) as f64;
+        if best.as_ref().is_none_or(|(f, _)| fill > *f + 1e-9) {
+            best = Some((fill, ks));
+        }
+        if fill >= 0.9 {
+            break;
+        }
+    }
+    let ks = best.map(|b| b.1).unwrap_or_default();
     let mut work = Vec::new();
     let mut starts = Vec::with_capacity(ranges.len() + 1);
-    for (b, &(skip, total)) in ranges.iter().enumerate() {
+    for (b, (&(skip, total), &k)) in ranges.iter().zip(&ks).enumerate() {
         starts.push((work.len() / 4) as i32);
         let n = total - skip;
-        let k = n.div_ceil(chunk).max(1);
         let per = n.div_ceil(k).next_multiple_of(align).max(align);
         let mut t = skip;
         loop {
@@ -743,7 +857,8 @@ mod tests {
             let (work, starts) = split_work(&ranges, bpi, target, 256, 32);
             assert_eq!(starts.len(), ranges.len() + 1);
             for (b, &(skip, total)) in ranges.iter().enumerate() {
-                let items: Vec<&[i32]> = work.chunks(4).skip(starts[b] as usize).take((starts[b + 1] - starts[b]) as usize).collect();
+                let items: Vec<&[i32]> =
+                    work.chunks(4).skip(starts[b] as usize).take((starts[b + 1] - starts[b]) as usize).collect();
                 assert!(!items.is_empty());
                 let mut t = skip as i32;
                 for it in items {

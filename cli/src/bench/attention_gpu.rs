@@ -183,7 +183,7 @@ pub fn run(ordinal: usize, codecs: &[Codec], seconds: f64, json: bool) -> anyhow
                 // Copies of the batch so that the working set is at least 1 GiB (≫ the L2).
                 let copies = (1usize << 30).div_ceil(bytes).clamp(1, 8);
                 let mem: Vec<DevicePages> = (0..copies)
-                    .map(|_| gpu.alloc_pages(batch * pages_per_seq, layout.page_bytes(), 64, &page))
+                    .map(|_| gpu.alloc_pages(&layout, batch * pages_per_seq, &page))
                     .collect::<Result<_, _>>()?;
                 let refs: Vec<Vec<DeviceRef>> = mem.iter().map(|m| m.pages()).collect();
                 let q: Vec<f32> = (0..batch * shape.q_len()).map(|i| ((i % 17) as f32 - 8.0) / 8.0).collect();
@@ -203,10 +203,11 @@ pub fn run(ordinal: usize, codecs: &[Codec], seconds: f64, json: bool) -> anyhow
                 if let Some(Err(e)) = res.status.iter().find(|s| s.is_err()) {
                     anyhow::bail!("{model} {codec:?}: {e}");
                 }
-                let flops = 2.0 * shape.q_heads as f64 * (shape.qk_width + shape.v_width) as f64 * (batch * tokens) as f64;
-                let torch_ms = torch.as_ref().and_then(|(_, rs)| {
-                    rs.iter().find(|r| r.0 == tag && r.1 == batch && r.2 == tokens).map(|r| r.3)
-                });
+                let flops =
+                    2.0 * shape.q_heads as f64 * (shape.qk_width + shape.v_width) as f64 * (batch * tokens) as f64;
+                let torch_ms = torch
+                    .as_ref()
+                    .and_then(|(_, rs)| rs.iter().find(|r| r.0 == tag && r.1 == batch && r.2 == tokens).map(|r| r.3));
                 let row = Row {
                     model: model.into(),
                     codec: codec.as_str().into(),
