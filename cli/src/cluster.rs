@@ -31,6 +31,8 @@ pub struct LocalClusterConfig {
     pub worker_prefetch: bool,
     /// Worker page cache preallocated and faulted in at start.
     pub worker_cache_prefault: bool,
+    /// The GPU the worker computes on (`None`: the CPU kernels).
+    pub worker_device: Option<std::sync::Arc<kvcache_attention::gpu::Gpu>>,
     /// TLS of every listener and every call between the services (plaintext by default).
     pub tls: kvcache_net::Tls,
     /// Where the coordinator listens (`None`: a free port on `host`). The other services always
@@ -53,6 +55,7 @@ impl LocalClusterConfig {
             host: "127.0.0.1".into(),
             worker_prefetch: true,
             worker_cache_prefault: false,
+            worker_device: None,
             tls: kvcache_net::Tls::none(),
             coordinator_listen: None,
             auth: kvcache_net::Auth::open(),
@@ -165,6 +168,7 @@ impl LocalCluster {
             cache_bytes: cfg.worker_cache_bytes,
             prefetch: cfg.worker_prefetch,
             cache_prefault: cfg.worker_cache_prefault,
+            device: cfg.worker_device.clone(),
             ..WorkerConfig::default()
         };
         let worker = Worker::new(client.clone(), wcfg);
@@ -290,4 +294,20 @@ pub async fn connect(addr: &str, cfg: kvcache_client::ClientConfig) -> anyhow::R
         .map_err(|e| anyhow::anyhow!("--coordinator: {e}"))?;
     link.refresh().await.map_err(|s| coordinator_error(addr, &s))?;
     Ok(Client::connect_with(addr, cfg).await?)
+}
+
+/// `--device`: `cpu` → `None`; `cuda`, `cuda:N` → that GPU, opened (a clear error when the
+/// machine has no driver or no such device).
+pub fn open_device(s: &str) -> anyhow::Result<Option<std::sync::Arc<kvcache_attention::gpu::Gpu>>> {
+    let ordinal = match s {
+        "cpu" => return Ok(None),
+        "cuda" | "gpu" => 0,
+        _ => s
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse().ok())
+            .ok_or_else(|| anyhow::anyhow!("unknown device {s:?}: expected cpu, cuda or cuda:N"))?,
+    };
+    let gpu = kvcache_attention::gpu::Gpu::open(ordinal).map_err(|e| anyhow::anyhow!("--device {s}: {e}"))?;
+    tracing::info!(device = %gpu.describe(), "computing attention on the GPU");
+    Ok(Some(gpu))
 }

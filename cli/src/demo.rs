@@ -34,6 +34,11 @@ pub struct Args {
     /// Decode steps (each step decodes every layer of every sequence, appending one token).
     #[arg(long, default_value_t = 16)]
     steps: usize,
+    /// Where the worker of the cluster the demo starts computes attention: `cpu`, or `cuda` /
+    /// `cuda:N`. Outputs are checked against the float64 reference either way (MLA on a GPU's
+    /// tensor cores within 2e-3, every other path within 1e-5).
+    #[arg(long, default_value = "cpu")]
+    device: String,
     /// Print JSON instead of the table.
     #[arg(long)]
     json: bool,
@@ -56,6 +61,8 @@ struct ModelResult {
     decode_p99_ms: f64,
     tokens_per_s: f64,
     max_rel_error: f64,
+    /// The bound `max_rel_error` is held to on this path.
+    tolerance: f64,
 }
 
 fn bar(total: u64) -> ProgressBar {
@@ -79,10 +86,17 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     );
     tokio::runtime::Runtime::new()?.block_on(async move {
         let tmp = tempfile::tempdir()?;
+        anyhow::ensure!(
+            a.coordinator.is_none() || a.device == "cpu",
+            "--device sets the worker of the cluster the demo starts; a running cluster's worker has its own --device"
+        );
+        let gpu = kvcache_cli::cluster::open_device(&a.device)?;
         let (cluster, coordinator) = match &a.coordinator {
             Some(c) => (None, c.clone()),
             None => {
-                let c = LocalCluster::start(LocalClusterConfig::new(tmp.path())).await?;
+                let mut cfg = LocalClusterConfig::new(tmp.path());
+                cfg.worker_device = gpu.clone();
+                let c = LocalCluster::start(cfg).await?;
                 let addr = c.coordinator.clone();
                 (Some(c), addr)
             }
@@ -143,7 +157,12 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                     let mut items = Vec::new();
                     let mut q0 = Vec::new();
                     for (i, s) in seqs.iter().enumerate() {
-                        let q = rng.vec(shape.q_len(), 1.0);
+                        // bf16 values, as an engine running the model in bf16 sends them.
+                        let q: Vec<f32> = rng
+                            .vec(shape.q_len(), 1.0)
+                            .into_iter()
+                            .map(|x| f32::from_bits(x.to_bits() & 0xffff_0000))
+                            .collect();
                         let tok = tokens_payload(&ns, 1, &mut rng);
                         if i == 0 && layer == 0 {
                             mirror.append(&ns, &tok);
@@ -220,6 +239,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 decode_p99_ms: hist.value_at_quantile(0.99) as f64 / 1e3,
                 tokens_per_s: (a.sequences * a.steps) as f64 / decode_secs,
                 max_rel_error: max_err,
+                // The tensor-core MLA kernel rounds P to bf16 (queries are bf16 already).
+                tolerance: if gpu.is_some() && shape.latent { 2e-3 } else { 1e-5 },
             });
             for s in &seqs {
                 let _ = client.delete(s).await;
@@ -260,10 +281,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         );
         for r in &results {
             anyhow::ensure!(
-                r.max_rel_error <= 1e-5,
-                "{}: output differs from the float64 reference (rel L2 {:e})",
+                r.max_rel_error <= r.tolerance,
+                "{}: output differs from the float64 reference (rel L2 {:e} > {:e})",
                 r.label,
-                r.max_rel_error
+                r.max_rel_error,
+                r.tolerance
             );
         }
         Ok(())

@@ -179,6 +179,10 @@ pub struct WorkerArgs {
     /// Attention threads (default: all cores).
     #[arg(long, env = "KVCACHE_THREADS")]
     threads: Option<usize>,
+    /// Where attention runs: `cpu`, or `cuda` / `cuda:N` (page slots in that GPU's memory, up to
+    /// --cache-bytes per page geometry; the driver is loaded at start and its absence is an error).
+    #[arg(long, env = "KVCACHE_DEVICE", default_value = "cpu")]
+    device: String,
     /// HTTP/2 connections to each cache node: pulls and appends are spread over them, so page
     /// traffic is not confined to one core on either end.
     #[arg(long, env = "KVCACHE_CONNECTIONS_PER_NODE", default_value_t = 4)]
@@ -206,6 +210,7 @@ pub fn worker(a: WorkerArgs) -> anyhow::Result<()> {
         let client = kvcache_cli::cluster::connect(&a.coordinator, ccfg).await?;
         let mut cfg =
             WorkerConfig { cache_bytes: a.cache_bytes, cache_prefault: a.cache_prefault, ..WorkerConfig::default() };
+        cfg.device = kvcache_cli::cluster::open_device(&a.device)?;
         if let Some(t) = a.threads {
             cfg.threads = t.max(1);
         }

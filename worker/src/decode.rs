@@ -318,6 +318,37 @@ impl Worker {
             .collect();
         let queries: Vec<Vec<f32>> = ok.iter().map(|(i, _, _)| std::mem::take(&mut p.queries[*i])).collect();
         let (shape, threads, sinks) = (p.shape, self.cfg.threads, p.sinks.take());
+        // Sparse MLA reads a few gathered rows per sequence: it stays on the CPU.
+        if let Some(dev) = self.device.clone().filter(|_| p.ns.model.indexer.is_none()) {
+            return tokio::task::spawn_blocking(move || {
+                let items: Vec<crate::device::DeviceItem> =
+                    queries.into_iter().zip(&ok).map(|(q, (_, pages, skip))| (q, pages.clone(), *skip)).collect();
+                let answers = dev.decode(&shape, &items).map_err(|e| match e {
+                    kvcache_attention::gpu::GpuError::OutOfMemory(m) => Status::resource_exhausted(m),
+                    kvcache_attention::gpu::GpuError::Unsupported(m) => Status::failed_precondition(m),
+                    e => Status::internal(format!("GPU decode: {e}")),
+                })?;
+                Ok(ok
+                    .into_iter()
+                    .zip(answers)
+                    .map(|((item, _, _), r)| {
+                        let (result, (mut output, mut lse)) = match r {
+                            Ok(ol) => (Ok(()), ol),
+                            Err(e) => (Err(e), (vec![0f32; shape.out_len()], vec![f32::NEG_INFINITY; shape.q_heads])),
+                        };
+                        let result = match (&sinks, result) {
+                            (Some(s), Ok(())) => {
+                                kvcache_attention::hybrid::apply_sinks(s, shape.v_width, &mut output, &mut lse)
+                            }
+                            (_, r) => r,
+                        };
+                        Computed { item, result, output, lse }
+                    })
+                    .collect())
+            })
+            .await
+            .map_err(|e| Status::internal(format!("attention task failed: {e}")))?;
+        }
         tokio::task::spawn_blocking(move || {
             let kv: Vec<Vec<KvPage>> = ok
                 .iter()

@@ -4,7 +4,8 @@
 //! append, fetch, compute, respond; by layer kind: windows, chunks, sinks, sparse MLA), `fetch`
 //! (a layer's pages: the append applied to the cache, the cache as is, or a lookup and pull —
 //! only the window's pages for sliding and chunked layers), `linear` (gated-delta-rule layers:
-//! the state read, stepped and written back), [`cache`] (the page cache), [`arena`].
+//! the state read, stepped and written back), [`cache`] (the page cache), [`arena`], [`device`]
+//! (the pages mirrored into GPU memory and the decode run there, with `--device cuda:N`).
 //!
 //! One `Decode` call is one layer for a batch of sequences. Per sequence the worker
 //! 1. appends the new token's K/V (or latent) through the client to every owner (write-through;
@@ -34,6 +35,7 @@
 pub mod arena;
 pub mod cache;
 mod decode;
+pub mod device;
 mod fetch;
 mod linear;
 pub mod service;
@@ -63,6 +65,9 @@ pub struct WorkerConfig {
     /// Keep cached payloads in an [`arena::Arena`] of `cache_bytes`, faulted in at start
     /// (the worker's resident memory is then the cache bound from the first moment).
     pub cache_prefault: bool,
+    /// Compute on this GPU, its page slots in HBM bounded by `cache_bytes` per page geometry
+    /// ([`device`]); `None`: the CPU kernels.
+    pub device: Option<Arc<kvcache_attention::gpu::Gpu>>,
 }
 
 impl Default for WorkerConfig {
@@ -72,6 +77,7 @@ impl Default for WorkerConfig {
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
             prefetch: true,
             cache_prefault: false,
+            device: None,
         }
     }
 }
@@ -91,6 +97,7 @@ pub struct WorkerCounters {
 pub struct Worker {
     client: Client,
     cache: PageCache,
+    device: Option<Arc<device::DeviceCache>>,
     arena: Option<Arc<arena::Arena>>,
     cfg: WorkerConfig,
     /// Counters.
@@ -142,6 +149,7 @@ impl Worker {
         }
         Arc::new(Self {
             cache: PageCache::new(cfg.cache_bytes),
+            device: cfg.device.clone().map(|g| Arc::new(device::DeviceCache::new(g, cfg.cache_bytes))),
             arena,
             client,
             cfg,
@@ -155,6 +163,11 @@ impl Worker {
     /// The page cache.
     pub fn cache(&self) -> &PageCache {
         &self.cache
+    }
+
+    /// The GPU page slots, when the worker computes on a GPU.
+    pub fn device(&self) -> Option<&device::DeviceCache> {
+        self.device.as_deref()
     }
 
     pub(crate) async fn namespace(&self, name: &str) -> Option<Namespace> {

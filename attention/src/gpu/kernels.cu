@@ -320,6 +320,24 @@ extern "C" __global__ void __launch_bounds__(128) gqa_decode(
 #define CPB 4
 #endif
 #define RAWROW (((KV_ROW + 15) / 16) * 16)
+// bf16 and f16 pages are copied into shared memory as they are and multiplied in their own type
+// (the query and P rounded to it); fp8/int8 pages are widened to bf16 there, exactly.
+#if KV_CODEC <= 1
+#define MLA_DIRECT 1
+#else
+#define MLA_DIRECT 0
+#endif
+#if KV_CODEC == 1
+#define MMA_T "f16"
+__device__ __forceinline__ u32 pack_ab(float lo, float hi) {
+    u32 r;
+    asm("{.reg .f16 l, h;\n cvt.rn.f16.f32 l, %1;\n cvt.rn.f16.f32 h, %2;\n mov.b32 %0, {l, h};}" : "=r"(r) : "f"(lo), "f"(hi));
+    return r;
+}
+#else
+#define MMA_T "bf16"
+__device__ __forceinline__ u32 pack_ab(float lo, float hi) { return pack_bf16x2(lo, hi); }
+#endif
 
 __device__ __forceinline__ void cp_async(void* smem_dst, const void* gsrc, int bytes_valid) {
     u32 d = (u32)__cvta_generic_to_shared(smem_dst);
@@ -344,7 +362,7 @@ __device__ __forceinline__ void ldsm_x4_t(u32& r0, u32& r1, u32& r2, u32& r3, co
 }
 __device__ __forceinline__ void mma16816(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
     asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "mma.sync.aligned.m16n8k16.row.col.f32." MMA_T "." MMA_T ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
         "{%0,%1,%2,%3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
@@ -354,7 +372,7 @@ __device__ __forceinline__ void mma16816(float* c, u32 a0, u32 a1, u32 a2, u32 a
 // the codec is bf16, raw rows of RAWROW bytes otherwise); rows past t1 are zero-filled.
 __device__ __forceinline__ void mla_issue_tile(u8* dst, const u64* pages, int tt0, int t1) {
     constexpr int chunks = KV_ROW / CPB;
-#if KV_CODEC == 0
+#if MLA_DIRECT
     constexpr int dst_row = SROW * 2;
 #else
     constexpr int dst_row = RAWROW;
@@ -373,7 +391,7 @@ __device__ __forceinline__ void mla_issue_tile(u8* dst, const u64* pages, int tt
     }
 }
 
-#if KV_CODEC != 0
+#if !MLA_DIRECT
 // Widen raw rows to bf16 rows of SROW elements, scales applied.
 __device__ __forceinline__ void mla_widen(u16* ks, const u8* raw) {
     constexpr int groups = KV_DL / 4 + KV_DR / 2;  // 4 quantized elements or 2 bf16 per word
@@ -416,14 +434,14 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) mla_decode(
     extern __shared__ __align__(16) u8 smem_raw[];
     u16* Qs = (u16*)smem_raw;                       // [HB][SROW]
     u16* Ks = Qs + HB * SROW;                       // [2][BN][SROW] (bf16) or [BN][SROW]
-#if KV_CODEC == 0
+#if MLA_DIRECT
     u16* Ps = Ks + 2 * BN * SROW;                   // [HB][PROW]
 #else
     u16* Ps = Ks + BN * SROW;
 #endif
     float* red_m = (float*)(Ps + HB * PROW);        // [2][HB]
     float* red_l = red_m + 2 * HB;                  // [2][HB]
-#if KV_CODEC != 0
+#if !MLA_DIRECT
     u8* raw = (u8*)(red_l + 2 * HB);                // [2][BN][RAWROW]
 #endif
 
@@ -437,7 +455,7 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) mla_decode(
     const int ntiles = (t1 - t0 + BN - 1) / BN;
 
     if (ntiles > 0) {
-#if KV_CODEC == 0
+#if MLA_DIRECT
         mla_issue_tile((u8*)Ks, pages, t0, t1);
 #else
         mla_issue_tile(raw, pages, t0, t1);
@@ -455,7 +473,7 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) mla_decode(
             a = qp[0];
             bb = qp[1];
         }
-        ((u32*)(Qs + r * SROW))[c] = pack_bf16x2(a, bb);
+        ((u32*)(Qs + r * SROW))[c] = pack_ab(a, bb);
     }
 
     float oacc[32][4];
@@ -467,7 +485,7 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) mla_decode(
         const int tt0 = t0 + j * BN;
         cp_wait0();
         __syncthreads();
-#if KV_CODEC == 0
+#if MLA_DIRECT
         const u16* Kt = Ks + (j & 1) * BN * SROW;
         if (j + 1 < ntiles) mla_issue_tile((u8*)(Ks + ((j + 1) & 1) * BN * SROW), pages, tt0 + BN, t1);
         cp_commit();
@@ -530,8 +548,8 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) mla_decode(
             rs0 += p0 + p1;
             rs1 += p2 + p3;
             const int col = half * 16 + nt * 8 + 2 * tq;
-            *(u32*)(Ps + r0 * PROW + col) = pack_bf16x2(p0, p1);
-            *(u32*)(Ps + r1 * PROW + col) = pack_bf16x2(p2, p3);
+            *(u32*)(Ps + r0 * PROW + col) = pack_ab(p0, p1);
+            *(u32*)(Ps + r1 * PROW + col) = pack_ab(p2, p3);
         }
         rs0 += __shfl_xor_sync(0xffffffffu, rs0, 1);
         rs0 += __shfl_xor_sync(0xffffffffu, rs0, 2);

@@ -62,6 +62,9 @@ pub enum GpuError {
     /// The shape or codec has no GPU kernel.
     #[error("not supported on the GPU: {0}")]
     Unsupported(String),
+    /// The request needs more device memory than the caller's bound allows.
+    #[error("out of GPU memory: {0}")]
+    OutOfMemory(String),
     /// The request itself is wrong (as on the CPU).
     #[error(transparent)]
     Attention(#[from] AttentionError),
@@ -542,6 +545,12 @@ impl DevicePages {
             .collect()
     }
 
+    /// Slot `i` (panics past [`DevicePages::len`]).
+    pub fn page(&self, i: usize) -> DeviceRef<'_> {
+        let p = self.pages[i];
+        DeviceRef { ptr: p.ptr, len: p.len, tokens: p.tokens, layout: self.layout, _pages: PhantomData }
+    }
+
     /// Pages held.
     pub fn len(&self) -> usize {
         self.pages.len()
@@ -670,8 +679,9 @@ impl Kernel {
             defs.push(("KV_DR", dr as i64));
             let decode = gpu.function(&defs, "mla_decode")?;
             let (hb, bn, srow, prow) = (64usize, 32usize, dl + dr + 8, 40usize);
-            let k_tiles = if l.codec == Codec::Bf16 { 2 } else { 1 };
-            let raw = if l.codec == Codec::Bf16 { 0 } else { 2 * bn * l.row_bytes.next_multiple_of(16) };
+            let direct = matches!(l.codec, Codec::Bf16 | Codec::F16);
+            let k_tiles = if direct { 2 } else { 1 };
+            let raw = if direct { 0 } else { 2 * bn * l.row_bytes.next_multiple_of(16) };
             let smem = 2 * (hb * srow + k_tiles * bn * srow + hb * prow) + 4 * 4 * hb + raw;
             if smem > gpu.smem_optin {
                 return Err(GpuError::Unsupported(format!(

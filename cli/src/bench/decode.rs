@@ -32,6 +32,10 @@ pub struct Args {
     /// buffers, fresh memory the kernel faults in on a cold pull).
     #[arg(long)]
     no_cache_prefault: bool,
+    /// Where the worker computes: `cpu`, or `cuda` / `cuda:N` (the kernel-alone baseline then
+    /// runs on the same GPU, over the batch's pages already in device memory).
+    #[arg(long, default_value = "cpu")]
+    device: String,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -67,11 +71,15 @@ struct Report {
 pub fn run(a: Args) -> anyhow::Result<()> {
     tokio::runtime::Runtime::new()?.block_on(async move {
         let tmp = tempfile::tempdir()?;
+        let gpu = kvcache_cli::cluster::open_device(&a.device)?;
         let mut cfg = LocalClusterConfig::new(tmp.path());
         cfg.worker_prefetch = false;
-        cfg.worker_cache_bytes = 4 << 30;
-        cfg.worker_cache_prefault = !a.no_cache_prefault;
-        cfg.node_capacity = 4 << 30;
+        // Room for every batch of the larger model (MHA-free: Llama-3-8B, 4 KiB per token).
+        let need = (4096 * a.context * a.batch * (1 + a.cold_batches.max(1))) as u64;
+        cfg.worker_cache_bytes = (4u64 << 30).max(need / (1 + a.cold_batches.max(1)) as u64 * 2);
+        cfg.worker_cache_prefault = !a.no_cache_prefault && gpu.is_none();
+        cfg.node_capacity = (4u64 << 30).max(need / 2);
+        cfg.worker_device = gpu.clone();
         let cluster = LocalCluster::start(cfg).await?;
         let client = Client::connect(&cluster.coordinator).await?;
         let mut rows = Vec::new();
@@ -135,6 +143,20 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             // computed, same thread count as the worker) right after it, and the ratio is the
             // median of the per-pair ratios: this host's drift moves both halves of a pair.
             client.decode(req(&mut groups[0], &mut rng, true)).await?;
+            // On a GPU, the kernel alone reads the batch's pages from device memory, uploaded
+            // once here (the context then differs from each step's by at most `steps` tokens).
+            let dev_pages = match &gpu {
+                Some(g) => Some(
+                    groups[0]
+                        .iter()
+                        .map(|(_, m)| {
+                            let kv: Vec<KvPage> = m.pages.iter().map(|(p, n)| KvPage { payload: p, tokens: *n }).collect();
+                            g.upload_pages(&shape.layout, &kv)
+                        })
+                        .collect::<Result<Vec<_>, _>>()?,
+                ),
+                None => None,
+            };
             let opts = Options { threads: std::thread::available_parallelism().map_or(1, |n| n.get()), ..Options::default() };
             let mut bufs: Vec<(Vec<f32>, Vec<f32>)> = (0..a.batch).map(|_| (vec![0f32; shape.out_len()], vec![0f32; shape.q_heads])).collect();
             let (mut warm, mut kern, mut warm_ratio) = (Vec::new(), Vec::new(), Vec::new());
@@ -153,7 +175,15 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 let items: Vec<BatchItem> = qs.iter().zip(&kv).map(|(q, p)| BatchItem::new(q, p)).collect();
                 let mut outs: Vec<(&mut [f32], &mut [f32])> = bufs.iter_mut().map(|(o, l)| (&mut o[..], &mut l[..])).collect();
                 let t = Instant::now();
-                decode_batch(&shape, &items, &opts, &mut outs)?;
+                match (&gpu, &dev_pages) {
+                    (Some(g), Some(dp)) => {
+                        let refs: Vec<Vec<kvcache_attention::gpu::DeviceRef>> = dp.iter().map(|d| d.pages()).collect();
+                        let gi: Vec<kvcache_attention::gpu::GpuItem> =
+                            qs.iter().zip(&refs).map(|(q, r)| kvcache_attention::gpu::GpuItem { q, pages: r, skip: 0 }).collect();
+                        g.decode_batch(&shape, &gi)?;
+                    }
+                    _ => decode_batch(&shape, &items, &opts, &mut outs)?,
+                }
                 let k = t.elapsed().as_secs_f64() * 1e3;
                 warm.push(w);
                 kern.push(k);
