@@ -47,6 +47,9 @@ pub struct DeviceCache {
 /// One sequence of a GPU decode: query, pages (host payloads and tokens), window skip.
 pub(crate) type DeviceItem = (Vec<f32>, Vec<(Bytes, usize)>, usize);
 
+/// One sequence's answer: `(out, lse)` or why not.
+pub(crate) type DeviceAnswer = Result<(Vec<f32>, Vec<f32>), AttentionError>;
+
 impl DeviceCache {
     /// Slots on `gpu`, at most `bytes` per page geometry.
     pub fn new(gpu: Arc<Gpu>, bytes: u64) -> Self {
@@ -68,7 +71,7 @@ impl DeviceCache {
         &self,
         shape: &AttnShape,
         items: &[DeviceItem],
-    ) -> Result<Vec<Result<(Vec<f32>, Vec<f32>), AttentionError>>, GpuError> {
+    ) -> Result<Vec<DeviceAnswer>, GpuError> {
         let mut slabs = self.slabs.lock();
         let slab = match slabs.iter().position(|s| s.layout == shape.layout) {
             Some(i) => &mut slabs[i],
