@@ -189,9 +189,12 @@ fn mla_on_tensor_cores_matches_the_f64_reference_within_bf16_rounding() {
                 seq(&shape, 9000, 0, &mut rng),
                 seq(&shape, 600, 500, &mut rng),
             ];
-            let e = check_batch(&g, &shape, &seqs, 2e-3);
+            // int8 latents are dequantized (value × a per-row f32 scale) to bf16 for the tensor
+            // cores, which rounds them: that path's bound is looser, and stated here.
+            let (tol, lse_tol) = if codec == Codec::Int8 { (1e-2, 2e-2) } else { (2e-3, 1e-4) };
+            let e = check_batch_lse(&g, &shape, &seqs, tol, lse_tol);
             eprintln!(
-                "mla {heads} heads {:<8}: worst rel L2 {e:.2e} (bf16 queries; P rounded to bf16)",
+                "mla {heads} heads {:<8}: worst rel L2 {e:.2e} (bound {tol:e}; bf16 queries, P rounded)",
                 codec.as_str()
             );
         }

@@ -67,11 +67,7 @@ impl DeviceCache {
     }
 
     /// Decode a batch on the GPU: `(out, lse)` or the error, per item.
-    pub(crate) fn decode(
-        &self,
-        shape: &AttnShape,
-        items: &[DeviceItem],
-    ) -> Result<Vec<DeviceAnswer>, GpuError> {
+    pub(crate) fn decode(&self, shape: &AttnShape, items: &[DeviceItem]) -> Result<Vec<DeviceAnswer>, GpuError> {
         let mut slabs = self.slabs.lock();
         let slab = match slabs.iter().position(|s| s.layout == shape.layout) {
             Some(i) => &mut slabs[i],

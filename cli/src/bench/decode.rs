@@ -77,7 +77,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         // Room for every batch of the larger model (MHA-free: Llama-3-8B, 4 KiB per token).
         let need = (4096 * a.context * a.batch * (1 + a.cold_batches.max(1))) as u64;
         cfg.worker_cache_bytes = (4u64 << 30).max(need / (1 + a.cold_batches.max(1)) as u64 * 2);
-        cfg.worker_cache_prefault = !a.no_cache_prefault && gpu.is_none();
+        cfg.worker_cache_prefault = !a.no_cache_prefault;
         cfg.node_capacity = (4u64 << 30).max(need / 2);
         cfg.worker_device = gpu.clone();
         let cluster = LocalCluster::start(cfg).await?;
