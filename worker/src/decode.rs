@@ -320,9 +320,13 @@ impl Worker {
         let (shape, threads, sinks) = (p.shape, self.cfg.threads, p.sinks.take());
         // Sparse MLA reads a few gathered rows per sequence: it stays on the CPU.
         if let Some(dev) = self.device.clone().filter(|_| p.ns.model.indexer.is_none()) {
+            let (seqs, layer) = (p.seqs.clone(), p.layer);
             return tokio::task::spawn_blocking(move || {
-                let items: Vec<crate::device::DeviceItem> =
-                    queries.into_iter().zip(&ok).map(|(q, (_, pages, skip))| (q, pages.clone(), *skip)).collect();
+                let items: Vec<crate::device::DeviceItem> = queries
+                    .into_iter()
+                    .zip(&ok)
+                    .map(|(q, (i, pages, skip))| ((seqs[*i].clone(), layer), q, pages.clone(), *skip))
+                    .collect();
                 let answers = dev.decode(&shape, &items).map_err(|e| match e {
                     kvcache_attention::gpu::GpuError::OutOfMemory(m) => Status::resource_exhausted(m),
                     kvcache_attention::gpu::GpuError::Unsupported(m) => Status::failed_precondition(m),

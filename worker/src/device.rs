@@ -9,31 +9,38 @@
 //! page, which the append changed) and computes on the GPU.
 //!
 //! Slots are per page geometry (one slab per [`PageLayout`]), each bounded by the worker's
-//! `cache_bytes`; the least recently used page not read by the current batch is overwritten
-//! first. A batch whose pages do not fit is refused whole (`RESOURCE_EXHAUSTED`, with the
+//! `cache_bytes`. As in the host cache, recency is kept per layer of a sequence (a step reads a
+//! layer whole): a warm step costs one map lookup per sequence and one comparison per page, and
+//! the least recently used layer the current batch does not read is evicted first. A batch whose pages do not fit is refused whole (`RESOURCE_EXHAUSTED`, with the
 //! reason), never answered wrong.
 
 use bytes::Bytes;
 use kvcache_attention::gpu::{DevicePages, DeviceRef, Gpu, GpuError, GpuItem};
 use kvcache_attention::{AttentionError, AttnShape};
-use kvcache_core::PageLayout;
+use kvcache_core::{PageLayout, SequenceKey};
 use parking_lot::Mutex;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-struct Entry {
-    slot: usize,
+/// One sequence layer's pages in the slab: slot and payload identity per page index.
+struct LayerSlots {
+    slots: Vec<usize>,
+    /// (address, length) of the payload each slot holds, and the payload itself, held so that
+    /// the address cannot be reused by other bytes while the slot claims it.
+    held: Vec<((usize, usize), Bytes)>,
     tick: u64,
-    _hold: Bytes,
 }
 
 struct Slab {
     layout: PageLayout,
     pages: DevicePages,
-    map: HashMap<(usize, usize), Entry>,
-    lru: BTreeMap<u64, (usize, usize)>,
+    map: HashMap<(SequenceKey, u32), LayerSlots>,
+    /// tick → layer, least recently used first.
+    lru: BTreeMap<u64, (SequenceKey, u32)>,
     free: Vec<usize>,
     tick: u64,
+    /// Host staging of one page (planes spread a full page apart).
+    staging: Vec<u8>,
 }
 
 /// HBM page slots of one GPU.
@@ -44,8 +51,9 @@ pub struct DeviceCache {
     uploads: std::sync::atomic::AtomicU64,
 }
 
-/// One sequence of a GPU decode: query, pages (host payloads and tokens), window skip.
-pub(crate) type DeviceItem = (Vec<f32>, Vec<(Bytes, usize)>, usize);
+/// One sequence of a GPU decode: (sequence, layer), query, pages (host payloads and tokens,
+/// from the first its window reads), window skip.
+pub(crate) type DeviceItem = ((SequenceKey, u32), Vec<f32>, Vec<(Bytes, usize)>, usize);
 
 /// One sequence's answer: `(out, lse)` or why not.
 pub(crate) type DeviceAnswer = Result<(Vec<f32>, Vec<f32>), AttentionError>;
@@ -59,6 +67,12 @@ impl DeviceCache {
     /// The device.
     pub fn gpu(&self) -> &Arc<Gpu> {
         &self.gpu
+    }
+
+    fn upload(&self, slab: &mut Slab, slot: usize, payload: &[u8], tokens: usize) -> Result<(), GpuError> {
+        self.gpu.write_page_with(&mut slab.pages, slot, payload, tokens, &mut slab.staging)?;
+        self.uploads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
     }
 
     /// Pages copied to the device so far.
@@ -82,54 +96,75 @@ impl DeviceCache {
                     lru: BTreeMap::new(),
                     free: (0..cap).rev().collect(),
                     tick: 0,
+                    staging: Vec::new(),
                 });
                 slabs.last_mut().expect("pushed")
             }
         };
-        let need: usize = items.iter().map(|i| i.1.len()).sum();
+        let need: usize = items.iter().map(|i| i.2.len()).sum();
         if need > slab.pages.len() {
             return Err(GpuError::OutOfMemory(format!(
                 "the batch reads {need} pages, more than the {} the GPU page cache holds (raise --cache-bytes)",
                 slab.pages.len()
             )));
         }
-        slab.tick += 1;
-        let batch_tick = slab.tick;
+        // Touch every layer of the batch first, so that eviction below never takes one of them.
+        let batch_start = slab.tick + 1;
+        for (key, _, _, _) in items {
+            slab.tick += 1;
+            let tick = slab.tick;
+            if let Some(e) = slab.map.get_mut(key) {
+                slab.lru.remove(&e.tick);
+                e.tick = tick;
+            } else {
+                slab.map.insert(key.clone(), LayerSlots { slots: Vec::new(), held: Vec::new(), tick });
+            }
+            slab.lru.insert(tick, key.clone());
+        }
         let mut slots: Vec<Vec<usize>> = Vec::with_capacity(items.len());
-        for (_, pages, _) in items {
-            let mut s = Vec::with_capacity(pages.len());
-            for (b, tokens) in pages {
-                let key = (b.as_ptr() as usize, b.len());
-                slab.tick += 1;
-                let tick = slab.tick;
-                if let Some(e) = slab.map.get_mut(&key) {
-                    slab.lru.remove(&e.tick);
-                    e.tick = tick;
-                    slab.lru.insert(tick, key);
-                    s.push(e.slot);
+        for (key, _, pages, _) in items {
+            let mut entry = slab.map.remove(key).expect("touched above");
+            // Pages past the new list (a window moved on) give their slots back.
+            while entry.slots.len() > pages.len() {
+                slab.free.push(entry.slots.pop().expect("len checked"));
+                entry.held.pop();
+            }
+            for (i, (b, tokens)) in pages.iter().enumerate() {
+                let id = (b.as_ptr() as usize, b.len());
+                if i < entry.slots.len() && entry.held[i].0 == id {
                     continue;
                 }
-                let slot = match slab.free.pop() {
-                    Some(f) => f,
-                    None => {
-                        // Evict the least recently used page this batch does not read.
-                        let (&old_tick, &old_key) = slab.lru.iter().next().expect("a full slab has entries");
-                        debug_assert!(old_tick < batch_tick);
-                        slab.lru.remove(&old_tick);
-                        slab.map.remove(&old_key).expect("lru entry").slot
-                    }
-                };
-                self.gpu.write_page(&mut slab.pages, slot, b, *tokens)?;
-                self.uploads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                slab.map.insert(key, Entry { slot, tick, _hold: b.clone() });
-                slab.lru.insert(tick, key);
-                s.push(slot);
+                if i >= entry.slots.len() {
+                    let slot = match slab.free.pop() {
+                        Some(f) => f,
+                        None => {
+                            // Free the least recently used layer this batch does not read.
+                            let (&t, _) = slab.lru.iter().next().expect("a full slab has layers");
+                            if t >= batch_start {
+                                slab.map.insert(key.clone(), entry);
+                                return Err(GpuError::OutOfMemory(
+                                    "the GPU page cache is full with this batch's own pages".into(),
+                                ));
+                            }
+                            let old = slab.lru.remove(&t).expect("present");
+                            let gone = slab.map.remove(&old).expect("lru entry");
+                            slab.free.extend(gone.slots);
+                            slab.free.pop().expect("an evicted layer holds a slot")
+                        }
+                    };
+                    entry.slots.push(slot);
+                    entry.held.push((id, b.clone()));
+                } else {
+                    entry.held[i] = (id, b.clone());
+                }
+                self.upload(slab, entry.slots[i], b, *tokens)?;
             }
-            slots.push(s);
+            slots.push(entry.slots.clone());
+            slab.map.insert(key.clone(), entry);
         }
         let refs: Vec<Vec<DeviceRef>> = slots.iter().map(|s| s.iter().map(|&i| slab.pages.page(i)).collect()).collect();
         let gi: Vec<GpuItem> =
-            items.iter().zip(&refs).map(|((q, _, skip), r)| GpuItem { q, pages: r, skip: *skip }).collect();
+            items.iter().zip(&refs).map(|((_, q, _, skip), r)| GpuItem { q, pages: r, skip: *skip }).collect();
         let out = self.gpu.decode_batch(shape, &gi)?;
         let (ol, hl) = (shape.out_len(), shape.q_heads);
         Ok(out

@@ -237,16 +237,28 @@ impl Gpu {
         payload: &[u8],
         tokens: usize,
     ) -> Result<(), GpuError> {
+        self.write_page_with(pages, index, payload, tokens, &mut Vec::new())
+    }
+
+    /// [`Gpu::write_page`] staging through `host`, a buffer the caller keeps between calls.
+    pub fn write_page_with(
+        &self,
+        pages: &mut DevicePages,
+        index: usize,
+        payload: &[u8],
+        tokens: usize,
+        host: &mut Vec<u8>,
+    ) -> Result<(), GpuError> {
         let l = pages.layout;
         let expected = l.payload_bytes(tokens);
         if payload.len() != expected || tokens > l.page_tokens || index >= pages.pages.len() {
             return Err(AttentionError::PageLength { index, got: payload.len(), expected, tokens }.into());
         }
-        let mut host = vec![0u8; l.page_bytes()];
-        spread(&l, payload, tokens, &mut host);
+        host.resize(l.page_bytes(), 0);
+        spread(&l, payload, tokens, host);
         let at = index * pages.slot;
         let mut dst = pages.buf.slice_mut(at..at + host.len());
-        self.stream.memcpy_htod(&host, &mut dst)?;
+        self.stream.memcpy_htod(&host[..], &mut dst)?;
         pages.pages[index].len = payload.len();
         pages.pages[index].tokens = tokens;
         Ok(())

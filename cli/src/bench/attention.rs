@@ -31,6 +31,12 @@ pub struct Args {
     /// batch × tokens of 1 × 128K, 8 × 32K, 64 × 4K, 128 × 8K; `--tokens` is for the CPU).
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// GPU: models to run (llama-3-8b, deepseek-v3).
+    #[arg(long, value_delimiter = ',', default_value = "llama-3-8b,deepseek-v3")]
+    models: Vec<String>,
+    /// GPU: skip the torch baselines.
+    #[arg(long)]
+    no_torch: bool,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -124,7 +130,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .iter()
             .map(|c| Codec::parse(c).ok_or_else(|| anyhow::anyhow!("unknown codec {c}")))
             .collect::<anyhow::Result<Vec<_>>>()?;
-        return super::attention_gpu::run(ordinal, &codecs, args.seconds, args.json);
+        return super::attention_gpu::run(ordinal, &codecs, &args.models, !args.no_torch, args.seconds, args.json);
     }
     let backend = match &args.backend {
         Some(b) => Backend::parse(b).ok_or_else(|| anyhow::anyhow!("unknown backend {b}"))?,

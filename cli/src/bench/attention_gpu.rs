@@ -151,7 +151,14 @@ fn time_steps(gpu: &Gpu, plans: &mut [kvcache_attention::gpu::Plan], seconds: f6
 }
 
 /// Run the GPU attention bench on device `ordinal`.
-pub fn run(ordinal: usize, codecs: &[Codec], seconds: f64, json: bool) -> anyhow::Result<()> {
+pub fn run(
+    ordinal: usize,
+    codecs: &[Codec],
+    models: &[String],
+    torch: bool,
+    seconds: f64,
+    json: bool,
+) -> anyhow::Result<()> {
     let gpu = Gpu::open(ordinal)?;
     eprintln!("device {}", gpu.describe());
     let hbm = gpu.read_bandwidth(4 << 30, 5)?;
@@ -166,12 +173,15 @@ pub fn run(ordinal: usize, codecs: &[Codec], seconds: f64, json: bool) -> anyhow
             None
         }
     };
-    let torch = torch_baselines(seconds.min(1.0));
+    let torch = if torch { torch_baselines(seconds.min(1.0)) } else { None };
     if let Some((v, _)) = &torch {
         eprintln!("torch baseline: {v}");
     }
     let mut rows = Vec::new();
     for (model, tag) in [("llama-3-8b", "gqa"), ("deepseek-v3", "mla")] {
+        if !models.iter().any(|m| m == model) {
+            continue;
+        }
         let spec = ModelSpec::preset(model).expect("preset");
         for &codec in codecs {
             let layout = PageLayout::new(&spec, codec, 64);
