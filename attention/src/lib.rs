@@ -17,6 +17,8 @@
 //! - [`hybrid`]: decode by layer kind — windows and chunks (a suffix of the pages), attention
 //!   sinks, DeepSeek sparse attention's indexer and top-k gather, and the gated-delta-rule step of
 //!   linear-attention layers.
+//! - [`calibrate`]: the CPU path per machine and shape, chosen by timing every backend the CPU
+//!   runs (cached per process); the worker and the bench use it.
 //! - [`gpu`]: the CUDA backend (paged GQA on CUDA cores, MLA on tensor cores, split-K merge),
 //!   loaded at run time, compiled by NVRTC for the device at first use.
 //! - [`reference`]: the float64 reference every kernel is tested against.
@@ -28,6 +30,7 @@
 //! log-sum-exp of the scaled scores per head. Inputs are checked: a non-finite query or a page
 //! that yields a non-finite result is an error, never a NaN output.
 
+pub mod calibrate;
 pub mod gpu;
 pub mod hybrid;
 mod kernel;

@@ -6,7 +6,7 @@
 
 use crate::{Fetched, SeqFailure, Worker};
 use bytes::Bytes;
-use kvcache_attention::{AttentionError, AttnShape, BatchItem, KvPage, Options};
+use kvcache_attention::{AttentionError, AttnShape, BatchItem, KvPage};
 use kvcache_client::{AppendAck, AppendItem, ClientError};
 use kvcache_core::spec::LayerKind;
 use kvcache_core::{Namespace, SequenceKey};
@@ -368,7 +368,7 @@ impl Worker {
                 items.iter().map(|_| (vec![0f32; shape.out_len()], vec![0f32; shape.q_heads])).collect();
             let mut outs: Vec<(&mut [f32], &mut [f32])> =
                 bufs.iter_mut().map(|(o, l)| (&mut o[..], &mut l[..])).collect();
-            let opts = Options { threads, ..Options::default() };
+            let opts = kvcache_attention::calibrate::options_for(&shape, threads);
             let mut each = kvcache_attention::decode_batch_each(&shape, &items, &opts, &mut outs);
             if let Some(s) = &sinks {
                 for (r, (o, l)) in each.iter_mut().zip(outs.iter_mut()) {

@@ -66,6 +66,10 @@ struct Row {
     flops_per_s: f64,
     bandwidth_fraction: f64,
     peak_fraction: f64,
+    /// Against the roofline: the lower of the read bandwidth and the peak over the kernel's
+    /// flops per byte, both measured next to this row.
+    roofline_fraction: f64,
+    backend: String,
     /// Read bandwidth and multiply-add peak measured next to this row (see `run`): the
     /// fractions are against these, so a host whose capacity drifts during the run is
     /// compared with itself.
@@ -84,6 +88,8 @@ struct Report {
     dot_peak_flops_per_s: f64,
     gqa_bytes_per_s: f64,
     gqa_bandwidth_fraction: f64,
+    /// GQA bf16, longest context, one thread: kernel rate over the roofline measured next to it.
+    gqa_roofline_fraction: f64,
     mla_flops_per_s: f64,
     mla_peak_fraction: f64,
     rows: Vec<Row>,
@@ -132,14 +138,20 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .collect::<anyhow::Result<Vec<_>>>()?;
         return super::attention_gpu::run(ordinal, &codecs, &args.models, !args.no_torch, args.seconds, args.json);
     }
-    let backend = match &args.backend {
-        Some(b) => Backend::parse(b).ok_or_else(|| anyhow::anyhow!("unknown backend {b}"))?,
-        None => Backend::detect(),
+    // A named backend, or per shape the one the calibration measures fastest here.
+    let forced = match &args.backend {
+        Some(b) => Some(Backend::parse(b).ok_or_else(|| anyhow::anyhow!("unknown backend {b}"))?),
+        None => None,
     };
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let llc = super::llc_bytes();
     let ws = ((llc as f64 * args.llc_multiple) as u64).clamp(256 << 20, 3 << 30);
-    eprintln!("backend {backend}, {threads} threads, LLC {} MiB, working set {} MiB", llc >> 20, ws >> 20);
+    eprintln!(
+        "backend {}, {threads} threads, LLC {} MiB, working set {} MiB",
+        forced.map_or("calibrated per shape".to_string(), |b| b.to_string()),
+        llc >> 20,
+        ws >> 20
+    );
 
     let buf: Vec<u64> = (0..ws / 8).map(|i| i.wrapping_mul(0x9e37_79b9)).collect();
     let bw1 = peak::read_bandwidth(&buf, 1, 3);
@@ -160,6 +172,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             for &tokens in &args.tokens {
                 let layout = PageLayout::new(&spec, codec, 64);
                 let shape = AttnShape::new(&spec, layout);
+                let backend = match forced {
+                    Some(b) => b,
+                    None => {
+                        let timed = kvcache_attention::calibrate::calibrate(&shape);
+                        let list: Vec<String> = timed.iter().map(|(b, s)| format!("{b} {:.2} ms", s * 1e3)).collect();
+                        eprintln!("{model} {}: calibration {}", codec.as_str(), list.join(", "));
+                        kvcache_attention::calibrate::backend_for(&shape)
+                    }
+                };
                 let layer_bytes = layout.payload_bytes(tokens) as u64;
                 let copies = (ws / layer_bytes.max(1)).clamp(2, 512) as usize;
                 let layers = make_layers(&layout, tokens, copies);
@@ -186,6 +207,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                     const ROUNDS: usize = 3;
                     let (mut steps, mut secs_total) = (0usize, 0.0f64);
                     let (mut bw_ratios, mut pk_ratios, mut bw_adj, mut pk_adj) = (vec![], vec![], vec![], vec![]);
+                    let mut roof_ratios = vec![];
+                    let flops_per_byte = flops_per_token / layout.token_bytes() as f64;
                     for _ in 0..ROUNDS {
                         let bw_now = peak::read_bandwidth(&buf, th, 1);
                         // The peak on `th` threads at once (on a shared host the second core
@@ -202,6 +225,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                         }
                         let secs = t.elapsed().as_secs_f64();
                         bw_ratios.push(layer_bytes as f64 * n as f64 / secs / bw_now);
+                        roof_ratios.push(layer_bytes as f64 * n as f64 / secs / bw_now.min(pk_now / flops_per_byte));
                         pk_ratios.push(flops_per_token * tokens as f64 * n as f64 / secs / pk_now);
                         bw_adj.push(bw_now);
                         pk_adj.push(pk_now);
@@ -221,6 +245,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                         flops_per_s: fps,
                         bandwidth_fraction: median(bw_ratios),
                         peak_fraction: median(pk_ratios),
+                        roofline_fraction: median(roof_ratios),
+                        backend: backend.to_string(),
                         adjacent_read_bandwidth_bytes_per_s: median(bw_adj),
                         adjacent_peak_flops_per_s: median(pk_adj),
                     };
@@ -250,7 +276,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let gqa_bw = gqa.map_or(0.0, |r| r.adjacent_read_bandwidth_bytes_per_s);
     let mla_peak = mla.map_or(0.0, |r| r.adjacent_peak_flops_per_s);
     let report = Report {
-        backend: backend.to_string(),
+        backend: forced.map_or("calibrated".to_string(), |b| b.to_string()),
         llc_bytes: llc,
         working_set_bytes: ws,
         read_bandwidth_bytes_per_s: bw1,
@@ -259,6 +285,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         dot_peak_flops_per_s: dot_peak,
         gqa_bytes_per_s: gqa.map_or(0.0, |r| r.kv_bytes_per_s),
         gqa_bandwidth_fraction: gqa.map_or(0.0, |r| r.bandwidth_fraction),
+        gqa_roofline_fraction: gqa.map_or(0.0, |r| r.roofline_fraction),
         mla_flops_per_s: mla.map_or(0.0, |r| r.flops_per_s),
         mla_peak_fraction: mla.map_or(0.0, |r| r.peak_fraction),
         rows,

@@ -4,7 +4,7 @@
 
 use super::median;
 use bytes::Bytes;
-use kvcache_attention::{AttnShape, BatchItem, KvPage, Options, decode_batch};
+use kvcache_attention::{AttnShape, BatchItem, KvPage, decode_batch};
 use kvcache_cli::cluster::{LocalCluster, LocalClusterConfig};
 use kvcache_cli::synth::{Mirror, Rng, prefill_pages, tokens_payload};
 use kvcache_client::Client;
@@ -157,7 +157,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 ),
                 None => None,
             };
-            let opts = Options { threads: std::thread::available_parallelism().map_or(1, |n| n.get()), ..Options::default() };
+            let opts = kvcache_attention::calibrate::options_for(&shape, std::thread::available_parallelism().map_or(1, |n| n.get()));
             let mut bufs: Vec<(Vec<f32>, Vec<f32>)> = (0..a.batch).map(|_| (vec![0f32; shape.out_len()], vec![0f32; shape.q_heads])).collect();
             let (mut warm, mut kern, mut warm_ratio) = (Vec::new(), Vec::new(), Vec::new());
             let (mut warm_fetch, mut warm_compute) = (Vec::new(), Vec::new());
