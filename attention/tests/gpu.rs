@@ -209,7 +209,7 @@ fn mla_on_tensor_cores_matches_the_f64_reference_within_bf16_rounding() {
             f32_query(s, &mut rng)
         })
         .collect();
-    let e = check_batch_lse(&g, &shape, &seqs, 1e-2, 1e-2);
+    let e = check_batch_lse(&g, &shape, &seqs, 1e-2, 3e-2);
     eprintln!("mla 128 heads bf16, f32 queries: worst rel L2 {e:.2e} (query rounded to bf16)");
 }
 

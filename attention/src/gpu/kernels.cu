@@ -110,120 +110,41 @@ __device__ __forceinline__ float row_scale(const u8* row, int e0, int main) {
 #define NSTATE (NWARP * TPW)
 #define RAWN (E * ELEM_BYTES / 4)
 
-#if KV_CODEC >= 2
-#define QUANT 1
-#else
-#define QUANT 0
-#endif
-#define TOK (TPW * U)
-
-// One warp iteration's rows: U slots of this lane's part of a K row and a V row.
-struct Rows {
-    u32 k[U][RAWN], v[U][RAWN];
-#if QUANT
-    float ks[U], vs[U];
-#endif
+struct Slot {
+    u32 k[RAWN], v[RAWN];
+    float ks, vs;
+    bool valid;
 };
 
-__device__ __forceinline__ void load_chunk(const u8* row, u32* w) {
+// Start loading this lane's part of token t's K and V rows (nothing past t1).
+__device__ __forceinline__ void gqa_load(Slot& sl, const u64* pages, int h, int t, int t1, int e0) {
+    sl.valid = t < t1;
+    sl.ks = 0.f;
+    sl.vs = 0.f;
+    #pragma unroll
+    for (int i = 0; i < RAWN; i++) sl.k[i] = sl.v[i] = 0u;
+    if (!sl.valid) return;
+    const int p = t / KV_PT, off = t - p * KV_PT;
+    const u8* pg = (const u8*)pages[p];
+    const u8* krow = pg + ((size_t)h * KV_PT + off) * KV_ROW;
+    const u8* vrow = pg + ((size_t)(KV_KV + h) * KV_PT + off) * KV_ROW;
 #if ELEM_BYTES == 2
     #pragma unroll
     for (int i = 0; i < RAWN / 4; i++) {
-        const uint4 a = __ldg((const uint4*)row + i);
-        w[4 * i] = a.x; w[4 * i + 1] = a.y; w[4 * i + 2] = a.z; w[4 * i + 3] = a.w;
+        uint4 a = __ldg((const uint4*)(krow + e0 * 2) + i);
+        uint4 c = __ldg((const uint4*)(vrow + e0 * 2) + i);
+        sl.k[4 * i] = a.x; sl.k[4 * i + 1] = a.y; sl.k[4 * i + 2] = a.z; sl.k[4 * i + 3] = a.w;
+        sl.v[4 * i] = c.x; sl.v[4 * i + 1] = c.y; sl.v[4 * i + 2] = c.z; sl.v[4 * i + 3] = c.w;
     }
 #else
     #pragma unroll
-    for (int i = 0; i < RAWN; i++) w[i] = __ldg((const u32*)row + i);
-#endif
-}
-
-// Start loading the rows of tokens base + u·TPW + sub (u < U) for this lane; nothing at or
-// past t1 (zeros there). When the warp's TOK tokens lie in one page (the usual case: work items
-// start on multiples of TOK and pages hold a multiple of TOK tokens) the page is looked up once.
-__device__ __forceinline__ void gqa_load(Rows& r, const u64* pages, int h, int base, int sub, int t1, int e0) {
-    #pragma unroll
-    for (int u = 0; u < U; u++) {
-        #pragma unroll
-        for (int i = 0; i < RAWN; i++) r.k[u][i] = r.v[u][i] = 0u;
-#if QUANT
-        r.ks[u] = 0.f;
-        r.vs[u] = 0.f;
-#endif
-    }
-    if (base >= t1) return;
-    const int p0 = base / KV_PT, off0 = base - p0 * KV_PT;
-    const bool one_page = off0 + TOK <= KV_PT;
-    const u8* pg0 = (const u8*)pages[p0];
-    #pragma unroll
-    for (int u = 0; u < U; u++) {
-        const int t = base + u * TPW + sub;
-        if (t < t1) {
-            const u8* krow;
-            if (one_page) {
-                krow = pg0 + ((size_t)h * KV_PT + off0 + u * TPW + sub) * KV_ROW;
-            } else {
-                const int p = t / KV_PT, off = t - p * KV_PT;
-                krow = (const u8*)pages[p] + ((size_t)h * KV_PT + off) * KV_ROW;
-            }
-            const u8* vrow = krow + (size_t)KV_KV * KV_PT * KV_ROW;
-            load_chunk(krow + e0 * ELEM_BYTES, r.k[u]);
-            load_chunk(vrow + e0 * ELEM_BYTES, r.v[u]);
-#if QUANT
-            r.ks[u] = row_scale(krow, e0, KV_D);
-            r.vs[u] = row_scale(vrow, e0, KV_D);
-#endif
-        }
-    }
-}
-
-// Sum each of the KV_GC values over the L lanes of a token group, every lane ending with all
-// KV_GC sums. For a power-of-two KV_GC ≤ L the sums are first spread out (each step hands half
-// of the heads still held to the partner lane: KV_GC − 1 + log2(L/KV_GC) shuffles instead of
-// KV_GC·log2(L)), then gathered back with KV_GC shuffles.
-__device__ __forceinline__ void group_sums(float* v, int li) {
-#if (KV_GC & (KV_GC - 1)) == 0 && KV_GC > 1 && KV_GC <= L
-    float w[KV_GC];
-    #pragma unroll
-    for (int g = 0; g < KV_GC; g++) w[g] = v[g];
-    int n = KV_GC;
-    #pragma unroll
-    for (int off = L / 2; off > 0; off >>= 1) {
-        if (n > 1) {
-            const int half = n / 2;
-            const bool upper = (li & off) != 0;
-            #pragma unroll
-            for (int i = 0; i < KV_GC / 2; i++) {
-                if (i < half) {
-                    const float send = upper ? w[i] : w[i + half];
-                    const float keep = upper ? w[i + half] : w[i];
-                    w[i] = keep + __shfl_xor_sync(0xffffffffu, send, off);
-                }
-            }
-            n = half;
-        } else {
-            w[0] += __shfl_xor_sync(0xffffffffu, w[0], off);
-        }
-    }
-    // Lane li now holds the sum of the head whose bits (KV_GC/2, KV_GC/4, …) are li's bits
-    // (L/2, L/4, …): gather every head's sum from the lowest such lane of the group.
-    const int group_base = (threadIdx.x & 31) & ~(L - 1);
-    #pragma unroll
-    for (int g = 0; g < KV_GC; g++) {
-        int src = 0;
-        #pragma unroll
-        for (int bit = KV_GC / 2, lb = L / 2; bit > 0; bit >>= 1, lb >>= 1)
-            if (g & bit) src |= lb;
-        v[g] = __shfl_sync(0xffffffffu, w[0], group_base + src);
-    }
-#else
-    (void)li;
-    #pragma unroll
-    for (int g = 0; g < KV_GC; g++) {
-        #pragma unroll
-        for (int off = L / 2; off > 0; off >>= 1) v[g] += __shfl_xor_sync(0xffffffffu, v[g], off);
+    for (int i = 0; i < RAWN; i++) {
+        sl.k[i] = __ldg((const u32*)(krow + e0) + i);
+        sl.v[i] = __ldg((const u32*)(vrow + e0) + i);
     }
 #endif
+    sl.ks = row_scale(krow, e0, KV_D);
+    sl.vs = row_scale(vrow, e0, KV_D);
 }
 
 extern "C" __global__ void __launch_bounds__(128) gqa_decode(
@@ -260,30 +181,48 @@ extern "C" __global__ void __launch_bounds__(128) gqa_decode(
     const u64* pages = page_ptrs + seq_page0[b];
 
     // Software-pipelined: the rows of the next iteration are in flight while this one computes.
-    Rows cur, nxt;
-    int base = t0 + warp * TOK;
-    gqa_load(cur, pages, h, base, sub, t1, e0);
-    for (; base < t1; base += NWARP * TOK) {
-        gqa_load(nxt, pages, h, base + NWARP * TOK, sub, t1, e0);
+    Slot cur[U], nxt[U];
+    int base = t0 + warp * TPW * U;
+    #pragma unroll
+    for (int u = 0; u < U; u++) gqa_load(cur[u], pages, h, base + u * TPW + sub, t1, e0);
+    for (; base < t1; base += NWARP * TPW * U) {
+        #pragma unroll
+        for (int u = 0; u < U; u++) gqa_load(nxt[u], pages, h, base + NWARP * TPW * U + u * TPW + sub, t1, e0);
+        u32 kr[U][RAWN], vr[U][RAWN];
+        float ks[U], vs[U];
+        bool valid[U];
+        #pragma unroll
+        for (int u = 0; u < U; u++) {
+            valid[u] = cur[u].valid;
+            ks[u] = cur[u].ks;
+            vs[u] = cur[u].vs;
+            #pragma unroll
+            for (int i = 0; i < RAWN; i++) {
+                kr[u][i] = cur[u].k[i];
+                vr[u][i] = cur[u].v[i];
+            }
+            cur[u] = nxt[u];
+        }
         float s[U][KV_GC];
         #pragma unroll
         for (int u = 0; u < U; u++) {
             float x[E];
-            decode_words<RAWN>(cur.k[u], x);
+            decode_words<RAWN>(kr[u], x);
             #pragma unroll
             for (int g = 0; g < KV_GC; g++) {
                 float acc = 0.f;
                 #pragma unroll
                 for (int e = 0; e < E; e++) acc = fmaf(qr[g][e], x[e], acc);
-#if QUANT
-                acc *= cur.ks[u];
-#endif
-                s[u][g] = acc;
+                s[u][g] = acc * ks[u];
             }
-            group_sums(s[u], li);
-            if (base + u * TPW + sub >= t1) {
+        }
+        #pragma unroll
+        for (int u = 0; u < U; u++) {
+            #pragma unroll
+            for (int g = 0; g < KV_GC; g++) {
                 #pragma unroll
-                for (int g = 0; g < KV_GC; g++) s[u][g] = NEG_INF;
+                for (int off = L / 2; off > 0; off >>= 1) s[u][g] += __shfl_xor_sync(0xffffffffu, s[u][g], off);
+                if (!valid[u]) s[u][g] = NEG_INF;
             }
         }
         float pw[U][KV_GC];
@@ -307,24 +246,19 @@ extern "C" __global__ void __launch_bounds__(128) gqa_decode(
             for (int u = 0; u < U; u++) {
                 const float p = exp2f(s[u][g] - mn);
                 l[g] += p;
-#if QUANT
-                pw[u][g] = p * cur.vs[u];
-#else
-                pw[u][g] = p;
-#endif
+                pw[u][g] = p * vs[u];
             }
         }
         #pragma unroll
         for (int u = 0; u < U; u++) {
             float x[E];
-            decode_words<RAWN>(cur.v[u], x);
+            decode_words<RAWN>(vr[u], x);
             #pragma unroll
             for (int g = 0; g < KV_GC; g++) {
                 #pragma unroll
                 for (int e = 0; e < E; e++) o[g][e] = fmaf(pw[u][g], x[e], o[g][e]);
             }
         }
-        cur = nxt;
     }
 
     // Merge the NSTATE online-softmax states of the block.
