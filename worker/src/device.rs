@@ -22,23 +22,127 @@ use parking_lot::Mutex;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-/// One sequence layer's pages in the slab: slot and payload identity per page index.
+/// One sequence layer's pages: slot per page index and the payload the slot holds (`None` while
+/// an upload is pending). The payload is held so that its address cannot be reused by other bytes
+/// while the slot claims it.
 struct LayerSlots {
     slots: Vec<usize>,
-    /// (address, length) of the payload each slot holds, and the payload itself, held so that
-    /// the address cannot be reused by other bytes while the slot claims it.
-    held: Vec<((usize, usize), Bytes)>,
+    held: Vec<Option<((usize, usize), Bytes)>>,
     tick: u64,
+}
+
+/// The slot bookkeeping of one slab, no device involved: which slot each page of a batch reads,
+/// which pages must be uploaded first, and which layer gives its slots up when the slab is full.
+pub(crate) struct SlotTable<K> {
+    cap: usize,
+    map: HashMap<K, LayerSlots>,
+    /// tick → layer, least recently used first.
+    lru: BTreeMap<u64, K>,
+    free: Vec<usize>,
+    tick: u64,
+}
+
+/// A page to copy to the device before the batch runs: (item, page index, slot).
+pub(crate) type Upload = (usize, usize, usize);
+
+impl<K: Clone + Eq + std::hash::Hash> SlotTable<K> {
+    pub(crate) fn new(cap: usize) -> Self {
+        Self { cap, map: HashMap::new(), lru: BTreeMap::new(), free: (0..cap).rev().collect(), tick: 0 }
+    }
+
+    /// Assign slots to every page of a batch: per item its slots in page order, and the uploads
+    /// needed (pages this slab does not hold as these very bytes). Evicts whole layers the batch
+    /// does not read, least recently used first. A batch larger than the slab is refused.
+    pub(crate) fn assign(
+        &mut self,
+        items: &[(K, &[(Bytes, usize)])],
+    ) -> Result<(Vec<Vec<usize>>, Vec<Upload>), String> {
+        let need: usize = items.iter().map(|i| i.1.len()).sum();
+        if need > self.cap {
+            return Err(format!(
+                "the batch reads {need} pages, more than the {} the GPU page cache holds (raise --cache-bytes)",
+                self.cap
+            ));
+        }
+        // Touch every layer of the batch first, so that eviction never takes one of them.
+        let batch_start = self.tick + 1;
+        for (key, _) in items {
+            self.tick += 1;
+            let tick = self.tick;
+            if let Some(e) = self.map.get_mut(key) {
+                self.lru.remove(&e.tick);
+                e.tick = tick;
+            } else {
+                self.map.insert(key.clone(), LayerSlots { slots: Vec::new(), held: Vec::new(), tick });
+            }
+            self.lru.insert(tick, key.clone());
+        }
+        let mut slots = Vec::with_capacity(items.len());
+        let mut uploads = Vec::new();
+        for (item, (key, pages)) in items.iter().enumerate() {
+            let mut entry = self.map.remove(key).expect("touched above");
+            // Pages past the new list (a window moved on) give their slots back.
+            while entry.slots.len() > pages.len() {
+                self.free.push(entry.slots.pop().expect("len checked"));
+                entry.held.pop();
+            }
+            for (i, (b, _)) in pages.iter().enumerate() {
+                let id = (b.as_ptr() as usize, b.len());
+                if i < entry.slots.len() {
+                    if entry.held[i].as_ref().is_some_and(|h| h.0 == id) {
+                        continue;
+                    }
+                    entry.held[i] = None;
+                } else {
+                    while self.free.is_empty() {
+                        // Free the least recently used layer this batch does not read.
+                        let (&t, _) = self.lru.iter().next().expect("a full slab has layers");
+                        if t >= batch_start {
+                            self.map.insert(key.clone(), entry);
+                            return Err("the GPU page cache is full with this batch's own pages".into());
+                        }
+                        let old = self.lru.remove(&t).expect("present");
+                        let gone = self.map.remove(&old).expect("lru entry");
+                        self.free.extend(gone.slots);
+                    }
+                    entry.slots.push(self.free.pop().expect("freed above"));
+                    entry.held.push(None);
+                }
+                uploads.push((item, i, entry.slots[i]));
+            }
+            slots.push(entry.slots.clone());
+            self.map.insert(key.clone(), entry);
+        }
+        Ok((slots, uploads))
+    }
+
+    /// Page `page` of `key`'s layer now holds `b` on the device.
+    pub(crate) fn landed(&mut self, key: &K, page: usize, b: &Bytes) {
+        if let Some(e) = self.map.get_mut(key)
+            && page < e.held.len()
+        {
+            e.held[page] = Some(((b.as_ptr() as usize, b.len()), b.clone()));
+        }
+    }
+
+    /// Drop a layer (an upload to it failed): its slots are free and claim nothing.
+    pub(crate) fn forget(&mut self, key: &K) {
+        if let Some(e) = self.map.remove(key) {
+            self.lru.remove(&e.tick);
+            self.free.extend(e.slots);
+        }
+    }
+
+    #[cfg(test)]
+    fn free_slots(&self) -> usize {
+        self.free.len()
+    }
 }
 
 struct Slab {
     layout: PageLayout,
     pages: DevicePages,
-    map: HashMap<(SequenceKey, u32), LayerSlots>,
-    /// tick → layer, least recently used first.
-    lru: BTreeMap<u64, (SequenceKey, u32)>,
-    free: Vec<usize>,
-    tick: u64,
+    table: SlotTable<(SequenceKey, u32)>,
     /// Host staging of one page (planes spread a full page apart).
     staging: Vec<u8>,
 }
@@ -69,12 +173,6 @@ impl DeviceCache {
         &self.gpu
     }
 
-    fn upload(&self, slab: &mut Slab, slot: usize, payload: &[u8], tokens: usize) -> Result<(), GpuError> {
-        self.gpu.write_page_with(&mut slab.pages, slot, payload, tokens, &mut slab.staging)?;
-        self.uploads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Ok(())
-    }
-
     /// Pages copied to the device so far.
     pub fn uploads(&self) -> u64 {
         self.uploads.load(std::sync::atomic::Ordering::Relaxed)
@@ -89,78 +187,25 @@ impl DeviceCache {
                 let slot = shape.layout.page_bytes().next_multiple_of(256) as u64;
                 let cap = (self.bytes / slot).max(1) as usize;
                 let pages = self.gpu.alloc_slots(&shape.layout, cap)?;
-                slabs.push(Slab {
-                    layout: shape.layout,
-                    pages,
-                    map: HashMap::new(),
-                    lru: BTreeMap::new(),
-                    free: (0..cap).rev().collect(),
-                    tick: 0,
-                    staging: Vec::new(),
-                });
+                slabs.push(Slab { layout: shape.layout, pages, table: SlotTable::new(cap), staging: Vec::new() });
                 slabs.last_mut().expect("pushed")
             }
         };
-        let need: usize = items.iter().map(|i| i.2.len()).sum();
-        if need > slab.pages.len() {
-            return Err(GpuError::OutOfMemory(format!(
-                "the batch reads {need} pages, more than the {} the GPU page cache holds (raise --cache-bytes)",
-                slab.pages.len()
-            )));
-        }
-        // Touch every layer of the batch first, so that eviction below never takes one of them.
-        let batch_start = slab.tick + 1;
-        for (key, _, _, _) in items {
-            slab.tick += 1;
-            let tick = slab.tick;
-            if let Some(e) = slab.map.get_mut(key) {
-                slab.lru.remove(&e.tick);
-                e.tick = tick;
-            } else {
-                slab.map.insert(key.clone(), LayerSlots { slots: Vec::new(), held: Vec::new(), tick });
-            }
-            slab.lru.insert(tick, key.clone());
-        }
-        let mut slots: Vec<Vec<usize>> = Vec::with_capacity(items.len());
-        for (key, _, pages, _) in items {
-            let mut entry = slab.map.remove(key).expect("touched above");
-            // Pages past the new list (a window moved on) give their slots back.
-            while entry.slots.len() > pages.len() {
-                slab.free.push(entry.slots.pop().expect("len checked"));
-                entry.held.pop();
-            }
-            for (i, (b, tokens)) in pages.iter().enumerate() {
-                let id = (b.as_ptr() as usize, b.len());
-                if i < entry.slots.len() && entry.held[i].0 == id {
-                    continue;
+        let keyed: Vec<_> = items.iter().map(|(k, _, pages, _)| (k.clone(), &pages[..])).collect();
+        let (slots, uploads) = slab.table.assign(&keyed).map_err(GpuError::OutOfMemory)?;
+        for (item, page, slot) in uploads {
+            let (key, _, pages, _) = &items[item];
+            let (b, tokens) = &pages[page];
+            let r = self.gpu.write_page_with(&mut slab.pages, slot, b, *tokens, &mut slab.staging);
+            if let Err(e) = r {
+                // Nothing half-written may be taken for these bytes later.
+                for (k, _, _, _) in items {
+                    slab.table.forget(k);
                 }
-                if i >= entry.slots.len() {
-                    let slot = match slab.free.pop() {
-                        Some(f) => f,
-                        None => {
-                            // Free the least recently used layer this batch does not read.
-                            let (&t, _) = slab.lru.iter().next().expect("a full slab has layers");
-                            if t >= batch_start {
-                                slab.map.insert(key.clone(), entry);
-                                return Err(GpuError::OutOfMemory(
-                                    "the GPU page cache is full with this batch's own pages".into(),
-                                ));
-                            }
-                            let old = slab.lru.remove(&t).expect("present");
-                            let gone = slab.map.remove(&old).expect("lru entry");
-                            slab.free.extend(gone.slots);
-                            slab.free.pop().expect("an evicted layer holds a slot")
-                        }
-                    };
-                    entry.slots.push(slot);
-                    entry.held.push((id, b.clone()));
-                } else {
-                    entry.held[i] = (id, b.clone());
-                }
-                self.upload(slab, entry.slots[i], b, *tokens)?;
+                return Err(e);
             }
-            slots.push(entry.slots.clone());
-            slab.map.insert(key.clone(), entry);
+            self.uploads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            slab.table.landed(key, page, b);
         }
         let refs: Vec<Vec<DeviceRef>> = slots.iter().map(|s| s.iter().map(|&i| slab.pages.page(i)).collect()).collect();
         let gi: Vec<GpuItem> =
@@ -175,5 +220,86 @@ impl DeviceCache {
                 st.map(|()| (out.out[i * ol..(i + 1) * ol].to_vec(), out.lse[i * hl..(i + 1) * hl].to_vec()))
             })
             .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::SlotTable;
+    use bytes::Bytes;
+
+    fn pages(n: usize) -> Vec<(Bytes, usize)> {
+        (0..n).map(|i| (Bytes::from(vec![i as u8; 64]), 16)).collect()
+    }
+
+    #[test]
+    fn a_warm_step_uploads_only_the_page_that_changed() {
+        let mut t = SlotTable::new(16);
+        let mut a = pages(4);
+        let (slots, up) = t.assign(&[((1, 0), &a[..])]).unwrap();
+        assert_eq!(up.len(), 4);
+        for (item, page, _) in &up {
+            assert_eq!(*item, 0);
+            t.landed(&(1, 0), *page, &a[*page].0);
+        }
+        // Same bytes: nothing to upload, same slots.
+        let (again, up) = t.assign(&[((1, 0), &a[..])]).unwrap();
+        assert!(up.is_empty());
+        assert_eq!(again, slots);
+        // The append wrote a new last page (new bytes): that page alone, into its own slot.
+        a[3].0 = Bytes::from(vec![9u8; 80]);
+        let (again, up) = t.assign(&[((1, 0), &a[..])]).unwrap();
+        assert_eq!(up, vec![(0, 3, slots[0][3])]);
+        assert_eq!(again, slots);
+    }
+
+    #[test]
+    fn an_upload_never_landed_is_uploaded_again() {
+        let mut t = SlotTable::new(8);
+        let a = pages(2);
+        let (_, up) = t.assign(&[((1, 0), &a[..])]).unwrap();
+        assert_eq!(up.len(), 2);
+        t.landed(&(1, 0), 0, &a[0].0); // page 1's upload failed or never ran
+        let (_, up) = t.assign(&[((1, 0), &a[..])]).unwrap();
+        assert_eq!(up.iter().map(|u| u.1).collect::<Vec<_>>(), vec![1]);
+        t.forget(&(1, 0));
+        assert_eq!(t.free_slots(), 8);
+    }
+
+    #[test]
+    fn a_full_slab_evicts_the_least_recent_layer_outside_the_batch_and_refuses_what_cannot_fit() {
+        let mut t = SlotTable::new(6);
+        let (a, b, c) = (pages(3), pages(3), pages(2));
+        for (k, p) in [((1, 0), &a), ((2, 0), &b)] {
+            let (_, up) = t.assign(&[(k, &p[..])]).unwrap();
+            for (_, i, _) in up {
+                t.landed(&k, i, &p[i].0);
+            }
+        }
+        // Layer (1, 0) is the least recent: it goes; (2, 0) keeps its slots.
+        let (_, up) = t.assign(&[((3, 0), &c[..])]).unwrap();
+        assert_eq!(up.len(), 2);
+        let (_, up) = t.assign(&[((2, 0), &b[..])]).unwrap();
+        assert!(up.is_empty(), "the recent layer was not evicted");
+        // More pages than slots: refused whole.
+        let big = pages(7);
+        assert!(t.assign(&[((4, 0), &big[..])]).unwrap_err().contains("more than the 6"));
+        // Two layers of this batch that together fill the slab: nothing of theirs is evicted.
+        let (d, e) = (pages(3), pages(3));
+        let (slots, up) = t.assign(&[((5, 0), &d[..]), ((6, 0), &e[..])]).unwrap();
+        assert_eq!(up.len(), 6);
+        let mut all: Vec<usize> = slots.concat();
+        all.sort();
+        all.dedup();
+        assert_eq!(all.len(), 6, "distinct slots");
+    }
+
+    #[test]
+    fn a_window_that_moves_on_gives_slots_back() {
+        let mut t = SlotTable::new(4);
+        let a = pages(4);
+        t.assign(&[((1, 0), &a[..])]).unwrap();
+        let (_, _) = t.assign(&[((1, 0), &a[2..])]).unwrap();
+        assert_eq!(t.free_slots(), 2);
     }
 }
