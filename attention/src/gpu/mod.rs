@@ -749,10 +749,6 @@ impl Kernel {
         defs.push(("KV_KV", shape.kv_groups as i64));
         defs.push(("KV_G", g as i64));
         defs.push(("KV_GC", gc as i64));
-        // Kernel variants for A/B runs on a device: bit 0 rescales only when the running max
-        // moves, bit 1 drops the (unit) scale multiplies of bf16/f16 rows.
-        let variant = std::env::var("KVCACHE_GQA_VARIANT").ok().and_then(|v| v.parse::<i64>().ok()).unwrap_or(0);
-        defs.push(("KV_VARIANT", variant & 3));
         let decode = gpu.function(&defs, "gqa_decode")?;
         let nstate = 4 * tpw;
         let smem = 4 * (2 * nstate * gc + nstate * gc * d);
