@@ -843,6 +843,22 @@ impl<'a> BatchItem<'a> {
     }
 }
 
+/// A query of `shape`'s length with finite values (every backend checks this first).
+pub(crate) fn check_query(shape: &AttnShape, q: &[f32]) -> Result<(), AttentionError> {
+    if q.len() != shape.q_len() {
+        return Err(AttentionError::QueryLength {
+            got: q.len(),
+            expected: shape.q_len(),
+            heads: shape.q_heads,
+            width: shape.qk_width,
+        });
+    }
+    if q.iter().any(|x| !x.is_finite()) {
+        return Err(AttentionError::NonFiniteQuery);
+    }
+    Ok(())
+}
+
 fn check(shape: &AttnShape, item: &BatchItem) -> Result<Vec<usize>, AttentionError> {
     if shape.kv_groups == 0 || !shape.q_heads.is_multiple_of(shape.kv_groups) {
         return Err(AttentionError::Shape(format!("{} query heads over {} KV groups", shape.q_heads, shape.kv_groups)));
@@ -850,17 +866,7 @@ fn check(shape: &AttnShape, item: &BatchItem) -> Result<Vec<usize>, AttentionErr
     if shape.layout.shape.width != shape.qk_width || shape.v_width > shape.qk_width && shape.latent {
         return Err(AttentionError::Shape("layout row width does not match the query width".into()));
     }
-    if item.q.len() != shape.q_len() {
-        return Err(AttentionError::QueryLength {
-            got: item.q.len(),
-            expected: shape.q_len(),
-            heads: shape.q_heads,
-            width: shape.qk_width,
-        });
-    }
-    if item.q.iter().any(|x| !x.is_finite()) {
-        return Err(AttentionError::NonFiniteQuery);
-    }
+    check_query(shape, item.q)?;
     let mut starts = Vec::with_capacity(item.pages.len());
     let mut t = 0;
     for (index, p) in item.pages.iter().enumerate() {

@@ -780,17 +780,7 @@ impl Kernel {
 }
 
 fn check_item(shape: &AttnShape, item: &GpuItem) -> Result<(), AttentionError> {
-    if item.q.len() != shape.q_len() {
-        return Err(AttentionError::QueryLength {
-            got: item.q.len(),
-            expected: shape.q_len(),
-            heads: shape.q_heads,
-            width: shape.qk_width,
-        });
-    }
-    if item.q.iter().any(|x| !x.is_finite()) {
-        return Err(AttentionError::NonFiniteQuery);
-    }
+    crate::kernel::check_query(shape, item.q)?;
     let pt = shape.layout.page_tokens;
     let mut total = 0;
     for (index, p) in item.pages.iter().enumerate() {
