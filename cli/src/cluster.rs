@@ -297,8 +297,16 @@ pub async fn connect(addr: &str, cfg: kvcache_client::ClientConfig) -> anyhow::R
 }
 
 /// `--device`: `cpu` → `None`; `cuda`, `cuda:N` → that GPU, opened (a clear error when the
-/// machine has no driver or no such device).
+/// machine has no driver or no such device), its compiled kernels cached in the default place.
 pub fn open_device(s: &str) -> anyhow::Result<Option<std::sync::Arc<kvcache_attention::gpu::Gpu>>> {
+    open_device_with_cache(s, kvcache_attention::gpu::cache_dir())
+}
+
+/// [`open_device`] with the kernel cache in `cache`.
+pub fn open_device_with_cache(
+    s: &str,
+    cache: Option<std::path::PathBuf>,
+) -> anyhow::Result<Option<std::sync::Arc<kvcache_attention::gpu::Gpu>>> {
     let ordinal = match s {
         "cpu" => return Ok(None),
         "cuda" | "gpu" => 0,
@@ -307,7 +315,8 @@ pub fn open_device(s: &str) -> anyhow::Result<Option<std::sync::Arc<kvcache_atte
             .and_then(|n| n.parse().ok())
             .ok_or_else(|| anyhow::anyhow!("unknown device {s:?}: expected cpu, cuda or cuda:N"))?,
     };
-    let gpu = kvcache_attention::gpu::Gpu::open(ordinal).map_err(|e| anyhow::anyhow!("--device {s}: {e}"))?;
+    let gpu = kvcache_attention::gpu::Gpu::open_with_cache(ordinal, cache)
+        .map_err(|e| anyhow::anyhow!("--device {s}: {e}"))?;
     tracing::info!(device = %gpu.describe(), "computing attention on the GPU");
     Ok(Some(gpu))
 }

@@ -183,6 +183,10 @@ pub struct WorkerArgs {
     /// --cache-bytes per page geometry; the driver is loaded at start and its absence is an error).
     #[arg(long, env = "KVCACHE_DEVICE", default_value = "cpu")]
     device: String,
+    /// Where a GPU worker caches the kernels NVRTC compiled for its device (default
+    /// `$XDG_CACHE_HOME/kvcache/cuda` or `~/.cache/kvcache/cuda`).
+    #[arg(long, env = "KVCACHE_CUDA_CACHE")]
+    cuda_cache: Option<std::path::PathBuf>,
     /// HTTP/2 connections to each cache node: pulls and appends are spread over them, so page
     /// traffic is not confined to one core on either end.
     #[arg(long, env = "KVCACHE_CONNECTIONS_PER_NODE", default_value_t = 4)]
@@ -205,12 +209,15 @@ pub fn worker(a: WorkerArgs) -> anyhow::Result<()> {
         let tls = kvcache_net::Tls::load(&a.tls)?;
         let auth = crate::util::tenants(&a.tenants, &tls, true)?;
         let exposure = crate::util::exposure(&tls, auth, a.health_listen.as_deref()).await?;
+        // The device first: a worker told to use a GPU it cannot open fails before it joins.
+        let cache = a.cuda_cache.clone().or_else(kvcache_attention::gpu::cache_dir);
+        let device = kvcache_cli::cluster::open_device_with_cache(&a.device, cache)?;
         let ccfg =
             kvcache_client::ClientConfig { tls, connections_per_node: a.connections_per_node, ..Default::default() };
         let client = kvcache_cli::cluster::connect(&a.coordinator, ccfg).await?;
         let mut cfg =
             WorkerConfig { cache_bytes: a.cache_bytes, cache_prefault: a.cache_prefault, ..WorkerConfig::default() };
-        cfg.device = kvcache_cli::cluster::open_device(&a.device)?;
+        cfg.device = device;
         if let Some(t) = a.threads {
             cfg.threads = t.max(1);
         }

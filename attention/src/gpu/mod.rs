@@ -111,6 +111,7 @@ pub struct Gpu {
     cc: (i32, i32),
     sms: usize,
     smem_optin: usize,
+    cache: Option<PathBuf>,
     modules: Mutex<HashMap<String, Arc<CudaModule>>>,
 }
 
@@ -124,6 +125,11 @@ impl Gpu {
     /// Open device `ordinal` (`cuda:N`). Fails with [`GpuError::NoDriver`] or
     /// [`GpuError::NoDevice`] on a machine without one, never by panicking.
     pub fn open(ordinal: usize) -> Result<Arc<Gpu>, GpuError> {
+        Self::open_with_cache(ordinal, cache_dir())
+    }
+
+    /// [`Gpu::open`] caching compiled kernels in `cache` (`None`: compile in every process).
+    pub fn open_with_cache(ordinal: usize, cache: Option<PathBuf>) -> Result<Arc<Gpu>, GpuError> {
         // SAFETY: only probes whether the shared library can be loaded.
         if !unsafe { sys::is_culib_present() } {
             return Err(GpuError::NoDriver);
@@ -140,7 +146,7 @@ impl Gpu {
         let sms = ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as usize;
         let smem_optin =
             ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)? as usize;
-        Ok(Arc::new(Gpu { ctx, stream, name, cc, sms, smem_optin, modules: Mutex::new(HashMap::new()) }))
+        Ok(Arc::new(Gpu { ctx, stream, name, cc, sms, smem_optin, cache, modules: Mutex::new(HashMap::new()) }))
     }
 
     /// "NVIDIA H200 (sm_90, 132 SMs, 139.8 GiB)".
@@ -176,7 +182,8 @@ impl Gpu {
             return Ok(m.clone());
         }
         let header = format!("// kvcache kernel: {key}\n");
-        let file = cache_dir().map(|d| d.join(format!("{:016x}.ptx", fnv64(&[SOURCE.as_bytes(), key.as_bytes()]))));
+        let file =
+            self.cache.as_ref().map(|d| d.join(format!("{:016x}.ptx", fnv64(&[SOURCE.as_bytes(), key.as_bytes()]))));
         let cached = file.as_ref().and_then(|f| std::fs::read_to_string(f).ok()).filter(|s| s.starts_with(&header));
         let ptx = match cached {
             Some(s) => s,
