@@ -299,11 +299,7 @@ impl Worker {
                 )
             })
             .collect();
-        let mut fetched = Vec::with_capacity(tasks.len());
-        for t in tasks {
-            fetched.push(t.await.unwrap_or_else(|e| Err(SeqFailure::Miss(format!("fetch task failed: {e}")))));
-        }
-        fetched
+        join_fetches(tasks).await
     }
 
     /// Attention for every sequence whose pages are here, on a blocking thread: an answer per
@@ -319,72 +315,66 @@ impl Worker {
         let queries: Vec<Vec<f32>> = ok.iter().map(|(i, _, _)| std::mem::take(&mut p.queries[*i])).collect();
         let (shape, threads, sinks) = (p.shape, self.cfg.threads, p.sinks.take());
         // Sparse MLA reads a few gathered rows per sequence: it stays on the CPU.
-        if let Some(dev) = self.device.clone().filter(|_| p.ns.model.indexer.is_none()) {
-            let (seqs, layer) = (p.seqs.clone(), p.layer);
-            return tokio::task::spawn_blocking(move || {
-                let items: Vec<crate::device::DeviceItem> = queries
-                    .into_iter()
-                    .zip(&ok)
-                    .map(|(q, (i, pages, skip))| ((seqs[*i].clone(), layer), q, pages.clone(), *skip))
-                    .collect();
-                let answers = dev.decode(&shape, &items).map_err(|e| match e {
-                    kvcache_attention::gpu::GpuError::OutOfMemory(m) => Status::resource_exhausted(m),
-                    kvcache_attention::gpu::GpuError::Unsupported(m) => Status::failed_precondition(m),
-                    e => Status::internal(format!("GPU decode: {e}")),
-                })?;
-                Ok(ok
-                    .into_iter()
-                    .zip(answers)
-                    .map(|((item, _, _), r)| {
-                        let (result, (mut output, mut lse)) = match r {
-                            Ok(ol) => (Ok(()), ol),
-                            Err(e) => (Err(e), (vec![0f32; shape.out_len()], vec![f32::NEG_INFINITY; shape.q_heads])),
-                        };
-                        let result = match (&sinks, result) {
-                            (Some(s), Ok(())) => {
-                                kvcache_attention::hybrid::apply_sinks(s, shape.v_width, &mut output, &mut lse)
-                            }
-                            (_, r) => r,
-                        };
-                        Computed { item, result, output, lse }
-                    })
-                    .collect())
-            })
-            .await
-            .map_err(|e| Status::internal(format!("attention task failed: {e}")))?;
-        }
+        let device = self.device.clone().filter(|_| p.ns.model.indexer.is_none());
+        let (seqs, layer) = (p.seqs.clone(), p.layer);
         tokio::task::spawn_blocking(move || {
-            let kv: Vec<Vec<KvPage>> = ok
-                .iter()
-                .map(|(_, ps, _)| ps.iter().map(|(b, n)| KvPage { payload: b, tokens: *n }).collect())
-                .collect();
-            let items: Vec<BatchItem> = queries
-                .iter()
-                .zip(&kv)
-                .zip(&ok)
-                .map(|((q, p), (_, _, skip))| BatchItem { skip: *skip, ..BatchItem::new(q, p) })
-                .collect();
-            let mut bufs: Vec<(Vec<f32>, Vec<f32>)> =
-                items.iter().map(|_| (vec![0f32; shape.out_len()], vec![0f32; shape.q_heads])).collect();
-            let mut outs: Vec<(&mut [f32], &mut [f32])> =
-                bufs.iter_mut().map(|(o, l)| (&mut o[..], &mut l[..])).collect();
-            let opts = kvcache_attention::calibrate::options_for(&shape, threads);
-            let mut each = kvcache_attention::decode_batch_each(&shape, &items, &opts, &mut outs);
-            if let Some(s) = &sinks {
-                for (r, (o, l)) in each.iter_mut().zip(outs.iter_mut()) {
-                    if r.is_ok() {
-                        *r = kvcache_attention::hybrid::apply_sinks(s, shape.v_width, o, l);
-                    }
+            // Per ready item: the kernel's verdict, output and LSE (zeros and −∞ when refused).
+            let answers: Vec<Answer> = match device {
+                Some(dev) => {
+                    let items: Vec<crate::device::DeviceItem> = queries
+                        .into_iter()
+                        .zip(&ok)
+                        .map(|(q, (i, pages, skip))| ((seqs[*i].clone(), layer), q, pages.clone(), *skip))
+                        .collect();
+                    let answers = dev.decode(&shape, &items).map_err(|e| match e {
+                        kvcache_attention::gpu::GpuError::OutOfMemory(m) => Status::resource_exhausted(m),
+                        kvcache_attention::gpu::GpuError::Unsupported(m) => Status::failed_precondition(m),
+                        e => Status::internal(format!("GPU decode: {e}")),
+                    })?;
+                    answers
+                        .into_iter()
+                        .map(|r| match r {
+                            Ok((o, l)) => (Ok(()), o, l),
+                            Err(e) => (Err(e), vec![0f32; shape.out_len()], vec![f32::NEG_INFINITY; shape.q_heads]),
+                        })
+                        .collect()
                 }
-            }
-            ok.into_iter()
-                .zip(each)
-                .zip(bufs)
-                .map(|(((item, _, _), result), (output, lse))| Computed { item, result, output, lse })
-                .collect()
+                None => {
+                    let kv: Vec<Vec<KvPage>> = ok
+                        .iter()
+                        .map(|(_, ps, _)| ps.iter().map(|(b, n)| KvPage { payload: b, tokens: *n }).collect())
+                        .collect();
+                    let items: Vec<BatchItem> = queries
+                        .iter()
+                        .zip(&kv)
+                        .zip(&ok)
+                        .map(|((q, p), (_, _, skip))| BatchItem { skip: *skip, ..BatchItem::new(q, p) })
+                        .collect();
+                    let mut bufs: Vec<(Vec<f32>, Vec<f32>)> =
+                        items.iter().map(|_| (vec![0f32; shape.out_len()], vec![0f32; shape.q_heads])).collect();
+                    let mut outs: Vec<(&mut [f32], &mut [f32])> =
+                        bufs.iter_mut().map(|(o, l)| (&mut o[..], &mut l[..])).collect();
+                    let opts = kvcache_attention::calibrate::options_for(&shape, threads);
+                    let each = kvcache_attention::decode_batch_each(&shape, &items, &opts, &mut outs);
+                    each.into_iter().zip(bufs).map(|(r, (o, l))| (r, o, l)).collect()
+                }
+            };
+            Ok(ok
+                .into_iter()
+                .zip(answers)
+                .map(|((item, _, _), (result, mut output, mut lse))| {
+                    let result = match (&sinks, result) {
+                        (Some(s), Ok(())) => {
+                            kvcache_attention::hybrid::apply_sinks(s, shape.v_width, &mut output, &mut lse)
+                        }
+                        (_, r) => r,
+                    };
+                    Computed { item, result, output, lse }
+                })
+                .collect())
         })
         .await
-        .map_err(|e| Status::internal(format!("attention task failed: {e}")))
+        .map_err(|e| Status::internal(format!("attention task failed: {e}")))?
     }
 
     fn export_metrics(&self, results: &[pb::DecodeResult], bytes_pulled: u64) {
@@ -410,6 +400,20 @@ impl Worker {
 
 /// One result per item, in request order: its status and message, and for the ones computed
 /// the output, LSE and context length.
+/// One ready sequence's kernel verdict, output and LSE (zeros and −∞ when refused).
+type Answer = (Result<(), AttentionError>, Vec<f32>, Vec<f32>);
+
+/// Each fetch task's answer in order; a task that died is its sequence's miss.
+pub(crate) async fn join_fetches(
+    tasks: Vec<tokio::task::JoinHandle<Result<Fetched, SeqFailure>>>,
+) -> Vec<Result<Fetched, SeqFailure>> {
+    let mut fetched = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        fetched.push(t.await.unwrap_or_else(|e| Err(SeqFailure::Miss(format!("fetch task failed: {e}")))));
+    }
+    fetched
+}
+
 fn respond(
     items: &[pb::DecodeItem],
     fetched: &mut [Result<Fetched, SeqFailure>],

@@ -127,10 +127,6 @@ impl Worker {
                 )
             })
             .collect();
-        let mut fetched = Vec::with_capacity(tasks.len());
-        for t in tasks {
-            fetched.push(t.await.unwrap_or_else(|e| Err(SeqFailure::Miss(format!("fetch task failed: {e}")))));
-        }
-        fetched
+        crate::decode::join_fetches(tasks).await
     }
 }
