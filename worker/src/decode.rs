@@ -431,7 +431,7 @@ fn respond(
         .map(|(it, f)| {
             let (status, message) = match f {
                 Ok(_) => (pb::SequenceStatus::Ok, String::new()),
-                Err(SeqFailure::Miss(m)) => (pb::SequenceStatus::Miss, m.clone()),
+                Err(SeqFailure::Miss(m) | SeqFailure::Raced(m)) => (pb::SequenceStatus::Miss, m.clone()),
                 Err(SeqFailure::WriteFailed(m)) => (pb::SequenceStatus::WriteFailed, m.clone()),
                 Err(SeqFailure::BadData(m)) => (pb::SequenceStatus::BadData, m.clone()),
             };

@@ -132,7 +132,28 @@ impl Worker {
     /// (sparse attention reads the pages holding its chosen tokens only). With `leave_own`, the
     /// sequence's own wanted pages that are not cached are not pulled either: they are listed in
     /// `unpulled`, for the caller to read just the rows it needs.
+    ///
+    /// Another decode of the same sequence can append between the lookup and the read (the page
+    /// read is then newer than the lookup said): that read is retried from a fresh lookup, a few
+    /// times, before it is the sequence's miss.
     pub(crate) async fn fetch_layer_pages(
+        &self,
+        seq: &SequenceKey,
+        layer: u32,
+        want: Option<&(dyn Fn(usize) -> bool + Sync)>,
+        leave_own: bool,
+    ) -> Result<Fetched, SeqFailure> {
+        let mut attempt = 0;
+        loop {
+            match self.fetch_layer_once(seq, layer, want, leave_own).await {
+                Err(SeqFailure::Raced(m)) if attempt >= 3 => return Err(SeqFailure::Miss(m)),
+                Err(SeqFailure::Raced(_)) => attempt += 1,
+                r => return r,
+            }
+        }
+    }
+
+    async fn fetch_layer_once(
         &self,
         seq: &SequenceKey,
         layer: u32,
@@ -262,7 +283,7 @@ impl Worker {
         pages.extend(own_pages.into_iter().map(|p| p.expect("filled")));
         let from = first as u64 * pt as u64;
         if pages.iter().map(|p| p.1 as u64).sum::<u64>() != tokens - from {
-            return Err(SeqFailure::Miss(format!(
+            return Err(SeqFailure::Raced(format!(
                 "layer {layer} of {:?} holds {tokens} tokens, its pages add up to another count",
                 seq.sequence_id
             )));

@@ -116,6 +116,8 @@ const CONTENT_STRIPES: usize = 64;
 /// Why one sequence of a batch could not be answered.
 enum SeqFailure {
     Miss(String),
+    /// The layer changed between the lookup and the read (a concurrent append): read again.
+    Raced(String),
     WriteFailed(String),
     /// The cached pages hold NaN or infinite values.
     BadData(String),
