@@ -97,11 +97,49 @@ __device__ __forceinline__ float row_scale(const u8* row, int e0, int main) {
 }
 
 // ------------------------------------------------------------------------------------------
+// Tensor-core helpers shared by the MLA kernel and the GQA tensor-core kernel.
+#if defined(KV_DL) || defined(KV_MMA)
+#if KV_CODEC == 1
+#define MMA_T "f16"
+__device__ __forceinline__ u32 pack_ab(float lo, float hi) {
+    u32 r;
+    asm("{.reg .f16 l, h;\n cvt.rn.f16.f32 l, %1;\n cvt.rn.f16.f32 h, %2;\n mov.b32 %0, {l, h};}" : "=r"(r) : "f"(lo), "f"(hi));
+    return r;
+}
+#else
+#define MMA_T "bf16"
+__device__ __forceinline__ u32 pack_ab(float lo, float hi) { return pack_bf16x2(lo, hi); }
+#endif
+
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_wait0() { asm volatile("cp.async.wait_group 0;\n" ::); }
+
+__device__ __forceinline__ void ldsm_x4(u32& r0, u32& r1, u32& r2, u32& r3, const void* p) {
+    u32 a = (u32)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(a));
+}
+__device__ __forceinline__ void ldsm_x4_t(u32& r0, u32& r1, u32& r2, u32& r3, const void* p) {
+    u32 a = (u32)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(a));
+}
+__device__ __forceinline__ void mma16816(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32." MMA_T "." MMA_T ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+#endif
+
+// ------------------------------------------------------------------------------------------
 // GQA / MHA / MQA: one block per (work item, kv head, chunk of KV_GC query heads). Each group of
 // L lanes holds one token's row (E elements per lane); a warp takes TPW tokens per slot and U
 // slots per iteration, so every lane has 2·U row chunks in flight before it computes. Each
 // (warp, token slot) keeps its own online softmax; the block merges them at the end.
-#ifdef KV_D
+#if defined(KV_D) && !defined(KV_MMA)
 #define NWARP 4
 #define L ((KV_D / 8) < 32 ? (KV_D / 8) : 32)
 #define E (KV_D / L)
@@ -311,6 +349,241 @@ extern "C" __global__ void __launch_bounds__(128) gqa_decode(
 #endif
 
 // ------------------------------------------------------------------------------------------
+// GQA / MHA / MQA on tensor cores, bf16 pages (head dims a multiple of 16 up to 128): one block
+// of 4 warps per (work item, kv head, chunk of KV_GC ≤ 8 query heads). The heads are the rows
+// of mma.sync m16n8k16, the tokens its columns. Each warp walks
+// its own tiles of TB tokens (tiles w, w+4, ...) through a private NSTG-stage cp.async ring in
+// shared memory — no block-wide barrier until the end — and keeps its own online softmax; the
+// block merges the four states at the end.
+//
+// Precision as the f32 kernels: the query (scaled) and P enter the tensor cores as two bf16
+// parts each, x = hi + lo with |lo| ≤ 2^-9 |x|, so every product is exact in the f32
+// accumulators up to the lo part's own rounding (2^-17 relative). The hi parts are rows 0-7 of
+// the A operand and the lo parts rows 8-15, so one mma multiplies both (heads past the chunk
+// are zero rows).
+#ifdef KV_MMA
+#define TB 16
+#define NSTG 2
+#define KROW (KV_D + 8)
+#define KSTEPS (KV_D / 16)
+#define NTILES (KV_D / 8)
+
+__device__ __forceinline__ void cp_async16(void* smem_dst, const void* gsrc, int bytes_valid) {
+    u32 d = (u32)__cvta_generic_to_shared(smem_dst);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(gsrc), "r"(bytes_valid));
+}
+template <int N>
+__device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+// x = hi + lo, both bf16x2 (lo holds what rounding x to bf16 left out).
+__device__ __forceinline__ void split_bf16x2(float x0, float x1, u32& hi, u32& lo) {
+    hi = pack_bf16x2(x0, x1);
+    lo = pack_bf16x2(x0 - bf16_lo(hi), x1 - bf16_hi(hi));
+}
+
+// This lane's share of copying tile rows tt0..tt0+TB (K and V of kv head h) into the warp's
+// stage; rows past t1 are zero-filled (P is 0 there, and 0·garbage could be NaN). A tile spans
+// at most two pages (TB ≤ KV_PT), so the page table is read once per tile, and where a row's
+// 16-byte chunks divide the warp each lane keeps one chunk column: per copy, only its row's
+// offset changes.
+__device__ __forceinline__ void gqa_mma_issue(u16* ks, u16* vs, const u64* pages, int h, int tt0, int t1, int lane) {
+    constexpr int CH = KV_D / 8;  // 16-byte chunks per row
+    const int p0 = tt0 / KV_PT, off0 = tt0 - p0 * KV_PT;
+    const int last = (t1 - 1) / KV_PT;
+    const u8* base0 = (const u8*)pages[p0] + (size_t)h * KV_PT * KV_ROW;
+    const u8* base1 = p0 + 1 <= last ? (const u8*)pages[p0 + 1] + (size_t)h * KV_PT * KV_ROW : base0;
+    constexpr size_t VOFF = (size_t)KV_KV * KV_PT * KV_ROW;
+#if 32 % (KV_D / 8) == 0
+    const int k = lane % CH, r0 = lane / CH;
+    #pragma unroll
+    for (int j = 0; j < TB * CH / 32; j++) {
+        const int r = r0 + j * (32 / CH);
+        const int t = tt0 + r, off = off0 + r;
+        const u8* src = (off < KV_PT ? base0 + (size_t)off * KV_ROW : base1 + (size_t)(off - KV_PT) * KV_ROW) + k * 16;
+        const int n = t < t1 ? 16 : 0;
+        if (n == 0) src = base0;
+        cp_async16(ks + r * KROW + k * 8, src, n);
+        cp_async16(vs + r * KROW + k * 8, src + VOFF, n);
+    }
+#else
+    #pragma unroll
+    for (int c = lane; c < TB * CH; c += 32) {
+        const int r = c / CH, k = c - r * CH;
+        const int t = tt0 + r, off = off0 + r;
+        const u8* src = (off < KV_PT ? base0 + (size_t)off * KV_ROW : base1 + (size_t)(off - KV_PT) * KV_ROW) + k * 16;
+        const int n = t < t1 ? 16 : 0;
+        if (n == 0) src = base0;
+        cp_async16(ks + r * KROW + k * 8, src, n);
+        cp_async16(vs + r * KROW + k * 8, src + VOFF, n);
+    }
+#endif
+}
+
+extern "C" __global__ void __launch_bounds__(128, 3) gqa_mma(
+    const u64* __restrict__ page_ptrs, const int* __restrict__ seq_page0,
+    const int* __restrict__ seq_tokens, const int4* __restrict__ work,
+    const float* __restrict__ q, float qscale, float* __restrict__ part_o,
+    float* __restrict__ part_lse) {
+    extern __shared__ __align__(16) u8 smem_raw[];
+    const int wi = blockIdx.x, h = blockIdx.y, hc = blockIdx.z;
+    const int4 wk = work[wi];
+    const int b = wk.x, t0 = wk.y, t1 = wk.z;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int g = lane >> 2, tq = lane & 3;
+    const int QH = KV_KV * KV_G;
+    const int head0 = h * KV_G + hc * KV_GC;
+    const bool row_ok = g < KV_GC && hc * KV_GC + g < KV_G;
+    u16* ring = (u16*)smem_raw + warp * NSTG * 2 * TB * KROW;  // [NSTG][K, V][TB][KROW]
+    const u64* pages = page_ptrs + seq_page0[b];
+
+    const int ntile = (t1 - t0 + TB - 1) / TB;
+    const int mine = ntile > warp ? (ntile - warp + 3) / 4 : 0;
+    #pragma unroll
+    for (int s = 0; s < NSTG - 1; s++) {
+        if (s < mine) {
+            u16* st = ring + s * 2 * TB * KROW;
+            gqa_mma_issue(st, st + TB * KROW, pages, h, t0 + (warp + 4 * s) * TB, t1, lane);
+        }
+        cp_commit();
+    }
+
+    // The query rows of this lane's A fragments (row g: hi, row g+8: lo), scaled, split.
+    u32 qhi[KSTEPS][2], qlo[KSTEPS][2];
+    {
+        const float* qp = q + ((size_t)b * QH + head0 + g) * KV_D;
+        #pragma unroll
+        for (int ks = 0; ks < KSTEPS; ks++) {
+            #pragma unroll
+            for (int j = 0; j < 2; j++) {
+                const int d = ks * 16 + j * 8 + 2 * tq;
+                const float x0 = row_ok ? qp[d] * qscale : 0.f;
+                const float x1 = row_ok ? qp[d + 1] * qscale : 0.f;
+                split_bf16x2(x0, x1, qhi[ks][j], qlo[ks][j]);
+            }
+        }
+    }
+
+    float o[NTILES][4];
+    #pragma unroll
+    for (int i = 0; i < NTILES; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+    float m = NEG_INF, l = 0.f;
+
+    for (int i = 0; i < mine; i++) {
+        // Every lane is done reading the stage the next copy overwrites.
+        __syncwarp();
+        if (i + NSTG - 1 < mine) {
+            u16* st = ring + ((i + NSTG - 1) % NSTG) * 2 * TB * KROW;
+            gqa_mma_issue(st, st + TB * KROW, pages, h, t0 + (warp + 4 * (i + NSTG - 1)) * TB, t1, lane);
+        }
+        cp_commit();
+        cp_wait<NSTG - 1>();
+        __syncwarp();
+        const u16* Kt = ring + (i % NSTG) * 2 * TB * KROW;
+        const u16* Vt = Kt + TB * KROW;
+        const int tt0 = t0 + (warp + 4 * i) * TB;
+
+        // S = Q·Kᵀ: rows g = the heads' hi parts, rows g+8 their lo parts; columns = the tile's
+        // 16 tokens (two n-tiles).
+        float sa[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+        const u16* kb = Kt + (((lane >> 4) << 3) + (lane & 7)) * KROW + ((lane >> 3) & 1) * 8;
+        #pragma unroll
+        for (int ks = 0; ks < KSTEPS; ks++) {
+            u32 b0, b1, b2, b3;
+            ldsm_x4(b0, b1, b2, b3, kb + ks * 16);
+            mma16816(sa[0], qhi[ks][0], qlo[ks][0], qhi[ks][1], qlo[ks][1], b0, b1);
+            mma16816(sa[1], qhi[ks][0], qlo[ks][0], qhi[ks][1], qlo[ks][1], b2, b3);
+        }
+        float s[4];  // row g: tokens 2tq, 2tq+1 (n-tile 0), 8+2tq, 9+2tq (n-tile 1)
+        s[0] = sa[0][0] + sa[0][2];
+        s[1] = sa[0][1] + sa[0][3];
+        s[2] = sa[1][0] + sa[1][2];
+        s[3] = sa[1][1] + sa[1][3];
+        const int c0 = tt0 + 2 * tq;
+        if (c0 >= t1) s[0] = NEG_INF;
+        if (c0 + 1 >= t1) s[1] = NEG_INF;
+        if (c0 + 8 >= t1) s[2] = NEG_INF;
+        if (c0 + 9 >= t1) s[3] = NEG_INF;
+        float mx = fmaxf(fmaxf(s[0], s[1]), fmaxf(s[2], s[3]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float mn = fmaxf(m, mx);
+        float p[4];
+        #pragma unroll
+        for (int c = 0; c < 4; c++) p[c] = mn == NEG_INF ? 0.f : exp2f(s[c] - mn);
+        const float alpha = mn == NEG_INF ? 1.f : exp2f(m - mn);
+        m = mn;
+        float rs = (p[0] + p[1]) + (p[2] + p[3]);
+        rs += __shfl_xor_sync(0xffffffffu, rs, 1);
+        rs += __shfl_xor_sync(0xffffffffu, rs, 2);
+        l = l * alpha + rs;
+        // The running max moves rarely after the first tiles: rescale only when it did.
+        if (__any_sync(0xffffffffu, alpha != 1.f)) {
+            #pragma unroll
+            for (int j = 0; j < NTILES; j++) {
+                o[j][0] *= alpha;
+                o[j][1] *= alpha;
+                o[j][2] *= alpha;
+                o[j][3] *= alpha;
+            }
+        }
+        // O += P·V: P (rows g = hi parts, rows g+8 = lo parts; k = the 16 tokens) from the score
+        // fragments, V by transposing loads (k = tokens, n = 8 dims per n-tile). Each head's
+        // output is the sum of its two rows.
+        u32 ph0, pl0, ph1, pl1;
+        split_bf16x2(p[0], p[1], ph0, pl0);
+        split_bf16x2(p[2], p[3], ph1, pl1);
+        const u16* vb = Vt + (((lane >> 3) & 1) * 8 + (lane & 7)) * KROW + (lane >> 4) * 8;
+        #pragma unroll
+        for (int j = 0; j < NTILES; j += 2) {
+            u32 b0, b1, b2, b3;
+            ldsm_x4_t(b0, b1, b2, b3, vb + j * 8);
+            mma16816(o[j], ph0, pl0, ph1, pl1, b0, b1);
+            mma16816(o[j + 1], ph0, pl0, ph1, pl1, b2, b3);
+        }
+    }
+    cp_wait<0>();
+    __syncthreads();
+
+    // Merge the four warps' states (the rings are free now).
+    float* sm_m = (float*)smem_raw;          // [4][8]
+    float* sm_l = sm_m + 4 * 8;              // [4][8]
+    float* sm_o = sm_l + 4 * 8;              // [4][8][KV_D]
+    if (tq == 0) {
+        sm_m[warp * 8 + g] = m;
+        sm_l[warp * 8 + g] = l;
+    }
+    #pragma unroll
+    for (int j = 0; j < NTILES; j++) {
+        sm_o[(warp * 8 + g) * KV_D + j * 8 + 2 * tq] = o[j][0] + o[j][2];
+        sm_o[(warp * 8 + g) * KV_D + j * 8 + 2 * tq + 1] = o[j][1] + o[j][3];
+    }
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < KV_GC * KV_D; idx += blockDim.x) {
+        const int r = idx / KV_D, d = idx - r * KV_D;
+        if (hc * KV_GC + r >= KV_G) continue;
+        float M = NEG_INF;
+        #pragma unroll
+        for (int w = 0; w < 4; w++) M = fmaxf(M, sm_m[w * 8 + r]);
+        const size_t ho = (size_t)wi * QH + head0 + r;
+        if (M == NEG_INF) {
+            part_o[ho * KV_D + d] = 0.f;
+            if (d == 0) part_lse[ho] = NEG_INF;
+            continue;
+        }
+        float sl = 0.f, so = 0.f;
+        #pragma unroll
+        for (int w = 0; w < 4; w++) {
+            const float wt = exp2f(sm_m[w * 8 + r] - M);
+            sl += wt * sm_l[w * 8 + r];
+            so += wt * sm_o[(w * 8 + r) * KV_D + d];
+        }
+        part_o[ho * KV_D + d] = so / sl;
+        if (d == 0) part_lse[ho] = M + log2f(sl);
+    }
+}
+#endif
+
+// ------------------------------------------------------------------------------------------
 // Absorbed MLA on tensor cores (mma.sync m16n8k16, bf16 in, f32 accumulate). One block of 8
 // warps per (work item, 64 query heads); tiles of 32 tokens. Warp w owns heads 16·(w&3)..+16:
 // it scores them against tokens 16·(w>>2)..+16 of the tile (S = Q·Kᵀ over the 576-wide row),
@@ -339,18 +612,6 @@ extern "C" __global__ void __launch_bounds__(128) gqa_decode(
 #else
 #define MLA_DIRECT 0
 #endif
-#if KV_CODEC == 1
-#define MMA_T "f16"
-__device__ __forceinline__ u32 pack_ab(float lo, float hi) {
-    u32 r;
-    asm("{.reg .f16 l, h;\n cvt.rn.f16.f32 l, %1;\n cvt.rn.f16.f32 h, %2;\n mov.b32 %0, {l, h};}" : "=r"(r) : "f"(lo), "f"(hi));
-    return r;
-}
-#else
-#define MMA_T "bf16"
-__device__ __forceinline__ u32 pack_ab(float lo, float hi) { return pack_bf16x2(lo, hi); }
-#endif
-
 __device__ __forceinline__ void cp_async(void* smem_dst, const void* gsrc, int bytes_valid) {
     u32 d = (u32)__cvta_generic_to_shared(smem_dst);
 #if CPB == 16
@@ -359,27 +620,6 @@ __device__ __forceinline__ void cp_async(void* smem_dst, const void* gsrc, int b
     asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(d), "l"(gsrc), "r"(bytes_valid));
 #endif
 }
-__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-__device__ __forceinline__ void cp_wait0() { asm volatile("cp.async.wait_group 0;\n" ::); }
-
-__device__ __forceinline__ void ldsm_x4(u32& r0, u32& r1, u32& r2, u32& r3, const void* p) {
-    u32 a = (u32)__cvta_generic_to_shared(p);
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(a));
-}
-__device__ __forceinline__ void ldsm_x4_t(u32& r0, u32& r1, u32& r2, u32& r3, const void* p) {
-    u32 a = (u32)__cvta_generic_to_shared(p);
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(a));
-}
-__device__ __forceinline__ void mma16816(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32." MMA_T "." MMA_T ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
 // Start copying tile `tt0..tt0+BN` (clipped to t1) into `dst` (bf16 rows of SROW elements when
 // the codec is bf16, raw rows of RAWROW bytes otherwise); rows past t1 are zero-filled.
 __device__ __forceinline__ void mla_issue_tile(u8* dst, const u64* pages, int tt0, int t1) {

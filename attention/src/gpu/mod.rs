@@ -31,7 +31,8 @@
 
 use crate::{AttentionError, AttnShape};
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg, sys,
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DriverError, LaunchConfig,
+    PinnedHostSlice, PushKernelArg, sys,
 };
 use kvcache_core::{Codec, PageLayout};
 use std::collections::HashMap;
@@ -266,6 +267,49 @@ impl Gpu {
         let at = index * pages.slot;
         let mut dst = pages.buf.slice_mut(at..at + host.len());
         self.stream.memcpy_htod(&host[..], &mut dst)?;
+        pages.pages[index].len = payload.len();
+        pages.pages[index].tokens = tokens;
+        Ok(())
+    }
+
+    /// A ring of `depth` pinned host buffers of one page of `layout` each, for
+    /// [`Gpu::write_page_staged`].
+    pub fn staging(&self, layout: &PageLayout, depth: usize) -> Result<Staging, GpuError> {
+        let bufs = (0..depth.max(1))
+            .map(|_| {
+                // SAFETY: u8 has no invalid bit patterns; the buffer is zeroed before any use.
+                let mut b = unsafe { self.ctx.alloc_pinned::<u8>(layout.page_bytes()) }?;
+                b.as_mut_slice()?.fill(0);
+                Ok(b)
+            })
+            .collect::<Result<Vec<_>, DriverError>>()?;
+        Ok(Staging { bufs, next: 0, layout: *layout })
+    }
+
+    /// [`Gpu::write_page`] through the next buffer of a pinned ring: the page is spread into it
+    /// (waiting only if that buffer's previous copy is still running) and copied to its slot
+    /// asynchronously, ordered before anything launched on the stream afterwards. A step's
+    /// uploads overlap one another and the host's spreading of the next page.
+    pub fn write_page_staged(
+        &self,
+        pages: &mut DevicePages,
+        index: usize,
+        payload: &[u8],
+        tokens: usize,
+        staging: &mut Staging,
+    ) -> Result<(), GpuError> {
+        let l = pages.layout;
+        let expected = l.payload_bytes(tokens);
+        if payload.len() != expected || tokens > l.page_tokens || index >= pages.pages.len() || staging.layout != l {
+            return Err(AttentionError::PageLength { index, got: payload.len(), expected, tokens }.into());
+        }
+        let n = staging.bufs.len();
+        let buf = &mut staging.bufs[staging.next];
+        staging.next = (staging.next + 1) % n;
+        spread(&l, payload, tokens, buf.as_mut_slice()?);
+        let at = index * pages.slot;
+        let mut dst = pages.buf.slice_mut(at..at + l.page_bytes());
+        self.stream.memcpy_htod(buf, &mut dst)?;
         pages.pages[index].len = payload.len();
         pages.pages[index].tokens = tokens;
         Ok(())
@@ -589,6 +633,13 @@ impl DevicePages {
     }
 }
 
+/// Pinned host buffers that page uploads are staged through ([`Gpu::staging`]).
+pub struct Staging {
+    bufs: Vec<PinnedHostSlice<u8>>,
+    next: usize,
+    layout: PageLayout,
+}
+
 /// One page in device memory: its address, payload bytes and tokens.
 #[derive(Debug, Clone, Copy)]
 pub struct DeviceRef<'a> {
@@ -650,9 +701,13 @@ impl Plan<'_> {
         self.n_work
     }
 
-    /// Which kernel runs: "gqa" or "mla-mma".
+    /// Which kernel runs: "gqa-mma" (tensor cores), "gqa" (CUDA cores) or "mla-mma".
     pub fn kernel_name(&self) -> &'static str {
-        if self.kernel.mla { "mla-mma" } else { "gqa" }
+        match (self.kernel.mla, self.kernel.tensor) {
+            (true, _) => "mla-mma",
+            (false, true) => "gqa-mma",
+            (false, false) => "gqa",
+        }
     }
 }
 
@@ -660,6 +715,8 @@ struct Kernel {
     decode: CudaFunction,
     merge: CudaFunction,
     mla: bool,
+    /// GQA on tensor cores (`gqa_mma`).
+    tensor: bool,
     grid_y: u32,
     grid_z: u32,
     threads: u32,
@@ -726,6 +783,7 @@ impl Kernel {
                 decode,
                 merge,
                 mla: true,
+                tensor: true,
                 grid_y,
                 grid_z: 1,
                 threads: 256,
@@ -740,6 +798,47 @@ impl Kernel {
         if shape.v_width != d || l.shape.tail != 0 {
             return Err(GpuError::Unsupported("GQA with different K and V widths".into()));
         }
+        let g = shape.group();
+        // bf16 pages with head dims a multiple of 16 up to 128 run on the tensor cores
+        // (`gqa_mma`); everything else on the CUDA cores (`gqa_decode`). `KVCACHE_GPU_GQA=simt`
+        // forces the latter (for comparing the two).
+        let simt = std::env::var("KVCACHE_GPU_GQA").is_ok_and(|v| v == "simt");
+        if l.codec == Codec::Bf16 && d.is_multiple_of(16) && d <= 128 && l.page_tokens >= 16 && !simt {
+            let gc = g.min(8);
+            let mut defs = common.to_vec();
+            defs.push(("KV_D", d as i64));
+            defs.push(("KV_KV", shape.kv_groups as i64));
+            defs.push(("KV_G", g as i64));
+            defs.push(("KV_GC", gc as i64));
+            defs.push(("KV_MMA", 1));
+            let decode = gpu.function(&defs, "gqa_mma")?;
+            // Four warps, each with a 2-stage ring of 16-token K and V tiles (rows padded by 8):
+            // 68 KiB, three blocks per SM (NSTG and TB in kernels.cu).
+            let (tb, stages) = (16usize, 2usize);
+            let smem = 4 * stages * 2 * tb * (d + 8) * 2;
+            if smem > 48 << 10 {
+                decode.set_attribute(
+                    sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    smem as i32,
+                )?;
+            }
+            let grid_z = g.div_ceil(gc) as u32;
+            let blocks_per_sm = decode.occupancy_max_active_blocks_per_multiprocessor(128, smem, None)?.max(1) as usize;
+            return Ok(Kernel {
+                decode,
+                merge,
+                mla: false,
+                tensor: true,
+                grid_y: shape.kv_groups as u32,
+                grid_z,
+                threads: 128,
+                smem,
+                blocks_per_item: shape.kv_groups * grid_z as usize,
+                blocks_per_sm,
+                min_chunk: 256,
+                align: 4 * tb,
+            });
+        }
         let lanes_ok = d.is_multiple_of(8) && ((d / 8).is_power_of_two() && d / 8 <= 32 || d.is_multiple_of(256));
         if !lanes_ok {
             return Err(GpuError::Unsupported(format!(
@@ -749,7 +848,6 @@ impl Kernel {
         let lanes = (d / 8).min(32);
         let e = d / lanes;
         let tpw = 32 / lanes;
-        let g = shape.group();
         let gc = (1..=g).rev().find(|c| g.is_multiple_of(*c) && c * e <= 32).unwrap_or(1);
         let mut defs = common.to_vec();
         defs.push(("KV_D", d as i64));
@@ -774,6 +872,7 @@ impl Kernel {
             decode,
             merge,
             mla: false,
+            tensor: false,
             grid_y: shape.kv_groups as u32,
             grid_z,
             threads: 128,
