@@ -6,7 +6,8 @@
 //! HBM slots, one full page each, keyed by the payload itself: a `Bytes` is immutable and the
 //! mirror holds a clone of it, so the same (address, length) can only ever be the same bytes.
 //! A step uploads only the pages it has not seen (after the first step of a sequence: its last
-//! page, which the append changed) and computes on the GPU.
+//! page, which the append changed), staged through pinned buffers and copied asynchronously
+//! ahead of the kernels on the same stream, and computes on the GPU.
 //!
 //! Slots are per page geometry (one slab per [`PageLayout`]), each bounded by the worker's
 //! `cache_bytes`. As in the host cache, recency is kept per layer of a sequence (a step reads a
@@ -15,7 +16,7 @@
 //! reason), never answered wrong.
 
 use bytes::Bytes;
-use kvcache_attention::gpu::{DevicePages, DeviceRef, Gpu, GpuError, GpuItem};
+use kvcache_attention::gpu::{DevicePages, DeviceRef, Gpu, GpuError, GpuItem, Staging};
 use kvcache_attention::{AttentionError, AttnShape};
 use kvcache_core::{PageLayout, SequenceKey};
 use parking_lot::Mutex;
@@ -143,9 +144,13 @@ struct Slab {
     layout: PageLayout,
     pages: DevicePages,
     table: SlotTable<(SequenceKey, u32)>,
-    /// Host staging of one page (planes spread a full page apart).
-    staging: Vec<u8>,
+    /// Pinned host buffers the uploads are staged through (planes spread a full page apart).
+    staging: Staging,
 }
+
+/// Pinned page buffers per slab: a step's uploads (one per sequence when warm) go out
+/// asynchronously, this many in flight while the host spreads the next.
+const STAGING_PAGES: usize = 16;
 
 /// HBM page slots of one GPU.
 pub struct DeviceCache {
@@ -187,7 +192,8 @@ impl DeviceCache {
                 let slot = shape.layout.page_bytes().next_multiple_of(256) as u64;
                 let cap = (self.bytes / slot).max(1) as usize;
                 let pages = self.gpu.alloc_slots(&shape.layout, cap)?;
-                slabs.push(Slab { layout: shape.layout, pages, table: SlotTable::new(cap), staging: Vec::new() });
+                let staging = self.gpu.staging(&shape.layout, STAGING_PAGES)?;
+                slabs.push(Slab { layout: shape.layout, pages, table: SlotTable::new(cap), staging });
                 slabs.last_mut().expect("pushed")
             }
         };
@@ -196,7 +202,7 @@ impl DeviceCache {
         for (item, page, slot) in uploads {
             let (key, _, pages, _) = &items[item];
             let (b, tokens) = &pages[page];
-            let r = self.gpu.write_page_with(&mut slab.pages, slot, b, *tokens, &mut slab.staging);
+            let r = self.gpu.write_page_staged(&mut slab.pages, slot, b, *tokens, &mut slab.staging);
             if let Err(e) = r {
                 // Nothing half-written may be taken for these bytes later.
                 for (k, _, _, _) in items {
