@@ -456,7 +456,12 @@ impl Gpu {
             .arg(&mut plan.out)
             .arg(&mut plan.lse);
         let cfg = LaunchConfig {
-            grid_dim: (plan.batch as u32, plan.heads as u32, 1),
+            // Sequences with many partials split each head's dims over blocks (see the kernel).
+            grid_dim: (
+                plan.batch as u32,
+                plan.heads as u32,
+                if plan.n_work >= 8 * plan.batch { plan.dv.div_ceil(32) as u32 } else { 1 },
+            ),
             block_dim: (128, 1, 1),
             shared_mem_bytes: 0,
         };
