@@ -145,15 +145,15 @@ fn a_machine_without_a_driver_or_device_gets_a_clear_error() {
 fn gqa_every_codec_and_shape_matches_the_f64_reference() {
     let g = gpu();
     let mut rng = seeded();
-    // Llama-3-8B, MHA, MQA (a group of 16: two head chunks), head dims 64 and 256; bf16 pages of
-    // head dims a multiple of 16 up to 128 take the tensor-core kernel (also 96 and 48, which
-    // only it takes), the rest the CUDA-core one. Run again with KVCACHE_GPU_GQA=simt to check
-    // the CUDA-core kernel on every shape it takes.
+    // Llama-3-8B, MHA, MQA (a group of 16: two head chunks), head dims 64 and 256; bf16 and fp8
+    // pages of head dims a multiple of 16 up to 128 take the tensor-core kernel (also 96 and 48,
+    // which only it takes), the rest the CUDA-core one. Run again with KVCACHE_GPU_GQA=simt to
+    // check the CUDA-core kernel on every shape it takes.
     let shapes = [gqa(32, 8, 128), gqa(8, 8, 64), gqa(16, 1, 128), gqa(8, 4, 256), gqa(12, 4, 64)];
-    let bf16_only = [gqa(16, 2, 96), gqa(6, 2, 48)];
+    let mma_only = [gqa(16, 2, 96), gqa(6, 2, 48)];
     let simt = std::env::var("KVCACHE_GPU_GQA").is_ok_and(|v| v == "simt");
     let runs = shapes.iter().flat_map(|s| Codec::ALL.into_iter().map(move |c| (s, c)));
-    let extra = bf16_only.iter().filter(|_| !simt).map(|s| (s, Codec::Bf16));
+    let extra = mma_only.iter().filter(|_| !simt).flat_map(|s| [(s, Codec::Bf16), (s, Codec::Fp8E4m3)]);
     for (spec, codec) in runs.chain(extra) {
         {
             for pt in [16, 64] {
@@ -295,9 +295,9 @@ fn bad_requests_are_refused_before_anything_runs() {
     let other = AttnShape::new(&spec, PageLayout::new(&spec, Codec::Fp8E4m3, 16));
     let e = g.plan(&other, &[GpuItem { q: &s.q, pages: &r, skip: 0 }]).err().unwrap();
     assert!(matches!(e, GpuError::Attention(AttentionError::PageLength { .. })), "{e}");
-    // Head dims without a kernel say so (96 runs on the tensor cores for bf16 pages only).
+    // Head dims without a kernel say so (96 runs on the tensor cores for bf16 and fp8 pages only).
     let odd = gqa(8, 8, 96);
-    let shape96 = AttnShape::new(&odd, PageLayout::new(&odd, Codec::Fp8E4m3, 16));
+    let shape96 = AttnShape::new(&odd, PageLayout::new(&odd, Codec::Int8, 16));
     let e = g.plan(&shape96, &[]).err().unwrap();
     assert!(matches!(e, GpuError::Unsupported(_)), "{e}");
 }

@@ -349,7 +349,8 @@ extern "C" __global__ void __launch_bounds__(128) gqa_decode(
 #endif
 
 // ------------------------------------------------------------------------------------------
-// GQA / MHA / MQA on tensor cores, bf16 pages (head dims a multiple of 16 up to 128): one block
+// GQA / MHA / MQA on tensor cores, bf16 and fp8 pages (head dims a multiple of 16 up to 128;
+// fp8 rows are widened to bf16 in shared memory, exactly, see below): one block
 // of 4 warps per (work item, kv head, chunk of KV_GC ≤ 8 query heads). The heads are the rows
 // of mma.sync m16n8k16, the tokens its columns. Each warp walks
 // its own tiles of TB tokens (tiles w, w+4, ...) through a private NSTG-stage cp.async ring in
@@ -419,6 +420,64 @@ __device__ __forceinline__ void gqa_mma_issue(u16* ks, u16* vs, const u64* pages
 #endif
 }
 
+#if KV_CODEC == 2
+// fp8 pages: rows of KV_D e4m3 bytes and an f32 power-of-two scale per 128 (4-byte aligned,
+// not 16), copied raw into the warp's ring 4 bytes at a time, then widened into one bf16 tile —
+// exactly: an e4m3 value times a power of two is a bf16 value.
+#define RAW_TILE (TB * KV_ROW)
+#define WARP_SMEM (NSTG * 2 * RAW_TILE + 2 * TB * KROW * 2)
+__device__ __forceinline__ void cp_async4(void* smem_dst, const void* gsrc, int bytes_valid) {
+    u32 d = (u32)__cvta_generic_to_shared(smem_dst);
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(d), "l"(gsrc), "r"(bytes_valid));
+}
+__device__ __forceinline__ void gqa_mma_issue_raw(u8* kr, u8* vr, const u64* pages, int h, int tt0, int t1, int lane) {
+    constexpr int W = KV_ROW / 4;  // words per row
+    const int p0 = tt0 / KV_PT, off0 = tt0 - p0 * KV_PT;
+    const int last = (t1 - 1) / KV_PT;
+    const u8* base0 = (const u8*)pages[p0] + (size_t)h * KV_PT * KV_ROW;
+    constexpr size_t VOFF = (size_t)KV_KV * KV_PT * KV_ROW;
+    // The usual tile: whole, inside one page, starting on a 16-byte boundary (its rows are
+    // contiguous there): copied in 16-byte pieces, a quarter of the requests.
+    const u8* src = base0 + (size_t)off0 * KV_ROW;
+    if (off0 + TB <= KV_PT && tt0 + TB <= t1 && (((size_t)src | VOFF) & 15) == 0) {
+        #pragma unroll 4
+        for (int c = lane; c < RAW_TILE / 16; c += 32) {
+            cp_async16(kr + 16 * c, src + 16 * c, 16);
+            cp_async16(vr + 16 * c, src + VOFF + 16 * c, 16);
+        }
+        return;
+    }
+    const u8* base1 = p0 + 1 <= last ? (const u8*)pages[p0 + 1] + (size_t)h * KV_PT * KV_ROW : base0;
+    #pragma unroll 4
+    for (int c = lane; c < TB * W; c += 32) {
+        const int r = c / W, w = c - r * W;
+        const int t = tt0 + r, off = off0 + r;
+        const u8* src = (off < KV_PT ? base0 + (size_t)off * KV_ROW : base1 + (size_t)(off - KV_PT) * KV_ROW) + 4 * w;
+        const int n = t < t1 ? 4 : 0;
+        if (n == 0) src = base0;
+        cp_async4(kr + r * KV_ROW + 4 * w, src, n);
+        cp_async4(vr + r * KV_ROW + 4 * w, src + VOFF, n);
+    }
+}
+__device__ __forceinline__ void gqa_mma_widen(u16* tile, const u8* raw, int lane) {
+    constexpr int W = KV_D / 4;  // quantized words per row
+    #pragma unroll 4
+    for (int c = lane; c < TB * W; c += 32) {
+        const int r = c / W, w = c - r * W;
+        const u8* row = raw + r * KV_ROW;
+        const u32 word = *(const u32*)(row + 4 * w);
+        const float sc = *((const float*)(row + KV_D) + (4 * w) / 128);
+        float x[4];
+        e4m3x4_to_f32(word, x);
+        u32* out = (u32*)(tile + r * KROW + 4 * w);
+        out[0] = pack_bf16x2(x[0] * sc, x[1] * sc);
+        out[1] = pack_bf16x2(x[2] * sc, x[3] * sc);
+    }
+}
+#else
+#define WARP_SMEM (NSTG * 2 * TB * KROW * 2)
+#endif
+
 extern "C" __global__ void __launch_bounds__(128, 3) gqa_mma(
     const u64* __restrict__ page_ptrs, const int* __restrict__ seq_page0,
     const int* __restrict__ seq_tokens, const int4* __restrict__ work,
@@ -433,7 +492,12 @@ extern "C" __global__ void __launch_bounds__(128, 3) gqa_mma(
     const int QH = KV_KV * KV_G;
     const int head0 = h * KV_G + hc * KV_GC;
     const bool row_ok = g < KV_GC && hc * KV_GC + g < KV_G;
-    u16* ring = (u16*)smem_raw + warp * NSTG * 2 * TB * KROW;  // [NSTG][K, V][TB][KROW]
+#if KV_CODEC == 2
+    u8* ring = smem_raw + warp * WARP_SMEM;                       // [NSTG][K, V][TB][KV_ROW] raw
+    u16* tile = (u16*)(ring + NSTG * 2 * RAW_TILE);               // [K, V][TB][KROW] bf16
+#else
+    u16* ring = (u16*)(smem_raw + warp * WARP_SMEM);              // [NSTG][K, V][TB][KROW]
+#endif
     const u64* pages = page_ptrs + seq_page0[b];
 
     const int ntile = (t1 - t0 + TB - 1) / TB;
@@ -441,8 +505,13 @@ extern "C" __global__ void __launch_bounds__(128, 3) gqa_mma(
     #pragma unroll
     for (int s = 0; s < NSTG - 1; s++) {
         if (s < mine) {
+#if KV_CODEC == 2
+            u8* st = ring + s * 2 * RAW_TILE;
+            gqa_mma_issue_raw(st, st + RAW_TILE, pages, h, t0 + (warp + 4 * s) * TB, t1, lane);
+#else
             u16* st = ring + s * 2 * TB * KROW;
             gqa_mma_issue(st, st + TB * KROW, pages, h, t0 + (warp + 4 * s) * TB, t1, lane);
+#endif
         }
         cp_commit();
     }
@@ -472,13 +541,28 @@ extern "C" __global__ void __launch_bounds__(128, 3) gqa_mma(
         // Every lane is done reading the stage the next copy overwrites.
         __syncwarp();
         if (i + NSTG - 1 < mine) {
+#if KV_CODEC == 2
+            u8* st = ring + ((i + NSTG - 1) % NSTG) * 2 * RAW_TILE;
+            gqa_mma_issue_raw(st, st + RAW_TILE, pages, h, t0 + (warp + 4 * (i + NSTG - 1)) * TB, t1, lane);
+#else
             u16* st = ring + ((i + NSTG - 1) % NSTG) * 2 * TB * KROW;
             gqa_mma_issue(st, st + TB * KROW, pages, h, t0 + (warp + 4 * (i + NSTG - 1)) * TB, t1, lane);
+#endif
         }
         cp_commit();
         cp_wait<NSTG - 1>();
         __syncwarp();
+#if KV_CODEC == 2
+        {
+            const u8* st = ring + (i % NSTG) * 2 * RAW_TILE;
+            gqa_mma_widen(tile, st, lane);
+            gqa_mma_widen(tile + TB * KROW, st + RAW_TILE, lane);
+        }
+        __syncwarp();
+        const u16* Kt = tile;
+#else
         const u16* Kt = ring + (i % NSTG) * 2 * TB * KROW;
+#endif
         const u16* Vt = Kt + TB * KROW;
         const int tt0 = t0 + (warp + 4 * i) * TB;
 

@@ -804,11 +804,13 @@ impl Kernel {
             return Err(GpuError::Unsupported("GQA with different K and V widths".into()));
         }
         let g = shape.group();
-        // bf16 pages with head dims a multiple of 16 up to 128 run on the tensor cores
-        // (`gqa_mma`); everything else on the CUDA cores (`gqa_decode`). `KVCACHE_GPU_GQA=simt`
-        // forces the latter (for comparing the two).
+        // bf16 and fp8 pages with head dims a multiple of 16 up to 128 run on the tensor cores
+        // (`gqa_mma`; fp8 widened to bf16 exactly: its tile scales are powers of two); everything
+        // else on the CUDA cores (`gqa_decode`). `KVCACHE_GPU_GQA=simt` forces the latter (for
+        // comparing the two).
         let simt = std::env::var("KVCACHE_GPU_GQA").is_ok_and(|v| v == "simt");
-        if l.codec == Codec::Bf16 && d.is_multiple_of(16) && d <= 128 && l.page_tokens >= 16 && !simt {
+        let tensor_codec = l.codec == Codec::Bf16 || l.codec == Codec::Fp8E4m3 && l.shape.tail == 0;
+        if tensor_codec && d.is_multiple_of(16) && d <= 128 && l.page_tokens >= 16 && !simt {
             let gc = g.min(8);
             let mut defs = common.to_vec();
             defs.push(("KV_D", d as i64));
@@ -817,10 +819,12 @@ impl Kernel {
             defs.push(("KV_GC", gc as i64));
             defs.push(("KV_MMA", 1));
             let decode = gpu.function(&defs, "gqa_mma")?;
-            // Four warps, each with a 2-stage ring of 16-token K and V tiles (rows padded by 8):
-            // 68 KiB, three blocks per SM (NSTG and TB in kernels.cu).
+            // Four warps, each with a 2-stage ring of 16-token K and V tiles (bf16 rows padded by
+            // 8; fp8: raw rows, and one bf16 tile they are widened into): ≤ 68 KiB, three blocks
+            // per SM (NSTG and TB in kernels.cu).
             let (tb, stages) = (16usize, 2usize);
-            let smem = 4 * stages * 2 * tb * (d + 8) * 2;
+            let tile = 2 * tb * (d + 8) * 2;
+            let smem = 4 * if l.codec == Codec::Bf16 { stages * tile } else { stages * 2 * tb * l.row_bytes + tile };
             if smem > 48 << 10 {
                 decode.set_attribute(
                     sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
