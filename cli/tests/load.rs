@@ -2,19 +2,31 @@
 //! PNG plot), then a clean stop on SIGTERM.
 
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
+
+/// `kvcache dev`, killed if the test ends (or fails) before stopping it.
+struct Dev(Child);
+
+impl Drop for Dev {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
 
 #[test]
 fn load_against_kvcache_dev_reports_every_request_and_dev_stops_cleanly() {
     let dir = tempfile::tempdir().unwrap();
-    let mut dev = Command::new(env!("CARGO_BIN_EXE_kvcache"))
+    let mut dev = Dev(Command::new(env!("CARGO_BIN_EXE_kvcache"))
         .args(["dev", "--listen", "127.0.0.1:0", "--node-capacity", "256MiB", "--data-dir"])
         .arg(dir.path().join("dev"))
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(dev.stdout.take().unwrap()).lines();
+        .unwrap());
+    let mut lines = BufReader::new(dev.0.stdout.take().unwrap()).lines();
     let coord = loop {
         let l = lines.next().expect("dev exited").unwrap();
         if let Some(a) = l.trim().strip_prefix("coordinator") {
@@ -64,18 +76,16 @@ fn load_against_kvcache_dev_reports_every_request_and_dev_stops_cleanly() {
         assert!(r["bytes_per_s"].as_f64().unwrap() > 0.0);
         assert_eq!(&std::fs::read(&png).unwrap()[..8], b"\x89PNG\r\n\x1a\n");
     }
-    let _ = Command::new("kill").arg("-TERM").arg(dev.id().to_string()).status();
+    let _ = Command::new("kill").arg("-TERM").arg(dev.0.id().to_string()).status();
     let mut ok = false;
     for _ in 0..200 {
-        if let Ok(Some(s)) = dev.try_wait() {
+        if let Ok(Some(s)) = dev.0.try_wait() {
             ok = s.success();
             break;
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
-    if !ok {
-        let _ = dev.kill();
-    }
+    drop(dev);
     let out = drain.join().unwrap();
     assert!(ok && out.iter().any(|l| l.contains("stopped cleanly")), "dev did not stop cleanly: {out:?}");
 }

@@ -384,9 +384,7 @@ __device__ __forceinline__ void split_bf16x2(float x0, float x1, u32& hi, u32& l
 
 // This lane's share of copying tile rows tt0..tt0+TB (K and V of kv head h) into the warp's
 // stage; rows past t1 are zero-filled (P is 0 there, and 0·garbage could be NaN). A tile spans
-// at most two pages (TB ≤ KV_PT), so the page table is read once per tile, and where a row's
-// 16-byte chunks divide the warp each lane keeps one chunk column: per copy, only its row's
-// offset changes.
+// at most two pages (TB ≤ KV_PT), so the page table is read once per tile.
 __device__ __forceinline__ void gqa_mma_issue(u16* ks, u16* vs, const u64* pages, int h, int tt0, int t1, int lane) {
     constexpr int CH = KV_D / 8;  // 16-byte chunks per row
     const int p0 = tt0 / KV_PT, off0 = tt0 - p0 * KV_PT;
@@ -394,19 +392,6 @@ __device__ __forceinline__ void gqa_mma_issue(u16* ks, u16* vs, const u64* pages
     const u8* base0 = (const u8*)pages[p0] + (size_t)h * KV_PT * KV_ROW;
     const u8* base1 = p0 + 1 <= last ? (const u8*)pages[p0 + 1] + (size_t)h * KV_PT * KV_ROW : base0;
     constexpr size_t VOFF = (size_t)KV_KV * KV_PT * KV_ROW;
-#if 32 % (KV_D / 8) == 0
-    const int k = lane % CH, r0 = lane / CH;
-    #pragma unroll
-    for (int j = 0; j < TB * CH / 32; j++) {
-        const int r = r0 + j * (32 / CH);
-        const int t = tt0 + r, off = off0 + r;
-        const u8* src = (off < KV_PT ? base0 + (size_t)off * KV_ROW : base1 + (size_t)(off - KV_PT) * KV_ROW) + k * 16;
-        const int n = t < t1 ? 16 : 0;
-        if (n == 0) src = base0;
-        cp_async16(ks + r * KROW + k * 8, src, n);
-        cp_async16(vs + r * KROW + k * 8, src + VOFF, n);
-    }
-#else
     #pragma unroll
     for (int c = lane; c < TB * CH; c += 32) {
         const int r = c / CH, k = c - r * CH;
@@ -417,7 +402,6 @@ __device__ __forceinline__ void gqa_mma_issue(u16* ks, u16* vs, const u64* pages
         cp_async16(ks + r * KROW + k * 8, src, n);
         cp_async16(vs + r * KROW + k * 8, src + VOFF, n);
     }
-#endif
 }
 
 #if KV_CODEC == 2

@@ -4,8 +4,9 @@
 //!   the binary builds and runs on machines without CUDA and says plainly why when there is no
 //!   driver or no device ([`GpuError`]).
 //! - Kernels are CUDA C (`kernels.cu`), compiled by NVRTC for the device's architecture at first
-//!   use, one variant per shape, codec and page size, and cached on disk ([`cache_dir`]): the
-//!   second process to use a shape loads its PTX instead of compiling it.
+//!   use, one variant per shape, codec and page size, and cached on disk ([`cache_dir`]) per
+//!   source, options and driver version: the second process to use a shape loads its PTX instead
+//!   of compiling it, and a cached file the driver refuses is compiled again.
 //! - Pages live in device memory ([`DevicePages`]) in exactly the byte layout the cache nodes
 //!   store (`core/src/layout.rs`); a decode takes, per sequence, the query, its pages in order
 //!   (all but the last full) and the tokens to skip (a window), like [`crate::BatchItem`].
@@ -113,6 +114,8 @@ pub struct Gpu {
     sms: usize,
     smem_optin: usize,
     cache: Option<PathBuf>,
+    /// The driver's CUDA version (`cuDriverGetVersion`, e.g. 13000), part of the PTX cache key.
+    driver: i32,
     modules: Mutex<HashMap<String, Arc<CudaModule>>>,
 }
 
@@ -147,7 +150,10 @@ impl Gpu {
         let sms = ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as usize;
         let smem_optin =
             ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)? as usize;
-        Ok(Arc::new(Gpu { ctx, stream, name, cc, sms, smem_optin, cache, modules: Mutex::new(HashMap::new()) }))
+        let mut driver = 0i32;
+        // SAFETY: the driver library is loaded (checked above) and initialized; one out int.
+        unsafe { sys::cuDriverGetVersion(&mut driver) }.result()?;
+        Ok(Arc::new(Gpu { ctx, stream, name, cc, sms, smem_optin, cache, driver, modules: Mutex::new(HashMap::new()) }))
     }
 
     /// "NVIDIA H200 (sm_90, 132 SMs, 139.8 GiB)".
@@ -183,39 +189,45 @@ impl Gpu {
             return Ok(m.clone());
         }
         let header = format!("// kvcache kernel: {key}\n");
-        let file =
-            self.cache.as_ref().map(|d| d.join(format!("{:016x}.ptx", fnv64(&[SOURCE.as_bytes(), key.as_bytes()]))));
+        // One file per driver version too: a cache directory shared by machines (a volume) never
+        // hands one driver the PTX another's NVRTC wrote for it.
+        let file = self.cache.as_ref().map(|d| {
+            let driver = self.driver.to_le_bytes();
+            d.join(format!("{:016x}.ptx", fnv64(&[SOURCE.as_bytes(), key.as_bytes(), &driver])))
+        });
         let cached = file.as_ref().and_then(|f| std::fs::read_to_string(f).ok()).filter(|s| s.starts_with(&header));
-        let ptx = match cached {
-            Some(s) => s,
-            None => {
-                // SAFETY: only probes whether the shared library can be loaded.
-                if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
-                    return Err(GpuError::NoCompiler);
-                }
-                let ptx = cudarc::nvrtc::compile_ptx_with_opts(
-                    SOURCE,
-                    cudarc::nvrtc::CompileOptions { options: opts.clone(), ..Default::default() },
-                )
-                .map_err(|e| match e {
-                    cudarc::nvrtc::CompileError::CompileError { log, .. } => {
-                        GpuError::Compile(format!("{key}: {}", log.to_string_lossy()))
-                    }
-                    other => GpuError::Compile(format!("{key}: {other:?}")),
-                })?;
-                let text = format!("{header}{}", ptx.to_src());
-                if let Some(f) = &file {
-                    // A cache that cannot be written only costs the next process a compile.
-                    let _ = f.parent().map(std::fs::create_dir_all);
-                    let tmp = f.with_extension(format!("tmp{}", std::process::id()));
-                    if std::fs::write(&tmp, &text).is_ok() {
-                        let _ = std::fs::rename(&tmp, f);
-                    }
-                }
-                text
+        if let Some(text) = cached {
+            // A cached file this driver refuses (written by a newer NVRTC, or damaged) is compiled
+            // again and replaced, not an error.
+            if let Ok(m) = self.ctx.load_module(cudarc::nvrtc::Ptx::from_src(text)) {
+                self.modules.lock().expect("module map").insert(key, m.clone());
+                return Ok(m);
             }
-        };
-        let m = self.ctx.load_module(cudarc::nvrtc::Ptx::from_src(ptx))?;
+        }
+        // SAFETY: only probes whether the shared library can be loaded.
+        if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+            return Err(GpuError::NoCompiler);
+        }
+        let ptx = cudarc::nvrtc::compile_ptx_with_opts(
+            SOURCE,
+            cudarc::nvrtc::CompileOptions { options: opts.clone(), ..Default::default() },
+        )
+        .map_err(|e| match e {
+            cudarc::nvrtc::CompileError::CompileError { log, .. } => {
+                GpuError::Compile(format!("{key}: {}", log.to_string_lossy()))
+            }
+            other => GpuError::Compile(format!("{key}: {other:?}")),
+        })?;
+        let text = format!("{header}{}", ptx.to_src());
+        if let Some(f) = &file {
+            // A cache that cannot be written only costs the next process a compile.
+            let _ = f.parent().map(std::fs::create_dir_all);
+            let tmp = f.with_extension(format!("tmp{}", std::process::id()));
+            if std::fs::write(&tmp, &text).is_ok() {
+                let _ = std::fs::rename(&tmp, f);
+            }
+        }
+        let m = self.ctx.load_module(cudarc::nvrtc::Ptx::from_src(text))?;
         self.modules.lock().expect("module map").insert(key, m.clone());
         Ok(m)
     }
@@ -810,78 +822,56 @@ impl Kernel {
         // comparing the two).
         let simt = std::env::var("KVCACHE_GPU_GQA").is_ok_and(|v| v == "simt");
         let tensor_codec = l.codec == Codec::Bf16 || l.codec == Codec::Fp8E4m3 && l.shape.tail == 0;
-        if tensor_codec && d.is_multiple_of(16) && d <= 128 && l.page_tokens >= 16 && !simt {
-            let gc = g.min(8);
-            let mut defs = common.to_vec();
-            defs.push(("KV_D", d as i64));
-            defs.push(("KV_KV", shape.kv_groups as i64));
-            defs.push(("KV_G", g as i64));
-            defs.push(("KV_GC", gc as i64));
-            defs.push(("KV_MMA", 1));
-            let decode = gpu.function(&defs, "gqa_mma")?;
+        let tensor = tensor_codec && d.is_multiple_of(16) && d <= 128 && l.page_tokens >= 16 && !simt;
+        // Per kernel: query heads per block, shared memory, tokens a work item is a multiple of.
+        let (gc, smem, align, name) = if tensor {
             // Four warps, each with a 2-stage ring of 16-token K and V tiles (bf16 rows padded by
             // 8; fp8: raw rows, and one bf16 tile they are widened into): ≤ 68 KiB, three blocks
             // per SM (NSTG and TB in kernels.cu).
             let (tb, stages) = (16usize, 2usize);
             let tile = 2 * tb * (d + 8) * 2;
             let smem = 4 * if l.codec == Codec::Bf16 { stages * tile } else { stages * 2 * tb * l.row_bytes + tile };
-            if smem > 48 << 10 {
-                decode.set_attribute(
-                    sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    smem as i32,
-                )?;
+            (g.min(8), smem, 4 * tb, "gqa_mma")
+        } else {
+            let lanes_ok = d.is_multiple_of(8) && ((d / 8).is_power_of_two() && d / 8 <= 32 || d.is_multiple_of(256));
+            if !lanes_ok {
+                return Err(GpuError::Unsupported(format!(
+                    "head dim {d} (the GPU kernel takes 8, 16, 32, 64, 128 or a multiple of 256; bf16 and fp8 \
+                     pages also any multiple of 16 up to 128)"
+                )));
             }
-            let grid_z = g.div_ceil(gc) as u32;
-            let blocks_per_sm = decode.occupancy_max_active_blocks_per_multiprocessor(128, smem, None)?.max(1) as usize;
-            return Ok(Kernel {
-                decode,
-                merge,
-                mla: false,
-                tensor: true,
-                grid_y: shape.kv_groups as u32,
-                grid_z,
-                threads: 128,
-                smem,
-                blocks_per_item: shape.kv_groups * grid_z as usize,
-                blocks_per_sm,
-                min_chunk: 256,
-                align: 4 * tb,
-            });
-        }
-        let lanes_ok = d.is_multiple_of(8) && ((d / 8).is_power_of_two() && d / 8 <= 32 || d.is_multiple_of(256));
-        if !lanes_ok {
-            return Err(GpuError::Unsupported(format!(
-                "head dim {d} (the GPU kernel takes 8, 16, 32, 64, 128 or a multiple of 256)"
-            )));
-        }
-        let lanes = (d / 8).min(32);
-        let e = d / lanes;
-        let tpw = 32 / lanes;
-        let gc = (1..=g).rev().find(|c| g.is_multiple_of(*c) && c * e <= 32).unwrap_or(1);
+            let lanes = (d / 8).min(32);
+            let (e, tpw) = (d / lanes, 32 / lanes);
+            let gc = (1..=g).rev().find(|c| g.is_multiple_of(*c) && c * e <= 32).unwrap_or(1);
+            // The block's (warp, slot) softmax states, merged in shared memory at the end.
+            let nstate = 4 * tpw;
+            (gc, 4 * (2 * nstate * gc + nstate * gc * d), 4 * tpw * 4, "gqa_decode")
+        };
         let mut defs = common.to_vec();
         defs.push(("KV_D", d as i64));
         defs.push(("KV_KV", shape.kv_groups as i64));
         defs.push(("KV_G", g as i64));
         defs.push(("KV_GC", gc as i64));
-        let decode = gpu.function(&defs, "gqa_decode")?;
-        let nstate = 4 * tpw;
-        let smem = 4 * (2 * nstate * gc + nstate * gc * d);
+        if tensor {
+            defs.push(("KV_MMA", 1));
+        }
+        let decode = gpu.function(&defs, name)?;
         if smem > 48 << 10 {
             if smem > gpu.smem_optin {
-                return Err(GpuError::Unsupported(format!("GQA merge needs {smem} B of shared memory")));
+                return Err(GpuError::Unsupported(format!("the GQA kernel needs {smem} B of shared memory")));
             }
             decode.set_attribute(
                 sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                 smem as i32,
             )?;
         }
-        let grid_z = (g / gc) as u32;
+        let grid_z = g.div_ceil(gc) as u32;
         let blocks_per_sm = decode.occupancy_max_active_blocks_per_multiprocessor(128, smem, None)?.max(1) as usize;
         Ok(Kernel {
             decode,
             merge,
             mla: false,
-            tensor: false,
+            tensor,
             grid_y: shape.kv_groups as u32,
             grid_z,
             threads: 128,
@@ -889,7 +879,7 @@ impl Kernel {
             blocks_per_item: shape.kv_groups * grid_z as usize,
             blocks_per_sm,
             min_chunk: 256,
-            align: 4 * tpw * 4,
+            align,
         })
     }
 }
