@@ -36,6 +36,9 @@ pub struct Args {
     /// runs on the same GPU, over the batch's pages already in device memory).
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Models to run (llama-3-8b, deepseek-v3).
+    #[arg(long, value_delimiter = ',', default_value = "llama-3-8b,deepseek-v3")]
+    models: Vec<String>,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -74,16 +77,25 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         let gpu = kvcache_cli::cluster::open_device(&a.device)?;
         let mut cfg = LocalClusterConfig::new(tmp.path());
         cfg.worker_prefetch = false;
-        // Room for every batch of the larger model (MHA-free: Llama-3-8B, 4 KiB per token).
-        let need = (4096 * a.context * a.batch * (1 + a.cold_batches.max(1))) as u64;
-        cfg.worker_cache_bytes = (4u64 << 30).max(need / (1 + a.cold_batches.max(1)) as u64 * 2);
+        // Bytes per token and layer of the models run (bf16 pages of 64 tokens).
+        let mut per_token = Vec::new();
+        for m in &a.models {
+            let spec = kvcache_core::ModelSpec::preset(m)
+                .ok_or_else(|| anyhow::anyhow!("unknown model {m} (llama-3-8b or deepseek-v3)"))?;
+            per_token.push(kvcache_core::PageLayout::new(&spec, kvcache_core::Codec::Bf16, 64).token_bytes());
+        }
+        let largest = per_token.iter().copied().max().unwrap_or(4096);
+        // The nodes hold every batch of every model; the worker's cache twice the larger model's
+        // warm batch (the cold batches pass through it).
+        let need = (per_token.iter().sum::<usize>() * a.context * a.batch * (1 + a.cold_batches.max(1))) as u64;
+        cfg.worker_cache_bytes = (4u64 << 30).max((largest * a.context * a.batch * 2) as u64);
         cfg.worker_cache_prefault = !a.no_cache_prefault;
         cfg.node_capacity = (4u64 << 30).max(need / 2);
         cfg.worker_device = gpu.clone();
         let cluster = LocalCluster::start(cfg).await?;
         let client = Client::connect(&cluster.coordinator).await?;
         let mut rows = Vec::new();
-        for preset in ["llama-3-8b", "deepseek-v3"] {
+        for preset in a.models.iter().map(String::as_str) {
             let name = format!("bench.{preset}");
             let ns = client
                 .create_namespace(pb::CreateNamespaceRequest { name: name.clone(), tenant: "bench".into(), preset: preset.into(), page_tokens: 64, replication: 1, ..Default::default() })
