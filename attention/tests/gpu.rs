@@ -7,13 +7,12 @@
 use kvcache_attention::gpu::{DeviceRef, Gpu, GpuError, GpuItem};
 use kvcache_attention::reference::{attention_window, rel_l2};
 use kvcache_attention::{AttentionError, AttnShape, KvPage};
-use kvcache_core::{AttentionKind, Codec, ModelSpec, PageLayout};
-use rand::{Rng, SeedableRng};
+use kvcache_core::{Codec, PageLayout};
+use rand::Rng;
 use std::sync::Arc;
 
-fn seeded() -> rand::rngs::StdRng {
-    rand::rngs::StdRng::seed_from_u64(kvcache_core::testing::test_seed())
-}
+mod common;
+use common::{gqa, mla, seeded};
 
 fn gpu() -> Arc<Gpu> {
     match Gpu::open(0) {
@@ -23,29 +22,6 @@ fn gpu() -> Arc<Gpu> {
         }
         Err(e) => panic!("this test needs a GPU: {e}"),
     }
-}
-
-fn gqa(q: u32, kv: u32, d: u32) -> ModelSpec {
-    ModelSpec {
-        name: "t".into(),
-        attention: if q == kv { AttentionKind::Mha } else { AttentionKind::Gqa },
-        num_layers: 1,
-        num_q_heads: q,
-        num_kv_heads: kv,
-        head_dim: d,
-        kv_lora_rank: 0,
-        rope_dim: 0,
-        softmax_scale: 1.0 / (d as f32).sqrt(),
-        layers: Vec::new(),
-        sinks: false,
-        indexer: None,
-    }
-}
-
-fn mla(heads: u32) -> ModelSpec {
-    let mut m = ModelSpec::preset("deepseek-v3").unwrap();
-    m.num_q_heads = heads;
-    m
 }
 
 struct Seq {

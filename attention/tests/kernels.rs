@@ -5,37 +5,11 @@ use kvcache_attention::reference::{attention, rel_l2};
 use kvcache_attention::{
     AttentionError, AttnShape, Backend, BatchItem, KvPage, Options, decode, decode_batch, decode_batch_each, merge,
 };
-use kvcache_core::{AttentionKind, Codec, ModelSpec, PageLayout};
+use kvcache_core::{Codec, ModelSpec, PageLayout};
 use rand::Rng;
-use rand::SeedableRng;
 
-/// A seeded generator whose seed the test prints (`KVCACHE_TEST_SEED` replays it).
-fn seeded() -> rand::rngs::StdRng {
-    rand::rngs::StdRng::seed_from_u64(kvcache_core::testing::test_seed())
-}
-
-fn gqa(q: u32, kv: u32, d: u32) -> ModelSpec {
-    ModelSpec {
-        name: "t".into(),
-        attention: if q == kv { AttentionKind::Mha } else { AttentionKind::Gqa },
-        num_layers: 1,
-        num_q_heads: q,
-        num_kv_heads: kv,
-        head_dim: d,
-        kv_lora_rank: 0,
-        rope_dim: 0,
-        softmax_scale: 1.0 / (d as f32).sqrt(),
-        layers: Vec::new(),
-        sinks: false,
-        indexer: None,
-    }
-}
-
-fn mla(heads: u32) -> ModelSpec {
-    let mut m = ModelSpec::preset("deepseek-v3").unwrap();
-    m.num_q_heads = heads;
-    m
-}
+mod common;
+use common::{gqa, mla, seeded};
 
 struct Case {
     shape: AttnShape,
