@@ -279,7 +279,9 @@ fn yarn_mscale(factor: f64, mscale: f64) -> f64 {
 }
 
 impl ModelSpec {
-    fn gqa(name: &str, layers: u32, q: u32, kv: u32, d: u32) -> Self {
+    /// A full-attention model of `layers` layers, `q` query heads over `kv` KV heads of width `d`
+    /// (MHA when they are equal, MQA for one KV head), at the softmax scale `1/√d`.
+    pub fn gqa(name: &str, layers: u32, q: u32, kv: u32, d: u32) -> Self {
         let attention = if kv == q {
             AttentionKind::Mha
         } else if kv == 1 {
