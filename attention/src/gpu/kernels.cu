@@ -948,6 +948,284 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) mla_decode(
 #endif
 
 // ------------------------------------------------------------------------------------------
+// Absorbed MLA on Hopper's warpgroup tensor cores (`wgmma`, sm_90a; bf16 pages). One block of
+// two warpgroups per (work item, 64 query heads), tiles of 64 tokens. The operands stay in
+// shared memory, in the 128-byte-swizzled layout `wgmma` reads (rows of 64 elements, 16-byte
+// chunk c of row r stored at chunk c ^ (r mod 8)): the query (64 heads × 576, 9 column blocks),
+// two K tiles (64 tokens × 576, filled by cp.async one tile ahead) and P (64 × 64). Per tile,
+// warpgroup 0 computes S = Q·Kᵀ (m64n64k16 × 36: the tensor cores read Q and K once per
+// warpgroup, not once per warp as `mma.sync` does through ldmatrix), runs the online softmax in
+// registers (each warp owns 16 whole rows: no cross-warp reduction) and writes P and the rows'
+// rescale factors; then both warpgroups accumulate O += P·V for their half of the 512 latent
+// dims (m64n256k16, V = the latent part of the same K tile read N-major, no copy).
+#ifdef KV_WG
+#define WG_BN 64
+#define WG_MW (KV_DL + KV_DR)
+#define WG_KB (WG_MW / 64)          // 64-wide column blocks of a row
+#define WG_QBYTES (64 * WG_MW * 2)  // the query, and one K tile
+#define WG_PBYTES (64 * 128)
+#if KV_DL != 512 || WG_MW % 64 != 0 || KV_CODEC != 0
+#error "the wgmma MLA kernel takes bf16 pages, a 512-wide latent and a rope key of a multiple of 64"
+#endif
+
+__device__ __forceinline__ u64 wg_desc(u32 saddr, u32 lbo, u32 sbo) {
+    return (u64)((saddr & 0x3FFFF) >> 4) | ((u64)((lbo & 0x3FFFF) >> 4) << 16) |
+           ((u64)((sbo & 0x3FFFF) >> 4) << 32) | (1ull << 62);  // 128-byte swizzle
+}
+__device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wg_wait0() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
+// Shared-memory writes of the generic proxy (st.shared, cp.async) made visible to the tensor
+// cores' reads (the async proxy).
+__device__ __forceinline__ void fence_async_smem() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+// Keep the compiler from moving accumulator reads or writes across the asynchronous MMAs.
+__device__ __forceinline__ void wg_keep(float* d, int n) {
+    #pragma unroll
+    for (int i = 0; i < n; i++) asm volatile("" : "+f"(d[i])::"memory");
+}
+// Byte offset of element pair (r, c) (c even) of a swizzled [rows][64] block.
+__device__ __forceinline__ u32 swz(int r, int c) {
+    return (u32)(r * 128 + ((((c >> 3) ^ r) & 7) << 4) + (c & 7) * 2);
+}
+
+__device__ __forceinline__ void wgmma_n64(float* d, u64 da, u64 db, int accumulate) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+        "{"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+        "}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+        :
+          "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+        : "l"(da), "l"(db), "r"(accumulate)
+        : "memory");
+}
+__device__ __forceinline__ void wgmma_n256_tb(float* d, u64 da, u64 db, int accumulate) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 "
+        "{"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31,"
+        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47,"
+        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63,"
+        "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79,"
+        "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95,"
+        "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111,"
+        "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"
+        "}, %128, %129, p, 1, 1, 0, 1;\n}\n"
+        :
+          "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
+          "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
+          "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
+          "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
+          "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),
+          "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),
+          "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),
+          "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
+          "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+        : "l"(da), "l"(db), "r"(accumulate)
+        : "memory");
+}
+
+// Start copying tokens tt0..tt0+64 (clipped to t1; rows past it zero-filled) into a K tile.
+__device__ __forceinline__ void wg_issue_tile(u32 dst, const u64* pages, int tt0, int t1) {
+    constexpr int chunks = WG_MW / 8;  // 16-byte chunks of a row
+    for (int c = threadIdx.x; c < WG_BN * chunks; c += 256) {
+        const int r = c / chunks, k = c - r * chunks;
+        const int t = tt0 + r;
+        const u32 d = dst + (k >> 3) * (WG_BN * 128) + r * 128 + (((k ^ r) & 7) << 4);
+        const void* src = (const void*)pages[0];
+        int n = 0;
+        if (t < t1) {
+            const int p = t / KV_PT, off = t - p * KV_PT;
+            src = (const u8*)pages[p] + (size_t)off * KV_ROW + k * 16;
+            n = 16;
+        }
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(n));
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(256, 1) mla_wgmma(
+    const u64* __restrict__ page_ptrs, const int* __restrict__ seq_page0,
+    const int* __restrict__ seq_tokens, const int4* __restrict__ work,
+    const float* __restrict__ q, float qscale, int q_heads, float* __restrict__ part_o,
+    float* __restrict__ part_lse) {
+    extern __shared__ __align__(16) u8 smem_raw[];
+    // The swizzle pattern repeats every 1024 bytes: align the operands to that.
+    const u32 raw_s = (u32)__cvta_generic_to_shared(smem_raw);
+    const u32 base_s = (raw_s + 1023u) & ~1023u;
+    u8* base = smem_raw + (base_s - raw_s);
+    const u32 q_s = base_s, k_s = base_s + WG_QBYTES, p_s = k_s + 2 * WG_QBYTES;
+    u8* Pg = base + 3 * WG_QBYTES;
+    float* alpha = (float*)(Pg + WG_PBYTES);   // [64] rescale factor of each row this tile
+    float* rows_l = alpha + 64;                // [64] final sums
+    float* rows_m = rows_l + 64;               // [64] final maxima
+
+    const int wi = blockIdx.x, hb = blockIdx.y;
+    const int4 wk = work[wi];
+    const int b = wk.x, t0 = wk.y, t1 = wk.z;
+    const int tid = threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
+    const int g = lane >> 2, tq = lane & 3;
+    const int r0 = warp * 16 + g, r1 = r0 + 8;  // the rows (heads of this block) a thread holds
+    const u64* pages = page_ptrs + seq_page0[b];
+    const int ntiles = (t1 - t0 + WG_BN - 1) / WG_BN;
+
+    if (ntiles > 0) wg_issue_tile(k_s, pages, t0, t1);
+    cp_commit();
+    // Query rows (scaled after the product, rounded to bf16); heads past q_heads are zero.
+    for (int i = tid; i < 64 * (WG_MW / 2); i += 256) {
+        const int r = i / (WG_MW / 2), c = 2 * (i - r * (WG_MW / 2));
+        const int head = hb * 64 + r;
+        float a = 0.f, bb = 0.f;
+        if (head < q_heads) {
+            const float* qp = q + ((size_t)b * q_heads + head) * WG_MW + c;
+            a = qp[0];
+            bb = qp[1];
+        }
+        *(u32*)(base + (c >> 6) * (64 * 128) + swz(r, c & 63)) = pack_bf16x2(a, bb);
+    }
+
+    float o[128];
+    #pragma unroll
+    for (int i = 0; i < 128; i++) o[i] = 0.f;
+    float m0 = NEG_INF, m1 = NEG_INF, l0 = 0.f, l1 = 0.f;
+
+    for (int j = 0; j < ntiles; j++) {
+        const int tt0 = t0 + j * WG_BN;
+        const u32 kt = k_s + (j & 1) * WG_QBYTES;
+        cp_wait0();
+        fence_async_smem();
+        __syncthreads();
+        if (j + 1 < ntiles) wg_issue_tile(k_s + ((j + 1) & 1) * WG_QBYTES, pages, tt0 + WG_BN, t1);
+        cp_commit();
+        if (wg == 0) {
+            float s[32];
+            #pragma unroll
+            for (int i = 0; i < 32; i++) s[i] = 0.f;
+            wg_keep(s, 32);
+            wg_fence();
+            #pragma unroll
+            for (int kk = 0; kk < WG_MW / 16; kk++) {
+                const u32 off = (kk >> 2) * (64 * 128) + (kk & 3) * 32;
+                wgmma_n64(s, wg_desc(q_s + off, 16, 1024), wg_desc(kt + off, 16, 1024), kk > 0);
+            }
+            wg_commit();
+            wg_wait0();
+            wg_keep(s, 32);
+            // Scale, mask tokens past the range, row maxima (a row's 64 columns sit in the
+            // four lanes of one quad).
+            float mx0 = NEG_INF, mx1 = NEG_INF;
+            #pragma unroll
+            for (int i = 0; i < 8; i++) {
+                const int col = tt0 + 8 * i + 2 * tq;
+                #pragma unroll
+                for (int c = 0; c < 4; c++) s[4 * i + c] *= qscale;
+                if (col >= t1) { s[4 * i] = NEG_INF; s[4 * i + 2] = NEG_INF; }
+                if (col + 1 >= t1) { s[4 * i + 1] = NEG_INF; s[4 * i + 3] = NEG_INF; }
+                mx0 = fmaxf(mx0, fmaxf(s[4 * i], s[4 * i + 1]));
+                mx1 = fmaxf(mx1, fmaxf(s[4 * i + 2], s[4 * i + 3]));
+            }
+            #pragma unroll
+            for (int off = 1; off <= 2; off <<= 1) {
+                mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, off));
+                mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, off));
+            }
+            const float n0 = fmaxf(m0, mx0), n1 = fmaxf(m1, mx1);
+            const float al0 = n0 == NEG_INF ? 1.f : exp2f(m0 - n0);
+            const float al1 = n1 == NEG_INF ? 1.f : exp2f(m1 - n1);
+            m0 = n0;
+            m1 = n1;
+            float rs0 = 0.f, rs1 = 0.f;
+            #pragma unroll
+            for (int i = 0; i < 8; i++) {
+                const float p0 = n0 == NEG_INF ? 0.f : exp2f(s[4 * i] - n0);
+                const float p1 = n0 == NEG_INF ? 0.f : exp2f(s[4 * i + 1] - n0);
+                const float p2 = n1 == NEG_INF ? 0.f : exp2f(s[4 * i + 2] - n1);
+                const float p3 = n1 == NEG_INF ? 0.f : exp2f(s[4 * i + 3] - n1);
+                rs0 += p0 + p1;
+                rs1 += p2 + p3;
+                *(u32*)(Pg + swz(r0, 8 * i + 2 * tq)) = pack_bf16x2(p0, p1);
+                *(u32*)(Pg + swz(r1, 8 * i + 2 * tq)) = pack_bf16x2(p2, p3);
+            }
+            l0 = l0 * al0 + rs0;  // this thread's columns; the quad sums at the end
+            l1 = l1 * al1 + rs1;
+            if (tq == 0) {
+                alpha[r0] = al0;
+                alpha[r1] = al1;
+            }
+            fence_async_smem();
+        }
+        __syncthreads();
+        {
+            const float al0 = alpha[r0], al1 = alpha[r1];
+            #pragma unroll
+            for (int i = 0; i < 32; i++) {
+                o[4 * i] *= al0;
+                o[4 * i + 1] *= al0;
+                o[4 * i + 2] *= al1;
+                o[4 * i + 3] *= al1;
+            }
+        }
+        // O[:, 256·wg ..] += P·V: V is the tile's latent read N-major (column blocks 4·wg..).
+        wg_keep(o, 128);
+        wg_fence();
+        #pragma unroll
+        for (int kk = 0; kk < WG_BN / 16; kk++) {
+            wgmma_n256_tb(o, wg_desc(p_s + kk * 32, 16, 1024),
+                          wg_desc(kt + 4 * wg * (WG_BN * 128) + kk * 16 * 128, WG_BN * 128, 1024), 1);
+        }
+        wg_commit();
+        wg_wait0();
+        wg_keep(o, 128);
+    }
+    cp_wait0();
+
+    if (wg == 0) {
+        l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+        l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+        l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+        l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+        if (tq == 0) {
+            rows_l[r0] = l0;
+            rows_l[r1] = l1;
+            rows_m[r0] = m0;
+            rows_m[r1] = m1;
+        }
+    }
+    __syncthreads();
+    const float lt0 = rows_l[r0], lt1 = rows_l[r1];
+    const int h0 = hb * 64 + r0, h1 = hb * 64 + r1;
+    // A NaN sum stays NaN (the host refuses it); only an empty range answers zeros.
+    const float i0 = lt0 == 0.f ? 0.f : 1.f / lt0;
+    const float i1 = lt1 == 0.f ? 0.f : 1.f / lt1;
+    #pragma unroll
+    for (int i = 0; i < 32; i++) {
+        const int col = 256 * wg + 8 * i + 2 * tq;
+        if (h0 < q_heads)
+            *(float2*)(part_o + ((size_t)wi * q_heads + h0) * KV_DL + col) = make_float2(o[4 * i] * i0, o[4 * i + 1] * i0);
+        if (h1 < q_heads)
+            *(float2*)(part_o + ((size_t)wi * q_heads + h1) * KV_DL + col) = make_float2(o[4 * i + 2] * i1, o[4 * i + 3] * i1);
+    }
+    if (wg == 0 && tq == 0) {
+        if (h0 < q_heads) part_lse[(size_t)wi * q_heads + h0] = lt0 == 0.f ? NEG_INF : rows_m[r0] + log2f(lt0);
+        if (h1 < q_heads) part_lse[(size_t)wi * q_heads + h1] = lt1 == 0.f ? NEG_INF : rows_m[r1] + log2f(lt1);
+    }
+}
+#endif
+
+// ------------------------------------------------------------------------------------------
 // Merge the partial results of a sequence's work items (split-K) into its output: exact
 // log-sum-exp weighting. One block of 128 threads per (sequence, head), or, when the sequences
 // have many partials (grid z > 1, the host's choice), per (sequence, head, 32 output dims): the

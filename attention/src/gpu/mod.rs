@@ -178,8 +178,11 @@ impl Gpu {
     }
 
     /// The module compiled with `defines`, from memory, the disk cache or NVRTC.
-    fn module(&self, defines: &[(&str, i64)]) -> Result<Arc<CudaModule>, GpuError> {
-        let arch = format!("sm_{}{}", self.cc.0, self.cc.1);
+    /// `arch_specific` compiles for the architecture-specific target (`sm_90a`: Hopper's `wgmma`),
+    /// whose code runs only on that exact architecture.
+    fn module(&self, defines: &[(&str, i64)], arch_specific: bool) -> Result<Arc<CudaModule>, GpuError> {
+        let suffix = if arch_specific { "a" } else { "" };
+        let arch = format!("sm_{}{}{suffix}", self.cc.0, self.cc.1);
         let mut opts: Vec<String> = defines.iter().map(|(k, v)| format!("-D{k}={v}")).collect();
         opts.push(format!("--gpu-architecture={arch}"));
         opts.push("--std=c++17".into());
@@ -233,7 +236,7 @@ impl Gpu {
     }
 
     fn function(&self, defines: &[(&str, i64)], name: &str) -> Result<CudaFunction, GpuError> {
-        Ok(self.module(defines)?.load_function(name)?)
+        Ok(self.module(defines, false)?.load_function(name)?)
     }
 
     /// `count` zeroed page slots of one full page of `layout` each (256-byte aligned).
@@ -718,13 +721,10 @@ impl Plan<'_> {
         self.n_work
     }
 
-    /// Which kernel runs: "gqa-mma" (tensor cores), "gqa" (CUDA cores) or "mla-mma".
+    /// Which kernel runs: "gqa-mma" (tensor cores), "gqa" (CUDA cores), "mla-wgmma" (Hopper's
+    /// warpgroup tensor cores) or "mla-mma".
     pub fn kernel_name(&self) -> &'static str {
-        match (self.kernel.mla, self.kernel.tensor) {
-            (true, _) => "mla-mma",
-            (false, true) => "gqa-mma",
-            (false, false) => "gqa",
-        }
+        self.kernel.name
     }
 }
 
@@ -732,8 +732,8 @@ struct Kernel {
     decode: CudaFunction,
     merge: CudaFunction,
     mla: bool,
-    /// GQA on tensor cores (`gqa_mma`).
-    tensor: bool,
+    /// What `Plan::kernel_name` reports.
+    name: &'static str,
     grid_y: u32,
     grid_z: u32,
     threads: u32,
@@ -778,12 +778,29 @@ impl Kernel {
             let mut defs = common.to_vec();
             defs.push(("KV_DL", dl as i64));
             defs.push(("KV_DR", dr as i64));
-            let decode = gpu.function(&defs, "mla_decode")?;
-            let (hb, bn, srow, prow) = (64usize, 32usize, dl + dr + 8, 40usize);
-            let direct = matches!(l.codec, Codec::Bf16 | Codec::F16);
-            let k_tiles = if direct { 2 } else { 1 };
-            let raw = if direct { 0 } else { 2 * bn * l.row_bytes.next_multiple_of(16) };
-            let smem = 2 * (hb * srow + k_tiles * bn * srow + hb * prow) + 4 * 4 * hb + raw;
+            // bf16 pages on Hopper run on the warpgroup tensor cores (`mla_wgmma`, compiled for
+            // sm_90a); every other codec or GPU, or `KVCACHE_GPU_MLA=mma`, on `mma.sync`.
+            let wgmma = gpu.cc == (9, 0)
+                && l.codec == Codec::Bf16
+                && dr.is_multiple_of(64)
+                && std::env::var("KVCACHE_GPU_MLA").map_or(true, |v| v != "mma");
+            let (decode, name, hb, bn, smem) = if wgmma {
+                defs.push(("KV_WG", 1));
+                let decode = gpu.module(&defs, true)?.load_function("mla_wgmma")?;
+                // The query, two K tiles, P (64 × 64 bf16), three floats per head, and 1 KiB to
+                // align the swizzled operands.
+                let width = dl + dr;
+                let smem = 3 * 64 * width * 2 + 64 * 64 * 2 + 3 * 4 * 64 + 1024;
+                (decode, "mla-wgmma", 64usize, 64usize, smem)
+            } else {
+                let decode = gpu.function(&defs, "mla_decode")?;
+                let (hb, bn, srow, prow) = (64usize, 32usize, dl + dr + 8, 40usize);
+                let direct = matches!(l.codec, Codec::Bf16 | Codec::F16);
+                let k_tiles = if direct { 2 } else { 1 };
+                let raw = if direct { 0 } else { 2 * bn * l.row_bytes.next_multiple_of(16) };
+                let smem = 2 * (hb * srow + k_tiles * bn * srow + hb * prow) + 4 * 4 * hb + raw;
+                (decode, "mla-mma", hb, bn, smem)
+            };
             if smem > gpu.smem_optin {
                 return Err(GpuError::Unsupported(format!(
                     "MLA kernel needs {smem} B of shared memory per block, the device allows {}",
@@ -800,7 +817,7 @@ impl Kernel {
                 decode,
                 merge,
                 mla: true,
-                tensor: true,
+                name,
                 grid_y,
                 grid_z: 1,
                 threads: 256,
@@ -871,7 +888,7 @@ impl Kernel {
             decode,
             merge,
             mla: false,
-            tensor,
+            name: if tensor { "gqa-mma" } else { "gqa" },
             grid_y: shape.kv_groups as u32,
             grid_z,
             threads: 128,
