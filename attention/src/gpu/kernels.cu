@@ -1039,24 +1039,98 @@ __device__ __forceinline__ void wgmma_n256_tb(float* d, u64 da, u64 db, int accu
         : "memory");
 }
 
-// Start copying tokens tt0..tt0+64 (clipped to t1; rows past it zero-filled) into a K tile.
-__device__ __forceinline__ void wg_issue_tile(u32 dst, const u64* pages, int tt0, int t1) {
+__device__ __forceinline__ void wgmma_n256_rs_tb(float* d, u32 a0, u32 a1, u32 a2, u32 a3, u64 db, int accumulate) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %133, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 "
+        "{"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31,"
+        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47,"
+        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63,"
+        "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79,"
+        "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95,"
+        "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111,"
+        "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"
+        "}, {%128, %129, %130, %131}, %132, p, 1, 1, 1;\n}\n"
+        :
+          "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
+          "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
+          "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
+          "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
+          "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),
+          "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),
+          "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),
+          "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
+          "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(db), "r"(accumulate)
+        : "memory");
+}
+
+// Start copying tokens tt0..tt0+64 (clipped to t1; rows past it zero-filled) into a K tile;
+// the four warps of warpgroup 1 issue it, 16 rows each, a row's 72 chunks over the lanes (one
+// page-pointer load per row, consecutive lanes on consecutive 16 bytes).
+__device__ __forceinline__ void wg_issue_tile(u32 dst, const u64* pages, int tt0, int t1, int warp, int lane) {
     constexpr int chunks = WG_MW / 8;  // 16-byte chunks of a row
-    for (int c = threadIdx.x; c < WG_BN * chunks; c += 256) {
-        const int r = c / chunks, k = c - r * chunks;
-        const int t = tt0 + r;
-        const u32 d = dst + (k >> 3) * (WG_BN * 128) + r * 128 + (((k ^ r) & 7) << 4);
-        const void* src = (const void*)pages[0];
+    #pragma unroll 4
+    for (int i = 0; i < 16; i++) {
+        const int r = warp * 16 + i, tok = tt0 + r;
+        const u8* row = (const u8*)pages[0];
         int n = 0;
-        if (t < t1) {
-            const int p = t / KV_PT, off = t - p * KV_PT;
-            src = (const u8*)pages[p] + (size_t)off * KV_ROW + k * 16;
+        if (tok < t1) {
+            const int p = tok / KV_PT;
+            row = (const u8*)pages[p] + (size_t)(tok - p * KV_PT) * KV_ROW;
             n = 16;
         }
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(n));
+        #pragma unroll
+        for (int k = lane; k < chunks; k += 32) {
+            const u32 d = dst + (k >> 3) * (WG_BN * 128) + r * 128 + (((k ^ r) & 7) << 4);
+            asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(row + (n ? k * 16 : 0)), "r"(n));
+        }
     }
 }
 
+// Ask L2 for tokens tt0..tt0+64 (one bulk prefetch per row, threads 0..63 of warpgroup 1): the
+// tile two ahead of the one being computed, which has no shared-memory buffer yet.
+__device__ __forceinline__ void wg_prefetch_tile(const u64* pages, int tt0, int t1, int t) {
+    const int tok = tt0 + t;
+    if (t < WG_BN && tok < t1) {
+        const int p = tok / KV_PT;
+        const u8* row = (const u8*)pages[p] + (size_t)(tok - p * KV_PT) * KV_ROW;
+        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(row), "r"(KV_ROW) : "memory");
+    }
+}
+
+// Issue S = Q·Kᵀ for a 64-token tile (36 k-steps; the caller commits and waits).
+__device__ __forceinline__ void wg_s(float* s, u32 q_s, u32 kt) {
+    wg_fence();
+    #pragma unroll
+    for (int kk = 0; kk < WG_MW / 16; kk++) {
+        const u32 off = (kk >> 2) * (64 * 128) + (kk & 3) * 32;
+        wgmma_n64(s, wg_desc(q_s + off, 16, 1024), wg_desc(kt + off, 16, 1024), kk > 0);
+    }
+}
+
+// Named barriers between the two warpgroups (one arrives, the other waits; 256 threads each).
+#define BAR_KFULL 1   // K tile j has landed (warpgroup 1 copied it)
+#define BAR_PFULL 2   // P and the rescale factors of tile j are written (warpgroup 0)
+#define BAR_PEMPTY 3  // warpgroup 1 is done reading P (and its half of V) of tile j
+#define BAR_KEMPTY 4  // warpgroup 0 is done reading K tile j
+__device__ __forceinline__ void bar_wait(int id) { asm volatile("bar.sync %0, 256;\n" ::"r"(id) : "memory"); }
+__device__ __forceinline__ void bar_arrive(int id) { asm volatile("bar.arrive %0, 256;\n" ::"r"(id) : "memory"); }
+
+// Per tile j: warpgroup 0 waits for K(j), computes S and the softmax, waits until warpgroup 1
+// has released P(j-1), writes P(j), and accumulates its half of O; warpgroup 1 copies K(j+1)
+// (into the buffer K(j-1) used, once warpgroup 0 released it), waits for P(j), accumulates its
+// half of O, and signals K(j+1) and the release of P(j). So warpgroup 1's P·V of tile j runs on
+// the tensor cores while warpgroup 0 computes S of tile j+1, and no barrier stops the block.
 extern "C" __global__ void __launch_bounds__(256, 1) mla_wgmma(
     const u64* __restrict__ page_ptrs, const int* __restrict__ seq_page0,
     const int* __restrict__ seq_tokens, const int4* __restrict__ work,
@@ -1082,7 +1156,10 @@ extern "C" __global__ void __launch_bounds__(256, 1) mla_wgmma(
     const u64* pages = page_ptrs + seq_page0[b];
     const int ntiles = (t1 - t0 + WG_BN - 1) / WG_BN;
 
-    if (ntiles > 0) wg_issue_tile(k_s, pages, t0, t1);
+    if (wg == 1 && ntiles > 0) {
+        wg_issue_tile(k_s, pages, t0, t1, warp, lane);
+        if (ntiles > 1) wg_prefetch_tile(pages, t0 + WG_BN, t1, tid - 128);
+    }
     cp_commit();
     // Query rows (scaled after the product, rounded to bf16); heads past q_heads are zero.
     for (int i = tid; i < 64 * (WG_MW / 2); i += 256) {
@@ -1096,34 +1173,28 @@ extern "C" __global__ void __launch_bounds__(256, 1) mla_wgmma(
         }
         *(u32*)(base + (c >> 6) * (64 * 128) + swz(r, c & 63)) = pack_bf16x2(a, bb);
     }
+    fence_async_smem();
+    __syncthreads();
 
     float o[128];
     #pragma unroll
     for (int i = 0; i < 128; i++) o[i] = 0.f;
     float m0 = NEG_INF, m1 = NEG_INF, l0 = 0.f, l1 = 0.f;
 
-    for (int j = 0; j < ntiles; j++) {
-        const int tt0 = t0 + j * WG_BN;
-        const u32 kt = k_s + (j & 1) * WG_QBYTES;
-        cp_wait0();
-        fence_async_smem();
-        __syncthreads();
-        if (j + 1 < ntiles) wg_issue_tile(k_s + ((j + 1) & 1) * WG_QBYTES, pages, tt0 + WG_BN, t1);
-        cp_commit();
-        if (wg == 0) {
-            float s[32];
-            #pragma unroll
-            for (int i = 0; i < 32; i++) s[i] = 0.f;
-            wg_keep(s, 32);
-            wg_fence();
-            #pragma unroll
-            for (int kk = 0; kk < WG_MW / 16; kk++) {
-                const u32 off = (kk >> 2) * (64 * 128) + (kk & 3) * 32;
-                wgmma_n64(s, wg_desc(q_s + off, 16, 1024), wg_desc(kt + off, 16, 1024), kk > 0);
-            }
+    if (wg == 0) {
+        // Software-pipelined: S of tile j+1 is issued right behind this warpgroup's P·V of
+        // tile j (P from registers), so the tensor cores have both queued.
+        float s[32];
+        if (ntiles > 0) {
+            bar_wait(BAR_KFULL);
+            wg_s(s, q_s, k_s);
             wg_commit();
             wg_wait0();
             wg_keep(s, 32);
+        }
+        for (int j = 0; j < ntiles; j++) {
+            const int tt0 = t0 + j * WG_BN;
+            const u32 kt = k_s + (j & 1) * WG_QBYTES;
             // Scale, mask tokens past the range, row maxima (a row's 64 columns sit in the
             // four lanes of one quad).
             float mx0 = NEG_INF, mx1 = NEG_INF;
@@ -1147,6 +1218,8 @@ extern "C" __global__ void __launch_bounds__(256, 1) mla_wgmma(
             const float al1 = n1 == NEG_INF ? 1.f : exp2f(m1 - n1);
             m0 = n0;
             m1 = n1;
+            // P in the register layout of wgmma's A operand: pk[4k..4k+4] is k-slice k.
+            u32 pk[16];
             float rs0 = 0.f, rs1 = 0.f;
             #pragma unroll
             for (int i = 0; i < 8; i++) {
@@ -1156,19 +1229,70 @@ extern "C" __global__ void __launch_bounds__(256, 1) mla_wgmma(
                 const float p3 = n1 == NEG_INF ? 0.f : exp2f(s[4 * i + 3] - n1);
                 rs0 += p0 + p1;
                 rs1 += p2 + p3;
-                *(u32*)(Pg + swz(r0, 8 * i + 2 * tq)) = pack_bf16x2(p0, p1);
-                *(u32*)(Pg + swz(r1, 8 * i + 2 * tq)) = pack_bf16x2(p2, p3);
+                pk[2 * i] = pack_bf16x2(p0, p1);
+                pk[2 * i + 1] = pack_bf16x2(p2, p3);
             }
             l0 = l0 * al0 + rs0;  // this thread's columns; the quad sums at the end
             l1 = l1 * al1 + rs1;
+            #pragma unroll
+            for (int i = 0; i < 32; i++) {
+                o[4 * i] *= al0;
+                o[4 * i + 1] *= al0;
+                o[4 * i + 2] *= al1;
+                o[4 * i + 3] *= al1;
+            }
+            // O[:, 0..256] += P·V (V: the tile's latent read N-major, column blocks 0..4).
+            wg_keep(o, 128);
+            wg_fence();
+            #pragma unroll
+            for (int kk = 0; kk < WG_BN / 16; kk++)
+                wgmma_n256_rs_tb(o, pk[4 * kk], pk[4 * kk + 1], pk[4 * kk + 2], pk[4 * kk + 3],
+                                 wg_desc(kt + kk * 16 * 128, WG_BN * 128, 1024), 1);
+            wg_commit();
+            // Hand P to warpgroup 1 once it released the previous one.
+            if (j > 0) bar_wait(BAR_PEMPTY);
+            #pragma unroll
+            for (int i = 0; i < 8; i++) {
+                *(u32*)(Pg + swz(r0, 8 * i + 2 * tq)) = pk[2 * i];
+                *(u32*)(Pg + swz(r1, 8 * i + 2 * tq)) = pk[2 * i + 1];
+            }
             if (tq == 0) {
                 alpha[r0] = al0;
                 alpha[r1] = al1;
             }
             fence_async_smem();
+            bar_arrive(BAR_PFULL);
+            if (j + 1 < ntiles) {
+                bar_wait(BAR_KFULL);
+                #pragma unroll
+                for (int i = 0; i < 32; i++) s[i] = 0.f;
+                wg_keep(s, 32);
+                wg_s(s, q_s, k_s + ((j + 1) & 1) * WG_QBYTES);
+                wg_commit();
+                asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");  // P·V of tile j
+                wg_keep(o, 128);
+                if (j + 2 < ntiles) bar_arrive(BAR_KEMPTY);
+            }
+            wg_wait0();
+            wg_keep(o, 128);
+            wg_keep(s, 32);
         }
-        __syncthreads();
-        {
+    } else {
+        if (ntiles > 0) {
+            cp_wait0();
+            fence_async_smem();
+            bar_arrive(BAR_KFULL);
+        }
+        for (int j = 0; j < ntiles; j++) {
+            const u32 kt = k_s + (j & 1) * WG_QBYTES;
+            const bool next = j + 1 < ntiles;
+            if (next) {
+                if (j > 0) bar_wait(BAR_KEMPTY);
+                wg_issue_tile(k_s + ((j + 1) & 1) * WG_QBYTES, pages, t0 + (j + 1) * WG_BN, t1, warp, lane);
+                if (j + 2 < ntiles) wg_prefetch_tile(pages, t0 + (j + 2) * WG_BN, t1, tid - 128);
+            }
+            cp_commit();
+            bar_wait(BAR_PFULL);
             const float al0 = alpha[r0], al1 = alpha[r1];
             #pragma unroll
             for (int i = 0; i < 32; i++) {
@@ -1177,18 +1301,23 @@ extern "C" __global__ void __launch_bounds__(256, 1) mla_wgmma(
                 o[4 * i + 2] *= al1;
                 o[4 * i + 3] *= al1;
             }
+            // O[:, 256..512] += P·V (column blocks 4..8 of the tile).
+            wg_keep(o, 128);
+            wg_fence();
+            #pragma unroll
+            for (int kk = 0; kk < WG_BN / 16; kk++)
+                wgmma_n256_tb(o, wg_desc(p_s + kk * 32, 16, 1024),
+                              wg_desc(kt + 4 * (WG_BN * 128) + kk * 16 * 128, WG_BN * 128, 1024), 1);
+            wg_commit();
+            if (next) {
+                cp_wait0();
+                fence_async_smem();
+                bar_arrive(BAR_KFULL);
+            }
+            wg_wait0();
+            wg_keep(o, 128);
+            if (next) bar_arrive(BAR_PEMPTY);
         }
-        // O[:, 256·wg ..] += P·V: V is the tile's latent read N-major (column blocks 4·wg..).
-        wg_keep(o, 128);
-        wg_fence();
-        #pragma unroll
-        for (int kk = 0; kk < WG_BN / 16; kk++) {
-            wgmma_n256_tb(o, wg_desc(p_s + kk * 32, 16, 1024),
-                          wg_desc(kt + 4 * wg * (WG_BN * 128) + kk * 16 * 128, WG_BN * 128, 1024), 1);
-        }
-        wg_commit();
-        wg_wait0();
-        wg_keep(o, 128);
     }
     cp_wait0();
 
