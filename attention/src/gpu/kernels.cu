@@ -1075,37 +1075,35 @@ __device__ __forceinline__ void wgmma_n256_rs_tb(float* d, u32 a0, u32 a1, u32 a
 }
 
 // Start copying tokens tt0..tt0+64 (clipped to t1; rows past it zero-filled) into a K tile;
-// the four warps of warpgroup 1 issue it, 16 rows each, a row's 72 chunks over the lanes (one
-// page-pointer load per row, consecutive lanes on consecutive 16 bytes).
+// the four warps of warpgroup 1 issue it, 16 rows each: first the 16 rows' page pointers (all
+// loads in flight at once), then each row's 72 chunks over the lanes (consecutive lanes on
+// consecutive 16 bytes).
 __device__ __forceinline__ void wg_issue_tile(u32 dst, const u64* pages, int tt0, int t1, int warp, int lane) {
     constexpr int chunks = WG_MW / 8;  // 16-byte chunks of a row
-    #pragma unroll 4
+    const u8* rows[16];
+    #pragma unroll
     for (int i = 0; i < 16; i++) {
-        const int r = warp * 16 + i, tok = tt0 + r;
-        const u8* row = (const u8*)pages[0];
-        int n = 0;
-        if (tok < t1) {
-            const int p = tok / KV_PT;
-            row = (const u8*)pages[p] + (size_t)(tok - p * KV_PT) * KV_ROW;
-            n = 16;
-        }
+        const int tok = min(tt0 + warp * 16 + i, t1 - 1);
+        const int p = tok / KV_PT;
+        rows[i] = (const u8*)pages[p] + (size_t)(tok - p * KV_PT) * KV_ROW;
+    }
+    #pragma unroll
+    for (int i = 0; i < 16; i++) {
+        const int r = warp * 16 + i;
+        const int n = tt0 + r < t1 ? 16 : 0;
         #pragma unroll
         for (int k = lane; k < chunks; k += 32) {
             const u32 d = dst + (k >> 3) * (WG_BN * 128) + r * 128 + (((k ^ r) & 7) << 4);
-            asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(row + (n ? k * 16 : 0)), "r"(n));
+            asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(rows[i] + k * 16), "r"(n));
         }
     }
 }
 
-// Ask L2 for tokens tt0..tt0+64 (one bulk prefetch per row, threads 0..63 of warpgroup 1): the
-// tile two ahead of the one being computed, which has no shared-memory buffer yet.
-__device__ __forceinline__ void wg_prefetch_tile(const u64* pages, int tt0, int t1, int t) {
-    const int tok = tt0 + t;
-    if (t < WG_BN && tok < t1) {
-        const int p = tok / KV_PT;
-        const u8* row = (const u8*)pages[p] + (size_t)(tok - p * KV_PT) * KV_ROW;
-        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(row), "r"(KV_ROW) : "memory");
-    }
+// 2^x on the special-function unit (subnormal results flush to zero: P underflows to 0).
+__device__ __forceinline__ float ex2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
 }
 
 // Issue S = Q·Kᵀ for a 64-token tile (36 k-steps; the caller commits and waits).
@@ -1119,12 +1117,25 @@ __device__ __forceinline__ void wg_s(float* s, u32 q_s, u32 kt) {
 }
 
 // Named barriers between the two warpgroups (one arrives, the other waits; 256 threads each).
-#define BAR_KFULL 1   // K tile j has landed (warpgroup 1 copied it)
 #define BAR_PFULL 2   // P and the rescale factors of tile j are written (warpgroup 0)
 #define BAR_PEMPTY 3  // warpgroup 1 is done reading P (and its half of V) of tile j
 #define BAR_KEMPTY 4  // warpgroup 0 is done reading K tile j
 __device__ __forceinline__ void bar_wait(int id) { asm volatile("bar.sync %0, 256;\n" ::"r"(id) : "memory"); }
 __device__ __forceinline__ void bar_arrive(int id) { asm volatile("bar.arrive %0, 256;\n" ::"r"(id) : "memory"); }
+__device__ __forceinline__ void mbar_init(u32 bar, int count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+// The mbarrier receives this thread's arrival once all its earlier cp.async copies have landed.
+__device__ __forceinline__ void cp_arrive(u32 bar) {
+    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(u32 bar, int parity) {
+    u32 done;
+    do {
+        asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+                     : "=r"(done) : "r"(bar), "r"(parity) : "memory");
+    } while (!done);
+}
 
 // Per tile j: warpgroup 0 waits for K(j), computes S and the softmax, waits until warpgroup 1
 // has released P(j-1), writes P(j), and accumulates its half of O; warpgroup 1 copies K(j+1)
@@ -1146,6 +1157,10 @@ extern "C" __global__ void __launch_bounds__(256, 1) mla_wgmma(
     float* alpha = (float*)(Pg + WG_PBYTES);   // [64] rescale factor of each row this tile
     float* rows_l = alpha + 64;                // [64] final sums
     float* rows_m = rows_l + 64;               // [64] final maxima
+    // Two mbarriers (K tile buffer 0 and 1 full): each of warpgroup 1's threads arrives when its
+    // copies into the buffer have landed (cp.async.mbarrier.arrive), so warpgroup 0 waits for the
+    // data itself, not for warpgroup 1 to reach a point in its program.
+    const u32 kfull = base_s + 3 * WG_QBYTES + WG_PBYTES + 3 * 64 * 4;
 
     const int wi = blockIdx.x, hb = blockIdx.y;
     const int4 wk = work[wi];
@@ -1156,22 +1171,23 @@ extern "C" __global__ void __launch_bounds__(256, 1) mla_wgmma(
     const u64* pages = page_ptrs + seq_page0[b];
     const int ntiles = (t1 - t0 + WG_BN - 1) / WG_BN;
 
+    if (tid == 0) {
+        mbar_init(kfull, 128);
+        mbar_init(kfull + 8, 128);
+    }
+    __syncthreads();
     if (wg == 1 && ntiles > 0) {
         wg_issue_tile(k_s, pages, t0, t1, warp, lane);
-        if (ntiles > 1) wg_prefetch_tile(pages, t0 + WG_BN, t1, tid - 128);
+        cp_arrive(kfull);
     }
-    cp_commit();
     // Query rows (scaled after the product, rounded to bf16); heads past q_heads are zero.
-    for (int i = tid; i < 64 * (WG_MW / 2); i += 256) {
-        const int r = i / (WG_MW / 2), c = 2 * (i - r * (WG_MW / 2));
+    #pragma unroll 6
+    for (int i = tid; i < 64 * (WG_MW / 4); i += 256) {
+        const int r = i / (WG_MW / 4), c = 4 * (i - r * (WG_MW / 4));
         const int head = hb * 64 + r;
-        float a = 0.f, bb = 0.f;
-        if (head < q_heads) {
-            const float* qp = q + ((size_t)b * q_heads + head) * WG_MW + c;
-            a = qp[0];
-            bb = qp[1];
-        }
-        *(u32*)(base + (c >> 6) * (64 * 128) + swz(r, c & 63)) = pack_bf16x2(a, bb);
+        float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+        if (head < q_heads) v = __ldg((const float4*)(q + ((size_t)b * q_heads + head) * WG_MW + c));
+        *(uint2*)(base + (c >> 6) * (64 * 128) + swz(r, c & 63)) = make_uint2(pack_bf16x2(v.x, v.y), pack_bf16x2(v.z, v.w));
     }
     fence_async_smem();
     __syncthreads();
@@ -1186,7 +1202,8 @@ extern "C" __global__ void __launch_bounds__(256, 1) mla_wgmma(
         // tile j (P from registers), so the tensor cores have both queued.
         float s[32];
         if (ntiles > 0) {
-            bar_wait(BAR_KFULL);
+            mbar_wait(kfull, 0);
+            fence_async_smem();
             wg_s(s, q_s, k_s);
             wg_commit();
             wg_wait0();
@@ -1195,16 +1212,21 @@ extern "C" __global__ void __launch_bounds__(256, 1) mla_wgmma(
         for (int j = 0; j < ntiles; j++) {
             const int tt0 = t0 + j * WG_BN;
             const u32 kt = k_s + (j & 1) * WG_QBYTES;
-            // Scale, mask tokens past the range, row maxima (a row's 64 columns sit in the
-            // four lanes of one quad).
+            // Scale, mask tokens past the range (last tile only), row maxima (a row's 64
+            // columns sit in the four lanes of one quad).
+            #pragma unroll
+            for (int c = 0; c < 32; c++) s[c] *= qscale;
+            if (tt0 + WG_BN > t1) {
+                #pragma unroll
+                for (int i = 0; i < 8; i++) {
+                    const int col = tt0 + 8 * i + 2 * tq;
+                    if (col >= t1) { s[4 * i] = NEG_INF; s[4 * i + 2] = NEG_INF; }
+                    if (col + 1 >= t1) { s[4 * i + 1] = NEG_INF; s[4 * i + 3] = NEG_INF; }
+                }
+            }
             float mx0 = NEG_INF, mx1 = NEG_INF;
             #pragma unroll
             for (int i = 0; i < 8; i++) {
-                const int col = tt0 + 8 * i + 2 * tq;
-                #pragma unroll
-                for (int c = 0; c < 4; c++) s[4 * i + c] *= qscale;
-                if (col >= t1) { s[4 * i] = NEG_INF; s[4 * i + 2] = NEG_INF; }
-                if (col + 1 >= t1) { s[4 * i + 1] = NEG_INF; s[4 * i + 3] = NEG_INF; }
                 mx0 = fmaxf(mx0, fmaxf(s[4 * i], s[4 * i + 1]));
                 mx1 = fmaxf(mx1, fmaxf(s[4 * i + 2], s[4 * i + 3]));
             }
@@ -1214,8 +1236,10 @@ extern "C" __global__ void __launch_bounds__(256, 1) mla_wgmma(
                 mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, off));
             }
             const float n0 = fmaxf(m0, mx0), n1 = fmaxf(m1, mx1);
-            const float al0 = n0 == NEG_INF ? 1.f : exp2f(m0 - n0);
-            const float al1 = n1 == NEG_INF ? 1.f : exp2f(m1 - n1);
+            const float al0 = n0 == NEG_INF ? 1.f : ex2(m0 - n0);
+            const float al1 = n1 == NEG_INF ? 1.f : ex2(m1 - n1);
+            // A row with nothing unmasked yet subtracts 0: its P is exp2(-inf) = 0.
+            const float b0 = n0 == NEG_INF ? 0.f : n0, b1 = n1 == NEG_INF ? 0.f : n1;
             m0 = n0;
             m1 = n1;
             // P in the register layout of wgmma's A operand: pk[4k..4k+4] is k-slice k.
@@ -1223,10 +1247,8 @@ extern "C" __global__ void __launch_bounds__(256, 1) mla_wgmma(
             float rs0 = 0.f, rs1 = 0.f;
             #pragma unroll
             for (int i = 0; i < 8; i++) {
-                const float p0 = n0 == NEG_INF ? 0.f : exp2f(s[4 * i] - n0);
-                const float p1 = n0 == NEG_INF ? 0.f : exp2f(s[4 * i + 1] - n0);
-                const float p2 = n1 == NEG_INF ? 0.f : exp2f(s[4 * i + 2] - n1);
-                const float p3 = n1 == NEG_INF ? 0.f : exp2f(s[4 * i + 3] - n1);
+                const float p0 = ex2(s[4 * i] - b0), p1 = ex2(s[4 * i + 1] - b0);
+                const float p2 = ex2(s[4 * i + 2] - b1), p3 = ex2(s[4 * i + 3] - b1);
                 rs0 += p0 + p1;
                 rs1 += p2 + p3;
                 pk[2 * i] = pack_bf16x2(p0, p1);
@@ -1234,12 +1256,16 @@ extern "C" __global__ void __launch_bounds__(256, 1) mla_wgmma(
             }
             l0 = l0 * al0 + rs0;  // this thread's columns; the quad sums at the end
             l1 = l1 * al1 + rs1;
-            #pragma unroll
-            for (int i = 0; i < 32; i++) {
-                o[4 * i] *= al0;
-                o[4 * i + 1] *= al0;
-                o[4 * i + 2] *= al1;
-                o[4 * i + 3] *= al1;
+            // Once the row maxima settle, most tiles change none of this warp's: skip the
+            // multiplications by 1.
+            if (__any_sync(0xffffffffu, al0 != 1.f || al1 != 1.f)) {
+                #pragma unroll
+                for (int i = 0; i < 32; i++) {
+                    o[4 * i] *= al0;
+                    o[4 * i + 1] *= al0;
+                    o[4 * i + 2] *= al1;
+                    o[4 * i + 3] *= al1;
+                }
             }
             // O[:, 0..256] += P·V (V: the tile's latent read N-major, column blocks 0..4).
             wg_keep(o, 128);
@@ -1263,7 +1289,8 @@ extern "C" __global__ void __launch_bounds__(256, 1) mla_wgmma(
             fence_async_smem();
             bar_arrive(BAR_PFULL);
             if (j + 1 < ntiles) {
-                bar_wait(BAR_KFULL);
+                mbar_wait(kfull + 8 * ((j + 1) & 1), ((j + 1) >> 1) & 1);
+                fence_async_smem();
                 #pragma unroll
                 for (int i = 0; i < 32; i++) s[i] = 0.f;
                 wg_keep(s, 32);
@@ -1278,28 +1305,24 @@ extern "C" __global__ void __launch_bounds__(256, 1) mla_wgmma(
             wg_keep(s, 32);
         }
     } else {
-        if (ntiles > 0) {
-            cp_wait0();
-            fence_async_smem();
-            bar_arrive(BAR_KFULL);
-        }
         for (int j = 0; j < ntiles; j++) {
             const u32 kt = k_s + (j & 1) * WG_QBYTES;
             const bool next = j + 1 < ntiles;
             if (next) {
                 if (j > 0) bar_wait(BAR_KEMPTY);
                 wg_issue_tile(k_s + ((j + 1) & 1) * WG_QBYTES, pages, t0 + (j + 1) * WG_BN, t1, warp, lane);
-                if (j + 2 < ntiles) wg_prefetch_tile(pages, t0 + (j + 2) * WG_BN, t1, tid - 128);
+                cp_arrive(kfull + 8 * ((j + 1) & 1));
             }
-            cp_commit();
             bar_wait(BAR_PFULL);
             const float al0 = alpha[r0], al1 = alpha[r1];
-            #pragma unroll
-            for (int i = 0; i < 32; i++) {
-                o[4 * i] *= al0;
-                o[4 * i + 1] *= al0;
-                o[4 * i + 2] *= al1;
-                o[4 * i + 3] *= al1;
+            if (__any_sync(0xffffffffu, al0 != 1.f || al1 != 1.f)) {
+                #pragma unroll
+                for (int i = 0; i < 32; i++) {
+                    o[4 * i] *= al0;
+                    o[4 * i + 1] *= al0;
+                    o[4 * i + 2] *= al1;
+                    o[4 * i + 3] *= al1;
+                }
             }
             // O[:, 256..512] += P·V (column blocks 4..8 of the tile).
             wg_keep(o, 128);
@@ -1309,11 +1332,6 @@ extern "C" __global__ void __launch_bounds__(256, 1) mla_wgmma(
                 wgmma_n256_tb(o, wg_desc(p_s + kk * 32, 16, 1024),
                               wg_desc(kt + 4 * (WG_BN * 128) + kk * 16 * 128, WG_BN * 128, 1024), 1);
             wg_commit();
-            if (next) {
-                cp_wait0();
-                fence_async_smem();
-                bar_arrive(BAR_KFULL);
-            }
             wg_wait0();
             wg_keep(o, 128);
             if (next) bar_arrive(BAR_PEMPTY);

@@ -787,10 +787,10 @@ impl Kernel {
             let (decode, name, hb, bn, smem) = if wgmma {
                 defs.push(("KV_WG", 1));
                 let decode = gpu.module(&defs, true)?.load_function("mla_wgmma")?;
-                // The query, two K tiles, P (64 × 64 bf16), three floats per head, and 1 KiB to
-                // align the swizzled operands.
+                // The query, two K tiles, P (64 × 64 bf16), three floats per head, two mbarriers,
+                // and 1 KiB to align the swizzled operands.
                 let width = dl + dr;
-                let smem = 3 * 64 * width * 2 + 64 * 64 * 2 + 3 * 4 * 64 + 1024;
+                let smem = 3 * 64 * width * 2 + 64 * 64 * 2 + 3 * 4 * 64 + 16 + 1024;
                 (decode, "mla-wgmma", 64usize, 64usize, smem)
             } else {
                 let decode = gpu.function(&defs, "mla_decode")?;
