@@ -952,20 +952,21 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) mla_decode(
 // two warpgroups per (work item, 64 query heads), tiles of 64 tokens. The operands stay in
 // shared memory, in the 128-byte-swizzled layout `wgmma` reads (rows of 64 elements, 16-byte
 // chunk c of row r stored at chunk c ^ (r mod 8)): the query (64 heads × 576, 9 column blocks),
-// two K tiles (64 tokens × 576, filled by cp.async one tile ahead) and P (64 × 64). Per tile,
-// warpgroup 0 computes S = Q·Kᵀ (m64n64k16 × 36: the tensor cores read Q and K once per
-// warpgroup, not once per warp as `mma.sync` does through ldmatrix), runs the online softmax in
-// registers (each warp owns 16 whole rows: no cross-warp reduction) and writes P and the rows'
-// rescale factors; then both warpgroups accumulate O += P·V for their half of the 512 latent
-// dims (m64n256k16, V = the latent part of the same K tile read N-major, no copy).
+// two K tiles (64 tokens × 576) and P (64 × 64). Warpgroup 0 computes S = Q·Kᵀ (m64n64k16 × 36:
+// the tensor cores read Q and K once per warpgroup, not once per warp as `mma.sync` does through
+// ldmatrix), runs the online softmax in registers (each warp owns 16 whole rows: no cross-warp
+// reduction), and accumulates O += P·V for latent dims 0..256 with P from registers
+// (m64n256k16; V = the latent part of the same K tile read N-major, no copy). Warpgroup 1 copies
+// the K tiles (cp.async, one tile ahead) and accumulates dims 256..512 with P from shared memory.
+// 50-53% of the bf16 GEMM rate on an H200 (docs/BENCHMARKS.md); what bounds the rest there.
 #ifdef KV_WG
 #define WG_BN 64
 #define WG_MW (KV_DL + KV_DR)
 #define WG_KB (WG_MW / 64)          // 64-wide column blocks of a row
 #define WG_QBYTES (64 * WG_MW * 2)  // the query, and one K tile
 #define WG_PBYTES (64 * 128)
-#if KV_DL != 512 || WG_MW % 64 != 0 || KV_CODEC != 0
-#error "the wgmma MLA kernel takes bf16 pages, a 512-wide latent and a rope key of a multiple of 64"
+#if KV_DL != 512 || WG_MW % 192 != 0 || KV_CODEC != 0
+#error "the wgmma MLA kernel takes bf16 pages, a 512-wide latent, and rows a multiple of 192 wide"
 #endif
 
 __device__ __forceinline__ u64 wg_desc(u32 saddr, u32 lbo, u32 sbo) {
@@ -1074,48 +1075,6 @@ __device__ __forceinline__ void wgmma_n256_rs_tb(float* d, u32 a0, u32 a1, u32 a
         : "memory");
 }
 
-// Start copying tokens tt0..tt0+64 (clipped to t1; rows past it zero-filled) into a K tile;
-// the four warps of warpgroup 1 issue it, 16 rows each: first the 16 rows' page pointers (all
-// loads in flight at once), then each row's 72 chunks over the lanes (consecutive lanes on
-// consecutive 16 bytes).
-__device__ __forceinline__ void wg_issue_tile(u32 dst, const u64* pages, int tt0, int t1, int warp, int lane) {
-    constexpr int chunks = WG_MW / 8;  // 16-byte chunks of a row
-    const u8* rows[16];
-    #pragma unroll
-    for (int i = 0; i < 16; i++) {
-        const int tok = min(tt0 + warp * 16 + i, t1 - 1);
-        const int p = tok / KV_PT;
-        rows[i] = (const u8*)pages[p] + (size_t)(tok - p * KV_PT) * KV_ROW;
-    }
-    #pragma unroll
-    for (int i = 0; i < 16; i++) {
-        const int r = warp * 16 + i;
-        const int n = tt0 + r < t1 ? 16 : 0;
-        #pragma unroll
-        for (int k = lane; k < chunks; k += 32) {
-            const u32 d = dst + (k >> 3) * (WG_BN * 128) + r * 128 + (((k ^ r) & 7) << 4);
-            asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(rows[i] + k * 16), "r"(n));
-        }
-    }
-}
-
-// 2^x on the special-function unit (subnormal results flush to zero: P underflows to 0).
-__device__ __forceinline__ float ex2(float x) {
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-    return y;
-}
-
-// Issue S = Q·Kᵀ for a 64-token tile (36 k-steps; the caller commits and waits).
-__device__ __forceinline__ void wg_s(float* s, u32 q_s, u32 kt) {
-    wg_fence();
-    #pragma unroll
-    for (int kk = 0; kk < WG_MW / 16; kk++) {
-        const u32 off = (kk >> 2) * (64 * 128) + (kk & 3) * 32;
-        wgmma_n64(s, wg_desc(q_s + off, 16, 1024), wg_desc(kt + off, 16, 1024), kk > 0);
-    }
-}
-
 // Named barriers between the two warpgroups (one arrives, the other waits; 256 threads each).
 #define BAR_PFULL 2   // P and the rescale factors of tile j are written (warpgroup 0)
 #define BAR_PEMPTY 3  // warpgroup 1 is done reading P (and its half of V) of tile j
@@ -1135,6 +1094,54 @@ __device__ __forceinline__ void mbar_wait(u32 bar, int parity) {
         asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
                      : "=r"(done) : "r"(bar), "r"(parity) : "memory");
     } while (!done);
+}
+
+// Start copying tokens tt0..tt0+64 (clipped to t1; rows past it zero-filled) into a K tile;
+// the four warps of warpgroup 1 issue it, 16 rows each, column block by column block (a warp
+// instruction moves 4 rows × 128 bytes), and each thread arrives on the tile's mbarrier g once
+// its copies of the g-th third of the blocks have landed: S can start on the first blocks while the last
+// are still in flight.
+__device__ __forceinline__ void wg_issue_tile(u32 dst, u32 bars, const u64* pages, int tt0, int t1, int warp, int lane) {
+    const u8* rows[4];
+    #pragma unroll
+    for (int i = 0; i < 4; i++) {
+        const int tok = min(tt0 + warp * 16 + 4 * i + (lane >> 3), t1 - 1);
+        const int p = tok / KV_PT;
+        rows[i] = (const u8*)pages[p] + (size_t)(tok - p * KV_PT) * KV_ROW;
+    }
+    #pragma unroll
+    for (int blk = 0; blk < WG_KB; blk++) {
+        #pragma unroll
+        for (int i = 0; i < 4; i++) {
+            const int r = warp * 16 + 4 * i + (lane >> 3), k = blk * 8 + (lane & 7);
+            const int n = tt0 + r < t1 ? 16 : 0;
+            const u32 d = dst + blk * (WG_BN * 128) + r * 128 + (((k ^ r) & 7) << 4);
+            asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(rows[i] + k * 16), "r"(n));
+        }
+        if (blk % (WG_KB / 3) == WG_KB / 3 - 1) cp_arrive(bars + 8 * (blk / (WG_KB / 3)));
+    }
+}
+
+// 2^x on the special-function unit (subnormal results flush to zero: P underflows to 0).
+__device__ __forceinline__ float ex2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
+// Issue S = Q·Kᵀ for a 64-token tile (36 k-steps; the caller commits and waits), each group of
+// three column blocks once its mbarrier says it landed.
+__device__ __forceinline__ void wg_s(float* s, u32 q_s, u32 kt, u32 bars, int parity) {
+    wg_fence();
+    #pragma unroll
+    for (int kk = 0; kk < WG_MW / 16; kk++) {
+        if (kk % (WG_MW / 48) == 0) {
+            mbar_wait(bars + 8 * (kk / (WG_MW / 48)), parity);
+            fence_async_smem();
+        }
+        const u32 off = (kk >> 2) * (64 * 128) + (kk & 3) * 32;
+        wgmma_n64(s, wg_desc(q_s + off, 16, 1024), wg_desc(kt + off, 16, 1024), kk > 0);
+    }
 }
 
 // Per tile j: warpgroup 0 waits for K(j), computes S and the softmax, waits until warpgroup 1
@@ -1157,9 +1164,9 @@ extern "C" __global__ void __launch_bounds__(256, 1) mla_wgmma(
     float* alpha = (float*)(Pg + WG_PBYTES);   // [64] rescale factor of each row this tile
     float* rows_l = alpha + 64;                // [64] final sums
     float* rows_m = rows_l + 64;               // [64] final maxima
-    // Two mbarriers (K tile buffer 0 and 1 full): each of warpgroup 1's threads arrives when its
-    // copies into the buffer have landed (cp.async.mbarrier.arrive), so warpgroup 0 waits for the
-    // data itself, not for warpgroup 1 to reach a point in its program.
+    // Six mbarriers (K tile buffer 0 and 1, column blocks 0-2, 3-5, 6-8 landed): each of
+    // warpgroup 1's threads arrives when its copies have landed (cp.async.mbarrier.arrive), so
+    // warpgroup 0 waits for the data itself, not for warpgroup 1 to reach a point in its program.
     const u32 kfull = base_s + 3 * WG_QBYTES + WG_PBYTES + 3 * 64 * 4;
 
     const int wi = blockIdx.x, hb = blockIdx.y;
@@ -1171,14 +1178,10 @@ extern "C" __global__ void __launch_bounds__(256, 1) mla_wgmma(
     const u64* pages = page_ptrs + seq_page0[b];
     const int ntiles = (t1 - t0 + WG_BN - 1) / WG_BN;
 
-    if (tid == 0) {
-        mbar_init(kfull, 128);
-        mbar_init(kfull + 8, 128);
-    }
+    if (tid < 6) mbar_init(kfull + 8 * tid, 128);
     __syncthreads();
     if (wg == 1 && ntiles > 0) {
-        wg_issue_tile(k_s, pages, t0, t1, warp, lane);
-        cp_arrive(kfull);
+        wg_issue_tile(k_s, kfull, pages, t0, t1, warp, lane);
     }
     // Query rows (scaled after the product, rounded to bf16); heads past q_heads are zero.
     #pragma unroll 6
@@ -1202,9 +1205,7 @@ extern "C" __global__ void __launch_bounds__(256, 1) mla_wgmma(
         // tile j (P from registers), so the tensor cores have both queued.
         float s[32];
         if (ntiles > 0) {
-            mbar_wait(kfull, 0);
-            fence_async_smem();
-            wg_s(s, q_s, k_s);
+            wg_s(s, q_s, k_s, kfull, 0);
             wg_commit();
             wg_wait0();
             wg_keep(s, 32);
@@ -1289,12 +1290,10 @@ extern "C" __global__ void __launch_bounds__(256, 1) mla_wgmma(
             fence_async_smem();
             bar_arrive(BAR_PFULL);
             if (j + 1 < ntiles) {
-                mbar_wait(kfull + 8 * ((j + 1) & 1), ((j + 1) >> 1) & 1);
-                fence_async_smem();
                 #pragma unroll
                 for (int i = 0; i < 32; i++) s[i] = 0.f;
                 wg_keep(s, 32);
-                wg_s(s, q_s, k_s + ((j + 1) & 1) * WG_QBYTES);
+                wg_s(s, q_s, k_s + ((j + 1) & 1) * WG_QBYTES, kfull + 24 * ((j + 1) & 1), ((j + 1) >> 1) & 1);
                 wg_commit();
                 asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");  // P·V of tile j
                 wg_keep(o, 128);
@@ -1310,8 +1309,8 @@ extern "C" __global__ void __launch_bounds__(256, 1) mla_wgmma(
             const bool next = j + 1 < ntiles;
             if (next) {
                 if (j > 0) bar_wait(BAR_KEMPTY);
-                wg_issue_tile(k_s + ((j + 1) & 1) * WG_QBYTES, pages, t0 + (j + 1) * WG_BN, t1, warp, lane);
-                cp_arrive(kfull + 8 * ((j + 1) & 1));
+                wg_issue_tile(k_s + ((j + 1) & 1) * WG_QBYTES, kfull + 24 * ((j + 1) & 1), pages,
+                              t0 + (j + 1) * WG_BN, t1, warp, lane);
             }
             bar_wait(BAR_PFULL);
             const float al0 = alpha[r0], al1 = alpha[r1];

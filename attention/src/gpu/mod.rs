@@ -782,15 +782,15 @@ impl Kernel {
             // sm_90a); every other codec or GPU, or `KVCACHE_GPU_MLA=mma`, on `mma.sync`.
             let wgmma = gpu.cc == (9, 0)
                 && l.codec == Codec::Bf16
-                && dr.is_multiple_of(64)
+                && (dl + dr).is_multiple_of(192)
                 && std::env::var("KVCACHE_GPU_MLA").map_or(true, |v| v != "mma");
             let (decode, name, hb, bn, smem) = if wgmma {
                 defs.push(("KV_WG", 1));
                 let decode = gpu.module(&defs, true)?.load_function("mla_wgmma")?;
-                // The query, two K tiles, P (64 × 64 bf16), three floats per head, two mbarriers,
+                // The query, two K tiles, P (64 × 64 bf16), three floats per head, six mbarriers,
                 // and 1 KiB to align the swizzled operands.
                 let width = dl + dr;
-                let smem = 3 * 64 * width * 2 + 64 * 64 * 2 + 3 * 4 * 64 + 16 + 1024;
+                let smem = 3 * 64 * width * 2 + 64 * 64 * 2 + 3 * 4 * 64 + 48 + 1024;
                 (decode, "mla-wgmma", 64usize, 64usize, smem)
             } else {
                 let decode = gpu.function(&defs, "mla_decode")?;
