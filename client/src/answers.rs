@@ -169,8 +169,11 @@ pub struct SequenceResult {
     pub status: SequenceStatus,
     /// Why, when not OK.
     pub message: String,
-    /// `[q_heads][v width]` f32 little-endian (empty unless OK); see [`Self::output_f32`].
+    /// `[q_heads][v width]` in [`Self::output_dtype`], little-endian (empty unless OK); see
+    /// [`Self::output_f32`].
     pub output: Bytes,
+    /// The encoding of `output`: the request's `vector_dtype`.
+    pub output_dtype: pb::VectorDtype,
     /// Natural-log log-sum-exp of the scaled scores, per query head.
     pub lse: Vec<f32>,
     /// Tokens attended to.
@@ -178,9 +181,10 @@ pub struct SequenceResult {
 }
 
 impl SequenceResult {
-    /// The output as f32 values (empty unless OK, or when its length is no whole number of f32).
+    /// The output as f32 values, widened from bf16 when the request asked for it (empty unless
+    /// OK, or when its length is no whole number of values).
     pub fn output_f32(&self) -> Vec<f32> {
-        kvcache_proto::f32le::from_bytes(&self.output).unwrap_or_default()
+        self.output_dtype.decode(&self.output).unwrap_or_default()
     }
 }
 
@@ -191,6 +195,7 @@ impl From<pb::DecodeResult> for SequenceResult {
             sequence_id: r.sequence_id,
             message: r.message,
             output: r.output,
+            output_dtype: pb::VectorDtype::F32,
             lse: r.lse,
             context_tokens: r.context_tokens,
         }

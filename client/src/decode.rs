@@ -29,6 +29,7 @@ impl Client {
                 items: idx.iter().map(|&i| req.items[i].clone()).collect(),
                 softmax_scale: req.softmax_scale,
                 sinks: req.sinks.clone(),
+                vector_dtype: req.vector_dtype,
             };
             let mut c = self.worker(&info)?;
             let r = self.req(sub);
@@ -53,11 +54,14 @@ impl Client {
                 results[i] = Some(res);
             }
         }
+        // An unknown encoding was refused by the worker; none reaches here.
+        let dtype = pb::VectorDtype::try_from(req.vector_dtype).unwrap_or(pb::VectorDtype::F32);
         let missing = |i: usize| SequenceResult {
             sequence_id: req.items[i].sequence_id.clone(),
             status: SequenceStatus::Unknown(0),
             message: "no worker answered for this sequence".into(),
             output: Bytes::new(),
+            output_dtype: dtype,
             lse: Vec::new(),
             context_tokens: 0,
         };
@@ -65,7 +69,7 @@ impl Client {
             results: results
                 .into_iter()
                 .enumerate()
-                .map(|(i, r)| r.map_or_else(|| missing(i), SequenceResult::from))
+                .map(|(i, r)| r.map_or_else(|| missing(i), |r| SequenceResult { output_dtype: dtype, ..r.into() }))
                 .collect(),
             stats,
         })

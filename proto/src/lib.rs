@@ -5,7 +5,8 @@
 //!   decoded page payload is a slice of the receive buffer, not a copy.
 //! - [`FILE_DESCRIPTOR_SET`]: the encoded descriptor set, served by gRPC reflection.
 //! - [`metadata`]: names of the request metadata and trailers the contract defines.
-//! - [`f32le`]: the contract's encoding of f32 vectors (queries, outputs) as little-endian bytes.
+//! - [`f32le`], [`bf16le`]: the contract's encodings of vectors (queries, outputs) as
+//!   little-endian bytes (`DecodeRequest.vector_dtype` picks one for a decode call).
 //!
 //! Validation of these messages into domain types lives in `kvcache-core`, not here.
 
@@ -80,6 +81,63 @@ pub mod f32le {
     }
 }
 
+/// Decode-call vectors as little-endian bfloat16 (`VECTOR_DTYPE_BF16`).
+pub mod bf16le {
+    use bytes::Bytes;
+
+    /// Encode `v` rounded to the nearest bf16 (ties to even; NaN stays NaN).
+    pub fn to_bytes(v: &[f32]) -> Bytes {
+        let mut out = Vec::with_capacity(v.len() * 2);
+        for x in v {
+            out.extend_from_slice(&half::bf16::from_f32(*x).to_le_bytes());
+        }
+        Bytes::from(out)
+    }
+
+    /// Decode into `out` (cleared first), each value widened exactly to f32; `None` when the
+    /// length is odd.
+    pub fn decode_into(b: &[u8], out: &mut Vec<f32>) -> Option<()> {
+        if !b.len().is_multiple_of(2) {
+            return None;
+        }
+        out.clear();
+        out.extend(b.chunks_exact(2).map(|c| f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16)));
+        Some(())
+    }
+
+    /// Decode; `None` when the length is odd.
+    pub fn from_bytes(b: &[u8]) -> Option<Vec<f32>> {
+        let mut v = Vec::new();
+        decode_into(b, &mut v).map(|()| v)
+    }
+}
+
+impl v1::VectorDtype {
+    /// Bytes of one value.
+    pub fn width(self) -> usize {
+        match self {
+            v1::VectorDtype::F32 => 4,
+            v1::VectorDtype::Bf16 => 2,
+        }
+    }
+
+    /// Encode `v` in this encoding.
+    pub fn encode(self, v: &[f32]) -> bytes::Bytes {
+        match self {
+            v1::VectorDtype::F32 => f32le::to_bytes(v),
+            v1::VectorDtype::Bf16 => bf16le::to_bytes(v),
+        }
+    }
+
+    /// Decode; `None` when the length is no whole number of values.
+    pub fn decode(self, b: &[u8]) -> Option<Vec<f32>> {
+        match self {
+            v1::VectorDtype::F32 => f32le::from_bytes(b),
+            v1::VectorDtype::Bf16 => bf16le::from_bytes(b),
+        }
+    }
+}
+
 impl v1::DecodeItem {
     /// An item for `sequence_id` with `query` encoded as the contract's f32 bytes.
     pub fn with_query(sequence_id: impl Into<String>, query: &[f32]) -> Self {
@@ -100,6 +158,25 @@ mod tests {
     use super::v1;
     use bytes::Bytes;
     use prost::Message;
+
+    #[test]
+    fn bf16_vectors_round_to_nearest_even_and_widen_exactly() {
+        use super::{bf16le, v1::VectorDtype};
+        // 1 + 2^-8 is halfway between two bf16 values: ties go to the even one (1.0); a hair
+        // above rounds up; bf16 values and NaN survive; widening is exact.
+        let v = [1.0 + 2f32.powi(-8), 1.0 + 2f32.powi(-8) + 2f32.powi(-20), -3.5, f32::NAN, 0.0];
+        let b = bf16le::to_bytes(&v);
+        assert_eq!(b.len(), 10);
+        let w = bf16le::from_bytes(&b).unwrap();
+        assert_eq!(w[0], 1.0);
+        assert_eq!(w[1], 1.0 + 2f32.powi(-7));
+        assert_eq!(w[2], -3.5);
+        assert!(w[3].is_nan());
+        assert_eq!(w[4], 0.0);
+        assert!(bf16le::from_bytes(&b[1..]).is_none());
+        assert_eq!(VectorDtype::Bf16.decode(&VectorDtype::Bf16.encode(&w)).unwrap()[2], -3.5);
+        assert_eq!(VectorDtype::F32.encode(&v[..2]).len(), 2 * VectorDtype::F32.width());
+    }
 
     #[test]
     fn page_payload_decodes_as_a_slice_of_the_buffer() {

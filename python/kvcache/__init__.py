@@ -827,27 +827,35 @@ class Client:
         return self._decode(ns, layer, wire, worker_pb.DecodeRequest(softmax_scale=scale), shape)
 
     def decode(self, namespace: str, layer: int, items: Sequence[tuple], softmax_scale: float = 0.0,
-               sinks: Optional[np.ndarray] = None) -> list:
+               sinks: Optional[np.ndarray] = None, vector_dtype: str = "f32") -> list:
         """One decode step for one layer. items: (sequence_id, query [q_heads, qk_width] float32,
         optional new token kv [planes, 1, width] uint16[, indexer query [heads, dim] float32,
         indexer weights [heads] float32, new indexer key bytes]) — the last three for sparse MLA
         (DeepSeek-V3.2) layers. `sinks`: the layer's sink logit per query head, for models with
-        attention sinks (gpt-oss). A sliding-window or chunked layer attends to its window."""
+        attention sinks (gpt-oss). A sliding-window or chunked layer attends to its window.
+        `vector_dtype="bf16"` sends the queries and receives the outputs as bfloat16 (half the
+        bytes; queries rounded to nearest even here, outputs by the worker), returned as float32."""
+        if vector_dtype not in ("f32", "bf16"):
+            raise ValueError(f"vector_dtype must be 'f32' or 'bf16', not {vector_dtype!r}")
         ns = self.namespace(namespace)
         f = lambda a: np.ascontiguousarray(a, dtype=np.float32).ravel().astype("<f4").tobytes()  # noqa: E731
+        q = (lambda a: to_bf16(a).ravel().astype("<u2").tobytes()) if vector_dtype == "bf16" else f  # noqa: E731
         wire = []
         for it in items:
             new_kv = self._payload(ns, it[2]) if len(it) > 2 and it[2] is not None else b""
-            d = worker_pb.DecodeItem(sequence_id=it[0], query=f(it[1]), new_kv=new_kv)
+            d = worker_pb.DecodeItem(sequence_id=it[0], query=q(it[1]), new_kv=new_kv)
             if len(it) > 4:
                 d.index_query, d.index_weights = f(it[3]), f(it[4])
             if len(it) > 5 and it[5] is not None:
                 d.new_index_key = bytes(it[5])
             wire.append(d)
-        req = worker_pb.DecodeRequest(softmax_scale=softmax_scale, sinks=f(sinks) if sinks is not None else b"")
+        req = worker_pb.DecodeRequest(softmax_scale=softmax_scale, sinks=f(sinks) if sinks is not None else b"",
+                                      vector_dtype=worker_pb.VECTOR_DTYPE_BF16 if vector_dtype == "bf16"
+                                      else worker_pb.VECTOR_DTYPE_F32)
         return self._decode(ns, layer, wire, req, (ns.q_heads, ns.v_width))
 
     def _decode(self, ns: Namespace, layer: int, wire: list, base, shape) -> list:
+        # Outputs come back in base.vector_dtype (decode_linear leaves it f32).
         namespace = ns.name
         if not self._workers:
             self.refresh()
@@ -868,7 +876,11 @@ class Client:
             resp = self._call(stub.Decode, req)
             for (idx, _), r in zip(group, resp.results):
                 ok = r.status == worker_pb.SEQUENCE_STATUS_OK
-                out = np.frombuffer(r.output, dtype="<f4").astype(np.float32) if ok else None
+                out = None
+                if ok and base.vector_dtype == worker_pb.VECTOR_DTYPE_BF16:
+                    out = from_bf16(np.frombuffer(r.output, dtype="<u2"))
+                elif ok:
+                    out = np.frombuffer(r.output, dtype="<f4").astype(np.float32)
                 results[idx] = DecodeResult(
                     sequence_id=r.sequence_id, ok=ok, status=worker_pb.SequenceStatus.Name(r.status),
                     output=out.reshape(shape) if ok and shape else out,

@@ -101,6 +101,17 @@ def test_decode_through_the_worker_matches_float64(client):
         err = np.linalg.norm(r.output - want) / np.linalg.norm(want)
         assert err < 1e-5, (step, err)
     assert client.append("py.dec", "s", 0, tok) == kv.shape[1] + 1
+    # bf16 queries and outputs: the reference attends with the rounded query; the output is
+    # rounded once (relative error ≤ 2^-9 per value).
+    q = rng.standard_normal((ns.q_heads, ns.width)).astype(np.float32)
+    (r,) = client.decode("py.dec", 0, [("s", q)], vector_dtype="bf16")
+    assert r.ok, r.message
+    kv = np.concatenate([kv, tok], axis=1)
+    want = reference(ns, kvcache.from_bf16(kvcache.to_bf16(q)), kv)
+    err = np.linalg.norm(r.output - want) / np.linalg.norm(want)
+    assert r.output.dtype == np.float32 and err < 2e-3, err
+    with pytest.raises(ValueError):
+        client.decode("py.dec", 0, [("s", q)], vector_dtype="f16")
 
 
 def test_misses_and_bad_input(client):

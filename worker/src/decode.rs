@@ -29,6 +29,8 @@ pub(crate) struct Parsed {
     /// One per item, in request order.
     pub(crate) seqs: Vec<SequenceKey>,
     pub(crate) queries: Vec<Vec<f32>>,
+    /// How queries came and outputs go.
+    pub(crate) dtype: pb::VectorDtype,
 }
 
 /// What the kernel answered for one sequence (by its index in the request).
@@ -68,7 +70,7 @@ impl Worker {
         let t_compute = Instant::now();
         let computed = self.compute(&mut parsed, &fetched).await?;
         stats.compute_micros = t_compute.elapsed().as_micros() as u64;
-        let results = respond(&req.items, &mut fetched, computed);
+        let results = respond(&req.items, &mut fetched, computed, parsed.dtype);
         self.counters.sequences.fetch_add(req.items.len() as u64, Ordering::Relaxed);
         self.export_metrics(&results, stats.bytes_pulled);
         // Pull the next layer's pages while the engine works on this one.
@@ -96,6 +98,7 @@ impl Worker {
             )
         })?;
         kvcache_core::validate::layer(&ns, req.layer).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let dtype = vector_dtype(req)?;
         let kind = ns.model.layer(req.layer);
         match kind {
             LayerKind::None => {
@@ -182,16 +185,26 @@ impl Worker {
             if let Some(ix) = ns.model.indexer {
                 index.push(Arc::new(sparse_inputs(i, req.layer, &ix, it)?));
             }
-            if it.query.len() != shape.q_len() * 4 {
+            if it.query.len() != shape.q_len() * dtype.width() {
+                let other = match dtype {
+                    pb::VectorDtype::F32 => pb::VectorDtype::Bf16,
+                    pb::VectorDtype::Bf16 => pb::VectorDtype::F32,
+                };
+                let hint = if it.query.len() == shape.q_len() * other.width() {
+                    format!("; that is the size of a {} query: is vector_dtype set?", dtype_name(other))
+                } else {
+                    String::new()
+                };
                 return Err(Status::invalid_argument(format!(
-                    "item {i}: query has {} bytes, expected {} ({} heads × {} f32, little-endian)",
+                    "item {i}: query has {} bytes, expected {} ({} heads × {} {}, little-endian){hint}",
                     it.query.len(),
-                    shape.q_len() * 4,
+                    shape.q_len() * dtype.width(),
                     shape.q_heads,
-                    shape.qk_width
+                    shape.qk_width,
+                    dtype_name(dtype)
                 )));
             }
-            let q = kvcache_proto::f32le::from_bytes(&it.query).unwrap_or_default();
+            let q = dtype.decode(&it.query).unwrap_or_default();
             if let Some(j) = q.iter().position(|x| !x.is_finite()) {
                 return Err(Status::invalid_argument(format!(
                     "item {i} (sequence {:?}): query value {j} is {} (every value must be finite)",
@@ -225,7 +238,7 @@ impl Worker {
             }
             seqs.push(seq);
         }
-        Ok(Parsed { ns, layer: req.layer, shape, sinks, index, seqs, queries })
+        Ok(Parsed { ns, layer: req.layer, shape, sinks, index, seqs, queries, dtype })
     }
 
     /// Write the step's new tokens through to every owner: one AppendBatch per owning node.
@@ -418,6 +431,7 @@ fn respond(
     items: &[pb::DecodeItem],
     fetched: &mut [Result<Fetched, SeqFailure>],
     computed: Vec<Computed>,
+    dtype: pb::VectorDtype,
 ) -> Vec<pb::DecodeResult> {
     // The query was checked at parse: what the kernel refuses now is that sequence's data.
     for c in &computed {
@@ -447,10 +461,25 @@ fn respond(
         let r = &mut results[c.item];
         r.context_tokens =
             fetched[c.item].as_ref().map_or(0, |f| f.pages.iter().map(|p| p.1 as u64).sum::<u64>() - f.skip as u64);
-        r.output = kvcache_proto::f32le::to_bytes(&c.output);
+        r.output = dtype.encode(&c.output);
         r.lse = c.lse;
     }
     results
+}
+
+/// The request's vector encoding; an unknown value is refused.
+pub(crate) fn vector_dtype(req: &pb::DecodeRequest) -> Result<pb::VectorDtype, Status> {
+    pb::VectorDtype::try_from(req.vector_dtype).map_err(|_| {
+        Status::invalid_argument(format!("vector_dtype {} is not a known encoding (0: f32, 1: bf16)", req.vector_dtype))
+    })
+}
+
+/// "f32" or "bf16", for messages.
+pub(crate) fn dtype_name(d: pb::VectorDtype) -> &'static str {
+    match d {
+        pb::VectorDtype::F32 => "f32",
+        pb::VectorDtype::Bf16 => "bf16",
+    }
 }
 
 /// A sparse MLA item's indexer query and weights, checked; and its new indexer key beside its

@@ -41,6 +41,8 @@ impl Worker {
     ) -> Result<pb::DecodeResponse, Status> {
         let started = Instant::now();
         let layer = req.layer;
+        // The step's inputs stay f32; the output comes back in the request's encoding.
+        let dtype = crate::decode::vector_dtype(req)?;
         let scale = match req.softmax_scale {
             0.0 => 1.0 / (spec.head_k_dim as f32).sqrt(),
             s if s.is_finite() && s > 0.0 => s,
@@ -124,7 +126,7 @@ impl Worker {
             match r {
                 Ok((out, pulled)) => {
                     res.status = pb::SequenceStatus::Ok as i32;
-                    res.output = kvcache_proto::f32le::to_bytes(&out);
+                    res.output = dtype.encode(&out);
                     stats.bytes_pulled += pulled;
                     stats.pages_pulled += ns.state_pages(layer) as u64;
                 }

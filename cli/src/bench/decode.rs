@@ -39,6 +39,10 @@ pub struct Args {
     /// Models to run (llama-3-8b, deepseek-v3).
     #[arg(long, value_delimiter = ',', default_value = "llama-3-8b,deepseek-v3")]
     models: Vec<String>,
+    /// How queries and outputs travel (`DecodeRequest.vector_dtype`): `bf16`, what an engine's
+    /// activations are, or `f32`.
+    #[arg(long, default_value = "bf16", value_parser = ["bf16", "f32"])]
+    wire: String,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -47,6 +51,8 @@ pub struct Args {
 #[derive(Serialize)]
 struct ModelRow {
     model: String,
+    /// The encoding of queries and outputs on the wire.
+    wire: String,
     kernel_ms: f64,
     warm_step_ms: f64,
     /// Where a warm step's time goes inside the worker: appends, lookups and cache reads
@@ -116,6 +122,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 }
                 groups.push(v);
             }
+            let dtype = if a.wire == "f32" { pb::VectorDtype::F32 } else { pb::VectorDtype::Bf16 };
             let req = |g: &mut Vec<(SequenceKey, Mirror)>, rng: &mut Rng, append: bool| {
                 let items = g
                     .iter_mut()
@@ -124,10 +131,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                         if append {
                             m.append(&ns, &tok);
                         }
-                        pb::DecodeItem { sequence_id: k.sequence_id.clone(), query: kvcache_proto::f32le::to_bytes(&rng.vec(shape.q_len(), 1.0)), new_kv: Bytes::from(tok), new_token_id: None, ..Default::default() }
+                        pb::DecodeItem { sequence_id: k.sequence_id.clone(), query: dtype.encode(&rng.vec(shape.q_len(), 1.0)), new_kv: Bytes::from(tok), new_token_id: None, ..Default::default() }
                     })
                     .collect();
-                pb::DecodeRequest { namespace: name.clone(), layer: 0, items, softmax_scale: 0.0, ..Default::default() }
+                pb::DecodeRequest { namespace: name.clone(), layer: 0, items, softmax_scale: 0.0, vector_dtype: dtype as i32, ..Default::default() }
             };
             // Cold: the first call on a batch nobody has read, then the node-get baseline on the
             // same pages straight from the nodes (8 tasks of 16-page requests, as `bench node`).
@@ -205,6 +212,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             let (cold_fetch, node_get) = (median(cold_rate), median(node_rate));
             let row = ModelRow {
                 model: preset.into(),
+                wire: a.wire.clone(),
                 kernel_ms: k,
                 warm_step_ms: w,
                 warm_fetch_ms: median(warm_fetch),
@@ -216,8 +224,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 cold_fetch_vs_node_get: median(ratio),
             };
             eprintln!(
-                "{preset}: kernel {:.2} ms, warm step {:.2} ms ({:.2}×; worker fetch {:.2} + compute {:.2} ms), cold step {:.1} ms, cold fetch {:.2} GB/s vs node get {:.2} GB/s ({:.2}×)",
-                row.kernel_ms, row.warm_step_ms, row.warm_step_over_kernel, row.warm_fetch_ms, row.warm_compute_ms, row.cold_step_ms, cold_fetch / 1e9, node_get / 1e9, row.cold_fetch_vs_node_get
+                "{preset}: kernel {:.2} ms, warm step {:.2} ms ({:.2}×; worker fetch {:.2} + compute {:.2} ms; {} queries and outputs), cold step {:.1} ms, cold fetch {:.2} GB/s vs node get {:.2} GB/s ({:.2}×)",
+                row.kernel_ms, row.warm_step_ms, row.warm_step_over_kernel, row.warm_fetch_ms, row.warm_compute_ms, row.wire, row.cold_step_ms, cold_fetch / 1e9, node_get / 1e9, row.cold_fetch_vs_node_get
             );
             rows.push(row);
         }
