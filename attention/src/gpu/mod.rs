@@ -10,16 +10,18 @@
 //! - Pages live in device memory ([`DevicePages`]) in exactly the byte layout the cache nodes
 //!   store (`core/src/layout.rs`); a decode takes, per sequence, the query, its pages in order
 //!   (all but the last full) and the tokens to skip (a window), like [`crate::BatchItem`].
-//! - GQA/MHA/MQA (`gqa_decode`, CUDA cores, every codec) is memory-bound: each block streams one
-//!   KV head's rows of one range of tokens once for all the query heads of its group. MLA
-//!   (`mla_decode`) is compute-bound at 128 heads and runs on tensor cores (`mma.sync` bf16, f32
-//!   accumulation; fp8/int8 latents widened to bf16 in shared memory, exactly). Long contexts are
-//!   split over blocks (split-K) and merged by `merge_partials` with the exact log-sum-exp rule
-//!   of [`crate::merge`].
+//! - GQA/MHA/MQA is memory-bound: each block streams one KV head's rows of one range of tokens
+//!   once for all the query heads of its group (`gqa_mma` on tensor cores for bf16/fp8 pages,
+//!   `gqa_decode` on CUDA cores for the rest). MLA is compute-bound at 128 heads and runs on tensor
+//!   cores: `mla_wgmma` (Hopper's warpgroup MMA, compiled for `sm_90a`; bf16 pages), else
+//!   `mla_decode` (`mma.sync`, f32 accumulation; fp8/int8 latents widened to bf16 in shared
+//!   memory, exactly). Long contexts are split over blocks (split-K) and merged by
+//!   `merge_partials` with the exact log-sum-exp rule of [`crate::merge`].
 //!
 //! Precision, per path (checked against the float64 reference in `tests/gpu.rs`):
-//! - GQA accumulates in f32 from f32 operands, like the CPU: ≤ 1e-5 relative L2 (measured
-//!   3–5e-7 on the H200 for every codec).
+//! - GQA accumulates in f32: on CUDA cores from f32 operands, like the CPU; on tensor cores from
+//!   the query and P split into two bf16 parts each (products exact to 2^-17). ≤ 1e-5 relative L2
+//!   (measured 3–5e-7 and 3–6e-6 on the H200).
 //! - MLA multiplies bf16 (f16 pages: f16) operands with f32 accumulation: the query goes in
 //!   rounded to bf16 (exact for the bf16 queries a bf16 engine sends; the softmax scale is applied
 //!   to the f32 scores after the product) and the probabilities P are rounded to bf16 for P·V.
