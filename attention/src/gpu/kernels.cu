@@ -999,8 +999,7 @@ __device__ __forceinline__ u32 swz(int r, int c) {
     "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
     "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
 #define WG_REGS128 \
-    "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
-    "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
+    WG_REGS32 ", " \
     "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
     "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, " \
     "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, " \
@@ -1008,10 +1007,7 @@ __device__ __forceinline__ u32 swz(int r, int c) {
     "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, " \
     "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"
 #define WG_OUTS128(d) \
-    "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
-    "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
-    "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
-    "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), \
+    WG_OUTS32(d), \
     "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), \
     "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), \
     "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), \
@@ -1105,6 +1101,20 @@ __device__ __forceinline__ float ex2(float x) {
     float y;
     asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
     return y;
+}
+
+// O's rows scaled by their factor of this tile (rows g and g+8 of the warp's 16). Once the row
+// maxima settle, most tiles change none of a warp's rows: the multiplications by 1 are skipped.
+__device__ __forceinline__ void wg_rescale(float* o, float al0, float al1) {
+    if (__any_sync(0xffffffffu, al0 != 1.f || al1 != 1.f)) {
+        #pragma unroll
+        for (int i = 0; i < 32; i++) {
+            o[4 * i] *= al0;
+            o[4 * i + 1] *= al0;
+            o[4 * i + 2] *= al1;
+            o[4 * i + 3] *= al1;
+        }
+    }
 }
 
 // Issue S = Q·Kᵀ for a 64-token tile (36 k-steps; the caller commits and waits), each group of
@@ -1235,17 +1245,7 @@ extern "C" __global__ void __launch_bounds__(256, 1) mla_wgmma(
             }
             l0 = l0 * al0 + rs0;  // this thread's columns; the quad sums at the end
             l1 = l1 * al1 + rs1;
-            // Once the row maxima settle, most tiles change none of this warp's: skip the
-            // multiplications by 1.
-            if (__any_sync(0xffffffffu, al0 != 1.f || al1 != 1.f)) {
-                #pragma unroll
-                for (int i = 0; i < 32; i++) {
-                    o[4 * i] *= al0;
-                    o[4 * i + 1] *= al0;
-                    o[4 * i + 2] *= al1;
-                    o[4 * i + 3] *= al1;
-                }
-            }
+            wg_rescale(o, al0, al1);
             // O[:, 0..256] += P·V (V: the tile's latent read N-major, column blocks 0..4).
             wg_keep(o, 128);
             wg_fence();
@@ -1292,15 +1292,7 @@ extern "C" __global__ void __launch_bounds__(256, 1) mla_wgmma(
             }
             bar_wait(BAR_PFULL);
             const float al0 = alpha[r0], al1 = alpha[r1];
-            if (__any_sync(0xffffffffu, al0 != 1.f || al1 != 1.f)) {
-                #pragma unroll
-                for (int i = 0; i < 32; i++) {
-                    o[4 * i] *= al0;
-                    o[4 * i + 1] *= al0;
-                    o[4 * i + 2] *= al1;
-                    o[4 * i + 3] *= al1;
-                }
-            }
+            wg_rescale(o, al0, al1);
             // O[:, 256..512] += P·V (column blocks 4..8 of the tile).
             wg_keep(o, 128);
             wg_fence();
