@@ -104,6 +104,8 @@ async fn decode_through_the_worker_matches_the_reference_and_warm_steps_pull_o1_
                     assert!(e <= tol, "{name} step {step} layer {layer} seq {i} {dtype:?}: rel L2 {e:e}");
                 }
                 let stats = r.stats;
+                // Every item appended a token: the write-through is timed, inside the fetch.
+                assert!(stats.append_micros > 0 && stats.append_micros <= stats.fetch_micros, "{stats:?}");
                 if step > 0 {
                     assert!(
                         stats.bytes_pulled <= 2 * page_bytes,

@@ -213,8 +213,10 @@ pub struct DecodeStats {
     pub pages_cached: u64,
     /// Attention compute time.
     pub compute_micros: u64,
-    /// Time to have every sequence's pages.
+    /// Time to have every sequence's pages (includes `append_micros`).
     pub fetch_micros: u64,
+    /// The write-through of the step's new tokens, until every owner answered.
+    pub append_micros: u64,
 }
 
 /// A decode step's answer: one result per item, in request order.

@@ -49,6 +49,7 @@ impl Client {
                 stats.pages_cached += s.pages_cached;
                 stats.compute_micros = stats.compute_micros.max(s.compute_micros);
                 stats.fetch_micros = stats.fetch_micros.max(s.fetch_micros);
+                stats.append_micros = stats.append_micros.max(s.append_micros);
             }
             for (i, res) in idx.into_iter().zip(r.results) {
                 results[i] = Some(res);

@@ -55,13 +55,16 @@ impl Worker {
             return self.decode_linear(&req, ns, spec).await;
         }
         let mut parsed = self.parse(&req).await?;
+        let t_append = Instant::now();
         let (appended, index_appended) = self.append(&parsed, &req.items).await;
+        let append_micros = t_append.elapsed().as_micros() as u64;
         let mut fetched = if parsed.ns.model.indexer.is_some() {
             self.fetch_sparse(&parsed, &req.items, appended, index_appended).await
         } else {
             self.fetch(&parsed, &req.items, appended).await
         };
-        let mut stats = pb::DecodeStats { fetch_micros: started.elapsed().as_micros() as u64, ..Default::default() };
+        let mut stats =
+            pb::DecodeStats { fetch_micros: started.elapsed().as_micros() as u64, append_micros, ..Default::default() };
         for f in fetched.iter().flatten() {
             stats.bytes_pulled += f.bytes;
             stats.pages_pulled += f.pulled;

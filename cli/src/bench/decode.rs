@@ -58,6 +58,8 @@ struct ModelRow {
     /// Where a warm step's time goes inside the worker: appends, lookups and cache reads
     /// (fetch), then the kernel (compute).
     warm_fetch_ms: f64,
+    /// Of the fetch: the write-through append of the step's tokens, until every owner answered.
+    warm_append_ms: f64,
     warm_compute_ms: f64,
     /// Median over the warm steps of (step ÷ kernel alone on the same batch, run right after).
     warm_step_over_kernel: f64,
@@ -179,7 +181,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             let opts = kvcache_attention::calibrate::options_for(&shape, std::thread::available_parallelism().map_or(1, |n| n.get()));
             let mut bufs: Vec<(Vec<f32>, Vec<f32>)> = (0..a.batch).map(|_| (vec![0f32; shape.out_len()], vec![0f32; shape.q_heads])).collect();
             let (mut warm, mut kern, mut warm_ratio) = (Vec::new(), Vec::new(), Vec::new());
-            let (mut warm_fetch, mut warm_compute) = (Vec::new(), Vec::new());
+            let (mut warm_fetch, mut warm_compute, mut warm_append) = (Vec::new(), Vec::new(), Vec::new());
             for _ in 0..a.steps {
                 let r = req(&mut groups[0], &mut rng, true);
                 let t = Instant::now();
@@ -187,6 +189,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 let w = t.elapsed().as_secs_f64() * 1e3;
                 let st = resp.stats;
                 warm_fetch.push(st.fetch_micros as f64 / 1e3);
+                warm_append.push(st.append_micros as f64 / 1e3);
                 warm_compute.push(st.compute_micros as f64 / 1e3);
                 anyhow::ensure!(resp.results.iter().all(|r| r.status == kvcache_client::SequenceStatus::Ok), "warm step missed");
                 let kv: Vec<Vec<KvPage>> = groups[0].iter().map(|(_, m)| m.pages.iter().map(|(p, n)| KvPage { payload: p, tokens: *n }).collect()).collect();
@@ -216,6 +219,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 kernel_ms: k,
                 warm_step_ms: w,
                 warm_fetch_ms: median(warm_fetch),
+                warm_append_ms: median(warm_append),
                 warm_compute_ms: median(warm_compute),
                 warm_step_over_kernel: median(warm_ratio),
                 cold_step_ms: median(cold_ms),
@@ -224,8 +228,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 cold_fetch_vs_node_get: median(ratio),
             };
             eprintln!(
-                "{preset}: kernel {:.2} ms, warm step {:.2} ms ({:.2}×; worker fetch {:.2} + compute {:.2} ms; {} queries and outputs), cold step {:.1} ms, cold fetch {:.2} GB/s vs node get {:.2} GB/s ({:.2}×)",
-                row.kernel_ms, row.warm_step_ms, row.warm_step_over_kernel, row.warm_fetch_ms, row.warm_compute_ms, row.wire, row.cold_step_ms, cold_fetch / 1e9, node_get / 1e9, row.cold_fetch_vs_node_get
+                "{preset}: kernel {:.2} ms, warm step {:.2} ms ({:.2}×; worker fetch {:.2} (append {:.2}) + compute {:.2} ms; {} queries and outputs), cold step {:.1} ms, cold fetch {:.2} GB/s vs node get {:.2} GB/s ({:.2}×)",
+                row.kernel_ms, row.warm_step_ms, row.warm_step_over_kernel, row.warm_fetch_ms, row.warm_append_ms, row.warm_compute_ms, row.wire, row.cold_step_ms, cold_fetch / 1e9, node_get / 1e9, row.cold_fetch_vs_node_get
             );
             rows.push(row);
         }

@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17kvcache/v1/worker.proto\x12\nkvcache.v1\"\xdd\x01\n\nDecodeItem\x12\x13\n\x0bsequence_id\x18\x01 \x01(\t\x12\r\n\x05query\x18\x05 \x01(\x0c\x12\x0e\n\x06new_kv\x18\x03 \x01(\x0c\x12\x19\n\x0cnew_token_id\x18\x04 \x01(\rH\x00\x88\x01\x01\x12\x13\n\x0bindex_query\x18\x06 \x01(\x0c\x12\x15\n\rindex_weights\x18\x07 \x01(\x0c\x12\x15\n\rnew_index_key\x18\x08 \x01(\x0c\x12&\n\x06linear\x18\t \x01(\x0b\x32\x16.kvcache.v1.LinearStepB\x0f\n\r_new_token_idJ\x04\x08\x02\x10\x03\"Z\n\nLinearStep\x12\t\n\x01q\x18\x01 \x01(\x0c\x12\t\n\x01k\x18\x02 \x01(\x0c\x12\t\n\x01v\x18\x03 \x01(\x0c\x12\t\n\x01g\x18\x04 \x01(\x0c\x12\x0c\n\x04\x62\x65ta\x18\x05 \x01(\x0c\x12\x12\n\nconv_input\x18\x06 \x01(\x0c\"\xad\x01\n\rDecodeRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\r\x12%\n\x05items\x18\x03 \x03(\x0b\x32\x16.kvcache.v1.DecodeItem\x12\x15\n\rsoftmax_scale\x18\x04 \x01(\x02\x12\r\n\x05sinks\x18\x05 \x01(\x0c\x12-\n\x0cvector_dtype\x18\x06 \x01(\x0e\x32\x17.kvcache.v1.VectorDtype\"\x9b\x01\n\x0c\x44\x65\x63odeResult\x12\x13\n\x0bsequence_id\x18\x01 \x01(\t\x12*\n\x06status\x18\x02 \x01(\x0e\x32\x1a.kvcache.v1.SequenceStatus\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x0e\n\x06output\x18\x07 \x01(\x0c\x12\x0b\n\x03lse\x18\x05 \x03(\x02\x12\x16\n\x0e\x63ontext_tokens\x18\x06 \x01(\x04J\x04\x08\x04\x10\x05\"}\n\x0b\x44\x65\x63odeStats\x12\x14\n\x0c\x62ytes_pulled\x18\x01 \x01(\x04\x12\x14\n\x0cpages_pulled\x18\x02 \x01(\x04\x12\x14\n\x0cpages_cached\x18\x03 \x01(\x04\x12\x16\n\x0e\x63ompute_micros\x18\x04 \x01(\x04\x12\x14\n\x0c\x66\x65tch_micros\x18\x05 \x01(\x04\"c\n\x0e\x44\x65\x63odeResponse\x12)\n\x07results\x18\x01 \x03(\x0b\x32\x18.kvcache.v1.DecodeResult\x12&\n\x05stats\x18\x02 \x01(\x0b\x32\x17.kvcache.v1.DecodeStats*:\n\x0bVectorDtype\x12\x14\n\x10VECTOR_DTYPE_F32\x10\x00\x12\x15\n\x11VECTOR_DTYPE_BF16\x10\x01*\xa3\x01\n\x0eSequenceStatus\x12\x1f\n\x1bSEQUENCE_STATUS_UNSPECIFIED\x10\x00\x12\x16\n\x12SEQUENCE_STATUS_OK\x10\x01\x12\x18\n\x14SEQUENCE_STATUS_MISS\x10\x02\x12 \n\x1cSEQUENCE_STATUS_WRITE_FAILED\x10\x03\x12\x1c\n\x18SEQUENCE_STATUS_BAD_DATA\x10\x04\x32R\n\x0f\x41ttentionWorker\x12?\n\x06\x44\x65\x63ode\x12\x19.kvcache.v1.DecodeRequest\x1a\x1a.kvcache.v1.DecodeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17kvcache/v1/worker.proto\x12\nkvcache.v1\"\xdd\x01\n\nDecodeItem\x12\x13\n\x0bsequence_id\x18\x01 \x01(\t\x12\r\n\x05query\x18\x05 \x01(\x0c\x12\x0e\n\x06new_kv\x18\x03 \x01(\x0c\x12\x19\n\x0cnew_token_id\x18\x04 \x01(\rH\x00\x88\x01\x01\x12\x13\n\x0bindex_query\x18\x06 \x01(\x0c\x12\x15\n\rindex_weights\x18\x07 \x01(\x0c\x12\x15\n\rnew_index_key\x18\x08 \x01(\x0c\x12&\n\x06linear\x18\t \x01(\x0b\x32\x16.kvcache.v1.LinearStepB\x0f\n\r_new_token_idJ\x04\x08\x02\x10\x03\"Z\n\nLinearStep\x12\t\n\x01q\x18\x01 \x01(\x0c\x12\t\n\x01k\x18\x02 \x01(\x0c\x12\t\n\x01v\x18\x03 \x01(\x0c\x12\t\n\x01g\x18\x04 \x01(\x0c\x12\x0c\n\x04\x62\x65ta\x18\x05 \x01(\x0c\x12\x12\n\nconv_input\x18\x06 \x01(\x0c\"\xad\x01\n\rDecodeRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\r\x12%\n\x05items\x18\x03 \x03(\x0b\x32\x16.kvcache.v1.DecodeItem\x12\x15\n\rsoftmax_scale\x18\x04 \x01(\x02\x12\r\n\x05sinks\x18\x05 \x01(\x0c\x12-\n\x0cvector_dtype\x18\x06 \x01(\x0e\x32\x17.kvcache.v1.VectorDtype\"\x9b\x01\n\x0c\x44\x65\x63odeResult\x12\x13\n\x0bsequence_id\x18\x01 \x01(\t\x12*\n\x06status\x18\x02 \x01(\x0e\x32\x1a.kvcache.v1.SequenceStatus\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x0e\n\x06output\x18\x07 \x01(\x0c\x12\x0b\n\x03lse\x18\x05 \x03(\x02\x12\x16\n\x0e\x63ontext_tokens\x18\x06 \x01(\x04J\x04\x08\x04\x10\x05\"\x94\x01\n\x0b\x44\x65\x63odeStats\x12\x14\n\x0c\x62ytes_pulled\x18\x01 \x01(\x04\x12\x14\n\x0cpages_pulled\x18\x02 \x01(\x04\x12\x14\n\x0cpages_cached\x18\x03 \x01(\x04\x12\x16\n\x0e\x63ompute_micros\x18\x04 \x01(\x04\x12\x14\n\x0c\x66\x65tch_micros\x18\x05 \x01(\x04\x12\x15\n\rappend_micros\x18\x06 \x01(\x04\"c\n\x0e\x44\x65\x63odeResponse\x12)\n\x07results\x18\x01 \x03(\x0b\x32\x18.kvcache.v1.DecodeResult\x12&\n\x05stats\x18\x02 \x01(\x0b\x32\x17.kvcache.v1.DecodeStats*:\n\x0bVectorDtype\x12\x14\n\x10VECTOR_DTYPE_F32\x10\x00\x12\x15\n\x11VECTOR_DTYPE_BF16\x10\x01*\xa3\x01\n\x0eSequenceStatus\x12\x1f\n\x1bSEQUENCE_STATUS_UNSPECIFIED\x10\x00\x12\x16\n\x12SEQUENCE_STATUS_OK\x10\x01\x12\x18\n\x14SEQUENCE_STATUS_MISS\x10\x02\x12 \n\x1cSEQUENCE_STATUS_WRITE_FAILED\x10\x03\x12\x1c\n\x18SEQUENCE_STATUS_BAD_DATA\x10\x04\x32R\n\x0f\x41ttentionWorker\x12?\n\x06\x44\x65\x63ode\x12\x19.kvcache.v1.DecodeRequest\x1a\x1a.kvcache.v1.DecodeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kvcache.v1.worker_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_VECTORDTYPE']._serialized_start=917
-  _globals['_VECTORDTYPE']._serialized_end=975
-  _globals['_SEQUENCESTATUS']._serialized_start=978
-  _globals['_SEQUENCESTATUS']._serialized_end=1141
+  _globals['_VECTORDTYPE']._serialized_start=941
+  _globals['_VECTORDTYPE']._serialized_end=999
+  _globals['_SEQUENCESTATUS']._serialized_start=1002
+  _globals['_SEQUENCESTATUS']._serialized_end=1165
   _globals['_DECODEITEM']._serialized_start=40
   _globals['_DECODEITEM']._serialized_end=261
   _globals['_LINEARSTEP']._serialized_start=263
@@ -43,10 +43,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DECODEREQUEST']._serialized_end=529
   _globals['_DECODERESULT']._serialized_start=532
   _globals['_DECODERESULT']._serialized_end=687
-  _globals['_DECODESTATS']._serialized_start=689
-  _globals['_DECODESTATS']._serialized_end=814
-  _globals['_DECODERESPONSE']._serialized_start=816
-  _globals['_DECODERESPONSE']._serialized_end=915
-  _globals['_ATTENTIONWORKER']._serialized_start=1143
-  _globals['_ATTENTIONWORKER']._serialized_end=1225
+  _globals['_DECODESTATS']._serialized_start=690
+  _globals['_DECODESTATS']._serialized_end=838
+  _globals['_DECODERESPONSE']._serialized_start=840
+  _globals['_DECODERESPONSE']._serialized_end=939
+  _globals['_ATTENTIONWORKER']._serialized_start=1167
+  _globals['_ATTENTIONWORKER']._serialized_end=1249
 # @@protoc_insertion_point(module_scope)
