@@ -139,6 +139,34 @@ __device__ __forceinline__ void mma16816(float* c, u32 a0, u32 a1, u32 a2, u32 a
 // L lanes holds one token's row (E elements per lane); a warp takes TPW tokens per slot and U
 // slots per iteration, so every lane has 2·U row chunks in flight before it computes. Each
 // (warp, token slot) keeps its own online softmax; the block merges them at the end.
+#ifdef KV_D
+// The end of a GQA block: NS online-softmax states of query row r (state s's max, sum and output
+// at sm_m[s·stride + r], sm_l[s·stride + r], sm_o[(s·stride + r)·KV_D + d]) merged into output dim d
+// of the work item's partial (normalized output, log2-LSE) for head `ho`. A row no state saw
+// anything for answers zeros and −∞.
+template <int NS>
+__device__ __forceinline__ void merge_states(const float* sm_m, const float* sm_l, const float* sm_o, int stride, int r,
+                                             int d, size_t ho, float* __restrict__ part_o, float* __restrict__ part_lse) {
+    float M = NEG_INF;
+    #pragma unroll
+    for (int s = 0; s < NS; s++) M = fmaxf(M, sm_m[s * stride + r]);
+    if (M == NEG_INF) {
+        part_o[ho * KV_D + d] = 0.f;
+        if (d == 0) part_lse[ho] = NEG_INF;
+        return;
+    }
+    float sl = 0.f, so = 0.f;
+    #pragma unroll
+    for (int s = 0; s < NS; s++) {
+        const float w = exp2f(sm_m[s * stride + r] - M);
+        sl += w * sm_l[s * stride + r];
+        so += w * sm_o[(s * stride + r) * KV_D + d];
+    }
+    part_o[ho * KV_D + d] = so / sl;
+    if (d == 0) part_lse[ho] = M + log2f(sl);
+}
+#endif
+
 #if defined(KV_D) && !defined(KV_MMA)
 #define NWARP 4
 #define L ((KV_D / 8) < 32 ? (KV_D / 8) : 32)
@@ -328,22 +356,7 @@ extern "C" __global__ void __launch_bounds__(128) gqa_decode(
     __syncthreads();
     for (int idx = threadIdx.x; idx < KV_GC * KV_D; idx += blockDim.x) {
         const int g = idx / KV_D, d = idx - g * KV_D;
-        float M = NEG_INF;
-        for (int s2 = 0; s2 < NSTATE; s2++) M = fmaxf(M, sm_m[s2 * KV_GC + g]);
-        const size_t ho = (size_t)wi * QH + head0 + g;
-        if (M == NEG_INF) {
-            part_o[ho * KV_D + d] = 0.f;
-            if (d == 0) part_lse[ho] = NEG_INF;
-            continue;
-        }
-        float sl = 0.f, so = 0.f;
-        for (int s2 = 0; s2 < NSTATE; s2++) {
-            const float w = exp2f(sm_m[s2 * KV_GC + g] - M);
-            sl += w * sm_l[s2 * KV_GC + g];
-            so += w * sm_o[(s2 * KV_GC + g) * KV_D + d];
-        }
-        part_o[ho * KV_D + d] = so / sl;
-        if (d == 0) part_lse[ho] = M + log2f(sl);
+        merge_states<NSTATE>(sm_m, sm_l, sm_o, KV_GC, g, d, (size_t)wi * QH + head0 + g, part_o, part_lse);
     }
 }
 #endif
@@ -629,24 +642,7 @@ extern "C" __global__ void __launch_bounds__(128, 3) gqa_mma(
     for (int idx = threadIdx.x; idx < KV_GC * KV_D; idx += blockDim.x) {
         const int r = idx / KV_D, d = idx - r * KV_D;
         if (hc * KV_GC + r >= KV_G) continue;
-        float M = NEG_INF;
-        #pragma unroll
-        for (int w = 0; w < 4; w++) M = fmaxf(M, sm_m[w * 8 + r]);
-        const size_t ho = (size_t)wi * QH + head0 + r;
-        if (M == NEG_INF) {
-            part_o[ho * KV_D + d] = 0.f;
-            if (d == 0) part_lse[ho] = NEG_INF;
-            continue;
-        }
-        float sl = 0.f, so = 0.f;
-        #pragma unroll
-        for (int w = 0; w < 4; w++) {
-            const float wt = exp2f(sm_m[w * 8 + r] - M);
-            sl += wt * sm_l[w * 8 + r];
-            so += wt * sm_o[(w * 8 + r) * KV_D + d];
-        }
-        part_o[ho * KV_D + d] = so / sl;
-        if (d == 0) part_lse[ho] = M + log2f(sl);
+        merge_states<4>(sm_m, sm_l, sm_o, 8, r, d, (size_t)wi * QH + head0 + r, part_o, part_lse);
     }
 }
 #endif
