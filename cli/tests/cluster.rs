@@ -58,7 +58,8 @@ async fn decode_through_the_worker_matches_the_reference_and_warm_steps_pull_o1_
         let seqs: Vec<SequenceKey> = (0..2).map(|i| SequenceKey::new(name, format!("s{i}"))).collect();
         let mut mirrors = Vec::new();
         for (i, s) in seqs.iter().enumerate() {
-            let pages = prefill_pages(&ns, s, 2, 37 + 20 * i, &mut rng);
+            // Sequence 1 crosses a page boundary (64 tokens) at step 4.
+            let pages = prefill_pages(&ns, s, 2, 37 + 22 * i, &mut rng);
             client.put_pages(pages.clone()).await.unwrap();
             mirrors.push([Mirror::from_wire(&pages, 0), Mirror::from_wire(&pages, 1)]);
         }
@@ -104,8 +105,18 @@ async fn decode_through_the_worker_matches_the_reference_and_warm_steps_pull_o1_
                     assert!(e <= tol, "{name} step {step} layer {layer} seq {i} {dtype:?}: rel L2 {e:e}");
                 }
                 let stats = r.stats;
-                // Every item appended a token: the write-through is timed, inside the fetch.
-                assert!(stats.append_micros > 0 && stats.append_micros <= stats.fetch_micros, "{stats:?}");
+                // Every item appended a token: the write-through is timed. The first step of
+                // layer 0 reads the layer (after the append; layer 1 may have been prefetched
+                // meanwhile); every later step computes on the cached layer plus the token
+                // while the append is in flight, and the owners confirm it.
+                assert!(stats.append_micros > 0, "{stats:?}");
+                assert_eq!(stats.sequences_recomputed, 0, "{stats:?}");
+                if step == 0 && layer == 0 {
+                    assert!(stats.append_micros <= stats.fetch_micros, "{stats:?}");
+                    assert_eq!(stats.sequences_overlapped, 0, "{stats:?}");
+                } else if step > 0 {
+                    assert_eq!(stats.sequences_overlapped, r.results.len() as u64, "{stats:?}");
+                }
                 if step > 0 {
                     assert!(
                         stats.bytes_pulled <= 2 * page_bytes,
@@ -613,6 +624,14 @@ async fn a_page_rewritten_between_steps_is_read_again_not_served_from_the_worker
             0 => assert!(pulled >= 3, "cold step pulled {pulled} pages"),
             2 => assert_eq!(pulled, 1, "the rewritten page is pulled again, only it"),
             _ => assert_eq!(pulled, 0, "step {step}: the append kept the cache current"),
+        }
+        // Steps 1 and 3 compute while the append is in flight and are confirmed; step 2's
+        // owner answers with page 0's new version, so its speculation is dropped and redone.
+        let (overlapped, recomputed) = (r.stats.sequences_overlapped, r.stats.sequences_recomputed);
+        match step {
+            0 => assert_eq!((overlapped, recomputed), (0, 0)),
+            2 => assert_eq!((overlapped, recomputed), (0, 1)),
+            _ => assert_eq!((overlapped, recomputed), (1, 0), "step {step}"),
         }
     }
     // The cold pull (step 0) ran under a lease and released it; the one-page pull did not take

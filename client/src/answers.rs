@@ -213,10 +213,15 @@ pub struct DecodeStats {
     pub pages_cached: u64,
     /// Attention compute time.
     pub compute_micros: u64,
-    /// Time to have every sequence's pages (includes `append_micros`).
+    /// Time until the pages the first compute reads were in hand (includes `append_micros`
+    /// unless the step overlapped its appends with the compute).
     pub fetch_micros: u64,
     /// The write-through of the step's new tokens, until every owner answered.
     pub append_micros: u64,
+    /// Sequences computed while their append was in flight, and kept.
+    pub sequences_overlapped: u64,
+    /// Sequences computed that way whose owner's answer refuted the pages: computed again.
+    pub sequences_recomputed: u64,
 }
 
 /// A decode step's answer: one result per item, in request order.

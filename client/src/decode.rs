@@ -50,6 +50,8 @@ impl Client {
                 stats.compute_micros = stats.compute_micros.max(s.compute_micros);
                 stats.fetch_micros = stats.fetch_micros.max(s.fetch_micros);
                 stats.append_micros = stats.append_micros.max(s.append_micros);
+                stats.sequences_overlapped += s.sequences_overlapped;
+                stats.sequences_recomputed += s.sequences_recomputed;
             }
             for (i, res) in idx.into_iter().zip(r.results) {
                 results[i] = Some(res);

@@ -78,6 +78,10 @@ pub mod names {
     pub const WORKER_BYTES_PULLED: &str = "kvcache_worker_bytes_pulled_total";
     /// Bytes pulled per decode call.
     pub const WORKER_BYTES_PER_STEP: &str = "kvcache_worker_bytes_pulled_per_step_bytes";
+    /// Sequences computed while their append was in flight, and kept.
+    pub const WORKER_OVERLAPPED: &str = "kvcache_worker_sequences_overlapped_total";
+    /// Sequences computed that way whose owner's answer refuted the pages: computed again.
+    pub const WORKER_RECOMPUTED: &str = "kvcache_worker_sequences_recomputed_total";
     /// Sequences decoded, by status.
     pub const WORKER_SEQUENCES: &str = "kvcache_worker_sequences_total";
     /// The coordinator's epoch.
@@ -182,6 +186,14 @@ fn describe() {
     metrics::describe_counter!(names::WORKER_BYTES_PULLED, metrics::Unit::Bytes, "Bytes pulled from nodes.");
     metrics::describe_histogram!(names::WORKER_BYTES_PER_STEP, metrics::Unit::Bytes, "Bytes pulled per decode call.");
     metrics::describe_counter!(names::WORKER_SEQUENCES, "Sequences decoded, by status.");
+    metrics::describe_counter!(
+        names::WORKER_OVERLAPPED,
+        "Sequences computed while their append was in flight, and kept when the owner confirmed the pages."
+    );
+    metrics::describe_counter!(
+        names::WORKER_RECOMPUTED,
+        "Sequences computed while their append was in flight whose owner's answer refuted the pages: computed again."
+    );
     metrics::describe_gauge!(names::COORDINATOR_EPOCH, "The coordinator's epoch.");
     metrics::describe_gauge!(names::COORDINATOR_NODES, "Nodes by state.");
     metrics::describe_gauge!(names::COORDINATOR_NAMESPACES, "Namespaces.");

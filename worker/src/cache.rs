@@ -33,6 +33,21 @@ struct Layer {
     pages: Vec<Option<CachedPage>>,
     bytes: u64,
     tick: u64,
+    /// What an owner last said the layer holds, when its pages were read whole from here.
+    extent: Option<Extent>,
+}
+
+/// A layer's extent on the owner its cached pages came from, as last validated: what a step
+/// that appends one token can compute on before the owner answers (the answer then confirms or
+/// refutes it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Extent {
+    /// The owner.
+    pub node: Arc<str>,
+    /// Tokens of the layer, its prefix's included.
+    pub tokens: u64,
+    /// Leading pages that are the sequence's prefix (content pages).
+    pub prefix_pages: u32,
 }
 
 #[derive(Default)]
@@ -162,6 +177,43 @@ impl PageCache {
         g.hits += got.len() as u64;
         g.touch(seq, layer);
         Some(got)
+    }
+
+    /// Pages `[start, start + count)` of the layer if every one is cached from `node`, in
+    /// order, whatever their versions (the caller validates them later against an owner's
+    /// answer); makes the layer the most recently used. Counts nothing.
+    pub fn pages_from(
+        &self,
+        seq: &SequenceKey,
+        layer: u32,
+        node: &str,
+        start: usize,
+        count: usize,
+    ) -> Option<Vec<CachedPage>> {
+        let mut g = self.inner.lock();
+        let l = g.layer_mut(seq, layer)?;
+        let got = l
+            .pages
+            .get(start..start + count)?
+            .iter()
+            .map(|p| p.as_ref().filter(|p| &*p.node == node).cloned())
+            .collect::<Option<Vec<_>>>()?;
+        g.touch(seq, layer);
+        Some(got)
+    }
+
+    /// Remember what `extent.node` said the layer holds (its pages were just read whole from
+    /// here, or pulled). Forgotten with the layer.
+    pub fn set_extent(&self, seq: &SequenceKey, layer: u32, extent: Extent) {
+        if let Some(l) = self.inner.lock().layer_mut(seq, layer) {
+            l.extent = Some(extent);
+        }
+    }
+
+    /// The layer's last validated extent, if the layer is cached.
+    pub fn extent(&self, seq: &SequenceKey, layer: u32) -> Option<Extent> {
+        let g = self.inner.lock();
+        g.map.get(seq)?.get(&layer)?.extent.clone()
     }
 
     /// Content pages (page 0 of a content key's layer), which are immutable: any cached copy is

@@ -1,10 +1,13 @@
 //! One Decode call, in the order it runs: [`Worker::decode`] = parse (the whole request is
-//! checked before anything is written) → append (the step's new tokens, one AppendBatch per
-//! owning node) → fetch (each sequence's layer, one task per sequence) → compute (the batch's
-//! attention on a blocking thread, an answer per sequence) → respond (statuses, outputs,
-//! metrics, the next layer's prefetch).
+//! checked before anything is written) → speculate (each appending sequence whose layer the
+//! cache knows: that layer plus the new token) → append (the step's new tokens, one AppendBatch
+//! per owning node), running alongside the compute of the speculated sequences → confirm (each
+//! speculation against its owner's answer) → fetch (the other sequences' layers, one task per
+//! sequence) → compute (theirs, on a blocking thread, an answer per sequence) → respond
+//! (statuses, outputs, metrics, the next layer's prefetch).
 
-use crate::{Fetched, SeqFailure, Worker};
+use crate::fetch::Speculated;
+use crate::{Fetched, Grown, SeqFailure, Worker};
 use bytes::Bytes;
 use kvcache_attention::{AttentionError, AttnShape, BatchItem, KvPage};
 use kvcache_client::{AppendAck, AppendItem, ClientError};
@@ -28,7 +31,7 @@ pub(crate) struct Parsed {
     pub(crate) index: Vec<Arc<(Vec<f32>, Vec<f32>)>>,
     /// One per item, in request order.
     pub(crate) seqs: Vec<SequenceKey>,
-    pub(crate) queries: Vec<Vec<f32>>,
+    pub(crate) queries: Arc<Vec<Vec<f32>>>,
     /// How queries came and outputs go.
     pub(crate) dtype: pb::VectorDtype,
 }
@@ -41,8 +44,11 @@ struct Computed {
     lse: Vec<f32>,
 }
 
+/// One item's append outcome: every owner's answer, or why the write failed.
+pub(crate) type AppendAnswer = Result<Vec<AppendAck>, ClientError>;
+
 /// Each item's append outcome (`None`: the item appended nothing).
-pub(crate) type Appended = Vec<Option<Result<Vec<AppendAck>, ClientError>>>;
+pub(crate) type Appended = Vec<Option<AppendAnswer>>;
 
 impl Worker {
     /// Answer one decode batch.
@@ -54,28 +60,92 @@ impl Worker {
         {
             return self.decode_linear(&req, ns, spec).await;
         }
-        let mut parsed = self.parse(&req).await?;
+        let parsed = self.parse(&req).await?;
+        let n = req.items.len();
+        // Sequences whose layer the cache knows: computed while their append is in flight.
+        let spec: Vec<Option<Speculated>> = req
+            .items
+            .iter()
+            .zip(&parsed.seqs)
+            .map(|(it, seq)| {
+                let eligible = parsed.ns.model.indexer.is_none() && !it.new_kv.is_empty();
+                eligible.then(|| self.speculate(&parsed.ns, seq, parsed.layer, &it.new_kv)).flatten()
+            })
+            .collect();
+        let mut stats = pb::DecodeStats::default();
+        let mut computed = Vec::new();
         let t_append = Instant::now();
-        let (appended, index_appended) = self.append(&parsed, &req.items).await;
-        let append_micros = t_append.elapsed().as_micros() as u64;
-        let mut fetched = if parsed.ns.model.indexer.is_some() {
-            self.fetch_sparse(&parsed, &req.items, appended, index_appended).await
+        let (appended, index_appended) = if spec.iter().any(Option::is_some) {
+            stats.fetch_micros = started.elapsed().as_micros() as u64;
+            let ready: Vec<Ready> =
+                spec.iter().enumerate().filter_map(|(i, s)| s.as_ref().map(|s| ready(i, &s.fetched))).collect();
+            let append = async {
+                let a = self.append(&parsed, &req.items).await;
+                (a, t_append.elapsed())
+            };
+            let compute = async {
+                let t = Instant::now();
+                (self.compute(&parsed, ready).await, t.elapsed())
+            };
+            let ((a, append_time), (c, compute_time)) = tokio::join!(append, compute);
+            stats.append_micros = append_time.as_micros() as u64;
+            stats.compute_micros = compute_time.as_micros() as u64;
+            computed = c?;
+            a
         } else {
-            self.fetch(&parsed, &req.items, appended).await
+            let a = self.append(&parsed, &req.items).await;
+            stats.append_micros = t_append.elapsed().as_micros() as u64;
+            a
         };
-        let mut stats =
-            pb::DecodeStats { fetch_micros: started.elapsed().as_micros() as u64, append_micros, ..Default::default() };
+        // Keep each speculation its owner's answer confirms; the others go the usual way.
+        let mut fetched: Vec<Option<Result<Fetched, SeqFailure>>> = (0..n).map(|_| None).collect();
+        for (i, s) in spec.into_iter().enumerate() {
+            let Some(s) = s else { continue };
+            match &appended[i] {
+                Some(Ok(acks)) if self.confirm(&parsed.seqs[i], parsed.layer, &s, acks) => {
+                    stats.sequences_overlapped += 1;
+                    fetched[i] = Some(Ok(s.fetched));
+                }
+                _ => {
+                    stats.sequences_recomputed += 1;
+                    computed.retain(|c: &Computed| c.item != i);
+                }
+            }
+        }
+        let rest: Vec<usize> = (0..n).filter(|&i| fetched[i].is_none()).collect();
+        if !rest.is_empty() {
+            let got = if parsed.ns.model.indexer.is_some() {
+                self.fetch_sparse(&parsed, &req.items, appended, index_appended).await.into_iter().enumerate().collect()
+            } else {
+                let mut appended = appended;
+                let todo = rest.iter().map(|&i| (i, appended[i].take())).collect();
+                self.fetch(&parsed, &req.items, todo).await
+            };
+            let ready: Vec<Ready> = got.iter().filter_map(|(i, f)| f.as_ref().ok().map(|f| ready(*i, f))).collect();
+            for (i, f) in got {
+                fetched[i] = Some(f);
+            }
+            if stats.fetch_micros == 0 {
+                stats.fetch_micros = started.elapsed().as_micros() as u64;
+            }
+            if !ready.is_empty() {
+                let t = Instant::now();
+                computed.extend(self.compute(&parsed, ready).await?);
+                stats.compute_micros += t.elapsed().as_micros() as u64;
+            }
+        }
+        let mut fetched: Vec<Result<Fetched, SeqFailure>> = fetched
+            .into_iter()
+            .map(|f| f.unwrap_or_else(|| Err(SeqFailure::Miss("the sequence was not fetched".into()))))
+            .collect();
         for f in fetched.iter().flatten() {
             stats.bytes_pulled += f.bytes;
             stats.pages_pulled += f.pulled;
             stats.pages_cached += f.cached;
         }
-        let t_compute = Instant::now();
-        let computed = self.compute(&mut parsed, &fetched).await?;
-        stats.compute_micros = t_compute.elapsed().as_micros() as u64;
         let results = respond(&req.items, &mut fetched, computed, parsed.dtype);
-        self.counters.sequences.fetch_add(req.items.len() as u64, Ordering::Relaxed);
-        self.export_metrics(&results, stats.bytes_pulled);
+        self.counters.sequences.fetch_add(n as u64, Ordering::Relaxed);
+        self.export_metrics(&results, &stats);
         // Pull the next layer's pages while the engine works on this one.
         let Parsed { ns, layer, seqs, .. } = parsed;
         if self.cfg.prefetch && layer + 1 < ns.model.num_layers && ns.model.layer(layer + 1).keeps_tokens() {
@@ -241,7 +311,7 @@ impl Worker {
             }
             seqs.push(seq);
         }
-        Ok(Parsed { ns, layer: req.layer, shape, sinks, index, seqs, queries, dtype })
+        Ok(Parsed { ns, layer: req.layer, shape, sinks, index, seqs, queries: Arc::new(queries), dtype })
     }
 
     /// Write the step's new tokens through to every owner: one AppendBatch per owning node.
@@ -283,64 +353,66 @@ impl Worker {
         (appended, index)
     }
 
-    /// Each sequence's layer: from the cache when the append's answer names exactly what it
-    /// holds, else looked up and pulled. One task per sequence: responses are decoded and
-    /// cached on every runtime thread, not all on the thread polling this request.
+    /// The layers of the items `todo` names (with each one's append answer): from the cache
+    /// when the append's answer names exactly what it holds, else looked up and pulled. One
+    /// task per sequence: responses are decoded and cached on every runtime thread, not all on
+    /// the thread polling this request.
     async fn fetch(
         self: &Arc<Self>,
         p: &Parsed,
         items: &[pb::DecodeItem],
-        appended: Appended,
-    ) -> Vec<Result<Fetched, SeqFailure>> {
+        todo: Vec<(usize, Option<AppendAnswer>)>,
+    ) -> Vec<(usize, Result<Fetched, SeqFailure>)> {
         let layer = p.layer;
-        let tasks: Vec<_> = appended
+        let (index, tasks): (Vec<usize>, Vec<_>) = todo
             .into_iter()
-            .zip(items)
-            .zip(&p.seqs)
-            .map(|((acks, it), seq)| {
-                let (me, ns, seq) = (self.clone(), p.ns.clone(), seq.clone());
-                let new_kv = it.new_kv.clone();
-                tokio::spawn(
+            .map(|(i, acks)| {
+                let (me, ns, seq) = (self.clone(), p.ns.clone(), p.seqs[i].clone());
+                let new_kv = items[i].new_kv.clone();
+                let task = tokio::spawn(
                     async move {
                         if let Some(acks) = acks {
                             let acks = acks.map_err(|e| SeqFailure::WriteFailed(e.to_string()))?;
-                            me.apply_append(&ns, &seq, layer, &acks, &new_kv);
-                            if let Some(f) = me.cached_layer(&ns, &seq, layer, &acks) {
+                            let grew = me.apply_append(&ns, &seq, layer, &acks, &new_kv);
+                            if let Some(mut f) = me.cached_layer(&ns, &seq, layer, &acks) {
+                                // The device mirror extends its copy of the old last page in place.
+                                f.grown = grew
+                                    .filter(|(b, _)| f.pages.last().is_some_and(|p| p.0.as_ptr() == b.as_ptr()))
+                                    .map(|g| g.1);
                                 return Ok(f);
                             }
                         }
                         me.fetch_layer(&seq, layer).await
                     }
                     .in_current_span(),
-                )
+                );
+                (i, task)
             })
-            .collect();
-        join_fetches(tasks).await
+            .unzip();
+        index.into_iter().zip(join_fetches(tasks).await).collect()
     }
 
-    /// Attention for every sequence whose pages are here, on a blocking thread: an answer per
-    /// sequence (cached data the kernel refuses is that sequence's alone).
-    async fn compute(&self, p: &mut Parsed, fetched: &[Result<Fetched, SeqFailure>]) -> Result<Vec<Computed>, Status> {
-        // (item, its pages, tokens of the first page before the window)
-        type Ready = (usize, Vec<(Bytes, usize)>, usize);
-        let ok: Vec<Ready> = fetched
-            .iter()
-            .enumerate()
-            .filter_map(|(i, f)| f.as_ref().ok().map(|f| (i, f.pages.clone(), f.skip)))
-            .collect();
-        let queries: Vec<Vec<f32>> = ok.iter().map(|(i, _, _)| std::mem::take(&mut p.queries[*i])).collect();
-        let (shape, threads, sinks) = (p.shape, self.cfg.threads, p.sinks.take());
+    /// Attention for the sequences `ready` names (with their pages), on a blocking thread: an
+    /// answer per sequence (cached data the kernel refuses is that sequence's alone).
+    async fn compute(&self, p: &Parsed, ready: Vec<Ready>) -> Result<Vec<Computed>, Status> {
+        let (shape, threads, sinks) = (p.shape, self.cfg.threads, p.sinks.clone());
         // Sparse MLA reads a few gathered rows per sequence: it stays on the CPU.
         let device = self.device.clone().filter(|_| p.ns.model.indexer.is_none());
-        let (seqs, layer) = (p.seqs.clone(), p.layer);
+        let (seqs, layer, queries) = (p.seqs.clone(), p.layer, p.queries.clone());
+        let ok = ready;
         tokio::task::spawn_blocking(move || {
             // Per ready item: the kernel's verdict, output and LSE (zeros and −∞ when refused).
             let answers: Vec<Answer> = match device {
                 Some(dev) => {
-                    let items: Vec<crate::device::DeviceItem> = queries
-                        .into_iter()
-                        .zip(&ok)
-                        .map(|(q, (i, pages, skip))| ((seqs[*i].clone(), layer), q, pages.clone(), *skip))
+                    let items: Vec<crate::device::DeviceItem> = ok
+                        .iter()
+                        .map(|(i, pages, skip, grown)| crate::device::DeviceItem {
+                            key: (seqs[*i].clone(), layer),
+                            q: &queries[*i],
+                            pages,
+                            skip: *skip,
+                            grown: grown.as_ref(),
+                        })
                         .collect();
                     let answers = dev.decode(&shape, &items).map_err(|e| match e {
                         kvcache_attention::gpu::GpuError::OutOfMemory(m) => Status::resource_exhausted(m),
@@ -358,13 +430,12 @@ impl Worker {
                 None => {
                     let kv: Vec<Vec<KvPage>> = ok
                         .iter()
-                        .map(|(_, ps, _)| ps.iter().map(|(b, n)| KvPage { payload: b, tokens: *n }).collect())
+                        .map(|(_, ps, _, _)| ps.iter().map(|(b, n)| KvPage { payload: b, tokens: *n }).collect())
                         .collect();
-                    let items: Vec<BatchItem> = queries
+                    let items: Vec<BatchItem> = ok
                         .iter()
                         .zip(&kv)
-                        .zip(&ok)
-                        .map(|((q, p), (_, _, skip))| BatchItem { skip: *skip, ..BatchItem::new(q, p) })
+                        .map(|((i, _, skip, _), p)| BatchItem { skip: *skip, ..BatchItem::new(&queries[*i], p) })
                         .collect();
                     let mut bufs: Vec<(Vec<f32>, Vec<f32>)> =
                         items.iter().map(|_| (vec![0f32; shape.out_len()], vec![0f32; shape.q_heads])).collect();
@@ -378,7 +449,7 @@ impl Worker {
             Ok(ok
                 .into_iter()
                 .zip(answers)
-                .map(|((item, _, _), (result, mut output, mut lse))| {
+                .map(|((item, _, _, _), (result, mut output, mut lse))| {
                     let result = match (&sinks, result) {
                         (Some(s), Ok(())) => {
                             kvcache_attention::hybrid::apply_sinks(s, shape.v_width, &mut output, &mut lse)
@@ -393,7 +464,8 @@ impl Worker {
         .map_err(|e| Status::internal(format!("attention task failed: {e}")))?
     }
 
-    fn export_metrics(&self, results: &[pb::DecodeResult], bytes_pulled: u64) {
+    fn export_metrics(&self, results: &[pb::DecodeResult], stats: &pb::DecodeStats) {
+        let bytes_pulled = stats.bytes_pulled;
         use kvcache_telemetry::names as n;
         let (used, _, hits, misses) = self.cache.stats();
         metrics::counter!(n::WORKER_CACHE_HITS).absolute(hits);
@@ -401,6 +473,8 @@ impl Worker {
         metrics::gauge!(n::WORKER_CACHE_BYTES).set(used as f64);
         metrics::counter!(n::WORKER_BYTES_PULLED).absolute(self.counters.bytes_pulled.load(Ordering::Relaxed));
         metrics::histogram!(n::WORKER_BYTES_PER_STEP).record(bytes_pulled as f64);
+        metrics::counter!(n::WORKER_OVERLAPPED).increment(stats.sequences_overlapped);
+        metrics::counter!(n::WORKER_RECOMPUTED).increment(stats.sequences_recomputed);
         for r in results {
             let status = pb::SequenceStatus::try_from(r.status).map_or("unknown", |s| match s {
                 pb::SequenceStatus::Ok => "ok",
@@ -414,10 +488,16 @@ impl Worker {
     }
 }
 
-/// One result per item, in request order: its status and message, and for the ones computed
-/// the output, LSE and context length.
 /// One ready sequence's kernel verdict, output and LSE (zeros and −∞ when refused).
 type Answer = (Result<(), AttentionError>, Vec<f32>, Vec<f32>);
+
+/// A sequence ready to compute: (item, its pages, tokens of the first page before the window,
+/// how its last page grew this step).
+type Ready = (usize, Vec<(Bytes, usize)>, usize, Option<Grown>);
+
+fn ready(i: usize, f: &Fetched) -> Ready {
+    (i, f.pages.clone(), f.skip, f.grown.clone())
+}
 
 /// Each fetch task's answer in order; a task that died is its sequence's miss.
 pub(crate) async fn join_fetches(
@@ -430,6 +510,8 @@ pub(crate) async fn join_fetches(
     fetched
 }
 
+/// One result per item, in request order: its status and message, and for the ones computed
+/// the output, LSE and context length.
 fn respond(
     items: &[pb::DecodeItem],
     fetched: &mut [Result<Fetched, SeqFailure>],

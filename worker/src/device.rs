@@ -5,9 +5,11 @@
 //! replaces its copy of the last page with a new payload). This room mirrors those payloads into
 //! HBM slots, one full page each, keyed by the payload itself: a `Bytes` is immutable and the
 //! mirror holds a clone of it, so the same (address, length) can only ever be the same bytes.
-//! A step uploads only the pages it has not seen (after the first step of a sequence: its last
-//! page, which the append changed), staged through pinned buffers and copied asynchronously
-//! ahead of the kernels on the same stream, and computes on the GPU.
+//! A step uploads only the pages it has not seen, staged through pinned buffers and copied
+//! asynchronously ahead of the kernels on the same stream, and computes on the GPU. After the
+//! first step of a sequence that is its last page, which the append changed: when the slot
+//! holds the page it grew from, only the appended token's rows are written, in place (slots
+//! keep each plane a full page apart, so a row has a fixed address).
 //!
 //! Slots are per page geometry (one slab per [`PageLayout`]), each bounded by the worker's
 //! `cache_bytes`. As in the host cache, recency is kept per layer of a sequence (a step reads a
@@ -16,7 +18,7 @@
 //! reason), never answered wrong.
 
 use bytes::Bytes;
-use kvcache_attention::gpu::{DevicePages, DeviceRef, Gpu, GpuError, GpuItem, Staging};
+use kvcache_attention::gpu::{DevicePages, DeviceRef, Gpu, GpuError, GpuItem, RowStaging, Staging};
 use kvcache_attention::{AttentionError, AttnShape};
 use kvcache_core::{PageLayout, SequenceKey};
 use parking_lot::Mutex;
@@ -43,8 +45,13 @@ pub(crate) struct SlotTable<K> {
     tick: u64,
 }
 
-/// A page to copy to the device before the batch runs: (item, page index, slot).
-pub(crate) type Upload = (usize, usize, usize);
+/// A page to copy to the device before the batch runs: (item, page index, slot, tokens the
+/// slot already holds of it — 0: the whole page; more: only the rows after them).
+pub(crate) type Upload = (usize, usize, usize, usize);
+
+/// One item of [`SlotTable::assign`]: its layer, its pages, and when the last page is a held
+/// page grown by rows, that page's previous payload and tokens.
+pub(crate) type SlotItem<'a, K> = (K, &'a [(Bytes, usize)], Option<(&'a Bytes, usize)>);
 
 impl<K: Clone + Eq + std::hash::Hash> SlotTable<K> {
     pub(crate) fn new(cap: usize) -> Self {
@@ -52,12 +59,10 @@ impl<K: Clone + Eq + std::hash::Hash> SlotTable<K> {
     }
 
     /// Assign slots to every page of a batch: per item its slots in page order, and the uploads
-    /// needed (pages this slab does not hold as these very bytes). Evicts whole layers the batch
-    /// does not read, least recently used first. A batch larger than the slab is refused.
-    pub(crate) fn assign(
-        &mut self,
-        items: &[(K, &[(Bytes, usize)])],
-    ) -> Result<(Vec<Vec<usize>>, Vec<Upload>), String> {
+    /// needed (pages this slab does not hold as these very bytes; a last page that grew from
+    /// the bytes its slot holds needs only its new rows). Evicts whole layers the batch does not
+    /// read, least recently used first. A batch larger than the slab is refused.
+    pub(crate) fn assign(&mut self, items: &[SlotItem<'_, K>]) -> Result<(Vec<Vec<usize>>, Vec<Upload>), String> {
         let need: usize = items.iter().map(|i| i.1.len()).sum();
         if need > self.cap {
             return Err(format!(
@@ -67,7 +72,7 @@ impl<K: Clone + Eq + std::hash::Hash> SlotTable<K> {
         }
         // Touch every layer of the batch first, so that eviction never takes one of them.
         let batch_start = self.tick + 1;
-        for (key, _) in items {
+        for (key, _, _) in items {
             self.tick += 1;
             let tick = self.tick;
             if let Some(e) = self.map.get_mut(key) {
@@ -80,7 +85,7 @@ impl<K: Clone + Eq + std::hash::Hash> SlotTable<K> {
         }
         let mut slots = Vec::with_capacity(items.len());
         let mut uploads = Vec::new();
-        for (item, (key, pages)) in items.iter().enumerate() {
+        for (item, (key, pages, grown)) in items.iter().enumerate() {
             let mut entry = self.map.remove(key).expect("touched above");
             // Pages past the new list (a window moved on) give their slots back.
             while entry.slots.len() > pages.len() {
@@ -93,7 +98,21 @@ impl<K: Clone + Eq + std::hash::Hash> SlotTable<K> {
                     if entry.held[i].as_ref().is_some_and(|h| h.0 == id) {
                         continue;
                     }
+                    // The slot holds the page this one grew from: only the new rows go.
+                    let from = match grown {
+                        Some((old, n))
+                            if i + 1 == pages.len()
+                                && entry.held[i]
+                                    .as_ref()
+                                    .is_some_and(|h| h.0 == (old.as_ptr() as usize, old.len())) =>
+                        {
+                            *n
+                        }
+                        _ => 0,
+                    };
                     entry.held[i] = None;
+                    uploads.push((item, i, entry.slots[i], from));
+                    continue;
                 } else {
                     while self.free.is_empty() {
                         // Free the least recently used layer this batch does not read.
@@ -109,7 +128,7 @@ impl<K: Clone + Eq + std::hash::Hash> SlotTable<K> {
                     entry.slots.push(self.free.pop().expect("freed above"));
                     entry.held.push(None);
                 }
-                uploads.push((item, i, entry.slots[i]));
+                uploads.push((item, i, entry.slots[i], 0));
             }
             slots.push(entry.slots.clone());
             self.map.insert(key.clone(), entry);
@@ -146,11 +165,16 @@ struct Slab {
     table: SlotTable<(SequenceKey, u32)>,
     /// Pinned host buffers the uploads are staged through (planes spread a full page apart).
     staging: Staging,
+    /// Pinned one-row buffers an appended token's rows are staged through.
+    rows: RowStaging,
 }
 
 /// Pinned page buffers per slab: a step's uploads (one per sequence when warm) go out
 /// asynchronously, this many in flight while the host spreads the next.
 const STAGING_PAGES: usize = 16;
+
+/// Pinned row buffers per slab: a warm step writes one token's rows per plane and sequence.
+const STAGING_ROWS: usize = 256;
 
 /// HBM page slots of one GPU.
 pub struct DeviceCache {
@@ -160,9 +184,19 @@ pub struct DeviceCache {
     uploads: std::sync::atomic::AtomicU64,
 }
 
-/// One sequence of a GPU decode: (sequence, layer), query, pages (host payloads and tokens,
-/// from the first its window reads), window skip.
-pub(crate) type DeviceItem = ((SequenceKey, u32), Vec<f32>, Vec<(Bytes, usize)>, usize);
+/// One sequence of a GPU decode.
+pub(crate) struct DeviceItem<'a> {
+    /// (sequence, layer).
+    pub(crate) key: (SequenceKey, u32),
+    /// Query `[q_heads][qk_width]`.
+    pub(crate) q: &'a [f32],
+    /// Host payloads and tokens, from the first page its window reads.
+    pub(crate) pages: &'a [(Bytes, usize)],
+    /// Tokens of the first page before the window.
+    pub(crate) skip: usize,
+    /// The last page is a page held before plus rows appended this step.
+    pub(crate) grown: Option<&'a crate::Grown>,
+}
 
 /// One sequence's answer: `(out, lse)` or why not.
 pub(crate) type DeviceAnswer = Result<(Vec<f32>, Vec<f32>), AttentionError>;
@@ -193,29 +227,37 @@ impl DeviceCache {
                 let cap = (self.bytes / slot).max(1) as usize;
                 let pages = self.gpu.alloc_slots(&shape.layout, cap)?;
                 let staging = self.gpu.staging(&shape.layout, STAGING_PAGES)?;
-                slabs.push(Slab { layout: shape.layout, pages, table: SlotTable::new(cap), staging });
+                let rows = self.gpu.row_staging(&shape.layout, STAGING_ROWS)?;
+                slabs.push(Slab { layout: shape.layout, pages, table: SlotTable::new(cap), staging, rows });
                 slabs.last_mut().expect("pushed")
             }
         };
-        let keyed: Vec<_> = items.iter().map(|(k, _, pages, _)| (k.clone(), &pages[..])).collect();
+        let keyed: Vec<SlotItem<'_, (SequenceKey, u32)>> =
+            items.iter().map(|it| (it.key.clone(), it.pages, it.grown.map(|g| (&g.old, g.old_tokens)))).collect();
         let (slots, uploads) = slab.table.assign(&keyed).map_err(GpuError::OutOfMemory)?;
-        for (item, page, slot) in uploads {
-            let (key, _, pages, _) = &items[item];
-            let (b, tokens) = &pages[page];
-            let r = self.gpu.write_page_staged(&mut slab.pages, slot, b, *tokens, &mut slab.staging);
+        for (item, page, slot, from) in uploads {
+            let it = &items[item];
+            let (b, tokens) = &it.pages[page];
+            let r = match it.grown {
+                // The slot holds the first `from` tokens: write the appended token's rows after them.
+                Some(g) if from > 0 && from == g.old_tokens && from + 1 == *tokens => {
+                    self.gpu.append_rows_staged(&mut slab.pages, slot, from, &g.rows, &mut slab.rows)
+                }
+                _ => self.gpu.write_page_staged(&mut slab.pages, slot, b, *tokens, &mut slab.staging),
+            };
             if let Err(e) = r {
                 // Nothing half-written may be taken for these bytes later.
-                for (k, _, _, _) in items {
-                    slab.table.forget(k);
+                for it in items {
+                    slab.table.forget(&it.key);
                 }
                 return Err(e);
             }
             self.uploads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            slab.table.landed(key, page, b);
+            slab.table.landed(&it.key, page, b);
         }
         let refs: Vec<Vec<DeviceRef>> = slots.iter().map(|s| s.iter().map(|&i| slab.pages.page(i)).collect()).collect();
         let gi: Vec<GpuItem> =
-            items.iter().zip(&refs).map(|((_, q, _, skip), r)| GpuItem { q, pages: r, skip: *skip }).collect();
+            items.iter().zip(&refs).map(|(it, r)| GpuItem { q: it.q, pages: r, skip: it.skip }).collect();
         let out = self.gpu.decode_batch(shape, &gi)?;
         let (ol, hl) = (shape.out_len(), shape.q_heads);
         Ok(out
@@ -242,31 +284,52 @@ mod tests {
     fn a_warm_step_uploads_only_the_page_that_changed() {
         let mut t = SlotTable::new(16);
         let mut a = pages(4);
-        let (slots, up) = t.assign(&[((1, 0), &a[..])]).unwrap();
+        let (slots, up) = t.assign(&[((1, 0), &a[..], None)]).unwrap();
         assert_eq!(up.len(), 4);
-        for (item, page, _) in &up {
+        for (item, page, _, _) in &up {
             assert_eq!(*item, 0);
             t.landed(&(1, 0), *page, &a[*page].0);
         }
         // Same bytes: nothing to upload, same slots.
-        let (again, up) = t.assign(&[((1, 0), &a[..])]).unwrap();
+        let (again, up) = t.assign(&[((1, 0), &a[..], None)]).unwrap();
         assert!(up.is_empty());
         assert_eq!(again, slots);
         // The append wrote a new last page (new bytes): that page alone, into its own slot.
         a[3].0 = Bytes::from(vec![9u8; 80]);
-        let (again, up) = t.assign(&[((1, 0), &a[..])]).unwrap();
-        assert_eq!(up, vec![(0, 3, slots[0][3])]);
+        let (again, up) = t.assign(&[((1, 0), &a[..], None)]).unwrap();
+        assert_eq!(up, vec![(0, 3, slots[0][3], 0)]);
         assert_eq!(again, slots);
+    }
+
+    #[test]
+    fn a_page_grown_from_the_one_its_slot_holds_uploads_only_its_new_rows() {
+        let mut t = SlotTable::new(8);
+        let mut a = pages(2);
+        let (slots, up) = t.assign(&[((1, 0), &a[..], None)]).unwrap();
+        for (_, page, _, _) in &up {
+            t.landed(&(1, 0), *page, &a[*page].0);
+        }
+        // The last page grew from the bytes its slot holds: rows after its 16 tokens only.
+        let old = a[1].0.clone();
+        a[1] = (Bytes::from(vec![7u8; 68]), 17);
+        let (_, up) = t.assign(&[((1, 0), &a[..], Some((&old, 16)))]).unwrap();
+        assert_eq!(up, vec![(0, 1, slots[0][1], 16)]);
+        t.landed(&(1, 0), 1, &a[1].0);
+        // A claimed growth from bytes the slot does not hold: the whole page.
+        let stranger = Bytes::from(vec![1u8; 68]);
+        a[1] = (Bytes::from(vec![8u8; 72]), 18);
+        let (_, up) = t.assign(&[((1, 0), &a[..], Some((&stranger, 17)))]).unwrap();
+        assert_eq!(up, vec![(0, 1, slots[0][1], 0)]);
     }
 
     #[test]
     fn an_upload_never_landed_is_uploaded_again() {
         let mut t = SlotTable::new(8);
         let a = pages(2);
-        let (_, up) = t.assign(&[((1, 0), &a[..])]).unwrap();
+        let (_, up) = t.assign(&[((1, 0), &a[..], None)]).unwrap();
         assert_eq!(up.len(), 2);
         t.landed(&(1, 0), 0, &a[0].0); // page 1's upload failed or never ran
-        let (_, up) = t.assign(&[((1, 0), &a[..])]).unwrap();
+        let (_, up) = t.assign(&[((1, 0), &a[..], None)]).unwrap();
         assert_eq!(up.iter().map(|u| u.1).collect::<Vec<_>>(), vec![1]);
         t.forget(&(1, 0));
         assert_eq!(t.free_slots(), 8);
@@ -277,22 +340,22 @@ mod tests {
         let mut t = SlotTable::new(6);
         let (a, b, c) = (pages(3), pages(3), pages(2));
         for (k, p) in [((1, 0), &a), ((2, 0), &b)] {
-            let (_, up) = t.assign(&[(k, &p[..])]).unwrap();
-            for (_, i, _) in up {
+            let (_, up) = t.assign(&[(k, &p[..], None)]).unwrap();
+            for (_, i, _, _) in up {
                 t.landed(&k, i, &p[i].0);
             }
         }
         // Layer (1, 0) is the least recent: it goes; (2, 0) keeps its slots.
-        let (_, up) = t.assign(&[((3, 0), &c[..])]).unwrap();
+        let (_, up) = t.assign(&[((3, 0), &c[..], None)]).unwrap();
         assert_eq!(up.len(), 2);
-        let (_, up) = t.assign(&[((2, 0), &b[..])]).unwrap();
+        let (_, up) = t.assign(&[((2, 0), &b[..], None)]).unwrap();
         assert!(up.is_empty(), "the recent layer was not evicted");
         // More pages than slots: refused whole.
         let big = pages(7);
-        assert!(t.assign(&[((4, 0), &big[..])]).unwrap_err().contains("more than the 6"));
+        assert!(t.assign(&[((4, 0), &big[..], None)]).unwrap_err().contains("more than the 6"));
         // Two layers of this batch that together fill the slab: nothing of theirs is evicted.
         let (d, e) = (pages(3), pages(3));
-        let (slots, up) = t.assign(&[((5, 0), &d[..]), ((6, 0), &e[..])]).unwrap();
+        let (slots, up) = t.assign(&[((5, 0), &d[..], None), ((6, 0), &e[..], None)]).unwrap();
         assert_eq!(up.len(), 6);
         let mut all: Vec<usize> = slots.concat();
         all.sort();
@@ -304,8 +367,8 @@ mod tests {
     fn a_window_that_moves_on_gives_slots_back() {
         let mut t = SlotTable::new(4);
         let a = pages(4);
-        t.assign(&[((1, 0), &a[..])]).unwrap();
-        let (_, _) = t.assign(&[((1, 0), &a[2..])]).unwrap();
+        t.assign(&[((1, 0), &a[..], None)]).unwrap();
+        let (_, _) = t.assign(&[((1, 0), &a[2..], None)]).unwrap();
         assert_eq!(t.free_slots(), 2);
     }
 }

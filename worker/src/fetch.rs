@@ -3,9 +3,16 @@
 //! otherwise a Lookup at the owners and a pull of the pages not already cached (under a lease
 //! when more than the last page is missing). A sliding-window or chunked layer gets only the
 //! pages its attention reads: those before the window are neither pulled nor kept.
+//!
+//! A step that appends one token can also start before its append is answered: [`Worker::speculate`]
+//! builds the layer from the cache's last validated extent plus the token, the batch computes on
+//! it while the write-through is in flight, and [`Worker::confirm`] keeps the result only when the
+//! owner's answer names exactly those pages (the same test the usual path applies). Otherwise
+//! the sequence goes the usual way and is computed again: a speculation never changes an answer,
+//! only when it is ready.
 
-use crate::cache::CachedPage;
-use crate::{CONTENT_STRIPES, Fetched, PULL_LEASE, SeqFailure, Worker};
+use crate::cache::{CachedPage, Extent};
+use crate::{CONTENT_STRIPES, Fetched, Grown, PULL_LEASE, SeqFailure, Worker};
 use bytes::Bytes;
 use kvcache_client::AppendAck;
 use kvcache_core::spec::LayerKind;
@@ -13,10 +20,29 @@ use kvcache_core::{ContentKey, Namespace, PageKey, SequenceKey};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
+/// A layer read from the cache for a step whose append has not been answered yet
+/// ([`Worker::speculate`]).
+pub(crate) struct Speculated {
+    /// The pages computed on: the cached layer with the new token appended.
+    pub(crate) fetched: Fetched,
+    /// The owner the cached pages came from.
+    node: Arc<str>,
+    /// The layer's tokens after the append.
+    tokens: u64,
+    prefix_pages: u32,
+    /// First own page (after the prefix and the window's start).
+    own_start: usize,
+    /// write_seqs of the own full pages computed on, from `own_start`.
+    write_seqs: Vec<u64>,
+    /// (page index, payload, tokens) of the page the token went into.
+    last: (usize, Bytes, usize),
+}
+
 impl Worker {
     /// Apply an acknowledged append to the cached copy of the layer's last page. With R > 1
     /// every owner acknowledges; the ack used is that of the owner the cached pages came from,
-    /// so a layer's cached pages stay from one node.
+    /// so a layer's cached pages stay from one node. Returns the new last page and how it grew
+    /// when it extends a cached one.
     pub(crate) fn apply_append(
         &self,
         ns: &Namespace,
@@ -24,7 +50,7 @@ impl Worker {
         layer: u32,
         acks: &[AppendAck],
         new_kv: &Bytes,
-    ) {
+    ) -> Option<(Bytes, Grown)> {
         let pt = ns.page_tokens as u64;
         let key = |i: u64| PageKey { sequence: seq.clone(), layer, page_index: i as u32 };
         let ack = acks
@@ -37,16 +63,17 @@ impl Worker {
                 held.is_some_and(|i| self.cache.peek(&key(i)).is_some_and(|p| *p.node == *a.node_id))
             })
             .or(acks.first());
-        let Some(ack) = ack else { return };
+        let ack = ack?;
         let (Some(&tokens), Some(&ws)) = (ack.layer_tokens.first(), ack.last_page_write_seqs.first()) else {
-            return;
+            return None;
         };
         if tokens == 0 {
-            return;
+            return None;
         }
         let idx = (tokens - 1) / pt;
         let in_page = (tokens - idx * pt) as usize;
         let node: Arc<str> = ack.node_id.as_str().into();
+        let mut grown = None;
         let bytes = if in_page == 1 {
             new_kv.clone()
         } else {
@@ -62,12 +89,117 @@ impl Worker {
                 {
                     let mut merged = vec![0u8; l.payload_bytes(in_page)];
                     l.concat(&old.bytes, in_page - 1, new_kv, 1, &mut merged);
+                    grown = Some(Grown { old: old.bytes, old_tokens: in_page - 1, rows: new_kv.clone() });
                     Bytes::from(merged)
                 }
-                _ => return,
+                _ => return None,
             }
         };
-        self.cache.insert(key(idx), CachedPage { node, write_seq: ws, tokens: in_page as u32, bytes });
+        self.cache.insert(key(idx), CachedPage { node, write_seq: ws, tokens: in_page as u32, bytes: bytes.clone() });
+        grown.map(|g| (bytes, g))
+    }
+
+    /// The layer as the cache last saw it whole, plus the token this step appends: computed
+    /// on while the append is in flight, kept only if [`Self::confirm`] finds the owner's answer
+    /// names exactly these pages. `None` when the cache has no validated extent for the layer,
+    /// misses a page of it, or the step moves a window's first page (the usual path then runs).
+    pub(crate) fn speculate(
+        &self,
+        ns: &Namespace,
+        seq: &SequenceKey,
+        layer: u32,
+        new_kv: &Bytes,
+    ) -> Option<Speculated> {
+        let (kind, pt) = (ns.model.layer(layer), ns.page_tokens);
+        let (l, ptu) = (ns.layout_for(layer), pt as usize);
+        let memo = self.cache.extent(seq, layer)?;
+        let tokens = memo.tokens + 1;
+        let first = kind.first_live_page(tokens, pt) as usize;
+        if memo.tokens == 0
+            || first != kind.first_live_page(memo.tokens, pt) as usize
+            || new_kv.len() != l.payload_bytes(1)
+        {
+            return None;
+        }
+        let np = memo.prefix_pages as usize;
+        let own_start = np.max(first);
+        // The page the token goes into, and the tokens it held.
+        let (idx, held) = ((memo.tokens / pt as u64) as usize, (memo.tokens % pt as u64) as usize);
+        if idx < own_start {
+            return None;
+        }
+        let own = self.cache.pages_from(seq, layer, &memo.node, own_start, idx - own_start + usize::from(held > 0))?;
+        let mut pages: Vec<(Bytes, usize)> = Vec::with_capacity(idx + 1 - first);
+        if np > first {
+            let prefix = self.prefixes.get(seq).map(|p| p.clone()).filter(|p| p.len() == np)?;
+            let keys: Vec<PageKey> = prefix[first..]
+                .iter()
+                .map(|k| PageKey { sequence: SequenceKey::content(&seq.namespace, k), layer, page_index: 0 })
+                .collect();
+            for p in self.cache.content(&keys) {
+                let p = p.filter(|p| p.tokens as usize == ptu && p.bytes.len() == l.payload_bytes(ptu))?;
+                pages.push((p.bytes, ptu));
+            }
+        }
+        let full = &own[..idx - own_start];
+        if full.iter().any(|p| p.tokens as usize != ptu || p.bytes.len() != l.payload_bytes(ptu)) {
+            return None;
+        }
+        pages.extend(full.iter().map(|p| (p.bytes.clone(), ptu)));
+        let (last, grown) = match own.get(idx - own_start) {
+            Some(p) if p.tokens as usize == held && p.bytes.len() == l.payload_bytes(held) => {
+                let mut merged = vec![0u8; l.payload_bytes(held + 1)];
+                l.concat(&p.bytes, held, new_kv, 1, &mut merged);
+                (Bytes::from(merged), Some(Grown { old: p.bytes.clone(), old_tokens: held, rows: new_kv.clone() }))
+            }
+            Some(_) => return None,
+            None => (new_kv.clone(), None),
+        };
+        pages.push((last.clone(), held + 1));
+        let skip = (kind.read_range(tokens).start - first as u64 * pt as u64) as usize;
+        let cached = pages.len() as u64 - 1;
+        Some(Speculated {
+            fetched: Fetched { pages, skip, cached, grown, ..Default::default() },
+            node: memo.node,
+            tokens,
+            prefix_pages: memo.prefix_pages,
+            own_start,
+            write_seqs: full.iter().map(|p| p.write_seq).collect(),
+            last: (idx, last, held + 1),
+        })
+    }
+
+    /// Keep a speculated layer if the owner it was read from answered the append with exactly
+    /// its pages (the layer one token longer, every earlier page the version computed on): the
+    /// new last page is then cached as that owner's, and the layer's extent remembered.
+    pub(crate) fn confirm(&self, seq: &SequenceKey, layer: u32, s: &Speculated, acks: &[AppendAck]) -> bool {
+        let Some(e) =
+            acks.iter().find(|a| *a.node_id == *s.node).and_then(|a| a.extent.as_ref()).filter(|e| e.layer == layer)
+        else {
+            return false;
+        };
+        let (idx, ref bytes, tokens) = s.last;
+        let ok = e.tokens == s.tokens
+            && e.prefix_pages == s.prefix_pages
+            && e.page_write_seqs.len() == idx + 1
+            && e.page_write_seqs[s.own_start..idx] == s.write_seqs[..]
+            && e.page_write_seqs[idx] != 0;
+        if ok {
+            let key = PageKey { sequence: seq.clone(), layer, page_index: idx as u32 };
+            let page = CachedPage {
+                node: s.node.clone(),
+                write_seq: e.page_write_seqs[idx],
+                tokens: tokens as u32,
+                bytes: bytes.clone(),
+            };
+            self.cache.insert(key, page);
+            self.cache.set_extent(
+                seq,
+                layer,
+                Extent { node: s.node.clone(), tokens: e.tokens, prefix_pages: e.prefix_pages },
+            );
+        }
+        ok
     }
 
     /// The layer from the cache alone, when an owner's extent (from the append this step made)
@@ -112,12 +244,15 @@ impl Worker {
         if first > 0 {
             self.cache.drop_before(seq, layer, first);
         }
-        (pages.iter().map(|p| p.1 as u64).sum::<u64>() == ext.tokens - first as u64 * pt as u64).then_some(Fetched {
-            pages,
-            skip,
-            cached,
-            ..Default::default()
-        })
+        if pages.iter().map(|p| p.1 as u64).sum::<u64>() != ext.tokens - first as u64 * pt as u64 {
+            return None;
+        }
+        self.cache.set_extent(
+            seq,
+            layer,
+            Extent { node: node.into(), tokens: ext.tokens, prefix_pages: ext.prefix_pages },
+        );
+        Some(Fetched { pages, skip, cached, ..Default::default() })
     }
 
     /// Make sure the layer's pages are cached (from the freshest owner) and return them in order:
@@ -290,8 +425,12 @@ impl Worker {
         }
         self.counters.bytes_pulled.fetch_add(bytes, Ordering::Relaxed);
         self.counters.pages_pulled.fetch_add(pulled, Ordering::Relaxed);
+        if want.is_none() && !leave_own {
+            // Every page of the layer is cached now, as this owner holds them.
+            self.cache.set_extent(seq, layer, Extent { node: node_id.clone(), tokens, prefix_pages: np as u32 });
+        }
         let skip = (kind.read_range(tokens).start - from) as usize;
-        Ok(Fetched { pages, skip, bytes, pulled, cached, unpulled, from: Some(node.clone()) })
+        Ok(Fetched { pages, skip, bytes, pulled, cached, unpulled, from: Some(node.clone()), grown: None })
     }
 
     /// Keep a sequence's prefix for the warm path ([`Self::cached_layer`]); bounded: the map is

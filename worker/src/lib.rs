@@ -137,6 +137,20 @@ struct Fetched {
     bytes: u64,
     pulled: u64,
     cached: u64,
+    /// The last page is a page the worker held plus this step's token (an append applied
+    /// here): the GPU mirror writes the token's rows in place instead of the whole page.
+    grown: Option<Grown>,
+}
+
+/// The last page of a layer as the version it replaced plus the rows appended to it.
+#[derive(Clone)]
+pub(crate) struct Grown {
+    /// The previous payload (the mirror matches it by identity: a held `Bytes`).
+    pub(crate) old: Bytes,
+    /// Its tokens.
+    pub(crate) old_tokens: usize,
+    /// The appended tokens' compact payload (one token).
+    pub(crate) rows: Bytes,
 }
 
 impl Worker {

@@ -332,6 +332,54 @@ impl Gpu {
         Ok(())
     }
 
+    /// A ring of `depth` pinned host buffers of one row of `layout` each, for
+    /// [`Gpu::append_rows_staged`].
+    pub fn row_staging(&self, layout: &PageLayout, depth: usize) -> Result<RowStaging, GpuError> {
+        let bufs = (0..depth.max(layout.planes))
+            .map(|_| {
+                // SAFETY: u8 has no invalid bit patterns; a buffer is written before each use.
+                let mut b = unsafe { self.ctx.alloc_pinned::<u8>(layout.row_bytes) }?;
+                b.as_mut_slice()?.fill(0);
+                Ok(b)
+            })
+            .collect::<Result<Vec<_>, DriverError>>()?;
+        Ok(RowStaging { bufs, next: 0, layout: *layout })
+    }
+
+    /// Append one token to the page in slot `index`, which holds `at` tokens: its rows (`rows`,
+    /// the token's compact payload) are written in place, one copy per plane, through the next
+    /// buffers of a pinned ring (waiting only for a buffer whose previous copy still runs),
+    /// ordered before anything launched on the stream afterwards. The rest of the page is not
+    /// copied again.
+    pub fn append_rows_staged(
+        &self,
+        pages: &mut DevicePages,
+        index: usize,
+        at: usize,
+        rows: &[u8],
+        staging: &mut RowStaging,
+    ) -> Result<(), GpuError> {
+        let l = pages.layout;
+        let expected = l.payload_bytes(1);
+        let held = pages.pages.get(index).map(|p| p.tokens);
+        if rows.len() != expected || held != Some(at) || at >= l.page_tokens || staging.layout != l {
+            return Err(AttentionError::PageLength { index, got: rows.len(), expected, tokens: at + 1 }.into());
+        }
+        let (rb, full) = (l.row_bytes, l.page_tokens * l.row_bytes);
+        for p in 0..l.planes {
+            let n = staging.bufs.len();
+            let buf = &mut staging.bufs[staging.next];
+            staging.next = (staging.next + 1) % n;
+            buf.as_mut_slice()?.copy_from_slice(&rows[p * rb..(p + 1) * rb]);
+            let dst = index * pages.slot + p * full + at * rb;
+            let mut dst = pages.buf.slice_mut(dst..dst + rb);
+            self.stream.memcpy_htod(buf, &mut dst)?;
+        }
+        pages.pages[index].tokens = at + 1;
+        pages.pages[index].len = l.payload_bytes(at + 1);
+        Ok(())
+    }
+
     /// Copy pages to the device: one allocation, one slot per page.
     pub fn upload_pages(&self, layout: &PageLayout, pages: &[crate::KvPage]) -> Result<DevicePages, GpuError> {
         let mut dp = self.alloc_slots(layout, pages.len())?;
@@ -657,6 +705,13 @@ impl DevicePages {
 
 /// Pinned host buffers that page uploads are staged through ([`Gpu::staging`]).
 pub struct Staging {
+    bufs: Vec<PinnedHostSlice<u8>>,
+    next: usize,
+    layout: PageLayout,
+}
+
+/// Pinned one-row host buffers that appended rows are staged through ([`Gpu::row_staging`]).
+pub struct RowStaging {
     bufs: Vec<PinnedHostSlice<u8>>,
     next: usize,
     layout: PageLayout,
