@@ -34,7 +34,7 @@
 
 use crate::{AttentionError, AttnShape};
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DriverError, LaunchConfig,
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DriverError, LaunchConfig,
     PinnedHostSlice, PushKernelArg, sys,
 };
 use kvcache_core::{Codec, PageLayout};
@@ -119,6 +119,81 @@ pub struct Gpu {
     /// The driver's CUDA version (`cuDriverGetVersion`, e.g. 13000), part of the PTX cache key.
     driver: i32,
     modules: Mutex<HashMap<String, Arc<CudaModule>>>,
+    /// The buffers [`Gpu::decode_batch`] reuses from call to call.
+    workspace: Mutex<Workspace>,
+}
+
+/// Buffers kept between [`Gpu::decode_batch`] calls, grown as batches need: the batch's inputs
+/// (page table, work list, queries) packed into one pinned host buffer and sent in one copy,
+/// the outputs read back into another in one copy, and the device buffers behind them. A call
+/// makes no allocation once the largest batch shape has been seen, and copies from and to
+/// pinned memory run at the bus's rate (pageable copies go through the driver's bounce
+/// buffers).
+#[derive(Default)]
+struct Workspace {
+    host_in: Option<PinnedHostSlice<u8>>,
+    host_out: Option<PinnedHostSlice<u8>>,
+    dev_in: Option<CudaSlice<u8>>,
+    dev_part: Option<CudaSlice<u8>>,
+    dev_out: Option<CudaSlice<u8>>,
+}
+
+/// Device addresses of a batch's arrays, as the kernels take them.
+#[derive(Clone, Copy)]
+struct Args {
+    page_ptrs: u64,
+    seq_page0: u64,
+    seq_tokens: u64,
+    work: u64,
+    seq_work0: u64,
+    q: u64,
+    part_o: u64,
+    part_lse: u64,
+    out: u64,
+    lse: u64,
+}
+
+/// A batch laid out for the kernels, on the host: per sequence its first page in the table,
+/// its tokens and attended range, and the split-K work items.
+struct BatchLayout {
+    kernel: Kernel,
+    page_ptrs: Vec<u64>,
+    seq_page0: Vec<i32>,
+    seq_tokens: Vec<i32>,
+    work: Vec<i32>,
+    seq_work0: Vec<i32>,
+    attended: Vec<usize>,
+    n_work: usize,
+}
+
+/// Offsets of consecutive arrays of `sizes` bytes in one buffer, each 256-byte aligned, and the
+/// total.
+fn pack(sizes: &[usize]) -> (Vec<usize>, usize) {
+    let mut at = 0;
+    let offs = sizes
+        .iter()
+        .map(|&n| {
+            let o = at;
+            at = (at + n).next_multiple_of(256);
+            o
+        })
+        .collect();
+    (offs, at.max(256))
+}
+
+/// `bytes` as `n` values of `T` (a plain number type, any bit pattern valid).
+fn cast_mut<T: Copy>(bytes: &mut [u8], n: usize) -> &mut [T] {
+    assert!(bytes.len() >= n * std::mem::size_of::<T>());
+    assert_eq!(bytes.as_ptr() as usize % std::mem::align_of::<T>(), 0);
+    // SAFETY: in bounds and aligned (checked); T is u64, i32 or f32 here, valid for any bits.
+    unsafe { std::slice::from_raw_parts_mut(bytes.as_mut_ptr().cast::<T>(), n) }
+}
+
+fn cast<T: Copy>(bytes: &[u8], n: usize) -> &[T] {
+    assert!(bytes.len() >= n * std::mem::size_of::<T>());
+    assert_eq!(bytes.as_ptr() as usize % std::mem::align_of::<T>(), 0);
+    // SAFETY: as in `cast_mut`.
+    unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast::<T>(), n) }
 }
 
 impl std::fmt::Debug for Gpu {
@@ -155,7 +230,18 @@ impl Gpu {
         let mut driver = 0i32;
         // SAFETY: the driver library is loaded (checked above) and initialized; one out int.
         unsafe { sys::cuDriverGetVersion(&mut driver) }.result()?;
-        Ok(Arc::new(Gpu { ctx, stream, name, cc, sms, smem_optin, cache, driver, modules: Mutex::new(HashMap::new()) }))
+        Ok(Arc::new(Gpu {
+            ctx,
+            stream,
+            name,
+            cc,
+            sms,
+            smem_optin,
+            cache,
+            driver,
+            modules: Mutex::new(HashMap::new()),
+            workspace: Mutex::new(Workspace::default()),
+        }))
     }
 
     /// "NVIDIA H200 (sm_90, 132 SMs, 139.8 GiB)".
@@ -434,13 +520,12 @@ impl Gpu {
         Ok(dp)
     }
 
-    /// Plan a batch: check it, upload queries and page tables, size the split-K work. The plan
-    /// can be launched many times ([`Gpu::launch`]) and read back ([`Gpu::results`]).
-    pub fn plan<'p>(&self, shape: &AttnShape, items: &[GpuItem<'p>]) -> Result<Plan<'p>, GpuError> {
+    /// Lay a batch out for the kernels: check every item, build the page table and the split-K
+    /// work list.
+    fn lay_out(&self, shape: &AttnShape, items: &[GpuItem]) -> Result<BatchLayout, GpuError> {
         let kernel = Kernel::for_shape(self, shape)?;
         let mut page_ptrs = Vec::new();
-        let (mut seq_page0, mut seq_tokens, mut q) =
-            (Vec::new(), Vec::new(), Vec::with_capacity(items.len() * shape.q_len()));
+        let (mut seq_page0, mut seq_tokens) = (Vec::with_capacity(items.len()), Vec::with_capacity(items.len()));
         let mut ranges = Vec::with_capacity(items.len());
         for item in items {
             check_item(shape, item)?;
@@ -448,7 +533,6 @@ impl Gpu {
             seq_page0.push(i32::try_from(page_ptrs.len()).map_err(|_| GpuError::Unsupported("too many pages".into()))?);
             seq_tokens.push(i32::try_from(total).map_err(|_| GpuError::Unsupported("sequence too long".into()))?);
             page_ptrs.extend(item.pages.iter().map(|p| p.ptr));
-            q.extend_from_slice(item.q);
             ranges.push((item.skip, total));
         }
         if page_ptrs.is_empty() {
@@ -457,20 +541,33 @@ impl Gpu {
         let slots = self.sms * kernel.blocks_per_sm;
         let (work, seq_work0) = split_work(&ranges, kernel.blocks_per_item, slots, kernel.min_chunk, kernel.align);
         let n_work = seq_work0.last().copied().unwrap_or(0) as usize;
+        let attended = ranges.iter().map(|(s, t)| t - s).collect();
+        Ok(BatchLayout { kernel, page_ptrs, seq_page0, seq_tokens, work, seq_work0, attended, n_work })
+    }
+
+    /// Plan a batch: check it, upload queries and page tables, size the split-K work. The plan
+    /// can be launched many times ([`Gpu::launch`]) and read back ([`Gpu::results`]).
+    pub fn plan<'p>(&self, shape: &AttnShape, items: &[GpuItem<'p>]) -> Result<Plan<'p>, GpuError> {
+        let b = self.lay_out(shape, items)?;
+        let mut q = Vec::with_capacity(items.len() * shape.q_len());
+        for item in items {
+            q.extend_from_slice(item.q);
+        }
         let s = &self.stream;
+        let n_work = b.n_work;
         Ok(Plan {
-            kernel,
-            attended: ranges.iter().map(|(s, t)| t - s).collect(),
+            kernel: b.kernel,
+            attended: b.attended,
             batch: items.len(),
             heads: shape.q_heads,
             dv: shape.v_width,
             n_work,
             qscale: shape.scale * LOG2E,
-            page_ptrs: s.clone_htod(&page_ptrs)?,
-            seq_page0: s.clone_htod(&seq_page0)?,
-            seq_tokens: s.clone_htod(&seq_tokens)?,
-            work: s.clone_htod(&work)?,
-            seq_work0: s.clone_htod(&seq_work0)?,
+            page_ptrs: s.clone_htod(&b.page_ptrs)?,
+            seq_page0: s.clone_htod(&b.seq_page0)?,
+            seq_tokens: s.clone_htod(&b.seq_tokens)?,
+            work: s.clone_htod(&b.work)?,
+            seq_work0: s.clone_htod(&b.seq_work0)?,
             q: s.clone_htod(&q)?,
             part_o: s.alloc_zeros::<f32>((n_work * shape.q_heads * shape.v_width).max(1))?,
             part_lse: s.alloc_zeros::<f32>((n_work * shape.q_heads).max(1))?,
@@ -485,48 +582,70 @@ impl Gpu {
         if plan.batch == 0 {
             return Ok(());
         }
-        let k = &plan.kernel;
-        let n_work = plan.n_work as u32;
+        let s = &self.stream;
+        let args = {
+            let (page_ptrs, _a) = plan.page_ptrs.device_ptr(s);
+            let (seq_page0, _b) = plan.seq_page0.device_ptr(s);
+            let (seq_tokens, _c) = plan.seq_tokens.device_ptr(s);
+            let (work, _d) = plan.work.device_ptr(s);
+            let (seq_work0, _e) = plan.seq_work0.device_ptr(s);
+            let (q, _f) = plan.q.device_ptr(s);
+            let (part_o, _g) = plan.part_o.device_ptr_mut(s);
+            let (part_lse, _h) = plan.part_lse.device_ptr_mut(s);
+            let (out, _i) = plan.out.device_ptr_mut(s);
+            let (lse, _j) = plan.lse.device_ptr_mut(s);
+            Args { page_ptrs, seq_page0, seq_tokens, work, seq_work0, q, part_o, part_lse, out, lse }
+        };
+        // SAFETY: every address is a live buffer of the plan, sized for its batch and work items;
+        // every page pointer comes from a live `DevicePages` checked against the layout in `plan`.
+        unsafe { self.enqueue(&plan.kernel, &args, plan.batch, plan.heads, plan.dv, plan.n_work, plan.qscale) }
+    }
+
+    /// Enqueue the decode and merge kernels on `args`.
+    ///
+    /// # Safety
+    /// `args` must address live device buffers laid out for this batch: the page table, work
+    /// list and queries as [`Gpu::lay_out`] builds them, partials of `n_work × heads × dv` (and
+    /// `× heads`) f32, outputs of `batch × heads × dv` (and `× heads`) f32.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn enqueue(
+        &self,
+        k: &Kernel,
+        args: &Args,
+        batch: usize,
+        heads: usize,
+        dv: usize,
+        n_work: usize,
+        qscale: f32,
+    ) -> Result<(), GpuError> {
+        let (heads, dv_i) = (heads as i32, dv as i32);
         {
             let mut b = self.stream.launch_builder(&k.decode);
-            b.arg(&plan.page_ptrs)
-                .arg(&plan.seq_page0)
-                .arg(&plan.seq_tokens)
-                .arg(&plan.work)
-                .arg(&plan.q)
-                .arg(&plan.qscale);
-            let heads = plan.heads as i32;
+            b.arg(&args.page_ptrs).arg(&args.seq_page0).arg(&args.seq_tokens).arg(&args.work).arg(&args.q).arg(&qscale);
             if k.mla {
                 b.arg(&heads);
             }
-            b.arg(&mut plan.part_o).arg(&mut plan.part_lse);
+            b.arg(&args.part_o).arg(&args.part_lse);
             let cfg = LaunchConfig {
-                grid_dim: (n_work, k.grid_y, k.grid_z),
+                grid_dim: (n_work as u32, k.grid_y, k.grid_z),
                 block_dim: (k.threads, 1, 1),
                 shared_mem_bytes: k.smem as u32,
             };
-            // SAFETY: the arguments match the kernel's signature; every page pointer comes from
-            // a live `DevicePages` whose pages were checked against the layout in `plan`, and the
-            // work items stay inside each sequence's tokens.
+            // SAFETY: the arguments match the kernel's signature (pointers passed as their
+            // 64-bit addresses); the caller vouches for the buffers.
             unsafe { b.launch(cfg) }?;
         }
-        let heads = plan.heads as i32;
-        let dv = plan.dv as i32;
         let mut b = self.stream.launch_builder(&k.merge);
-        b.arg(&plan.part_o)
-            .arg(&plan.part_lse)
-            .arg(&plan.seq_work0)
+        b.arg(&args.part_o)
+            .arg(&args.part_lse)
+            .arg(&args.seq_work0)
             .arg(&heads)
-            .arg(&dv)
-            .arg(&mut plan.out)
-            .arg(&mut plan.lse);
+            .arg(&dv_i)
+            .arg(&args.out)
+            .arg(&args.lse);
         let cfg = LaunchConfig {
             // Sequences with many partials split each head's dims over blocks (see the kernel).
-            grid_dim: (
-                plan.batch as u32,
-                plan.heads as u32,
-                if plan.n_work >= 8 * plan.batch { plan.dv.div_ceil(32) as u32 } else { 1 },
-            ),
+            grid_dim: (batch as u32, heads as u32, if n_work >= 8 * batch { dv.div_ceil(32) as u32 } else { 1 }),
             block_dim: (128, 1, 1),
             shared_mem_bytes: 0,
         };
@@ -541,29 +660,101 @@ impl Gpu {
         let out = self.stream.clone_dtoh(&plan.out)?;
         let lse = self.stream.clone_dtoh(&plan.lse)?;
         let (ol, hl) = (plan.heads * plan.dv, plan.heads);
-        let status = (0..plan.batch)
-            .map(|i| {
-                let o = &out[i * ol..(i + 1) * ol];
-                let l = &lse[i * hl..(i + 1) * hl];
-                // −∞ is the LSE of attending to nothing, and only of that.
-                let empty = plan.attended[i] == 0;
-                if o.iter().all(|x| x.is_finite())
-                    && l.iter().all(|x| x.is_finite() || empty && *x == f32::NEG_INFINITY)
-                {
-                    Ok(())
-                } else {
-                    Err(AttentionError::NonFiniteResult)
-                }
-            })
-            .collect();
-        Ok(GpuOutput { out: out[..plan.batch * ol].to_vec(), lse: lse[..plan.batch * hl].to_vec(), status })
+        Ok(output(&out[..plan.batch * ol], &lse[..plan.batch * hl], &plan.attended, ol, hl))
     }
 
-    /// Plan, launch and read back one batch.
+    /// Check, lay out, launch and read back one batch, through buffers kept between calls
+    /// (one pinned copy in, one out; no allocation once the batch shape has been seen).
     pub fn decode_batch(&self, shape: &AttnShape, items: &[GpuItem]) -> Result<GpuOutput, GpuError> {
-        let mut plan = self.plan(shape, items)?;
-        self.launch(&mut plan)?;
-        self.results(&plan)
+        let b = self.lay_out(shape, items)?;
+        let batch = items.len();
+        if batch == 0 {
+            return Ok(GpuOutput { out: Vec::new(), lse: Vec::new(), status: Vec::new() });
+        }
+        let (heads, dv, ql) = (shape.q_heads, shape.v_width, shape.q_len());
+        let (ol, hl) = (heads * dv, heads);
+        let (f, i, u) = (4usize, 4usize, 8usize);
+        let (in_offs, in_len) = pack(&[
+            b.page_ptrs.len() * u,
+            b.seq_page0.len() * i,
+            b.seq_tokens.len() * i,
+            b.work.len() * i,
+            b.seq_work0.len() * i,
+            batch * ql * f,
+        ]);
+        let (part_offs, part_len) = pack(&[b.n_work * ol * f, b.n_work * hl * f]);
+        let (out_offs, out_len) = pack(&[batch * ol * f, batch * hl * f]);
+        let mut guard = self.workspace.lock().expect("workspace");
+        let ws = &mut *guard;
+        let s = &self.stream;
+        // Grown by half again over the need, so that slowly growing batches do not reallocate
+        // every call.
+        let grow = |n: usize| n + n / 2;
+        if ws.host_in.as_ref().is_none_or(|h| h.len() < in_len) {
+            // SAFETY: u8 has no invalid bit patterns; every byte used is written before a copy.
+            ws.host_in = Some(unsafe { self.ctx.alloc_pinned::<u8>(grow(in_len)) }?);
+        }
+        if ws.host_out.as_ref().is_none_or(|h| h.len() < out_len) {
+            // SAFETY: as above; the copy back fills the bytes read.
+            ws.host_out = Some(unsafe { self.ctx.alloc_pinned::<u8>(grow(out_len)) }?);
+        }
+        if ws.dev_in.as_ref().is_none_or(|d| d.len() < in_len) {
+            ws.dev_in = Some(s.alloc_zeros::<u8>(grow(in_len))?);
+        }
+        if ws.dev_part.as_ref().is_none_or(|d| d.len() < part_len) {
+            ws.dev_part = Some(s.alloc_zeros::<u8>(grow(part_len))?);
+        }
+        if ws.dev_out.as_ref().is_none_or(|d| d.len() < out_len) {
+            ws.dev_out = Some(s.alloc_zeros::<u8>(grow(out_len))?);
+        }
+        let (Some(host_in), Some(host_out), Some(dev_in), Some(dev_part), Some(dev_out)) =
+            (&mut ws.host_in, &mut ws.host_out, &mut ws.dev_in, &mut ws.dev_part, &mut ws.dev_out)
+        else {
+            unreachable!("allocated above");
+        };
+        {
+            let h = host_in.as_mut_slice()?;
+            cast_mut::<u64>(&mut h[in_offs[0]..], b.page_ptrs.len()).copy_from_slice(&b.page_ptrs);
+            cast_mut::<i32>(&mut h[in_offs[1]..], batch).copy_from_slice(&b.seq_page0);
+            cast_mut::<i32>(&mut h[in_offs[2]..], batch).copy_from_slice(&b.seq_tokens);
+            cast_mut::<i32>(&mut h[in_offs[3]..], b.work.len()).copy_from_slice(&b.work);
+            cast_mut::<i32>(&mut h[in_offs[4]..], b.seq_work0.len()).copy_from_slice(&b.seq_work0);
+            let q = cast_mut::<f32>(&mut h[in_offs[5]..], batch * ql);
+            for (dst, item) in q.chunks_exact_mut(ql).zip(items) {
+                dst.copy_from_slice(item.q);
+            }
+        }
+        let (din, _a) = dev_in.device_ptr_mut(s);
+        let (dpart, _b) = dev_part.device_ptr_mut(s);
+        let (dout, _c) = dev_out.device_ptr_mut(s);
+        let at = |base: u64, off: usize| base + off as u64;
+        let args = Args {
+            page_ptrs: at(din, in_offs[0]),
+            seq_page0: at(din, in_offs[1]),
+            seq_tokens: at(din, in_offs[2]),
+            work: at(din, in_offs[3]),
+            seq_work0: at(din, in_offs[4]),
+            q: at(din, in_offs[5]),
+            part_o: at(dpart, part_offs[0]),
+            part_lse: at(dpart, part_offs[1]),
+            out: at(dout, out_offs[0]),
+            lse: at(dout, out_offs[1]),
+        };
+        let hin = &host_in.as_slice()?[..in_len];
+        // SAFETY: `din` holds at least `in_len` bytes and the host bytes are pinned and stay
+        // untouched until the stream is waited for below (the workspace lock is held throughout).
+        unsafe { cudarc::driver::result::memcpy_htod_async(din, hin, s.cu_stream()) }?;
+        // SAFETY: the buffers were laid out above for this batch (`lay_out`, `pack`).
+        unsafe { self.enqueue(&b.kernel, &args, batch, heads, dv, b.n_work, shape.scale * LOG2E) }?;
+        let hout = &mut host_out.as_mut_slice()?[..out_len];
+        // SAFETY: `dout` holds at least `out_len` bytes; the host buffer is read only after the
+        // stream is waited for.
+        unsafe { cudarc::driver::result::memcpy_dtoh_async(hout, dout, s.cu_stream()) }?;
+        s.synchronize()?;
+        let hout = &host_out.as_slice()?[..out_len];
+        let out = cast::<f32>(&hout[out_offs[0]..], batch * ol);
+        let lse = cast::<f32>(&hout[out_offs[1]..], batch * hl);
+        Ok(output(out, lse, &b.attended, ol, hl))
     }
 
     /// Wait for everything enqueued on the stream.
@@ -648,6 +839,25 @@ impl Gpu {
         }
         Ok(best)
     }
+}
+
+/// A batch's answer from its outputs: per sequence `Ok`, or `NonFiniteResult` when an output
+/// is not finite (an LSE of −∞ is the answer of attending to nothing, and only of that).
+fn output(out: &[f32], lse: &[f32], attended: &[usize], ol: usize, hl: usize) -> GpuOutput {
+    let status = attended
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| {
+            let o = &out[i * ol..(i + 1) * ol];
+            let l = &lse[i * hl..(i + 1) * hl];
+            if o.iter().all(|x| x.is_finite()) && l.iter().all(|x| x.is_finite() || n == 0 && *x == f32::NEG_INFINITY) {
+                Ok(())
+            } else {
+                Err(AttentionError::NonFiniteResult)
+            }
+        })
+        .collect();
+    GpuOutput { out: out.to_vec(), lse: lse.to_vec(), status }
 }
 
 /// Device memory holding page slots of one layout; the [`DeviceRef`]s it hands out live no
