@@ -853,7 +853,7 @@ pub(crate) fn check_query(shape: &AttnShape, q: &[f32]) -> Result<(), AttentionE
             width: shape.qk_width,
         });
     }
-    if q.iter().any(|x| !x.is_finite()) {
+    if kvcache_core::codec::first_non_finite_f32(q).is_some() {
         return Err(AttentionError::NonFiniteQuery);
     }
     Ok(())

@@ -4,7 +4,7 @@
 //! --include-ignored`. The one test that runs everywhere checks that a missing driver or device is
 //! a clear error, not a panic.
 
-use kvcache_attention::gpu::{DeviceRef, Gpu, GpuError, GpuItem};
+use kvcache_attention::gpu::{DeviceRef, Gpu, GpuError, GpuItem, Query, RowAppend};
 use kvcache_attention::reference::{attention_window, rel_l2};
 use kvcache_attention::{AttentionError, AttnShape, KvPage};
 use kvcache_core::{Codec, PageLayout};
@@ -71,16 +71,42 @@ fn check_batch_lse(g: &Gpu, shape: &AttnShape, seqs: &[Seq], tol: f64, lse_tol: 
     let uploads: Vec<_> = seqs.iter().map(|s| g.upload_pages(&shape.layout, &s.kv()).unwrap()).collect();
     let refs: Vec<Vec<DeviceRef>> = uploads.iter().map(|u| u.pages()).collect();
     let items: Vec<GpuItem> =
-        seqs.iter().zip(&refs).map(|(s, r)| GpuItem { q: &s.q, pages: r, skip: s.skip }).collect();
+        seqs.iter().zip(&refs).map(|(s, r)| GpuItem { q: Query::F32(&s.q), pages: r, skip: s.skip }).collect();
     let mut plan = g.plan(shape, &items).unwrap();
     g.launch(&mut plan).unwrap();
     let res = g.results(&plan).unwrap();
     let kernel = plan.kernel_name();
-    // The reused-buffer path (what the worker calls) runs the same kernels on the same inputs.
+    // The reused-buffer paths (what the worker calls) runs the same kernels on the same inputs.
     let again = g.decode_batch(shape, &items).unwrap();
     assert!(again.out == res.out && again.lse == res.lse, "{kernel}: decode_batch differs from plan/launch/results");
     assert_eq!(again.status.len(), res.status.len());
     let (ol, hl) = (shape.out_len(), shape.q_heads);
+    for (i, r) in g.decode_batch_each(shape, &items, false).unwrap().into_iter().enumerate() {
+        let (o, l) = r.unwrap();
+        assert!(
+            o.to_f32() == res.out[i * ol..(i + 1) * ol] && l == res.lse[i * hl..(i + 1) * hl],
+            "{kernel}: item {i} differs"
+        );
+    }
+    // bf16 queries and outputs as they travel: widened and rounded on the device, the same as
+    // the f32 path on the widened query with its output rounded.
+    let bf16: Vec<Vec<u8>> =
+        seqs.iter().map(|s| s.q.iter().flat_map(|x| half::bf16::from_f32(*x).to_le_bytes()).collect()).collect();
+    let widened: Vec<Vec<f32>> = bf16
+        .iter()
+        .map(|b| b.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect())
+        .collect();
+    let wide_items: Vec<GpuItem> =
+        items.iter().zip(&widened).map(|(it, w)| GpuItem { q: Query::F32(w), ..*it }).collect();
+    let want = g.decode_batch(shape, &wide_items).unwrap();
+    let bf_items: Vec<GpuItem> = items.iter().zip(&bf16).map(|(it, b)| GpuItem { q: Query::Bf16(b), ..*it }).collect();
+    for (i, r) in g.decode_batch_each(shape, &bf_items, true).unwrap().into_iter().enumerate() {
+        let (o, l) = r.unwrap();
+        let rounded: Vec<f32> =
+            want.out[i * ol..(i + 1) * ol].iter().map(|x| half::bf16::from_f32(*x).to_f32()).collect();
+        assert!(matches!(o, kvcache_attention::gpu::Output::Bf16(_)), "{kernel}: bf16 asked");
+        assert!(o.to_f32() == rounded && l == want.lse[i * hl..(i + 1) * hl], "{kernel}: bf16 item {i} differs");
+    }
     let mut worst = 0f64;
     for (i, s) in seqs.iter().enumerate() {
         res.status[i].clone().unwrap();
@@ -132,10 +158,10 @@ fn rows_appended_in_place_answer_as_the_whole_page_uploaded() {
         let layout = PageLayout::new(&spec, codec, 16);
         let shape = AttnShape::new(&spec, layout);
         // 40 tokens: pages of 16, 16 and 8; the last page is written with 3 tokens and grown
-        // one row at a time through the pinned row ring (smaller than the appends, so it wraps).
+        // one row at a time, then two at once (the staging grows past its first size).
         let s = seq(&shape, 40, 0, &mut rng);
         let mut slots = g.alloc_slots(&layout, 3).unwrap();
-        let mut rows = g.row_staging(&layout, 4).unwrap();
+        let mut rows = g.row_staging(&layout, 1).unwrap();
         g.write_page(&mut slots, 0, &s.pages[0].0, 16).unwrap();
         g.write_page(&mut slots, 1, &s.pages[1].0, 16).unwrap();
         let last = &s.pages[2].0;
@@ -147,15 +173,18 @@ fn rows_appended_in_place_answer_as_the_whole_page_uploaded() {
         let mut first = vec![0u8; layout.payload_bytes(3)];
         layout.slice_tokens(last, 8, 0, 3, &mut first);
         g.write_page(&mut slots, 2, &first, 3).unwrap();
-        for t in 3..8 {
-            g.append_rows_staged(&mut slots, 2, t, &token(t), &mut rows).unwrap();
+        for t in 3..6 {
+            g.append_rows(&mut slots, &[RowAppend { index: 2, at: t, rows: &token(t) }], &mut rows).unwrap();
         }
-        // A row for the wrong position is refused.
-        assert!(g.append_rows_staged(&mut slots, 2, 5, &token(5), &mut rows).is_err());
+        let (t6, t7) = (token(6), token(7));
+        let two = [RowAppend { index: 2, at: 6, rows: &t6 }, RowAppend { index: 2, at: 7, rows: &t7 }];
+        g.append_rows(&mut slots, &two, &mut rows).unwrap();
+        // A row for the wrong position is refused, and nothing of its batch is written.
+        assert!(g.append_rows(&mut slots, &[RowAppend { index: 2, at: 5, rows: &token(5) }], &mut rows).is_err());
         let whole = g.upload_pages(&layout, &s.kv()).unwrap();
         let (a, b) = (slots.pages(), whole.pages());
-        let grown = g.decode_batch(&shape, &[GpuItem { q: &s.q, pages: &a, skip: 0 }]).unwrap();
-        let uploaded = g.decode_batch(&shape, &[GpuItem { q: &s.q, pages: &b, skip: 0 }]).unwrap();
+        let grown = g.decode_batch(&shape, &[GpuItem { q: Query::F32(&s.q), pages: &a, skip: 0 }]).unwrap();
+        let uploaded = g.decode_batch(&shape, &[GpuItem { q: Query::F32(&s.q), pages: &b, skip: 0 }]).unwrap();
         assert_eq!(a[2].tokens, 8);
         assert!(grown.out == uploaded.out && grown.lse == uploaded.lse, "{codec:?}: appended rows differ");
         eprintln!("rows appended in place, {} {:?}: same answer as the page uploaded whole", spec.name, codec);
@@ -282,7 +311,7 @@ fn nan_and_infinity_in_a_page_fail_only_their_sequence() {
             let uploads: Vec<_> = seqs.iter().map(|s| g.upload_pages(&shape.layout, &s.kv()).unwrap()).collect();
             let refs: Vec<Vec<DeviceRef>> = uploads.iter().map(|u| u.pages()).collect();
             let items: Vec<GpuItem> =
-                seqs.iter().zip(&refs).map(|(s, r)| GpuItem { q: &s.q, pages: r, skip: 0 }).collect();
+                seqs.iter().zip(&refs).map(|(s, r)| GpuItem { q: Query::F32(&s.q), pages: r, skip: 0 }).collect();
             let res = g.decode_batch(&shape, &items).unwrap();
             assert!(res.status[0].is_ok() && res.status[2].is_ok());
             assert_eq!(res.status[1], Err(AttentionError::NonFiniteResult), "{:?} {codec:?}", spec.attention);
@@ -293,7 +322,7 @@ fn nan_and_infinity_in_a_page_fail_only_their_sequence() {
         s.pages[1].0[3] = 0x7f;
         let up = g.upload_pages(&shape.layout, &s.kv()).unwrap();
         let r = up.pages();
-        let res = g.decode_batch(&shape, &[GpuItem { q: &s.q, pages: &r, skip: 0 }]).unwrap();
+        let res = g.decode_batch(&shape, &[GpuItem { q: Query::F32(&s.q), pages: &r, skip: 0 }]).unwrap();
         assert_eq!(res.status[0], Err(AttentionError::NonFiniteResult));
     }
 }
@@ -309,21 +338,21 @@ fn bad_requests_are_refused_before_anything_runs() {
     let up = g.upload_pages(&shape.layout, &s.kv()).unwrap();
     let r = up.pages();
     let short = &s.q[..10];
-    let e = g.plan(&shape, &[GpuItem { q: short, pages: &r, skip: 0 }]).err().unwrap();
+    let e = g.plan(&shape, &[GpuItem { q: Query::F32(short), pages: &r, skip: 0 }]).err().unwrap();
     assert!(matches!(e, GpuError::Attention(AttentionError::QueryLength { .. })), "{e}");
     let mut nanq = s.q.clone();
     nanq[5] = f32::NAN;
-    let e = g.plan(&shape, &[GpuItem { q: &nanq, pages: &r, skip: 0 }]).err().unwrap();
+    let e = g.plan(&shape, &[GpuItem { q: Query::F32(&nanq), pages: &r, skip: 0 }]).err().unwrap();
     assert!(matches!(e, GpuError::Attention(AttentionError::NonFiniteQuery)), "{e}");
-    let e = g.plan(&shape, &[GpuItem { q: &s.q, pages: &r, skip: 41 }]).err().unwrap();
+    let e = g.plan(&shape, &[GpuItem { q: Query::F32(&s.q), pages: &r, skip: 41 }]).err().unwrap();
     assert!(e.to_string().contains("skips 41 of 40"), "{e}");
     // A partial page in the middle.
     let mid = [r[2], r[0]];
-    let e = g.plan(&shape, &[GpuItem { q: &s.q, pages: &mid, skip: 0 }]).err().unwrap();
+    let e = g.plan(&shape, &[GpuItem { q: Query::F32(&s.q), pages: &mid, skip: 0 }]).err().unwrap();
     assert!(e.to_string().contains("every page but the last"), "{e}");
     // Pages of another layout.
     let other = AttnShape::new(&spec, PageLayout::new(&spec, Codec::Fp8E4m3, 16));
-    let e = g.plan(&other, &[GpuItem { q: &s.q, pages: &r, skip: 0 }]).err().unwrap();
+    let e = g.plan(&other, &[GpuItem { q: Query::F32(&s.q), pages: &r, skip: 0 }]).err().unwrap();
     assert!(matches!(e, GpuError::Attention(AttentionError::PageLength { .. })), "{e}");
     // Head dims without a kernel say so (96 runs on the tensor cores for bf16 and fp8 pages only).
     let odd = gqa(8, 8, 96);

@@ -256,8 +256,59 @@ pub fn fp8_lut() -> &'static [f32; 256] {
     LUT.get_or_init(|| std::array::from_fn(|i| e4m3_to_f32(i as u8)))
 }
 
+/// The index of the first value of `v` that is NaN or infinite. Scans blocks branch-free (the
+/// compiler turns a block into SIMD compares) and looks inside a block only when it holds one:
+/// a query or an output of millions of values is checked at memory speed.
+pub fn first_non_finite_f32(v: &[f32]) -> Option<usize> {
+    first_bad(v, |x| x.to_bits() & 0x7f80_0000 == 0x7f80_0000)
+}
+
+/// [`first_non_finite_f32`] over bf16 values as they travel (two little-endian bytes each; an
+/// odd trailing byte is ignored): a bf16 is finite unless its exponent bits are all ones.
+pub fn first_non_finite_bf16(b: &[u8]) -> Option<usize> {
+    let bad = |c: &[u8]| c[1] & 0x7f == 0x7f && c[0] & 0x80 == 0x80;
+    const BLOCK: usize = 128;
+    for (i, blk) in b.chunks(2 * BLOCK).enumerate() {
+        if blk.chunks_exact(2).fold(false, |acc, c| acc | bad(c)) {
+            return blk.chunks_exact(2).position(bad).map(|j| i * BLOCK + j);
+        }
+    }
+    None
+}
+
+fn first_bad<T: Copy>(v: &[T], bad: impl Fn(T) -> bool + Copy) -> Option<usize> {
+    const BLOCK: usize = 128;
+    for (i, blk) in v.chunks(BLOCK).enumerate() {
+        if blk.iter().fold(false, |acc, &x| acc | bad(x)) {
+            return blk.iter().position(|&x| bad(x)).map(|j| i * BLOCK + j);
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn non_finite_values_are_found_at_their_index_in_f32_and_bf16() {
+        use super::{first_non_finite_bf16, first_non_finite_f32};
+        let n = 1000;
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            for at in [0, 1, 127, 128, 500, n - 1] {
+                let mut v: Vec<f32> = (0..n).map(|i| (i as f32 - 300.0) * 1e30).collect();
+                assert_eq!(first_non_finite_f32(&v), None);
+                v[at] = bad;
+                assert_eq!(first_non_finite_f32(&v), Some(at), "{bad} at {at}");
+                let b: Vec<u8> = v.iter().flat_map(|x| half::bf16::from_f32(*x).to_le_bytes()).collect();
+                assert_eq!(first_non_finite_bf16(&b), Some(at), "bf16 {bad} at {at}");
+            }
+        }
+        // The largest finite values are finite; subnormals and zeros too.
+        let v = [f32::MAX, -f32::MAX, f32::MIN_POSITIVE / 4.0, -0.0];
+        assert_eq!(first_non_finite_f32(&v), None);
+        let b: Vec<u8> = [0x7f7fu16, 0xff7f, 0x0001, 0x8000].iter().flat_map(|x| x.to_le_bytes()).collect();
+        assert_eq!(first_non_finite_bf16(&b), None);
+    }
+
     use super::*;
     use proptest::prelude::*;
 

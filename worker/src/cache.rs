@@ -180,8 +180,9 @@ impl PageCache {
     }
 
     /// Pages `[start, start + count)` of the layer if every one is cached from `node`, in
-    /// order, whatever their versions (the caller validates them later against an owner's
-    /// answer); makes the layer the most recently used. Counts nothing.
+    /// order, as (payload, tokens, write_seq), whatever their versions (the caller validates
+    /// them later against an owner's answer); makes the layer the most recently used. Counts
+    /// nothing.
     pub fn pages_from(
         &self,
         seq: &SequenceKey,
@@ -189,14 +190,14 @@ impl PageCache {
         node: &str,
         start: usize,
         count: usize,
-    ) -> Option<Vec<CachedPage>> {
+    ) -> Option<Vec<(Bytes, u32, u64)>> {
         let mut g = self.inner.lock();
         let l = g.layer_mut(seq, layer)?;
         let got = l
             .pages
             .get(start..start + count)?
             .iter()
-            .map(|p| p.as_ref().filter(|p| &*p.node == node).cloned())
+            .map(|p| p.as_ref().filter(|p| &*p.node == node).map(|p| (p.bytes.clone(), p.tokens, p.write_seq)))
             .collect::<Option<Vec<_>>>()?;
         g.touch(seq, layer);
         Some(got)

@@ -9,6 +9,7 @@
 use crate::fetch::Speculated;
 use crate::{Fetched, Grown, SeqFailure, Worker};
 use bytes::Bytes;
+use kvcache_attention::gpu::{Output, Query};
 use kvcache_attention::{AttentionError, AttnShape, BatchItem, KvPage};
 use kvcache_client::{AppendAck, AppendItem, ClientError};
 use kvcache_core::spec::LayerKind;
@@ -31,7 +32,10 @@ pub(crate) struct Parsed {
     pub(crate) index: Vec<Arc<(Vec<f32>, Vec<f32>)>>,
     /// One per item, in request order.
     pub(crate) seqs: Vec<SequenceKey>,
+    /// Each item's query as f32 (empty where `raw_queries` holds it).
     pub(crate) queries: Arc<Vec<Vec<f32>>>,
+    /// On a GPU with bf16 vectors: each item's query as it came (the device widens it).
+    pub(crate) raw_queries: Arc<Vec<Bytes>>,
     /// How queries came and outputs go.
     pub(crate) dtype: pb::VectorDtype,
 }
@@ -40,7 +44,7 @@ pub(crate) struct Parsed {
 struct Computed {
     item: usize,
     result: Result<(), AttentionError>,
-    output: Vec<f32>,
+    output: Output,
     lse: Vec<f32>,
 }
 
@@ -61,9 +65,10 @@ impl Worker {
             return self.decode_linear(&req, ns, spec).await;
         }
         let parsed = self.parse(&req).await?;
+        let parsed_at = started.elapsed();
         let n = req.items.len();
         // Sequences whose layer the cache knows: computed while their append is in flight.
-        let spec: Vec<Option<Speculated>> = req
+        let mut spec: Vec<Option<Speculated>> = req
             .items
             .iter()
             .zip(&parsed.seqs)
@@ -72,13 +77,14 @@ impl Worker {
                 eligible.then(|| self.speculate(&parsed.ns, seq, parsed.layer, &it.new_kv)).flatten()
             })
             .collect();
+        tracing::debug!(parse = ?parsed_at, speculate = ?(started.elapsed() - parsed_at), items = n, "decode step ready");
         let mut stats = pb::DecodeStats::default();
         let mut computed = Vec::new();
         let t_append = Instant::now();
         let (appended, index_appended) = if spec.iter().any(Option::is_some) {
             stats.fetch_micros = started.elapsed().as_micros() as u64;
             let ready: Vec<Ready> =
-                spec.iter().enumerate().filter_map(|(i, s)| s.as_ref().map(|s| ready(i, &s.fetched))).collect();
+                spec.iter_mut().enumerate().filter_map(|(i, s)| s.as_mut().map(|s| ready(i, &mut s.fetched))).collect();
             let append = async {
                 let a = self.append(&parsed, &req.items).await;
                 (a, t_append.elapsed())
@@ -121,7 +127,8 @@ impl Worker {
                 let todo = rest.iter().map(|&i| (i, appended[i].take())).collect();
                 self.fetch(&parsed, &req.items, todo).await
             };
-            let ready: Vec<Ready> = got.iter().filter_map(|(i, f)| f.as_ref().ok().map(|f| ready(*i, f))).collect();
+            let mut got = got;
+            let ready: Vec<Ready> = got.iter_mut().filter_map(|(i, f)| f.as_mut().ok().map(|f| ready(*i, f))).collect();
             for (i, f) in got {
                 fetched[i] = Some(f);
             }
@@ -233,6 +240,7 @@ impl Worker {
         }
         let mut seqs: Vec<SequenceKey> = Vec::with_capacity(req.items.len());
         let mut queries: Vec<Vec<f32>> = Vec::with_capacity(req.items.len());
+        let raw = self.device.is_some() && dtype == pb::VectorDtype::Bf16 && ns.model.indexer.is_none();
         let mut index = Vec::new();
         for (i, it) in req.items.iter().enumerate() {
             let seq = SequenceKey::try_from(pb::SequenceKey {
@@ -277,11 +285,18 @@ impl Worker {
                     dtype_name(dtype)
                 )));
             }
-            let q = dtype.decode(&it.query).unwrap_or_default();
-            if let Some(j) = q.iter().position(|x| !x.is_finite()) {
+            // A GPU takes bf16 queries as they came (widened on the device): checked in place.
+            let q = if raw { Vec::new() } else { dtype.decode(&it.query).unwrap_or_default() };
+            let bad = if raw {
+                kvcache_core::codec::first_non_finite_bf16(&it.query)
+            } else {
+                kvcache_core::codec::first_non_finite_f32(&q)
+            };
+            if let Some(j) = bad {
+                let v = dtype.decode(&it.query[j * dtype.width()..(j + 1) * dtype.width()]).unwrap_or_default();
                 return Err(Status::invalid_argument(format!(
                     "item {i} (sequence {:?}): query value {j} is {} (every value must be finite)",
-                    it.sequence_id, q[j]
+                    it.sequence_id, v[0]
                 )));
             }
             queries.push(q);
@@ -311,7 +326,9 @@ impl Worker {
             }
             seqs.push(seq);
         }
-        Ok(Parsed { ns, layer: req.layer, shape, sinks, index, seqs, queries: Arc::new(queries), dtype })
+        let raw_queries =
+            if raw { Arc::new(req.items.iter().map(|it| it.query.clone()).collect()) } else { Arc::default() };
+        Ok(Parsed { ns, layer: req.layer, shape, sinks, index, seqs, queries: Arc::new(queries), raw_queries, dtype })
     }
 
     /// Write the step's new tokens through to every owner: one AppendBatch per owning node.
@@ -398,7 +415,9 @@ impl Worker {
         let (shape, threads, sinks) = (p.shape, self.cfg.threads, p.sinks.clone());
         // Sparse MLA reads a few gathered rows per sequence: it stays on the CPU.
         let device = self.device.clone().filter(|_| p.ns.model.indexer.is_none());
-        let (seqs, layer, queries) = (p.seqs.clone(), p.layer, p.queries.clone());
+        let (seqs, layer, queries, raw) = (p.seqs.clone(), p.layer, p.queries.clone(), p.raw_queries.clone());
+        // Outputs rounded to bf16 on the device when they travel so (sinks rescale f32 first).
+        let bf16_out = p.dtype == pb::VectorDtype::Bf16 && sinks.is_none();
         let ok = ready;
         tokio::task::spawn_blocking(move || {
             // Per ready item: the kernel's verdict, output and LSE (zeros and −∞ when refused).
@@ -408,13 +427,16 @@ impl Worker {
                         .iter()
                         .map(|(i, pages, skip, grown)| crate::device::DeviceItem {
                             key: (seqs[*i].clone(), layer),
-                            q: &queries[*i],
+                            q: match raw.get(*i) {
+                                Some(b) => Query::Bf16(b),
+                                None => Query::F32(&queries[*i]),
+                            },
                             pages,
                             skip: *skip,
                             grown: grown.as_ref(),
                         })
                         .collect();
-                    let answers = dev.decode(&shape, &items).map_err(|e| match e {
+                    let answers = dev.decode(&shape, &items, bf16_out).map_err(|e| match e {
                         kvcache_attention::gpu::GpuError::OutOfMemory(m) => Status::resource_exhausted(m),
                         kvcache_attention::gpu::GpuError::Unsupported(m) => Status::failed_precondition(m),
                         e => Status::internal(format!("GPU decode: {e}")),
@@ -423,7 +445,11 @@ impl Worker {
                         .into_iter()
                         .map(|r| match r {
                             Ok((o, l)) => (Ok(()), o, l),
-                            Err(e) => (Err(e), vec![0f32; shape.out_len()], vec![f32::NEG_INFINITY; shape.q_heads]),
+                            Err(e) => (
+                                Err(e),
+                                Output::F32(vec![0f32; shape.out_len()]),
+                                vec![f32::NEG_INFINITY; shape.q_heads],
+                            ),
                         })
                         .collect()
                 }
@@ -443,7 +469,7 @@ impl Worker {
                         bufs.iter_mut().map(|(o, l)| (&mut o[..], &mut l[..])).collect();
                     let opts = kvcache_attention::calibrate::options_for(&shape, threads);
                     let each = kvcache_attention::decode_batch_each(&shape, &items, &opts, &mut outs);
-                    each.into_iter().zip(bufs).map(|(r, (o, l))| (r, o, l)).collect()
+                    each.into_iter().zip(bufs).map(|(r, (o, l))| (r, Output::F32(o), l)).collect()
                 }
             };
             Ok(ok
@@ -451,9 +477,10 @@ impl Worker {
                 .zip(answers)
                 .map(|((item, _, _, _), (result, mut output, mut lse))| {
                     let result = match (&sinks, result) {
-                        (Some(s), Ok(())) => {
-                            kvcache_attention::hybrid::apply_sinks(s, shape.v_width, &mut output, &mut lse)
-                        }
+                        (Some(s), Ok(())) => match &mut output {
+                            Output::F32(o) => kvcache_attention::hybrid::apply_sinks(s, shape.v_width, o, &mut lse),
+                            Output::Bf16(_) => unreachable!("sinks ask for f32 outputs"),
+                        },
                         (_, r) => r,
                     };
                     Computed { item, result, output, lse }
@@ -489,14 +516,17 @@ impl Worker {
 }
 
 /// One ready sequence's kernel verdict, output and LSE (zeros and −∞ when refused).
-type Answer = (Result<(), AttentionError>, Vec<f32>, Vec<f32>);
+type Answer = (Result<(), AttentionError>, Output, Vec<f32>);
 
 /// A sequence ready to compute: (item, its pages, tokens of the first page before the window,
 /// how its last page grew this step).
 type Ready = (usize, Vec<(Bytes, usize)>, usize, Option<Grown>);
 
-fn ready(i: usize, f: &Fetched) -> Ready {
-    (i, f.pages.clone(), f.skip, f.grown.clone())
+/// Hand a fetched layer's pages to the compute (moved, not cloned: a 32K-token layer is 512
+/// pages), keeping the context length its answer reports.
+fn ready(i: usize, f: &mut Fetched) -> Ready {
+    f.context = f.pages.iter().map(|p| p.1 as u64).sum::<u64>() - f.skip as u64;
+    (i, std::mem::take(&mut f.pages), f.skip, f.grown.take())
 }
 
 /// Each fetch task's answer in order; a task that died is its sequence's miss.
@@ -544,9 +574,12 @@ fn respond(
         .collect();
     for c in computed.into_iter().filter(|c| c.result.is_ok()) {
         let r = &mut results[c.item];
-        r.context_tokens =
-            fetched[c.item].as_ref().map_or(0, |f| f.pages.iter().map(|p| p.1 as u64).sum::<u64>() - f.skip as u64);
-        r.output = dtype.encode(&c.output);
+        r.context_tokens = fetched[c.item].as_ref().map_or(0, |f| f.context);
+        r.output = match c.output {
+            Output::F32(o) => dtype.encode(&o),
+            // Rounded on the device, as the request asked.
+            Output::Bf16(b) => Bytes::from(b),
+        };
         r.lse = c.lse;
     }
     results

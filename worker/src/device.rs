@@ -18,8 +18,8 @@
 //! reason), never answered wrong.
 
 use bytes::Bytes;
-use kvcache_attention::gpu::{DevicePages, DeviceRef, Gpu, GpuError, GpuItem, RowStaging, Staging};
-use kvcache_attention::{AttentionError, AttnShape};
+use kvcache_attention::AttnShape;
+use kvcache_attention::gpu::{DevicePages, DeviceRef, Gpu, GpuError, GpuItem, Query, RowAppend, RowStaging, Staging};
 use kvcache_core::{PageLayout, SequenceKey};
 use parking_lot::Mutex;
 use std::collections::{BTreeMap, HashMap};
@@ -165,7 +165,7 @@ struct Slab {
     table: SlotTable<(SequenceKey, u32)>,
     /// Pinned host buffers the uploads are staged through (planes spread a full page apart).
     staging: Staging,
-    /// Pinned one-row buffers an appended token's rows are staged through.
+    /// The buffers appended tokens' rows are staged through.
     rows: RowStaging,
 }
 
@@ -173,7 +173,8 @@ struct Slab {
 /// asynchronously, this many in flight while the host spreads the next.
 const STAGING_PAGES: usize = 16;
 
-/// Pinned row buffers per slab: a warm step writes one token's rows per plane and sequence.
+/// Rows staged per slab at first (grown when a step appends more): a warm step writes one
+/// token per sequence.
 const STAGING_ROWS: usize = 256;
 
 /// HBM page slots of one GPU.
@@ -188,8 +189,8 @@ pub struct DeviceCache {
 pub(crate) struct DeviceItem<'a> {
     /// (sequence, layer).
     pub(crate) key: (SequenceKey, u32),
-    /// Query `[q_heads][qk_width]`.
-    pub(crate) q: &'a [f32],
+    /// Query `[q_heads][qk_width]`, f32 or bf16 as it came.
+    pub(crate) q: Query<'a>,
     /// Host payloads and tokens, from the first page its window reads.
     pub(crate) pages: &'a [(Bytes, usize)],
     /// Tokens of the first page before the window.
@@ -199,7 +200,7 @@ pub(crate) struct DeviceItem<'a> {
 }
 
 /// One sequence's answer: `(out, lse)` or why not.
-pub(crate) type DeviceAnswer = Result<(Vec<f32>, Vec<f32>), AttentionError>;
+pub(crate) type DeviceAnswer = kvcache_attention::gpu::SeqOutput;
 
 impl DeviceCache {
     /// Slots on `gpu`, at most `bytes` per page geometry.
@@ -217,8 +218,14 @@ impl DeviceCache {
         self.uploads.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Decode a batch on the GPU: `(out, lse)` or the error, per item.
-    pub(crate) fn decode(&self, shape: &AttnShape, items: &[DeviceItem]) -> Result<Vec<DeviceAnswer>, GpuError> {
+    /// Decode a batch on the GPU: `(out, lse)` or the error, per item; outputs rounded to bf16
+    /// on the device with `bf16_out`.
+    pub(crate) fn decode(
+        &self,
+        shape: &AttnShape,
+        items: &[DeviceItem],
+        bf16_out: bool,
+    ) -> Result<Vec<DeviceAnswer>, GpuError> {
         let mut slabs = self.slabs.lock();
         let slab = match slabs.iter().position(|s| s.layout == shape.layout) {
             Some(i) => &mut slabs[i],
@@ -234,40 +241,62 @@ impl DeviceCache {
         };
         let keyed: Vec<SlotItem<'_, (SequenceKey, u32)>> =
             items.iter().map(|it| (it.key.clone(), it.pages, it.grown.map(|g| (&g.old, g.old_tokens)))).collect();
+        let t = std::time::Instant::now();
         let (slots, uploads) = slab.table.assign(&keyed).map_err(GpuError::OutOfMemory)?;
+        let assigned = t.elapsed();
+        let n_uploads = uploads.len();
+        // Pages uploaded whole now; appended rows gathered and written in place in one go after.
+        let mut rows: Vec<(RowAppend, usize, usize)> = Vec::new();
+        let in_place = shape.layout.row_bytes.is_multiple_of(4);
+        let mut r = Ok(());
         for (item, page, slot, from) in uploads {
             let it = &items[item];
             let (b, tokens) = &it.pages[page];
-            let r = match it.grown {
-                // The slot holds the first `from` tokens: write the appended token's rows after them.
-                Some(g) if from > 0 && from == g.old_tokens && from + 1 == *tokens => {
-                    self.gpu.append_rows_staged(&mut slab.pages, slot, from, &g.rows, &mut slab.rows)
+            match it.grown {
+                // The slot holds the first `from` tokens: the appended token's rows go after them.
+                Some(g) if in_place && from > 0 && from == g.old_tokens && from + 1 == *tokens => {
+                    rows.push((RowAppend { index: slot, at: from, rows: &g.rows }, item, page));
+                    continue;
                 }
-                _ => self.gpu.write_page_staged(&mut slab.pages, slot, b, *tokens, &mut slab.staging),
-            };
-            if let Err(e) = r {
-                // Nothing half-written may be taken for these bytes later.
-                for it in items {
-                    slab.table.forget(&it.key);
-                }
-                return Err(e);
+                _ => r = self.gpu.write_page_staged(&mut slab.pages, slot, b, *tokens, &mut slab.staging),
+            }
+            if r.is_err() {
+                break;
             }
             self.uploads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             slab.table.landed(&it.key, page, b);
         }
+        if r.is_ok() && !rows.is_empty() {
+            let appends: Vec<RowAppend> = rows.iter().map(|r| r.0).collect();
+            r = self.gpu.append_rows(&mut slab.pages, &appends, &mut slab.rows);
+            if r.is_ok() {
+                for &(_, item, page) in &rows {
+                    let it = &items[item];
+                    self.uploads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    slab.table.landed(&it.key, page, &it.pages[page].0);
+                }
+            }
+        }
+        if let Err(e) = r {
+            // Nothing half-written may be taken for these bytes later.
+            for it in items {
+                slab.table.forget(&it.key);
+            }
+            return Err(e);
+        }
         let refs: Vec<Vec<DeviceRef>> = slots.iter().map(|s| s.iter().map(|&i| slab.pages.page(i)).collect()).collect();
         let gi: Vec<GpuItem> =
             items.iter().zip(&refs).map(|(it, r)| GpuItem { q: it.q, pages: r, skip: it.skip }).collect();
-        let out = self.gpu.decode_batch(shape, &gi)?;
-        let (ol, hl) = (shape.out_len(), shape.q_heads);
-        Ok(out
-            .status
-            .into_iter()
-            .enumerate()
-            .map(|(i, st)| {
-                st.map(|()| (out.out[i * ol..(i + 1) * ol].to_vec(), out.lse[i * hl..(i + 1) * hl].to_vec()))
-            })
-            .collect())
+        let uploaded = t.elapsed();
+        let r = self.gpu.decode_batch_each(shape, &gi, bf16_out);
+        tracing::debug!(
+            assign = ?assigned,
+            uploads = n_uploads,
+            upload = ?(uploaded - assigned),
+            decode = ?(t.elapsed() - uploaded),
+            "GPU step"
+        );
+        r
     }
 }
 

@@ -141,16 +141,18 @@ impl Worker {
                 pages.push((p.bytes, ptu));
             }
         }
-        let full = &own[..idx - own_start];
-        if full.iter().any(|p| p.tokens as usize != ptu || p.bytes.len() != l.payload_bytes(ptu)) {
+        let mut own = own;
+        let partial = if held > 0 { own.pop() } else { None };
+        if own.iter().any(|p| p.1 as usize != ptu || p.0.len() != l.payload_bytes(ptu)) {
             return None;
         }
-        pages.extend(full.iter().map(|p| (p.bytes.clone(), ptu)));
-        let (last, grown) = match own.get(idx - own_start) {
-            Some(p) if p.tokens as usize == held && p.bytes.len() == l.payload_bytes(held) => {
+        let write_seqs = own.iter().map(|p| p.2).collect();
+        pages.extend(own.into_iter().map(|p| (p.0, ptu)));
+        let (last, grown) = match partial {
+            Some((b, n, _)) if n as usize == held && b.len() == l.payload_bytes(held) => {
                 let mut merged = vec![0u8; l.payload_bytes(held + 1)];
-                l.concat(&p.bytes, held, new_kv, 1, &mut merged);
-                (Bytes::from(merged), Some(Grown { old: p.bytes.clone(), old_tokens: held, rows: new_kv.clone() }))
+                l.concat(&b, held, new_kv, 1, &mut merged);
+                (Bytes::from(merged), Some(Grown { old: b, old_tokens: held, rows: new_kv.clone() }))
             }
             Some(_) => return None,
             None => (new_kv.clone(), None),
@@ -164,7 +166,7 @@ impl Worker {
             tokens,
             prefix_pages: memo.prefix_pages,
             own_start,
-            write_seqs: full.iter().map(|p| p.write_seq).collect(),
+            write_seqs,
             last: (idx, last, held + 1),
         })
     }
@@ -430,7 +432,7 @@ impl Worker {
             self.cache.set_extent(seq, layer, Extent { node: node_id.clone(), tokens, prefix_pages: np as u32 });
         }
         let skip = (kind.read_range(tokens).start - from) as usize;
-        Ok(Fetched { pages, skip, bytes, pulled, cached, unpulled, from: Some(node.clone()), grown: None })
+        Ok(Fetched { pages, skip, bytes, pulled, cached, unpulled, from: Some(node.clone()), ..Default::default() })
     }
 
     /// Keep a sequence's prefix for the warm path ([`Self::cached_layer`]); bounded: the map is

@@ -137,6 +137,8 @@ struct Fetched {
     bytes: u64,
     pulled: u64,
     cached: u64,
+    /// Tokens attended (set when the pages go to the compute).
+    context: u64,
     /// The last page is a page the worker held plus this step's token (an append applied
     /// here): the GPU mirror writes the token's rows in place instead of the whole page.
     grown: Option<Grown>,

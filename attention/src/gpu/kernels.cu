@@ -1440,6 +1440,33 @@ extern "C" __global__ void __launch_bounds__(MERGE_T) merge_partials(const float
     if (threadIdx.x == 0) lse[(size_t)b * heads + h] = M == NEG_INF && !nan ? NEG_INF : (M + log2f(sum)) * 0.6931471805599453f;
 }
 
+// bf16 vectors as they travel (little-endian u16): queries widened exactly to f32 before the
+// decode, outputs rounded to the nearest bf16 (ties to even; NaN stays a quiet NaN of its sign,
+// as the host's kvcache_proto::bf16le::round) after the merge.
+extern "C" __global__ void widen_bf16(const unsigned short* __restrict__ in, float* __restrict__ out, size_t n) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        out[i] = __uint_as_float(((u32)in[i]) << 16);
+}
+extern "C" __global__ void round_bf16(const float* __restrict__ in, unsigned short* __restrict__ out, size_t n) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        const u32 b = __float_as_uint(in[i]);
+        out[i] = (b & 0x7fffffffu) > 0x7f800000u ? (unsigned short)((b >> 16) | 0x40u)
+                                                 : (unsigned short)((b + 0x7fffu + ((b >> 16) & 1u)) >> 16);
+    }
+}
+
+// Appended rows into their page slots: row r (`words` 4-byte words at src + r * words) goes to
+// the address dst[r]. One block per row; a warm step's rows (one per plane and sequence) in one
+// launch after one copy.
+extern "C" __global__ void scatter_rows(const unsigned long long* __restrict__ dst, const u32* __restrict__ src,
+                                        int words, int n) {
+    const int r = blockIdx.x;
+    if (r >= n) return;
+    u32* d = reinterpret_cast<u32*>(dst[r]);
+    const u32* s = src + (size_t)r * words;
+    for (int i = threadIdx.x; i < words; i += blockDim.x) d[i] = s[i];
+}
+
 // Streaming read of `n` 16-byte words: the HBM read-bandwidth baseline of the bench.
 extern "C" __global__ void read_bandwidth(const uint4* __restrict__ src, size_t n, u32* __restrict__ sink) {
     u32 acc = 0;

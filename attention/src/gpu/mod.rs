@@ -418,51 +418,100 @@ impl Gpu {
         Ok(())
     }
 
-    /// A ring of `depth` pinned host buffers of one row of `layout` each, for
-    /// [`Gpu::append_rows_staged`].
-    pub fn row_staging(&self, layout: &PageLayout, depth: usize) -> Result<RowStaging, GpuError> {
-        let bufs = (0..depth.max(layout.planes))
-            .map(|_| {
-                // SAFETY: u8 has no invalid bit patterns; a buffer is written before each use.
-                let mut b = unsafe { self.ctx.alloc_pinned::<u8>(layout.row_bytes) }?;
-                b.as_mut_slice()?.fill(0);
-                Ok(b)
-            })
-            .collect::<Result<Vec<_>, DriverError>>()?;
-        Ok(RowStaging { bufs, next: 0, layout: *layout })
+    /// Buffers for [`Gpu::append_rows`] in `layout`, sized for `rows` token rows at first
+    /// (grown when a step appends more).
+    pub fn row_staging(&self, layout: &PageLayout, rows: usize) -> Result<RowStaging, GpuError> {
+        let mut st = RowStaging { host: None, dev: None, layout: *layout };
+        self.grow_rows(&mut st, rows.max(1))?;
+        Ok(st)
     }
 
-    /// Append one token to the page in slot `index`, which holds `at` tokens: its rows (`rows`,
-    /// the token's compact payload) are written in place, one copy per plane, through the next
-    /// buffers of a pinned ring (waiting only for a buffer whose previous copy still runs),
-    /// ordered before anything launched on the stream afterwards. The rest of the page is not
-    /// copied again.
-    pub fn append_rows_staged(
+    fn grow_rows(&self, st: &mut RowStaging, rows: usize) -> Result<(), GpuError> {
+        let l = st.layout;
+        let need = pack(&[rows * l.planes * 8, rows * l.planes * l.row_bytes]).1;
+        if st.host.as_ref().is_none_or(|h| h.len() < need) {
+            // The previous step's copy may still read the old buffer: let it finish first.
+            self.stream.synchronize()?;
+            // SAFETY: u8 has no invalid bit patterns; the bytes copied are written first.
+            st.host = Some(unsafe { self.ctx.alloc_pinned::<u8>(need + need / 2) }?);
+            st.dev = Some(self.stream.alloc_zeros::<u8>(need + need / 2)?);
+        }
+        Ok(())
+    }
+
+    /// Append one token to each page of `appends` (slot `index` of `pages` holding `at` tokens
+    /// gets the token's compact payload `rows` after them), in place: the rows and their
+    /// addresses go up in one copy and a kernel scatters them (one row per plane), ordered
+    /// before anything launched on the stream afterwards. The rest of each page is not copied
+    /// again. Refused whole, before anything is written, if any append does not fit its slot.
+    pub fn append_rows(
         &self,
         pages: &mut DevicePages,
-        index: usize,
-        at: usize,
-        rows: &[u8],
+        appends: &[RowAppend],
         staging: &mut RowStaging,
     ) -> Result<(), GpuError> {
         let l = pages.layout;
         let expected = l.payload_bytes(1);
-        let held = pages.pages.get(index).map(|p| p.tokens);
-        if rows.len() != expected || held != Some(at) || at >= l.page_tokens || staging.layout != l {
-            return Err(AttentionError::PageLength { index, got: rows.len(), expected, tokens: at + 1 }.into());
+        let mut held: HashMap<usize, usize> = HashMap::new();
+        for a in appends {
+            let now = held.get(&a.index).copied().or_else(|| pages.pages.get(a.index).map(|p| p.tokens));
+            if a.rows.len() != expected || now != Some(a.at) || a.at >= l.page_tokens || staging.layout != l {
+                return Err(AttentionError::PageLength {
+                    index: a.index,
+                    got: a.rows.len(),
+                    expected,
+                    tokens: a.at + 1,
+                }
+                .into());
+            }
+            held.insert(a.index, a.at + 1);
         }
-        let (rb, full) = (l.row_bytes, l.page_tokens * l.row_bytes);
-        for p in 0..l.planes {
-            let n = staging.bufs.len();
-            let buf = &mut staging.bufs[staging.next];
-            staging.next = (staging.next + 1) % n;
-            buf.as_mut_slice()?.copy_from_slice(&rows[p * rb..(p + 1) * rb]);
-            let dst = index * pages.slot + p * full + at * rb;
-            let mut dst = pages.buf.slice_mut(dst..dst + rb);
-            self.stream.memcpy_htod(buf, &mut dst)?;
+        if appends.is_empty() {
+            return Ok(());
         }
-        pages.pages[index].tokens = at + 1;
-        pages.pages[index].len = l.payload_bytes(at + 1);
+        self.grow_rows(staging, appends.len())?;
+        let (rb, full, n) = (l.row_bytes, l.page_tokens * l.row_bytes, appends.len() * l.planes);
+        let (offs, len) = pack(&[n * 8, n * rb]);
+        let (Some(host), Some(dev)) = (&mut staging.host, &mut staging.dev) else { unreachable!("grown above") };
+        // The previous step's copy out of this buffer has run: the stream was waited for since
+        // (the step's decode reads back), and growing waits too.
+        self.stream.synchronize()?;
+        let base = {
+            let (b, _sync) = pages.buf.device_ptr(&self.stream);
+            b
+        };
+        {
+            let h = host.as_mut_slice()?;
+            let (addrs, data) = h.split_at_mut(offs[1]);
+            let addrs = cast_mut::<u64>(&mut addrs[offs[0]..], n);
+            let mut r = 0;
+            for a in appends {
+                for p in 0..l.planes {
+                    addrs[r] = base + (a.index * pages.slot + p * full + a.at * rb) as u64;
+                    data[r * rb..(r + 1) * rb].copy_from_slice(&a.rows[p * rb..(p + 1) * rb]);
+                    r += 1;
+                }
+            }
+        }
+        let (d, _sync) = dev.device_ptr_mut(&self.stream);
+        let src = &host.as_slice()?[..len];
+        // SAFETY: `d` holds at least `len` bytes; the pinned bytes are not written again before
+        // the stream is waited for (above, at the next call).
+        unsafe { cudarc::driver::result::memcpy_htod_async(d, src, self.stream.cu_stream()) }?;
+        let f = self.function(&[("KV_MERGE", 1)], "scatter_rows")?;
+        let (dst, rows, words, count) = (d + offs[0] as u64, d + offs[1] as u64, (rb / 4) as i32, n as i32);
+        let mut b = self.stream.launch_builder(&f);
+        b.arg(&dst).arg(&rows).arg(&words).arg(&count);
+        let cfg = LaunchConfig { grid_dim: (n as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: every address is a row inside a slot of `pages` (checked above: the slot holds
+        // `at` < page_tokens tokens), row_bytes is a multiple of 4 (every codec's row), and the
+        // sources are the `n` rows just copied.
+        unsafe { b.launch(cfg) }?;
+        for a in appends {
+            let p = &mut pages.pages[a.index];
+            p.tokens = a.at + 1;
+            p.len = l.payload_bytes(a.at + 1);
+        }
         Ok(())
     }
 
@@ -549,9 +598,9 @@ impl Gpu {
     /// can be launched many times ([`Gpu::launch`]) and read back ([`Gpu::results`]).
     pub fn plan<'p>(&self, shape: &AttnShape, items: &[GpuItem<'p>]) -> Result<Plan<'p>, GpuError> {
         let b = self.lay_out(shape, items)?;
-        let mut q = Vec::with_capacity(items.len() * shape.q_len());
-        for item in items {
-            q.extend_from_slice(item.q);
+        let mut q = vec![0f32; items.len() * shape.q_len()];
+        for (dst, item) in q.chunks_exact_mut(shape.q_len()).zip(items) {
+            item.q.widen_into(dst);
         }
         let s = &self.stream;
         let n_work = b.n_work;
@@ -666,37 +715,97 @@ impl Gpu {
     /// Check, lay out, launch and read back one batch, through buffers kept between calls
     /// (one pinned copy in, one out; no allocation once the batch shape has been seen).
     pub fn decode_batch(&self, shape: &AttnShape, items: &[GpuItem]) -> Result<GpuOutput, GpuError> {
+        let (ol, hl) = (shape.out_len(), shape.q_heads);
+        self.run_batch(shape, items, false, |out, lse, attended| {
+            output(cast::<f32>(out, attended.len() * ol), lse, attended, ol, hl)
+        })
+    }
+
+    /// [`Gpu::decode_batch`] answering per sequence: its output (f32, or with `bf16_out` rounded
+    /// to bf16 on the device and read back as the little-endian bytes that travel) and LSE, or
+    /// `NonFiniteResult`; each copied once out of the pinned read-back buffer.
+    pub fn decode_batch_each(
+        &self,
+        shape: &AttnShape,
+        items: &[GpuItem],
+        bf16_out: bool,
+    ) -> Result<Vec<SeqOutput>, GpuError> {
+        let (ol, hl) = (shape.out_len(), shape.q_heads);
+        self.run_batch(shape, items, bf16_out, |out, lse, attended| {
+            attended
+                .iter()
+                .enumerate()
+                .map(|(i, &n)| {
+                    let l = &lse[i * hl..(i + 1) * hl];
+                    if bf16_out {
+                        let o = &out[i * ol * 2..(i + 1) * ol * 2];
+                        let bad = kvcache_core::codec::first_non_finite_bf16(o).is_some();
+                        let ok = if bad { Err(AttentionError::NonFiniteResult) } else { finite(&[], l, n) };
+                        ok.map(|()| (Output::Bf16(o.to_vec()), l.to_vec()))
+                    } else {
+                        let o = &cast::<f32>(out, attended.len() * ol)[i * ol..(i + 1) * ol];
+                        finite(o, l, n).map(|()| (Output::F32(o.to_vec()), l.to_vec()))
+                    }
+                })
+                .collect()
+        })
+    }
+
+    /// Lay out, upload, launch and read back a batch through the workspace, and hand the
+    /// outputs (`[batch][q_heads][v_width]` as f32, or bf16 with `bf16_out`; and the f32 LSEs
+    /// `[batch][q_heads]`, straight from the pinned buffer) and each sequence's attended tokens
+    /// to `answer`. When every query is bf16 the bytes go up as they came and are widened on
+    /// the device.
+    fn run_batch<R>(
+        &self,
+        shape: &AttnShape,
+        items: &[GpuItem],
+        bf16_out: bool,
+        answer: impl FnOnce(&[u8], &[f32], &[usize]) -> R,
+    ) -> Result<R, GpuError> {
         let b = self.lay_out(shape, items)?;
         let batch = items.len();
         if batch == 0 {
-            return Ok(GpuOutput { out: Vec::new(), lse: Vec::new(), status: Vec::new() });
+            return Ok(answer(&[], &[], &[]));
         }
         let (heads, dv, ql) = (shape.q_heads, shape.v_width, shape.q_len());
         let (ol, hl) = (heads * dv, heads);
         let (f, i, u) = (4usize, 4usize, 8usize);
+        let bf16_in = items.iter().all(|it| matches!(it.q, Query::Bf16(_)));
+        // Inputs: what is copied up (tables, then the queries as they are sent), then, for bf16
+        // queries, their f32 widening (device only).
         let (in_offs, in_len) = pack(&[
             b.page_ptrs.len() * u,
             b.seq_page0.len() * i,
             b.seq_tokens.len() * i,
             b.work.len() * i,
             b.seq_work0.len() * i,
-            batch * ql * f,
+            batch * ql * if bf16_in { 2 } else { f },
+            if bf16_in { batch * ql * f } else { 0 },
         ]);
+        let copy_in = in_offs[6];
         let (part_offs, part_len) = pack(&[b.n_work * ol * f, b.n_work * hl * f]);
-        let (out_offs, out_len) = pack(&[batch * ol * f, batch * hl * f]);
+        // Outputs: what is read back (LSEs, then the outputs as they travel), then, for bf16
+        // outputs, the f32 outputs before rounding (device only).
+        let (out_offs, out_len) = pack(&[
+            batch * hl * f,
+            batch * ol * if bf16_out { 2 } else { f },
+            if bf16_out { batch * ol * f } else { 0 },
+        ]);
+        let copy_out = out_offs[2];
         let mut guard = self.workspace.lock().expect("workspace");
         let ws = &mut *guard;
         let s = &self.stream;
         // Grown by half again over the need, so that slowly growing batches do not reallocate
         // every call.
         let grow = |n: usize| n + n / 2;
-        if ws.host_in.as_ref().is_none_or(|h| h.len() < in_len) {
+        if ws.host_in.as_ref().is_none_or(|h| h.len() < copy_in) {
             // SAFETY: u8 has no invalid bit patterns; every byte used is written before a copy.
-            ws.host_in = Some(unsafe { self.ctx.alloc_pinned::<u8>(grow(in_len)) }?);
+            ws.host_in = Some(unsafe { self.ctx.alloc_pinned::<u8>(grow(copy_in)) }?);
         }
-        if ws.host_out.as_ref().is_none_or(|h| h.len() < out_len) {
+        if ws.host_out.as_ref().is_none_or(|h| h.len() < copy_out) {
             // SAFETY: as above; the copy back fills the bytes read.
-            ws.host_out = Some(unsafe { self.ctx.alloc_pinned::<u8>(grow(out_len)) }?);
+            ws.host_out = Some(unsafe { self.ctx.alloc_pinned::<u8>(grow(copy_out)) }?);
         }
         if ws.dev_in.as_ref().is_none_or(|d| d.len() < in_len) {
             ws.dev_in = Some(s.alloc_zeros::<u8>(grow(in_len))?);
@@ -719,9 +828,18 @@ impl Gpu {
             cast_mut::<i32>(&mut h[in_offs[2]..], batch).copy_from_slice(&b.seq_tokens);
             cast_mut::<i32>(&mut h[in_offs[3]..], b.work.len()).copy_from_slice(&b.work);
             cast_mut::<i32>(&mut h[in_offs[4]..], b.seq_work0.len()).copy_from_slice(&b.seq_work0);
-            let q = cast_mut::<f32>(&mut h[in_offs[5]..], batch * ql);
-            for (dst, item) in q.chunks_exact_mut(ql).zip(items) {
-                dst.copy_from_slice(item.q);
+            if bf16_in {
+                let q = &mut h[in_offs[5]..in_offs[5] + batch * ql * 2];
+                for (dst, item) in q.chunks_exact_mut(ql * 2).zip(items) {
+                    if let Query::Bf16(b) = item.q {
+                        dst.copy_from_slice(b);
+                    }
+                }
+            } else {
+                let q = cast_mut::<f32>(&mut h[in_offs[5]..], batch * ql);
+                for (dst, item) in q.chunks_exact_mut(ql).zip(items) {
+                    item.q.widen_into(dst);
+                }
             }
         }
         let (din, _a) = dev_in.device_ptr_mut(s);
@@ -734,27 +852,52 @@ impl Gpu {
             seq_tokens: at(din, in_offs[2]),
             work: at(din, in_offs[3]),
             seq_work0: at(din, in_offs[4]),
-            q: at(din, in_offs[5]),
+            q: at(din, if bf16_in { in_offs[6] } else { in_offs[5] }),
             part_o: at(dpart, part_offs[0]),
             part_lse: at(dpart, part_offs[1]),
-            out: at(dout, out_offs[0]),
-            lse: at(dout, out_offs[1]),
+            out: at(dout, if bf16_out { out_offs[2] } else { out_offs[1] }),
+            lse: at(dout, out_offs[0]),
         };
-        let hin = &host_in.as_slice()?[..in_len];
-        // SAFETY: `din` holds at least `in_len` bytes and the host bytes are pinned and stay
-        // untouched until the stream is waited for below (the workspace lock is held throughout).
+        let hin = &host_in.as_slice()?[..copy_in];
+        // SAFETY: `din` holds at least `in_len` ≥ `copy_in` bytes and the host bytes are pinned
+        // and stay untouched until the stream is waited for below (the workspace lock is held
+        // throughout).
         unsafe { cudarc::driver::result::memcpy_htod_async(din, hin, s.cu_stream()) }?;
+        let n = batch * ql;
+        if bf16_in {
+            // SAFETY: `n` bf16 values at in_offs[5] (just copied) widen into the f32 region.
+            unsafe { self.convert("widen_bf16", at(din, in_offs[5]), args.q, n) }?;
+        }
         // SAFETY: the buffers were laid out above for this batch (`lay_out`, `pack`).
         unsafe { self.enqueue(&b.kernel, &args, batch, heads, dv, b.n_work, shape.scale * LOG2E) }?;
-        let hout = &mut host_out.as_mut_slice()?[..out_len];
-        // SAFETY: `dout` holds at least `out_len` bytes; the host buffer is read only after the
+        if bf16_out {
+            // SAFETY: the merged f32 outputs round into the bf16 region read back.
+            unsafe { self.convert("round_bf16", args.out, at(dout, out_offs[1]), batch * ol) }?;
+        }
+        let hout = &mut host_out.as_mut_slice()?[..copy_out];
+        // SAFETY: `dout` holds at least `copy_out` bytes; the host buffer is read only after the
         // stream is waited for.
         unsafe { cudarc::driver::result::memcpy_dtoh_async(hout, dout, s.cu_stream()) }?;
         s.synchronize()?;
-        let hout = &host_out.as_slice()?[..out_len];
-        let out = cast::<f32>(&hout[out_offs[0]..], batch * ol);
-        let lse = cast::<f32>(&hout[out_offs[1]..], batch * hl);
-        Ok(output(out, lse, &b.attended, ol, hl))
+        let hout = &host_out.as_slice()?[..copy_out];
+        let lse = cast::<f32>(&hout[out_offs[0]..], batch * hl);
+        Ok(answer(&hout[out_offs[1]..copy_out], lse, &b.attended))
+    }
+
+    /// Enqueue a conversion kernel (`widen_bf16` or `round_bf16`) over `n` values.
+    ///
+    /// # Safety
+    /// `src` and `dst` must address live device buffers of `n` values of the kernel's types.
+    unsafe fn convert(&self, name: &str, src: u64, dst: u64, n: usize) -> Result<(), GpuError> {
+        let f = self.function(&[("KV_MERGE", 1)], name)?;
+        let n64 = n as u64;
+        let mut b = self.stream.launch_builder(&f);
+        b.arg(&src).arg(&dst).arg(&n64);
+        let blocks = n.div_ceil(256).clamp(1, self.sms * 8) as u32;
+        let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: the caller vouches for the buffers; the kernel takes (in, out, n).
+        unsafe { b.launch(cfg) }?;
+        Ok(())
     }
 
     /// Wait for everything enqueued on the stream.
@@ -847,18 +990,23 @@ fn output(out: &[f32], lse: &[f32], attended: &[usize], ol: usize, hl: usize) ->
     let status = attended
         .iter()
         .enumerate()
-        .map(|(i, &n)| {
-            let o = &out[i * ol..(i + 1) * ol];
-            let l = &lse[i * hl..(i + 1) * hl];
-            if o.iter().all(|x| x.is_finite()) && l.iter().all(|x| x.is_finite() || n == 0 && *x == f32::NEG_INFINITY) {
-                Ok(())
-            } else {
-                Err(AttentionError::NonFiniteResult)
-            }
-        })
+        .map(|(i, &n)| finite(&out[i * ol..(i + 1) * ol], &lse[i * hl..(i + 1) * hl], n))
         .collect();
     GpuOutput { out: out.to_vec(), lse: lse.to_vec(), status }
 }
+
+/// One sequence's outputs are an answer: finite, or an LSE of −∞ from attending to nothing.
+fn finite(o: &[f32], l: &[f32], attended: usize) -> Result<(), AttentionError> {
+    let o_ok = kvcache_core::codec::first_non_finite_f32(o).is_none();
+    if o_ok && l.iter().all(|x| x.is_finite() || attended == 0 && *x == f32::NEG_INFINITY) {
+        Ok(())
+    } else {
+        Err(AttentionError::NonFiniteResult)
+    }
+}
+
+/// One sequence's answer from [`Gpu::decode_batch_each`]: `(out, lse)` or why not.
+pub type SeqOutput = Result<(Output, Vec<f32>), AttentionError>;
 
 /// Device memory holding page slots of one layout; the [`DeviceRef`]s it hands out live no
 /// longer than it does.
@@ -920,11 +1068,24 @@ pub struct Staging {
     layout: PageLayout,
 }
 
-/// Pinned one-row host buffers that appended rows are staged through ([`Gpu::row_staging`]).
+/// The buffers [`Gpu::append_rows`] stages rows through (pinned host and device, grown as
+/// steps need; [`Gpu::row_staging`]).
 pub struct RowStaging {
-    bufs: Vec<PinnedHostSlice<u8>>,
-    next: usize,
+    host: Option<PinnedHostSlice<u8>>,
+    dev: Option<CudaSlice<u8>>,
     layout: PageLayout,
+}
+
+/// One token appended in place by [`Gpu::append_rows`]: slot `index`, holding `at` tokens, gets
+/// `rows` (the token's compact payload, all planes).
+#[derive(Debug, Clone, Copy)]
+pub struct RowAppend<'a> {
+    /// The slot.
+    pub index: usize,
+    /// Tokens the slot holds now (where the rows go).
+    pub at: usize,
+    /// The token's compact payload.
+    pub rows: &'a [u8],
 }
 
 /// One page in device memory: its address, payload bytes and tokens.
@@ -938,11 +1099,58 @@ pub struct DeviceRef<'a> {
     _pages: PhantomData<&'a DevicePages>,
 }
 
+/// A query `[q_heads][qk_width]`: f32 values, or bf16 as it travels (little-endian bytes),
+/// widened exactly on the device.
+#[derive(Debug, Clone, Copy)]
+pub enum Query<'a> {
+    /// f32 values.
+    F32(&'a [f32]),
+    /// bf16 values, two little-endian bytes each.
+    Bf16(&'a [u8]),
+}
+
+impl Query<'_> {
+    /// Write the values as f32 into `dst` (exact).
+    fn widen_into(&self, dst: &mut [f32]) {
+        match self {
+            Query::F32(q) => dst.copy_from_slice(q),
+            Query::Bf16(b) => {
+                for (d, c) in dst.iter_mut().zip(b.chunks_exact(2)) {
+                    *d = f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16);
+                }
+            }
+        }
+    }
+}
+
+/// A sequence's output from [`Gpu::decode_batch_each`], as asked for.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Output {
+    /// f32 values.
+    F32(Vec<f32>),
+    /// bf16 values (rounded on the device), two little-endian bytes each.
+    Bf16(Vec<u8>),
+}
+
+impl Output {
+    /// The values as f32 (bf16 widened exactly).
+    pub fn to_f32(&self) -> Vec<f32> {
+        match self {
+            Output::F32(v) => v.clone(),
+            Output::Bf16(b) => {
+                let mut v = vec![0f32; b.len() / 2];
+                Query::Bf16(b).widen_into(&mut v);
+                v
+            }
+        }
+    }
+}
+
 /// One sequence of a GPU batch, as [`crate::BatchItem`].
 #[derive(Debug, Clone, Copy)]
 pub struct GpuItem<'a> {
     /// Query `[q_heads][qk_width]`.
-    pub q: &'a [f32],
+    pub q: Query<'a>,
     /// Pages in order; all but the last hold `page_tokens` tokens.
     pub pages: &'a [DeviceRef<'a>],
     /// Tokens at the start the query does not attend to (a window).
@@ -1169,7 +1377,22 @@ impl Kernel {
 }
 
 fn check_item(shape: &AttnShape, item: &GpuItem) -> Result<(), AttentionError> {
-    crate::kernel::check_query(shape, item.q)?;
+    match item.q {
+        Query::F32(q) => crate::kernel::check_query(shape, q)?,
+        Query::Bf16(b) => {
+            if b.len() != shape.q_len() * 2 {
+                return Err(AttentionError::QueryLength {
+                    got: b.len() / 2,
+                    expected: shape.q_len(),
+                    heads: shape.q_heads,
+                    width: shape.qk_width,
+                });
+            }
+            if kvcache_core::codec::first_non_finite_bf16(b).is_some() {
+                return Err(AttentionError::NonFiniteQuery);
+            }
+        }
+    }
     let pt = shape.layout.page_tokens;
     let mut total = 0;
     for (index, p) in item.pages.iter().enumerate() {

@@ -6,7 +6,7 @@
 //! (MLA) on the same shapes, also in the same run.
 
 use kvcache_attention::AttnShape;
-use kvcache_attention::gpu::{DevicePages, DeviceRef, Gpu, GpuItem};
+use kvcache_attention::gpu::{DevicePages, DeviceRef, Gpu, GpuItem, Query};
 use kvcache_core::{Codec, ModelSpec, PageLayout};
 use serde::Serialize;
 use std::time::Instant;
@@ -201,7 +201,7 @@ pub fn run(
                 for r in &refs {
                     let items: Vec<GpuItem> = (0..batch)
                         .map(|b| GpuItem {
-                            q: &q[b * shape.q_len()..(b + 1) * shape.q_len()],
+                            q: Query::F32(&q[b * shape.q_len()..(b + 1) * shape.q_len()]),
                             pages: &r[b * pages_per_seq..(b + 1) * pages_per_seq],
                             skip: 0,
                         })

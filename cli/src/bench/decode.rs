@@ -87,6 +87,8 @@ struct Report {
 /// Run `kvcache bench decode`.
 pub fn run(a: Args) -> anyhow::Result<()> {
     tokio::runtime::Runtime::new()?.block_on(async move {
+        // RUST_LOG=kvcache_worker=debug: the worker's per-step phases, as JSON lines on stdout.
+        let _tracing = std::env::var_os("RUST_LOG").map(|_| kvcache_telemetry::trace::init("kvcache-bench"));
         let tmp = tempfile::tempdir()?;
         let gpu = kvcache_cli::cluster::open_device(&a.device)?;
         let mut cfg = LocalClusterConfig::new(tmp.path());
@@ -210,7 +212,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                     (Some(g), Some(dp)) => {
                         let refs: Vec<Vec<kvcache_attention::gpu::DeviceRef>> = dp.iter().map(|d| d.pages()).collect();
                         let gi: Vec<kvcache_attention::gpu::GpuItem> =
-                            qs.iter().zip(&refs).map(|(q, r)| kvcache_attention::gpu::GpuItem { q, pages: r, skip: 0 }).collect();
+                            qs.iter().zip(&refs).map(|(q, r)| kvcache_attention::gpu::GpuItem { q: kvcache_attention::gpu::Query::F32(q), pages: r, skip: 0 }).collect();
                         g.decode_batch(&shape, &gi)?;
                         let k = t.elapsed().as_secs_f64() * 1e3;
                         // The kernels alone: planned once, then launched and waited for.
