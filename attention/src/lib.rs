@@ -22,6 +22,7 @@
 //! - [`gpu`]: the CUDA backend (paged GQA on CUDA cores, MLA on tensor cores, split-K merge),
 //!   loaded at run time, compiled by NVRTC for the device at first use.
 //! - [`reference`]: the float64 reference every kernel is tested against.
+//! - [`par`]: per-sequence host work spread over threads (around GPU batches, in the worker).
 //!
 //! Precision: every path accumulates in f32 from f32 operands (bf16/f16 widen exactly; fp8 and
 //! int8 rows are multiplied by their f32 scales), except the opt-in `vdpbf16ps` score path of
@@ -34,6 +35,7 @@ pub mod calibrate;
 pub mod gpu;
 pub mod hybrid;
 mod kernel;
+pub mod par;
 pub mod peak;
 pub mod reference;
 pub mod simd;

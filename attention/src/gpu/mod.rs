@@ -576,8 +576,12 @@ impl Gpu {
         let mut page_ptrs = Vec::new();
         let (mut seq_page0, mut seq_tokens) = (Vec::with_capacity(items.len()), Vec::with_capacity(items.len()));
         let mut ranges = Vec::with_capacity(items.len());
+        // Checking reads every query value: spread over threads when the batch's are many.
+        let qbytes = items.len() * shape.q_len() * 2;
+        crate::par::map(items, crate::par::threads_for(qbytes), |it| check_item(shape, it))
+            .into_iter()
+            .collect::<Result<(), _>>()?;
         for item in items {
-            check_item(shape, item)?;
             let total: usize = item.pages.iter().map(|p| p.tokens).sum();
             seq_page0.push(i32::try_from(page_ptrs.len()).map_err(|_| GpuError::Unsupported("too many pages".into()))?);
             seq_tokens.push(i32::try_from(total).map_err(|_| GpuError::Unsupported("sequence too long".into()))?);
@@ -732,22 +736,20 @@ impl Gpu {
     ) -> Result<Vec<SeqOutput>, GpuError> {
         let (ol, hl) = (shape.out_len(), shape.q_heads);
         self.run_batch(shape, items, bf16_out, |out, lse, attended| {
-            attended
-                .iter()
-                .enumerate()
-                .map(|(i, &n)| {
-                    let l = &lse[i * hl..(i + 1) * hl];
-                    if bf16_out {
-                        let o = &out[i * ol * 2..(i + 1) * ol * 2];
-                        let bad = kvcache_core::codec::first_non_finite_bf16(o).is_some();
-                        let ok = if bad { Err(AttentionError::NonFiniteResult) } else { finite(&[], l, n) };
-                        ok.map(|()| (Output::Bf16(o.to_vec()), l.to_vec()))
-                    } else {
-                        let o = &cast::<f32>(out, attended.len() * ol)[i * ol..(i + 1) * ol];
-                        finite(o, l, n).map(|()| (Output::F32(o.to_vec()), l.to_vec()))
-                    }
-                })
-                .collect()
+            let idx: Vec<(usize, usize)> = attended.iter().copied().enumerate().collect();
+            let threads = crate::par::threads_for(out.len());
+            crate::par::map(&idx, threads, |&(i, n)| {
+                let l = &lse[i * hl..(i + 1) * hl];
+                if bf16_out {
+                    let o = &out[i * ol * 2..(i + 1) * ol * 2];
+                    let bad = kvcache_core::codec::first_non_finite_bf16(o).is_some();
+                    let ok = if bad { Err(AttentionError::NonFiniteResult) } else { finite(&[], l, n) };
+                    ok.map(|()| (Output::Bf16(o.to_vec()), l.to_vec()))
+                } else {
+                    let o = &cast::<f32>(out, attended.len() * ol)[i * ol..(i + 1) * ol];
+                    finite(o, l, n).map(|()| (Output::F32(o.to_vec()), l.to_vec()))
+                }
+            })
         })
     }
 
@@ -828,18 +830,19 @@ impl Gpu {
             cast_mut::<i32>(&mut h[in_offs[2]..], batch).copy_from_slice(&b.seq_tokens);
             cast_mut::<i32>(&mut h[in_offs[3]..], b.work.len()).copy_from_slice(&b.work);
             cast_mut::<i32>(&mut h[in_offs[4]..], b.seq_work0.len()).copy_from_slice(&b.seq_work0);
+            let threads = crate::par::threads_for(batch * ql * 2);
             if bf16_in {
                 let q = &mut h[in_offs[5]..in_offs[5] + batch * ql * 2];
-                for (dst, item) in q.chunks_exact_mut(ql * 2).zip(items) {
+                crate::par::for_each(q.chunks_exact_mut(ql * 2).zip(items).collect(), threads, |(dst, item)| {
                     if let Query::Bf16(b) = item.q {
                         dst.copy_from_slice(b);
                     }
-                }
+                });
             } else {
                 let q = cast_mut::<f32>(&mut h[in_offs[5]..], batch * ql);
-                for (dst, item) in q.chunks_exact_mut(ql).zip(items) {
-                    item.q.widen_into(dst);
-                }
+                crate::par::for_each(q.chunks_exact_mut(ql).zip(items).collect(), threads, |(dst, item)| {
+                    item.q.widen_into(dst)
+                });
             }
         }
         let (din, _a) = dev_in.device_ptr_mut(s);
