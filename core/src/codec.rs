@@ -267,10 +267,18 @@ pub fn first_non_finite_f32(v: &[f32]) -> Option<usize> {
 /// odd trailing byte is ignored): a bf16 is finite unless its exponent bits are all ones.
 pub fn first_non_finite_bf16(b: &[u8]) -> Option<usize> {
     let bad = |c: &[u8]| c[1] & 0x7f == 0x7f && c[0] & 0x80 == 0x80;
-    const BLOCK: usize = 128;
-    for (i, blk) in b.chunks(2 * BLOCK).enumerate() {
-        if blk.chunks_exact(2).fold(false, |acc, c| acc | bad(c)) {
-            return blk.chunks_exact(2).position(bad).map(|j| i * BLOCK + j);
+    // Four values per 64-bit word: a lane is bad when its exponent bits, masked and flipped,
+    // are all zero; "some 16-bit lane is zero" is the exact borrow test below.
+    const EXP: u64 = 0x7f80_7f80_7f80_7f80;
+    const BLOCK: usize = 256;
+    for (i, blk) in b.chunks(BLOCK).enumerate() {
+        let any = blk.chunks_exact(8).fold(false, |acc, w| {
+            let x = (u64::from_le_bytes(w.try_into().expect("8 bytes")) & EXP) ^ EXP;
+            acc | (x.wrapping_sub(0x0001_0001_0001_0001) & !x & 0x8000_8000_8000_8000 != 0)
+        });
+        let tail = blk.len() / 8 * 8;
+        if any || blk[tail..].chunks_exact(2).any(bad) {
+            return blk.chunks_exact(2).position(bad).map(|j| i * BLOCK / 2 + j);
         }
     }
     None
@@ -300,6 +308,14 @@ mod tests {
                 assert_eq!(first_non_finite_f32(&v), Some(at), "{bad} at {at}");
                 let b: Vec<u8> = v.iter().flat_map(|x| half::bf16::from_f32(*x).to_le_bytes()).collect();
                 assert_eq!(first_non_finite_bf16(&b), Some(at), "bf16 {bad} at {at}");
+            }
+        }
+        // Odd counts (a tail shorter than a word) and every lane of a word.
+        for len in [1usize, 3, 5, 7, 129] {
+            for at in 0..len {
+                let mut b: Vec<u8> = (0..len).flat_map(|i| half::bf16::from_f32(i as f32).to_le_bytes()).collect();
+                b[2 * at..2 * at + 2].copy_from_slice(&half::bf16::NAN.to_le_bytes());
+                assert_eq!(first_non_finite_bf16(&b), Some(at), "{len} values, NaN at {at}");
             }
         }
         // The largest finite values are finite; subnormals and zeros too.

@@ -68,14 +68,17 @@ impl Worker {
         let parsed_at = started.elapsed();
         let n = req.items.len();
         // Sequences whose layer the cache knows: computed while their append is in flight.
-        // (Each builds its layer's page list and the grown last page: spread over threads for
-        // large batches.)
-        let pairs: Vec<(&pb::DecodeItem, &SequenceKey)> = req.items.iter().zip(&parsed.seqs).collect();
-        let threads = if n >= 16 { self.cfg.threads.clamp(1, 8) } else { 1 };
-        let mut spec: Vec<Option<Speculated>> = kvcache_attention::par::map(&pairs, threads, |(it, seq)| {
-            let eligible = parsed.ns.model.indexer.is_none() && !it.new_kv.is_empty();
-            eligible.then(|| self.speculate(&parsed.ns, seq, parsed.layer, &it.new_kv)).flatten()
-        });
+        // (One thread: spread over eight, the H200 host's 64-sequence steps took longer, the
+        // threads meeting on the cache's lock.)
+        let mut spec: Vec<Option<Speculated>> = req
+            .items
+            .iter()
+            .zip(&parsed.seqs)
+            .map(|(it, seq)| {
+                let eligible = parsed.ns.model.indexer.is_none() && !it.new_kv.is_empty();
+                eligible.then(|| self.speculate(&parsed.ns, seq, parsed.layer, &it.new_kv)).flatten()
+            })
+            .collect();
         tracing::debug!(parse = ?parsed_at, speculate = ?(started.elapsed() - parsed_at), items = n, "decode step ready");
         let mut stats = pb::DecodeStats::default();
         let mut computed = Vec::new();
