@@ -131,15 +131,7 @@ impl Worker {
         let own = self.cache.pages_from(seq, layer, &memo.node, own_start, idx - own_start + usize::from(held > 0))?;
         let mut pages: Vec<(Bytes, usize)> = Vec::with_capacity(idx + 1 - first);
         if np > first {
-            let prefix = self.prefixes.get(seq).map(|p| p.clone()).filter(|p| p.len() == np)?;
-            let keys: Vec<PageKey> = prefix[first..]
-                .iter()
-                .map(|k| PageKey { sequence: SequenceKey::content(&seq.namespace, k), layer, page_index: 0 })
-                .collect();
-            for p in self.cache.content(&keys) {
-                let p = p.filter(|p| p.tokens as usize == ptu && p.bytes.len() == l.payload_bytes(ptu))?;
-                pages.push((p.bytes, ptu));
-            }
+            pages = self.cached_prefix(ns, seq, layer, np, first)?;
         }
         let mut own = own;
         let partial = if held > 0 { own.pop() } else { None };
@@ -229,15 +221,7 @@ impl Worker {
         let mut pages: Vec<(Bytes, usize)> = Vec::new();
         if np > first {
             // The prefix's pages by content, all cached, or the slow path.
-            let prefix = self.prefixes.get(seq).map(|p| p.clone()).filter(|p| p.len() == np)?;
-            let keys: Vec<PageKey> = prefix[first..]
-                .iter()
-                .map(|k| PageKey { sequence: SequenceKey::content(&seq.namespace, k), layer, page_index: 0 })
-                .collect();
-            for p in self.cache.content(&keys) {
-                let p = p?;
-                pages.push((p.bytes, p.tokens as usize));
-            }
+            pages = self.cached_prefix(ns, seq, layer, np, first)?;
         }
         let own = self.cache.whole_layer_from(seq, layer, node, own_start, ext.page_write_seqs.get(own_start..)?)?;
         pages.extend(own.into_iter().map(|p| (p.bytes, p.tokens as usize)));
@@ -255,6 +239,31 @@ impl Worker {
             Extent { node: node.into(), tokens: ext.tokens, prefix_pages: ext.prefix_pages },
         );
         Some(Fetched { pages, skip, cached, ..Default::default() })
+    }
+
+    /// Pages `first..np` of a sequence's prefix (of `np` pages) from the cache, by content:
+    /// every one cached and full, or `None`.
+    fn cached_prefix(
+        &self,
+        ns: &Namespace,
+        seq: &SequenceKey,
+        layer: u32,
+        np: usize,
+        first: usize,
+    ) -> Option<Vec<(Bytes, usize)>> {
+        let (l, pt) = (ns.layout_for(layer), ns.page_tokens as usize);
+        let prefix = self.prefixes.get(seq).map(|p| p.clone()).filter(|p| p.len() == np)?;
+        let keys: Vec<PageKey> = prefix[first..]
+            .iter()
+            .map(|k| PageKey { sequence: SequenceKey::content(&seq.namespace, k), layer, page_index: 0 })
+            .collect();
+        self.cache
+            .content(&keys)
+            .into_iter()
+            .map(|p| {
+                p.filter(|p| p.tokens as usize == pt && p.bytes.len() == l.payload_bytes(pt)).map(|p| (p.bytes, pt))
+            })
+            .collect()
     }
 
     /// Make sure the layer's pages are cached (from the freshest owner) and return them in order:
