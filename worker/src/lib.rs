@@ -19,6 +19,11 @@
 //! 3. computes attention for the whole batch with `kvcache-attention` on a blocking thread;
 //! 4. starts pulling layer L+1's missing pages for the same sequences while the caller works.
 //!
+//! Steps 1 and 3 overlap for a sequence whose layer the cache knows (the extent its owner last
+//! confirmed): it is computed on the cached layer plus the new token while the append is in
+//! flight, and the answer is kept only if the owner's acknowledgement names exactly those pages;
+//! otherwise it goes through 2 and 3 again (`fetch`: `speculate`, `confirm`).
+//!
 //! A sequence whose pages are gone gets `SEQUENCE_STATUS_MISS`; the rest of the batch is
 //! answered. Malformed requests are INVALID_ARGUMENT with the reason.
 //!
