@@ -259,11 +259,13 @@ fn mla_on_tensor_cores_matches_the_f64_reference_within_bf16_rounding() {
     }
     // Pages smaller than the kernels' token tiles (a tile spans several pages).
     for page_tokens in [16, 32] {
-        let spec = mla(128);
-        let shape = AttnShape::new(&spec, PageLayout::new(&spec, Codec::Bf16, page_tokens));
-        let seqs: Vec<Seq> = [1usize, 47, 130, 3001].iter().map(|&n| seq(&shape, n, 0, &mut rng)).collect();
-        let e = check_batch_lse(&g, &shape, &seqs, 2e-3, 1e-4);
-        eprintln!("mla 128 heads bf16, {page_tokens}-token pages: worst rel L2 {e:.2e}");
+        for codec in [Codec::Bf16, Codec::Fp8E4m3] {
+            let spec = mla(128);
+            let shape = AttnShape::new(&spec, PageLayout::new(&spec, codec, page_tokens));
+            let seqs: Vec<Seq> = [1usize, 47, 130, 3001].iter().map(|&n| seq(&shape, n, 0, &mut rng)).collect();
+            let e = check_batch_lse(&g, &shape, &seqs, 2e-3, 1e-4);
+            eprintln!("mla 128 heads {}, {page_tokens}-token pages: worst rel L2 {e:.2e}", codec.as_str());
+        }
     }
     // A full-f32 query is rounded to bf16 for the tensor cores: the stated bound of that path.
     let spec = mla(128);

@@ -961,8 +961,8 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) mla_decode(
 #define WG_KB (WG_MW / 64)          // 64-wide column blocks of a row
 #define WG_QBYTES (64 * WG_MW * 2)  // the query, and one K tile
 #define WG_PBYTES (64 * 128)
-#if KV_DL != 512 || WG_MW % 192 != 0 || KV_CODEC != 0
-#error "the wgmma MLA kernel takes bf16 pages, a 512-wide latent, and rows a multiple of 192 wide"
+#if KV_DL != 512 || WG_MW % 192 != 0 || !(KV_CODEC == 0 || (KV_CODEC == 2 && KV_DR == 64))
+#error "the wgmma MLA kernel takes bf16 pages with a 512-wide latent and rows a multiple of 192 wide, or fp8 pages of 512 + 64"
 #endif
 
 __device__ __forceinline__ u64 wg_desc(u32 saddr, u32 lbo, u32 sbo) {
@@ -1092,6 +1092,102 @@ __device__ __forceinline__ void wg_issue_tile(u32 dst, u32 bars, const u64* page
     }
 }
 
+#if KV_CODEC == 2
+// fp8 pages (rows of 512 e4m3 bytes, four f32 power-of-two scales — one per 128 — then the
+// 64-wide bf16 rope key: 656 bytes, 16-byte aligned) are widened by warpgroup 1 into the same
+// bf16 K tile, exactly (an e4m3 value times a power of two is a bf16 value), through registers:
+// the two K tiles fill shared memory, so there is no room to land raw rows first. A thread holds
+// rows warp·16 + 4i + (lane>>3), i < 4, and 16-byte pieces (lane&7) + 8g of their latent (g: the
+// scale group), so eight lanes read 128 contiguous bytes of a row. Half h of a tile is scale
+// groups 2h and 2h+1 (column blocks 4h..4h+4); the rope key (block 8) goes with the second half.
+// Each half is signalled by its own mbarrier (ordinary arrivals, after the stores).
+__device__ __forceinline__ void mbar_arrive(u32 bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+// This thread's four rows of the tile at tt0 (clipped to t1 - 1) and which of them are real.
+__device__ __forceinline__ u32 wg8_rows(const u8** rows, const u64* pages, int tt0, int t1, int warp, int lane) {
+    u32 ok = 0;
+    #pragma unroll
+    for (int i = 0; i < 4; i++) {
+        const int t = tt0 + warp * 16 + 4 * i + (lane >> 3);
+        const int tok = min(t, t1 - 1);
+        const int p = tok / KV_PT;
+        rows[i] = (const u8*)pages[p] + (size_t)(tok - p * KV_PT) * KV_ROW;
+        ok |= (t < t1 ? 1u : 0u) << i;
+    }
+    return ok;
+}
+// Load half h's latent pieces and their scales (rows past the range: zeros, scale 0).
+__device__ __forceinline__ void wg8_load(uint4* v, float2* sc, const u8* const* rows, u32 ok, int h, int lane) {
+    #pragma unroll
+    for (int i = 0; i < 4; i++) {
+        #pragma unroll
+        for (int g = 0; g < 2; g++) v[2 * i + g] = __ldg((const uint4*)(rows[i] + 16 * ((lane & 7) + 8 * (2 * h + g))));
+        sc[i] = __ldg((const float2*)(rows[i] + KV_DL + 8 * h));
+    }
+    #pragma unroll
+    for (int i = 0; i < 4; i++) {
+        if (!((ok >> i) & 1)) {
+            v[2 * i] = make_uint4(0, 0, 0, 0);
+            v[2 * i + 1] = make_uint4(0, 0, 0, 0);
+            sc[i] = make_float2(0.f, 0.f);
+        }
+    }
+}
+// Widen half h into the swizzled tile at dst: a 16-byte piece is 16 elements, two 16-byte bf16
+// chunks of one column block. Lanes 4-7 of a row store their upper chunk first, so the eight
+// lanes of a row hit eight different bank groups in each store.
+__device__ __forceinline__ void wg8_store(u32 dst, const uint4* v, const float2* sc, int h, int warp, int lane) {
+    const bool swap = (lane & 4) != 0;
+    #pragma unroll
+    for (int i = 0; i < 4; i++) {
+        const int r = warp * 16 + 4 * i + (lane >> 3);
+        #pragma unroll
+        for (int g = 0; g < 2; g++) {
+            const int ch = (lane & 7) + 8 * (2 * h + g);
+            const float s = g ? sc[i].y : sc[i].x;
+            const u32 w[4] = {v[2 * i + g].x, v[2 * i + g].y, v[2 * i + g].z, v[2 * i + g].w};
+            u32 out[8];
+            #pragma unroll
+            for (int k = 0; k < 4; k++) {
+                float x[4];
+                e4m3x4_to_f32(w[k], x);
+                out[2 * k] = pack_bf16x2(x[0] * s, x[1] * s);
+                out[2 * k + 1] = pack_bf16x2(x[2] * s, x[3] * s);
+            }
+            const u32 blk = dst + (ch >> 2) * (WG_BN * 128) + r * 128;
+            const int k0 = 2 * (ch & 3);
+            const uint4 lo = make_uint4(out[0], out[1], out[2], out[3]), hi = make_uint4(out[4], out[5], out[6], out[7]);
+            const uint4 a = swap ? hi : lo, b = swap ? lo : hi;
+            const int ka = swap ? k0 + 1 : k0, kb = swap ? k0 : k0 + 1;
+            asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(blk + (((ka ^ r) & 7) << 4)), "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w) : "memory");
+            asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(blk + (((kb ^ r) & 7) << 4)), "r"(b.x), "r"(b.y), "r"(b.z), "r"(b.w) : "memory");
+        }
+    }
+}
+// The rope key: piece lane&7 of each row, as it is, into column block 8.
+__device__ __forceinline__ void wg8_rope(u32 dst, const u8* const* rows, u32 ok, int warp, int lane) {
+    uint4 v[4];
+    #pragma unroll
+    for (int i = 0; i < 4; i++) v[i] = __ldg((const uint4*)(rows[i] + KV_DL + 16 + 16 * (lane & 7)));
+    #pragma unroll
+    for (int i = 0; i < 4; i++) {
+        const int r = warp * 16 + 4 * i + (lane >> 3), k = lane & 7;
+        const uint4 a = ((ok >> i) & 1) ? v[i] : make_uint4(0, 0, 0, 0);
+        asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(dst + 8 * (WG_BN * 128) + r * 128 + (((k ^ r) & 7) << 4)),
+                     "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w) : "memory");
+    }
+}
+// The second half of a tile (its first is in v/sc already stored): load, widen, signal.
+__device__ __forceinline__ void wg8_second(u32 dst, u32 bars, uint4* v, float2* sc, const u8* const* rows, u32 ok, int warp, int lane) {
+    wg8_load(v, sc, rows, ok, 1, lane);
+    wg8_rope(dst, rows, ok, warp, lane);
+    wg8_store(dst, v, sc, 1, warp, lane);
+    fence_async_smem();
+    mbar_arrive(bars + 8);
+}
+#endif
+
 // 2^x on the special-function unit (subnormal results flush to zero: P underflows to 0).
 __device__ __forceinline__ float ex2(float x) {
     float y;
@@ -1114,15 +1210,23 @@ __device__ __forceinline__ void wg_rescale(float* o, float al0, float al1) {
 }
 
 // Issue S = Q·Kᵀ for a 64-token tile (36 k-steps; the caller commits and waits), each group of
-// three column blocks once its mbarrier says it landed.
+// column blocks once its mbarrier says it landed (thirds of the row for bf16 pages, halves for
+// fp8 ones).
 __device__ __forceinline__ void wg_s(float* s, u32 q_s, u32 kt, u32 bars, int parity) {
     wg_fence();
     #pragma unroll
     for (int kk = 0; kk < WG_MW / 16; kk++) {
-        if (kk % (WG_MW / 48) == 0) {
+#if KV_CODEC == 2
+        if (kk == 0 || kk == 16) {  // halves: latent dims 0..256, then the rest
+            mbar_wait(bars + 8 * (kk / 16), parity);
+            fence_async_smem();
+        }
+#else
+        if (kk % (WG_MW / 48) == 0) {  // thirds of the row
             mbar_wait(bars + 8 * (kk / (WG_MW / 48)), parity);
             fence_async_smem();
         }
+#endif
         const u32 off = (kk >> 2) * (64 * 128) + (kk & 3) * 32;
         wgmma_n64(s, wg_desc(q_s + off, 16, 1024), wg_desc(kt + off, 16, 1024), kk > 0);
     }
@@ -1165,7 +1269,19 @@ extern "C" __global__ void __launch_bounds__(256, 1) mla_wgmma(
     if (tid < 6) mbar_init(kfull + 8 * tid, 128);
     __syncthreads();
     if (wg == 1 && ntiles > 0) {
+#if KV_CODEC == 2
+        const u8* rows[4];
+        uint4 v[8];
+        float2 sc[4];
+        const u32 ok = wg8_rows(rows, pages, t0, t1, warp, lane);
+        wg8_load(v, sc, rows, ok, 0, lane);
+        wg8_store(k_s, v, sc, 0, warp, lane);
+        fence_async_smem();
+        mbar_arrive(kfull);
+        wg8_second(k_s, kfull, v, sc, rows, ok, warp, lane);
+#else
         wg_issue_tile(k_s, kfull, pages, t0, t1, warp, lane);
+#endif
     }
     // Query rows (scaled after the product, rounded to bf16); heads past q_heads are zero.
     #pragma unroll 6
@@ -1281,11 +1397,25 @@ extern "C" __global__ void __launch_bounds__(256, 1) mla_wgmma(
         for (int j = 0; j < ntiles; j++) {
             const u32 kt = k_s + (j & 1) * WG_QBYTES;
             const bool next = j + 1 < ntiles;
+            const u32 knext = k_s + ((j + 1) & 1) * WG_QBYTES, bnext = kfull + 24 * ((j + 1) & 1);
+#if KV_CODEC == 2
+            // The next tile's first half is loaded before waiting for P, and widened while this
+            // tile's P·V runs on the tensor cores; then the second half.
+            const u8* rows[4];
+            uint4 v[8];
+            float2 sc[4];
+            u32 ok = 0;
             if (next) {
                 if (j > 0) bar_wait(BAR_KEMPTY);
-                wg_issue_tile(k_s + ((j + 1) & 1) * WG_QBYTES, kfull + 24 * ((j + 1) & 1), pages,
-                              t0 + (j + 1) * WG_BN, t1, warp, lane);
+                ok = wg8_rows(rows, pages, t0 + (j + 1) * WG_BN, t1, warp, lane);
+                wg8_load(v, sc, rows, ok, 0, lane);
             }
+#else
+            if (next) {
+                if (j > 0) bar_wait(BAR_KEMPTY);
+                wg_issue_tile(knext, bnext, pages, t0 + (j + 1) * WG_BN, t1, warp, lane);
+            }
+#endif
             bar_wait(BAR_PFULL);
             const float al0 = alpha[r0], al1 = alpha[r1];
             wg_rescale(o, al0, al1);
@@ -1297,6 +1427,14 @@ extern "C" __global__ void __launch_bounds__(256, 1) mla_wgmma(
                 wgmma_n256_tb(o, wg_desc(p_s + kk * 32, 16, 1024),
                               wg_desc(kt + 4 * (WG_BN * 128) + kk * 16 * 128, WG_BN * 128, 1024), 1);
             wg_commit();
+#if KV_CODEC == 2
+            if (next) {
+                wg8_store(knext, v, sc, 0, warp, lane);
+                fence_async_smem();
+                mbar_arrive(bnext);
+                wg8_second(knext, bnext, v, sc, rows, ok, warp, lane);
+            }
+#endif
             wg_wait0();
             wg_keep(o, 128);
             if (next) bar_arrive(BAR_PEMPTY);

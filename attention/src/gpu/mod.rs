@@ -13,9 +13,9 @@
 //! - GQA/MHA/MQA is memory-bound: each block streams one KV head's rows of one range of tokens
 //!   once for all the query heads of its group (`gqa_mma` on tensor cores for bf16/fp8 pages,
 //!   `gqa_decode` on CUDA cores for the rest). MLA is compute-bound at 128 heads and runs on tensor
-//!   cores: `mla_wgmma` (Hopper's warpgroup MMA, compiled for `sm_90a`; bf16 pages), else
-//!   `mla_decode` (`mma.sync`, f32 accumulation; fp8/int8 latents widened to bf16 in shared
-//!   memory, exactly). Long contexts are split over blocks (split-K) and merged by
+//!   cores: `mla_wgmma` (Hopper's warpgroup MMA, compiled for `sm_90a`; bf16 pages, and fp8 pages
+//!   of 512 + 64 widened to bf16 through registers), else `mla_decode` (`mma.sync`, f32
+//!   accumulation; fp8/int8 latents widened to bf16 in shared memory, exactly). Long contexts are split over blocks (split-K) and merged by
 //!   `merge_partials` with the exact log-sum-exp rule of [`crate::merge`].
 //!
 //! Precision, per path (checked against the float64 reference in `tests/gpu.rs`):
@@ -1256,11 +1256,17 @@ impl Kernel {
             let mut defs = common.to_vec();
             defs.push(("KV_DL", dl as i64));
             defs.push(("KV_DR", dr as i64));
-            // bf16 pages on Hopper run on the warpgroup tensor cores (`mla_wgmma`, compiled for
-            // sm_90a); every other codec or GPU, or `KVCACHE_GPU_MLA=mma`, on `mma.sync`.
+            // bf16 pages (rows a multiple of 192 wide) and fp8 pages of 512 + 64 (DeepSeek-V3's;
+            // widened to bf16 on the way into shared memory) run on Hopper's warpgroup tensor
+            // cores (`mla_wgmma`, compiled for sm_90a); every other codec or GPU, or
+            // `KVCACHE_GPU_MLA=mma`, on `mma.sync`.
+            let wg_codec = match l.codec {
+                Codec::Bf16 => (dl + dr).is_multiple_of(192),
+                Codec::Fp8E4m3 => dr == 64 && l.row_bytes.is_multiple_of(16),
+                _ => false,
+            };
             let wgmma = gpu.cc == (9, 0)
-                && l.codec == Codec::Bf16
-                && (dl + dr).is_multiple_of(192)
+                && wg_codec
                 && std::env::var("KVCACHE_GPU_MLA").map_or(true, |v| v != "mma");
             let (decode, name, hb, bn, smem) = if wgmma {
                 defs.push(("KV_WG", 1));
