@@ -1265,9 +1265,7 @@ impl Kernel {
                 Codec::Fp8E4m3 => dr == 64 && l.row_bytes.is_multiple_of(16),
                 _ => false,
             };
-            let wgmma = gpu.cc == (9, 0)
-                && wg_codec
-                && std::env::var("KVCACHE_GPU_MLA").map_or(true, |v| v != "mma");
+            let wgmma = gpu.cc == (9, 0) && wg_codec && std::env::var("KVCACHE_GPU_MLA").map_or(true, |v| v != "mma");
             let (decode, name, hb, bn, smem) = if wgmma {
                 defs.push(("KV_WG", 1));
                 let decode = gpu.module(&defs, true)?.load_function("mla_wgmma")?;
