@@ -46,6 +46,9 @@ struct Computed {
     result: Result<(), AttentionError>,
     output: Output,
     lse: Vec<f32>,
+    /// The pages computed on, given back (a confirmed speculation keeps its list for the next
+    /// step).
+    pages: Vec<(Bytes, usize)>,
 }
 
 /// One item's append outcome: every owner's answer, or why the write failed.
@@ -109,15 +112,17 @@ impl Worker {
         let mut fetched: Vec<Option<Result<Fetched, SeqFailure>>> = (0..n).map(|_| None).collect();
         for (i, s) in spec.into_iter().enumerate() {
             let Some(s) = s else { continue };
-            match &appended[i] {
-                Some(Ok(acks)) if self.confirm(&parsed.seqs[i], parsed.layer, &s, acks) => {
-                    stats.sequences_overlapped += 1;
-                    fetched[i] = Some(Ok(s.fetched));
-                }
-                _ => {
-                    stats.sequences_recomputed += 1;
-                    computed.retain(|c: &Computed| c.item != i);
-                }
+            let pages = computed.iter_mut().find(|c| c.item == i).map(|c| std::mem::take(&mut c.pages));
+            let confirmed = match (&appended[i], pages) {
+                (Some(Ok(acks)), Some(pages)) => self.confirm(&parsed.seqs[i], parsed.layer, &s, acks, pages),
+                _ => false,
+            };
+            if confirmed {
+                stats.sequences_overlapped += 1;
+                fetched[i] = Some(Ok(s.fetched));
+            } else {
+                stats.sequences_recomputed += 1;
+                computed.retain(|c: &Computed| c.item != i);
             }
         }
         let rest: Vec<usize> = (0..n).filter(|&i| fetched[i].is_none()).collect();
@@ -477,7 +482,7 @@ impl Worker {
             Ok(ok
                 .into_iter()
                 .zip(answers)
-                .map(|((item, _, _, _), (result, mut output, mut lse))| {
+                .map(|((item, pages, _, _), (result, mut output, mut lse))| {
                     let result = match (&sinks, result) {
                         (Some(s), Ok(())) => match &mut output {
                             Output::F32(o) => kvcache_attention::hybrid::apply_sinks(s, shape.v_width, o, &mut lse),
@@ -485,7 +490,7 @@ impl Worker {
                         },
                         (_, r) => r,
                     };
-                    Computed { item, result, output, lse }
+                    Computed { item, result, output, lse, pages }
                 })
                 .collect())
         })

@@ -11,7 +11,7 @@
 //! the sequence goes the usual way and is computed again: a speculation never changes an answer,
 //! only when it is ready.
 
-use crate::cache::{CachedPage, Extent};
+use crate::cache::{CachedPage, Extent, SpecPages};
 use crate::{CONTENT_STRIPES, Fetched, Grown, PULL_LEASE, SeqFailure, Worker};
 use bytes::Bytes;
 use kvcache_client::AppendAck;
@@ -34,6 +34,9 @@ pub(crate) struct Speculated {
     own_start: usize,
     /// write_seqs of the own full pages computed on, from `own_start`.
     write_seqs: Vec<u64>,
+    /// Where the own full pages sit in `fetched.pages` (after the prefix's).
+    own_at: usize,
+    page_tokens: usize,
     /// (page index, payload, tokens) of the page the token went into.
     last: (usize, Bytes, usize),
 }
@@ -128,18 +131,27 @@ impl Worker {
         if idx < own_start {
             return None;
         }
-        let own = self.cache.pages_from(seq, layer, &memo.node, own_start, idx - own_start + usize::from(held > 0))?;
+        // The own full pages: the list the last confirmed step computed on when the cache kept
+        // it (one move), else each page's handle from the cache.
+        let full = idx - own_start;
+        let (own, write_seqs) = match self.cache.take_spec_pages(seq, layer, &memo.node, own_start, full) {
+            Some(k) => (k.pages, k.write_seqs),
+            None => {
+                let got = self.cache.pages_from(seq, layer, &memo.node, own_start, full)?;
+                let ws = got.iter().map(|p| p.2).collect();
+                (got.into_iter().map(|p| (p.0, p.1 as usize)).collect::<Vec<_>>(), ws)
+            }
+        };
+        let partial = if held > 0 { self.cache.pages_from(seq, layer, &memo.node, idx, 1)?.pop() } else { None };
         let mut pages: Vec<(Bytes, usize)> = Vec::with_capacity(idx + 1 - first);
         if np > first {
             pages = self.cached_prefix(ns, seq, layer, np, first)?;
         }
-        let mut own = own;
-        let partial = if held > 0 { own.pop() } else { None };
-        if own.iter().any(|p| p.1 as usize != ptu || p.0.len() != l.payload_bytes(ptu)) {
+        if own.iter().any(|p| p.1 != ptu || p.0.len() != l.payload_bytes(ptu)) {
             return None;
         }
-        let write_seqs = own.iter().map(|p| p.2).collect();
-        pages.extend(own.into_iter().map(|p| (p.0, ptu)));
+        let own_at = pages.len();
+        pages.extend(own);
         let (last, grown) = match partial {
             Some((b, n, _)) if n as usize == held && b.len() == l.payload_bytes(held) => {
                 let mut merged = vec![0u8; l.payload_bytes(held + 1)];
@@ -159,14 +171,24 @@ impl Worker {
             prefix_pages: memo.prefix_pages,
             own_start,
             write_seqs,
+            own_at,
+            page_tokens: ptu,
             last: (idx, last, held + 1),
         })
     }
 
     /// Keep a speculated layer if the owner it was read from answered the append with exactly
     /// its pages (the layer one token longer, every earlier page the version computed on): the
-    /// new last page is then cached as that owner's, and the layer's extent remembered.
-    pub(crate) fn confirm(&self, seq: &SequenceKey, layer: u32, s: &Speculated, acks: &[AppendAck]) -> bool {
+    /// new last page is then cached as that owner's, and the layer's extent remembered, with
+    /// the list of full pages computed on (`pages`, given back by the compute) for the next step.
+    pub(crate) fn confirm(
+        &self,
+        seq: &SequenceKey,
+        layer: u32,
+        s: &Speculated,
+        acks: &[AppendAck],
+        pages: Vec<(Bytes, usize)>,
+    ) -> bool {
         let Some(e) =
             acks.iter().find(|a| *a.node_id == *s.node).and_then(|a| a.extent.as_ref()).filter(|e| e.layer == layer)
         else {
@@ -192,6 +214,23 @@ impl Worker {
                 layer,
                 Extent { node: s.node.clone(), tokens: e.tokens, prefix_pages: e.prefix_pages },
             );
+            // Keep the own full pages computed on for the next step, with the new last page
+            // once it is full.
+            let mut pages = pages;
+            if pages.len() == s.own_at + s.write_seqs.len() + 1 {
+                let mut own: Vec<(Bytes, usize)> = pages.drain(s.own_at..).collect();
+                let mut write_seqs = s.write_seqs.clone();
+                if tokens == s.page_tokens {
+                    write_seqs.push(e.page_write_seqs[idx]);
+                } else {
+                    own.pop();
+                }
+                self.cache.keep_spec_pages(
+                    seq,
+                    layer,
+                    SpecPages { node: s.node.clone(), start: s.own_start, pages: own, write_seqs },
+                );
+            }
         }
         ok
     }
