@@ -38,7 +38,7 @@ from kvcache.v1 import coordinator_pb2_grpc as coord_grpc
 from kvcache.v1 import worker_pb2 as worker_pb
 from kvcache.v1 import worker_pb2_grpc as worker_grpc
 
-__all__ = ["place", "Client", "Tls", "Namespace", "DecodeResult", "KvcacheError", "to_bf16", "from_bf16",
+__all__ = ["place", "Client", "Tls", "Namespace", "DecodeResult", "DecodeResults", "DecodeStats", "KvcacheError", "to_bf16", "from_bf16",
            "content_keys", "engine_key", "content_sequence_id"]
 
 _MAX_MSG = 256 << 20
@@ -294,6 +294,37 @@ class DecodeResult:
     lse: Optional[np.ndarray]  # [q_heads] float32
     context_tokens: int
     message: str
+
+
+@dataclass
+class DecodeStats:
+    """What a decode step cost the workers (summed over the workers it went to; times are the
+    slowest worker's). `sequences_overlapped`: computed while their append was in flight and
+    kept; `sequences_recomputed`: computed that way, refuted by an owner's answer, and computed
+    again."""
+    bytes_pulled: int = 0
+    pages_pulled: int = 0
+    pages_cached: int = 0
+    compute_micros: int = 0
+    fetch_micros: int = 0
+    append_micros: int = 0
+    sequences_overlapped: int = 0
+    sequences_recomputed: int = 0
+
+    def add(self, s) -> None:
+        """Fold one worker's DecodeStats message in."""
+        for f in ("bytes_pulled", "pages_pulled", "pages_cached", "sequences_overlapped", "sequences_recomputed"):
+            setattr(self, f, getattr(self, f) + getattr(s, f))
+        for f in ("compute_micros", "fetch_micros", "append_micros"):
+            setattr(self, f, max(getattr(self, f), getattr(s, f)))
+
+
+class DecodeResults(list):
+    """A decode step's DecodeResult per item, in request order, and the step's `stats`."""
+
+    def __init__(self, results=(), stats: Optional[DecodeStats] = None):
+        super().__init__(results)
+        self.stats = stats if stats is not None else DecodeStats()
 
 
 def _hash64(b: bytes) -> int:
@@ -834,7 +865,8 @@ class Client:
         (DeepSeek-V3.2) layers. `sinks`: the layer's sink logit per query head, for models with
         attention sinks (gpt-oss). A sliding-window or chunked layer attends to its window.
         `vector_dtype="bf16"` sends the queries and receives the outputs as bfloat16 (half the
-        bytes; queries rounded to nearest even here, outputs by the worker), returned as float32."""
+        bytes; queries rounded to nearest even here, outputs by the worker), returned as float32.
+        Returns a DecodeResults: a DecodeResult per item, in order, and the step's `stats`."""
         if vector_dtype not in ("f32", "bf16"):
             raise ValueError(f"vector_dtype must be 'f32' or 'bf16', not {vector_dtype!r}")
         ns = self.namespace(namespace)
@@ -867,6 +899,7 @@ class Client:
             # Vectors travel as little-endian f32 bytes (see worker.proto).
             groups.setdefault(w, []).append((idx, d))
         results: list = [None] * len(wire)
+        stats = DecodeStats()
         for w, group in groups.items():
             stub = worker_grpc.AttentionWorkerStub(self._node(self._workers[w][3]))
             req = worker_pb.DecodeRequest()
@@ -874,6 +907,8 @@ class Client:
             req.namespace, req.layer = namespace, layer
             req.items.extend([g[1] for g in group])
             resp = self._call(stub.Decode, req)
+            if resp.HasField("stats"):
+                stats.add(resp.stats)
             for (idx, _), r in zip(group, resp.results):
                 ok = r.status == worker_pb.SEQUENCE_STATUS_OK
                 out = None
@@ -886,4 +921,4 @@ class Client:
                     output=out.reshape(shape) if ok and shape else out,
                     lse=np.array(r.lse, dtype=np.float32) if ok else None,
                     context_tokens=r.context_tokens, message=r.message)
-        return results
+        return DecodeResults(results, stats)

@@ -94,8 +94,17 @@ def test_decode_through_the_worker_matches_float64(client):
         q = rng.standard_normal((ns.q_heads, ns.width)).astype(np.float32)
         tok = kvcache.to_bf16(rng.standard_normal((ns.planes, 1, ns.width)).astype(np.float32))
         kv = np.concatenate([kv, tok], axis=1)
-        (r,) = client.decode("py.dec", 0, [("s", q, tok)])
+        results = client.decode("py.dec", 0, [("s", q, tok)])
+        (r,) = results
         assert r.ok, r.message
+        # The first step pulls the layer (3 pages of 16 tokens); the later ones find it cached
+        # and compute while their append is in flight.
+        st = results.stats
+        if step == 0:
+            assert st.pages_pulled == 3 and st.bytes_pulled > 0 and st.sequences_overlapped == 0, st
+        else:
+            assert st.pages_pulled == 0 and st.sequences_overlapped == 1 and st.sequences_recomputed == 0, st
+        assert st.append_micros > 0 and st.compute_micros > 0, st
         assert r.context_tokens == kv.shape[1]
         want = reference(ns, q, kv)
         err = np.linalg.norm(r.output - want) / np.linalg.norm(want)
