@@ -266,7 +266,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             print_table(&a, &results);
             print_reuse(&reuse);
             crate::bench::hybrid::print_sliding(std::slice::from_ref(&sliding));
-            crate::bench::hybrid::print_sparse(&sparse);
+            crate::bench::hybrid::print_sparse(&sparse, gpu.is_some());
         }
         anyhow::ensure!(
             sliding.max_rel_error <= 1e-5 && sparse.max_rel_error <= 1e-5,

@@ -336,7 +336,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "sliding": slides, "sparse": sp }))?);
         } else {
             print_sliding(&slides);
-            print_sparse(&sp);
+            print_sparse(&sp, false);
         }
         for r in &slides {
             anyhow::ensure!(r.max_rel_error <= 1e-5, "sliding {}: rel L2 {:e}", r.context, r.max_rel_error);
@@ -371,15 +371,19 @@ pub fn print_sliding(rs: &[Sliding]) {
     );
 }
 
-pub fn print_sparse(r: &Sparse) {
+/// `dense_on_gpu`: the worker computes dense MLA on a GPU (sparse MLA, a few gathered rows per
+/// sequence, stays on its CPU), so the warm-step ratio compares two devices; the line says so.
+pub fn print_sparse(r: &Sparse, dense_on_gpu: bool) {
     let h = |b: f64| crate::util::human_bytes(b);
+    let wheres = if dense_on_gpu { " (sparse on the worker's CPU, dense on its GPU)" } else { "" };
     println!(
-        "\nSparse MLA (DeepSeek-V3.2 indexer, top-{}) vs dense MLA over the same {} latents, one layer, 128 heads:\n\
+        "\nSparse MLA (DeepSeek-V3.2 indexer, top-{}) vs dense MLA over the same {} latents, one layer, 128 heads{}:\n\
          cold step pulled {} sparse (indexer keys + chosen rows) vs {} dense ({:.1}x less); cold step {:.1} ms vs {:.1} ms;\n\
          warm step {:.2} ms sparse (pulls {}) vs {:.2} ms dense ({:.2}x); output vs float64 over the same choice: rel err {:.1e}.\n\
          of a warm step: sparse fetch (indexer scoring, rows) {:.1} ms + attention {:.1} ms; dense attention {:.1} ms.",
         r.topk,
         r.context,
+        wheres,
         h(r.sparse_cold_pull_bytes as f64),
         h(r.dense_cold_pull_bytes as f64),
         r.dense_cold_pull_bytes as f64 / r.sparse_cold_pull_bytes.max(1) as f64,
