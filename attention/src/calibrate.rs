@@ -6,7 +6,12 @@
 //! 512-bit FMA runs at the 256-bit rate while the bf16 dot product runs at twice that, so the
 //! order can flip. [`backend_for`] times every backend this CPU runs on a small decode of the
 //! shape (one thread, a few milliseconds per backend), keeps the fastest, and caches the choice
-//! for the process, per (geometry, codec). The worker and `kvcache bench attention` both ask it.
+//! for the process, per (geometry, codec, query kind). The worker and `kvcache bench attention`
+//! both ask it.
+//!
+//! The query kind matters: a query whose every value is a bf16 value (what an engine computing
+//! in bf16 sends) lets the AVX-512 BF16 path score GQA rows with `vdpbf16ps` at half the
+//! instructions; any other query runs the same f32 path on both AVX-512 backends.
 //! `KVCACHE_BACKEND=avx512|avx512-bf16|avx2|portable` overrides the choice.
 
 use crate::{AttnShape, Backend, KvPage, Options, decode};
@@ -14,11 +19,20 @@ use std::collections::HashMap;
 use std::sync::{Mutex, OnceLock};
 use std::time::Instant;
 
-type Key = (usize, usize, usize, usize, bool, u8, usize);
+type Key = (usize, usize, usize, usize, bool, u8, usize, bool);
 
-fn key(shape: &AttnShape) -> Key {
+fn key(shape: &AttnShape, bf16_query: bool) -> Key {
     let l = &shape.layout;
-    (shape.q_heads, shape.kv_groups, shape.qk_width, shape.v_width, shape.latent, l.codec.tag(), l.row_bytes)
+    (
+        shape.q_heads,
+        shape.kv_groups,
+        shape.qk_width,
+        shape.v_width,
+        shape.latent,
+        l.codec.tag(),
+        l.row_bytes,
+        bf16_query,
+    )
 }
 
 fn cache() -> &'static Mutex<HashMap<Key, Backend>> {
@@ -26,32 +40,36 @@ fn cache() -> &'static Mutex<HashMap<Key, Backend>> {
     C.get_or_init(|| Mutex::new(HashMap::new()))
 }
 
-/// The backend to run `shape` with on this machine: `KVCACHE_BACKEND` when set (and
-/// available), else the fastest measured by [`calibrate`], measured once per process and shape.
-pub fn backend_for(shape: &AttnShape) -> Backend {
+/// The backend to run `shape` with on this machine for queries that are (`bf16_query`) or are
+/// not all bf16 values ([`crate::is_bf16_query`]): `KVCACHE_BACKEND` when set (and available),
+/// else the fastest measured by [`calibrate`], measured once per process, shape and query kind.
+pub fn backend_for(shape: &AttnShape, bf16_query: bool) -> Backend {
     if let Some(b) = std::env::var("KVCACHE_BACKEND").ok().and_then(|s| Backend::parse(&s))
         && Backend::available().contains(&b)
     {
         return b;
     }
-    let k = key(shape);
+    let k = key(shape, bf16_query);
     if let Some(b) = cache().lock().expect("calibration cache").get(&k) {
         return *b;
     }
-    let b = calibrate(shape).first().map_or_else(Backend::detect, |(b, _)| *b);
+    let b = calibrate(shape, bf16_query).first().map_or_else(Backend::detect, |(b, _)| *b);
     cache().lock().expect("calibration cache").insert(k, b);
     b
 }
 
-/// [`Options`] for `shape` on `threads` threads with the backend [`backend_for`] picks.
-pub fn options_for(shape: &AttnShape, threads: usize) -> Options {
-    Options { backend: backend_for(shape), threads, ..Options::default() }
+/// [`Options`] for `shape` on `threads` threads with the backend [`backend_for`] picks for
+/// these queries.
+pub fn options_for(shape: &AttnShape, threads: usize, queries: &[&[f32]]) -> Options {
+    let bf16 = queries.iter().all(|q| crate::is_bf16_query(q));
+    Options { backend: backend_for(shape, bf16), threads, ..Options::default() }
 }
 
 /// Time every backend this CPU runs on a decode of `shape` (one thread; about 8 M multiply-adds
-/// per run, best of three after a warm-up), fastest first: `(backend, seconds per run)`. The
-/// portable path is timed only where no SIMD path exists.
-pub fn calibrate(shape: &AttnShape) -> Vec<(Backend, f64)> {
+/// per run, best of three after a warm-up) with a random query rounded to bf16 when
+/// `bf16_query`, fastest first: `(backend, seconds per run)`. The portable path is timed only
+/// where no SIMD path exists.
+pub fn calibrate(shape: &AttnShape, bf16_query: bool) -> Vec<(Backend, f64)> {
     let l = shape.layout;
     let per_token = (shape.q_heads * (shape.qk_width + shape.v_width)).max(1);
     let tokens = (8_000_000 / per_token).clamp(256, 16_384).next_multiple_of(l.page_tokens);
@@ -66,7 +84,10 @@ pub fn calibrate(shape: &AttnShape) -> Vec<(Backend, f64)> {
     let payload = l.encode(&page, l.page_tokens);
     let pages: Vec<KvPage> =
         (0..tokens / l.page_tokens).map(|_| KvPage { payload: &payload, tokens: l.page_tokens }).collect();
-    let q: Vec<f32> = (0..shape.q_len()).map(|_| rnd()).collect();
+    let q: Vec<f32> = (0..shape.q_len())
+        .map(|_| rnd())
+        .map(|x| if bf16_query { half::bf16::from_f32(x).to_f32() } else { x })
+        .collect();
     let (mut out, mut lse) = (vec![0f32; shape.out_len()], vec![0f32; shape.q_heads]);
     let candidates: Vec<Backend> = {
         let all = Backend::available();
@@ -102,15 +123,17 @@ mod tests {
     fn calibration_times_every_simd_backend_and_caches_its_choice() {
         let spec = ModelSpec::preset("llama-3-8b").unwrap();
         let shape = AttnShape::new(&spec, PageLayout::new(&spec, Codec::Bf16, 64));
-        let timed = calibrate(&shape);
+        let timed = calibrate(&shape, false);
         let simd = Backend::available().len() > 1;
         let expected = if simd { Backend::available().len() - 1 } else { 1 };
         assert_eq!(timed.len(), expected, "{timed:?}");
         assert!(timed.windows(2).all(|w| w[0].1 <= w[1].1), "fastest first: {timed:?}");
         assert!(timed.iter().all(|(_, s)| *s > 0.0 && s.is_finite()));
-        let b = backend_for(&shape);
-        assert!(Backend::available().contains(&b));
-        // Cached: the second ask answers the same without measuring again.
-        assert_eq!(backend_for(&shape), b);
+        for bf16 in [false, true] {
+            let b = backend_for(&shape, bf16);
+            assert!(Backend::available().contains(&b));
+            // Cached: the second ask answers the same without measuring again.
+            assert_eq!(backend_for(&shape, bf16), b);
+        }
     }
 }

@@ -16,16 +16,23 @@ fn pad(w: usize) -> usize {
     w.div_ceil(PAD) * PAD
 }
 
-/// Per-call working memory of one group computation (allocated per task, reused across groups).
+/// Per-call working memory: the running state of every KV group (its heads' prepared queries,
+/// accumulators, running maxima and sums) and one block's scratch. Every group's state lives
+/// at once because the kernel walks the range page by page, every group within a page
+/// ([`attend_range`]).
 struct Scratch {
+    /// `[kv_groups][group][wk]`: each head's query times the scale (permuted where the bf16
+    /// rows are read in pairs).
     q: Vec<f32>,
-    /// The query split into two bf16 parts, `q ≈ hi + lo` (the `vdpbf16ps` score path only):
-    /// `hi` rows then `lo` rows.
+    /// `[kv_groups][group][wk]`: the query as bf16, unscaled (the `vdpbf16ps` score path,
+    /// taken only when every query value is a bf16 value).
     qb: Vec<u16>,
     k: Vec<f32>,
     v: Vec<f32>,
     s: Vec<f32>,
+    /// `[kv_groups][group][wv]`.
     acc: Vec<f32>,
+    /// `[q_heads]`.
     m: Vec<f32>,
     l: Vec<f32>,
     /// One block for the even/odd permutations.
@@ -34,17 +41,17 @@ struct Scratch {
 
 impl Scratch {
     fn new(shape: &AttnShape) -> Self {
-        let g = shape.group();
+        let (g, n) = (shape.group(), shape.kv_groups * shape.group());
         let (wk, wv) = (pad(shape.qk_width), pad(shape.v_width));
         Self {
-            q: vec![0.0; g * wk],
-            qb: vec![0; 2 * g * wk],
+            q: vec![0.0; n * wk],
+            qb: vec![0; n * wk],
             k: vec![0.0; BT * wk],
             v: if shape.latent { Vec::new() } else { vec![0.0; BT * wv] },
             s: vec![0.0; g * BT],
-            acc: vec![0.0; g * wv],
-            m: vec![0.0; g],
-            l: vec![0.0; g],
+            acc: vec![0.0; n * wv],
+            m: vec![f32::NEG_INFINITY; n],
+            l: vec![0.0; n],
             tmp: Vec::with_capacity(32),
         }
     }
@@ -58,11 +65,65 @@ struct Range<'a> {
     t1: usize,
 }
 
+/// The blocks of a range in the order the kernel computes them: page by page, within a page
+/// every KV group in turn, within a group its rows `BT` at a time. A page's planes are laid
+/// out group after group, K planes then V planes, so this walks two sequential streams (the
+/// page's K half and its V half) instead of jumping to the next page every group's 16 KiB:
+/// the hardware prefetchers follow it (a plain sum over Llama-3-8B pages on AMD Zen 4 read
+/// 19–20 GB/s in this order, 11 in group-major order; docs/BENCHMARKS.md).
+#[derive(Clone)]
+struct Blocks<'r, 'a> {
+    range: &'r Range<'a>,
+    groups: usize,
+    pi: usize,
+    grp: usize,
+    /// The next block's first token (absolute), or `None` at the start of a group's rows.
+    t: Option<usize>,
+}
+
+/// One block: page `pi`, KV group `grp`, tokens `[t, t + bt)` (absolute).
+#[derive(Clone, Copy)]
+struct Block {
+    pi: usize,
+    grp: usize,
+    t: usize,
+    bt: usize,
+}
+
+impl<'r, 'a> Blocks<'r, 'a> {
+    fn new(range: &'r Range<'a>, groups: usize) -> Self {
+        Self { range, groups, pi: 0, grp: 0, t: None }
+    }
+}
+
+impl Iterator for Blocks<'_, '_> {
+    type Item = Block;
+    fn next(&mut self) -> Option<Block> {
+        let r = self.range;
+        while self.pi < r.pages.len() {
+            let start = r.starts[self.pi];
+            let (a, b) = (r.t0.max(start), r.t1.min(start + r.pages[self.pi].tokens));
+            let t = self.t.unwrap_or(a);
+            if a < b && t < b {
+                let bt = (b - t).min(BT);
+                self.t = Some(t + bt);
+                return Some(Block { pi: self.pi, grp: self.grp, t, bt });
+            }
+            self.t = None;
+            self.grp += 1;
+            if self.grp >= self.groups || a >= b {
+                (self.pi, self.grp) = (self.pi + 1, 0);
+            }
+        }
+        None
+    }
+}
+
 /// Rows per chunk of the score loop ([`dot_block`]).
 const TOKEN_CHUNK: usize = 8;
 
 /// How many blocks ahead the kernel prefetches K/V rows (≥ 1).
-const PREFETCH_BLOCKS: usize = 2;
+const PREFETCH_BLOCKS: usize = 3;
 
 /// Decode `count` rows of `plane` starting at token `t` of `page` into `dst` (row stride `stride`).
 #[inline(always)]
@@ -286,19 +347,13 @@ unsafe fn store_sums<I: Isa, const NH: usize, const NT: usize>(acc: &[[I::V; NT]
     }
 }
 
-/// `x` rounded to the nearest bf16 (ties to even), as bits. `x` is finite.
-fn bf16_bits(x: f32) -> u16 {
-    let b = x.to_bits();
-    ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16
-}
-
-/// Scores of `NH` heads × `NT` bf16 rows with the hardware pair dot product: `qb` holds the
-/// heads' queries as bf16 `hi` rows (stride `wq` elements) followed, `lo_off` elements later,
-/// by their `lo` rows; `k` the bf16 rows (stride `row_bytes`); `w` a multiple of 2·LANES.
+/// Unscaled scores of `NH` heads × `NT` bf16 rows with the hardware pair dot product: `qb`
+/// holds the heads' queries as bf16 rows (stride `wq` elements), `k` the bf16 rows (stride
+/// `row_bytes`); `w` a multiple of 2·LANES. bf16 × bf16 products are exact in f32, so with a
+/// query that is bf16 to begin with only the f32 sums round, as on the f32 path.
 #[inline(always)]
 unsafe fn dot_tile_dp<I: Isa, const NH: usize, const NT: usize>(
     qb: *const u16,
-    lo_off: usize,
     wq: usize,
     k: Bf16Rows,
     t0: usize,
@@ -316,10 +371,9 @@ unsafe fn dot_tile_dp<I: Isa, const NH: usize, const NT: usize>(
                 *kt = I::load_raw(k.0.add((t0 + t) * k.1 + 2 * i));
             }
             for (h, ah) in acc.iter_mut().enumerate() {
-                let hi = I::load_raw(qb.add(h * wq + i) as *const u8);
-                let lo = I::load_raw(qb.add(lo_off + h * wq + i) as *const u8);
+                let qh = I::load_raw(qb.add(h * wq + i) as *const u8);
                 for t in 0..NT {
-                    ah[t] = I::dp_bf16(I::dp_bf16(ah[t], lo, kv[t]), hi, kv[t]);
+                    ah[t] = I::dp_bf16(ah[t], qh, kv[t]);
                 }
             }
             i += 2 * I::LANES;
@@ -328,11 +382,21 @@ unsafe fn dot_tile_dp<I: Isa, const NH: usize, const NT: usize>(
     }
 }
 
-/// [`dot_block`] with [`dot_tile_dp`]: `g` heads × `bt` rows.
+/// [`dot_block`] with [`dot_tile_dp`]: `g` heads × `bt` rows, unscaled; `pf` as there.
 #[inline(always)]
-unsafe fn dot_block_dp<I: Isa>(qb: &[u16], wq: usize, k: Bf16Rows, g: usize, bt: usize, w: usize, s: &mut [f32]) {
-    let (q, s, lo) = (qb.as_ptr(), s.as_mut_ptr(), qb.len() / 2);
-    // SAFETY: qb is g×wq, k holds ≥ bt rows, s is g×BT; every tile stays inside them.
+#[allow(clippy::too_many_arguments)]
+unsafe fn dot_block_dp<I: Isa>(
+    qb: &[u16],
+    wq: usize,
+    k: Bf16Rows,
+    g: usize,
+    bt: usize,
+    w: usize,
+    s: &mut [f32],
+    pf: impl Fn(usize, usize),
+) {
+    let (q, s) = (qb.as_ptr(), s.as_mut_ptr());
+    // SAFETY: qb holds g rows of wq, k holds ≥ bt rows, s is g×BT; every tile stays inside them.
     unsafe {
         let mut h = 0;
         while h < g {
@@ -340,18 +404,21 @@ unsafe fn dot_block_dp<I: Isa>(qb: &[u16], wq: usize, k: Bf16Rows, g: usize, bt:
             let mut t = 0;
             while t < bt {
                 let nt = if t + 4 <= bt { 4 } else { 1 };
+                if h == 0 {
+                    pf(t, nt);
+                }
                 let (qq, ss) = (q.add(h * wq), s.add(h * BT + t));
                 match (nh, nt) {
-                    (4, 4) => dot_tile_dp::<I, 4, 4>(qq, lo, wq, k, t, w, ss),
-                    (4, _) => dot_tile_dp::<I, 4, 1>(qq, lo, wq, k, t, w, ss),
+                    (4, 4) => dot_tile_dp::<I, 4, 4>(qq, wq, k, t, w, ss),
+                    (4, _) => dot_tile_dp::<I, 4, 1>(qq, wq, k, t, w, ss),
                     (_, 4) => {
                         for i in 0..nh {
-                            dot_tile_dp::<I, 1, 4>(qq.add(i * wq), lo, wq, k, t, w, ss.add(i * BT));
+                            dot_tile_dp::<I, 1, 4>(qq.add(i * wq), wq, k, t, w, ss.add(i * BT));
                         }
                     }
                     _ => {
                         for i in 0..nh {
-                            dot_tile_dp::<I, 1, 1>(qq.add(i * wq), lo, wq, k, t, w, ss.add(i * BT));
+                            dot_tile_dp::<I, 1, 1>(qq.add(i * wq), wq, k, t, w, ss.add(i * BT));
                         }
                     }
                 }
@@ -564,226 +631,234 @@ unsafe fn pv_block<I: Isa, R: Rows>(p: &[f32], v: R, g: usize, bt: usize, acc: &
     }
 }
 
-/// Attention of KV group `grp` (its `G` query heads) over a token range; writes the group's
-/// output rows and LSEs.
-#[inline(always)]
-unsafe fn attend_group<I: Isa>(
-    shape: &AttnShape,
-    q: &[f32],
-    grp: usize,
-    range: &Range,
-    sc: &mut Scratch,
-    out: &mut [f32],
-    lse: &mut [f32],
-) {
-    let g = shape.group();
-    let (wk, wv) = (pad(shape.qk_width), pad(shape.v_width));
-    for h in 0..g {
-        let src = &q[(grp * g + h) * shape.qk_width..(grp * g + h + 1) * shape.qk_width];
-        for (d, s) in sc.q[h * wk..h * wk + shape.qk_width].iter_mut().zip(src) {
+/// How a shape's blocks are read: decided once per range from the shape and the ISA.
+#[derive(Clone, Copy)]
+struct Mode {
+    /// GQA bf16 rows that are whole vectors are read straight from the payload: each K/V row is
+    /// used by only the group's few heads, so a scratch pass costs more than widening in
+    /// registers. MLA rows are used by every head (up to 128): widening them once into scratch
+    /// is cheaper there.
+    direct: bool,
+    /// The same for fp8 GQA rows (no bf16 tail): each vector widens in registers and takes its
+    /// tile's scale — bit for bit the values `decode_rows` would have written.
+    direct8: bool,
+    /// With AVX-512 BF16 and a query whose every value is a bf16 value (an engine's bf16 query
+    /// always is), those rows' scores come from `vdpbf16ps` against the unscaled query: bf16 ×
+    /// bf16 products are exact in f32, so only the sums round, as on the f32 path, at half the
+    /// instructions of f32 FMAs (pairs of 32 elements per instruction: the width must hold whole
+    /// pairs of vectors). The scale multiplies the scores instead. Any other query takes the
+    /// f32 path (splitting it into two bf16 parts costs as many instructions as the FMAs).
+    dp: bool,
+    /// With 32 registers (the 4×4 score tile holds both halves of a pair) and rows of whole
+    /// pairs of vectors, bf16 K rows are read in the even/odd order (`Bf16PairRows`), the query
+    /// permuted to match (not on the `dp` path).
+    pair_k: bool,
+    /// The same for V rows (on the `dp` path too): the accumulators come out permuted.
+    pair_v: bool,
+}
+
+impl Mode {
+    fn new<I: Isa>(shape: &AttnShape, q: &[f32]) -> Self {
+        let direct = !shape.latent && shape.layout.codec == Codec::Bf16 && shape.layout.shape.width.is_multiple_of(PAD);
+        let direct8 = !shape.latent
+            && shape.layout.codec == Codec::Fp8E4m3
+            && shape.layout.shape.tail == 0
+            && shape.layout.shape.width.is_multiple_of(PAD);
+        let dp = I::DPBF16 && direct && shape.qk_width.is_multiple_of(2 * I::LANES) && is_bf16_query(q);
+        let pair_k = I::WIDE && direct && !dp && shape.qk_width.is_multiple_of(2 * I::LANES);
+        let pair_v = I::WIDE && direct && shape.v_width.is_multiple_of(2 * I::LANES);
+        Self { direct, direct8, dp, pair_k, pair_v }
+    }
+}
+
+/// Every head's query into the scratch state, scaled (and permuted or split as `mode` reads
+/// the rows); accumulators, maxima and sums reset.
+fn prepare<I: Isa>(shape: &AttnShape, mode: Mode, q: &[f32], sc: &mut Scratch) {
+    let n = shape.kv_groups * shape.group();
+    let (wk, w) = (pad(shape.qk_width), shape.qk_width);
+    for h in 0..n {
+        for (d, s) in sc.q[h * wk..h * wk + w].iter_mut().zip(&q[h * w..(h + 1) * w]) {
             *d = s * shape.scale;
+        }
+        if mode.pair_k {
+            permute_pairs(&mut sc.q[h * wk..h * wk + w], I::LANES, true, &mut sc.tmp);
+        }
+        if mode.dp {
+            // Exact: every value is a bf16 value (Mode::new).
+            for (d, s) in sc.qb[h * wk..h * wk + w].iter_mut().zip(&q[h * w..(h + 1) * w]) {
+                *d = (s.to_bits() >> 16) as u16;
+            }
         }
     }
     sc.acc.fill(0.0);
     sc.m.fill(f32::NEG_INFINITY);
     sc.l.fill(0.0);
-    let (k_plane, v_plane) = if shape.latent { (0, 0) } else { (grp, shape.kv_groups + grp) };
-    // GQA bf16 rows that are whole vectors are read straight from the payload: each K/V row is
-    // used by only the group's few heads, so a scratch pass costs more than widening in
-    // registers. MLA rows are used by every head (up to 128): widening them once into scratch
-    // is cheaper there.
-    let direct = !shape.latent && shape.layout.codec == Codec::Bf16 && shape.layout.shape.width.is_multiple_of(PAD);
-    // The same for fp8 GQA rows (no bf16 tail): each vector widens in registers and takes its
-    // tile's scale — bit for bit the values `decode_rows` would have written.
-    let direct8 = !shape.latent
-        && shape.layout.codec == Codec::Fp8E4m3
-        && shape.layout.shape.tail == 0
-        && shape.layout.shape.width.is_multiple_of(PAD);
-    // With AVX-512 BF16, those rows' scores come from `vdpbf16ps` against the query split into
-    // two bf16 parts (q = hi + lo to 2^-17 relative; bf16 × bf16 products are exact in f32), so
-    // the rounding is of the same order as f32 accumulation. Pairs of 32 elements per
-    // instruction: the width must hold whole pairs of vectors.
-    let dp = I::DPBF16 && direct && shape.qk_width.is_multiple_of(2 * I::LANES);
-    // Otherwise, with 32 registers (the 4×4 score tile holds both halves of a pair) and rows of
-    // whole pairs of vectors, bf16 rows are read in the even/odd order (`Bf16PairRows`).
-    let paired = I::WIDE
-        && direct
-        && !dp
-        && shape.qk_width.is_multiple_of(2 * I::LANES)
-        && shape.v_width.is_multiple_of(2 * I::LANES);
-    if paired {
-        for h in 0..g {
-            permute_pairs(&mut sc.q[h * wk..h * wk + shape.qk_width], I::LANES, true, &mut sc.tmp);
-        }
-    }
-    if dp {
-        let (hi, lo) = sc.qb.split_at_mut(g * wk);
-        for ((h, l), x) in hi.iter_mut().zip(lo.iter_mut()).zip(&sc.q) {
-            *h = bf16_bits(*x);
-            *l = bf16_bits(*x - f32::from_bits(u32::from(*h) << 16));
-        }
-    }
-    for (pi, page) in range.pages.iter().enumerate() {
-        let start = range.starts[pi];
-        let a = range.t0.max(start);
-        let b = range.t1.min(start + page.tokens);
-        let mut t = a;
-        while t < b {
-            let bt = (b - t).min(BT);
-            // Start pulling a block PREFETCH_BLOCKS ahead (in this page or a later one) from
-            // memory while this one is computed: the kernel is otherwise idle on memory during
-            // compute. A burst of 256 prefetches stalls on the line fill buffers, so tiles that
-            // read the page directly issue them a few rows per score tile; two blocks ahead
-            // measured ~12% faster than one block in a burst (docs/BENCHMARKS.md).
-            let next = {
-                // The block PREFETCH_BLOCKS ahead, possibly pages later.
-                let (mut qi, mut off) = (pi, t - start + PREFETCH_BLOCKS * BT);
-                while qi < range.pages.len() && off >= range.pages[qi].tokens {
-                    off -= range.pages[qi].tokens;
-                    qi += 1;
-                }
-                range
-                    .pages
-                    .get(qi)
-                    .filter(|_| range.starts.get(qi).is_some_and(|&s| s + off < range.t1))
-                    .map(|p| (p, off))
-            };
-            // Rows t..t+n of the next block, K and V planes.
-            let pf = |r: usize, n: usize| {
-                if let Some((np, nt)) = next {
-                    let lo = nt + r;
-                    if lo < np.tokens {
-                        let n = n.min(np.tokens - lo);
-                        prefetch_rows::<I>(shape, np, k_plane, lo, n);
-                        if !shape.latent {
-                            prefetch_rows::<I>(shape, np, v_plane, lo, n);
-                        }
-                    }
-                }
-            };
-            // The score tiles spread the prefetches (MLA's 576 lines per block in one burst
-            // stalled on the fill buffers as GQA's did); the `vdpbf16ps` tiles issue them now.
-            let spread = !dp;
-            if !spread {
-                pf(0, BT);
+}
+
+/// One block of KV group `blk.grp`: its heads' scores over the block's rows, the online-softmax
+/// update, P·V into the group's accumulators. `next` is the block [`PREFETCH_BLOCKS`] ahead in
+/// the walk, whose rows are prefetched while this one computes.
+#[inline(always)]
+unsafe fn attend_block<I: Isa>(
+    shape: &AttnShape,
+    mode: Mode,
+    range: &Range,
+    blk: Block,
+    next: Option<Block>,
+    sc: &mut Scratch,
+) {
+    let g = shape.group();
+    let (wk, wv) = (pad(shape.qk_width), pad(shape.v_width));
+    let Mode { direct, direct8, dp, pair_k, pair_v } = mode;
+    let planes = |grp: usize| if shape.latent { (0, 0) } else { (grp, shape.kv_groups + grp) };
+    let (k_plane, v_plane) = planes(blk.grp);
+    let (page, start, bt) = (&range.pages[blk.pi], range.starts[blk.pi], blk.bt);
+    // Rows r..r+n of the next block, K and V planes: the kernel is otherwise idle on memory
+    // during compute. Prefetched into L2, not L1 (`Isa::prefetch`): a burst of 256 prefetches
+    // stalls on the L1 fill buffers, so tiles that read the page directly issue them a few rows
+    // per score tile (docs/BENCHMARKS.md).
+    let pf = |r: usize, n: usize| {
+        if let Some(nb) = next
+            && r < nb.bt
+        {
+            let np = &range.pages[nb.pi];
+            let (kp, vp) = planes(nb.grp);
+            let (lo, n) = (nb.t - range.starts[nb.pi] + r, n.min(nb.bt - r));
+            prefetch_rows::<I>(shape, np, kp, lo, n);
+            if !shape.latent {
+                prefetch_rows::<I>(shape, np, vp, lo, n);
             }
-            // SAFETY (this block): scratch buffers are sized by Scratch::new for this shape;
-            // the ISA is available (checked by the dispatcher).
-            unsafe {
-                let l = &shape.layout;
-                let k_direct = Bf16Rows(
-                    page.payload.as_ptr().add(l.row_range(page.tokens, k_plane, t - start).start),
-                    l.row_bytes,
-                );
-                let v_direct = Bf16Rows(
-                    page.payload.as_ptr().add(l.row_range(page.tokens, v_plane, t - start).start),
-                    l.row_bytes,
-                );
-                let main = l.shape.main();
-                let (k8, v8) = (Fp8Rows(k_direct.0, l.row_bytes, main), Fp8Rows(v_direct.0, l.row_bytes, main));
-                if dp {
-                    dot_block_dp::<I>(&sc.qb, wk, k_direct, g, bt, shape.qk_width, &mut sc.s);
-                } else if direct8 {
-                    dot_block::<I, _>(&sc.q, k8, g, bt, wk, &mut sc.s, pf);
-                } else if paired {
-                    dot_block::<I, _>(&sc.q, Bf16PairRows(k_direct.0, k_direct.1), g, bt, wk, &mut sc.s, pf);
-                } else if direct {
-                    dot_block::<I, _>(&sc.q, k_direct, g, bt, wk, &mut sc.s, pf);
-                } else {
-                    decode_rows::<I>(shape, page, k_plane, t - start, bt, &mut sc.k, wk);
-                    if !shape.latent {
-                        decode_rows::<I>(shape, page, v_plane, t - start, bt, &mut sc.v, wv);
-                    }
-                    dot_block::<I, _>(&sc.q, F32Rows(sc.k.as_ptr(), wk), g, bt, wk, &mut sc.s, pf);
-                }
-                for h in 0..g {
-                    let row = &mut sc.s[h * BT..h * BT + BT];
-                    // Whole vectors (every block but a range's last): max and sum in vector
-                    // lanes, not as 32-long dependent scalar chains, which cost as much as a
-                    // GQA group's score tiles.
-                    let whole = bt.is_multiple_of(I::LANES);
-                    let bm = if whole {
-                        let mut mv = I::load(row.as_ptr());
-                        let mut j = I::LANES;
-                        while j < bt {
-                            mv = I::max(mv, I::load(row.as_ptr().add(j)));
-                            j += I::LANES;
-                        }
-                        I::hmax(mv)
-                    } else {
-                        row[..bt].iter().copied().fold(f32::NEG_INFINITY, f32::max)
-                    };
-                    let m_new = sc.m[h].max(bm);
-                    let corr = (sc.m[h] - m_new).exp();
-                    let mn = I::splat(m_new);
-                    let mut sv = I::zero();
-                    let mut j = 0;
-                    while j < bt {
-                        let x = I::load(row.as_ptr().add(j));
-                        let e = I::exp(I::fma(I::splat(-1.0), mn, x));
-                        I::store(row.as_mut_ptr().add(j), e);
-                        sv = I::add(sv, e);
-                        j += I::LANES;
-                    }
-                    let sum: f32 = if whole { I::sum(sv) } else { row[..bt].iter().sum() };
-                    sc.l[h] = sc.l[h] * corr + sum;
-                    sc.m[h] = m_new;
-                    if corr != 1.0 {
-                        let cv = I::splat(corr);
-                        let acc = &mut sc.acc[h * wv..(h + 1) * wv];
-                        let mut c = 0;
-                        while c < wv {
-                            let p = acc.as_mut_ptr().add(c);
-                            I::store(p, I::mul(I::load(p), cv));
-                            c += I::LANES;
-                        }
-                    }
-                }
-                if paired {
-                    pv_block::<I, _>(&sc.s, Bf16PairRows(v_direct.0, v_direct.1), g, bt, &mut sc.acc, wv);
-                } else if direct {
-                    pv_block::<I, _>(&sc.s, v_direct, g, bt, &mut sc.acc, wv);
-                } else if direct8 {
-                    pv_block::<I, _>(&sc.s, v8, g, bt, &mut sc.acc, wv);
-                } else {
-                    let v = if shape.latent { F32Rows(sc.k.as_ptr(), wk) } else { F32Rows(sc.v.as_ptr(), wv) };
-                    pv_block::<I, _>(&sc.s, v, g, bt, &mut sc.acc, wv);
-                }
-            }
-            t += bt;
         }
-    }
-    if paired {
-        for h in 0..g {
-            permute_pairs(&mut sc.acc[h * wv..h * wv + shape.v_width], I::LANES, false, &mut sc.tmp);
-        }
-    }
-    for h in 0..g {
-        let o = &mut out[(grp * g + h) * shape.v_width..(grp * g + h + 1) * shape.v_width];
-        let l = sc.l[h];
-        if l > 0.0 {
-            let inv = 1.0 / l;
-            for (d, a) in o.iter_mut().zip(&sc.acc[h * wv..]) {
-                *d = a * inv;
-            }
-            lse[grp * g + h] = sc.m[h] + l.ln();
+    };
+    let (qo, ao, ho) = (blk.grp * g * wk, blk.grp * g * wv, blk.grp * g);
+    // SAFETY (this block): scratch buffers are sized by Scratch::new for this shape; the block
+    // lies inside its page; the ISA is available (checked by the dispatcher).
+    unsafe {
+        let l = &shape.layout;
+        let k_direct =
+            Bf16Rows(page.payload.as_ptr().add(l.row_range(page.tokens, k_plane, blk.t - start).start), l.row_bytes);
+        let v_direct =
+            Bf16Rows(page.payload.as_ptr().add(l.row_range(page.tokens, v_plane, blk.t - start).start), l.row_bytes);
+        let main = l.shape.main();
+        let (k8, v8) = (Fp8Rows(k_direct.0, l.row_bytes, main), Fp8Rows(v_direct.0, l.row_bytes, main));
+        let q = &sc.q[qo..qo + g * wk];
+        if dp {
+            dot_block_dp::<I>(&sc.qb[qo..qo + g * wk], wk, k_direct, g, bt, shape.qk_width, &mut sc.s, pf);
+        } else if direct8 {
+            dot_block::<I, _>(q, k8, g, bt, wk, &mut sc.s, pf);
+        } else if pair_k {
+            dot_block::<I, _>(q, Bf16PairRows(k_direct.0, k_direct.1), g, bt, wk, &mut sc.s, pf);
+        } else if direct {
+            dot_block::<I, _>(q, k_direct, g, bt, wk, &mut sc.s, pf);
         } else {
-            o.fill(0.0);
-            lse[grp * g + h] = f32::NEG_INFINITY;
+            decode_rows::<I>(shape, page, k_plane, blk.t - start, bt, &mut sc.k, wk);
+            if !shape.latent {
+                decode_rows::<I>(shape, page, v_plane, blk.t - start, bt, &mut sc.v, wv);
+            }
+            dot_block::<I, _>(q, F32Rows(sc.k.as_ptr(), wk), g, bt, wk, &mut sc.s, pf);
+        }
+        // The `dp` scores are unscaled (the scale is positive: scaling commutes with the max).
+        let ss = if dp { shape.scale } else { 1.0 };
+        for h in 0..g {
+            let row = &mut sc.s[h * BT..h * BT + BT];
+            // Whole vectors (every block but a range's last): max and sum in vector lanes, not
+            // as 32-long dependent scalar chains, which cost as much as a GQA group's score
+            // tiles.
+            let whole = bt.is_multiple_of(I::LANES);
+            let bm = if whole {
+                let mut mv = I::load(row.as_ptr());
+                let mut j = I::LANES;
+                while j < bt {
+                    mv = I::max(mv, I::load(row.as_ptr().add(j)));
+                    j += I::LANES;
+                }
+                I::hmax(mv)
+            } else {
+                row[..bt].iter().copied().fold(f32::NEG_INFINITY, f32::max)
+            } * ss;
+            let (m, l) = (&mut sc.m[ho + h], &mut sc.l[ho + h]);
+            let m_new = m.max(bm);
+            let corr = (*m - m_new).exp();
+            let (nmn, ssv) = (I::splat(-m_new), I::splat(ss));
+            let mut sv = I::zero();
+            let mut j = 0;
+            while j < bt {
+                let x = I::load(row.as_ptr().add(j));
+                let e = I::exp(I::fma(x, ssv, nmn));
+                I::store(row.as_mut_ptr().add(j), e);
+                sv = I::add(sv, e);
+                j += I::LANES;
+            }
+            let sum: f32 = if whole { I::sum(sv) } else { row[..bt].iter().sum() };
+            *l = *l * corr + sum;
+            *m = m_new;
+            if corr != 1.0 {
+                let cv = I::splat(corr);
+                let acc = &mut sc.acc[ao + h * wv..ao + (h + 1) * wv];
+                let mut c = 0;
+                while c < wv {
+                    let p = acc.as_mut_ptr().add(c);
+                    I::store(p, I::mul(I::load(p), cv));
+                    c += I::LANES;
+                }
+            }
+        }
+        let acc = &mut sc.acc[ao..ao + g * wv];
+        if pair_v {
+            pv_block::<I, _>(&sc.s, Bf16PairRows(v_direct.0, v_direct.1), g, bt, acc, wv);
+        } else if direct {
+            pv_block::<I, _>(&sc.s, v_direct, g, bt, acc, wv);
+        } else if direct8 {
+            pv_block::<I, _>(&sc.s, v8, g, bt, acc, wv);
+        } else {
+            let v = if shape.latent { F32Rows(sc.k.as_ptr(), wk) } else { F32Rows(sc.v.as_ptr(), wv) };
+            pv_block::<I, _>(&sc.s, v, g, bt, acc, wv);
         }
     }
 }
 
-/// All groups of one token range.
+/// Every head's output row and LSE from the scratch state.
+fn finish<I: Isa>(shape: &AttnShape, mode: Mode, sc: &mut Scratch, out: &mut [f32], lse: &mut [f32]) {
+    let wv = pad(shape.v_width);
+    for h in 0..shape.kv_groups * shape.group() {
+        let acc = &mut sc.acc[h * wv..h * wv + shape.v_width];
+        if mode.pair_v {
+            permute_pairs(acc, I::LANES, false, &mut sc.tmp);
+        }
+        let o = &mut out[h * shape.v_width..(h + 1) * shape.v_width];
+        let l = sc.l[h];
+        if l > 0.0 {
+            let inv = 1.0 / l;
+            for (d, a) in o.iter_mut().zip(acc.iter()) {
+                *d = a * inv;
+            }
+            lse[h] = sc.m[h] + l.ln();
+        } else {
+            o.fill(0.0);
+            lse[h] = f32::NEG_INFINITY;
+        }
+    }
+}
+
+/// Attention of every head over one token range: writes `out` (`[q_heads][v_width]`) and `lse`.
+/// The blocks go in [`Blocks`] order (page by page, every group within a page), each group
+/// keeping its own online-softmax state.
 #[inline(always)]
 unsafe fn attend_range<I: Isa>(shape: &AttnShape, q: &[f32], range: &Range, out: &mut [f32], lse: &mut [f32]) {
     // The scratch row padding must hold whole vectors of every ISA.
     const { assert!(PAD.is_multiple_of(16)) };
+    let mode = Mode::new::<I>(shape, q);
     let mut sc = Scratch::new(shape);
-    for grp in 0..shape.kv_groups {
-        // SAFETY: forwarded from the caller (ISA available).
-        unsafe { attend_group::<I>(shape, q, grp, range, &mut sc, out, lse) };
+    prepare::<I>(shape, mode, q, &mut sc);
+    let mut ahead = Blocks::new(range, shape.kv_groups);
+    for _ in 0..PREFETCH_BLOCKS {
+        ahead.next();
     }
+    for blk in Blocks::new(range, shape.kv_groups) {
+        // SAFETY: forwarded from the caller (ISA available); blocks lie inside their pages.
+        unsafe { attend_block::<I>(shape, mode, range, blk, ahead.next(), &mut sc) };
+    }
+    finish::<I>(shape, mode, &mut sc, out, lse);
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -822,6 +897,12 @@ fn run_range(backend: Backend, shape: &AttnShape, q: &[f32], range: &Range, out:
         // SAFETY: the portable ISA runs anywhere.
         _ => unsafe { attend_range::<Portable>(shape, q, range, out, lse) },
     }
+}
+
+/// Whether every value of `q` is a bf16 value (its low 16 bits zero), as a query computed in
+/// bf16 and widened is: the AVX-512 BF16 backend then scores bf16 GQA rows with `vdpbf16ps`.
+pub fn is_bf16_query(q: &[f32]) -> bool {
+    q.iter().all(|x| x.to_bits() & 0xffff == 0)
 }
 
 /// One sequence of a batch.

@@ -24,10 +24,10 @@
 //! - [`reference`]: the float64 reference every kernel is tested against.
 //! - [`par`]: per-sequence host work spread over threads (around GPU batches, in the worker).
 //!
-//! Precision: every path accumulates in f32 from f32 operands (bf16/f16 widen exactly; fp8 and
-//! int8 rows are multiplied by their f32 scales), except the opt-in `vdpbf16ps` score path of
-//! [`Backend::Avx512Bf16`], which multiplies bf16 rows by the query split into two bf16 parts
-//! (exact products, a 2^-17 relative remainder): every backend is within 1e-5 of the reference. Output is f32, `lse` is the natural-log
+//! Precision: every path accumulates in f32 from exact products (bf16/f16 widen exactly; fp8 and
+//! int8 rows are multiplied by their f32 scales; the `vdpbf16ps` score path of
+//! [`Backend::Avx512Bf16`] runs only for queries that are bf16 values, whose products with bf16
+//! rows are exact in f32): every backend is within 1e-5 of the reference. Output is f32, `lse` is the natural-log
 //! log-sum-exp of the scaled scores per head. Inputs are checked: a non-finite query or a page
 //! that yields a non-finite result is an error, never a NaN output.
 
@@ -40,7 +40,7 @@ pub mod peak;
 pub mod reference;
 pub mod simd;
 
-pub use kernel::{BatchItem, decode, decode_batch, decode_batch_each, merge};
+pub use kernel::{BatchItem, decode, decode_batch, decode_batch_each, is_bf16_query, merge};
 pub use simd::Backend;
 
 use kvcache_core::{AttentionKind, ModelSpec, PageLayout};

@@ -103,7 +103,10 @@ pub trait Isa: Copy + 'static {
             *o = unsafe { Self::sum(*x) };
         }
     }
-    /// Hint that the cache line at `p` will be read soon (no-op where unsupported).
+    /// Hint that the cache line at `p` will be read soon: fetched into L2 (`prefetcht1`), not L1
+    /// — on AMD Zen 4 a `prefetcht0` stream holds an L1 fill buffer per line and capped the GQA
+    /// kernel at ~11 GB/s where T1 reaches the hardware streamer's rate (docs/BENCHMARKS.md).
+    /// No-op where unsupported.
     unsafe fn prefetch(_p: *const u8) {}
     /// Whether [`Isa::dp_bf16`] is a hardware bf16 dot product (AVX-512 BF16).
     const DPBF16: bool = false;
@@ -126,11 +129,11 @@ pub trait Isa: Copy + 'static {
 pub enum Backend {
     /// AVX-512F (16 lanes), hardware f16 conversion.
     Avx512,
-    /// AVX-512 with the BF16 extension: scores of bf16 GQA/MHA pages with `vdpbf16ps` against
-    /// the query split into two bf16 parts (`q = hi + lo` to 2^-17; bf16 products are exact in
-    /// f32), so accuracy stays at the f32 paths' 1e-5; everything else as [`Backend::Avx512`].
-    /// Opt-in: on the Sapphire Rapids VM measured, `vdpbf16ps` runs at ~56% of the f32 FMA rate
-    /// and this path is slower.
+    /// AVX-512 with the BF16 extension: for a query whose values are all bf16 values (an
+    /// engine's bf16 query), scores of bf16 GQA/MHA pages with `vdpbf16ps` (bf16 products are
+    /// exact in f32, so accuracy stays at the f32 paths' 1e-5) at half the instructions of f32
+    /// FMAs; everything else as [`Backend::Avx512`]. Chosen where it measures faster
+    /// ([`crate::calibrate`]).
     Avx512Bf16,
     /// AVX2 + FMA + F16C (8 lanes).
     Avx2,
@@ -428,7 +431,7 @@ mod x86 {
         }
         #[inline(always)]
         unsafe fn prefetch(p: *const u8) {
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(p as *const i8) }
+            unsafe { _mm_prefetch::<_MM_HINT_T2>(p as *const i8) }
         }
     }
 
@@ -591,7 +594,7 @@ mod x86 {
         }
         #[inline(always)]
         unsafe fn prefetch(p: *const u8) {
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(p as *const i8) }
+            unsafe { _mm_prefetch::<_MM_HINT_T2>(p as *const i8) }
         }
     }
 

@@ -75,7 +75,15 @@ fn every_backend_and_codec_matches_the_f64_reference_on_random_shapes() {
         for codec in Codec::ALL {
             let pt = [16usize, 64, 256][rng.random_range(0..3)];
             let tokens = rng.random_range(1..700);
-            let c = case(spec, codec, pt, tokens, &mut rng);
+            let mut c = case(spec, codec, pt, tokens, &mut rng);
+            for b in Backend::available() {
+                c.check(b, 1, 1e-5);
+            }
+            // A query of bf16 values (an engine's), which the AVX-512 BF16 path scores with
+            // `vdpbf16ps`.
+            for x in &mut c.q {
+                *x = half::bf16::from_f32(*x).to_f32();
+            }
             for b in Backend::available() {
                 c.check(b, 1, 1e-5);
             }
@@ -108,18 +116,29 @@ fn backends_agree_with_each_other() {
 }
 
 #[test]
-fn the_bf16_dot_product_path_is_taken_and_as_accurate_as_f32() {
+fn the_bf16_dot_product_path_is_taken_for_bf16_queries_and_as_accurate_as_f32() {
     if !Backend::available().contains(&Backend::Avx512Bf16) {
-        eprintln!("no AVX-512 BF16 on this CPU: nothing to test");
+        eprintln!("no AVX-512 BF16 on this CPU: the vdpbf16ps path cannot run here (not tested)");
         return;
     }
     let mut rng = seeded();
-    for (spec, pt, tokens) in [(gqa(32, 8, 128), 16, 4000), (gqa(16, 1, 256), 64, 333), (gqa(8, 8, 64), 256, 2)] {
-        let c = case(&spec, Codec::Bf16, pt, tokens, &mut rng);
-        let exact = c.check(Backend::Avx512, 1, 1e-5).0;
-        // The query split into two bf16 parts loses ~2^-17 of it: f32-level error.
+    for (spec, pt, tokens) in [(gqa(32, 8, 128), 16, 4000), (gqa(16, 1, 256), 64, 333), (gqa(8, 8, 64), 256, 258)] {
+        let mut c = case(&spec, Codec::Bf16, pt, tokens, &mut rng);
+        // An f32 query: both AVX-512 backends run the same f32 path, bit for bit.
+        assert!(!kvcache_attention::is_bf16_query(&c.q));
+        let exact = c.check(Backend::Avx512, 1, 1e-5);
+        assert_eq!(c.check(Backend::Avx512Bf16, 1, 1e-5), exact, "an f32 query took the vdpbf16ps path");
+        // A bf16 query: exact products, f32 sums, the scale on the scores — f32-level error,
+        // and a different rounding from the f32 path's (so the path was taken).
+        for x in &mut c.q {
+            *x = half::bf16::from_f32(*x).to_f32();
+        }
+        assert!(kvcache_attention::is_bf16_query(&c.q));
+        let f32_path = c.check(Backend::Avx512, 1, 1e-5).0;
         let fast = c.check(Backend::Avx512Bf16, 1, 1e-5).0;
-        assert_ne!(fast, exact, "the vdpbf16ps path was not taken (same rounding as the f32 path)");
+        assert_ne!(fast, f32_path, "the vdpbf16ps path was not taken (same rounding as the f32 path)");
+        // Split over threads, the same path in each part.
+        c.check(Backend::Avx512Bf16, 3, 1e-5);
     }
 }
 

@@ -474,7 +474,8 @@ impl Worker {
                         items.iter().map(|_| (vec![0f32; shape.out_len()], vec![0f32; shape.q_heads])).collect();
                     let mut outs: Vec<(&mut [f32], &mut [f32])> =
                         bufs.iter_mut().map(|(o, l)| (&mut o[..], &mut l[..])).collect();
-                    let opts = kvcache_attention::calibrate::options_for(&shape, threads);
+                    let qs: Vec<&[f32]> = items.iter().map(|it| it.q).collect();
+                    let opts = kvcache_attention::calibrate::options_for(&shape, threads, &qs);
                     let each = kvcache_attention::decode_batch_each(&shape, &items, &opts, &mut outs);
                     each.into_iter().zip(bufs).map(|(r, (o, l))| (r, Output::F32(o), l)).collect()
                 }

@@ -24,9 +24,14 @@ pub struct Args {
     /// Working set as a multiple of the last-level cache.
     #[arg(long, default_value_t = 3.0)]
     llc_multiple: f64,
-    /// Backend (avx512, avx512-bf16, avx2, portable); default: avx512 where present.
+    /// Backend (avx512, avx512-bf16, avx2, portable); default: the fastest the calibration
+    /// measures here for each shape.
     #[arg(long)]
     backend: Option<String>,
+    /// CPU: queries with f32 values below bf16 precision (default: bf16 values, as an engine
+    /// computing in bf16 sends; the AVX-512 BF16 path scores those with `vdpbf16ps`).
+    #[arg(long)]
+    f32_query: bool,
     /// Where the kernels run: `cpu`, or `cuda` / `cuda:N` for the GPU backend (its own shapes:
     /// batch × tokens of 1 × 128K, 8 × 32K, 64 × 4K, 128 × 8K; `--tokens` is for the CPU).
     #[arg(long, default_value = "cpu")]
@@ -147,10 +152,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let llc = super::llc_bytes();
     let ws = ((llc as f64 * args.llc_multiple) as u64).clamp(256 << 20, 3 << 30);
     eprintln!(
-        "backend {}, {threads} threads, LLC {} MiB, working set {} MiB",
+        "backend {}, {threads} threads, LLC {} MiB, working set {} MiB, {} queries",
         forced.map_or("calibrated per shape".to_string(), |b| b.to_string()),
         llc >> 20,
-        ws >> 20
+        ws >> 20,
+        if args.f32_query { "f32" } else { "bf16-valued" }
     );
 
     let buf: Vec<u64> = (0..ws / 8).map(|i| i.wrapping_mul(0x9e37_79b9)).collect();
@@ -175,10 +181,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 let backend = match forced {
                     Some(b) => b,
                     None => {
-                        let timed = kvcache_attention::calibrate::calibrate(&shape);
+                        let timed = kvcache_attention::calibrate::calibrate(&shape, !args.f32_query);
                         let list: Vec<String> = timed.iter().map(|(b, s)| format!("{b} {:.2} ms", s * 1e3)).collect();
                         eprintln!("{model} {}: calibration {}", codec.as_str(), list.join(", "));
-                        kvcache_attention::calibrate::backend_for(&shape)
+                        kvcache_attention::calibrate::backend_for(&shape, !args.f32_query)
                     }
                 };
                 let layer_bytes = layout.payload_bytes(tokens) as u64;
@@ -186,7 +192,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 let layers = make_layers(&layout, tokens, copies);
                 let kvs: Vec<Vec<KvPage>> =
                     layers.iter().map(|l| l.iter().map(|(p, n)| KvPage { payload: p, tokens: *n }).collect()).collect();
-                let q: Vec<f32> = (0..shape.q_len()).map(|i| ((i % 17) as f32 - 8.0) / 8.0).collect();
+                // Multiples of 1/8 are bf16 values; the f32 queries add a part below bf16 precision.
+                let q: Vec<f32> = (0..shape.q_len())
+                    .map(|i| ((i % 17) as f32 - 8.0) / 8.0 + if args.f32_query { (i % 5) as f32 * 1e-4 } else { 0.0 })
+                    .collect();
                 let mut out = vec![0f32; shape.out_len()];
                 let mut lse = vec![0f32; shape.q_heads];
                 let flops_per_token = 2.0 * shape.q_heads as f64 * (shape.qk_width + shape.v_width) as f64;

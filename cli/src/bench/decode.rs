@@ -186,7 +186,6 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 ),
                 None => None,
             };
-            let opts = kvcache_attention::calibrate::options_for(&shape, std::thread::available_parallelism().map_or(1, |n| n.get()));
             let mut bufs: Vec<(Vec<f32>, Vec<f32>)> = (0..a.batch).map(|_| (vec![0f32; shape.out_len()], vec![0f32; shape.q_heads])).collect();
             let (mut warm, mut kern, mut warm_ratio) = (Vec::new(), Vec::new(), Vec::new());
             let (mut warm_fetch, mut warm_compute, mut warm_append) = (Vec::new(), Vec::new(), Vec::new());
@@ -204,7 +203,14 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 computed += resp.results.len() as u64;
                 anyhow::ensure!(resp.results.iter().all(|r| r.status == kvcache_client::SequenceStatus::Ok), "warm step missed");
                 let kv: Vec<Vec<KvPage>> = groups[0].iter().map(|(_, m)| m.pages.iter().map(|(p, n)| KvPage { payload: p, tokens: *n }).collect()).collect();
-                let qs: Vec<Vec<f32>> = (0..a.batch).map(|_| rng.vec(shape.q_len(), 1.0)).collect();
+                // Queries as the worker sees them (bf16 values on a bf16 wire), so the kernel
+                // alone runs the path the worker's does.
+                let qs: Vec<Vec<f32>> = (0..a.batch)
+                    .map(|_| rng.vec(shape.q_len(), 1.0))
+                    .map(|q| if dtype == pb::VectorDtype::Bf16 { q.iter().map(|x| f32::from_bits((x.to_bits() + 0x8000) & 0xffff_0000)).collect() } else { q })
+                    .collect();
+                let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+                let opts = kvcache_attention::calibrate::options_for(&shape, threads, &qs.iter().map(|q| &q[..]).collect::<Vec<_>>());
                 let items: Vec<BatchItem> = qs.iter().zip(&kv).map(|(q, p)| BatchItem::new(q, p)).collect();
                 let mut outs: Vec<(&mut [f32], &mut [f32])> = bufs.iter_mut().map(|(o, l)| (&mut o[..], &mut l[..])).collect();
                 let t = Instant::now();
