@@ -382,7 +382,9 @@ unsafe fn dot_tile_dp<I: Isa, const NH: usize, const NT: usize>(
     }
 }
 
-/// [`dot_block`] with [`dot_tile_dp`]: `g` heads × `bt` rows, unscaled; `pf` as there.
+/// [`dot_block`] with [`dot_tile_dp`]: `g` heads × `bt` rows, unscaled, in the same order (rows
+/// in chunks of [`TOKEN_CHUNK`], every head tile over a chunk: MLA's chunk of 8 raw rows, 9 KiB,
+/// stays in L1 across its 128 heads); `pf` as there.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 unsafe fn dot_block_dp<I: Isa>(
@@ -398,33 +400,30 @@ unsafe fn dot_block_dp<I: Isa>(
     let (q, s) = (qb.as_ptr(), s.as_mut_ptr());
     // SAFETY: qb holds g rows of wq, k holds ≥ bt rows, s is g×BT; every tile stays inside them.
     unsafe {
-        let mut h = 0;
-        while h < g {
-            let nh = (g - h).min(4);
-            let mut t = 0;
-            while t < bt {
-                let nt = if t + 4 <= bt { 4 } else { 1 };
-                if h == 0 {
-                    pf(t, nt);
-                }
-                let (qq, ss) = (q.add(h * wq), s.add(h * BT + t));
-                match (nh, nt) {
-                    (4, 4) => dot_tile_dp::<I, 4, 4>(qq, wq, k, t, w, ss),
-                    (4, _) => dot_tile_dp::<I, 4, 1>(qq, wq, k, t, w, ss),
-                    (_, 4) => {
-                        for i in 0..nh {
-                            dot_tile_dp::<I, 1, 4>(qq.add(i * wq), wq, k, t, w, ss.add(i * BT));
-                        }
+        let mut t0 = 0;
+        while t0 < bt {
+            let t1 = (t0 + TOKEN_CHUNK).min(bt);
+            let mut h = 0;
+            while h < g {
+                let nh = if h + 4 <= g { 4 } else { 1 };
+                let (qq, ss) = (q.add(h * wq), s.add(h * BT));
+                let mut t = t0;
+                while t < t1 {
+                    let nt = if t + 4 <= t1 { 4 } else { 1 };
+                    if h == 0 {
+                        pf(t, nt);
                     }
-                    _ => {
-                        for i in 0..nh {
-                            dot_tile_dp::<I, 1, 1>(qq.add(i * wq), wq, k, t, w, ss.add(i * BT));
-                        }
+                    match (nh, nt) {
+                        (4, 4) => dot_tile_dp::<I, 4, 4>(qq, wq, k, t, w, ss.add(t)),
+                        (4, _) => dot_tile_dp::<I, 4, 1>(qq, wq, k, t, w, ss.add(t)),
+                        (_, 4) => dot_tile_dp::<I, 1, 4>(qq, wq, k, t, w, ss.add(t)),
+                        _ => dot_tile_dp::<I, 1, 1>(qq, wq, k, t, w, ss.add(t)),
                     }
+                    t += nt;
                 }
-                t += nt;
+                h += nh;
             }
-            h += nh;
+            t0 = t1;
         }
     }
 }
@@ -643,7 +642,8 @@ struct Mode {
     /// tile's scale — bit for bit the values `decode_rows` would have written.
     direct8: bool,
     /// With AVX-512 BF16 and a query whose every value is a bf16 value (an engine's bf16 query
-    /// always is), those rows' scores come from `vdpbf16ps` against the unscaled query: bf16 ×
+    /// always is), bf16 rows' scores (GQA's and MLA's latent rows) come from `vdpbf16ps`
+    /// straight from the payload against the unscaled query: bf16 ×
     /// bf16 products are exact in f32, so only the sums round, as on the f32 path, at half the
     /// instructions of f32 FMAs (pairs of 32 elements per instruction: the width must hold whole
     /// pairs of vectors). The scale multiplies the scores instead. Any other query takes the
@@ -659,12 +659,13 @@ struct Mode {
 
 impl Mode {
     fn new<I: Isa>(shape: &AttnShape, q: &[f32]) -> Self {
-        let direct = !shape.latent && shape.layout.codec == Codec::Bf16 && shape.layout.shape.width.is_multiple_of(PAD);
+        let bf16_rows = shape.layout.codec == Codec::Bf16 && shape.layout.shape.width.is_multiple_of(PAD);
+        let direct = !shape.latent && bf16_rows;
         let direct8 = !shape.latent
             && shape.layout.codec == Codec::Fp8E4m3
             && shape.layout.shape.tail == 0
             && shape.layout.shape.width.is_multiple_of(PAD);
-        let dp = I::DPBF16 && direct && shape.qk_width.is_multiple_of(2 * I::LANES) && is_bf16_query(q);
+        let dp = I::DPBF16 && bf16_rows && shape.qk_width.is_multiple_of(2 * I::LANES) && is_bf16_query(q);
         let pair_k = I::WIDE && direct && !dp && shape.qk_width.is_multiple_of(2 * I::LANES);
         let pair_v = I::WIDE && direct && shape.v_width.is_multiple_of(2 * I::LANES);
         Self { direct, direct8, dp, pair_k, pair_v }
@@ -744,6 +745,10 @@ unsafe fn attend_block<I: Isa>(
         let q = &sc.q[qo..qo + g * wk];
         if dp {
             dot_block_dp::<I>(&sc.qb[qo..qo + g * wk], wk, k_direct, g, bt, shape.qk_width, &mut sc.s, pf);
+            if shape.latent {
+                // P·V reads the latent rows widened once, as on the f32 path.
+                decode_rows::<I>(shape, page, k_plane, blk.t - start, bt, &mut sc.k, wk);
+            }
         } else if direct8 {
             dot_block::<I, _>(q, k8, g, bt, wk, &mut sc.s, pf);
         } else if pair_k {
