@@ -37,22 +37,26 @@ struct Scratch {
     l: Vec<f32>,
     /// One block for the even/odd permutations.
     tmp: Vec<f32>,
+    /// The stride of `s`: `[q_heads][sw]` scores of one slice.
+    sw: usize,
 }
 
 impl Scratch {
-    fn new(shape: &AttnShape) -> Self {
-        let (g, n) = (shape.group(), shape.kv_groups * shape.group());
+    /// Scratch for `shape` with score rows of `sw` (a multiple of [`PAD`]).
+    fn new(shape: &AttnShape, sw: usize) -> Self {
+        let n = shape.kv_groups * shape.group();
         let (wk, wv) = (pad(shape.qk_width), pad(shape.v_width));
         Self {
             q: vec![0.0; n * wk],
             qb: vec![0; n * wk],
             k: vec![0.0; BT * wk],
             v: if shape.latent { Vec::new() } else { vec![0.0; BT * wv] },
-            s: vec![0.0; g * BT],
+            s: vec![0.0; n * sw],
             acc: vec![0.0; n * wv],
             m: vec![f32::NEG_INFINITY; n],
             l: vec![0.0; n],
             tmp: Vec::with_capacity(32),
+            sw,
         }
     }
 }
@@ -65,55 +69,53 @@ struct Range<'a> {
     t1: usize,
 }
 
-/// The blocks of a range in the order the kernel computes them: page by page, within a page
-/// every KV group in turn, within a group its rows `BT` at a time. A page's planes are laid
-/// out group after group, K planes then V planes, so this walks two sequential streams (the
-/// page's K half and its V half) instead of jumping to the next page every group's 16 KiB:
-/// the hardware prefetchers follow it (a plain sum over Llama-3-8B pages on AMD Zen 4 read
-/// 19–20 GB/s in this order, 11 in group-major order; docs/BENCHMARKS.md).
+/// Tokens of one page a GQA slice covers at most (longer pages are walked in slices of this).
+const SPAN: usize = 256;
+
+/// The slices of a range in the order the kernel computes them: page by page, up to `span`
+/// tokens of a page at a time. For each slice the kernel scores every KV group's K rows, then
+/// runs every group's P·V over its V rows: a page's planes are laid out group after group, K
+/// planes then V planes, so a whole-page slice reads the page in address order, one stream the
+/// hardware prefetchers follow. (Group by group over all pages, the kernel jumped to the next
+/// page every 16 KiB of a plane: a plain sum in that order read 11 GB/s on AMD Zen 4, in
+/// address order 23-29; docs/BENCHMARKS.md.)
 #[derive(Clone)]
-struct Blocks<'r, 'a> {
+struct Slices<'r, 'a> {
     range: &'r Range<'a>,
-    groups: usize,
+    span: usize,
     pi: usize,
-    grp: usize,
-    /// The next block's first token (absolute), or `None` at the start of a group's rows.
+    /// The next slice's first token (absolute), or `None` at the start of a page.
     t: Option<usize>,
 }
 
-/// One block: page `pi`, KV group `grp`, tokens `[t, t + bt)` (absolute).
+/// Page `pi`, tokens `[t, t + n)` (absolute).
 #[derive(Clone, Copy)]
-struct Block {
+struct Slice {
     pi: usize,
-    grp: usize,
     t: usize,
-    bt: usize,
+    n: usize,
 }
 
-impl<'r, 'a> Blocks<'r, 'a> {
-    fn new(range: &'r Range<'a>, groups: usize) -> Self {
-        Self { range, groups, pi: 0, grp: 0, t: None }
+impl<'r, 'a> Slices<'r, 'a> {
+    fn new(range: &'r Range<'a>, span: usize) -> Self {
+        Self { range, span, pi: 0, t: None }
     }
 }
 
-impl Iterator for Blocks<'_, '_> {
-    type Item = Block;
-    fn next(&mut self) -> Option<Block> {
+impl Iterator for Slices<'_, '_> {
+    type Item = Slice;
+    fn next(&mut self) -> Option<Slice> {
         let r = self.range;
         while self.pi < r.pages.len() {
             let start = r.starts[self.pi];
             let (a, b) = (r.t0.max(start), r.t1.min(start + r.pages[self.pi].tokens));
             let t = self.t.unwrap_or(a);
-            if a < b && t < b {
-                let bt = (b - t).min(BT);
-                self.t = Some(t + bt);
-                return Some(Block { pi: self.pi, grp: self.grp, t, bt });
+            if t < b {
+                let n = (b - t).min(self.span);
+                self.t = Some(t + n);
+                return Some(Slice { pi: self.pi, t, n });
             }
-            self.t = None;
-            self.grp += 1;
-            if self.grp >= self.groups || a >= b {
-                (self.pi, self.grp) = (self.pi + 1, 0);
-            }
+            (self.pi, self.t) = (self.pi + 1, None);
         }
         None
     }
@@ -122,8 +124,8 @@ impl Iterator for Blocks<'_, '_> {
 /// Rows per chunk of the score loop ([`dot_block`]).
 const TOKEN_CHUNK: usize = 8;
 
-/// How many blocks ahead the kernel prefetches K/V rows (≥ 1).
-const PREFETCH_BLOCKS: usize = 3;
+/// How many slices ahead the kernel prefetches K/V rows (≥ 1).
+const PREFETCH_SLICES: usize = 1;
 
 /// Decode `count` rows of `plane` starting at token `t` of `page` into `dst` (row stride `stride`).
 #[inline(always)]
@@ -324,24 +326,24 @@ impl Rows for Fp8Rows {
     }
 }
 
-/// `s[h][t] = Σ acc[h][t]` (rows of BT): one shuffle tree for a 4×4 tile, else one reduction
+/// `s[h][t] = Σ acc[h][t]` (rows of `sw`): one shuffle tree for a 4×4 tile, else one reduction
 /// per accumulator.
 #[inline(always)]
-unsafe fn store_sums<I: Isa, const NH: usize, const NT: usize>(acc: &[[I::V; NT]; NH], s: *mut f32) {
-    // SAFETY: callers pass s with NH rows of BT f32 and NT ≤ BT.
+unsafe fn store_sums<I: Isa, const NH: usize, const NT: usize>(acc: &[[I::V; NT]; NH], s: *mut f32, sw: usize) {
+    // SAFETY: callers pass s with NH rows of sw f32 and NT ≤ sw.
     unsafe {
         if NH * NT == 16 {
             let flat: [I::V; 16] = std::array::from_fn(|j| acc[j / NT][j % NT]);
             let mut sums = [0f32; 16];
             I::sum16(&flat, &mut sums);
             for (j, v) in sums.iter().enumerate() {
-                *s.add((j / NT) * BT + j % NT) = *v;
+                *s.add((j / NT) * sw + j % NT) = *v;
             }
             return;
         }
         for (h, ah) in acc.iter().enumerate() {
             for (t, a) in ah.iter().enumerate() {
-                *s.add(h * BT + t) = I::sum(*a);
+                *s.add(h * sw + t) = I::sum(*a);
             }
         }
     }
@@ -359,9 +361,10 @@ unsafe fn dot_tile_dp<I: Isa, const NH: usize, const NT: usize>(
     t0: usize,
     w: usize,
     s: *mut f32,
+    sw: usize,
 ) {
     // SAFETY: callers pass qb with NH rows of ≥ w bf16, rows t0..t0+NT of k with ≥ w bf16 each,
-    // s with NH rows of BT f32; i + 2·LANES ≤ w throughout; I::DPBF16 holds.
+    // s with NH rows of sw f32; i + 2·LANES ≤ w throughout; I::DPBF16 holds.
     unsafe {
         let mut acc = [[I::zero(); NT]; NH];
         let mut i = 0;
@@ -378,7 +381,7 @@ unsafe fn dot_tile_dp<I: Isa, const NH: usize, const NT: usize>(
             }
             i += 2 * I::LANES;
         }
-        store_sums::<I, NH, NT>(&acc, s);
+        store_sums::<I, NH, NT>(&acc, s, sw);
     }
 }
 
@@ -395,10 +398,11 @@ unsafe fn dot_block_dp<I: Isa>(
     bt: usize,
     w: usize,
     s: &mut [f32],
+    sw: usize,
     pf: impl Fn(usize, usize),
 ) {
     let (q, s) = (qb.as_ptr(), s.as_mut_ptr());
-    // SAFETY: qb holds g rows of wq, k holds ≥ bt rows, s is g×BT; every tile stays inside them.
+    // SAFETY: qb holds g rows of wq, k holds ≥ bt rows, s is g×sw; every tile stays inside them.
     unsafe {
         let mut t0 = 0;
         while t0 < bt {
@@ -406,7 +410,7 @@ unsafe fn dot_block_dp<I: Isa>(
             let mut h = 0;
             while h < g {
                 let nh = if h + 4 <= g { 4 } else { 1 };
-                let (qq, ss) = (q.add(h * wq), s.add(h * BT));
+                let (qq, ss) = (q.add(h * wq), s.add(h * sw));
                 let mut t = t0;
                 while t < t1 {
                     let nt = if t + 4 <= t1 { 4 } else { 1 };
@@ -414,10 +418,10 @@ unsafe fn dot_block_dp<I: Isa>(
                         pf(t, nt);
                     }
                     match (nh, nt) {
-                        (4, 4) => dot_tile_dp::<I, 4, 4>(qq, wq, k, t, w, ss.add(t)),
-                        (4, _) => dot_tile_dp::<I, 4, 1>(qq, wq, k, t, w, ss.add(t)),
-                        (_, 4) => dot_tile_dp::<I, 1, 4>(qq, wq, k, t, w, ss.add(t)),
-                        _ => dot_tile_dp::<I, 1, 1>(qq, wq, k, t, w, ss.add(t)),
+                        (4, 4) => dot_tile_dp::<I, 4, 4>(qq, wq, k, t, w, ss.add(t), sw),
+                        (4, _) => dot_tile_dp::<I, 4, 1>(qq, wq, k, t, w, ss.add(t), sw),
+                        (_, 4) => dot_tile_dp::<I, 1, 4>(qq, wq, k, t, w, ss.add(t), sw),
+                        _ => dot_tile_dp::<I, 1, 1>(qq, wq, k, t, w, ss.add(t), sw),
                     }
                     t += nt;
                 }
@@ -437,9 +441,10 @@ unsafe fn dot_tile<I: Isa, R: Rows, const NH: usize, const NT: usize>(
     t0: usize,
     w: usize,
     s: *mut f32,
+    sw: usize,
 ) {
     // SAFETY: callers pass q with NH rows of `w` f32, rows t0..t0+NT of k, and s with NH rows
-    // of BT f32; i + LANES ≤ w throughout.
+    // of sw f32; i + LANES ≤ w throughout.
     unsafe {
         let mut acc = [[I::zero(); NT]; NH];
         let mut i = 0;
@@ -471,11 +476,11 @@ unsafe fn dot_tile<I: Isa, R: Rows, const NH: usize, const NT: usize>(
             }
             i += I::LANES;
         }
-        store_sums::<I, NH, NT>(&acc, s);
+        store_sums::<I, NH, NT>(&acc, s, sw);
     }
 }
 
-/// Scores of `g` heads × `bt` rows into `s` (rows of BT). `pf(t, n)` runs before the first
+/// Scores of `g` heads × `bt` rows into `s` (rows of `sw`). `pf(t, n)` runs before the first
 /// tile of rows `t..t+n`: the caller spreads its prefetches of the next block over the tiles, so
 /// they overlap the compute instead of stalling in one burst.
 ///
@@ -483,6 +488,7 @@ unsafe fn dot_tile<I: Isa, R: Rows, const NH: usize, const NT: usize>(
 /// MLA's 128 heads the chunk's rows (8 × 576 f32 = 18 KiB) stay in L1 while the query rows
 /// stream from L2 once per chunk, instead of every K row streaming from L2 once per head tile.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 unsafe fn dot_block<I: Isa, R: Rows>(
     q: &[f32],
     k: R,
@@ -490,10 +496,11 @@ unsafe fn dot_block<I: Isa, R: Rows>(
     bt: usize,
     w: usize,
     s: &mut [f32],
+    sw: usize,
     pf: impl Fn(usize, usize),
 ) {
     let (q, s) = (q.as_ptr(), s.as_mut_ptr());
-    // SAFETY: q is g×w, k holds ≥ bt rows, s is g×BT (Scratch); every tile stays inside them.
+    // SAFETY: q is g×w, k holds ≥ bt rows, s is g×sw (Scratch); every tile stays inside them.
     unsafe {
         let mut t0 = 0;
         while t0 < bt {
@@ -507,16 +514,16 @@ unsafe fn dot_block<I: Isa, R: Rows>(
                 } else {
                     1
                 };
-                let (qq, ss) = (q.add(h * w), s.add(h * BT));
+                let (qq, ss) = (q.add(h * w), s.add(h * sw));
                 let mut t = t0;
                 while t + 4 <= t1 {
                     if h == 0 {
                         pf(t, 4);
                     }
                     match nh {
-                        4 => dot_tile::<I, R, 4, 4>(qq, k, t, w, ss.add(t)),
-                        2 => dot_tile::<I, R, 2, 4>(qq, k, t, w, ss.add(t)),
-                        _ => dot_tile::<I, R, 1, 4>(qq, k, t, w, ss.add(t)),
+                        4 => dot_tile::<I, R, 4, 4>(qq, k, t, w, ss.add(t), sw),
+                        2 => dot_tile::<I, R, 2, 4>(qq, k, t, w, ss.add(t), sw),
+                        _ => dot_tile::<I, R, 1, 4>(qq, k, t, w, ss.add(t), sw),
                     }
                     t += 4;
                 }
@@ -525,9 +532,9 @@ unsafe fn dot_block<I: Isa, R: Rows>(
                         pf(t, 1);
                     }
                     match nh {
-                        4 => dot_tile::<I, R, 4, 1>(qq, k, t, w, ss.add(t)),
-                        2 => dot_tile::<I, R, 2, 1>(qq, k, t, w, ss.add(t)),
-                        _ => dot_tile::<I, R, 1, 1>(qq, k, t, w, ss.add(t)),
+                        4 => dot_tile::<I, R, 4, 1>(qq, k, t, w, ss.add(t), sw),
+                        2 => dot_tile::<I, R, 2, 1>(qq, k, t, w, ss.add(t), sw),
+                        _ => dot_tile::<I, R, 1, 1>(qq, k, t, w, ss.add(t), sw),
                     }
                     t += 1;
                 }
@@ -547,8 +554,9 @@ unsafe fn pv_tile<I: Isa, R: Rows, const NH: usize, const NC: usize>(
     bt: usize,
     acc: *mut f32,
     wa: usize,
+    sw: usize,
 ) {
-    // SAFETY: callers pass p with NH rows of BT, v with bt rows covering columns c.., acc with
+    // SAFETY: callers pass p with NH rows of sw, v with bt rows covering columns c.., acc with
     // NH rows of stride wa covering the columns.
     unsafe {
         let mut a = [[I::zero(); NC]; NH];
@@ -569,7 +577,7 @@ unsafe fn pv_tile<I: Isa, R: Rows, const NH: usize, const NC: usize>(
                 }
             }
             for (h, ah) in a.iter_mut().enumerate() {
-                let ph = I::splat(*p.add(h * BT + t));
+                let ph = I::splat(*p.add(h * sw + t));
                 for j in 0..NC {
                     ah[j] = I::fma(ph, vv[j], ah[j]);
                 }
@@ -583,41 +591,57 @@ unsafe fn pv_tile<I: Isa, R: Rows, const NH: usize, const NC: usize>(
     }
 }
 
+/// `acc[h] += Σ_t p[h][t] · v[t]` for `g` heads over `bt` rows. `pf(t, n)` runs before each
+/// column stripe, for its share of the rows: prefetches spread over P·V as over the scores.
 #[inline(always)]
-unsafe fn pv_block<I: Isa, R: Rows>(p: &[f32], v: R, g: usize, bt: usize, acc: &mut [f32], wa: usize) {
+#[allow(clippy::too_many_arguments)]
+unsafe fn pv_block<I: Isa, R: Rows>(
+    p: &[f32],
+    sw: usize,
+    v: R,
+    g: usize,
+    bt: usize,
+    acc: &mut [f32],
+    wa: usize,
+    pf: impl Fn(usize, usize),
+) {
     let (p, acc) = (p.as_ptr(), acc.as_mut_ptr());
-    // SAFETY: p is g×BT, v holds bt rows at least wa wide, acc is g×wa; wa is a multiple of
+    // SAFETY: p is g×sw, v holds bt rows at least wa wide, acc is g×wa; wa is a multiple of
     // LANES, and every tile covers columns < wa.
     unsafe {
         // Column stripes outermost, every head tile over one stripe before the next: the
         // stripe of the block's V rows (32 × 64 f32 = 8 KiB) stays in L1 across MLA's 128 heads.
         let stripe = 4 * I::LANES;
+        let stripes = wa.div_ceil(stripe);
         let mut c0 = 0;
         while c0 < wa {
             let c1 = (c0 + stripe).min(wa);
+            let i = c0 / stripe;
+            let (r0, r1) = (i * bt / stripes, (i + 1) * bt / stripes);
+            pf(r0, r1 - r0);
             let mut h = 0;
             while h < g {
                 let nh = (g - h).min(4);
                 let mut c = c0;
                 while c < c1 {
-                    let (pp, aa) = (p.add(h * BT), acc.add(h * wa + c));
+                    let (pp, aa) = (p.add(h * sw), acc.add(h * wa + c));
                     if I::WIDE && nh == 4 && c + 4 * I::LANES <= c1 {
-                        pv_tile::<I, R, 4, 4>(pp, v, c, bt, aa, wa);
+                        pv_tile::<I, R, 4, 4>(pp, v, c, bt, aa, wa, sw);
                         c += 4 * I::LANES;
                         continue;
                     }
                     let two = c + 2 * I::LANES <= c1;
                     match (nh, two) {
-                        (4, true) => pv_tile::<I, R, 4, 2>(pp, v, c, bt, aa, wa),
-                        (4, false) => pv_tile::<I, R, 4, 1>(pp, v, c, bt, aa, wa),
+                        (4, true) => pv_tile::<I, R, 4, 2>(pp, v, c, bt, aa, wa, sw),
+                        (4, false) => pv_tile::<I, R, 4, 1>(pp, v, c, bt, aa, wa, sw),
                         (_, true) => {
                             for i in 0..nh {
-                                pv_tile::<I, R, 1, 2>(pp.add(i * BT), v, c, bt, aa.add(i * wa), wa);
+                                pv_tile::<I, R, 1, 2>(pp.add(i * sw), v, c, bt, aa.add(i * wa), wa, sw);
                             }
                         }
                         (_, false) => {
                             for i in 0..nh {
-                                pv_tile::<I, R, 1, 1>(pp.add(i * BT), v, c, bt, aa.add(i * wa), wa);
+                                pv_tile::<I, R, 1, 1>(pp.add(i * sw), v, c, bt, aa.add(i * wa), wa, sw);
                             }
                         }
                     }
@@ -696,110 +720,107 @@ fn prepare<I: Isa>(shape: &AttnShape, mode: Mode, q: &[f32], sc: &mut Scratch) {
     sc.l.fill(0.0);
 }
 
-/// One block of KV group `blk.grp`: its heads' scores over the block's rows, the online-softmax
-/// update, P·V into the group's accumulators. `next` is the block [`PREFETCH_BLOCKS`] ahead in
-/// the walk, whose rows are prefetched while this one computes.
+/// One slice of the range: every group's scores over the slice's rows, the online-softmax
+/// update of every head, every group's P·V. `next` is the slice [`PREFETCH_SLICES`] ahead,
+/// whose rows are prefetched while this one computes.
 #[inline(always)]
-unsafe fn attend_block<I: Isa>(
+unsafe fn attend_slice<I: Isa>(
     shape: &AttnShape,
     mode: Mode,
     range: &Range,
-    blk: Block,
-    next: Option<Block>,
+    sl: Slice,
+    next: Option<Slice>,
     sc: &mut Scratch,
 ) {
     let g = shape.group();
-    let (wk, wv) = (pad(shape.qk_width), pad(shape.v_width));
+    let (wk, wv, sw) = (pad(shape.qk_width), pad(shape.v_width), sc.sw);
     let Mode { direct, direct8, dp, pair_k, pair_v } = mode;
     let planes = |grp: usize| if shape.latent { (0, 0) } else { (grp, shape.kv_groups + grp) };
-    let (k_plane, v_plane) = planes(blk.grp);
-    let (page, start, bt) = (&range.pages[blk.pi], range.starts[blk.pi], blk.bt);
-    // Rows r..r+n of the next block, K and V planes: the kernel is otherwise idle on memory
-    // during compute. Prefetched into L2, not L1 (`Isa::prefetch`): a burst of 256 prefetches
-    // stalls on the L1 fill buffers, so tiles that read the page directly issue them a few rows
-    // per score tile (docs/BENCHMARKS.md).
-    let pf = |r: usize, n: usize| {
-        if let Some(nb) = next
-            && r < nb.bt
+    let (page, off, n) = (&range.pages[sl.pi], sl.t - range.starts[sl.pi], sl.n);
+    let l = &shape.layout;
+    // Rows read straight from the payload go in one pass over the slice; rows widened into
+    // the scratch first go BT at a time.
+    let sub = if direct || direct8 || dp { n } else { BT };
+    // Rows r..r+n (relative to this slice) of the next slice's K plane (`v` false) or V plane
+    // of group `grp`: the kernel is otherwise idle on memory during compute. Into L2
+    // (`Isa::prefetch`), a few rows per tile (bursts stall on the fill buffers).
+    let pf = |grp: usize, v: bool, r: usize, cnt: usize| {
+        if let Some(nx) = next
+            && r < nx.n
+            && !(v && shape.latent)
         {
-            let np = &range.pages[nb.pi];
-            let (kp, vp) = planes(nb.grp);
-            let (lo, n) = (nb.t - range.starts[nb.pi] + r, n.min(nb.bt - r));
-            prefetch_rows::<I>(shape, np, kp, lo, n);
-            if !shape.latent {
-                prefetch_rows::<I>(shape, np, vp, lo, n);
-            }
+            let (kp, vp) = planes(grp);
+            let np = &range.pages[nx.pi];
+            let lo = nx.t - range.starts[nx.pi] + r;
+            prefetch_rows::<I>(shape, np, if v { vp } else { kp }, lo, cnt.min(nx.n - r));
         }
     };
-    let (qo, ao, ho) = (blk.grp * g * wk, blk.grp * g * wv, blk.grp * g);
-    // SAFETY (this block): scratch buffers are sized by Scratch::new for this shape; the block
-    // lies inside its page; the ISA is available (checked by the dispatcher).
+    // SAFETY (this slice): scratch buffers are sized by Scratch::new for this shape and
+    // `sc.sw ≥ n`; the slice lies inside its page; the ISA is available (checked by the
+    // dispatcher).
     unsafe {
-        let l = &shape.layout;
-        let k_direct =
-            Bf16Rows(page.payload.as_ptr().add(l.row_range(page.tokens, k_plane, blk.t - start).start), l.row_bytes);
-        let v_direct =
-            Bf16Rows(page.payload.as_ptr().add(l.row_range(page.tokens, v_plane, blk.t - start).start), l.row_bytes);
-        let main = l.shape.main();
-        let (k8, v8) = (Fp8Rows(k_direct.0, l.row_bytes, main), Fp8Rows(v_direct.0, l.row_bytes, main));
-        let q = &sc.q[qo..qo + g * wk];
-        if dp {
-            dot_block_dp::<I>(&sc.qb[qo..qo + g * wk], wk, k_direct, g, bt, shape.qk_width, &mut sc.s, pf);
-            if shape.latent {
-                // P·V reads the latent rows widened once, as on the f32 path.
-                decode_rows::<I>(shape, page, k_plane, blk.t - start, bt, &mut sc.k, wk);
+        let row = |plane: usize, t: usize| page.payload.as_ptr().add(l.row_range(page.tokens, plane, off + t).start);
+        for grp in 0..shape.kv_groups {
+            let (k_plane, _) = planes(grp);
+            let (q, qb) = (&sc.q[grp * g * wk..(grp + 1) * g * wk], &sc.qb[grp * g * wk..(grp + 1) * g * wk]);
+            let mut t = 0;
+            while t < n {
+                let bt = sub.min(n - t);
+                let s = &mut sc.s[grp * g * sw + t..];
+                let pf_k = |r: usize, c: usize| pf(grp, false, t + r, c);
+                let k = Bf16Rows(row(k_plane, t), l.row_bytes);
+                if dp {
+                    dot_block_dp::<I>(qb, wk, k, g, bt, shape.qk_width, s, sw, pf_k);
+                } else if direct8 {
+                    dot_block::<I, _>(q, Fp8Rows(k.0, l.row_bytes, l.shape.main()), g, bt, wk, s, sw, pf_k);
+                } else if pair_k {
+                    dot_block::<I, _>(q, Bf16PairRows(k.0, k.1), g, bt, wk, s, sw, pf_k);
+                } else if direct {
+                    dot_block::<I, _>(q, k, g, bt, wk, s, sw, pf_k);
+                } else {
+                    decode_rows::<I>(shape, page, k_plane, off + t, bt, &mut sc.k, wk);
+                    dot_block::<I, _>(q, F32Rows(sc.k.as_ptr(), wk), g, bt, wk, s, sw, pf_k);
+                }
+                t += bt;
             }
-        } else if direct8 {
-            dot_block::<I, _>(q, k8, g, bt, wk, &mut sc.s, pf);
-        } else if pair_k {
-            dot_block::<I, _>(q, Bf16PairRows(k_direct.0, k_direct.1), g, bt, wk, &mut sc.s, pf);
-        } else if direct {
-            dot_block::<I, _>(q, k_direct, g, bt, wk, &mut sc.s, pf);
-        } else {
-            decode_rows::<I>(shape, page, k_plane, blk.t - start, bt, &mut sc.k, wk);
-            if !shape.latent {
-                decode_rows::<I>(shape, page, v_plane, blk.t - start, bt, &mut sc.v, wv);
-            }
-            dot_block::<I, _>(q, F32Rows(sc.k.as_ptr(), wk), g, bt, wk, &mut sc.s, pf);
         }
         // The `dp` scores are unscaled (the scale is positive: scaling commutes with the max).
         let ss = if dp { shape.scale } else { 1.0 };
-        for h in 0..g {
-            let row = &mut sc.s[h * BT..h * BT + BT];
-            // Whole vectors (every block but a range's last): max and sum in vector lanes, not
-            // as 32-long dependent scalar chains, which cost as much as a GQA group's score
-            // tiles.
-            let whole = bt.is_multiple_of(I::LANES);
+        for h in 0..shape.kv_groups * g {
+            let row = &mut sc.s[h * sw..h * sw + sw];
+            // Whole vectors (every slice but a range's last): max and sum in vector lanes, not
+            // as long dependent scalar chains, which cost as much as a GQA group's score tiles.
+            let whole = n.is_multiple_of(I::LANES);
             let bm = if whole {
                 let mut mv = I::load(row.as_ptr());
                 let mut j = I::LANES;
-                while j < bt {
+                while j < n {
                     mv = I::max(mv, I::load(row.as_ptr().add(j)));
                     j += I::LANES;
                 }
                 I::hmax(mv)
             } else {
-                row[..bt].iter().copied().fold(f32::NEG_INFINITY, f32::max)
+                row[..n].iter().copied().fold(f32::NEG_INFINITY, f32::max)
             } * ss;
-            let (m, l) = (&mut sc.m[ho + h], &mut sc.l[ho + h]);
+            let (m, lh) = (&mut sc.m[h], &mut sc.l[h]);
             let m_new = m.max(bm);
             let corr = (*m - m_new).exp();
             let (nmn, ssv) = (I::splat(-m_new), I::splat(ss));
             let mut sv = I::zero();
             let mut j = 0;
-            while j < bt {
+            while j < n {
                 let x = I::load(row.as_ptr().add(j));
                 let e = I::exp(I::fma(x, ssv, nmn));
                 I::store(row.as_mut_ptr().add(j), e);
                 sv = I::add(sv, e);
                 j += I::LANES;
             }
-            let sum: f32 = if whole { I::sum(sv) } else { row[..bt].iter().sum() };
-            *l = *l * corr + sum;
+            let sum: f32 = if whole { I::sum(sv) } else { row[..n].iter().sum() };
+            *lh = *lh * corr + sum;
             *m = m_new;
             if corr != 1.0 {
                 let cv = I::splat(corr);
-                let acc = &mut sc.acc[ao + h * wv..ao + (h + 1) * wv];
+                let acc = &mut sc.acc[h * wv..(h + 1) * wv];
                 let mut c = 0;
                 while c < wv {
                     let p = acc.as_mut_ptr().add(c);
@@ -808,16 +829,34 @@ unsafe fn attend_block<I: Isa>(
                 }
             }
         }
-        let acc = &mut sc.acc[ao..ao + g * wv];
-        if pair_v {
-            pv_block::<I, _>(&sc.s, Bf16PairRows(v_direct.0, v_direct.1), g, bt, acc, wv);
-        } else if direct {
-            pv_block::<I, _>(&sc.s, v_direct, g, bt, acc, wv);
-        } else if direct8 {
-            pv_block::<I, _>(&sc.s, v8, g, bt, acc, wv);
-        } else {
-            let v = if shape.latent { F32Rows(sc.k.as_ptr(), wk) } else { F32Rows(sc.v.as_ptr(), wv) };
-            pv_block::<I, _>(&sc.s, v, g, bt, acc, wv);
+        for grp in 0..shape.kv_groups {
+            let (k_plane, v_plane) = planes(grp);
+            let mut t = 0;
+            while t < n {
+                let bt = sub.min(n - t);
+                let p = &sc.s[grp * g * sw + t..];
+                let acc = &mut sc.acc[grp * g * wv..(grp + 1) * g * wv];
+                let pf_v = |r: usize, c: usize| pf(grp, true, t + r, c);
+                let v = Bf16Rows(row(v_plane, t), l.row_bytes);
+                if pair_v {
+                    pv_block::<I, _>(p, sw, Bf16PairRows(v.0, v.1), g, bt, acc, wv, pf_v);
+                } else if direct {
+                    pv_block::<I, _>(p, sw, v, g, bt, acc, wv, pf_v);
+                } else if direct8 {
+                    pv_block::<I, _>(p, sw, Fp8Rows(v.0, l.row_bytes, l.shape.main()), g, bt, acc, wv, pf_v);
+                } else if shape.latent {
+                    // The latent rows widened for the scores (or, after the `vdpbf16ps` scores,
+                    // widened now): slices of latent rows are at most BT long.
+                    if dp {
+                        decode_rows::<I>(shape, page, k_plane, off + t, bt, &mut sc.k, wk);
+                    }
+                    pv_block::<I, _>(p, sw, F32Rows(sc.k.as_ptr(), wk), g, bt, acc, wv, pf_v);
+                } else {
+                    decode_rows::<I>(shape, page, v_plane, off + t, bt, &mut sc.v, wv);
+                    pv_block::<I, _>(p, sw, F32Rows(sc.v.as_ptr(), wv), g, bt, acc, wv, pf_v);
+                }
+                t += bt;
+            }
         }
     }
 }
@@ -846,22 +885,25 @@ fn finish<I: Isa>(shape: &AttnShape, mode: Mode, sc: &mut Scratch, out: &mut [f3
 }
 
 /// Attention of every head over one token range: writes `out` (`[q_heads][v_width]`) and `lse`.
-/// The blocks go in [`Blocks`] order (page by page, every group within a page), each group
+/// The range goes in [`Slices`] order (page by page, every group within a slice), each head
 /// keeping its own online-softmax state.
 #[inline(always)]
 unsafe fn attend_range<I: Isa>(shape: &AttnShape, q: &[f32], range: &Range, out: &mut [f32], lse: &mut [f32]) {
     // The scratch row padding must hold whole vectors of every ISA.
     const { assert!(PAD.is_multiple_of(16)) };
     let mode = Mode::new::<I>(shape, q);
-    let mut sc = Scratch::new(shape);
+    // MLA's latent rows are widened into the scratch once for every head (BT rows at a time);
+    // GQA slices cover whole pages up to SPAN tokens.
+    let span = if shape.latent { BT } else { SPAN.min(range.pages.iter().map(|p| p.tokens).max().unwrap_or(1)) };
+    let mut sc = Scratch::new(shape, pad(span));
     prepare::<I>(shape, mode, q, &mut sc);
-    let mut ahead = Blocks::new(range, shape.kv_groups);
-    for _ in 0..PREFETCH_BLOCKS {
+    let mut ahead = Slices::new(range, span);
+    for _ in 0..PREFETCH_SLICES {
         ahead.next();
     }
-    for blk in Blocks::new(range, shape.kv_groups) {
-        // SAFETY: forwarded from the caller (ISA available); blocks lie inside their pages.
-        unsafe { attend_block::<I>(shape, mode, range, blk, ahead.next(), &mut sc) };
+    for sl in Slices::new(range, span) {
+        // SAFETY: forwarded from the caller (ISA available); slices lie inside their pages.
+        unsafe { attend_slice::<I>(shape, mode, range, sl, ahead.next(), &mut sc) };
     }
     finish::<I>(shape, mode, &mut sc, out, lse);
 }

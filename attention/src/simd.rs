@@ -431,7 +431,7 @@ mod x86 {
         }
         #[inline(always)]
         unsafe fn prefetch(p: *const u8) {
-            unsafe { _mm_prefetch::<_MM_HINT_T2>(p as *const i8) }
+            unsafe { _mm_prefetch::<_MM_HINT_T1>(p as *const i8) }
         }
     }
 
@@ -594,7 +594,7 @@ mod x86 {
         }
         #[inline(always)]
         unsafe fn prefetch(p: *const u8) {
-            unsafe { _mm_prefetch::<_MM_HINT_T2>(p as *const i8) }
+            unsafe { _mm_prefetch::<_MM_HINT_T1>(p as *const i8) }
         }
     }
 
