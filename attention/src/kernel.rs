@@ -28,6 +28,8 @@ struct Scratch {
     /// taken only when every query value is a bf16 value).
     qb: Vec<u16>,
     k: Vec<f32>,
+    /// MLA: the widened rows of `k` as bf16, where they are bf16 values (`vdpbf16ps` scores).
+    kb: Vec<u16>,
     v: Vec<f32>,
     s: Vec<f32>,
     /// `[kv_groups][group][wv]`.
@@ -50,6 +52,7 @@ impl Scratch {
             q: vec![0.0; n * wk],
             qb: vec![0; n * wk],
             k: vec![0.0; BT * wk],
+            kb: if shape.latent { vec![0; BT * wk] } else { Vec::new() },
             v: if shape.latent { Vec::new() } else { vec![0.0; BT * wv] },
             s: vec![0.0; n * sw],
             acc: vec![0.0; n * wv],
@@ -654,6 +657,19 @@ unsafe fn pv_block<I: Isa, R: Rows>(
     }
 }
 
+/// `src` as bf16 into `dst` when every value is a bf16 value (low 16 bits zero; the copy is then
+/// exact), else `false`.
+#[inline(always)]
+fn pack_bf16(src: &[f32], dst: &mut [u16]) -> bool {
+    let mut low = 0u32;
+    for (d, x) in dst.iter_mut().zip(src) {
+        let b = x.to_bits();
+        low |= b & 0xffff;
+        *d = (b >> 16) as u16;
+    }
+    low == 0
+}
+
 /// How a shape's blocks are read: decided once per range from the shape and the ISA.
 #[derive(Clone, Copy)]
 struct Mode {
@@ -673,6 +689,10 @@ struct Mode {
     /// pairs of vectors). The scale multiplies the scores instead. Any other query takes the
     /// f32 path (splitting it into two bf16 parts costs as many instructions as the FMAs).
     dp: bool,
+    /// The query allows `vdpbf16ps` scores (bf16 values, AVX-512 BF16, whole pairs of vectors):
+    /// MLA rows of other codecs then take them too wherever the widened rows are bf16 values —
+    /// fp8 rows always are (e4m3 times a power-of-two tile scale), checked per slice.
+    dp_q: bool,
     /// With 32 registers (the 4×4 score tile holds both halves of a pair) and rows of whole
     /// pairs of vectors, bf16 K rows are read in the even/odd order (`Bf16PairRows`), the query
     /// permuted to match (not on the `dp` path).
@@ -689,10 +709,11 @@ impl Mode {
             && shape.layout.codec == Codec::Fp8E4m3
             && shape.layout.shape.tail == 0
             && shape.layout.shape.width.is_multiple_of(PAD);
-        let dp = I::DPBF16 && bf16_rows && shape.qk_width.is_multiple_of(2 * I::LANES) && is_bf16_query(q);
+        let dp_q = I::DPBF16 && shape.qk_width.is_multiple_of(2 * I::LANES) && is_bf16_query(q);
+        let dp = dp_q && bf16_rows;
         let pair_k = I::WIDE && direct && !dp && shape.qk_width.is_multiple_of(2 * I::LANES);
         let pair_v = I::WIDE && direct && shape.v_width.is_multiple_of(2 * I::LANES);
-        Self { direct, direct8, dp, pair_k, pair_v }
+        Self { direct, direct8, dp, dp_q, pair_k, pair_v }
     }
 }
 
@@ -708,7 +729,7 @@ fn prepare<I: Isa>(shape: &AttnShape, mode: Mode, q: &[f32], sc: &mut Scratch) {
         if mode.pair_k {
             permute_pairs(&mut sc.q[h * wk..h * wk + w], I::LANES, true, &mut sc.tmp);
         }
-        if mode.dp {
+        if mode.dp_q {
             // Exact: every value is a bf16 value (Mode::new).
             for (d, s) in sc.qb[h * wk..h * wk + w].iter_mut().zip(&q[h * w..(h + 1) * w]) {
                 *d = (s.to_bits() >> 16) as u16;
@@ -734,7 +755,7 @@ unsafe fn attend_slice<I: Isa>(
 ) {
     let g = shape.group();
     let (wk, wv, sw) = (pad(shape.qk_width), pad(shape.v_width), sc.sw);
-    let Mode { direct, direct8, dp, pair_k, pair_v } = mode;
+    let Mode { direct, direct8, dp, dp_q, pair_k, pair_v } = mode;
     let planes = |grp: usize| if shape.latent { (0, 0) } else { (grp, shape.kv_groups + grp) };
     let (page, off, n) = (&range.pages[sl.pi], sl.t - range.starts[sl.pi], sl.n);
     let l = &shape.layout;
@@ -760,6 +781,8 @@ unsafe fn attend_slice<I: Isa>(
     // dispatcher).
     unsafe {
         let row = |plane: usize, t: usize| page.payload.as_ptr().add(l.row_range(page.tokens, plane, off + t).start);
+        // Whether this slice's scores came from `vdpbf16ps` (unscaled).
+        let mut unscaled = dp;
         for grp in 0..shape.kv_groups {
             let (k_plane, _) = planes(grp);
             let (q, qb) = (&sc.q[grp * g * wk..(grp + 1) * g * wk], &sc.qb[grp * g * wk..(grp + 1) * g * wk]);
@@ -779,13 +802,21 @@ unsafe fn attend_slice<I: Isa>(
                     dot_block::<I, _>(q, k, g, bt, wk, s, sw, pf_k);
                 } else {
                     decode_rows::<I>(shape, page, k_plane, off + t, bt, &mut sc.k, wk);
-                    dot_block::<I, _>(q, F32Rows(sc.k.as_ptr(), wk), g, bt, wk, s, sw, pf_k);
+                    // MLA (one group, one sub-block per slice): widened rows that are all bf16
+                    // values are scored with `vdpbf16ps` from a bf16 copy.
+                    if dp_q && shape.latent && pack_bf16(&sc.k[..bt * wk], &mut sc.kb) {
+                        let kb = Bf16Rows(sc.kb.as_ptr() as *const u8, 2 * wk);
+                        dot_block_dp::<I>(qb, wk, kb, g, bt, shape.qk_width, s, sw, pf_k);
+                        unscaled = true;
+                    } else {
+                        dot_block::<I, _>(q, F32Rows(sc.k.as_ptr(), wk), g, bt, wk, s, sw, pf_k);
+                    }
                 }
                 t += bt;
             }
         }
         // The `dp` scores are unscaled (the scale is positive: scaling commutes with the max).
-        let ss = if dp { shape.scale } else { 1.0 };
+        let ss = if unscaled { shape.scale } else { 1.0 };
         for h in 0..shape.kv_groups * g {
             let row = &mut sc.s[h * sw..h * sw + sw];
             // Whole vectors (every slice but a range's last): max and sum in vector lanes, not

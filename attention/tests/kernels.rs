@@ -122,8 +122,17 @@ fn the_bf16_dot_product_path_is_taken_for_bf16_queries_and_as_accurate_as_f32() 
         return;
     }
     let mut rng = seeded();
-    for (spec, pt, tokens) in [(gqa(32, 8, 128), 16, 4000), (gqa(16, 1, 256), 64, 333), (gqa(8, 8, 96), 256, 258)] {
-        let mut c = case(&spec, Codec::Bf16, pt, tokens, &mut rng);
+    // GQA bf16 rows straight from the payload; MLA bf16 latent rows; MLA fp8 rows widened to
+    // bf16 values (a power-of-two tile scale) and copied to bf16.
+    let cases = [
+        (gqa(32, 8, 128), Codec::Bf16, 16, 4000),
+        (gqa(16, 1, 256), Codec::Bf16, 64, 333),
+        (gqa(8, 8, 96), Codec::Bf16, 256, 258),
+        (mla(16), Codec::Bf16, 64, 300),
+        (mla(16), Codec::Fp8E4m3, 16, 300),
+    ];
+    for (spec, codec, pt, tokens) in cases {
+        let mut c = case(&spec, codec, pt, tokens, &mut rng);
         // An f32 query: both AVX-512 backends run the same f32 path, bit for bit.
         assert!(!kvcache_attention::is_bf16_query(&c.q));
         let exact = c.check(Backend::Avx512, 1, 1e-5);
@@ -139,7 +148,7 @@ fn the_bf16_dot_product_path_is_taken_for_bf16_queries_and_as_accurate_as_f32() 
         let fast = c.check(Backend::Avx512Bf16, 1, 1e-5).0;
         assert_ne!(
             fast, f32_path,
-            "{pt}-token pages, {tokens} tokens: the vdpbf16ps path was not taken (same rounding as the f32 path)"
+            "{codec:?}, {pt}-token pages, {tokens} tokens: the vdpbf16ps path was not taken (same rounding as the f32 path)"
         );
         // Split over threads, the same path in each part.
         c.check(Backend::Avx512Bf16, 3, 1e-5);
