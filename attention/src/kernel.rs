@@ -1,5 +1,6 @@
-//! The decode kernel: online softmax over blocks of tokens, per KV group, written once over
-//! [`Isa`] and instantiated per backend; split-K and batching over threads; the LSE merge.
+//! The decode kernel: online softmax over page slices (every KV group's scores, then every
+//! group's P·V, so a page is read in address order), written once over [`Isa`] and instantiated
+//! per backend; split-K and batching over threads; the LSE merge.
 
 use crate::simd::{Isa, Portable};
 use crate::{AttentionError, AttnShape, Backend, KvPage, Options};
