@@ -389,44 +389,9 @@ unsafe fn dot_tile_dp<I: Isa, const NH: usize, const NT: usize>(
     }
 }
 
-/// The order both score paths walk their tiles in: rows in chunks of [`TOKEN_CHUNK`], every
-/// head tile (`heads(h)` heads from head `h`) over a chunk before the next chunk, four rows at a
-/// time then single rows; `pf(t, n)` runs before the first head tile of rows `t..t+n`, so the
-/// caller's prefetches spread over the tiles instead of stalling in one burst.
-///
-/// With MLA's 128 heads a chunk's rows (8 × 576 f32 = 18 KiB, or 9 KiB raw) stay in L1 while the
-/// query rows stream from L2 once per chunk, instead of every K row streaming from L2 once per
-/// head tile.
-#[inline(always)]
-fn walk_score_tiles(
-    g: usize,
-    bt: usize,
-    heads: impl Fn(usize) -> usize,
-    pf: impl Fn(usize, usize),
-    mut tile: impl FnMut(usize, usize, usize, usize),
-) {
-    let mut t0 = 0;
-    while t0 < bt {
-        let t1 = (t0 + TOKEN_CHUNK).min(bt);
-        let mut h = 0;
-        while h < g {
-            let nh = heads(h);
-            let mut t = t0;
-            while t < t1 {
-                let nt = if t + 4 <= t1 { 4 } else { 1 };
-                if h == 0 {
-                    pf(t, nt);
-                }
-                tile(h, nh, t, nt);
-                t += nt;
-            }
-            h += nh;
-        }
-        t0 = t1;
-    }
-}
-
-/// [`dot_block`] with [`dot_tile_dp`]: `g` heads × `bt` rows, unscaled, in the same order.
+/// [`dot_block`] with [`dot_tile_dp`]: `g` heads × `bt` rows, unscaled, in the same order (rows
+/// in chunks of [`TOKEN_CHUNK`], every head tile over a chunk: MLA's chunk of 8 raw rows, 9 KiB,
+/// stays in L1 across its 128 heads); `pf` as there.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 unsafe fn dot_block_dp<I: Isa>(
@@ -441,20 +406,34 @@ unsafe fn dot_block_dp<I: Isa>(
     pf: impl Fn(usize, usize),
 ) {
     let (q, s) = (qb.as_ptr(), s.as_mut_ptr());
-    let heads = |h: usize| if h + 4 <= g { 4 } else { 1 };
-    walk_score_tiles(g, bt, heads, pf, |h, nh, t, nt| {
-        // SAFETY: qb holds g rows of wq, k holds ≥ bt rows, s is g×sw; every tile stays inside
-        // them.
-        unsafe {
-            let (qq, ss) = (q.add(h * wq), s.add(h * sw + t));
-            match (nh, nt) {
-                (4, 4) => dot_tile_dp::<I, 4, 4>(qq, wq, k, t, w, ss, sw),
-                (4, _) => dot_tile_dp::<I, 4, 1>(qq, wq, k, t, w, ss, sw),
-                (_, 4) => dot_tile_dp::<I, 1, 4>(qq, wq, k, t, w, ss, sw),
-                _ => dot_tile_dp::<I, 1, 1>(qq, wq, k, t, w, ss, sw),
+    // SAFETY: qb holds g rows of wq, k holds ≥ bt rows, s is g×sw; every tile stays inside them.
+    unsafe {
+        let mut t0 = 0;
+        while t0 < bt {
+            let t1 = (t0 + TOKEN_CHUNK).min(bt);
+            let mut h = 0;
+            while h < g {
+                let nh = if h + 4 <= g { 4 } else { 1 };
+                let (qq, ss) = (q.add(h * wq), s.add(h * sw));
+                let mut t = t0;
+                while t < t1 {
+                    let nt = if t + 4 <= t1 { 4 } else { 1 };
+                    if h == 0 {
+                        pf(t, nt);
+                    }
+                    match (nh, nt) {
+                        (4, 4) => dot_tile_dp::<I, 4, 4>(qq, wq, k, t, w, ss.add(t), sw),
+                        (4, _) => dot_tile_dp::<I, 4, 1>(qq, wq, k, t, w, ss.add(t), sw),
+                        (_, 4) => dot_tile_dp::<I, 1, 4>(qq, wq, k, t, w, ss.add(t), sw),
+                        _ => dot_tile_dp::<I, 1, 1>(qq, wq, k, t, w, ss.add(t), sw),
+                    }
+                    t += nt;
+                }
+                h += nh;
             }
+            t0 = t1;
         }
-    });
+    }
 }
 
 /// Scores of `NH` heads × `NT` tokens: `s[h][t] = q[h] · k[t0 + t]` over `w` (a multiple of
@@ -505,8 +484,13 @@ unsafe fn dot_tile<I: Isa, R: Rows, const NH: usize, const NT: usize>(
     }
 }
 
-/// Scores of `g` heads × `bt` rows into `s` (rows of `sw`), tiles in [`walk_score_tiles`]
-/// order.
+/// Scores of `g` heads × `bt` rows into `s` (rows of `sw`). `pf(t, n)` runs before the first
+/// tile of rows `t..t+n`: the caller spreads its prefetches of the next block over the tiles, so
+/// they overlap the compute instead of stalling in one burst.
+///
+/// Rows go in chunks of [`TOKEN_CHUNK`], every head tile over one chunk before the next: with
+/// MLA's 128 heads the chunk's rows (8 × 576 f32 = 18 KiB) stay in L1 while the query rows
+/// stream from L2 once per chunk, instead of every K row streaming from L2 once per head tile.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 unsafe fn dot_block<I: Isa, R: Rows>(
@@ -520,30 +504,49 @@ unsafe fn dot_block<I: Isa, R: Rows>(
     pf: impl Fn(usize, usize),
 ) {
     let (q, s) = (q.as_ptr(), s.as_mut_ptr());
-    let heads = |h: usize| {
-        if I::WIDE && h + 4 <= g {
-            4
-        } else if h + 2 <= g {
-            2
-        } else {
-            1
-        }
-    };
-    walk_score_tiles(g, bt, heads, pf, |h, nh, t, nt| {
-        // SAFETY: q is g×w, k holds ≥ bt rows, s is g×sw (Scratch); every tile stays inside
-        // them.
-        unsafe {
-            let (qq, ss) = (q.add(h * w), s.add(h * sw + t));
-            match (nh, nt) {
-                (4, 4) => dot_tile::<I, R, 4, 4>(qq, k, t, w, ss, sw),
-                (2, 4) => dot_tile::<I, R, 2, 4>(qq, k, t, w, ss, sw),
-                (_, 4) => dot_tile::<I, R, 1, 4>(qq, k, t, w, ss, sw),
-                (4, _) => dot_tile::<I, R, 4, 1>(qq, k, t, w, ss, sw),
-                (2, _) => dot_tile::<I, R, 2, 1>(qq, k, t, w, ss, sw),
-                _ => dot_tile::<I, R, 1, 1>(qq, k, t, w, ss, sw),
+    // SAFETY: q is g×w, k holds ≥ bt rows, s is g×sw (Scratch); every tile stays inside them.
+    unsafe {
+        let mut t0 = 0;
+        while t0 < bt {
+            let t1 = (t0 + TOKEN_CHUNK).min(bt);
+            let mut h = 0;
+            while h < g {
+                let nh = if I::WIDE && h + 4 <= g {
+                    4
+                } else if h + 2 <= g {
+                    2
+                } else {
+                    1
+                };
+                let (qq, ss) = (q.add(h * w), s.add(h * sw));
+                let mut t = t0;
+                while t + 4 <= t1 {
+                    if h == 0 {
+                        pf(t, 4);
+                    }
+                    match nh {
+                        4 => dot_tile::<I, R, 4, 4>(qq, k, t, w, ss.add(t), sw),
+                        2 => dot_tile::<I, R, 2, 4>(qq, k, t, w, ss.add(t), sw),
+                        _ => dot_tile::<I, R, 1, 4>(qq, k, t, w, ss.add(t), sw),
+                    }
+                    t += 4;
+                }
+                while t < t1 {
+                    if h == 0 {
+                        pf(t, 1);
+                    }
+                    match nh {
+                        4 => dot_tile::<I, R, 4, 1>(qq, k, t, w, ss.add(t), sw),
+                        2 => dot_tile::<I, R, 2, 1>(qq, k, t, w, ss.add(t), sw),
+                        _ => dot_tile::<I, R, 1, 1>(qq, k, t, w, ss.add(t), sw),
+                    }
+                    t += 1;
+                }
+                h += nh;
             }
+            t0 = t1;
         }
-    });
+    }
 }
 
 /// `acc[h][c..c+NC·LANES] += Σ_t p[h][t] · v[t][c..]` for `NH` heads.
