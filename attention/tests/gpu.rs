@@ -4,7 +4,7 @@
 //! --include-ignored`. The one test that runs everywhere checks that a missing driver or device is
 //! a clear error, not a panic.
 
-use kvcache_attention::gpu::{DeviceRef, Gpu, GpuError, GpuItem, Query, RowAppend};
+use kvcache_attention::gpu::{DeviceRef, Gpu, GpuError, GpuItem, Query, RowAppend, SlotSeq};
 use kvcache_attention::reference::{attention_window, rel_l2};
 use kvcache_attention::{AttentionError, AttnShape, KvPage};
 use kvcache_core::{Codec, PageLayout};
@@ -87,6 +87,41 @@ fn check_batch_lse(g: &Gpu, shape: &AttnShape, seqs: &[Seq], tol: f64, lse_tol: 
             o.to_f32() == res.out[i * ol..(i + 1) * ol] && l == res.lse[i * hl..(i + 1) * hl],
             "{kernel}: item {i} differs"
         );
+    }
+    // Pages named by slot of one slab (the worker's page cache), sequences laid out last first:
+    // the same answers, and a slot past the slab or a short page before the last refused.
+    let all: Vec<KvPage> = seqs.iter().rev().flat_map(|s| s.kv()).collect();
+    let slab = g.upload_pages(&shape.layout, &all).unwrap();
+    let mut at = all.len();
+    let slots: Vec<Vec<usize>> = seqs
+        .iter()
+        .map(|s| {
+            at -= s.pages.len();
+            (at..at + s.pages.len()).collect()
+        })
+        .collect();
+    let slot_items: Vec<SlotSeq> =
+        seqs.iter().zip(&slots).map(|(s, sl)| SlotSeq { q: Query::F32(&s.q), slots: sl, skip: s.skip }).collect();
+    for (i, r) in g.decode_slots_each(shape, &slab, &slot_items, false).unwrap().into_iter().enumerate() {
+        let (o, l) = r.unwrap();
+        assert!(
+            o.to_f32() == res.out[i * ol..(i + 1) * ol] && l == res.lse[i * hl..(i + 1) * hl],
+            "{kernel}: slot item {i} differs"
+        );
+    }
+    let past = [slab.len()];
+    let bad = SlotSeq { slots: &past, skip: 0, ..slot_items[0] };
+    assert!(matches!(
+        g.decode_slots_each(shape, &slab, &[bad], false),
+        Err(GpuError::Attention(AttentionError::Shape(m))) if m.contains("names slot")
+    ));
+    if let Some(short) = (0..slab.len()).find(|&i| all[i].tokens < shape.layout.page_tokens) {
+        let twice = [short, short];
+        let bad = SlotSeq { slots: &twice, skip: 0, ..slot_items[0] };
+        assert!(matches!(
+            g.decode_slots_each(shape, &slab, &[bad], false),
+            Err(GpuError::Attention(AttentionError::Shape(m))) if m.contains("every page but the last")
+        ));
     }
     // bf16 queries and outputs as they travel: widened and rounded on the device, the same as
     // the f32 path on the widened query with its output rounded.

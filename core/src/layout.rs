@@ -96,6 +96,21 @@ impl PageLayout {
         }
     }
 
+    /// [`PageLayout::concat`] into a new buffer, written once (not zeroed first): a worker grows
+    /// a sequence's last page this way every decode step.
+    pub fn concat_vec(&self, a: &[u8], a_tokens: usize, b: &[u8], b_tokens: usize) -> Vec<u8> {
+        let plane_a = a_tokens * self.row_bytes;
+        let plane_b = b_tokens * self.row_bytes;
+        assert_eq!(a.len(), self.planes * plane_a);
+        assert_eq!(b.len(), self.planes * plane_b);
+        let mut dst = Vec::with_capacity(a.len() + b.len());
+        for p in 0..self.planes {
+            dst.extend_from_slice(&a[p * plane_a..(p + 1) * plane_a]);
+            dst.extend_from_slice(&b[p * plane_b..(p + 1) * plane_b]);
+        }
+        dst
+    }
+
     /// Write into `dst` the compact payload of tokens `[start, start + count)` of `src`, a
     /// payload of `tokens` tokens.
     pub fn slice_tokens(&self, src: &[u8], tokens: usize, start: usize, count: usize, dst: &mut [u8]) {
@@ -155,6 +170,7 @@ mod tests {
             let b: Vec<u8> = (0..l.payload_bytes(3)).map(|i| (i * 13 % 241) as u8).collect();
             let mut ab = vec![0u8; a.len() + b.len()];
             l.concat(&a, 5, &b, 3, &mut ab);
+            assert_eq!(l.concat_vec(&a, 5, &b, 3), ab);
             let mut back_a = vec![0u8; a.len()];
             l.slice_tokens(&ab, 8, 0, 5, &mut back_a);
             let mut back_b = vec![0u8; b.len()];

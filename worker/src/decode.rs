@@ -109,6 +109,7 @@ impl Worker {
             a
         };
         // Keep each speculation its owner's answer confirms; the others go the usual way.
+        let joined_at = started.elapsed();
         let mut fetched: Vec<Option<Result<Fetched, SeqFailure>>> = (0..n).map(|_| None).collect();
         for (i, s) in spec.into_iter().enumerate() {
             let Some(s) = s else { continue };
@@ -157,9 +158,17 @@ impl Worker {
             stats.pages_pulled += f.pulled;
             stats.pages_cached += f.cached;
         }
+        let responding_at = started.elapsed();
         let results = respond(&req.items, &mut fetched, computed, parsed.dtype);
         self.counters.sequences.fetch_add(n as u64, Ordering::Relaxed);
         self.export_metrics(&results, &stats);
+        tracing::debug!(
+            joined = ?joined_at,
+            confirm = ?(responding_at - joined_at),
+            total = ?started.elapsed(),
+            items = n,
+            "decode step done"
+        );
         // Pull the next layer's pages while the engine works on this one.
         let Parsed { ns, layer, seqs, .. } = parsed;
         if self.cfg.prefetch && layer + 1 < ns.model.num_layers && ns.model.layer(layer + 1).keeps_tokens() {

@@ -19,19 +19,28 @@
 
 use bytes::Bytes;
 use kvcache_attention::AttnShape;
-use kvcache_attention::gpu::{DevicePages, DeviceRef, Gpu, GpuError, GpuItem, Query, RowAppend, RowStaging, Staging};
+use kvcache_attention::gpu::{DevicePages, Gpu, GpuError, Query, RowAppend, RowStaging, SlotSeq, Staging};
 use kvcache_core::{PageLayout, SequenceKey};
 use parking_lot::Mutex;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-/// One sequence layer's pages: slot per page index and the payload the slot holds (`None` while
-/// an upload is pending). The payload is held so that its address cannot be reused by other bytes
-/// while the slot claims it.
+/// One sequence layer's pages: slot per page index, the (address, length) of the payload the
+/// slot holds (`NONE` while an upload is pending) and that payload. The payload is held so that
+/// its address cannot be reused by other bytes while the slot claims it; the identities sit in
+/// their own array, so that a warm step's walk reads 16 bytes per page of the mirror.
 struct LayerSlots {
     slots: Vec<usize>,
-    held: Vec<Option<((usize, usize), Bytes)>>,
+    ids: Vec<(usize, usize)>,
+    held: Vec<Option<Bytes>>,
     tick: u64,
+}
+
+/// No payload: a page is never empty, so no payload has length 0.
+const NONE: (usize, usize) = (0, 0);
+
+fn id(b: &Bytes) -> (usize, usize) {
+    (b.as_ptr() as usize, b.len())
 }
 
 /// The slot bookkeeping of one slab, no device involved: which slot each page of a batch reads,
@@ -58,11 +67,12 @@ impl<K: Clone + Eq + std::hash::Hash> SlotTable<K> {
         Self { cap, map: HashMap::new(), lru: BTreeMap::new(), free: (0..cap).rev().collect(), tick: 0 }
     }
 
-    /// Assign slots to every page of a batch: per item its slots in page order, and the uploads
-    /// needed (pages this slab does not hold as these very bytes; a last page that grew from
-    /// the bytes its slot holds needs only its new rows). Evicts whole layers the batch does not
-    /// read, least recently used first. A batch larger than the slab is refused.
-    pub(crate) fn assign(&mut self, items: &[SlotItem<'_, K>]) -> Result<(Vec<Vec<usize>>, Vec<Upload>), String> {
+    /// Assign slots to every page of a batch ([`SlotTable::slots`] then names them in page order)
+    /// and say which uploads are needed (pages this slab does not hold as these very bytes; a
+    /// last page that grew from the bytes its slot holds needs only its new rows). Evicts whole
+    /// layers the batch does not read, least recently used first. A batch larger than the slab
+    /// is refused.
+    pub(crate) fn assign(&mut self, items: &[SlotItem<'_, K>]) -> Result<Vec<Upload>, String> {
         let need: usize = items.iter().map(|i| i.1.len()).sum();
         if need > self.cap {
             return Err(format!(
@@ -79,37 +89,33 @@ impl<K: Clone + Eq + std::hash::Hash> SlotTable<K> {
                 self.lru.remove(&e.tick);
                 e.tick = tick;
             } else {
-                self.map.insert(key.clone(), LayerSlots { slots: Vec::new(), held: Vec::new(), tick });
+                self.map.insert(key.clone(), LayerSlots { slots: Vec::new(), ids: Vec::new(), held: Vec::new(), tick });
             }
             self.lru.insert(tick, key.clone());
         }
-        let mut slots = Vec::with_capacity(items.len());
         let mut uploads = Vec::new();
         for (item, (key, pages, grown)) in items.iter().enumerate() {
             let mut entry = self.map.remove(key).expect("touched above");
             // Pages past the new list (a window moved on) give their slots back.
             while entry.slots.len() > pages.len() {
                 self.free.push(entry.slots.pop().expect("len checked"));
+                entry.ids.pop();
                 entry.held.pop();
             }
-            for (i, (b, _)) in pages.iter().enumerate() {
-                let id = (b.as_ptr() as usize, b.len());
+            // Pages the slots hold as these very bytes: one comparison each (the walk a warm
+            // step costs), then the rest one by one.
+            let same = pages.iter().zip(&entry.ids).take_while(|(p, h)| id(&p.0) == **h).count();
+            for (i, (b, _)) in pages.iter().enumerate().skip(same) {
                 if i < entry.slots.len() {
-                    if entry.held[i].as_ref().is_some_and(|h| h.0 == id) {
+                    if entry.ids[i] == id(b) {
                         continue;
                     }
                     // The slot holds the page this one grew from: only the new rows go.
                     let from = match grown {
-                        Some((old, n))
-                            if i + 1 == pages.len()
-                                && entry.held[i]
-                                    .as_ref()
-                                    .is_some_and(|h| h.0 == (old.as_ptr() as usize, old.len())) =>
-                        {
-                            *n
-                        }
+                        Some((old, n)) if i + 1 == pages.len() && entry.ids[i] == id(old) => *n,
                         _ => 0,
                     };
+                    entry.ids[i] = NONE;
                     entry.held[i] = None;
                     uploads.push((item, i, entry.slots[i], from));
                     continue;
@@ -126,14 +132,19 @@ impl<K: Clone + Eq + std::hash::Hash> SlotTable<K> {
                         self.free.extend(gone.slots);
                     }
                     entry.slots.push(self.free.pop().expect("freed above"));
+                    entry.ids.push(NONE);
                     entry.held.push(None);
                 }
                 uploads.push((item, i, entry.slots[i], 0));
             }
-            slots.push(entry.slots.clone());
             self.map.insert(key.clone(), entry);
         }
-        Ok((slots, uploads))
+        Ok(uploads)
+    }
+
+    /// The slots of `key`'s layer in page order, as the last [`SlotTable::assign`] left them.
+    pub(crate) fn slots(&self, key: &K) -> &[usize] {
+        self.map.get(key).map_or(&[], |e| &e.slots)
     }
 
     /// Page `page` of `key`'s layer now holds `b` on the device.
@@ -141,7 +152,8 @@ impl<K: Clone + Eq + std::hash::Hash> SlotTable<K> {
         if let Some(e) = self.map.get_mut(key)
             && page < e.held.len()
         {
-            e.held[page] = Some(((b.as_ptr() as usize, b.len()), b.clone()));
+            e.ids[page] = id(b);
+            e.held[page] = Some(b.clone());
         }
     }
 
@@ -242,7 +254,7 @@ impl DeviceCache {
         let keyed: Vec<SlotItem<'_, (SequenceKey, u32)>> =
             items.iter().map(|it| (it.key.clone(), it.pages, it.grown.map(|g| (&g.old, g.old_tokens)))).collect();
         let t = std::time::Instant::now();
-        let (slots, uploads) = slab.table.assign(&keyed).map_err(GpuError::OutOfMemory)?;
+        let uploads = slab.table.assign(&keyed).map_err(GpuError::OutOfMemory)?;
         let assigned = t.elapsed();
         let n_uploads = uploads.len();
         // Pages uploaded whole now; appended rows gathered and written in place in one go after.
@@ -284,11 +296,10 @@ impl DeviceCache {
             }
             return Err(e);
         }
-        let refs: Vec<Vec<DeviceRef>> = slots.iter().map(|s| s.iter().map(|&i| slab.pages.page(i)).collect()).collect();
-        let gi: Vec<GpuItem> =
-            items.iter().zip(&refs).map(|(it, r)| GpuItem { q: it.q, pages: r, skip: it.skip }).collect();
+        let seqs: Vec<SlotSeq> =
+            items.iter().map(|it| SlotSeq { q: it.q, slots: slab.table.slots(&it.key), skip: it.skip }).collect();
         let uploaded = t.elapsed();
-        let r = self.gpu.decode_batch_each(shape, &gi, bf16_out);
+        let r = self.gpu.decode_slots_each(shape, &slab.pages, &seqs, bf16_out);
         tracing::debug!(
             assign = ?assigned,
             uploads = n_uploads,
@@ -313,20 +324,23 @@ mod tests {
     fn a_warm_step_uploads_only_the_page_that_changed() {
         let mut t = SlotTable::new(16);
         let mut a = pages(4);
-        let (slots, up) = t.assign(&[((1, 0), &a[..], None)]).unwrap();
+        let up = t.assign(&[((1, 0), &a[..], None)]).unwrap();
+        let slots = t.slots(&(1, 0)).to_vec();
         assert_eq!(up.len(), 4);
         for (item, page, _, _) in &up {
             assert_eq!(*item, 0);
             t.landed(&(1, 0), *page, &a[*page].0);
         }
         // Same bytes: nothing to upload, same slots.
-        let (again, up) = t.assign(&[((1, 0), &a[..], None)]).unwrap();
+        let up = t.assign(&[((1, 0), &a[..], None)]).unwrap();
+        let again = t.slots(&(1, 0)).to_vec();
         assert!(up.is_empty());
         assert_eq!(again, slots);
         // The append wrote a new last page (new bytes): that page alone, into its own slot.
         a[3].0 = Bytes::from(vec![9u8; 80]);
-        let (again, up) = t.assign(&[((1, 0), &a[..], None)]).unwrap();
-        assert_eq!(up, vec![(0, 3, slots[0][3], 0)]);
+        let up = t.assign(&[((1, 0), &a[..], None)]).unwrap();
+        let again = t.slots(&(1, 0)).to_vec();
+        assert_eq!(up, vec![(0, 3, slots[3], 0)]);
         assert_eq!(again, slots);
     }
 
@@ -334,31 +348,32 @@ mod tests {
     fn a_page_grown_from_the_one_its_slot_holds_uploads_only_its_new_rows() {
         let mut t = SlotTable::new(8);
         let mut a = pages(2);
-        let (slots, up) = t.assign(&[((1, 0), &a[..], None)]).unwrap();
+        let up = t.assign(&[((1, 0), &a[..], None)]).unwrap();
+        let slots = t.slots(&(1, 0)).to_vec();
         for (_, page, _, _) in &up {
             t.landed(&(1, 0), *page, &a[*page].0);
         }
         // The last page grew from the bytes its slot holds: rows after its 16 tokens only.
         let old = a[1].0.clone();
         a[1] = (Bytes::from(vec![7u8; 68]), 17);
-        let (_, up) = t.assign(&[((1, 0), &a[..], Some((&old, 16)))]).unwrap();
-        assert_eq!(up, vec![(0, 1, slots[0][1], 16)]);
+        let up = t.assign(&[((1, 0), &a[..], Some((&old, 16)))]).unwrap();
+        assert_eq!(up, vec![(0, 1, slots[1], 16)]);
         t.landed(&(1, 0), 1, &a[1].0);
         // A claimed growth from bytes the slot does not hold: the whole page.
         let stranger = Bytes::from(vec![1u8; 68]);
         a[1] = (Bytes::from(vec![8u8; 72]), 18);
-        let (_, up) = t.assign(&[((1, 0), &a[..], Some((&stranger, 17)))]).unwrap();
-        assert_eq!(up, vec![(0, 1, slots[0][1], 0)]);
+        let up = t.assign(&[((1, 0), &a[..], Some((&stranger, 17)))]).unwrap();
+        assert_eq!(up, vec![(0, 1, slots[1], 0)]);
     }
 
     #[test]
     fn an_upload_never_landed_is_uploaded_again() {
         let mut t = SlotTable::new(8);
         let a = pages(2);
-        let (_, up) = t.assign(&[((1, 0), &a[..], None)]).unwrap();
+        let up = t.assign(&[((1, 0), &a[..], None)]).unwrap();
         assert_eq!(up.len(), 2);
         t.landed(&(1, 0), 0, &a[0].0); // page 1's upload failed or never ran
-        let (_, up) = t.assign(&[((1, 0), &a[..], None)]).unwrap();
+        let up = t.assign(&[((1, 0), &a[..], None)]).unwrap();
         assert_eq!(up.iter().map(|u| u.1).collect::<Vec<_>>(), vec![1]);
         t.forget(&(1, 0));
         assert_eq!(t.free_slots(), 8);
@@ -369,24 +384,24 @@ mod tests {
         let mut t = SlotTable::new(6);
         let (a, b, c) = (pages(3), pages(3), pages(2));
         for (k, p) in [((1, 0), &a), ((2, 0), &b)] {
-            let (_, up) = t.assign(&[(k, &p[..], None)]).unwrap();
+            let up = t.assign(&[(k, &p[..], None)]).unwrap();
             for (_, i, _, _) in up {
                 t.landed(&k, i, &p[i].0);
             }
         }
         // Layer (1, 0) is the least recent: it goes; (2, 0) keeps its slots.
-        let (_, up) = t.assign(&[((3, 0), &c[..], None)]).unwrap();
+        let up = t.assign(&[((3, 0), &c[..], None)]).unwrap();
         assert_eq!(up.len(), 2);
-        let (_, up) = t.assign(&[((2, 0), &b[..], None)]).unwrap();
+        let up = t.assign(&[((2, 0), &b[..], None)]).unwrap();
         assert!(up.is_empty(), "the recent layer was not evicted");
         // More pages than slots: refused whole.
         let big = pages(7);
         assert!(t.assign(&[((4, 0), &big[..], None)]).unwrap_err().contains("more than the 6"));
         // Two layers of this batch that together fill the slab: nothing of theirs is evicted.
         let (d, e) = (pages(3), pages(3));
-        let (slots, up) = t.assign(&[((5, 0), &d[..], None), ((6, 0), &e[..], None)]).unwrap();
+        let up = t.assign(&[((5, 0), &d[..], None), ((6, 0), &e[..], None)]).unwrap();
         assert_eq!(up.len(), 6);
-        let mut all: Vec<usize> = slots.concat();
+        let mut all: Vec<usize> = [t.slots(&(5, 0)), t.slots(&(6, 0))].concat();
         all.sort();
         all.dedup();
         assert_eq!(all.len(), 6, "distinct slots");
@@ -397,7 +412,8 @@ mod tests {
         let mut t = SlotTable::new(4);
         let a = pages(4);
         t.assign(&[((1, 0), &a[..], None)]).unwrap();
-        let (_, _) = t.assign(&[((1, 0), &a[2..], None)]).unwrap();
+        t.assign(&[((1, 0), &a[2..], None)]).unwrap();
+        assert_eq!(t.slots(&(1, 0)).len(), 2);
         assert_eq!(t.free_slots(), 2);
     }
 }

@@ -90,8 +90,7 @@ impl Worker {
                         && old.bytes.len() == l.payload_bytes(in_page - 1)
                         && new_kv.len() == l.payload_bytes(1) =>
                 {
-                    let mut merged = vec![0u8; l.payload_bytes(in_page)];
-                    l.concat(&old.bytes, in_page - 1, new_kv, 1, &mut merged);
+                    let merged = l.concat_vec(&old.bytes, in_page - 1, new_kv, 1);
                     grown = Some(Grown { old: old.bytes, old_tokens: in_page - 1, rows: new_kv.clone() });
                     Bytes::from(merged)
                 }
@@ -154,8 +153,7 @@ impl Worker {
         pages.extend(own);
         let (last, grown) = match partial {
             Some((b, n, _)) if n as usize == held && b.len() == l.payload_bytes(held) => {
-                let mut merged = vec![0u8; l.payload_bytes(held + 1)];
-                l.concat(&b, held, new_kv, 1, &mut merged);
+                let merged = l.concat_vec(&b, held, new_kv, 1);
                 (Bytes::from(merged), Some(Grown { old: b, old_tokens: held, rows: new_kv.clone() }))
             }
             Some(_) => return None,

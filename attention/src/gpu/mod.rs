@@ -572,21 +572,63 @@ impl Gpu {
     /// Lay a batch out for the kernels: check every item, build the page table and the split-K
     /// work list.
     fn lay_out(&self, shape: &AttnShape, items: &[GpuItem]) -> Result<BatchLayout, GpuError> {
+        let qs: Vec<Query> = items.iter().map(|it| it.q).collect();
+        let n_pages = items.iter().map(|it| it.pages.len()).sum();
+        self.lay_out_with(shape, &qs, n_pages, |i| items[i].skip, |i, ptrs| check_pages(shape, items[i].pages, ptrs))
+    }
+
+    /// [`Gpu::lay_out`] for sequences whose pages are slots of `pages`: the table is read
+    /// straight from the slots' addresses, no page handle built per page.
+    fn lay_out_slots(
+        &self,
+        shape: &AttnShape,
+        pages: &DevicePages,
+        items: &[SlotSeq],
+    ) -> Result<BatchLayout, GpuError> {
+        if pages.layout != shape.layout {
+            return Err(
+                AttentionError::Shape("the page slots are in another page layout than the query's".into()).into()
+            );
+        }
+        let qs: Vec<Query> = items.iter().map(|it| it.q).collect();
+        let n_pages = items.iter().map(|it| it.slots.len()).sum();
+        self.lay_out_with(
+            shape,
+            &qs,
+            n_pages,
+            |i| items[i].skip,
+            |i, ptrs| slot_pages(shape, pages, items[i].slots, ptrs),
+        )
+    }
+
+    /// Check the queries (over threads when they are many), let `pages` append each item's page
+    /// addresses to the table (returning its tokens, or why not), and split the work.
+    fn lay_out_with(
+        &self,
+        shape: &AttnShape,
+        qs: &[Query],
+        n_pages: usize,
+        skip: impl Fn(usize) -> usize,
+        mut pages: impl FnMut(usize, &mut Vec<u64>) -> Result<usize, AttentionError>,
+    ) -> Result<BatchLayout, GpuError> {
         let kernel = Kernel::for_shape(self, shape)?;
-        let mut page_ptrs = Vec::new();
-        let (mut seq_page0, mut seq_tokens) = (Vec::with_capacity(items.len()), Vec::with_capacity(items.len()));
-        let mut ranges = Vec::with_capacity(items.len());
+        let mut page_ptrs = Vec::with_capacity(n_pages.max(1));
+        let (mut seq_page0, mut seq_tokens) = (Vec::with_capacity(qs.len()), Vec::with_capacity(qs.len()));
+        let mut ranges = Vec::with_capacity(qs.len());
         // Checking reads every query value: spread over threads when the batch's are many.
-        let qbytes = items.len() * shape.q_len() * 2;
-        crate::par::map(items, crate::par::threads_for(qbytes), |it| check_item(shape, it))
+        let qbytes = qs.len() * shape.q_len() * 2;
+        crate::par::map(qs, crate::par::threads_for(qbytes), |q| check_query(shape, q))
             .into_iter()
             .collect::<Result<(), _>>()?;
-        for item in items {
-            let total: usize = item.pages.iter().map(|p| p.tokens).sum();
+        for i in 0..qs.len() {
             seq_page0.push(i32::try_from(page_ptrs.len()).map_err(|_| GpuError::Unsupported("too many pages".into()))?);
+            let total = pages(i, &mut page_ptrs)?;
+            let skip = skip(i);
+            if skip > total {
+                return Err(AttentionError::Shape(format!("window skips {skip} of {total} tokens")).into());
+            }
             seq_tokens.push(i32::try_from(total).map_err(|_| GpuError::Unsupported("sequence too long".into()))?);
-            page_ptrs.extend(item.pages.iter().map(|p| p.ptr));
-            ranges.push((item.skip, total));
+            ranges.push((skip, total));
         }
         if page_ptrs.is_empty() {
             page_ptrs.push(0);
@@ -720,7 +762,9 @@ impl Gpu {
     /// (one pinned copy in, one out; no allocation once the batch shape has been seen).
     pub fn decode_batch(&self, shape: &AttnShape, items: &[GpuItem]) -> Result<GpuOutput, GpuError> {
         let (ol, hl) = (shape.out_len(), shape.q_heads);
-        self.run_batch(shape, items, false, |out, lse, attended| {
+        let b = self.lay_out(shape, items)?;
+        let qs: Vec<Query> = items.iter().map(|it| it.q).collect();
+        self.run_batch(shape, b, &qs, false, |out, lse, attended| {
             output(cast::<f32>(out, attended.len() * ol), lse, attended, ol, hl)
         })
     }
@@ -734,23 +778,24 @@ impl Gpu {
         items: &[GpuItem],
         bf16_out: bool,
     ) -> Result<Vec<SeqOutput>, GpuError> {
-        let (ol, hl) = (shape.out_len(), shape.q_heads);
-        self.run_batch(shape, items, bf16_out, |out, lse, attended| {
-            let idx: Vec<(usize, usize)> = attended.iter().copied().enumerate().collect();
-            let threads = crate::par::threads_for(out.len());
-            crate::par::map(&idx, threads, |&(i, n)| {
-                let l = &lse[i * hl..(i + 1) * hl];
-                if bf16_out {
-                    let o = &out[i * ol * 2..(i + 1) * ol * 2];
-                    let bad = kvcache_core::codec::first_non_finite_bf16(o).is_some();
-                    let ok = if bad { Err(AttentionError::NonFiniteResult) } else { finite(&[], l, n) };
-                    ok.map(|()| (Output::Bf16(o.to_vec()), l.to_vec()))
-                } else {
-                    let o = &cast::<f32>(out, attended.len() * ol)[i * ol..(i + 1) * ol];
-                    finite(o, l, n).map(|()| (Output::F32(o.to_vec()), l.to_vec()))
-                }
-            })
-        })
+        let b = self.lay_out(shape, items)?;
+        let qs: Vec<Query> = items.iter().map(|it| it.q).collect();
+        self.run_batch(shape, b, &qs, bf16_out, |out, lse, attended| each_output(shape, bf16_out, out, lse, attended))
+    }
+
+    /// [`Gpu::decode_batch_each`] for sequences whose pages are slots of `pages` (a worker's page
+    /// cache): the page table is laid out from the slots' device addresses directly, with the
+    /// same checks (every slot in range, all but a sequence's last page full).
+    pub fn decode_slots_each(
+        &self,
+        shape: &AttnShape,
+        pages: &DevicePages,
+        items: &[SlotSeq],
+        bf16_out: bool,
+    ) -> Result<Vec<SeqOutput>, GpuError> {
+        let b = self.lay_out_slots(shape, pages, items)?;
+        let qs: Vec<Query> = items.iter().map(|it| it.q).collect();
+        self.run_batch(shape, b, &qs, bf16_out, |out, lse, attended| each_output(shape, bf16_out, out, lse, attended))
     }
 
     /// Lay out, upload, launch and read back a batch through the workspace, and hand the
@@ -761,11 +806,11 @@ impl Gpu {
     fn run_batch<R>(
         &self,
         shape: &AttnShape,
-        items: &[GpuItem],
+        b: BatchLayout,
+        items: &[Query],
         bf16_out: bool,
         answer: impl FnOnce(&[u8], &[f32], &[usize]) -> R,
     ) -> Result<R, GpuError> {
-        let b = self.lay_out(shape, items)?;
         let batch = items.len();
         if batch == 0 {
             return Ok(answer(&[], &[], &[]));
@@ -773,7 +818,7 @@ impl Gpu {
         let (heads, dv, ql) = (shape.q_heads, shape.v_width, shape.q_len());
         let (ol, hl) = (heads * dv, heads);
         let (f, i, u) = (4usize, 4usize, 8usize);
-        let bf16_in = items.iter().all(|it| matches!(it.q, Query::Bf16(_)));
+        let bf16_in = items.iter().all(|q| matches!(q, Query::Bf16(_)));
         // Inputs: what is copied up (tables, then the queries as they are sent), then, for bf16
         // queries, their f32 widening (device only).
         let (in_offs, in_len) = pack(&[
@@ -833,15 +878,15 @@ impl Gpu {
             let threads = crate::par::threads_for(batch * ql * 2);
             if bf16_in {
                 let q = &mut h[in_offs[5]..in_offs[5] + batch * ql * 2];
-                crate::par::for_each(q.chunks_exact_mut(ql * 2).zip(items).collect(), threads, |(dst, item)| {
-                    if let Query::Bf16(b) = item.q {
+                crate::par::for_each(q.chunks_exact_mut(ql * 2).zip(items).collect(), threads, |(dst, q)| {
+                    if let Query::Bf16(b) = q {
                         dst.copy_from_slice(b);
                     }
                 });
             } else {
                 let q = cast_mut::<f32>(&mut h[in_offs[5]..], batch * ql);
-                crate::par::for_each(q.chunks_exact_mut(ql).zip(items).collect(), threads, |(dst, item)| {
-                    item.q.widen_into(dst)
+                crate::par::for_each(q.chunks_exact_mut(ql).zip(items).collect(), threads, |(dst, q)| {
+                    q.widen_into(dst)
                 });
             }
         }
@@ -1160,6 +1205,17 @@ pub struct GpuItem<'a> {
     pub skip: usize,
 }
 
+/// One sequence of [`Gpu::decode_slots_each`]: its pages named by slot of one [`DevicePages`].
+#[derive(Debug, Clone, Copy)]
+pub struct SlotSeq<'a> {
+    /// Query `[q_heads][qk_width]`.
+    pub q: Query<'a>,
+    /// Slots in page order; all but the last hold `page_tokens` tokens.
+    pub slots: &'a [usize],
+    /// Tokens at the start the query does not attend to (a window).
+    pub skip: usize,
+}
+
 /// What a batch answered.
 #[derive(Debug, Clone)]
 pub struct GpuOutput {
@@ -1383,9 +1439,9 @@ impl Kernel {
     }
 }
 
-fn check_item(shape: &AttnShape, item: &GpuItem) -> Result<(), AttentionError> {
-    match item.q {
-        Query::F32(q) => crate::kernel::check_query(shape, q)?,
+fn check_query(shape: &AttnShape, q: &Query) -> Result<(), AttentionError> {
+    match *q {
+        Query::F32(q) => crate::kernel::check_query(shape, q),
         Query::Bf16(b) => {
             if b.len() != shape.q_len() * 2 {
                 return Err(AttentionError::QueryLength {
@@ -1398,11 +1454,26 @@ fn check_item(shape: &AttnShape, item: &GpuItem) -> Result<(), AttentionError> {
             if kvcache_core::codec::first_non_finite_bf16(b).is_some() {
                 return Err(AttentionError::NonFiniteQuery);
             }
+            Ok(())
         }
     }
+}
+
+/// Page `index` of a sequence holds `tokens` tokens: every page but the last holds a full page.
+fn check_tokens(shape: &AttnShape, index: usize, last: bool, tokens: usize) -> Result<(), AttentionError> {
     let pt = shape.layout.page_tokens;
+    if tokens > pt || (!last && tokens != pt) {
+        return Err(AttentionError::Shape(format!(
+            "page {index} holds {tokens} tokens: every page but the last must hold {pt}"
+        )));
+    }
+    Ok(())
+}
+
+/// Check a sequence's pages against the query's layout and append their addresses: its tokens.
+fn check_pages(shape: &AttnShape, pages: &[DeviceRef], ptrs: &mut Vec<u64>) -> Result<usize, AttentionError> {
     let mut total = 0;
-    for (index, p) in item.pages.iter().enumerate() {
+    for (index, p) in pages.iter().enumerate() {
         let expected = shape.layout.payload_bytes(p.tokens);
         if p.layout != shape.layout && p.len == expected {
             return Err(AttentionError::Shape(format!("page {index} is in another page layout than the query's")));
@@ -1410,19 +1481,55 @@ fn check_item(shape: &AttnShape, item: &GpuItem) -> Result<(), AttentionError> {
         if p.len != expected || p.tokens == 0 {
             return Err(AttentionError::PageLength { index, got: p.len, expected, tokens: p.tokens });
         }
-        let last = index + 1 == item.pages.len();
-        if p.tokens > pt || (!last && p.tokens != pt) {
-            return Err(AttentionError::Shape(format!(
-                "page {index} holds {} tokens: every page but the last must hold {pt}",
-                p.tokens
-            )));
-        }
+        check_tokens(shape, index, index + 1 == pages.len(), p.tokens)?;
+        ptrs.push(p.ptr);
         total += p.tokens;
     }
-    if item.skip > total {
-        return Err(AttentionError::Shape(format!("window skips {} of {total} tokens", item.skip)));
+    Ok(total)
+}
+
+/// The pages of a sequence named by slot of `pages` (in the query's layout, checked by the
+/// caller): append their addresses, return its tokens. A slot past the slab, an empty slot or a
+/// page short of full before the last is refused.
+fn slot_pages(
+    shape: &AttnShape,
+    pages: &DevicePages,
+    slots: &[usize],
+    ptrs: &mut Vec<u64>,
+) -> Result<usize, AttentionError> {
+    let mut total = 0;
+    for (index, &s) in slots.iter().enumerate() {
+        let Some(p) = pages.pages.get(s) else {
+            return Err(AttentionError::Shape(format!("page {index} names slot {s} of {}", pages.pages.len())));
+        };
+        if p.tokens == 0 {
+            let expected = shape.layout.payload_bytes(1);
+            return Err(AttentionError::PageLength { index, got: p.len, expected, tokens: 0 });
+        }
+        check_tokens(shape, index, index + 1 == slots.len(), p.tokens)?;
+        ptrs.push(p.ptr);
+        total += p.tokens;
     }
-    Ok(())
+    Ok(total)
+}
+
+/// Per sequence of a read-back batch: its output as it travels and LSE, or why not.
+fn each_output(shape: &AttnShape, bf16_out: bool, out: &[u8], lse: &[f32], attended: &[usize]) -> Vec<SeqOutput> {
+    let (ol, hl) = (shape.out_len(), shape.q_heads);
+    let idx: Vec<(usize, usize)> = attended.iter().copied().enumerate().collect();
+    let threads = crate::par::threads_for(out.len());
+    crate::par::map(&idx, threads, |&(i, n)| {
+        let l = &lse[i * hl..(i + 1) * hl];
+        if bf16_out {
+            let o = &out[i * ol * 2..(i + 1) * ol * 2];
+            let bad = kvcache_core::codec::first_non_finite_bf16(o).is_some();
+            let ok = if bad { Err(AttentionError::NonFiniteResult) } else { finite(&[], l, n) };
+            ok.map(|()| (Output::Bf16(o.to_vec()), l.to_vec()))
+        } else {
+            let o = &cast::<f32>(out, attended.len() * ol)[i * ol..(i + 1) * ol];
+            finite(o, l, n).map(|()| (Output::F32(o.to_vec()), l.to_vec()))
+        }
+    })
 }
 
 /// Split each sequence's attended range `[skip, total)` into work items of whole multiples of

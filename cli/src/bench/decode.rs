@@ -155,7 +155,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 let resp = client.decode(r).await?;
                 let ms = t.elapsed().as_secs_f64() * 1e3;
                 let st = resp.stats;
-                anyhow::ensure!(resp.results.iter().all(|r| r.status == kvcache_client::SequenceStatus::Ok), "cold step missed");
+                if let Some(bad) = resp.results.iter().find(|r| r.status != kvcache_client::SequenceStatus::Ok) {
+                    anyhow::bail!("cold step: sequence {} answered {:?}: {}", bad.sequence_id, bad.status, bad.message);
+                }
                 let cold = st.bytes_pulled as f64 / (st.fetch_micros.max(1) as f64 / 1e6);
                 let keys: Vec<PageKey> = g
                     .iter()
@@ -201,7 +203,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 warm_compute.push(st.compute_micros as f64 / 1e3);
                 overlapped += st.sequences_overlapped;
                 computed += resp.results.len() as u64;
-                anyhow::ensure!(resp.results.iter().all(|r| r.status == kvcache_client::SequenceStatus::Ok), "warm step missed");
+                if let Some(bad) = resp.results.iter().find(|r| r.status != kvcache_client::SequenceStatus::Ok) {
+                    anyhow::bail!("warm step: sequence {} answered {:?}: {}", bad.sequence_id, bad.status, bad.message);
+                }
                 let kv: Vec<Vec<KvPage>> = groups[0].iter().map(|(_, m)| m.pages.iter().map(|(p, n)| KvPage { payload: p, tokens: *n }).collect()).collect();
                 // Queries as the worker sees them (bf16 values on a bf16 wire), so the kernel
                 // alone runs the path the worker's does.
