@@ -4,7 +4,7 @@
 //! --include-ignored`. The one test that runs everywhere checks that a missing driver or device is
 //! a clear error, not a panic.
 
-use kvcache_attention::gpu::{DeviceRef, Gpu, GpuError, GpuItem, Query, RowAppend, SlotSeq};
+use kvcache_attention::gpu::{DeviceRef, Gpu, GpuError, GpuItem, PageWrite, Query, RowAppend, SlotSeq};
 use kvcache_attention::reference::{attention_window, rel_l2};
 use kvcache_attention::{AttentionError, AttnShape, KvPage};
 use kvcache_core::{Codec, PageLayout};
@@ -88,16 +88,34 @@ fn check_batch_lse(g: &Gpu, shape: &AttnShape, seqs: &[Seq], tol: f64, lse_tol: 
             "{kernel}: item {i} differs"
         );
     }
-    // Pages named by slot of one slab (the worker's page cache), sequences laid out last first:
-    // the same answers, and a slot past the slab or a short page before the last refused.
+    // Pages named by slot of one slab (the worker's page cache), written through the staged
+    // upload (buffers of three pages, so several rounds; slots rotated by half the slab, so runs
+    // of consecutive slots and a wrap), sequences laid out last first: the same answers, and a
+    // slot past the slab or a short page before the last refused.
     let all: Vec<KvPage> = seqs.iter().rev().flat_map(|s| s.kv()).collect();
-    let slab = g.upload_pages(&shape.layout, &all).unwrap();
+    let mut slab = g.alloc_slots(&shape.layout, all.len().max(1)).unwrap();
+    let n = all.len().max(1);
+    let slot_of = |k: usize| (k + n / 2) % n;
+    let writes: Vec<PageWrite> = all
+        .iter()
+        .enumerate()
+        .map(|(k, p)| PageWrite { index: slot_of(k), payload: p.payload, tokens: p.tokens })
+        .collect();
+    let mut staging = g.staging(&shape.layout, 3 * shape.layout.page_bytes()).unwrap();
+    g.write_pages_staged(&mut slab, &writes, &mut staging).unwrap();
+    if let Some(w) = writes.first() {
+        let short = PageWrite { payload: &w.payload[1..], ..*w };
+        assert!(matches!(
+            g.write_pages_staged(&mut slab, &[short], &mut staging),
+            Err(GpuError::Attention(AttentionError::PageLength { .. }))
+        ));
+    }
     let mut at = all.len();
     let slots: Vec<Vec<usize>> = seqs
         .iter()
         .map(|s| {
             at -= s.pages.len();
-            (at..at + s.pages.len()).collect()
+            (at..at + s.pages.len()).map(slot_of).collect()
         })
         .collect();
     let slot_items: Vec<SlotSeq> =
@@ -115,8 +133,8 @@ fn check_batch_lse(g: &Gpu, shape: &AttnShape, seqs: &[Seq], tol: f64, lse_tol: 
         g.decode_slots_each(shape, &slab, &[bad], false),
         Err(GpuError::Attention(AttentionError::Shape(m))) if m.contains("names slot")
     ));
-    if let Some(short) = (0..slab.len()).find(|&i| all[i].tokens < shape.layout.page_tokens) {
-        let twice = [short, short];
+    if let Some(short) = (0..all.len()).find(|&k| all[k].tokens < shape.layout.page_tokens) {
+        let twice = [slot_of(short), slot_of(short)];
         let bad = SlotSeq { slots: &twice, skip: 0, ..slot_items[0] };
         assert!(matches!(
             g.decode_slots_each(shape, &slab, &[bad], false),

@@ -19,7 +19,7 @@
 
 use bytes::Bytes;
 use kvcache_attention::AttnShape;
-use kvcache_attention::gpu::{DevicePages, Gpu, GpuError, Query, RowAppend, RowStaging, SlotSeq, Staging};
+use kvcache_attention::gpu::{DevicePages, Gpu, GpuError, PageWrite, Query, RowAppend, RowStaging, SlotSeq, Staging};
 use kvcache_core::{PageLayout, SequenceKey};
 use parking_lot::Mutex;
 use std::collections::{BTreeMap, HashMap};
@@ -181,9 +181,9 @@ struct Slab {
     rows: RowStaging,
 }
 
-/// Pinned page buffers per slab: a step's uploads (one per sequence when warm) go out
-/// asynchronously, this many in flight while the host spreads the next.
-const STAGING_PAGES: usize = 16;
+/// Bytes of each of a slab's two pinned staging buffers: a cold step's pages are spread into one
+/// on several threads while the other's copies to the device run.
+const STAGING_BYTES: usize = 32 << 20;
 
 /// Rows staged per slab at first (grown when a step appends more): a warm step writes one
 /// token per sequence.
@@ -245,7 +245,7 @@ impl DeviceCache {
                 let slot = shape.layout.page_bytes().next_multiple_of(256) as u64;
                 let cap = (self.bytes / slot).max(1) as usize;
                 let pages = self.gpu.alloc_slots(&shape.layout, cap)?;
-                let staging = self.gpu.staging(&shape.layout, STAGING_PAGES)?;
+                let staging = self.gpu.staging(&shape.layout, STAGING_BYTES)?;
                 let rows = self.gpu.row_staging(&shape.layout, STAGING_ROWS)?;
                 slabs.push(Slab { layout: shape.layout, pages, table: SlotTable::new(cap), staging, rows });
                 slabs.last_mut().expect("pushed")
@@ -259,8 +259,8 @@ impl DeviceCache {
         let n_uploads = uploads.len();
         // Pages uploaded whole now; appended rows gathered and written in place in one go after.
         let mut rows: Vec<(RowAppend, usize, usize)> = Vec::new();
+        let (mut whole, mut whole_at): (Vec<PageWrite>, Vec<(usize, usize)>) = (Vec::new(), Vec::new());
         let in_place = shape.layout.row_bytes.is_multiple_of(4);
-        let mut r = Ok(());
         for (item, page, slot, from) in uploads {
             let it = &items[item];
             let (b, tokens) = &it.pages[page];
@@ -268,15 +268,20 @@ impl DeviceCache {
                 // The slot holds the first `from` tokens: the appended token's rows go after them.
                 Some(g) if in_place && from > 0 && from == g.old_tokens && from + 1 == *tokens => {
                     rows.push((RowAppend { index: slot, at: from, rows: &g.rows }, item, page));
-                    continue;
                 }
-                _ => r = self.gpu.write_page_staged(&mut slab.pages, slot, b, *tokens, &mut slab.staging),
+                _ => {
+                    whole.push(PageWrite { index: slot, payload: b, tokens: *tokens });
+                    whole_at.push((item, page));
+                }
             }
-            if r.is_err() {
-                break;
+        }
+        let mut r = self.gpu.write_pages_staged(&mut slab.pages, &whole, &mut slab.staging);
+        if r.is_ok() {
+            for &(item, page) in &whole_at {
+                let it = &items[item];
+                self.uploads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                slab.table.landed(&it.key, page, &it.pages[page].0);
             }
-            self.uploads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            slab.table.landed(&it.key, page, b);
         }
         if r.is_ok() && !rows.is_empty() {
             let appends: Vec<RowAppend> = rows.iter().map(|r| r.0).collect();

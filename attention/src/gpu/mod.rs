@@ -375,46 +375,87 @@ impl Gpu {
         Ok(())
     }
 
-    /// A ring of `depth` pinned host buffers of one page of `layout` each, for
-    /// [`Gpu::write_page_staged`].
-    pub fn staging(&self, layout: &PageLayout, depth: usize) -> Result<Staging, GpuError> {
-        let bufs = (0..depth.max(1))
+    /// Two pinned host buffers of about `bytes` each (at least one page slot), for
+    /// [`Gpu::write_pages_staged`].
+    pub fn staging(&self, layout: &PageLayout, bytes: usize) -> Result<Staging, GpuError> {
+        let slot = layout.page_bytes().next_multiple_of(256);
+        let per = (bytes / slot).max(1);
+        let bufs = (0..2)
             .map(|_| {
                 // SAFETY: u8 has no invalid bit patterns; the buffer is zeroed before any use.
-                let mut b = unsafe { self.ctx.alloc_pinned::<u8>(layout.page_bytes()) }?;
+                let mut b = unsafe { self.ctx.alloc_pinned::<u8>(per * slot) }?;
                 b.as_mut_slice()?.fill(0);
                 Ok(b)
             })
             .collect::<Result<Vec<_>, DriverError>>()?;
-        Ok(Staging { bufs, next: 0, layout: *layout })
+        Ok(Staging { bufs, done: vec![None, None], next: 0, layout: *layout, per })
     }
 
-    /// [`Gpu::write_page`] through the next buffer of a pinned ring: the page is spread into it
-    /// (waiting only if that buffer's previous copy is still running) and copied to its slot
-    /// asynchronously, ordered before anything launched on the stream afterwards. A step's
-    /// uploads overlap one another and the host's spreading of the next page.
-    pub fn write_page_staged(
+    /// Write stored payloads into slots of `pages` (each spread a full page apart, see
+    /// [`spread`]), through `staging`'s two pinned buffers: a buffer's pages are spread on up to
+    /// eight threads, then copied to their slots asynchronously (one copy per run of
+    /// consecutive slots) while the host fills the other buffer. The copies are ordered before
+    /// anything launched on the stream afterwards. Every write is checked before any is made.
+    pub fn write_pages_staged(
         &self,
         pages: &mut DevicePages,
-        index: usize,
-        payload: &[u8],
-        tokens: usize,
+        writes: &[PageWrite],
         staging: &mut Staging,
     ) -> Result<(), GpuError> {
         let l = pages.layout;
-        let expected = l.payload_bytes(tokens);
-        if payload.len() != expected || tokens > l.page_tokens || index >= pages.pages.len() || staging.layout != l {
-            return Err(AttentionError::PageLength { index, got: payload.len(), expected, tokens }.into());
+        for w in writes {
+            let expected = l.payload_bytes(w.tokens);
+            if w.payload.len() != expected || w.tokens > l.page_tokens || w.index >= pages.pages.len() {
+                return Err(AttentionError::PageLength {
+                    index: w.index,
+                    got: w.payload.len(),
+                    expected,
+                    tokens: w.tokens,
+                }
+                .into());
+            }
         }
-        let n = staging.bufs.len();
-        let buf = &mut staging.bufs[staging.next];
-        staging.next = (staging.next + 1) % n;
-        spread(&l, payload, tokens, buf.as_mut_slice()?);
-        let at = index * pages.slot;
-        let mut dst = pages.buf.slice_mut(at..at + l.page_bytes());
-        self.stream.memcpy_htod(buf, &mut dst)?;
-        pages.pages[index].len = payload.len();
-        pages.pages[index].tokens = tokens;
+        if staging.layout != l {
+            return Err(GpuError::Unsupported("staging buffers of another page layout".into()));
+        }
+        let slot = pages.slot;
+        for chunk in writes.chunks(staging.per) {
+            let k = staging.next;
+            staging.next = 1 - k;
+            // The copies out of this buffer two rounds ago have run.
+            if let Some(e) = &staging.done[k] {
+                e.synchronize()?;
+            }
+            let buf = &mut staging.bufs[k];
+            let host = buf.as_mut_slice()?;
+            let parts: Vec<(&mut [u8], &PageWrite)> = host.chunks_mut(slot).zip(chunk).collect();
+            let threads = crate::par::threads_for(chunk.len() * slot);
+            crate::par::for_each(parts, threads, |(dst, w)| spread(&l, w.payload, w.tokens, dst));
+            let host = buf.as_slice()?;
+            let mut i = 0;
+            while i < chunk.len() {
+                let mut j = i + 1;
+                while j < chunk.len() && chunk[j].index == chunk[j - 1].index + 1 {
+                    j += 1;
+                }
+                let dst = pages.pages[chunk[i].index].ptr;
+                // SAFETY: slots i..j are consecutive in `pages` (one allocation, `slot` bytes
+                // apart, checked in range above), so `dst` has (j - i) × slot bytes; the pinned
+                // source is not written again before this buffer's event has completed.
+                unsafe {
+                    cudarc::driver::result::memcpy_htod_async(dst, &host[i * slot..j * slot], self.stream.cu_stream())
+                }?;
+                i = j;
+            }
+            match &staging.done[k] {
+                Some(e) => e.record(&self.stream)?,
+                None => staging.done[k] = Some(self.stream.record_event(None)?),
+            }
+            for w in chunk {
+                pages.pages[w.index].len = w.payload.len();
+                pages.pages[w.index].tokens = w.tokens;
+            }
+        }
         Ok(())
     }
 
@@ -1109,11 +1150,26 @@ impl DevicePages {
     }
 }
 
-/// Pinned host buffers that page uploads are staged through ([`Gpu::staging`]).
+/// Pinned host buffers that page uploads are staged through ([`Gpu::staging`]): two, each
+/// `per` page slots, and the event each one's last copies recorded.
 pub struct Staging {
     bufs: Vec<PinnedHostSlice<u8>>,
+    done: Vec<Option<cudarc::driver::CudaEvent>>,
     next: usize,
     layout: PageLayout,
+    per: usize,
+}
+
+/// One page for [`Gpu::write_pages_staged`]: slot `index` gets the stored payload of `tokens`
+/// tokens.
+#[derive(Debug, Clone, Copy)]
+pub struct PageWrite<'a> {
+    /// The slot.
+    pub index: usize,
+    /// The stored (compact) payload.
+    pub payload: &'a [u8],
+    /// Tokens in it.
+    pub tokens: usize,
 }
 
 /// The buffers [`Gpu::append_rows`] stages rows through (pinned host and device, grown as

@@ -75,6 +75,9 @@ struct ModelRow {
     /// Median over the cold batches of (cold fetch ÷ node get of the same pages, read right
     /// after): each pair is measured a fraction of a second apart, so the host's drift cancels.
     cold_fetch_vs_node_get: f64,
+    /// Median over the cold batches of (the pages' bytes ÷ the whole cold step, ÷ node get): the
+    /// pull, the copy into the worker's compute memory (HBM on a GPU), the kernels and the call.
+    cold_step_vs_node_get: f64,
 }
 
 #[derive(Serialize)]
@@ -149,6 +152,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             // Cold: the first call on a batch nobody has read, then the node-get baseline on the
             // same pages straight from the nodes (8 tasks of 16-page requests, as `bench node`).
             let (mut cold_ms, mut cold_rate, mut node_rate, mut ratio) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            let mut step_ratio = Vec::new();
             for g in groups.iter_mut().skip(1) {
                 let r = req(g, &mut rng, false);
                 let t = Instant::now();
@@ -168,6 +172,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 cold_rate.push(cold);
                 node_rate.push(node);
                 ratio.push(cold / node);
+                step_ratio.push(st.bytes_pulled as f64 / (ms / 1e3) / node);
             }
             // Warm: batch 0, one token appended per step, cache hot after the first call. Each
             // step is paired with the kernel alone on the same batch (the context the step just
@@ -261,11 +266,12 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 cold_fetch_bytes_per_s: cold_fetch,
                 node_get_bytes_per_s: node_get,
                 cold_fetch_vs_node_get: median(ratio),
+                cold_step_vs_node_get: median(step_ratio),
             };
             let only = row.gpu_kernels_only_ms.map(|k| format!(" (the kernels alone {k:.2} ms)")).unwrap_or_default();
             eprintln!(
-                "{preset}: kernel {:.2} ms{only}, warm step {:.2} ms ({:.2}×; worker fetch {:.2} + compute {:.2} ms, append {:.2} ms, {:.0}% of sequences computed while appending; {} queries and outputs), cold step {:.1} ms, cold fetch {:.2} GB/s vs node get {:.2} GB/s ({:.2}×)",
-                row.kernel_ms, row.warm_step_ms, row.warm_step_over_kernel, row.warm_fetch_ms, row.warm_compute_ms, row.warm_append_ms, row.warm_overlapped * 100.0, row.wire, row.cold_step_ms, cold_fetch / 1e9, node_get / 1e9, row.cold_fetch_vs_node_get
+                "{preset}: kernel {:.2} ms{only}, warm step {:.2} ms ({:.2}×; worker fetch {:.2} + compute {:.2} ms, append {:.2} ms, {:.0}% of sequences computed while appending; {} queries and outputs), cold step {:.1} ms ({:.2}× node get, the copy into compute memory and the kernels included), cold fetch {:.2} GB/s vs node get {:.2} GB/s ({:.2}×)",
+                row.kernel_ms, row.warm_step_ms, row.warm_step_over_kernel, row.warm_fetch_ms, row.warm_compute_ms, row.warm_append_ms, row.warm_overlapped * 100.0, row.wire, row.cold_step_ms, row.cold_step_vs_node_get, cold_fetch / 1e9, node_get / 1e9, row.cold_fetch_vs_node_get
             );
             rows.push(row);
         }
