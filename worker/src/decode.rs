@@ -397,11 +397,18 @@ impl Worker {
         todo: Vec<(usize, Option<AppendAnswer>)>,
     ) -> Vec<(usize, Result<Fetched, SeqFailure>)> {
         let layer = p.layer;
+        // On a GPU, each sequence's pulled pages go up as soon as they are in, while the rest
+        // of the batch is still arriving.
+        // (`KVCACHE_GPU_PRELOAD=0` copies them at the compute instead, to compare.)
+        let preload = std::env::var_os("KVCACHE_GPU_PRELOAD").is_none_or(|v| v != "0");
+        let device = self.device.clone().filter(|_| preload && p.ns.model.indexer.is_none());
+        let layout = p.shape.layout;
         let (index, tasks): (Vec<usize>, Vec<_>) = todo
             .into_iter()
             .map(|(i, acks)| {
                 let (me, ns, seq) = (self.clone(), p.ns.clone(), p.seqs[i].clone());
                 let new_kv = items[i].new_kv.clone();
+                let device = device.clone();
                 let task = tokio::spawn(
                     async move {
                         if let Some(acks) = acks {
@@ -415,7 +422,16 @@ impl Worker {
                                 return Ok(f);
                             }
                         }
-                        me.fetch_layer(&seq, layer).await
+                        let f = me.fetch_layer(&seq, layer).await?;
+                        if let Some(dev) = device.filter(|_| f.pulled > 0) {
+                            let pages = f.pages.clone();
+                            // Best effort: a layer that does not fit is the decode's to refuse.
+                            let up = tokio::task::spawn_blocking(move || dev.preload(&layout, (seq, layer), &pages));
+                            if let Ok(Err(e)) = up.await {
+                                tracing::debug!(error = %e, "pages not copied to the GPU ahead of the decode");
+                            }
+                        }
+                        Ok(f)
                     }
                     .in_current_span(),
                 );

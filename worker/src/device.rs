@@ -59,8 +59,8 @@ pub(crate) struct SlotTable<K> {
 pub(crate) type Upload = (usize, usize, usize, usize);
 
 /// One item of [`SlotTable::assign`]: its layer, its pages, and when the last page is a held
-/// page grown by rows, that page's previous payload and tokens.
-pub(crate) type SlotItem<'a, K> = (K, &'a [(Bytes, usize)], Option<(&'a Bytes, usize)>);
+/// page grown by rows, that page's previous payload and tokens and the rows appended.
+pub(crate) type SlotItem<'a, K> = (K, &'a [(Bytes, usize)], Option<(&'a Bytes, usize, &'a [u8])>);
 
 impl<K: Clone + Eq + std::hash::Hash> SlotTable<K> {
     pub(crate) fn new(cap: usize) -> Self {
@@ -112,7 +112,7 @@ impl<K: Clone + Eq + std::hash::Hash> SlotTable<K> {
                     }
                     // The slot holds the page this one grew from: only the new rows go.
                     let from = match grown {
-                        Some((old, n)) if i + 1 == pages.len() && entry.ids[i] == id(old) => *n,
+                        Some((old, n, _)) if i + 1 == pages.len() && entry.ids[i] == id(old) => *n,
                         _ => 0,
                     };
                     entry.ids[i] = NONE;
@@ -230,44 +230,52 @@ impl DeviceCache {
         self.uploads.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Decode a batch on the GPU: `(out, lse)` or the error, per item; outputs rounded to bf16
-    /// on the device with `bf16_out`.
-    pub(crate) fn decode(
+    /// The slab of `layout` (allocated at first use).
+    fn slab<'a>(&self, slabs: &'a mut Vec<Slab>, layout: &PageLayout) -> Result<&'a mut Slab, GpuError> {
+        if let Some(i) = slabs.iter().position(|s| s.layout == *layout) {
+            return Ok(&mut slabs[i]);
+        }
+        let slot = layout.page_bytes().next_multiple_of(256) as u64;
+        let cap = (self.bytes / slot).max(1) as usize;
+        let pages = self.gpu.alloc_slots(layout, cap)?;
+        let staging = self.gpu.staging(layout, STAGING_BYTES)?;
+        let rows = self.gpu.row_staging(layout, STAGING_ROWS)?;
+        slabs.push(Slab { layout: *layout, pages, table: SlotTable::new(cap), staging, rows });
+        Ok(slabs.last_mut().expect("pushed"))
+    }
+
+    /// Copy a sequence layer's pages to the device ahead of its compute: a cold pull calls it as
+    /// each sequence's pages arrive, so the copies run while the rest of the batch is still
+    /// being pulled, and the decode that follows finds the pages there. The pages copied.
+    pub(crate) fn preload(
         &self,
-        shape: &AttnShape,
-        items: &[DeviceItem],
-        bf16_out: bool,
-    ) -> Result<Vec<DeviceAnswer>, GpuError> {
+        layout: &PageLayout,
+        key: (SequenceKey, u32),
+        pages: &[(Bytes, usize)],
+    ) -> Result<usize, GpuError> {
         let mut slabs = self.slabs.lock();
-        let slab = match slabs.iter().position(|s| s.layout == shape.layout) {
-            Some(i) => &mut slabs[i],
-            None => {
-                let slot = shape.layout.page_bytes().next_multiple_of(256) as u64;
-                let cap = (self.bytes / slot).max(1) as usize;
-                let pages = self.gpu.alloc_slots(&shape.layout, cap)?;
-                let staging = self.gpu.staging(&shape.layout, STAGING_BYTES)?;
-                let rows = self.gpu.row_staging(&shape.layout, STAGING_ROWS)?;
-                slabs.push(Slab { layout: shape.layout, pages, table: SlotTable::new(cap), staging, rows });
-                slabs.last_mut().expect("pushed")
-            }
-        };
-        let keyed: Vec<SlotItem<'_, (SequenceKey, u32)>> =
-            items.iter().map(|it| (it.key.clone(), it.pages, it.grown.map(|g| (&g.old, g.old_tokens)))).collect();
-        let t = std::time::Instant::now();
-        let uploads = slab.table.assign(&keyed).map_err(GpuError::OutOfMemory)?;
-        let assigned = t.elapsed();
+        let slab = self.slab(&mut slabs, layout)?;
+        self.upload(slab, &[(key, pages, None)])
+    }
+
+    /// Assign the items' slots and copy up what the slab does not hold: whole pages through the
+    /// staging buffers, a grown last page's new rows in place. The pages copied.
+    fn upload(&self, slab: &mut Slab, keyed: &[SlotItem<'_, (SequenceKey, u32)>]) -> Result<usize, GpuError> {
+        let uploads = slab.table.assign(keyed).map_err(GpuError::OutOfMemory)?;
         let n_uploads = uploads.len();
         // Pages uploaded whole now; appended rows gathered and written in place in one go after.
         let mut rows: Vec<(RowAppend, usize, usize)> = Vec::new();
         let (mut whole, mut whole_at): (Vec<PageWrite>, Vec<(usize, usize)>) = (Vec::new(), Vec::new());
-        let in_place = shape.layout.row_bytes.is_multiple_of(4);
+        let in_place = slab.layout.row_bytes.is_multiple_of(4);
         for (item, page, slot, from) in uploads {
-            let it = &items[item];
-            let (b, tokens) = &it.pages[page];
-            match it.grown {
+            let (_, pages, grown) = &keyed[item];
+            let (b, tokens) = &pages[page];
+            match grown {
                 // The slot holds the first `from` tokens: the appended token's rows go after them.
-                Some(g) if in_place && from > 0 && from == g.old_tokens && from + 1 == *tokens => {
-                    rows.push((RowAppend { index: slot, at: from, rows: &g.rows }, item, page));
+                Some((_, old_tokens, new_rows))
+                    if in_place && from > 0 && from == *old_tokens && from + 1 == *tokens =>
+                {
+                    rows.push((RowAppend { index: slot, at: from, rows: new_rows }, item, page));
                 }
                 _ => {
                     whole.push(PageWrite { index: slot, payload: b, tokens: *tokens });
@@ -278,9 +286,8 @@ impl DeviceCache {
         let mut r = self.gpu.write_pages_staged(&mut slab.pages, &whole, &mut slab.staging);
         if r.is_ok() {
             for &(item, page) in &whole_at {
-                let it = &items[item];
-                self.uploads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                slab.table.landed(&it.key, page, &it.pages[page].0);
+                let (key, pages, _) = &keyed[item];
+                slab.table.landed(key, page, &pages[page].0);
             }
         }
         if r.is_ok() && !rows.is_empty() {
@@ -288,27 +295,45 @@ impl DeviceCache {
             r = self.gpu.append_rows(&mut slab.pages, &appends, &mut slab.rows);
             if r.is_ok() {
                 for &(_, item, page) in &rows {
-                    let it = &items[item];
-                    self.uploads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    slab.table.landed(&it.key, page, &it.pages[page].0);
+                    let (key, pages, _) = &keyed[item];
+                    slab.table.landed(key, page, &pages[page].0);
                 }
             }
         }
         if let Err(e) = r {
             // Nothing half-written may be taken for these bytes later.
-            for it in items {
-                slab.table.forget(&it.key);
+            for (key, _, _) in keyed {
+                slab.table.forget(key);
             }
             return Err(e);
         }
+        self.uploads.fetch_add(n_uploads as u64, std::sync::atomic::Ordering::Relaxed);
+        Ok(n_uploads)
+    }
+
+    /// Decode a batch on the GPU: `(out, lse)` or the error, per item; outputs rounded to bf16
+    /// on the device with `bf16_out`.
+    pub(crate) fn decode(
+        &self,
+        shape: &AttnShape,
+        items: &[DeviceItem],
+        bf16_out: bool,
+    ) -> Result<Vec<DeviceAnswer>, GpuError> {
+        let mut slabs = self.slabs.lock();
+        let slab = self.slab(&mut slabs, &shape.layout)?;
+        let keyed: Vec<SlotItem<'_, (SequenceKey, u32)>> = items
+            .iter()
+            .map(|it| (it.key.clone(), it.pages, it.grown.map(|g| (&g.old, g.old_tokens, &g.rows[..]))))
+            .collect();
+        let t = std::time::Instant::now();
+        let n_uploads = self.upload(slab, &keyed)?;
         let seqs: Vec<SlotSeq> =
             items.iter().map(|it| SlotSeq { q: it.q, slots: slab.table.slots(&it.key), skip: it.skip }).collect();
         let uploaded = t.elapsed();
         let r = self.gpu.decode_slots_each(shape, &slab.pages, &seqs, bf16_out);
         tracing::debug!(
-            assign = ?assigned,
             uploads = n_uploads,
-            upload = ?(uploaded - assigned),
+            upload = ?uploaded,
             decode = ?(t.elapsed() - uploaded),
             "GPU step"
         );
@@ -361,13 +386,13 @@ mod tests {
         // The last page grew from the bytes its slot holds: rows after its 16 tokens only.
         let old = a[1].0.clone();
         a[1] = (Bytes::from(vec![7u8; 68]), 17);
-        let up = t.assign(&[((1, 0), &a[..], Some((&old, 16)))]).unwrap();
+        let up = t.assign(&[((1, 0), &a[..], Some((&old, 16, &[][..])))]).unwrap();
         assert_eq!(up, vec![(0, 1, slots[1], 16)]);
         t.landed(&(1, 0), 1, &a[1].0);
         // A claimed growth from bytes the slot does not hold: the whole page.
         let stranger = Bytes::from(vec![1u8; 68]);
         a[1] = (Bytes::from(vec![8u8; 72]), 18);
-        let up = t.assign(&[((1, 0), &a[..], Some((&stranger, 17)))]).unwrap();
+        let up = t.assign(&[((1, 0), &a[..], Some((&stranger, 17, &[][..])))]).unwrap();
         assert_eq!(up, vec![(0, 1, slots[1], 0)]);
     }
 

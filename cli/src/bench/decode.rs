@@ -136,6 +136,18 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 groups.push(v);
             }
             let dtype = if a.wire == "f32" { pb::VectorDtype::F32 } else { pb::VectorDtype::Bf16 };
+            // On a GPU, the shape's kernels are compiled (or loaded from the disk cache) before
+            // anything is timed: the worker shares this process's device, so a cold step then
+            // measures the pull and the copy into HBM, not a one-time compile.
+            if let Some(g) = &gpu {
+                let (p, n) = &groups[0][0].1.pages[0];
+                let dp = g.upload_pages(&shape.layout, &[KvPage { payload: p, tokens: *n }])?;
+                let q = vec![0u8; shape.q_len() * 2];
+                let refs = dp.pages();
+                let item = kvcache_attention::gpu::GpuItem { q: kvcache_attention::gpu::Query::Bf16(&q), pages: &refs, skip: 0 };
+                g.decode_batch_each(&shape, &[item], true)?;
+                g.decode_batch_each(&shape, &[kvcache_attention::gpu::GpuItem { q: kvcache_attention::gpu::Query::F32(&vec![0f32; shape.q_len()]), ..item }], false)?;
+            }
             let req = |g: &mut Vec<(SequenceKey, Mirror)>, rng: &mut Rng, append: bool| {
                 let items = g
                     .iter_mut()
