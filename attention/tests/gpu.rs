@@ -96,17 +96,33 @@ fn check_batch_lse(g: &Gpu, shape: &AttnShape, seqs: &[Seq], tol: f64, lse_tol: 
     let mut slab = g.alloc_slots(&shape.layout, all.len().max(1)).unwrap();
     let n = all.len().max(1);
     let slot_of = |k: usize| (k + n / 2) % n;
+    // Every other page from a host copy page-locked with the driver: its full pages go up by
+    // DMA straight from there, the rest staged.
+    let page_bytes = shape.layout.page_bytes();
+    let mut host = vec![0u8; all.len() * page_bytes + 4096];
+    let base = host.as_ptr().align_offset(4096);
+    for (k, p) in all.iter().enumerate() {
+        host[base + k * page_bytes..][..p.payload.len()].copy_from_slice(p.payload);
+    }
+    let host = &mut host[base..base + (all.len() * page_bytes).max(1)];
+    // SAFETY: `host` outlives `region` (declared before it, dropped after).
+    let region = unsafe { g.register_host(host.as_mut_ptr(), host.len()) }.unwrap();
     let writes: Vec<PageWrite> = all
         .iter()
         .enumerate()
-        .map(|(k, p)| PageWrite { index: slot_of(k), payload: p.payload, tokens: p.tokens })
+        .map(|(k, p)| {
+            let payload = if k % 2 == 0 { &host[k * page_bytes..][..p.payload.len()] } else { p.payload };
+            PageWrite { index: slot_of(k), payload, tokens: p.tokens }
+        })
         .collect();
-    let mut staging = g.staging(&shape.layout, 3 * shape.layout.page_bytes()).unwrap();
-    g.write_pages_staged(&mut slab, &writes, &mut staging).unwrap();
+    let mut staging = g.staging(&shape.layout, 3 * page_bytes).unwrap();
+    let dma = g.write_pages_staged(&mut slab, &writes, &mut staging, Some(&region)).unwrap();
+    let in_region = (0..all.len()).filter(|k| k % 2 == 0 && all[*k].tokens == shape.layout.page_tokens).count();
+    assert_eq!(dma, in_region, "full pages in the registered region go up by DMA");
     if let Some(w) = writes.first() {
         let short = PageWrite { payload: &w.payload[1..], ..*w };
         assert!(matches!(
-            g.write_pages_staged(&mut slab, &[short], &mut staging),
+            g.write_pages_staged(&mut slab, &[short], &mut staging, None),
             Err(GpuError::Attention(AttentionError::PageLength { .. }))
         ));
     }

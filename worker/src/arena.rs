@@ -79,6 +79,12 @@ impl Arena {
         Some(Arc::new(Self { map, state: Mutex::new(state) }))
     }
 
+    /// The region's start and length (for registering it with a GPU driver, so that pages in it
+    /// go to the device by DMA).
+    pub fn region(&self) -> (*mut u8, usize) {
+        (self.map.as_mut_ptr(), self.map.len())
+    }
+
     /// `src` copied into a free slot, as `Bytes` that free the slot when the last clone drops;
     /// `None` when it is empty, over a chunk, or no slot of its size is free.
     pub fn copy_in(self: &Arc<Self>, src: &[u8]) -> Option<Bytes> {

@@ -17,9 +17,12 @@
 //! the least recently used layer the current batch does not read is evicted first. A batch whose pages do not fit is refused whole (`RESOURCE_EXHAUSTED`, with the
 //! reason), never answered wrong.
 
+use crate::arena::Arena;
 use bytes::Bytes;
 use kvcache_attention::AttnShape;
-use kvcache_attention::gpu::{DevicePages, Gpu, GpuError, PageWrite, Query, RowAppend, RowStaging, SlotSeq, Staging};
+use kvcache_attention::gpu::{
+    DevicePages, Gpu, GpuError, HostRegion, PageWrite, Query, RowAppend, RowStaging, SlotSeq, Staging,
+};
 use kvcache_core::{PageLayout, SequenceKey};
 use parking_lot::Mutex;
 use std::collections::{BTreeMap, HashMap};
@@ -179,6 +182,9 @@ struct Slab {
     staging: Staging,
     /// The buffers appended tokens' rows are staged through.
     rows: RowStaging,
+    /// Payloads copied by DMA straight from the registered arena since the stream was last
+    /// waited for: held so that their arena slots are not reused under the copy.
+    inflight: Vec<Bytes>,
 }
 
 /// Bytes of each of a slab's two pinned staging buffers: a cold step's pages are spread into one
@@ -195,6 +201,10 @@ pub struct DeviceCache {
     bytes: u64,
     slabs: Mutex<Vec<Slab>>,
     uploads: std::sync::atomic::AtomicU64,
+    /// The host page cache's arena, page-locked with the driver: full pages in it go up by DMA.
+    /// (Declared before the arena, so it is unregistered before the mapping goes.)
+    region: Option<HostRegion>,
+    _arena: Option<Arc<Arena>>,
 }
 
 /// One sequence of a GPU decode.
@@ -215,9 +225,26 @@ pub(crate) struct DeviceItem<'a> {
 pub(crate) type DeviceAnswer = kvcache_attention::gpu::SeqOutput;
 
 impl DeviceCache {
-    /// Slots on `gpu`, at most `bytes` per page geometry.
-    pub fn new(gpu: Arc<Gpu>, bytes: u64) -> Self {
-        Self { gpu, bytes, slabs: Mutex::new(Vec::new()), uploads: Default::default() }
+    /// Slots on `gpu`, at most `bytes` per page geometry. With the host cache's `arena`, the
+    /// arena is page-locked with the driver (once, at start), so that cold pages go up by DMA
+    /// straight from where the pull put them, with no staging copy.
+    pub fn new(gpu: Arc<Gpu>, bytes: u64, arena: Option<Arc<Arena>>) -> Self {
+        let region = arena.as_ref().and_then(|a| {
+            let (ptr, len) = a.region();
+            let t = std::time::Instant::now();
+            // SAFETY: the arena's mapping lives as long as `_arena`, which outlives `region`.
+            match unsafe { gpu.register_host(ptr, len) } {
+                Ok(r) => {
+                    tracing::info!(bytes = len, took = ?t.elapsed(), "page-cache arena registered with the GPU driver");
+                    Some(r)
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "page-cache arena not registered with the GPU driver: pages go up staged");
+                    None
+                }
+            }
+        });
+        Self { gpu, bytes, slabs: Mutex::new(Vec::new()), uploads: Default::default(), region, _arena: arena }
     }
 
     /// The device.
@@ -240,7 +267,7 @@ impl DeviceCache {
         let pages = self.gpu.alloc_slots(layout, cap)?;
         let staging = self.gpu.staging(layout, STAGING_BYTES)?;
         let rows = self.gpu.row_staging(layout, STAGING_ROWS)?;
-        slabs.push(Slab { layout: *layout, pages, table: SlotTable::new(cap), staging, rows });
+        slabs.push(Slab { layout: *layout, pages, table: SlotTable::new(cap), staging, rows, inflight: Vec::new() });
         Ok(slabs.last_mut().expect("pushed"))
     }
 
@@ -261,6 +288,12 @@ impl DeviceCache {
     /// Assign the items' slots and copy up what the slab does not hold: whole pages through the
     /// staging buffers, a grown last page's new rows in place. The pages copied.
     fn upload(&self, slab: &mut Slab, keyed: &[SlotItem<'_, (SequenceKey, u32)>]) -> Result<usize, GpuError> {
+        // The assignment below may evict layers: the arena slots copied from by DMA stay held
+        // until those copies have run.
+        if !slab.inflight.is_empty() {
+            self.gpu.synchronize()?;
+            slab.inflight.clear();
+        }
         let uploads = slab.table.assign(keyed).map_err(GpuError::OutOfMemory)?;
         let n_uploads = uploads.len();
         // Pages uploaded whole now; appended rows gathered and written in place in one go after.
@@ -283,7 +316,13 @@ impl DeviceCache {
                 }
             }
         }
-        let mut r = self.gpu.write_pages_staged(&mut slab.pages, &whole, &mut slab.staging);
+        let r = self.gpu.write_pages_staged(&mut slab.pages, &whole, &mut slab.staging, self.region.as_ref());
+        if let Ok(dma) = r
+            && dma > 0
+        {
+            slab.inflight.extend(whole_at.iter().map(|&(item, page)| keyed[item].1[page].0.clone()));
+        }
+        let mut r = r.map(|_| ());
         if r.is_ok() {
             for &(item, page) in &whole_at {
                 let (key, pages, _) = &keyed[item];
@@ -301,6 +340,8 @@ impl DeviceCache {
             }
         }
         if let Err(e) = r {
+            // Copies already issued may still read arena slots the layers below let go.
+            let _ = self.gpu.synchronize();
             // Nothing half-written may be taken for these bytes later.
             for (key, _, _) in keyed {
                 slab.table.forget(key);
@@ -331,6 +372,10 @@ impl DeviceCache {
             items.iter().map(|it| SlotSeq { q: it.q, slots: slab.table.slots(&it.key), skip: it.skip }).collect();
         let uploaded = t.elapsed();
         let r = self.gpu.decode_slots_each(shape, &slab.pages, &seqs, bf16_out);
+        // The decode waited for the stream (its read-back): every copy before it has run.
+        if r.is_ok() {
+            slab.inflight.clear();
+        }
         tracing::debug!(
             uploads = n_uploads,
             upload = ?uploaded,

@@ -172,7 +172,7 @@ impl Worker {
         }
         Arc::new(Self {
             cache: PageCache::new(cfg.cache_bytes),
-            device: cfg.device.clone().map(|g| Arc::new(device::DeviceCache::new(g, cfg.cache_bytes))),
+            device: cfg.device.clone().map(|g| Arc::new(device::DeviceCache::new(g, cfg.cache_bytes, arena.clone()))),
             arena,
             client,
             cfg,

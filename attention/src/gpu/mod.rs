@@ -375,6 +375,19 @@ impl Gpu {
         Ok(())
     }
 
+    /// Page-lock `len` bytes of host memory at `ptr` with the driver, so that
+    /// [`Gpu::write_pages_staged`] copies full pages out of it by DMA, with no staging copy.
+    ///
+    /// # Safety
+    /// `[ptr, ptr + len)` must stay mapped (and not be unmapped or remapped) until the returned
+    /// region drops.
+    pub unsafe fn register_host(&self, ptr: *mut u8, len: usize) -> Result<HostRegion, GpuError> {
+        self.ctx.bind_to_thread()?;
+        // SAFETY: the caller vouches for the range; PORTABLE: usable from every context.
+        unsafe { sys::cuMemHostRegister_v2(ptr.cast(), len, sys::CU_MEMHOSTREGISTER_PORTABLE) }.result()?;
+        Ok(HostRegion { ctx: self.ctx.clone(), ptr: ptr as usize, len })
+    }
+
     /// Two pinned host buffers of about `bytes` each (at least one page slot), for
     /// [`Gpu::write_pages_staged`].
     pub fn staging(&self, layout: &PageLayout, bytes: usize) -> Result<Staging, GpuError> {
@@ -396,12 +409,17 @@ impl Gpu {
     /// eight threads, then copied to their slots asynchronously (one copy per run of
     /// consecutive slots) while the host fills the other buffer. The copies are ordered before
     /// anything launched on the stream afterwards. Every write is checked before any is made.
+    ///
+    /// With `direct`, a full page (its stored layout is the slot's) that lies in that registered
+    /// region goes up by DMA straight from it: the caller keeps such payloads alive and
+    /// unchanged until the stream is next waited for. Returns how many went up that way.
     pub fn write_pages_staged(
         &self,
         pages: &mut DevicePages,
         writes: &[PageWrite],
         staging: &mut Staging,
-    ) -> Result<(), GpuError> {
+        direct: Option<&HostRegion>,
+    ) -> Result<usize, GpuError> {
         let l = pages.layout;
         for w in writes {
             let expected = l.payload_bytes(w.tokens);
@@ -419,6 +437,29 @@ impl Gpu {
             return Err(GpuError::Unsupported("staging buffers of another page layout".into()));
         }
         let slot = pages.slot;
+        let whole = |w: &PageWrite| w.tokens == l.page_tokens && direct.is_some_and(|r| r.contains(w.payload));
+        let mut dma = 0;
+        for w in writes.iter().filter(|w| whole(w)) {
+            // SAFETY: the slot holds a full page (checked in range above) and the payload is one
+            // full page's bytes, page-locked in `direct`, kept alive by the caller until the
+            // stream is waited for.
+            unsafe {
+                cudarc::driver::result::memcpy_htod_async(pages.pages[w.index].ptr, w.payload, self.stream.cu_stream())
+            }?;
+            pages.pages[w.index].len = w.payload.len();
+            pages.pages[w.index].tokens = w.tokens;
+            dma += 1;
+        }
+        if dma == writes.len() {
+            return Ok(dma);
+        }
+        let staged: Vec<PageWrite>;
+        let writes = if dma > 0 {
+            staged = writes.iter().filter(|w| !whole(w)).copied().collect();
+            &staged[..]
+        } else {
+            writes
+        };
         for chunk in writes.chunks(staging.per) {
             let k = staging.next;
             staging.next = 1 - k;
@@ -456,7 +497,7 @@ impl Gpu {
                 pages.pages[w.index].tokens = w.tokens;
             }
         }
-        Ok(())
+        Ok(dma)
     }
 
     /// Buffers for [`Gpu::append_rows`] in `layout`, sized for `rows` token rows at first
@@ -1158,6 +1199,30 @@ pub struct Staging {
     next: usize,
     layout: PageLayout,
     per: usize,
+}
+
+/// Host memory page-locked with the driver ([`Gpu::register_host`]); unregistered on drop.
+pub struct HostRegion {
+    ctx: Arc<CudaContext>,
+    ptr: usize,
+    len: usize,
+}
+
+impl HostRegion {
+    /// Whether `b` lies wholly inside the region.
+    pub fn contains(&self, b: &[u8]) -> bool {
+        let p = b.as_ptr() as usize;
+        p >= self.ptr && p + b.len() <= self.ptr + self.len
+    }
+}
+
+impl Drop for HostRegion {
+    fn drop(&mut self) {
+        if self.ctx.bind_to_thread().is_ok() {
+            // SAFETY: registered at `ptr` by `register_host`, still mapped (its contract).
+            let _ = unsafe { sys::cuMemHostUnregister(self.ptr as *mut std::ffi::c_void) };
+        }
+    }
 }
 
 /// One page for [`Gpu::write_pages_staged`]: slot `index` gets the stored payload of `tokens`
