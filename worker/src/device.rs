@@ -207,6 +207,13 @@ pub struct DeviceCache {
     _arena: Option<Arc<Arena>>,
 }
 
+impl Drop for DeviceCache {
+    fn drop(&mut self) {
+        // Copies still reading the arena or the staging buffers finish before either goes.
+        let _ = self.gpu.synchronize();
+    }
+}
+
 /// One sequence of a GPU decode.
 pub(crate) struct DeviceItem<'a> {
     /// (sequence, layer).
