@@ -5,17 +5,22 @@
 //! replaces its copy of the last page with a new payload). This room mirrors those payloads into
 //! HBM slots, one full page each, keyed by the payload itself: a `Bytes` is immutable and the
 //! mirror holds a clone of it, so the same (address, length) can only ever be the same bytes.
-//! A step uploads only the pages it has not seen, staged through pinned buffers and copied
-//! asynchronously ahead of the kernels on the same stream, and computes on the GPU. After the
-//! first step of a sequence that is its last page, which the append changed: when the slot
-//! holds the page it grew from, only the appended token's rows are written, in place (slots
-//! keep each plane a full page apart, so a row has a fixed address).
+//! A step uploads only the pages it has not seen, copied asynchronously ahead of the kernels on
+//! the same stream, and computes on the GPU, its page table written from the slot numbers. A
+//! cold pull hands each sequence's pages over as soon as they are in ([`DeviceCache::preload`]),
+//! so the copies run while the rest of the batch is still arriving: full pages by DMA straight
+//! from the host cache's arena (page-locked with the driver at start; a payload copied that way
+//! is held until the stream is next waited for), the rest spread into two pinned buffers on
+//! several threads. After the first step of a sequence that is its last page, which the append
+//! changed: when the slot holds the page it grew from, only the appended token's rows are
+//! written, in place (slots keep each plane a full page apart, so a row has a fixed address).
 //!
 //! Slots are per page geometry (one slab per [`PageLayout`]), each bounded by the worker's
 //! `cache_bytes`. As in the host cache, recency is kept per layer of a sequence (a step reads a
 //! layer whole): a warm step costs one map lookup per sequence and one comparison per page, and
-//! the least recently used layer the current batch does not read is evicted first. A batch whose pages do not fit is refused whole (`RESOURCE_EXHAUSTED`, with the
-//! reason), never answered wrong.
+//! the least recently used layer the current batch does not read is evicted first. A batch whose
+//! pages do not fit is refused whole (`RESOURCE_EXHAUSTED`, with the reason), never answered
+//! wrong.
 
 use crate::arena::Arena;
 use bytes::Bytes;
