@@ -7,7 +7,7 @@
 //! mirror holds a clone of it, so the same (address, length) can only ever be the same bytes.
 //! A step uploads only the pages it has not seen, copied asynchronously ahead of the kernels on
 //! the same stream, and computes on the GPU, its page table written from the slot numbers. A
-//! cold pull hands each sequence's pages over as soon as they are in ([`DeviceCache::preload`]),
+//! cold pull hands each sequence's pages over as soon as they are in (`DeviceCache::preload`),
 //! so the copies run while the rest of the batch is still arriving: full pages by DMA straight
 //! from the host cache's arena (page-locked with the driver at start; a payload copied that way
 //! is held until the stream is next waited for), the rest spread into two pinned buffers on
