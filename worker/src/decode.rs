@@ -450,7 +450,7 @@ impl Worker {
         let (seqs, layer, queries, raw) = (p.seqs.clone(), p.layer, p.queries.clone(), p.raw_queries.clone());
         // Outputs rounded to bf16 on the device when they travel so (sinks rescale f32 first).
         let bf16_out = p.dtype == pb::VectorDtype::Bf16 && sinks.is_none();
-        let ok = ready;
+        let mut ok = ready;
         tokio::task::spawn_blocking(move || {
             // Per ready item: the kernel's verdict, output and LSE (zeros and −∞ when refused).
             let answers: Vec<Answer> = match device {
@@ -468,11 +468,18 @@ impl Worker {
                             grown: grown.as_ref(),
                         })
                         .collect();
-                    let answers = dev.decode(&shape, &items, bf16_out).map_err(|e| match e {
+                    let (answers, built) = dev.decode(&shape, &items, bf16_out).map_err(|e| match e {
                         kvcache_attention::gpu::GpuError::OutOfMemory(m) => Status::resource_exhausted(m),
                         kvcache_attention::gpu::GpuError::Unsupported(m) => Status::failed_precondition(m),
                         e => Status::internal(format!("GPU decode: {e}")),
                     })?;
+                    drop(items);
+                    // The pending last pages, built while the kernels ran, take their places.
+                    for ((_, pages, _, _), b) in ok.iter_mut().zip(built) {
+                        if let (Some(b), Some(last)) = (b, pages.last_mut()) {
+                            last.0 = b;
+                        }
+                    }
                     answers
                         .into_iter()
                         .map(|r| match r {
@@ -486,6 +493,12 @@ impl Worker {
                         .collect()
                 }
                 None => {
+                    // A pending last page (built by the GPU path) is built here first.
+                    for (_, pages, _, grown) in &mut ok {
+                        if let (Some(g), Some(last)) = (grown.as_ref().filter(|g| g.pending), pages.last_mut()) {
+                            last.0 = g.merge();
+                        }
+                    }
                     let kv: Vec<Vec<KvPage>> = ok
                         .iter()
                         .map(|(_, ps, _, _)| ps.iter().map(|(b, n)| KvPage { payload: b, tokens: *n }).collect())

@@ -233,6 +233,9 @@ pub(crate) struct DeviceItem<'a> {
     pub(crate) grown: Option<&'a crate::Grown>,
 }
 
+/// An item's pending last page (see [`crate::Grown::pending`]) and the page once built.
+type Pending<'a> = (Option<&'a crate::Grown>, Option<Bytes>);
+
 /// One sequence's answer: `(out, lse)` or why not.
 pub(crate) type DeviceAnswer = kvcache_attention::gpu::SeqOutput;
 
@@ -294,12 +297,20 @@ impl DeviceCache {
     ) -> Result<usize, GpuError> {
         let mut slabs = self.slabs.lock();
         let slab = self.slab(&mut slabs, layout)?;
-        self.upload(slab, &[(key, pages, None)])
+        self.upload(slab, &[(key, pages, None)], &mut []).map(|(n, _)| n)
     }
 
     /// Assign the items' slots and copy up what the slab does not hold: whole pages through the
-    /// staging buffers, a grown last page's new rows in place. The pages copied.
-    fn upload(&self, slab: &mut Slab, keyed: &[SlotItem<'_, (SequenceKey, u32)>]) -> Result<usize, GpuError> {
+    /// staging buffers, a grown last page's new rows in place. `built` has an entry per item
+    /// whose last page is pending (see [`crate::Grown::pending`]; empty: none is): a pending
+    /// page that goes up whole is built here into it. The pages copied, and the (item, page)
+    /// of the pending pages whose rows went up, to be marked landed once they are built.
+    fn upload(
+        &self,
+        slab: &mut Slab,
+        keyed: &[SlotItem<'_, (SequenceKey, u32)>],
+        built: &mut [Pending<'_>],
+    ) -> Result<(usize, Vec<(usize, usize)>), GpuError> {
         // The assignment below may evict layers: the arena slots copied from by DMA stay held
         // until those copies have run.
         if !slab.inflight.is_empty() {
@@ -312,18 +323,38 @@ impl DeviceCache {
         let mut rows: Vec<(RowAppend, usize, usize)> = Vec::new();
         let (mut whole, mut whole_at): (Vec<PageWrite>, Vec<(usize, usize)>) = (Vec::new(), Vec::new());
         let in_place = slab.layout.row_bytes.is_multiple_of(4);
+        let pend: Vec<bool> = built.iter().map(|b| b.0.is_some()).collect();
+        let is_pending = |item: usize, page: usize| page + 1 == keyed[item].1.len() && pend.get(item) == Some(&true);
+        // The appended token's rows go after the `from` tokens the slot holds; anything else
+        // goes up whole, a pending page built first.
+        let by_rows = |item: usize, page: usize, from: usize| match &keyed[item].2 {
+            Some((_, old_tokens, _)) => {
+                in_place && from > 0 && from == *old_tokens && from + 1 == keyed[item].1[page].1
+            }
+            None => false,
+        };
+        for &(item, page, _, from) in &uploads {
+            if !by_rows(item, page, from) && is_pending(item, page) && built[item].1.is_none() {
+                built[item].1 = built[item].0.map(crate::Grown::merge);
+            }
+        }
+        let built: &[Pending] = built;
+        // A page's payload: the built one for a pending page.
+        let payload = |item: usize, page: usize| -> &Bytes {
+            match built.get(item) {
+                Some((Some(_), Some(b))) if page + 1 == keyed[item].1.len() => b,
+                _ => &keyed[item].1[page].0,
+            }
+        };
+        let mut deferred = Vec::new();
         for (item, page, slot, from) in uploads {
             let (_, pages, grown) = &keyed[item];
-            let (b, tokens) = &pages[page];
             match grown {
-                // The slot holds the first `from` tokens: the appended token's rows go after them.
-                Some((_, old_tokens, new_rows))
-                    if in_place && from > 0 && from == *old_tokens && from + 1 == *tokens =>
-                {
+                Some((_, _, new_rows)) if by_rows(item, page, from) => {
                     rows.push((RowAppend { index: slot, at: from, rows: new_rows }, item, page));
                 }
                 _ => {
-                    whole.push(PageWrite { index: slot, payload: b, tokens: *tokens });
+                    whole.push(PageWrite { index: slot, payload: payload(item, page), tokens: pages[page].1 });
                     whole_at.push((item, page));
                 }
             }
@@ -332,13 +363,12 @@ impl DeviceCache {
         if let Ok(dma) = r
             && dma > 0
         {
-            slab.inflight.extend(whole_at.iter().map(|&(item, page)| keyed[item].1[page].0.clone()));
+            slab.inflight.extend(whole_at.iter().map(|&(item, page)| payload(item, page).clone()));
         }
         let mut r = r.map(|_| ());
         if r.is_ok() {
             for &(item, page) in &whole_at {
-                let (key, pages, _) = &keyed[item];
-                slab.table.landed(key, page, &pages[page].0);
+                slab.table.landed(&keyed[item].0, page, payload(item, page));
             }
         }
         if r.is_ok() && !rows.is_empty() {
@@ -346,8 +376,11 @@ impl DeviceCache {
             r = self.gpu.append_rows(&mut slab.pages, &appends, &mut slab.rows);
             if r.is_ok() {
                 for &(_, item, page) in &rows {
-                    let (key, pages, _) = &keyed[item];
-                    slab.table.landed(key, page, &pages[page].0);
+                    if is_pending(item, page) && built[item].1.is_none() {
+                        deferred.push((item, page));
+                    } else {
+                        slab.table.landed(&keyed[item].0, page, payload(item, page));
+                    }
                 }
             }
         }
@@ -361,32 +394,46 @@ impl DeviceCache {
             return Err(e);
         }
         self.uploads.fetch_add(n_uploads as u64, std::sync::atomic::Ordering::Relaxed);
-        Ok(n_uploads)
+        Ok((n_uploads, deferred))
     }
 
     /// Decode a batch on the GPU: `(out, lse)` or the error, per item; outputs rounded to bf16
-    /// on the device with `bf16_out`.
+    /// on the device with `bf16_out`. With the answers, each item's pending last page (see
+    /// [`crate::Grown::pending`]), built while the kernels ran (`None` for the others).
     pub(crate) fn decode(
         &self,
         shape: &AttnShape,
         items: &[DeviceItem],
         bf16_out: bool,
-    ) -> Result<Vec<DeviceAnswer>, GpuError> {
+    ) -> Result<(Vec<DeviceAnswer>, Vec<Option<Bytes>>), GpuError> {
         let mut slabs = self.slabs.lock();
         let slab = self.slab(&mut slabs, &shape.layout)?;
         let keyed: Vec<SlotItem<'_, (SequenceKey, u32)>> = items
             .iter()
             .map(|it| (it.key.clone(), it.pages, it.grown.map(|g| (&g.old, g.old_tokens, &g.rows[..]))))
             .collect();
+        let mut built: Vec<Pending> = items.iter().map(|it| (it.grown.filter(|g| g.pending), None)).collect();
         let t = std::time::Instant::now();
-        let n_uploads = self.upload(slab, &keyed)?;
+        let (n_uploads, deferred) = self.upload(slab, &keyed, &mut built)?;
         let seqs: Vec<SlotSeq> =
             items.iter().map(|it| SlotSeq { q: it.q, slots: slab.table.slots(&it.key), skip: it.skip }).collect();
         let uploaded = t.elapsed();
-        let r = self.gpu.decode_slots_each(shape, &slab.pages, &seqs, bf16_out);
+        // The host builds the pending pages while the kernels run.
+        let r = self.gpu.decode_slots_each_with(shape, &slab.pages, &seqs, bf16_out, || {
+            for b in &mut built {
+                if let (Some(g), None) = b {
+                    b.1 = Some(g.merge());
+                }
+            }
+        });
         // The decode waited for the stream (its read-back): every copy before it has run.
         if r.is_ok() {
             slab.inflight.clear();
+            for (item, page) in deferred {
+                if let Some(b) = &built[item].1 {
+                    slab.table.landed(&keyed[item].0, page, b);
+                }
+            }
         }
         tracing::debug!(
             uploads = n_uploads,
@@ -394,7 +441,7 @@ impl DeviceCache {
             decode = ?(t.elapsed() - uploaded),
             "GPU step"
         );
-        r
+        Ok((r?, built.into_iter().map(|b| b.1).collect()))
     }
 }
 

@@ -37,8 +37,9 @@ pub(crate) struct Speculated {
     /// Where the own full pages sit in `fetched.pages` (after the prefix's).
     own_at: usize,
     page_tokens: usize,
-    /// (page index, payload, tokens) of the page the token went into.
-    last: (usize, Bytes, usize),
+    /// (page index, tokens, payload bytes) of the page the token went into; its payload is the
+    /// last of the pages the compute gives back (built there when the grown page is pending).
+    last: (usize, usize, usize),
 }
 
 impl Worker {
@@ -90,9 +91,16 @@ impl Worker {
                         && old.bytes.len() == l.payload_bytes(in_page - 1)
                         && new_kv.len() == l.payload_bytes(1) =>
                 {
-                    let merged = l.concat_vec(&old.bytes, in_page - 1, new_kv, 1);
-                    grown = Some(Grown { old: old.bytes, old_tokens: in_page - 1, rows: new_kv.clone() });
-                    Bytes::from(merged)
+                    let g = Grown {
+                        old: old.bytes,
+                        old_tokens: in_page - 1,
+                        rows: new_kv.clone(),
+                        layout: l,
+                        pending: false,
+                    };
+                    let merged = g.merge();
+                    grown = Some(g);
+                    merged
                 }
                 _ => return None,
             }
@@ -153,13 +161,16 @@ impl Worker {
         pages.extend(own);
         let (last, grown) = match partial {
             Some((b, n, _)) if n as usize == held && b.len() == l.payload_bytes(held) => {
-                let merged = l.concat_vec(&b, held, new_kv, 1);
-                (Bytes::from(merged), Some(Grown { old: b, old_tokens: held, rows: new_kv.clone() }))
+                // A GPU worker writes only the token's rows to the device and builds the grown
+                // page (~128 KiB for Llama-3-8B) while the kernels run: see [`Grown::pending`].
+                let pending = self.device.is_some();
+                let g = Grown { old: b, old_tokens: held, rows: new_kv.clone(), layout: l, pending };
+                (if pending { Bytes::new() } else { g.merge() }, Some(g))
             }
             Some(_) => return None,
             None => (new_kv.clone(), None),
         };
-        pages.push((last.clone(), held + 1));
+        pages.push((last, held + 1));
         let skip = (kind.read_range(tokens).start - first as u64 * pt as u64) as usize;
         let cached = pages.len() as u64 - 1;
         Some(Speculated {
@@ -171,7 +182,7 @@ impl Worker {
             write_seqs,
             own_at,
             page_tokens: ptu,
-            last: (idx, last, held + 1),
+            last: (idx, held + 1, l.payload_bytes(held + 1)),
         })
     }
 
@@ -192,7 +203,12 @@ impl Worker {
         else {
             return false;
         };
-        let (idx, ref bytes, tokens) = s.last;
+        let (idx, tokens, len) = s.last;
+        // The page the compute read (built there when it was pending); a placeholder left
+        // unbuilt is not confirmed, and the step reads the layer the usual way.
+        let Some(bytes) = pages.last().map(|p| p.0.clone()).filter(|b| b.len() == len) else {
+            return false;
+        };
         let ok = e.tokens == s.tokens
             && e.prefix_pages == s.prefix_pages
             && e.page_write_seqs.len() == idx + 1
@@ -200,12 +216,8 @@ impl Worker {
             && e.page_write_seqs[idx] != 0;
         if ok {
             let key = PageKey { sequence: seq.clone(), layer, page_index: idx as u32 };
-            let page = CachedPage {
-                node: s.node.clone(),
-                write_seq: e.page_write_seqs[idx],
-                tokens: tokens as u32,
-                bytes: bytes.clone(),
-            };
+            let page =
+                CachedPage { node: s.node.clone(), write_seq: e.page_write_seqs[idx], tokens: tokens as u32, bytes };
             self.cache.insert(key, page);
             self.cache.set_extent(
                 seq,
@@ -446,22 +458,23 @@ impl Worker {
                 });
             }
             let got = got.map_err(|e| SeqFailure::Miss(e.to_string()))?;
-            for (key, p) in missing.into_iter().zip(got) {
+            let mut put = Vec::with_capacity(got.len());
+            for (key, p) in missing.iter().zip(got) {
                 let Some(p) = p else {
                     return Err(SeqFailure::Miss(format!("page {} of layer {layer} went missing", key.page_index)));
                 };
                 bytes += p.payload.len() as u64;
                 own_pages[key.page_index as usize - own_start] = Some((p.payload.clone(), p.token_count as usize));
-                self.cache.insert(
-                    key,
-                    CachedPage {
-                        node: node_id.clone(),
-                        write_seq: p.write_seq,
-                        tokens: p.token_count,
-                        bytes: p.payload,
-                    },
-                );
+                let page = CachedPage {
+                    node: node_id.clone(),
+                    write_seq: p.write_seq,
+                    tokens: p.token_count,
+                    bytes: p.payload,
+                };
+                put.push((key.page_index, page));
             }
+            // Cached in one go: one lock for the sequence's pages.
+            self.cache.insert_layer(seq, layer, put);
         }
         pages.extend(own_pages.into_iter().map(|p| p.expect("filled")));
         let from = first as u64 * pt as u64;

@@ -156,8 +156,22 @@ pub(crate) struct Grown {
     pub(crate) old: Bytes,
     /// Its tokens.
     pub(crate) old_tokens: usize,
-    /// The appended tokens' compact payload (one token).
+    /// The appended token's compact payload (one token).
     pub(crate) rows: Bytes,
+    /// The page's geometry.
+    pub(crate) layout: kvcache_core::PageLayout,
+    /// The grown page is not built yet: the last entry of the pages it goes with is an empty
+    /// placeholder, and whoever computes builds it ([`Grown::merge`]) and puts it there. A GPU
+    /// step writes only the new rows to the device, so it builds the page while its kernels run
+    /// instead of before them.
+    pub(crate) pending: bool,
+}
+
+impl Grown {
+    /// The grown page: the previous payload with the token's rows appended to every plane.
+    pub(crate) fn merge(&self) -> Bytes {
+        Bytes::from(self.layout.concat_vec(&self.old, self.old_tokens, &self.rows, 1))
+    }
 }
 
 impl Worker {

@@ -846,9 +846,14 @@ impl Gpu {
         let (ol, hl) = (shape.out_len(), shape.q_heads);
         let b = self.lay_out(shape, items)?;
         let qs: Vec<Query> = items.iter().map(|it| it.q).collect();
-        self.run_batch(shape, b, &qs, false, |out, lse, attended| {
-            output(cast::<f32>(out, attended.len() * ol), lse, attended, ol, hl)
-        })
+        self.run_batch(
+            shape,
+            b,
+            &qs,
+            false,
+            || {},
+            |out, lse, attended| output(cast::<f32>(out, attended.len() * ol), lse, attended, ol, hl),
+        )
     }
 
     /// [`Gpu::decode_batch`] answering per sequence: its output (f32, or with `bf16_out` rounded
@@ -862,7 +867,14 @@ impl Gpu {
     ) -> Result<Vec<SeqOutput>, GpuError> {
         let b = self.lay_out(shape, items)?;
         let qs: Vec<Query> = items.iter().map(|it| it.q).collect();
-        self.run_batch(shape, b, &qs, bf16_out, |out, lse, attended| each_output(shape, bf16_out, out, lse, attended))
+        self.run_batch(
+            shape,
+            b,
+            &qs,
+            bf16_out,
+            || {},
+            |out, lse, attended| each_output(shape, bf16_out, out, lse, attended),
+        )
     }
 
     /// [`Gpu::decode_batch_each`] for sequences whose pages are slots of `pages` (a worker's page
@@ -875,26 +887,44 @@ impl Gpu {
         items: &[SlotSeq],
         bf16_out: bool,
     ) -> Result<Vec<SeqOutput>, GpuError> {
+        self.decode_slots_each_with(shape, pages, items, bf16_out, || {})
+    }
+
+    /// [`Gpu::decode_slots_each`], running `meanwhile` on the calling thread once the batch is
+    /// enqueued and before its results are waited for: host work that overlaps the kernels.
+    /// (It runs whenever the batch gets that far, whatever the kernels' answers.)
+    pub fn decode_slots_each_with(
+        &self,
+        shape: &AttnShape,
+        pages: &DevicePages,
+        items: &[SlotSeq],
+        bf16_out: bool,
+        meanwhile: impl FnOnce(),
+    ) -> Result<Vec<SeqOutput>, GpuError> {
         let b = self.lay_out_slots(shape, pages, items)?;
         let qs: Vec<Query> = items.iter().map(|it| it.q).collect();
-        self.run_batch(shape, b, &qs, bf16_out, |out, lse, attended| each_output(shape, bf16_out, out, lse, attended))
+        self.run_batch(shape, b, &qs, bf16_out, meanwhile, |out, lse, attended| {
+            each_output(shape, bf16_out, out, lse, attended)
+        })
     }
 
     /// Lay out, upload, launch and read back a batch through the workspace, and hand the
     /// outputs (`[batch][q_heads][v_width]` as f32, or bf16 with `bf16_out`; and the f32 LSEs
     /// `[batch][q_heads]`, straight from the pinned buffer) and each sequence's attended tokens
     /// to `answer`. When every query is bf16 the bytes go up as they came and are widened on
-    /// the device.
+    /// the device. `meanwhile` runs once everything is enqueued, before the stream is waited for.
     fn run_batch<R>(
         &self,
         shape: &AttnShape,
         b: BatchLayout,
         items: &[Query],
         bf16_out: bool,
+        meanwhile: impl FnOnce(),
         answer: impl FnOnce(&[u8], &[f32], &[usize]) -> R,
     ) -> Result<R, GpuError> {
         let batch = items.len();
         if batch == 0 {
+            meanwhile();
             return Ok(answer(&[], &[], &[]));
         }
         let (heads, dv, ql) = (shape.q_heads, shape.v_width, shape.q_len());
@@ -1008,6 +1038,7 @@ impl Gpu {
         // SAFETY: `dout` holds at least `copy_out` bytes; the host buffer is read only after the
         // stream is waited for.
         unsafe { cudarc::driver::result::memcpy_dtoh_async(hout, dout, s.cu_stream()) }?;
+        meanwhile();
         s.synchronize()?;
         let hout = &host_out.as_slice()?[..copy_out];
         let lse = cast::<f32>(&hout[out_offs[0]..], batch * hl);
