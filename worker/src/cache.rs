@@ -298,41 +298,59 @@ impl PageCache {
     /// Insert (replacing any older version), evicting least recently used layers to fit; the
     /// page's own layer goes last, and only when the page does not fit beside it.
     pub fn insert(&self, key: PageKey, page: CachedPage) {
-        let len = page.bytes.len() as u64;
-        if len > self.capacity {
-            return;
-        }
-        let (seq, layer, idx) = (&key.sequence, key.layer, key.page_index as usize);
+        let idx = key.page_index;
+        self.insert_layer(&key.sequence, key.layer, [(idx, page)]);
+    }
+
+    /// [`PageCache::insert`] for pages of one layer, under one lock: a pull caches a sequence's
+    /// pages in one go (512 at 32K tokens), not one lock and one recency update per page.
+    pub fn insert_layer(&self, seq: &SequenceKey, layer: u32, pages: impl IntoIterator<Item = (u32, CachedPage)>) {
         let mut g = self.inner.lock();
         let g = &mut *g;
-        if let Some(old) = g.layer_mut(seq, layer).and_then(|l| {
-            // A kept speculation list holding the replaced version goes with it (it would hold
-            // that version's bytes outside the budget).
-            if l.spec.as_ref().is_some_and(|s| (s.start..s.start + s.pages.len()).contains(&idx)) {
-                l.spec = None;
+        let mut any = false;
+        for (idx, page) in pages {
+            let len = page.bytes.len() as u64;
+            if len > self.capacity {
+                continue;
             }
-            let old = l.pages.get_mut(idx).and_then(Option::take)?;
-            l.bytes -= old.bytes.len() as u64;
-            Some(old)
-        }) {
-            g.used -= old.bytes.len() as u64;
-            g.pages -= 1;
+            let idx = idx as usize;
+            if let Some(old) = g.layer_mut(seq, layer).and_then(|l| {
+                // A kept speculation list holding the replaced version goes with it (it would
+                // hold that version's bytes outside the budget).
+                if l.spec.as_ref().is_some_and(|s| (s.start..s.start + s.pages.len()).contains(&idx)) {
+                    l.spec = None;
+                }
+                let old = l.pages.get_mut(idx).and_then(Option::take)?;
+                l.bytes -= old.bytes.len() as u64;
+                Some(old)
+            }) {
+                g.used -= old.bytes.len() as u64;
+                g.pages -= 1;
+            }
+            while g.used + len > self.capacity {
+                let victim =
+                    g.lru.values().find(|(s, l)| !(s == seq && *l == layer)).or_else(|| g.lru.values().next()).cloned();
+                let Some((s, l)) = victim else { break };
+                g.remove_layer(&s, l);
+            }
+            if g.layer_mut(seq, layer).is_none() {
+                // New layers start most recent, so that eviction takes others first.
+                g.map.entry(seq.clone()).or_default().insert(layer, Layer::default());
+                g.touch(seq, layer);
+            }
+            let l = g.layer_mut(seq, layer).expect("present");
+            if l.pages.len() <= idx {
+                l.pages.resize(idx + 1, None);
+            }
+            l.pages[idx] = Some(page);
+            l.bytes += len;
+            g.used += len;
+            g.pages += 1;
+            any = true;
         }
-        while g.used + len > self.capacity {
-            let victim =
-                g.lru.values().find(|(s, l)| !(s == seq && *l == layer)).or_else(|| g.lru.values().next()).cloned();
-            let Some((s, l)) = victim else { break };
-            g.remove_layer(&s, l);
+        if any {
+            g.touch(seq, layer);
         }
-        let l = g.map.entry(seq.clone()).or_default().entry(layer).or_default();
-        if l.pages.len() <= idx {
-            l.pages.resize(idx + 1, None);
-        }
-        l.pages[idx] = Some(page);
-        l.bytes += len;
-        g.used += len;
-        g.pages += 1;
-        g.touch(seq, layer);
     }
 
     /// Drop the cached pages of a layer before page `first`: a sliding window or chunk moved
@@ -397,6 +415,38 @@ mod tests {
         assert_eq!(current(&c, "x", 1, &[1]), [true]);
         assert_eq!(c.stats().0, 300);
         assert_eq!(c.stats().1, 3);
+    }
+
+    #[test]
+    fn a_layer_inserted_in_one_go_is_cached_and_evicts_as_page_by_page() {
+        // The same history through both paths: two layers, then a third that needs room, with
+        // a replaced page and one larger than the whole cache among its pages.
+        let (one, each) = (PageCache::new(500), PageCache::new(500));
+        type Pages = Vec<(u32, CachedPage)>;
+        let layers: [(&str, u32, Pages); 3] = [
+            ("x", 0, (0..2).map(|i| (i, page(100, 1))).collect()),
+            ("y", 0, (0..2).map(|i| (i, page(100, 1))).collect()),
+            (
+                "z",
+                1,
+                vec![(0, page(100, 1)), (1, page(100, 1)), (0, page(100, 2)), (2, page(900, 1)), (3, page(100, 1))],
+            ),
+        ];
+        for (s, l, pages) in &layers {
+            one.insert_layer(&SequenceKey::new("n", *s), *l, pages.clone());
+            for (i, p) in pages {
+                each.insert(key(s, *l, *i), p.clone());
+            }
+            assert_eq!(one.stats(), each.stats(), "after {s}/{l}");
+        }
+        for c in [&one, &each] {
+            // x/0 (least recently used) went for z/1's third page; the page too large for the
+            // cache was never kept.
+            assert_eq!(c.stats().0, 500);
+            assert_eq!(current(c, "x", 0, &[1, 1]), [false, false]);
+            assert_eq!(current(c, "y", 0, &[1, 1]), [true, true]);
+            assert_eq!(current(c, "z", 1, &[2, 1, 1, 1]), [true, true, false, true]);
+        }
     }
 
     #[test]
