@@ -336,6 +336,31 @@ fn mla_on_tensor_cores_matches_the_f64_reference_within_bf16_rounding() {
             eprintln!("mla 128 heads {}, {page_tokens}-token pages: worst rel L2 {e:.2e}", codec.as_str());
         }
     }
+    // fp8 latents of e4m3 subnormals only (codes 1..7 of either sign), every other row with a
+    // tile scale past 2^7: both widened exactly as the others (a kernel that flushed the
+    // subnormals would answer zeros; scales past 2^7 take the slower widening).
+    let spec = mla(128);
+    let shape = AttnShape::new(&spec, PageLayout::new(&spec, Codec::Fp8E4m3, 64));
+    let row = shape.layout.row_bytes;
+    let seqs: Vec<Seq> = [1usize, 130, 3001]
+        .iter()
+        .map(|&n| {
+            let mut s = seq(&shape, n, 0, &mut rng);
+            for (p, _) in &mut s.pages {
+                for (i, r) in p.chunks_exact_mut(row).enumerate() {
+                    for b in &mut r[..512] {
+                        *b = rng.random_range(1u8..8) | if rng.random::<bool>() { 0x80 } else { 0 };
+                    }
+                    if i % 2 == 0 {
+                        r[512..516].copy_from_slice(&1024f32.to_le_bytes());
+                    }
+                }
+            }
+            s
+        })
+        .collect();
+    let e = check_batch_lse(&g, &shape, &seqs, 2e-3, 1e-4);
+    eprintln!("mla 128 heads fp8, subnormal latents and large scales: worst rel L2 {e:.2e}");
     // A full-f32 query is rounded to bf16 for the tensor cores: the stated bound of that path.
     let spec = mla(128);
     let shape = AttnShape::new(&spec, PageLayout::new(&spec, Codec::Bf16, 64));
