@@ -451,7 +451,9 @@ impl Worker {
         // Outputs rounded to bf16 on the device when they travel so (sinks rescale f32 first).
         let bf16_out = p.dtype == pb::VectorDtype::Bf16 && sinks.is_none();
         let mut ok = ready;
-        tokio::task::spawn_blocking(move || {
+        let handed = Instant::now();
+        let r = tokio::task::spawn_blocking(move || {
+            let started = handed.elapsed();
             // Per ready item: the kernel's verdict, output and LSE (zeros and −∞ when refused).
             let answers: Vec<Answer> = match device {
                 Some(dev) => {
@@ -531,10 +533,15 @@ impl Worker {
                     };
                     Computed { item, result, output, lse, pages }
                 })
-                .collect())
+                .collect::<Vec<_>>())
+            .map(|c| (c, started, Instant::now()))
         })
         .await
-        .map_err(|e| Status::internal(format!("attention task failed: {e}")))?
+        .map_err(|e| Status::internal(format!("attention task failed: {e}")))?;
+        r.map(|(c, started, done)| {
+            tracing::trace!(started = ?started, resumed = ?done.elapsed(), "compute hand-off");
+            c
+        })
     }
 
     fn export_metrics(&self, results: &[pb::DecodeResult], stats: &pb::DecodeStats) {

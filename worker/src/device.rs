@@ -13,7 +13,9 @@
 //! is held until the stream is next waited for), the rest spread into two pinned buffers on
 //! several threads. After the first step of a sequence that is its last page, which the append
 //! changed: when the slot holds the page it grew from, only the appended token's rows are
-//! written, in place (slots keep each plane a full page apart, so a row has a fixed address).
+//! written, in place (slots keep each plane a full page apart, so a row has a fixed address),
+//! and the grown page itself — wanted on the host only, by the page cache — is built while the
+//! kernels run (a speculated step leaves it pending, see `Grown::pending`).
 //!
 //! Slots are per page geometry (one slab per [`PageLayout`]), each bounded by the worker's
 //! `cache_bytes`. As in the host cache, recency is kept per layer of a sequence (a step reads a
@@ -317,7 +319,9 @@ impl DeviceCache {
             self.gpu.synchronize()?;
             slab.inflight.clear();
         }
+        let t = std::time::Instant::now();
         let uploads = slab.table.assign(keyed).map_err(GpuError::OutOfMemory)?;
+        let assigned = t.elapsed();
         let n_uploads = uploads.len();
         // Pages uploaded whole now; appended rows gathered and written in place in one go after.
         let mut rows: Vec<(RowAppend, usize, usize)> = Vec::new();
@@ -394,6 +398,7 @@ impl DeviceCache {
             return Err(e);
         }
         self.uploads.fetch_add(n_uploads as u64, std::sync::atomic::Ordering::Relaxed);
+        tracing::trace!(assign = ?assigned, copies = ?(t.elapsed() - assigned), pages = n_uploads, "GPU upload");
         Ok((n_uploads, deferred))
     }
 
@@ -406,6 +411,7 @@ impl DeviceCache {
         items: &[DeviceItem],
         bf16_out: bool,
     ) -> Result<(Vec<DeviceAnswer>, Vec<Option<Bytes>>), GpuError> {
+        let t0 = std::time::Instant::now();
         let mut slabs = self.slabs.lock();
         let slab = self.slab(&mut slabs, &shape.layout)?;
         let keyed: Vec<SlotItem<'_, (SequenceKey, u32)>> = items
@@ -419,12 +425,15 @@ impl DeviceCache {
             items.iter().map(|it| SlotSeq { q: it.q, slots: slab.table.slots(&it.key), skip: it.skip }).collect();
         let uploaded = t.elapsed();
         // The host builds the pending pages while the kernels run.
+        let mut enqueued = (t.elapsed(), t.elapsed());
         let r = self.gpu.decode_slots_each_with(shape, &slab.pages, &seqs, bf16_out, || {
+            enqueued.0 = t.elapsed();
             for b in &mut built {
                 if let (Some(g), None) = b {
                     b.1 = Some(g.merge());
                 }
             }
+            enqueued.1 = t.elapsed();
         });
         // The decode waited for the stream (its read-back): every copy before it has run.
         if r.is_ok() {
@@ -437,7 +446,10 @@ impl DeviceCache {
         }
         tracing::debug!(
             uploads = n_uploads,
+            before = ?(t - t0),
             upload = ?uploaded,
+            enqueued = ?(enqueued.0 - uploaded),
+            built = ?(enqueued.1 - enqueued.0),
             decode = ?(t.elapsed() - uploaded),
             "GPU step"
         );

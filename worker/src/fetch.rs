@@ -162,7 +162,7 @@ impl Worker {
         let (last, grown) = match partial {
             Some((b, n, _)) if n as usize == held && b.len() == l.payload_bytes(held) => {
                 // A GPU worker writes only the token's rows to the device and builds the grown
-                // page (~128 KiB for Llama-3-8B) while the kernels run: see [`Grown::pending`].
+                // page (up to 256 KiB for Llama-3-8B) while the kernels run: see [`Grown::pending`].
                 let pending = self.device.is_some();
                 let g = Grown { old: b, old_tokens: held, rows: new_kv.clone(), layout: l, pending };
                 (if pending { Bytes::new() } else { g.merge() }, Some(g))
