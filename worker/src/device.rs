@@ -466,6 +466,72 @@ mod tests {
         (0..n).map(|i| (Bytes::from(vec![i as u8; 64]), 16)).collect()
     }
 
+    /// On a GPU: a speculated step's pending last page goes up as its new rows where the slot
+    /// holds the page it grew from, and whole — built first — where the slot went to another
+    /// layer; either way the answer is the reference's over the grown page, and the page built
+    /// is the old one with the row appended.
+    #[test]
+    #[ignore = "needs an NVIDIA GPU and driver: run with --include-ignored on a GPU machine"]
+    fn pending_grown_pages_are_built_and_answer_as_the_grown_page() {
+        use super::{DeviceCache, DeviceItem};
+        use crate::Grown;
+        use kvcache_attention::AttnShape;
+        use kvcache_attention::gpu::{Gpu, Output, Query};
+        use kvcache_attention::reference::{attention, rel_l2};
+        use kvcache_core::{Codec, ModelSpec, PageLayout, SequenceKey};
+        use rand::{Rng, SeedableRng};
+        let gpu = Gpu::open(0).expect("a GPU (this test is for GPU machines)");
+        let spec = ModelSpec::preset("llama-3-8b").expect("preset");
+        let layout = PageLayout::new(&spec, Codec::Bf16, 16);
+        let shape = AttnShape::new(&spec, layout);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(kvcache_core::testing::test_seed());
+        let mut page = |n: usize| {
+            let v: Vec<f32> =
+                (0..layout.planes * n * layout.shape.width).map(|_| rng.random_range(-2.0..2.0)).collect();
+            Bytes::from(layout.encode(&v, n))
+        };
+        // Room for one layer of four pages: reading layer B gives layer A's slots away.
+        let slot = layout.page_bytes().next_multiple_of(256) as u64;
+        let dev = DeviceCache::new(gpu, 4 * slot, None);
+        let (a, b) = ((SequenceKey::new("n", "a"), 0u32), (SequenceKey::new("n", "b"), 0u32));
+        let mut layer_a: Vec<(Bytes, usize)> = (0..3).map(|_| (page(16), 16)).collect();
+        layer_a.push((page(5), 5));
+        let layer_b: Vec<(Bytes, usize)> = (0..4).map(|_| (page(16), 16)).collect();
+        let q: Vec<f32> = {
+            let mut r = rand::rngs::StdRng::seed_from_u64(9);
+            (0..shape.q_len()).map(|_| r.random_range(-1.0..1.0)).collect()
+        };
+        let run = |key: &(SequenceKey, u32), pages: &[(Bytes, usize)], grown: Option<&Grown>| {
+            let item = DeviceItem { key: key.clone(), q: Query::F32(&q), pages, skip: 0, grown };
+            let (mut answers, mut built) = dev.decode(&shape, &[item], false).expect("decode");
+            let (out, _) = answers.pop().expect("one").expect("answered");
+            let Output::F32(out) = out else { panic!("f32 outputs were asked for") };
+            (out, built.pop().expect("one"))
+        };
+        run(&a, &layer_a, None);
+        // Steps 1 and 2 find the slot holding the page they grew from (the second, the page the
+        // first built); step 3 comes after layer B took the slab.
+        for step in 1..=3 {
+            if step == 3 {
+                run(&b, &layer_b, None);
+            }
+            let (old, n) = layer_a.last().cloned().expect("a last page");
+            let grown = Grown { old: old.clone(), old_tokens: n, rows: page(1), layout, pending: true };
+            let merged = grown.merge();
+            let mut pending = layer_a.clone();
+            *pending.last_mut().expect("a last page") = (Bytes::new(), n + 1);
+            let (out, built) = run(&a, &pending, Some(&grown));
+            let built = built.expect("the pending page was built");
+            assert_eq!(built, merged, "step {step}: the built page");
+            *layer_a.last_mut().expect("a last page") = (built, n + 1);
+            let kv: Vec<_> =
+                layer_a.iter().map(|(p, n)| kvcache_attention::KvPage { payload: p, tokens: *n }).collect();
+            let (want, _) = attention(&shape, &q, &kv);
+            let e = rel_l2(&out, &want);
+            assert!(e <= 1e-5, "step {step}: rel L2 {e:e}");
+        }
+    }
+
     #[test]
     fn a_warm_step_uploads_only_the_page_that_changed() {
         let mut t = SlotTable::new(16);
