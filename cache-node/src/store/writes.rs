@@ -297,22 +297,30 @@ impl PageStore {
                     let page_index = (pos / pt as u64) as u32;
                     let in_page = (pos % pt as u64) as u32;
                     let take = (pt - in_page).min(tokens - done);
-                    let mut chunk = vec![0u8; layout.payload_bytes(take as usize)];
-                    layout.slice_tokens(new, tokens as usize, done as usize, take as usize, &mut chunk);
+                    // The tokens going into this page: all of them (a decode step's one token)
+                    // as they came, else sliced out plane by plane.
+                    let sliced;
+                    let chunk: &[u8] = if take == tokens {
+                        new
+                    } else {
+                        let mut c = vec![0u8; layout.payload_bytes(take as usize)];
+                        layout.slice_tokens(new, tokens as usize, done as usize, take as usize, &mut c);
+                        sliced = c;
+                        &sliced
+                    };
                     let pkey = PageKey { sequence: key.clone(), layer: l, page_index };
                     let merged;
                     let body: &[u8] = if in_page > 0 {
-                        // Copy-on-write: the partial page's tokens followed by the new ones.
+                        // Copy-on-write: the partial page's tokens followed by the new ones
+                        // (written once, not zeroed first: up to a page per append).
                         let old = inner.layers[l as usize][page_index as usize].expect("partial page present");
                         let held = self
                             .hold_verified(&seq, &mut inner, &pkey, &old)
                             .ok_or_else(|| StoreError::PartialPageLost(pkey.clone()))?;
-                        let mut m = vec![0u8; layout.payload_bytes((in_page + take) as usize)];
-                        layout.concat(&held[..], in_page as usize, &chunk, take as usize, &mut m);
-                        merged = m;
+                        merged = layout.concat_vec(&held[..], in_page as usize, chunk, take as usize);
                         &merged
                     } else {
-                        &chunk
+                        chunk
                     };
                     let crc = kvcache_core::checksum::crc32c(body);
                     let entry = self.write_slot(&ns, &pkey, in_page + take, 0, body, crc)?;
