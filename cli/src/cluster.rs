@@ -1,5 +1,7 @@
-//! A local cluster in one process: a coordinator, `nodes` cache nodes and a worker, each on its
-//! own loopback port, with embedded coordinator state and pool files under one data directory.
+//! A local cluster: a coordinator, `nodes` cache nodes and a worker, each on its own loopback
+//! port, with embedded coordinator state and pool files under one data directory. All in this
+//! process by default; with [`LocalClusterConfig::processes`] the coordinator and the nodes run
+//! as processes of the `kvcache` binary (as a deployment runs them), the worker still here.
 
 use kvcache_client::Client;
 use kvcache_coordinator::{ClusterState, CoordinatorConfig};
@@ -41,6 +43,11 @@ pub struct LocalClusterConfig {
     /// The tenants every service enforces (open by default). The cluster's own processes show
     /// each other a service token made up at start, so the file needs no `[service]`.
     pub auth: kvcache_net::Auth,
+    /// Run the coordinator and the nodes as child processes of this `kvcache` binary
+    /// (`kvcache coordinator`, `kvcache node`) instead of tasks of this process: the worker then
+    /// shares its process, allocator and runtime with nothing but its callers, as in a
+    /// deployment. (Plaintext and open tenants only.)
+    pub processes: Option<PathBuf>,
 }
 
 impl LocalClusterConfig {
@@ -59,6 +66,7 @@ impl LocalClusterConfig {
             tls: kvcache_net::Tls::none(),
             coordinator_listen: None,
             auth: kvcache_net::Auth::open(),
+            processes: None,
         }
     }
 }
@@ -107,49 +115,10 @@ impl LocalCluster {
             cfg.tls = cfg.tls.clone().with_token(&token)?;
         }
         let mut services = Vec::new();
-        // Coordinator.
-        let mut ccfg = CoordinatorConfig::new(cfg.data_dir.join("coordinator"));
-        ccfg.join_ramp = Duration::ZERO;
-        ccfg.node_timeout = Duration::from_secs(5);
-        ccfg.heartbeat_interval = Duration::from_millis(500);
-        let state = ClusterState::open(ccfg)?;
-        let l = match &cfg.coordinator_listen {
-            Some(a) => bind(a, "--listen").await?,
-            None => tokio::net::TcpListener::bind((cfg.host.as_str(), 0)).await?,
+        let (coordinator, nodes) = match cfg.processes.clone() {
+            Some(exe) => start_processes(&cfg, &exe, &mut services).await?,
+            None => start_in_process(&cfg, &mut services).await?,
         };
-        let coordinator = l.local_addr()?.to_string();
-        let (tx, stop) = stop_pair();
-        let ex = exposure(&cfg);
-        let task = tokio::spawn(async move {
-            if let Err(e) = kvcache_coordinator::run(state, l, ex, stop).await {
-                tracing::error!(error = %e, "coordinator failed");
-            }
-        });
-        services.push(Service { name: "coordinator".into(), stop: Some(tx), task });
-        // Nodes.
-        let mut nodes = Vec::new();
-        for i in 0..cfg.nodes {
-            let mut scfg = StoreConfig::new(cfg.data_dir.join(format!("node-{i}")), cfg.node_capacity);
-            scfg.durability = cfg.durability;
-            let store = tokio::task::spawn_blocking(move || PageStore::open(scfg)).await??;
-            let l = tokio::net::TcpListener::bind((cfg.host.as_str(), 0)).await?;
-            let addr = l.local_addr()?.to_string();
-            let id = format!("node-{i}");
-            let ncfg = kvcache_node::NodeConfig {
-                coordinator: Some(coordinator.clone()),
-                tls: cfg.tls.clone(),
-                ..kvcache_node::NodeConfig::standalone(id.clone(), addr.clone())
-            };
-            let (tx, stop) = stop_pair();
-            let ex = exposure(&cfg);
-            let task = tokio::spawn(async move {
-                if let Err(e) = kvcache_node::run(store, ncfg, l, ex, stop).await {
-                    tracing::error!(error = %e, "cache node failed");
-                }
-            });
-            services.push(Service { name: format!("node-{i}"), stop: Some(tx), task });
-            nodes.push(addr);
-        }
         // Wait for the nodes to be in the map.
         let client = Client::connect_with(
             &coordinator,
@@ -223,6 +192,172 @@ impl LocalCluster {
         }
         Ok(())
     }
+}
+
+/// The coordinator and the nodes as tasks of this process; their addresses.
+async fn start_in_process(
+    cfg: &LocalClusterConfig,
+    services: &mut Vec<Service>,
+) -> anyhow::Result<(String, Vec<String>)> {
+    // Coordinator.
+    let mut ccfg = CoordinatorConfig::new(cfg.data_dir.join("coordinator"));
+    ccfg.join_ramp = Duration::ZERO;
+    ccfg.node_timeout = Duration::from_secs(5);
+    ccfg.heartbeat_interval = Duration::from_millis(500);
+    let state = ClusterState::open(ccfg)?;
+    let l = match &cfg.coordinator_listen {
+        Some(a) => bind(a, "--listen").await?,
+        None => tokio::net::TcpListener::bind((cfg.host.as_str(), 0)).await?,
+    };
+    let coordinator = l.local_addr()?.to_string();
+    let (tx, stop) = stop_pair();
+    let ex = exposure(cfg);
+    let task = tokio::spawn(async move {
+        if let Err(e) = kvcache_coordinator::run(state, l, ex, stop).await {
+            tracing::error!(error = %e, "coordinator failed");
+        }
+    });
+    services.push(Service { name: "coordinator".into(), stop: Some(tx), task });
+    // Nodes.
+    let mut nodes = Vec::new();
+    for i in 0..cfg.nodes {
+        let mut scfg = StoreConfig::new(cfg.data_dir.join(format!("node-{i}")), cfg.node_capacity);
+        scfg.durability = cfg.durability;
+        let store = tokio::task::spawn_blocking(move || PageStore::open(scfg)).await??;
+        let l = tokio::net::TcpListener::bind((cfg.host.as_str(), 0)).await?;
+        let addr = l.local_addr()?.to_string();
+        let id = format!("node-{i}");
+        let ncfg = kvcache_node::NodeConfig {
+            coordinator: Some(coordinator.clone()),
+            tls: cfg.tls.clone(),
+            ..kvcache_node::NodeConfig::standalone(id.clone(), addr.clone())
+        };
+        let (tx, stop) = stop_pair();
+        let ex = exposure(cfg);
+        let task = tokio::spawn(async move {
+            if let Err(e) = kvcache_node::run(store, ncfg, l, ex, stop).await {
+                tracing::error!(error = %e, "cache node failed");
+            }
+        });
+        services.push(Service { name: format!("node-{i}"), stop: Some(tx), task });
+        nodes.push(addr);
+    }
+    Ok((coordinator, nodes))
+}
+
+/// A child process and the address it printed (`… listening on ADDR`); it is killed when
+/// dropped.
+struct Child {
+    child: std::process::Child,
+    addr: String,
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Start `exe ARGS` and wait (bounded) for its "listening on" line; its output is drained.
+async fn spawn_child(exe: &std::path::Path, args: Vec<std::ffi::OsString>) -> anyhow::Result<Child> {
+    use std::io::BufRead;
+    let name = args.first().map(|a| a.to_string_lossy().into_owned()).unwrap_or_default();
+    let mut child = std::process::Command::new(exe)
+        .args(&args)
+        .env("RUST_LOG", std::env::var("KVCACHE_CHILD_LOG").unwrap_or_else(|_| "warn".into()))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| anyhow::anyhow!("cannot start {} {name}: {e}", exe.display()))?;
+    let out = child.stdout.take().expect("piped");
+    let (tx, rx) = oneshot::channel();
+    std::thread::spawn(move || {
+        let mut lines = std::io::BufReader::new(out).lines();
+        let addr = lines
+            .by_ref()
+            .map_while(Result::ok)
+            .find_map(|l| l.split("listening on ").nth(1).map(|a| a.trim().to_owned()));
+        let _ = tx.send(addr);
+        // Keep draining, so the child never blocks on a full pipe.
+        for _ in lines {}
+    });
+    let mut child = Child { child, addr: String::new() };
+    match tokio::time::timeout(Duration::from_secs(30), rx).await {
+        Ok(Ok(Some(addr))) => {
+            child.addr = addr;
+            Ok(child)
+        }
+        Ok(_) => anyhow::bail!("kvcache {name} exited before listening (its errors are above)"),
+        Err(_) => anyhow::bail!("kvcache {name} did not listen within 30 s"),
+    }
+}
+
+/// A service that is a child process: stopped by killing it.
+fn child_service(name: String, child: Child) -> Service {
+    let (tx, stop) = stop_pair();
+    let task = tokio::spawn(async move {
+        stop.await;
+        let _ = tokio::task::spawn_blocking(move || drop(child)).await;
+    });
+    Service { name, stop: Some(tx), task }
+}
+
+/// The coordinator and the nodes as processes of `exe`; their addresses.
+async fn start_processes(
+    cfg: &LocalClusterConfig,
+    exe: &std::path::Path,
+    services: &mut Vec<Service>,
+) -> anyhow::Result<(String, Vec<String>)> {
+    anyhow::ensure!(
+        cfg.tls.is_plaintext() && !cfg.auth.enforced(),
+        "a local cluster of processes runs plaintext with open tenants only"
+    );
+    let listen = format!("{}:0", cfg.host);
+    let os = |v: &[&str]| v.iter().map(std::ffi::OsString::from).collect::<Vec<_>>();
+    let mut args = os(&[
+        "coordinator",
+        "--listen",
+        cfg.coordinator_listen.as_deref().unwrap_or(&listen),
+        "--join-ramp",
+        "0s",
+        "--node-timeout",
+        "5s",
+        "--heartbeat-interval",
+        "500ms",
+        "--data-dir",
+    ]);
+    args.push(cfg.data_dir.join("coordinator").into());
+    let c = spawn_child(exe, args).await?;
+    let coordinator = c.addr.clone();
+    services.push(child_service("coordinator".into(), c));
+    let mut nodes = Vec::new();
+    for i in 0..cfg.nodes {
+        let id = format!("node-{i}");
+        let durability = match cfg.durability {
+            Durability::Async => "async",
+            Durability::Sync => "sync",
+        };
+        let capacity = cfg.node_capacity.to_string();
+        let mut args = os(&[
+            "node",
+            "--listen",
+            &listen,
+            "--node-id",
+            &id,
+            "--capacity",
+            &capacity,
+            "--durability",
+            durability,
+            "--coordinator",
+            &coordinator,
+            "--data-dir",
+        ]);
+        args.push(cfg.data_dir.join(&id).into());
+        let n = spawn_child(exe, args).await?;
+        nodes.push(n.addr.clone());
+        services.push(child_service(id, n));
+    }
+    Ok((coordinator, nodes))
 }
 
 /// Bind the listener a flag names, with an error that says which flag, which address, and what

@@ -44,7 +44,14 @@ async fn cluster_with_a(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn decode_through_the_worker_matches_the_reference_and_warm_steps_pull_o1_bytes() {
-    decode_steps(None).await;
+    decode_steps(None, false).await;
+}
+
+/// The same with the coordinator and the nodes as processes of the `kvcache` binary (the
+/// worker in this one), as `bench decode` runs them; stopping the cluster ends them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_of_processes_decodes_the_same_and_stops_its_processes() {
+    decode_steps(None, true).await;
 }
 
 /// The same on a GPU worker: its pages in HBM, a warm step's token written into the device page
@@ -53,13 +60,16 @@ async fn decode_through_the_worker_matches_the_reference_and_warm_steps_pull_o1_
 #[ignore = "needs an NVIDIA GPU and driver: run with --include-ignored on a GPU machine"]
 async fn decode_through_a_gpu_worker_matches_the_reference() {
     let gpu = kvcache_cli::cluster::open_device("cuda:0").expect("a GPU (this test is for GPU machines)");
-    decode_steps(gpu).await;
+    decode_steps(gpu, false).await;
 }
 
-async fn decode_steps(device: Option<std::sync::Arc<kvcache_attention::gpu::Gpu>>) {
+async fn decode_steps(device: Option<std::sync::Arc<kvcache_attention::gpu::Gpu>>, processes: bool) {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = LocalClusterConfig::new(dir.path());
     cfg.node_capacity = 256 << 20;
+    if processes {
+        cfg.processes = Some(env!("CARGO_BIN_EXE_kvcache").into());
+    }
     let on_gpu = device.is_some();
     cfg.worker_device = device;
     let cluster = LocalCluster::start(cfg).await.unwrap();
@@ -150,7 +160,11 @@ async fn decode_steps(device: Option<std::sync::Arc<kvcache_attention::gpu::Gpu>
             }
         }
     }
+    let addrs: Vec<String> = cluster.nodes.iter().chain([&cluster.coordinator]).cloned().collect();
     cluster.stop().await.unwrap();
+    for a in addrs {
+        assert!(std::net::TcpStream::connect(&a).is_err(), "{a} still accepts connections after the stop");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

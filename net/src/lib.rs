@@ -156,6 +156,11 @@ impl Tls {
         Self::default()
     }
 
+    /// Plaintext both ways, no token.
+    pub fn is_plaintext(&self) -> bool {
+        self.server.is_none() && self.client.is_none() && self.bearer.is_none()
+    }
+
     /// Load the files named by `args`.
     pub fn load(args: &TlsArgs) -> Result<Self, NetError> {
         let identity = match (&args.tls_cert, &args.tls_key) {

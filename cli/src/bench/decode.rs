@@ -43,6 +43,12 @@ pub struct Args {
     /// activations are, or `f32`.
     #[arg(long, default_value = "bf16", value_parser = ["bf16", "f32"])]
     wire: String,
+    /// Run the coordinator and the nodes as tasks of this process. By default they are
+    /// processes of their own (`kvcache coordinator`, `kvcache node`), as a deployment runs them:
+    /// in one process the nodes' append work shares the worker's allocator, address space and
+    /// runtime threads, and a step's host work measures several times its cost.
+    #[arg(long)]
+    in_process: bool,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -82,6 +88,9 @@ struct ModelRow {
 
 #[derive(Serialize)]
 struct Report {
+    /// The coordinator and the nodes ran as tasks of the bench's process (`--in-process`), not
+    /// as processes of their own.
+    nodes_in_process: bool,
     warm_step_over_kernel: f64,
     cold_fetch_vs_node_get: f64,
     models: Vec<ModelRow>,
@@ -111,6 +120,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         cfg.worker_cache_prefault = !a.no_cache_prefault;
         cfg.node_capacity = (4u64 << 30).max(need / 2);
         cfg.worker_device = gpu.clone();
+        if !a.in_process {
+            cfg.processes = Some(std::env::current_exe()?);
+        }
         let cluster = LocalCluster::start(cfg).await?;
         let client = Client::connect(&cluster.coordinator).await?;
         let mut rows = Vec::new();
@@ -289,6 +301,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         }
         cluster.stop().await?;
         let report = Report {
+            nodes_in_process: a.in_process,
             warm_step_over_kernel: rows.iter().map(|r| r.warm_step_over_kernel).fold(0.0, f64::max),
             cold_fetch_vs_node_get: rows.iter().map(|r| r.cold_fetch_vs_node_get).fold(f64::INFINITY, f64::min),
             models: rows,
