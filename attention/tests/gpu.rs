@@ -375,6 +375,68 @@ fn mla_on_tensor_cores_matches_the_f64_reference_within_bf16_rounding() {
     eprintln!("mla 128 heads bf16, f32 queries: worst rel L2 {e:.2e} (query rounded to bf16)");
 }
 
+/// A worker calls the device from whichever thread runs the step (its blocking pool starts new
+/// ones): on a thread that never used the device, staged writes, appended rows and decodes
+/// answer as on the thread that set the device up.
+#[test]
+#[ignore = "needs an NVIDIA GPU and driver: run with --include-ignored on a GPU machine"]
+fn a_thread_new_to_the_device_gets_the_same_answers() {
+    let g = gpu();
+    let mut rng = seeded();
+    let spec = gqa(32, 8, 128);
+    let layout = PageLayout::new(&spec, Codec::Bf16, 16);
+    let shape = AttnShape::new(&spec, layout);
+    // 37 tokens: pages of 16, 16 and 5, the last grown by one row below.
+    let s = seq(&shape, 37, 0, &mut rng);
+    let whole = g.upload_pages(&layout, &s.kv()).unwrap();
+    let refs = whole.pages();
+    let item = GpuItem { q: Query::F32(&s.q), pages: &refs, skip: 0 };
+    // This thread sets the batch buffers up.
+    let want = g.decode_batch(&shape, &[item]).unwrap();
+    std::thread::scope(|sc| {
+        sc.spawn(|| {
+            let got = g.decode_batch(&shape, &[item]).unwrap();
+            assert!(got.out == want.out && got.lse == want.lse, "decode on a new thread differs");
+        });
+    });
+    // The worker's path: pages written staged into slots, a row appended in place, the slots
+    // decoded, each from a new thread.
+    let mut slab = g.alloc_slots(&layout, 3).unwrap();
+    let mut staging = g.staging(&layout, 2 * layout.page_bytes()).unwrap();
+    let mut rows = g.row_staging(&layout, 1).unwrap();
+    let (last, n) = (&s.pages[2].0, s.pages[2].1);
+    let mut first = vec![0u8; layout.payload_bytes(n - 1)];
+    layout.slice_tokens(last, n, 0, n - 1, &mut first);
+    let mut token = vec![0u8; layout.payload_bytes(1)];
+    layout.slice_tokens(last, n, n - 1, 1, &mut token);
+    let writes = [
+        PageWrite { index: 0, payload: &s.pages[0].0, tokens: 16 },
+        PageWrite { index: 1, payload: &s.pages[1].0, tokens: 16 },
+        PageWrite { index: 2, payload: &first, tokens: n - 1 },
+    ];
+    std::thread::scope(|sc| {
+        sc.spawn(|| g.write_pages_staged(&mut slab, &writes, &mut staging, None).unwrap());
+    });
+    std::thread::scope(|sc| {
+        sc.spawn(|| {
+            let append = [RowAppend { index: 2, at: n - 1, rows: &token }];
+            g.append_rows(&mut slab, &append, &mut rows).unwrap()
+        });
+    });
+    let slots = [0usize, 1, 2];
+    let got = std::thread::scope(|sc| {
+        sc.spawn(|| {
+            let seq = SlotSeq { q: Query::F32(&s.q), slots: &slots, skip: 0 };
+            g.decode_slots_each(&shape, &slab, &[seq], false).unwrap()
+        })
+        .join()
+        .expect("thread")
+    });
+    let (out, lse) = got.into_iter().next().expect("one").expect("answered");
+    let got = out.to_f32();
+    assert!(got == want.out && lse == want.lse, "the slots written from new threads answer differently");
+}
+
 #[test]
 #[ignore = "needs an NVIDIA GPU and driver: run with --include-ignored on a GPU machine"]
 fn long_contexts_split_over_blocks_and_merge_exactly() {

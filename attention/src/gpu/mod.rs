@@ -324,6 +324,9 @@ impl Gpu {
     }
 
     fn function(&self, defines: &[(&str, i64)], name: &str) -> Result<CudaFunction, GpuError> {
+        // Every batch looks its kernels up first: bind the device's context to this thread
+        // (a blocking pool's, possibly new), which the lookups and the raw copies after it need.
+        self.ctx.bind_to_thread()?;
         Ok(self.module(defines, false)?.load_function(name)?)
     }
 
@@ -420,6 +423,8 @@ impl Gpu {
         staging: &mut Staging,
         direct: Option<&HostRegion>,
     ) -> Result<usize, GpuError> {
+        // Raw copies below: this thread may never have called the device before.
+        self.ctx.bind_to_thread()?;
         let l = pages.layout;
         for w in writes {
             let expected = l.payload_bytes(w.tokens);
@@ -532,6 +537,7 @@ impl Gpu {
         appends: &[RowAppend],
         staging: &mut RowStaging,
     ) -> Result<(), GpuError> {
+        self.ctx.bind_to_thread()?;
         let l = pages.layout;
         let expected = l.payload_bytes(1);
         let mut held: HashMap<usize, usize> = HashMap::new();
@@ -922,6 +928,9 @@ impl Gpu {
         meanwhile: impl FnOnce(),
         answer: impl FnOnce(&[u8], &[f32], &[usize]) -> R,
     ) -> Result<R, GpuError> {
+        // The copies below are raw driver calls, which take the thread's current context: the
+        // caller's thread (a blocking pool's, possibly new) may never have had it.
+        self.ctx.bind_to_thread()?;
         let batch = items.len();
         if batch == 0 {
             meanwhile();
