@@ -67,6 +67,10 @@ struct ModelRow {
     /// Of the fetch: the write-through append of the step's tokens, until every owner answered.
     warm_append_ms: f64,
     warm_compute_ms: f64,
+    /// This process (the worker and the client) over the warm steps, per step: CPU time (all
+    /// threads; 10 ms resolution over the steps together) and minor page faults.
+    warm_cpu_ms_per_step: f64,
+    warm_minor_faults_per_step: f64,
     /// Of the warm steps' sequences, the fraction computed while their append was in flight
     /// (and confirmed by the owners).
     warm_overlapped: f64,
@@ -221,11 +225,16 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             let (mut warm, mut kern, mut warm_ratio) = (Vec::new(), Vec::new(), Vec::new());
             let (mut warm_fetch, mut warm_compute, mut warm_append) = (Vec::new(), Vec::new(), Vec::new());
             let (mut overlapped, mut computed, mut kernels_only) = (0u64, 0u64, Vec::new());
+            let (mut step_cpu, mut step_faults) = (0.0, 0u64);
             for _ in 0..a.steps {
                 let r = req(&mut groups[0], &mut rng, true);
+                let before = super::proc_stat(std::process::id());
                 let t = Instant::now();
                 let resp = client.decode(r).await?;
                 let w = t.elapsed().as_secs_f64() * 1e3;
+                let after = super::proc_stat(std::process::id());
+                step_cpu += after.cpu_s - before.cpu_s;
+                step_faults += after.minor_faults.saturating_sub(before.minor_faults);
                 let st = resp.stats;
                 warm_fetch.push(st.fetch_micros as f64 / 1e3);
                 warm_append.push(st.append_micros as f64 / 1e3);
@@ -283,6 +292,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 warm_fetch_ms: median(warm_fetch),
                 warm_append_ms: median(warm_append),
                 warm_compute_ms: median(warm_compute),
+                warm_cpu_ms_per_step: step_cpu * 1e3 / a.steps.max(1) as f64,
+                warm_minor_faults_per_step: step_faults as f64 / a.steps.max(1) as f64,
                 warm_overlapped: overlapped as f64 / computed.max(1) as f64,
                 gpu_kernels_only_ms: (!kernels_only.is_empty()).then(|| median(kernels_only)),
                 warm_step_over_kernel: median(warm_ratio),
@@ -294,8 +305,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             };
             let only = row.gpu_kernels_only_ms.map(|k| format!(" (the kernels alone {k:.2} ms)")).unwrap_or_default();
             eprintln!(
-                "{preset}: kernel {:.2} ms{only}, warm step {:.2} ms ({:.2}×; worker fetch {:.2} + compute {:.2} ms, append {:.2} ms, {:.0}% of sequences computed while appending; {} queries and outputs), cold step {:.1} ms ({:.2}× node get, the copy into compute memory and the kernels included), cold fetch {:.2} GB/s vs node get {:.2} GB/s ({:.2}×)",
-                row.kernel_ms, row.warm_step_ms, row.warm_step_over_kernel, row.warm_fetch_ms, row.warm_compute_ms, row.warm_append_ms, row.warm_overlapped * 100.0, row.wire, row.cold_step_ms, row.cold_step_vs_node_get, cold_fetch / 1e9, node_get / 1e9, row.cold_fetch_vs_node_get
+                "{preset}: kernel {:.2} ms{only}, warm step {:.2} ms ({:.2}×; worker fetch {:.2} + compute {:.2} ms, append {:.2} ms, {:.0}% of sequences computed while appending; {} queries and outputs; this process {:.1} CPU ms and {:.0} page faults per step), cold step {:.1} ms ({:.2}× node get, the copy into compute memory and the kernels included), cold fetch {:.2} GB/s vs node get {:.2} GB/s ({:.2}×)",
+                row.kernel_ms, row.warm_step_ms, row.warm_step_over_kernel, row.warm_fetch_ms, row.warm_compute_ms, row.warm_append_ms, row.warm_overlapped * 100.0, row.wire, row.warm_cpu_ms_per_step, row.warm_minor_faults_per_step, row.cold_step_ms, row.cold_step_vs_node_get, cold_fetch / 1e9, node_get / 1e9, row.cold_fetch_vs_node_get
             );
             rows.push(row);
         }

@@ -69,6 +69,27 @@ pub async fn node_get_rate(client: &kvcache_client::Client, keys: &[kvcache_core
 
 /// Last-level cache size from sysfs (index3, else the largest level found), in bytes.
 /// The median of non-empty samples (the upper one of an even count).
+/// What a process has used so far, from /proc (zeros where it cannot be read).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ProcStat {
+    /// CPU seconds, user + system (10 ms resolution).
+    pub cpu_s: f64,
+    /// Minor page faults (pages mapped in without I/O: first touches, zeroed or shared).
+    pub minor_faults: u64,
+}
+
+/// [`ProcStat`] of process `pid`.
+pub fn proc_stat(pid: u32) -> ProcStat {
+    let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return ProcStat::default() };
+    // The fields after the command name (which may hold spaces and parentheses): state is
+    // field 3, minflt 10, utime 14, stime 15.
+    let Some(rest) = s.rsplit(')').next() else { return ProcStat::default() };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let num = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    let tick = 100.0; // USER_HZ on Linux
+    ProcStat { cpu_s: (num(11) + num(12)) as f64 / tick, minor_faults: num(7) }
+}
+
 pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
