@@ -172,8 +172,9 @@ pub struct WorkerArgs {
     #[arg(long, env = "KVCACHE_CACHE_BYTES", default_value = "1GiB", value_parser = parse_bytes)]
     cache_bytes: u64,
     /// Preallocate the page cache and fault it in at start: cold pulls then copy into memory
-    /// already mapped instead of faulting in fresh memory; the worker's resident memory is the
-    /// cache bound from the start.
+    /// already mapped instead of faulting in fresh memory, and decode steps build grown pages
+    /// in a reserve of 1/64 more (at least 64 MiB); the worker's resident memory is the cache
+    /// bound (and the reserve) from the start.
     #[arg(long, env = "KVCACHE_CACHE_PREFAULT")]
     cache_prefault: bool,
     /// Attention threads (default: all cores).

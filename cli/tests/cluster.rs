@@ -47,8 +47,9 @@ async fn decode_through_the_worker_matches_the_reference_and_warm_steps_pull_o1_
     decode_steps(None, false).await;
 }
 
-/// The same with the coordinator and the nodes as processes of the `kvcache` binary (the
-/// worker in this one), as `bench decode` runs them; stopping the cluster ends them.
+/// The same as `bench decode` runs it: the coordinator and the nodes as processes of the
+/// `kvcache` binary (the worker in this one), and the worker's cache in its prefaulted arena
+/// (every warm step's grown pages built there); stopping the cluster ends the processes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cluster_of_processes_decodes_the_same_and_stops_its_processes() {
     decode_steps(None, true).await;
@@ -69,6 +70,8 @@ async fn decode_steps(device: Option<std::sync::Arc<kvcache_attention::gpu::Gpu>
     cfg.node_capacity = 256 << 20;
     if processes {
         cfg.processes = Some(env!("CARGO_BIN_EXE_kvcache").into());
+        cfg.worker_cache_prefault = true;
+        cfg.worker_cache_bytes = 64 << 20;
     }
     let on_gpu = device.is_some();
     cfg.worker_device = device;

@@ -12,6 +12,11 @@
 //! pack a chunk with at most 4 KiB of waste per page; an emptied chunk returns to the free list
 //! and can serve another size. Pages over 2 MiB, and pages that find no free slot, are not
 //! copied: the cache keeps the received bytes as before.
+//!
+//! A decode step builds each sequence's grown last page (old payload + the appended token) here
+//! too ([`Arena::fill_with`]). A cache is full in steady state, so the arena keeps a reserve of
+//! chunks that pulled pages may not take: without it every grown page landed in fresh memory
+//! once the cache had filled, and a 64-sequence GPU step faulted in 600–900 pages.
 
 use bytes::Bytes;
 use memmap2::{MmapOptions, MmapRaw};
@@ -29,6 +34,8 @@ pub struct Arena {
     /// as one slice of the whole region (writers and readers of different slots run at once).
     map: MmapRaw,
     state: Mutex<State>,
+    /// Free chunks that only [`Arena::fill_with`] may take.
+    reserve: usize,
 }
 
 struct State {
@@ -50,7 +57,16 @@ impl Arena {
     /// A region of `bytes` (rounded down to whole chunks), its pages faulted in now when
     /// `prefault`. `None` when it is smaller than one chunk or the mapping fails.
     pub fn new(bytes: u64, prefault: bool) -> Option<Arc<Self>> {
-        let chunks = usize::try_from(bytes).ok()? / CHUNK;
+        Self::with_reserve(bytes, 0, prefault)
+    }
+
+    /// [`Arena::new`] with `reserve` bytes more (whole chunks), kept for pages built here.
+    pub fn with_reserve(bytes: u64, reserve: u64, prefault: bool) -> Option<Arc<Self>> {
+        let reserve = usize::try_from(reserve).ok()?.div_ceil(CHUNK);
+        if usize::try_from(bytes).ok()? < CHUNK {
+            return None;
+        }
+        let chunks = usize::try_from(bytes).ok()? / CHUNK + reserve;
         if chunks == 0 {
             return None;
         }
@@ -76,7 +92,7 @@ impl Arena {
             chunks: (0..chunks).map(|_| Chunk::default()).collect(),
             partial: HashMap::new(),
         };
-        Some(Arc::new(Self { map, state: Mutex::new(state) }))
+        Some(Arc::new(Self { map, state: Mutex::new(state), reserve }))
     }
 
     /// The region's start and length (for registering it with a GPU driver, so that pages in it
@@ -91,7 +107,7 @@ impl Arena {
         if src.is_empty() || src.len() > CHUNK {
             return None;
         }
-        let (chunk, index, slot) = self.alloc(src.len().div_ceil(SLOT_ALIGN) * SLOT_ALIGN)?;
+        let (chunk, index, slot) = self.alloc(src.len().div_ceil(SLOT_ALIGN) * SLOT_ALIGN, false)?;
         let off = chunk as usize * CHUNK + index as usize * slot;
         // SAFETY: the slot `[off, off + slot)` lies inside the mapping and belongs to this call
         // alone from `alloc` until the `Slot` made below drops; no `&[u8]` of it exists yet.
@@ -99,12 +115,31 @@ impl Arena {
         Some(Bytes::from_owner(Slot { arena: self.clone(), chunk, index, off, len: src.len() }))
     }
 
-    fn alloc(&self, slot: usize) -> Option<(u32, u16, usize)> {
+    /// A slot of `len` bytes written by `fill` (which must write every byte: the slot holds
+    /// whatever a freed page left there), as for [`Arena::copy_in`]; `None` as there.
+    pub fn fill_with(self: &Arc<Self>, len: usize, fill: impl FnOnce(&mut [u8])) -> Option<Bytes> {
+        if len == 0 || len > CHUNK {
+            return None;
+        }
+        let (chunk, index, slot) = self.alloc(len.div_ceil(SLOT_ALIGN) * SLOT_ALIGN, true)?;
+        let off = chunk as usize * CHUNK + index as usize * slot;
+        // SAFETY: as in `copy_in`: the slot is this call's alone until the `Slot` below owns it,
+        // and this is the only reference to its bytes; initialized memory (the mapping is).
+        fill(unsafe { std::slice::from_raw_parts_mut(self.map.as_mut_ptr().add(off), len) });
+        Some(Bytes::from_owner(Slot { arena: self.clone(), chunk, index, off, len }))
+    }
+
+    /// A slot of `slot` bytes; a new chunk only while more than the reserve is free, unless
+    /// `reserved` (a page built here).
+    fn alloc(&self, slot: usize, reserved: bool) -> Option<(u32, u16, usize)> {
         let mut st = self.state.lock();
         let st = &mut *st;
         let c = match st.partial.get(&slot).and_then(|v| v.last().copied()) {
             Some(c) => c,
             None => {
+                if !reserved && st.free_chunks.len() <= self.reserve {
+                    return None;
+                }
                 let c = st.free_chunks.pop()?;
                 let ch = &mut st.chunks[c as usize];
                 ch.slot = slot;
@@ -232,6 +267,60 @@ mod tests {
         drop(x);
         let y = a.copy_in(&bytes(256 * 1024, 4)).unwrap();
         assert_eq!(&y[..], &bytes(256 * 1024, 4)[..]);
+    }
+
+    #[test]
+    fn a_filled_slot_holds_what_was_written_over_a_freed_page() {
+        let a = Arena::new(CHUNK as u64, false).unwrap();
+        // A page freed leaves its bytes in the slot the next fill of that size takes.
+        drop(a.copy_in(&bytes(40 * 1024, 7)).unwrap());
+        let want = bytes(40 * 1024 - 100, 9);
+        let x = a.fill_with(want.len(), |dst| dst.copy_from_slice(&want)).unwrap();
+        assert_eq!(&x[..], &want[..]);
+        assert_eq!(a.usage(), (1, 1));
+        assert!(a.fill_with(0, |_| unreachable!()).is_none());
+        assert!(a.fill_with(CHUNK + 1, |_| unreachable!()).is_none());
+        drop(x);
+        assert_eq!(a.usage(), (0, 0));
+    }
+
+    #[test]
+    fn pulled_pages_leave_the_reserve_to_built_ones() {
+        let a = Arena::with_reserve(CHUNK as u64, 1, false).unwrap();
+        let pulled = a.copy_in(&bytes(CHUNK, 1)).unwrap();
+        assert!(a.copy_in(&bytes(4096, 2)).is_none(), "the last free chunk is the reserve");
+        let built = a.fill_with(4096, |d| d.copy_from_slice(&bytes(4096, 3))).unwrap();
+        assert_eq!(&built[..], &bytes(4096, 3)[..]);
+        assert_eq!(&pulled[..], &bytes(CHUNK, 1)[..]);
+        // A chunk a built page opened serves pulled pages of its size too.
+        assert_eq!(&a.copy_in(&bytes(4096, 4)).unwrap()[..], &bytes(4096, 4)[..]);
+    }
+
+    #[test]
+    fn grown_pages_are_built_in_the_arena_while_it_has_room_then_fresh() {
+        use kvcache_core::{Codec, ModelSpec, PageLayout};
+        let spec = ModelSpec::preset("llama-3-8b").unwrap();
+        let layout = PageLayout::new(&spec, Codec::Bf16, 64);
+        let old = Bytes::from(bytes(layout.payload_bytes(5), 1));
+        let rows = Bytes::from(bytes(layout.payload_bytes(1), 2));
+        let a = Arena::new(CHUNK as u64, false).unwrap();
+        let arena = Some(a.clone());
+        let g = crate::Grown { old: old.clone(), old_tokens: 5, rows: rows.clone(), layout, pending: false, arena };
+        let want = layout.concat_vec(&old, 5, &rows, 1);
+        let (base, len) = a.region();
+        let inside = |b: &Bytes| (base as usize..base as usize + len).contains(&(b.as_ptr() as usize));
+        let mut built = Vec::new();
+        loop {
+            let b = g.merge();
+            assert_eq!(&b[..], &want[..]);
+            if !inside(&b) {
+                break;
+            }
+            built.push(b);
+            assert!(built.len() <= CHUNK / SLOT_ALIGN, "more pages than slots");
+        }
+        // 24 KiB pages: the chunk's 85 slots, then fresh memory.
+        assert_eq!(built.len(), CHUNK / want.len().next_multiple_of(SLOT_ALIGN));
     }
 
     #[test]

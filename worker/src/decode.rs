@@ -61,6 +61,7 @@ impl Worker {
     /// Answer one decode batch.
     pub async fn decode(self: &Arc<Self>, req: pb::DecodeRequest) -> Result<pb::DecodeResponse, Status> {
         let started = Instant::now();
+        let faults0 = tracing::enabled!(tracing::Level::TRACE).then(process_faults);
         if let Some(ns) = self.namespace(&req.namespace).await
             && req.layer < ns.model.num_layers
             && let LayerKind::Linear(spec) = ns.model.layer(req.layer)
@@ -169,6 +170,9 @@ impl Worker {
             items = n,
             "decode step done"
         );
+        if let Some(f) = faults0 {
+            tracing::trace!(faults = process_faults().saturating_sub(f), "decode step's page faults (the process's)");
+        }
         // Pull the next layer's pages while the engine works on this one.
         let Parsed { ns, layer, seqs, .. } = parsed;
         if self.cfg.prefetch && layer + 1 < ns.model.num_layers && ns.model.layer(layer + 1).keeps_tokens() {
@@ -454,6 +458,7 @@ impl Worker {
         let handed = Instant::now();
         let r = tokio::task::spawn_blocking(move || {
             let started = handed.elapsed();
+            let faults0 = tracing::enabled!(tracing::Level::TRACE).then(thread_faults);
             // Per ready item: the kernel's verdict, output and LSE (zeros and −∞ when refused).
             let answers: Vec<Answer> = match device {
                 Some(dev) => {
@@ -534,12 +539,12 @@ impl Worker {
                     Computed { item, result, output, lse, pages }
                 })
                 .collect::<Vec<_>>())
-            .map(|c| (c, started, Instant::now()))
+            .map(|c| (c, started, faults0.map(|f| thread_faults().saturating_sub(f)), Instant::now()))
         })
         .await
         .map_err(|e| Status::internal(format!("attention task failed: {e}")))?;
-        r.map(|(c, started, done)| {
-            tracing::trace!(started = ?started, resumed = ?done.elapsed(), "compute hand-off");
+        r.map(|(c, started, faults, done)| {
+            tracing::trace!(started = ?started, resumed = ?done.elapsed(), faults, "compute hand-off");
             c
         })
     }
@@ -577,6 +582,23 @@ type Ready = (usize, Vec<(Bytes, usize)>, usize, Option<Grown>);
 
 /// Hand a fetched layer's pages to the compute (moved, not cloned: a 32K-token layer is 512
 /// pages), keeping the context length its answer reports.
+/// Minor page faults of the calling thread so far (0 where /proc cannot tell): at trace level,
+/// the compute reports how many of a step's first touches were its own.
+fn thread_faults() -> u64 {
+    faults_in("/proc/thread-self/stat")
+}
+
+/// [`thread_faults`] of the whole process.
+fn process_faults() -> u64 {
+    faults_in("/proc/self/stat")
+}
+
+fn faults_in(stat: &str) -> u64 {
+    let s = std::fs::read_to_string(stat).unwrap_or_default();
+    // Field 10 (minflt), counted after the command name's closing parenthesis (field 2).
+    s.rsplit(')').next().and_then(|r| r.split_whitespace().nth(7)).and_then(|v| v.parse().ok()).unwrap_or(0)
+}
+
 fn ready(i: usize, f: &mut Fetched) -> Ready {
     f.context = f.pages.iter().map(|p| p.1 as u64).sum::<u64>() - f.skip as u64;
     (i, std::mem::take(&mut f.pages), f.skip, f.grown.take())

@@ -516,7 +516,7 @@ mod tests {
                 run(&b, &layer_b, None);
             }
             let (old, n) = layer_a.last().cloned().expect("a last page");
-            let grown = Grown { old: old.clone(), old_tokens: n, rows: page(1), layout, pending: true };
+            let grown = Grown { old: old.clone(), old_tokens: n, rows: page(1), layout, pending: true, arena: None };
             let merged = grown.merge();
             let mut pending = layer_a.clone();
             *pending.last_mut().expect("a last page") = (Bytes::new(), n + 1);

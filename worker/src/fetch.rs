@@ -97,6 +97,7 @@ impl Worker {
                         rows: new_kv.clone(),
                         layout: l,
                         pending: false,
+                        arena: self.arena.clone(),
                     };
                     let merged = g.merge();
                     grown = Some(g);
@@ -164,7 +165,14 @@ impl Worker {
                 // A GPU worker writes only the token's rows to the device and builds the grown
                 // page (up to 256 KiB for Llama-3-8B) while the kernels run: see [`Grown::pending`].
                 let pending = self.device.is_some();
-                let g = Grown { old: b, old_tokens: held, rows: new_kv.clone(), layout: l, pending };
+                let g = Grown {
+                    old: b,
+                    old_tokens: held,
+                    rows: new_kv.clone(),
+                    layout: l,
+                    pending,
+                    arena: self.arena.clone(),
+                };
                 (if pending { Bytes::new() } else { g.merge() }, Some(g))
             }
             Some(_) => return None,

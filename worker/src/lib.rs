@@ -29,7 +29,9 @@
 //!
 //! With `cache_prefault` the cache's payloads live in an [`arena`] preallocated and faulted in
 //! at start: a pulled page is copied there and its frame buffer freed at once, instead of
-//! keeping received bytes in memory the kernel must first fault in and zero.
+//! keeping received bytes in memory the kernel must first fault in and zero. A decode step's
+//! grown last pages are built there too, in a reserve of 1/64 of the cache (at least 64 MiB)
+//! that pulled pages leave alone.
 //!
 //! A pull of more than the last page runs under a lease on the node it reads from (released
 //! when the pull ends, expiring after [`PULL_LEASE`] if the worker dies), so memory pressure on
@@ -67,8 +69,9 @@ pub struct WorkerConfig {
     pub threads: usize,
     /// Prefetch layer L+1 while answering layer L.
     pub prefetch: bool,
-    /// Keep cached payloads in an [`arena::Arena`] of `cache_bytes`, faulted in at start
-    /// (the worker's resident memory is then the cache bound from the first moment).
+    /// Keep cached payloads in an [`arena::Arena`] of `cache_bytes` (plus a reserve of 1/64,
+    /// at least 64 MiB, for the grown last pages of decode steps), faulted in at start (the
+    /// worker's resident memory is then the cache bound from the first moment).
     pub cache_prefault: bool,
     /// Compute on this GPU, its page slots in HBM bounded by `cache_bytes` per page geometry
     /// ([`device`]); `None`: the CPU kernels.
@@ -165,19 +168,29 @@ pub(crate) struct Grown {
     /// step writes only the new rows to the device, so it builds the page while its kernels run
     /// instead of before them.
     pub(crate) pending: bool,
+    /// Where the grown page is built: the page cache's arena (memory touched at start, and
+    /// page-locked for the GPU), else a fresh allocation — whose first touch faulted in every
+    /// 4 KiB of a step's grown pages (~600 faults per 64-sequence GPU step).
+    pub(crate) arena: Option<Arc<arena::Arena>>,
 }
 
 impl Grown {
     /// The grown page: the previous payload with the token's rows appended to every plane.
     pub(crate) fn merge(&self) -> Bytes {
-        Bytes::from(self.layout.concat_vec(&self.old, self.old_tokens, &self.rows, 1))
+        let (l, old, n, rows) = (&self.layout, &self.old[..], self.old_tokens, &self.rows[..]);
+        self.arena
+            .as_ref()
+            .and_then(|a| a.fill_with(old.len() + rows.len(), |dst| l.concat(old, n, rows, 1, dst)))
+            .unwrap_or_else(|| Bytes::from(l.concat_vec(old, n, rows, 1)))
     }
 }
 
 impl Worker {
     /// A worker reading through `client`.
     pub fn new(client: Client, cfg: WorkerConfig) -> Arc<Self> {
-        let arena = if cfg.cache_prefault { arena::Arena::new(cfg.cache_bytes, true) } else { None };
+        // The reserve holds the steps' grown last pages once pulled pages fill the rest.
+        let reserve = (cfg.cache_bytes / 64).max(32 * arena::CHUNK as u64);
+        let arena = if cfg.cache_prefault { arena::Arena::with_reserve(cfg.cache_bytes, reserve, true) } else { None };
         if cfg.cache_prefault && arena.is_none() {
             tracing::warn!(
                 cache_bytes = cfg.cache_bytes,
