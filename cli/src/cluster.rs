@@ -247,20 +247,29 @@ async fn start_in_process(
 
 /// A child process and the address it printed (`… listening on ADDR`); it is killed when
 /// dropped.
-struct Child {
+pub struct ChildProcess {
     child: std::process::Child,
-    addr: String,
+    /// The address it listens on.
+    pub addr: String,
 }
 
-impl Drop for Child {
+impl ChildProcess {
+    /// Its process id.
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for ChildProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
 }
 
-/// Start `exe ARGS` and wait (bounded) for its "listening on" line; its output is drained.
-async fn spawn_child(exe: &std::path::Path, args: Vec<std::ffi::OsString>) -> anyhow::Result<Child> {
+/// Start `exe ARGS` (a `kvcache` service: logging at `warn`, or `KVCACHE_CHILD_LOG`) and wait
+/// (bounded) for its "listening on" line; its output is drained.
+pub async fn spawn_child(exe: &std::path::Path, args: Vec<std::ffi::OsString>) -> anyhow::Result<ChildProcess> {
     use std::io::BufRead;
     let name = args.first().map(|a| a.to_string_lossy().into_owned()).unwrap_or_default();
     let mut child = std::process::Command::new(exe)
@@ -281,7 +290,7 @@ async fn spawn_child(exe: &std::path::Path, args: Vec<std::ffi::OsString>) -> an
         // Keep draining, so the child never blocks on a full pipe.
         for _ in lines {}
     });
-    let mut child = Child { child, addr: String::new() };
+    let mut child = ChildProcess { child, addr: String::new() };
     match tokio::time::timeout(Duration::from_secs(30), rx).await {
         Ok(Ok(Some(addr))) => {
             child.addr = addr;
@@ -293,7 +302,7 @@ async fn spawn_child(exe: &std::path::Path, args: Vec<std::ffi::OsString>) -> an
 }
 
 /// A service that is a child process: stopped by killing it.
-fn child_service(name: String, child: Child) -> Service {
+fn child_service(name: String, child: ChildProcess) -> Service {
     let (tx, stop) = stop_pair();
     let task = tokio::spawn(async move {
         stop.await;

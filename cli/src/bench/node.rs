@@ -5,11 +5,11 @@
 //! has its own connection, gRPC's as Redis's.
 
 use bytes::Bytes;
+use kvcache_cli::cluster::ChildProcess;
 use kvcache_core::{AttentionKind, Codec, ModelSpec, Namespace, PageKey, SequenceKey};
 use kvcache_proto::v1 as pb;
 use kvcache_proto::v1::cache_node_client::CacheNodeClient;
 use serde::Serialize;
-use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
@@ -100,23 +100,14 @@ impl Drop for Server {
     }
 }
 
-fn start_node(dir: &std::path::Path, capacity: u64) -> anyhow::Result<Server> {
-    let mut child = Command::new(std::env::current_exe()?)
-        .args(["node", "--listen", "127.0.0.1:0", "--node-id", "bench", "--capacity", &capacity.to_string()])
-        .arg("--data-dir")
-        .arg(dir)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()?;
-    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
-    let addr = loop {
-        let l = lines.next().ok_or_else(|| anyhow::anyhow!("node exited"))??;
-        if let Some(a) = l.split("listening on ").nth(1) {
-            break a.trim().to_owned();
-        }
-    };
-    std::thread::spawn(move || for _ in lines {});
-    Ok(Server { child, addr })
+async fn start_node(dir: &std::path::Path, capacity: u64) -> anyhow::Result<ChildProcess> {
+    let mut args: Vec<std::ffi::OsString> =
+        ["node", "--listen", "127.0.0.1:0", "--node-id", "bench", "--capacity", &capacity.to_string(), "--data-dir"]
+            .iter()
+            .map(Into::into)
+            .collect();
+    args.push(dir.into());
+    kvcache_cli::cluster::spawn_child(&std::env::current_exe()?, args).await
 }
 
 fn free_port() -> anyhow::Result<u16> {
@@ -298,7 +289,7 @@ async fn one_size(a: &Args, size: usize) -> anyhow::Result<SizeResult> {
         .collect();
     let dir = tempfile::tempdir()?;
     let cap = (pages as u64 * (size as u64 + 4096)) * 2 + (64 << 20);
-    let node = start_node(dir.path(), cap)?;
+    let node = start_node(dir.path(), cap).await?;
     let ch = kvcache_client::channel(&node.addr)?;
     let client = CacheNodeClient::new(ch.clone()).max_decoding_message_size(1 << 30).max_encoding_message_size(1 << 30);
     client.clone().ensure_namespace(pb::EnsureNamespaceRequest { namespace: Some((&ns).into()) }).await?;
@@ -321,7 +312,7 @@ async fn one_size(a: &Args, size: usize) -> anyhow::Result<SizeResult> {
     // memory), then, after deleting every sequence, again into the freed slots — a running
     // node's steady state, where evictions and deletes keep recycling slots.
     let put_pass = || async {
-        let cpu0 = cpu_seconds(node.child.id());
+        let cpu0 = cpu_seconds(node.id());
         let own0 = cpu_seconds(std::process::id());
         let t = Instant::now();
         let mut tasks = Vec::new();
@@ -346,7 +337,7 @@ async fn one_size(a: &Args, size: usize) -> anyhow::Result<SizeResult> {
         let secs = t.elapsed().as_secs_f64();
         Ok::<(f64, f64, f64), anyhow::Error>((
             secs,
-            cpu_seconds(node.child.id()) - cpu0,
+            cpu_seconds(node.id()) - cpu0,
             cpu_seconds(std::process::id()) - own0,
         ))
     };
@@ -358,7 +349,7 @@ async fn one_size(a: &Args, size: usize) -> anyhow::Result<SizeResult> {
     }
     let (put_secs, node_put_cpu, client_put_cpu) = put_pass().await?;
     // Get: random batches for `seconds`.
-    let cpu0 = cpu_seconds(node.child.id());
+    let cpu0 = cpu_seconds(node.id());
     let own0 = cpu_seconds(std::process::id());
     let t = Instant::now();
     let deadline = t + Duration::from_secs_f64(a.seconds);
@@ -400,13 +391,13 @@ async fn one_size(a: &Args, size: usize) -> anyhow::Result<SizeResult> {
         get_bytes += t.await??;
     }
     let get_secs = t.elapsed().as_secs_f64();
-    let node_get_cpu = cpu_seconds(node.child.id()) - cpu0;
+    let node_get_cpu = cpu_seconds(node.id()) - cpu0;
     let client_get_cpu = cpu_seconds(std::process::id()) - own0;
     let stats = client.clone().stats(pb::StatsRequest {}).await?.into_inner();
     let index_per_page = stats.index_bytes as f64 / stats.pages.max(1) as f64;
     // Recovery: SIGKILL (no clean marker: every payload CRC is verified) and restart.
     drop(node);
-    let node = start_node(dir.path(), cap)?;
+    let node = start_node(dir.path(), cap).await?;
     let mut c2 = CacheNodeClient::new(kvcache_client::channel(&node.addr)?);
     let st = c2.stats(pb::StatsRequest {}).await?.into_inner();
     anyhow::ensure!(st.pages as usize == pages, "recovered {} of {pages} pages", st.pages);
